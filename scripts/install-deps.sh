@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install (or, with --check, just verify) the Debian packages moetrain needs.
+#   scripts/install-deps.sh           install what is missing (apt-get; uses sudo when not root)
+#   scripts/install-deps.sh --check   print ✓/✗ per dependency, exit 1 if any is missing
+#   scripts/install-deps.sh --slurm   also install a local SLURM (slurmctld slurmd munge)
+set -u
+PKGS="libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools check libopenblas-dev pkg-config libinih-dev libcjson-dev"
+SLURM_PKGS="slurmctld slurmd slurm-client munge"
+
+check() {
+  local ok=0
+  for pc in inih check libcjson openblas hdf5-openmpi; do
+    if pkg-config --exists "$pc" 2>/dev/null; then echo "  ✓ $pc $(pkg-config --modversion "$pc")"
+    else echo "  ✗ $pc (pkg-config)"; ok=1; fi
+  done
+  for cmd in mpicc mpirun h5dump; do
+    if command -v "$cmd" >/dev/null 2>&1; then echo "  ✓ $cmd"; else echo "  ✗ $cmd"; ok=1; fi
+  done
+  return $ok
+}
+
+if [ "${1:-}" = "--check" ]; then check; exit $?; fi
+[ "${1:-}" = "--slurm" ] && PKGS="$PKGS $SLURM_PKGS"
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+echo "installing: $PKGS"
+# shellcheck disable=SC2086
+if ! $SUDO apt-get install -y --no-install-recommends $PKGS >/tmp/moetrain-apt.log 2>&1; then
+  $SUDO apt-get update >>/tmp/moetrain-apt.log 2>&1
+  # shellcheck disable=SC2086
+  $SUDO apt-get install -y --no-install-recommends $PKGS >>/tmp/moetrain-apt.log 2>&1 ||
+    { echo "apt-get install failed; see /tmp/moetrain-apt.log" >&2; tail -20 /tmp/moetrain-apt.log >&2; exit 1; }
+fi
+check

@@ -1,0 +1,102 @@
+/* config.h — the run configuration: one INI file plus `--set section.key=value` overrides.
+ *
+ * One table (config.c) lists every key: section, name, type, default, allowed range or values,
+ * and a help line. The parser, the validator, `--help` and docs/config.md are all generated from
+ * that table, so they cannot disagree. Parsing uses inih.
+ * Order: defaults -> INI file -> --set overrides -> per-key validation -> cross-key rules.
+ * Any error (missing file, unknown section or key, bad type, out of range, broken cross-key rule)
+ * returns MT_ERR with one message naming the file, [section] key, the value and the rule.
+ * Nothing here communicates; every rank parses the same file.
+ */
+#ifndef MT_CONFIG_H
+#define MT_CONFIG_H
+
+#include <stdio.h>
+
+#define MT_PATH_MAX 512
+
+typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1 } LblScope;
+typedef enum { SHARD_NONE = 0, SHARD_OPTIMIZER = 1, SHARD_FULL = 2 } ShardMode;
+typedef enum { DATA_SYNTHETIC = 0, DATA_FILE = 1 } DataSource;
+
+typedef struct Config {
+    /* [model] */
+    int vocab_size;     /* V */
+    int d_model;        /* C */
+    int n_layers;       /* L */
+    int n_heads;        /* H */
+    int n_kv_heads;     /* Hkv; H % Hkv == 0 */
+    int head_dim;       /* D; 0 in the file means d_model / n_heads (resolved by config_load) */
+    int seq_len;        /* T */
+    int ffn_hidden;     /* F of dense SwiGLU layers */
+    int dense_layers;   /* the first dense_layers layers use a dense FFN, the rest MoE */
+    int tie_embeddings; /* lm_head shares embed_tokens */
+    float rope_theta;
+    float norm_eps;
+    float init_std;
+
+    /* [moe] */
+    int num_experts;       /* E */
+    int top_k;             /* K */
+    int expert_hidden;     /* F of each routed expert */
+    int shared_experts;    /* number of shared experts (0 = none) */
+    int shared_hidden;     /* F of each shared expert; 0 means expert_hidden */
+    int renormalize;       /* renormalise the top-k weights to sum to 1 */
+    float capacity_factor; /* 0 = dropless */
+    int pad_to_capacity;
+    float lbl_coeff;
+    LblScope lbl_scope;
+    float z_coeff;
+
+    /* [parallel] (dp = world / (tp*cp*pp)) */
+    int tp, cp, ep, pp;
+
+    /* [train] */
+    int steps;
+    unsigned long long seed;
+    int micro_batch_size; /* sequences per micro-batch per data-parallel rank */
+    int grad_accum_steps; /* micro-batches per step; global batch = mbs * accum * dp */
+
+    /* [optim] */
+    float lr, min_lr;
+    int warmup_steps;
+    int decay_steps; /* cosine decay length after warmup; 0 = until train.steps */
+    float beta1, beta2, eps, weight_decay, grad_clip;
+    ShardMode shard;
+
+    /* [data] */
+    DataSource source;
+    char path[MT_PATH_MAX]; /* token file for source = file */
+
+    /* [checkpoint] */
+    char ckpt_dir[MT_PATH_MAX];
+    int ckpt_every; /* 0 = only at the end */
+    char resume[MT_PATH_MAX]; /* "auto", "never" or a path */
+    int keep;
+
+    /* [log] */
+    char metrics_file[MT_PATH_MAX]; /* "" = none */
+    int log_every;
+
+    /* the file this came from and its full text (for the metrics file / checkpoints) */
+    char source_file[MT_PATH_MAX];
+} Config;
+
+/* Fill c with every key's default. */
+void config_defaults(Config *c);
+
+/* Load path (may be NULL: defaults only), apply overrides ("section.key=value", n_sets of them),
+ * validate everything. Returns MT_OK, or MT_ERR with a one-line message in err (MT_ERRLEN). */
+int config_load(Config *c, const char *path, const char *const *sets, int n_sets, char *err);
+
+/* Apply one "section.key=value" override to c, validating that key. */
+int config_set(Config *c, const char *assignment, char *err);
+
+/* Print the key table as aligned text (--help) or as a Markdown table (docs/config.md). */
+void config_print_help(FILE *f);
+void config_print_markdown(FILE *f);
+
+/* Write the effective config back out as INI text (every key, resolved values). */
+void config_write_ini(const Config *c, FILE *f);
+
+#endif

@@ -1,0 +1,48 @@
+/* data.h — the training data: a global batch that is a function of (seed, step) alone.
+ *
+ * Sequence g of the whole run (g = step * global_batch + j) is generated from (seed, g) only, so
+ * every mesh sees the same tokens at the same step, and a data-parallel rank simply asks for its
+ * slice [first, first + count) of the step's global batch. Each sequence is T+1 byte-level tokens
+ * (inputs are tokens[0..T-1], targets tokens[1..T]) and carries a domain id.
+ *
+ * Sources:
+ *  - synthetic: a built-in multi-domain corpus, deterministic from the seed. Domains
+ *    (DATA_N_DOMAINS): arithmetic with correct results, sorted lists, copy/reverse tasks, text
+ *    from a small grammar. Each sequence is drawn from one domain.
+ *  - file: a token shard on disk (format below); sequence g starts at a position drawn from
+ *    (seed, g). Domain is 0.
+ *
+ * Token file format (little-endian):
+ *   bytes 0-7   magic "MTTOKENS"
+ *   u32         format version (1)
+ *   u32         bytes per token (2 or 4)
+ *   u32         vocab size
+ *   u32         reserved (0)
+ *   u64         number of tokens
+ *   then the tokens (uint16 or uint32).
+ * Nothing here communicates.
+ */
+#ifndef MT_DATA_H
+#define MT_DATA_H
+
+#include <stdint.h>
+
+#define DATA_N_DOMAINS 4
+extern const char *const data_domain_names[DATA_N_DOMAINS];
+
+typedef struct Data Data;
+
+/* source: "synthetic" or a token file path (path != NULL means file). vocab: the model's vocab;
+ * a file whose vocab or tokens exceed it is refused. seq_len: T. Returns NULL and a message in err
+ * (MT_ERRLEN) naming the file and the rule broken. */
+Data *data_open(const char *path, int vocab, int seq_len, unsigned long long seed, char *err);
+void data_close(Data *d);
+
+/* Fill tokens(count, T+1) and domains(count) with global sequences [first, first + count). */
+void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains);
+
+/* Write a token file. Returns MT_OK or MT_ERR (message in err). */
+int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int bytes_per_token,
+                      int vocab, char *err);
+
+#endif

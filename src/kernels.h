@@ -1,0 +1,146 @@
+/* kernels.h — the one table of compute entry points.
+ *
+ * All tensor math of the model goes through a Kernels table; model code never touches tensor
+ * data itself. The CPU backend (kernels_cpu.c: BLAS for GEMMs, plain C loops elsewhere) fills
+ * it and is the reference; the CUDA backend (cuda/) fills the same table with device code.
+ * Pointers passed to kernels are backend memory (host for CPU, device for CUDA), except the
+ * int arrays marked "host", which are small routing plans built on the host.
+ * Nothing here communicates.
+ *
+ * Shape legend: N tokens (= B*T), B sequences, T sequence length, C model width, H query heads,
+ * Hkv key/value heads, D head dim, F FFN hidden width, E experts, K top-k, V vocab,
+ * M routed rows (token-expert assignments kept after capacity), G groups (experts) of a grouped GEMM.
+ * All matrices are row-major. Linear weights are stored as in PyTorch: W (out, in), y = x W^T.
+ *
+ * Convention for backward kernels: gradients of inputs and weights are ACCUMULATED (+=) into the
+ * destination, so residual branches and micro-batches add up without extra copies.
+ * Exceptions say "overwrites".
+ */
+#ifndef MT_KERNELS_H
+#define MT_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct Kernels {
+    const char *name; /* "cpu", "cuda" */
+
+    /* ---- memory ---- */
+    void *(*alloc)(size_t bytes); /* zeroed; aborts on failure */
+    void (*free)(void *p);
+    void (*zero)(void *p, size_t bytes);
+    void (*to_host)(void *host_dst, const void *src, size_t bytes);
+    void (*from_host)(void *dst, const void *host_src, size_t bytes);
+    void (*copy)(void *dst, const void *src, size_t bytes); /* backend -> backend */
+
+    /* ---- elementwise and reductions ---- */
+    /* y += a * x  (n) */
+    void (*axpy)(float *y, const float *x, float a, size_t n);
+    /* x *= a  (n) */
+    void (*scale)(float *x, float a, size_t n);
+    /* *out_host = sum x[i]^2, accumulated in double (n) */
+    void (*sumsq)(double *out_host, const float *x, size_t n);
+
+    /* ---- dense linear algebra ---- */
+    /* C(M,Nc) = alpha * op(A) op(B) + beta * C, op(X) = X or X^T; A is (M,Kd) or (Kd,M) when transA. */
+    void (*matmul)(float *c, const float *a, const float *b, int m, int n, int k, int trans_a,
+                   int trans_b, float alpha, float beta);
+
+    /* Grouped linear over row groups: rows [offs[g], offs[g+1]) of x use weight w + g*O*I.
+     * offs is host, G+1 entries, offs[0] = 0, offs[G] = total rows.
+     * fwd:        y(rows, O)  = x(rows, I) w_g(O, I)^T          (overwrites y)
+     * bwd_input:  dx(rows, I) += dy(rows, O) w_g(O, I)
+     * bwd_weight: dw_g(O, I)  += dy(rows, O)^T x(rows, I)                                         */
+    void (*grouped_linear_fwd)(float *y, const float *x, const float *w, const int *offs, int g,
+                               int o, int i);
+    void (*grouped_linear_bwd_input)(float *dx, const float *dy, const float *w, const int *offs,
+                                     int g, int o, int i);
+    void (*grouped_linear_bwd_weight)(float *dw, const float *dy, const float *x, const int *offs,
+                                      int g, int o, int i);
+
+    /* ---- embedding ---- */
+    /* out(N,C) = wte[tokens[n]]  (overwrites)  tokens: backend int32 (N) */
+    void (*embedding_fwd)(float *out, const int32_t *tokens, const float *wte, int n, int c);
+    /* dwte[tokens[n]] += dout(N,C) */
+    void (*embedding_bwd)(float *dwte, const float *dout, const int32_t *tokens, int n, int c);
+
+    /* ---- RMSNorm: out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps) ---- */
+    /* out(N,C), rstd(N) overwritten */
+    void (*rmsnorm_fwd)(float *out, float *rstd, const float *x, const float *w, int n, int c,
+                        float eps);
+    /* dx(N,C) += ..., dw(C) += ... */
+    void (*rmsnorm_bwd)(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                        const float *rstd, int n, int c);
+
+    /* ---- rotary embedding (Hugging Face "rotate_half" convention) ----
+     * x(B,T,nh,D) rotated in place; position of row (b,t) is pos0 + t; theta the base.
+     * inverse = 1 applies the transpose rotation (that is the backward). */
+    void (*rope)(float *x, int b, int t, int nh, int d, int pos0, float theta, int inverse);
+
+    /* ---- causal grouped-query attention ----
+     * q(B,T,H,D), k,v(B,T,Hkv,D) -> out(B,T,H,D); lse(B,H,T) = log-sum-exp of the scaled scores
+     * (kept for the backward, which recomputes probabilities). scale = 1/sqrt(D).
+     * Query head h reads kv head h / (H/Hkv). fwd overwrites out and lse. */
+    void (*attention_fwd)(float *out, float *lse, const float *q, const float *k, const float *v,
+                          int b, int t, int h, int hkv, int d);
+    /* dq, dk, dv accumulated */
+    void (*attention_bwd)(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                          const float *k, const float *v, const float *out, const float *lse,
+                          int b, int t, int h, int hkv, int d);
+
+    /* ---- SwiGLU: ab(N,2F) = [x w1^T | x w3^T]; h(N,F) = silu(a) * b ---- */
+    void (*swiglu_fwd)(float *h, const float *ab, int n, int f);  /* overwrites h */
+    void (*swiglu_bwd)(float *dab, const float *dh, const float *ab, int n, int f); /* dab += */
+
+    /* ---- router ----
+     * softmax over E logits per token, then top-k (ties: lower expert id first), k results sorted
+     * by descending probability. weights = selected probabilities, divided by their sum when
+     * renorm. probs(N,E), idx(N,K) int32, weights(N,K) overwritten. */
+    void (*router_topk_fwd)(float *probs, int32_t *idx, float *weights, const float *logits, int n,
+                            int e, int k, int renorm);
+    /* Sums for the auxiliary losses, overwritten: psum(E) = sum_n probs[n,e];
+     * *zsum_host = sum_n logsumexp(logits[n,:])^2 (double). */
+    void (*router_stats)(float *psum, double *zsum_host, const float *probs, const float *logits,
+                         int n, int e);
+    /* dlogits(N,E) += gradient through the softmax of:
+     *   dweights(N,K)  (gradient of the loss w.r.t. the combine weights; may be NULL),
+     *   dprob(E)       (gradient w.r.t. probs[n,e], the same for every token: the LBL term; may be NULL),
+     *   zgrad          (scale: d loss / d lse_n^2, the z-loss term; contributes zgrad*2*lse_n*probs[n,e]). */
+    void (*router_bwd)(float *dlogits, const float *dweights, const float *dprob, float zgrad,
+                       const float *probs, const float *logits, const int32_t *idx,
+                       const float *weights, int n, int e, int k, int renorm);
+
+    /* ---- permutation for the experts ----
+     * A routing plan lists M kept assignments as slots (host int, M entries): slot = n*K + j means
+     * token n's j-th choice; its token row is slot / K and its combine weight weights[slot].
+     * gather:      xp(M,C) = x[slot/K]                                  (overwrites)
+     * scatter_add: dx[slot/K] += dxp(M,C)
+     * combine:     y[slot/K] += weights[slot] * yp(M,C)                 (y accumulated)
+     * combine_bwd: dyp(M,C) = weights[slot] * dy[slot/K]                (overwrites)
+     *              dweights[slot] = <dy[slot/K], yp[m]>                  (overwrites those slots only)
+     * weights, dweights are backend (N,K). */
+    void (*gather_rows)(float *xp, const float *x, const int *slots, int m, int c, int k);
+    void (*scatter_add_rows)(float *dx, const float *dxp, const int *slots, int m, int c, int k);
+    void (*combine)(float *y, const float *yp, const float *weights, const int *slots, int m, int c,
+                    int k);
+    void (*combine_bwd)(float *dyp, float *dweights, const float *dy, const float *yp,
+                        const float *weights, const int *slots, int m, int c, int k);
+
+    /* ---- loss ----
+     * Cross-entropy of logits(N,V) against targets(N) (int32, backend). Target < 0 is ignored.
+     * *loss_host = sum of per-token losses (double). dlogits(N,V) = scale * (softmax - onehot)
+     * (overwrites; may alias logits). */
+    void (*cross_entropy)(double *loss_host, float *dlogits, const float *logits,
+                          const int32_t *targets, int n, int v, float scale);
+
+    /* ---- optimizer ----
+     * AdamW over n elements, decoupled weight decay: p -= lr * (mhat/(sqrt(vhat)+eps) + wd * p).
+     * step is 1-based (bias correction). grad is read only. */
+    void (*adamw)(float *p, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float wd, int step);
+} Kernels;
+
+/* The CPU backend: BLAS for GEMMs, plain C loops elsewhere. */
+const Kernels *kernels_cpu(void);
+
+#endif

@@ -1,0 +1,39 @@
+/* testutil.c — see testutil.h. */
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+
+static uint64_t splitmix(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
+    uint64_t s = seed;
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * (float)((splitmix(&s) >> 11) * 0x1.0p-53);
+}
+
+double tu_close_ratio(const float *a, const float *b, size_t n, double rtol, double atol,
+                      size_t *worst) {
+    double r = 0;
+    size_t w = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]) / (atol + rtol * fabs((double)b[i]));
+        if (!(e <= r)) { r = e; w = i; } /* NaN counts as worst */
+        if (isnan(e)) { r = INFINITY; w = i; break; }
+    }
+    if (worst) *worst = w;
+    return r;
+}
+
+int tu_run_suite(Suite *s, int nofork) {
+    SRunner *sr = srunner_create(s);
+    if (nofork) srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int nf = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return nf;
+}
