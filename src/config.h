@@ -99,4 +99,8 @@ void config_print_markdown(FILE *f);
 /* Write the effective config back out as INI text (every key, resolved values). */
 void config_write_ini(const Config *c, FILE *f);
 
+/* The effective config as a cJSON object {"model": {...}, "moe": {...}, ...} (caller frees). */
+struct cJSON;
+struct cJSON *config_to_json(const Config *c);
+
 #endif
