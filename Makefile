@@ -26,7 +26,7 @@ CFLAGS := -std=gnu11 $(OPT) $(WARN) -Isrc -D_GNU_SOURCE
 ALLC    = $(CFLAGS) $(DEP_CFLAGS)
 
 LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src/params.c \
-           src/model.c src/moe.c src/loss.c src/train.c src/metrics.c \
+           src/model.c src/moe.c src/train.c src/metrics.c \
            src/optim/adamw.c src/optim/schedule.c
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 LIB     := $(BUILD)/libmoetrain.a

@@ -1,0 +1,106 @@
+/* main.c — the moetrain command line.
+ *
+ *   moetrain CONFIG [--set section.key=value ...]   train
+ *   moetrain --help | --help-markdown | --version
+ * Exit codes: 0 success, 2 bad usage or bad input (config, data), 1 internal failure.
+ */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blas.h"
+#include "common.h"
+#include "config.h"
+#include "metrics.h"
+#include "train.h"
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: moetrain CONFIG.ini [--set section.key=value ...]\n"
+               "       moetrain --help | --help-markdown | --version\n\n"
+               "Trains a Mixture-of-Experts decoder. Launch with mpirun -np N for several ranks.\n"
+               "Every config key (also settable with --set):\n\n");
+}
+
+typedef struct Args {
+    const char *config;
+    const char **sets;
+    int n_sets;
+} Args;
+
+/* Returns -1 to continue, else an exit code (help/version/usage error). */
+static int parse_args(int argc, char **argv, Args *a) {
+    a->sets = mt_calloc(argc, sizeof *a->sets);
+    for (int i = 1; i < argc; i++) {
+        const char *s = argv[i];
+        if (!strcmp(s, "--help") || !strcmp(s, "-h")) {
+            usage(stdout);
+            config_print_help(stdout);
+            return 0;
+        } else if (!strcmp(s, "--help-markdown")) {
+            config_print_markdown(stdout);
+            return 0;
+        } else if (!strcmp(s, "--version")) {
+            printf("moetrain %s\n", MOETRAIN_VERSION);
+            return 0;
+        } else if (!strcmp(s, "--set")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "moetrain: error: --set needs section.key=value\n");
+                return 2;
+            }
+            a->sets[a->n_sets++] = argv[++i];
+        } else if (!strncmp(s, "--set=", 6)) {
+            a->sets[a->n_sets++] = s + 6;
+        } else if (s[0] == '-') {
+            fprintf(stderr, "moetrain: error: unknown option '%s' (see --help)\n", s);
+            return 2;
+        } else if (a->config) {
+            fprintf(stderr, "moetrain: error: more than one config file ('%s' and '%s')\n", a->config, s);
+            return 2;
+        } else {
+            a->config = s;
+        }
+    }
+    if (!a->config) {
+        usage(stderr);
+        fprintf(stderr, "moetrain: error: no config file given (try configs/tiny.ini)\n");
+        return 2;
+    }
+    return -1;
+}
+
+int main(int argc, char **argv) {
+    blas_setup(argv);
+    Args args = {0};
+    int rc = parse_args(argc, argv, &args);
+    if (rc >= 0) {
+        free(args.sets);
+        return rc;
+    }
+    MPI_Init(&argc, &argv);
+    int rank = 0, world = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    mt_set_identity(rank);
+
+    char err[MT_ERRLEN] = "";
+    Config cfg;
+    rc = 0;
+    if (config_load(&cfg, args.config, args.sets, args.n_sets, err) != MT_OK) {
+        rc = 2;
+    } else if (world != 1) {
+        mt_fail(err, "world size %d: this build trains on one rank; the distributed core "
+                     "(data and expert parallelism) is not in it yet", world);
+        rc = 2;
+    } else if (cfg.tp * cfg.cp * cfg.ep * cfg.pp != 1) {
+        mt_fail(err, "%s: [parallel] tp=%d cp=%d ep=%d pp=%d: parallel layouts need the "
+                     "distributed core; use 1 for each", args.config, cfg.tp, cfg.cp, cfg.ep, cfg.pp);
+        rc = 2;
+    } else if (train_run(&cfg, err) != MT_OK) {
+        rc = 2;
+    }
+    if (rc && rank == 0) fprintf(stderr, "moetrain: error: %s\n", err);
+    free(args.sets);
+    MPI_Finalize();
+    return rc;
+}

@@ -1,0 +1,160 @@
+/* metrics.c — see metrics.h. */
+#include "metrics.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "blas.h"
+#include "common.h"
+
+static int mkdir_parents(const char *path) {
+    char buf[MT_PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    return 0;
+}
+
+int metrics_open(Metrics *mx, const char *path, int writer, char *err) {
+    memset(mx, 0, sizeof *mx);
+    mx->writer = writer;
+    if (!writer || !path[0]) return MT_OK;
+    if (mkdir_parents(path) != 0 || !(mx->f = fopen(path, "w")))
+        return mt_fail(err, "[log] metrics_file = %s: cannot open for writing: %s", path, strerror(errno));
+    return MT_OK;
+}
+
+void metrics_close(Metrics *mx) {
+    if (mx->f) fclose(mx->f);
+    mx->f = NULL;
+}
+
+static void emit(Metrics *mx, cJSON *o) {
+    if (mx->f) {
+        char *s = cJSON_PrintUnformatted(o);
+        fprintf(mx->f, "%s\n", s);
+        fflush(mx->f);
+        cJSON_free(s);
+    }
+    cJSON_Delete(o);
+}
+
+typedef struct Memory {
+    size_t params, grads, optimizer, activations;
+} Memory;
+
+static Memory memory_of(const Trainer *t) {
+    size_t p = params_total(&t->model.pl) * sizeof(float);
+    return (Memory){p, p, adamw_state_bytes(&t->model.pl), model_activation_bytes(&t->model)};
+}
+
+static void print_banner(const Trainer *t, const Memory *mem, const char *blas) {
+    const Config *c = &t->cfg;
+    const ParamLayout *pl = &t->model.pl;
+    double mib = 1.0 / (1 << 20);
+    printf("moetrain %s  config %s  backend %s\n", MOETRAIN_VERSION,
+           c->source_file[0] ? c->source_file : "(defaults)", t->k->name);
+    printf("  model   %d layers (%d dense), d_model %d, heads %d/%d, experts %d top-%d, vocab %d, seq %d\n",
+           c->n_layers, c->dense_layers, c->d_model, c->n_heads, c->n_kv_heads, c->num_experts,
+           c->top_k, c->vocab_size, c->seq_len);
+    printf("  params  %.3fM total, %.3fM active per token\n", params_total(pl) / 1e6, params_active(pl) / 1e6);
+    printf("  batch   %lld sequences x %d tokens = %lld tokens per step (micro %d x accum %d x dp %d)\n",
+           (long long)trainer_global_batch(t), c->seq_len,
+           (long long)(trainer_global_batch(t) * c->seq_len), c->micro_batch_size,
+           c->grad_accum_steps, t->dp);
+    printf("  memory  per rank: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB\n",
+           mem->params * mib, mem->grads * mib, mem->optimizer * mib, mem->activations * mib);
+    printf("  blas    %s\n", blas);
+    fflush(stdout);
+}
+
+void metrics_run_record(Metrics *mx, const Trainer *t) {
+    if (!mx->writer) return;
+    Memory mem = memory_of(t);
+    char blas[256];
+    blas_describe(blas, sizeof blas);
+    print_banner(t, &mem, blas);
+    const Config *c = &t->cfg;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "run");
+    cJSON_AddStringToObject(o, "version", MOETRAIN_VERSION);
+    cJSON_AddStringToObject(o, "backend", t->k->name);
+    cJSON_AddStringToObject(o, "blas", blas);
+    cJSON_AddItemToObject(o, "config", config_to_json(c));
+    cJSON *mesh = cJSON_AddObjectToObject(o, "mesh");
+    cJSON_AddNumberToObject(mesh, "world", t->dp * c->tp * c->cp * c->pp);
+    cJSON_AddNumberToObject(mesh, "tp", c->tp);
+    cJSON_AddNumberToObject(mesh, "cp", c->cp);
+    cJSON_AddNumberToObject(mesh, "dp", t->dp);
+    cJSON_AddNumberToObject(mesh, "pp", c->pp);
+    cJSON_AddNumberToObject(mesh, "ep", c->ep);
+    cJSON_AddNumberToObject(o, "params_total", (double)params_total(&t->model.pl));
+    cJSON_AddNumberToObject(o, "params_active", (double)params_active(&t->model.pl));
+    cJSON_AddNumberToObject(o, "tokens_per_step", (double)(trainer_global_batch(t) * c->seq_len));
+    cJSON *m = cJSON_AddObjectToObject(o, "memory_bytes_per_rank");
+    cJSON_AddNumberToObject(m, "params", (double)mem.params);
+    cJSON_AddNumberToObject(m, "grads", (double)mem.grads);
+    cJSON_AddNumberToObject(m, "optimizer", (double)mem.optimizer);
+    cJSON_AddNumberToObject(m, "activations", (double)mem.activations);
+    emit(mx, o);
+}
+
+/* Per MoE layer: {"layer": l, "load": [E counts]}, and the max/mean imbalance. */
+static void add_load(cJSON *o, const Trainer *t) {
+    const Model *m = &t->model;
+    int E = m->d.E;
+    cJSON *load = cJSON_AddArrayToObject(o, "expert_load");
+    cJSON *imb = cJSON_AddArrayToObject(o, "load_imbalance");
+    cJSON *dom = cJSON_AddObjectToObject(o, "domain_load");
+    cJSON *dl[DATA_N_DOMAINS];
+    for (int x = 0; x < DATA_N_DOMAINS; x++) dl[x] = cJSON_AddArrayToObject(dom, data_domain_names[x]);
+    for (int l = 0; l < m->d.L; l++) {
+        if (!m->pl.layers[l].is_moe) continue;
+        const int64_t *c = m->load + (size_t)l * E;
+        cJSON *row = cJSON_CreateArray();
+        int64_t mx = 0, sum = 0;
+        for (int x = 0; x < E; x++) {
+            cJSON_AddItemToArray(row, cJSON_CreateNumber((double)c[x]));
+            sum += c[x];
+            if (c[x] > mx) mx = c[x];
+        }
+        cJSON_AddItemToArray(load, row);
+        cJSON_AddItemToArray(imb, cJSON_CreateNumber(sum ? (double)mx * E / sum : 0.0));
+        for (int x = 0; x < DATA_N_DOMAINS; x++) {
+            const int64_t *dc = m->domain_load + ((size_t)l * DATA_N_DOMAINS + x) * E;
+            cJSON *r = cJSON_CreateArray();
+            for (int e = 0; e < E; e++) cJSON_AddItemToArray(r, cJSON_CreateNumber((double)dc[e]));
+            cJSON_AddItemToArray(dl[x], r);
+        }
+    }
+}
+
+void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
+    if (!mx->writer) return;
+    printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | drop %.3f\n",
+           r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl, r->z_loss, r->lr, r->grad_norm,
+           r->tokens_per_s, r->dropped_frac);
+    fflush(stdout);
+    if (!mx->f) return;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "step");
+    cJSON_AddNumberToObject(o, "step", r->step);
+    cJSON_AddNumberToObject(o, "loss", r->loss);
+    cJSON_AddNumberToObject(o, "lm_loss", r->lm_loss);
+    cJSON_AddNumberToObject(o, "lbl", r->lbl);
+    cJSON_AddNumberToObject(o, "z_loss", r->z_loss);
+    cJSON_AddNumberToObject(o, "lr", r->lr);
+    cJSON_AddNumberToObject(o, "grad_norm", r->grad_norm);
+    cJSON_AddNumberToObject(o, "tokens_per_s", r->tokens_per_s);
+    cJSON_AddNumberToObject(o, "step_seconds", r->seconds);
+    cJSON_AddNumberToObject(o, "dropped_frac", r->dropped_frac);
+    cJSON_AddNumberToObject(o, "tokens_seen", (double)t->tokens_seen);
+    add_load(o, t);
+    emit(mx, o);
+}

@@ -1,0 +1,34 @@
+/* metrics.h — what a run tells its user: the banner and step lines on stdout, and the metrics
+ * file (JSON Lines, written with cJSON).
+ *
+ * Metrics file: first object {"event": "run", ...}: version, config, mesh, parameter counts,
+ * tokens per step, BLAS, and per-rank memory in bytes by category (params, grads, optimizer,
+ * activations). Then one {"event": "step", ...} object per logged step: step, loss, lm_loss, lbl,
+ * z_loss, lr, grad_norm, tokens_per_s, dropped_frac, expert_load (per MoE layer: tokens routed
+ * to each expert since the previous log line), load_imbalance (per MoE layer: max/mean load),
+ * and domain_load (per data domain, per MoE layer, per expert).
+ * Only the rank given as writer writes. Does not communicate.
+ */
+#ifndef MT_METRICS_H
+#define MT_METRICS_H
+
+#include <stdio.h>
+
+#include "train.h"
+
+#define MOETRAIN_VERSION "0.1.0"
+
+typedef struct Metrics {
+    FILE *f;    /* metrics file or NULL */
+    int writer; /* this rank prints and writes */
+} Metrics;
+
+/* path "" = no file. Creates parent directories. MT_ERR with a message if it cannot be written. */
+int metrics_open(Metrics *mx, const char *path, int writer, char *err);
+void metrics_close(Metrics *mx);
+/* Banner on stdout + the "run" record. */
+void metrics_run_record(Metrics *mx, const Trainer *t);
+/* Step line on stdout + a "step" record. */
+void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r);
+
+#endif

@@ -1,0 +1,89 @@
+/* model.h — the Mixtral-style decoder: parameters, activations, forward and backward.
+ *
+ *   tokens -> embed -> L x [RMSNorm -> causal GQA attention + RoPE -> +res,
+ *                           RMSNorm -> FFN (dense SwiGLU for the first dense_layers, else MoE) -> +res]
+ *          -> RMSNorm -> lm_head -> cross-entropy
+ *
+ * Owns the flat parameter and gradient buffers (params.h layout) and a preallocated activation
+ * arena for one micro-batch of up to max_seqs sequences. All math goes through the Kernels table.
+ * model_step_micro runs forward, loss and backward for one micro-batch and ACCUMULATES gradients,
+ * so gradient accumulation is calling it repeatedly between model_zero_grads calls.
+ *
+ * Loss scaling (so every mesh computes the same numbers as one rank):
+ *   LM gradient scaled by lm_scale = 1 / (tokens in the global step);
+ *   aux-loss gradients scaled by aux_scale = 1 / (micro-batches in the global step).
+ * The LBL scope only changes the load fractions f: micro_batch uses this micro-batch's counts;
+ * global_batch uses the counts accumulated over the step so far (model->lbl_acc; all-reduced over
+ * the ranks that hold other tokens, once the distributed core lands).
+ * Does not communicate.
+ */
+#ifndef MT_MODEL_H
+#define MT_MODEL_H
+
+#include <stdint.h>
+
+#include "config.h"
+#include "kernels.h"
+#include "moe.h"
+#include "params.h"
+
+/* Saved activations of one layer (backend memory). */
+typedef struct LayerActs {
+    float *ln1, *rstd1, *q, *k, *v, *att, *lse, *res_mid, *ln2, *rstd2;
+    float *ab, *h; /* dense FFN */
+    MoeActs moe;   /* MoE layers */
+} LayerActs;
+
+typedef struct Model {
+    const Kernels *k;
+    ModelDims d;
+    ParamLayout pl;
+    MoeConfig mc;
+    float eps, theta;
+    LblScope lbl_scope;
+    float *param[PBUF_COUNT], *grad[PBUF_COUNT]; /* backend */
+
+    int max_seqs;          /* B capacity of the arena */
+    int32_t *tokens, *targets; /* backend (N) */
+    float **res;           /* (L+1) residual stream (N,C) */
+    LayerActs *la;         /* (L) */
+    float *lnf, *rstdf, *logits;
+    /* backward scratch */
+    float *dres, *dln, *dq, *dk, *dv, *datt, *dh, *dab;
+    MoeScratch ms;
+
+    int64_t *load;     /* (L,E) host: tokens routed per expert, accumulated since model_reset_stats */
+    int64_t *lbl_acc;  /* (L,E) host: counts for the global_batch LBL scope in the current step */
+    int64_t *domain_load; /* (L,DATA_N_DOMAINS,E) host */
+} Model;
+
+/* Per micro-batch results. */
+typedef struct MicroStats {
+    double lm_sum;   /* sum of per-token cross-entropy */
+    int64_t tokens;  /* tokens with a target */
+    double lbl, z;   /* sum over MoE layers of this micro-batch's LBL and z-loss (unscaled) */
+    int64_t dropped, assignments;
+} MicroStats;
+
+void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs);
+void model_free(Model *m);
+/* Initialise parameters from the counter-based RNG. */
+void model_init_params(Model *m, uint64_t seed);
+
+void model_zero_grads(Model *m);
+/* Reset load statistics (start of a log interval) and the LBL accumulation (start of a step). */
+void model_reset_stats(Model *m);
+void model_reset_lbl(Model *m);
+
+/* tokens (B, T+1) host int32: inputs tokens[:, :T], targets tokens[:, 1:]. domains (B) host or NULL.
+ * Runs forward + backward for B <= max_seqs sequences, accumulating gradients. */
+MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *domains, int b,
+                            float lm_scale, float aux_scale);
+
+/* Forward only: the loss terms, no gradient (used by tests, evaluation). */
+MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
+
+/* Bytes of the activation arena (for the memory report). */
+size_t model_activation_bytes(const Model *m);
+
+#endif

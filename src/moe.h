@@ -1,0 +1,101 @@
+/* moe.h — the Mixture-of-Experts FFN layer: router, routing plan, grouped SwiGLU experts,
+ * optional shared experts, and the auxiliary losses (load-balancing loss, router z-loss).
+ *
+ * Forward, for N tokens x (N, C) (the post-attention RMSNorm output):
+ *   logits = x Wg^T (N,E) fp32 -> softmax -> top-k (idx, weights (N,K), optional renorm)
+ *   plan   = assignments sorted by expert (then token), capacity applied (dropped: lowest prob first)
+ *   xp     = gather(x) (M,C) -> ab = grouped(xp, w13) (M,2Fe) -> h = silu(a)*b (M,Fe)
+ *   yp     = grouped(h, w2) (M,C) -> y += combine(yp, weights)          (+ shared SwiGLU(x))
+ * Aux losses (per micro-batch, unscaled): LBL = E * sum_e f_e P_e with P_e = mean_n probs[n,e] and
+ * f_e = fraction of routed assignments to e (treated as a constant); z = mean_n lse_n^2.
+ * Where f comes from is the only thing the LBL scope changes (moe_lbl_fractions).
+ * Backward accumulates into dx and into the weight gradients.
+ * This module does not communicate (expert parallelism puts dispatch/combine around it later).
+ */
+#ifndef MT_MOE_H
+#define MT_MOE_H
+
+#include <stdint.h>
+
+#include "kernels.h"
+#include "params.h"
+
+/* Which kept assignments go to which expert. Host memory. */
+typedef struct RoutePlan {
+    int m;          /* kept assignments (rows of xp) */
+    int *slots;     /* (N*K) slot = n*K + j, grouped by expert, ascending token within an expert */
+    int *offs;      /* (E+1) row offsets per expert */
+    int64_t *count; /* (E) assignments routed to each expert before capacity (the load) */
+    int dropped;    /* assignments dropped by capacity */
+} RoutePlan;
+
+/* Saved activations of one MoE layer for one micro-batch (backend memory unless noted). */
+typedef struct MoeActs {
+    float *logits, *probs, *weights; /* (N,E) (N,E) (N,K) */
+    int32_t *idx;                    /* (N,K) */
+    float *xp, *abp, *hp, *yp;       /* (N*K,C) (N*K,2Fe) (N*K,Fe) (N*K,C) */
+    float *sh_ab, *sh_h;             /* (N,2Fs) (N,Fs) when shared experts */
+    RoutePlan plan;                  /* host */
+    int32_t *idx_host;               /* (N,K) host copy for the plan */
+    float *probs_host;               /* (N,E) host copy, for capacity ordering and stats */
+    float *psum;                     /* (E) backend: sum_n probs[n,e] */
+    double zsum;                     /* sum_n lse_n^2 */
+    float *f;                        /* (E) host: load fractions used by the LBL */
+} MoeActs;
+
+/* Scratch shared by all layers' backward (backend). */
+typedef struct MoeScratch {
+    float *dyp, *dhp, *dabp, *dxp; /* (N*K,C) (N*K,Fe) (N*K,2Fe) (N*K,C) */
+    float *dweights, *dlogits;     /* (N,K) (N,E) */
+    float *sh_dh, *sh_dab;         /* (N,Fs) (N,2Fs) */
+    float *dprob;                  /* (E) */
+} MoeScratch;
+
+typedef struct MoeConfig {
+    int renorm;
+    float capacity_factor; /* 0 = dropless */
+    float lbl_coeff, z_coeff;
+} MoeConfig;
+
+/* Weight pointers of one layer (views into the flat buffers). */
+typedef struct MoeWeights {
+    const float *router, *ex_w13, *ex_w2, *sh_w13, *sh_w2;
+    float *d_router, *d_ex_w13, *d_ex_w2, *d_sh_w13, *d_sh_w2;
+} MoeWeights;
+
+void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n);
+void moe_acts_free(MoeActs *a, const Kernels *k);
+void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, int n);
+void moe_scratch_free(MoeScratch *s, const Kernels *k);
+
+/* Capacity per expert for n tokens (0 = unlimited / dropless). */
+int moe_capacity(float cf, int n, int k, int e);
+/* Build the plan from idx/probs (host) for n tokens. Dropping keeps the highest-probability
+ * assignments of an overfull expert (ties: lower token first). */
+void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
+                    int capacity);
+
+/* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). */
+void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
+                 MoeActs *a, const float *x, float *y, int n);
+/* LBL fractions f (E) from this micro-batch's counts: f_e = count_e / sum(count). */
+void moe_lbl_fractions(float *f, const int64_t *count, int e);
+/* Aux loss values of a forward (unscaled): *lbl = E sum f_e psum_e / n, *z = zsum / n. */
+void moe_aux_losses(const Kernels *k, const ModelDims *d, const MoeActs *a, int n, double *lbl,
+                    double *z);
+/* dx (N,C) += d MoE / dx for upstream dy (N,C); weight grads accumulate. aux_scale multiplies the
+ * aux-loss gradients (1 / number of micro-batches in the global step). */
+void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
+                  MoeActs *a, MoeScratch *s, const float *x, const float *dy, float *dx, int n,
+                  float aux_scale);
+
+/* Dense SwiGLU FFN used by dense layers and shared experts: y += SwiGLU(x) with w13 (2F,C), w2 (C,F).
+ * ab (N,2F), h (N,F) saved. */
+void swiglu_ffn_forward(const Kernels *k, const float *w13, const float *w2, float *ab, float *h,
+                        const float *x, float *y, int n, int c, int f);
+/* dx += ..., dw13 += ..., dw2 += ...; dh (N,F), dab (N,2F) scratch. */
+void swiglu_ffn_backward(const Kernels *k, const float *w13, const float *w2, float *dw13,
+                         float *dw2, const float *ab, const float *h, const float *x,
+                         const float *dy, float *dx, float *dh, float *dab, int n, int c, int f);
+
+#endif

@@ -1,0 +1,176 @@
+/* params.c — see params.h. */
+#include "params.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+ModelDims dims_from_config(const Config *c) {
+    ModelDims d = {
+        .V = c->vocab_size, .C = c->d_model, .L = c->n_layers, .H = c->n_heads,
+        .Hkv = c->n_kv_heads, .D = c->head_dim, .T = c->seq_len, .F = c->ffn_hidden,
+        .E = c->num_experts, .K = c->top_k, .Fe = c->expert_hidden,
+        .Fs = c->shared_experts * c->shared_hidden, .dense_layers = c->dense_layers,
+        .tie = c->tie_embeddings,
+    };
+    return d;
+}
+
+typedef struct Builder {
+    ParamLayout *pl;
+    int cap;
+    float std, out_std; /* normal std; scaled std for output projections */
+} Builder;
+
+static size_t add(Builder *b, ParamBuf buf, int64_t rows, int64_t cols, InitKind init, float std,
+                  const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+
+/* Append a tensor (rows x cols; cols = 0 means a vector) and return its offset. */
+static size_t add(Builder *b, ParamBuf buf, int64_t rows, int64_t cols, InitKind init, float std,
+                  const char *fmt, ...) {
+    ParamLayout *pl = b->pl;
+    if (pl->n == b->cap) {
+        b->cap = b->cap ? 2 * b->cap : 64;
+        ParamInfo *n = mt_calloc(b->cap, sizeof *n);
+        if (pl->info) memcpy(n, pl->info, pl->n * sizeof *n);
+        free(pl->info);
+        pl->info = n;
+    }
+    ParamInfo *t = &pl->info[pl->n++];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->buf = buf;
+    t->ndim = cols ? 2 : 1;
+    t->shape[0] = rows;
+    t->shape[1] = cols;
+    t->numel = (size_t)rows * (cols ? (size_t)cols : 1);
+    t->offset = pl->size[buf];
+    t->decay = cols != 0;
+    t->init = init;
+    t->std = std;
+    pl->size[buf] += t->numel;
+    return t->offset;
+}
+
+static void add_attention(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
+    const char *p = "model.layers";
+    lp->ln1 = add(b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "%s.%d.input_layernorm.weight", p, l);
+    lp->q = add(b, PBUF_DENSE, d->H * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.q_proj.weight", p, l);
+    lp->k = add(b, PBUF_DENSE, d->Hkv * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.k_proj.weight", p, l);
+    lp->v = add(b, PBUF_DENSE, d->Hkv * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.v_proj.weight", p, l);
+    lp->o = add(b, PBUF_DENSE, d->C, d->H * d->D, INIT_NORMAL, b->out_std, "%s.%d.self_attn.o_proj.weight", p, l);
+    lp->ln2 = add(b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "%s.%d.post_attention_layernorm.weight", p, l);
+}
+
+/* A SwiGLU block under prefix: gate_proj and up_proj adjacent (the fused w13), then down_proj. */
+static void add_swiglu(Builder *b, size_t *w13, size_t *w2, int C, int F, const char *prefix) {
+    *w13 = add(b, PBUF_DENSE, F, C, INIT_NORMAL, b->std, "%s.gate_proj.weight", prefix);
+    add(b, PBUF_DENSE, F, C, INIT_NORMAL, b->std, "%s.up_proj.weight", prefix);
+    *w2 = add(b, PBUF_DENSE, C, F, INIT_NORMAL, b->out_std, "%s.down_proj.weight", prefix);
+}
+
+static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
+    char pre[160];
+    snprintf(pre, sizeof pre, "model.layers.%d.block_sparse_moe", l);
+    lp->router = add(b, PBUF_DENSE, d->E, d->C, INIT_NORMAL, b->std, "%s.gate.weight", pre);
+    for (int j = 0; j < d->E; j++) {
+        size_t o = add(b, PBUF_EXPERT, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w1.weight", pre, j);
+        add(b, PBUF_EXPERT, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w3.weight", pre, j);
+        if (j == 0) lp->ex_w13 = o;
+    }
+    for (int j = 0; j < d->E; j++) {
+        size_t o = add(b, PBUF_EXPERT, d->C, d->Fe, INIT_NORMAL, b->out_std, "%s.experts.%d.w2.weight", pre, j);
+        if (j == 0) lp->ex_w2 = o;
+    }
+    if (d->Fs > 0) {
+        char sh[200];
+        snprintf(sh, sizeof sh, "%s.shared_experts", pre);
+        add_swiglu(b, &lp->sh_w13, &lp->sh_w2, d->C, d->Fs, sh);
+    }
+}
+
+void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std) {
+    memset(pl, 0, sizeof *pl);
+    pl->dims = *d;
+    pl->layers = mt_calloc(d->L, sizeof *pl->layers);
+    Builder b = {.pl = pl, .std = init_std, .out_std = init_std / sqrtf(2.0f * d->L)};
+    pl->embed = add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "model.embed_tokens.weight");
+    for (int l = 0; l < d->L; l++) {
+        LayerParams *lp = &pl->layers[l];
+        add_attention(&b, lp, d, l);
+        lp->is_moe = l >= d->dense_layers;
+        if (lp->is_moe) {
+            add_moe(&b, lp, d, l);
+        } else {
+            char pre[96];
+            snprintf(pre, sizeof pre, "model.layers.%d.mlp", l);
+            add_swiglu(&b, &lp->mlp_w13, &lp->mlp_w2, d->C, d->F, pre);
+        }
+    }
+    pl->final_norm = add(&b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "model.norm.weight");
+    pl->lm_head = d->tie ? pl->embed
+                         : add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
+}
+
+void params_layout_free(ParamLayout *pl) {
+    free(pl->info);
+    free(pl->layers);
+    memset(pl, 0, sizeof *pl);
+}
+
+/* ---- counter-based initialisation ---- */
+
+static uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t hash_name(const char *s) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+/* Uniform in (0, 1) from the counter (key, i). */
+static double uniform(uint64_t key, uint64_t i) {
+    return ((mix64(key ^ mix64(i + 0x9E3779B97F4A7C15ull)) >> 11) + 0.5) * 0x1.0p-53;
+}
+
+float params_init_value(const ParamInfo *t, uint64_t seed, size_t i) {
+    if (t->init == INIT_ONES) return 1.0f;
+    uint64_t key = mix64(seed) ^ hash_name(t->name);
+    double u1 = uniform(key, 2 * (uint64_t)i), u2 = uniform(key, 2 * (uint64_t)i + 1);
+    double z = sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2); /* Box-Muller */
+    return (float)(t->std * z);
+}
+
+void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint64_t seed) {
+    for (int n = 0; n < pl->n; n++) {
+        const ParamInfo *t = &pl->info[n];
+        float *p = host[t->buf] + t->offset;
+        for (size_t i = 0; i < t->numel; i++) p[i] = params_init_value(t, seed, i);
+    }
+}
+
+size_t params_total(const ParamLayout *pl) { return pl->size[PBUF_DENSE] + pl->size[PBUF_EXPERT]; }
+
+size_t params_active(const ParamLayout *pl) {
+    const ModelDims *d = &pl->dims;
+    size_t per_expert = (size_t)3 * d->Fe * d->C;
+    size_t inactive = 0;
+    for (int l = 0; l < d->L; l++)
+        if (pl->layers[l].is_moe) inactive += (size_t)(d->E - d->K) * per_expert;
+    return params_total(pl) - inactive;
+}
+
+int params_find(const ParamLayout *pl, const char *name) {
+    for (int n = 0; n < pl->n; n++)
+        if (strcmp(pl->info[n].name, name) == 0) return n;
+    return -1;
+}

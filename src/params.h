@@ -1,0 +1,80 @@
+/* params.h — the parameter registry and flat-buffer layout of the model.
+ *
+ * Every parameter tensor has a Hugging Face (Mixtral / Qwen-MoE) name, a shape, and an offset into
+ * one of two flat buffers: PBUF_DENSE (replicated over dp*cp later) and PBUF_EXPERT (routed expert
+ * weights, replicated over edp). Gradients and AdamW state use the same layouts, so sharding and
+ * reductions are plain offset arithmetic (the llm.c pattern).
+ *
+ * Layout choices that let one GEMM do two HF tensors (names still map 1:1):
+ *  - a SwiGLU's gate (w1 / gate_proj) and up (w3 / up_proj) are adjacent: w13 (2F, C);
+ *  - the experts of a layer are consecutive: w13 of expert j at ex_w13 + j*2F*C, w2 at ex_w2 + j*C*F.
+ * Initialisation is counter-based: element i of tensor "name" is a function of
+ * (seed, hash(name), i) only, so any mesh or sharding builds the identical model.
+ * Nothing here communicates.
+ */
+#ifndef MT_PARAMS_H
+#define MT_PARAMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+
+typedef enum { PBUF_DENSE = 0, PBUF_EXPERT = 1, PBUF_COUNT = 2 } ParamBuf;
+typedef enum { INIT_NORMAL = 0, INIT_ONES = 1 } InitKind;
+
+typedef struct ParamInfo {
+    char name[128];
+    ParamBuf buf;
+    size_t offset, numel;
+    int ndim;
+    int64_t shape[2];
+    int decay; /* weight decay applies (matrices yes, norms no) */
+    InitKind init;
+    float std;
+} ParamInfo;
+
+/* Offsets (into the buffer named in the comment) of one decoder layer's tensors. */
+typedef struct LayerParams {
+    int is_moe;
+    size_t ln1, q, k, v, o, ln2;   /* dense */
+    size_t mlp_w13, mlp_w2;        /* dense FFN (dense layers): (2F, C), (C, F) */
+    size_t router;                 /* dense: (E, C) */
+    size_t ex_w13, ex_w2;          /* expert buffer: (E, 2Fe, C), (E, C, Fe) */
+    size_t sh_w13, sh_w2;          /* dense: shared experts fused: (2*S*Fs, C), (C, S*Fs) */
+} LayerParams;
+
+/* Resolved model dimensions (from Config). */
+typedef struct ModelDims {
+    int V, C, L, H, Hkv, D, T, F; /* F: dense FFN width */
+    int E, K, Fe, Fs;             /* Fs: total shared width = shared_experts * shared_hidden */
+    int dense_layers, tie;
+} ModelDims;
+
+typedef struct ParamLayout {
+    ModelDims dims;
+    int n;            /* number of tensors */
+    ParamInfo *info;  /* (n) */
+    size_t size[PBUF_COUNT];
+    LayerParams *layers; /* (L) */
+    size_t embed, final_norm, lm_head; /* dense; lm_head == embed when tied */
+} ParamLayout;
+
+ModelDims dims_from_config(const Config *c);
+/* Build the registry for dims. */
+void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std);
+void params_layout_free(ParamLayout *pl);
+
+/* Fill host buffers host[PBUF_COUNT] (sizes pl->size) with the initial values for seed. */
+void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint64_t seed);
+/* The initial value of element i of tensor t (the counter-based RNG, exposed for tests). */
+float params_init_value(const ParamInfo *t, uint64_t seed, size_t i);
+
+/* Parameter counts: total, and active per token (embedding + dense + shared + K of E experts). */
+size_t params_total(const ParamLayout *pl);
+size_t params_active(const ParamLayout *pl);
+
+/* Index of the tensor with this name, or -1. */
+int params_find(const ParamLayout *pl, const char *name);
+
+#endif
