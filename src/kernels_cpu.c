@@ -1,0 +1,693 @@
+/* kernels_cpu.c — the CPU backend of the kernel table; kernels.h is the contract.
+ *
+ * What this file guarantees (summary of kernels.h plus CPU specifics):
+ *  - fp32 tensors in host memory, row-major; linear weights W(out, in), y = x W^T.
+ *  - Forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into gradient
+ *    buffers, except combine_bwd and cross_entropy, which overwrite.
+ *  - GEMM work goes through CBLAS sgemm: one call per matmul, per group of a grouped linear, per
+ *    query block of causal attention. Never a per-token GEMM loop.
+ *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square,
+ *    router stats, cross-entropy loss, softmax denominators).
+ *  - Hot exp loops (attention and cross-entropy softmax, SiLU) use fexp(): branch-free,
+ *    vectorisable, < 1 ulp against exp() on [-87.3, 88), exactly 0 below -87.3. It is only
+ *    called with arguments < 88. The router (E-wide rows) uses double exp().
+ *  - Causal attention runs in blocks of ATT_BLK query rows; a block multiplies only against
+ *    keys 0..(its last row), and masked probabilities are exactly 0. Backward recomputes the
+ *    probabilities from lse. Scratch (2 x ATT_BLK x T floats) is allocated once per call.
+ *  - Router top-k: descending probability, ties broken by the lower expert id.
+ * No allocation inside per-row loops; per-call scratch comes from mt_calloc.
+ */
+#include "kernels.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#define ATT_BLK 64 /* query rows per attention block */
+
+/* ======================================================================= vector helpers == */
+
+/* exp(x) for x < 88: Cephes polynomial on the reduced argument, 2^n built from the bits of the
+ * rounded product (no float->int conversion, no branch), result forced to 0 below -87.3. */
+static inline float fexp(float x) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float t = x * 1.44269504088896341f + magic;
+    float fn = t - magic;
+    uint32_t tb, sb, yb;
+    memcpy(&tb, &t, 4);
+    sb = (tb - 0x4B400000u + 127u) << 23;
+    float s;
+    memcpy(&s, &sb, 4);
+    float r = x - fn * 0.693359375f;
+    r = r + fn * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = (p * (r * r) + r + 1.0f) * s;
+    memcpy(&yb, &y, 4);
+    yb &= 0u - (uint32_t)!(x < -87.33654f); /* NaN keeps its (NaN) value */
+    memcpy(&y, &yb, 4);
+    return y;
+}
+
+/* 1/(1+exp(-a)) without overflow: exp of -|a| only. */
+static inline float fsigmoid(float a) {
+    float z = fexp(-fabsf(a));
+    float num = a >= 0.0f ? 1.0f : z;
+    return num / (1.0f + z);
+}
+
+static double dot_d(const float *restrict a, const float *restrict b, size_t n) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)a[i + j] * b[i + j];
+    double s = 0;
+    for (; i < n; i++) s += (double)a[i] * b[i];
+    for (int j = 0; j < 8; j++) s += acc[j];
+    return s;
+}
+
+/* sum a*b*c in double */
+static double dot3_d(const float *restrict a, const float *restrict b, const float *restrict c,
+                     size_t n) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)(a[i + j] * b[i + j]) * c[i + j];
+    double s = 0;
+    for (; i < n; i++) s += (double)(a[i] * b[i]) * c[i];
+    for (int j = 0; j < 8; j++) s += acc[j];
+    return s;
+}
+
+static double sum_d(const float *restrict x, size_t n) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += x[i + j];
+    double s = 0;
+    for (; i < n; i++) s += x[i];
+    for (int j = 0; j < 8; j++) s += acc[j];
+    return s;
+}
+
+/* max over n >= 1 elements */
+static float max_f(const float *restrict x, size_t n) {
+    float acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = x[0];
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+    float m = x[0];
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (int j = 0; j < 8; j++) m = acc[j] > m ? acc[j] : m;
+    return m;
+}
+
+/* x[i] = exp(x[i] - mx), in place */
+static void exp_shift(float *restrict x, size_t n, float mx) {
+    for (size_t i = 0; i < n; i++) x[i] = fexp(x[i] - mx);
+}
+
+static void scale_f(float *restrict x, size_t n, float a) {
+    for (size_t i = 0; i < n; i++) x[i] *= a;
+}
+
+/* ============================================================================== memory == */
+
+static void *cpu_alloc(size_t bytes) { return mt_calloc(1, bytes); }
+static void cpu_free(void *p) { free(p); }
+static void cpu_zero(void *p, size_t bytes) {
+    if (bytes) memset(p, 0, bytes);
+}
+static void cpu_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes && dst != src) memmove(dst, src, bytes);
+}
+
+/* ========================================================================= elementwise == */
+
+static void cpu_axpy(float *y, const float *x, float a, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void cpu_scale(float *x, float a, size_t n) { scale_f(x, n, a); }
+
+static void cpu_sumsq(double *out_host, const float *x, size_t n) { *out_host = dot_d(x, x, n); }
+
+/* ============================================================================== GEMMs == */
+
+static void scale_matrix(float *c, size_t n, float beta) {
+    if (beta == 0.0f) cpu_zero(c, n * sizeof(float));
+    else if (beta != 1.0f) scale_f(c, n, beta);
+}
+
+static void cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a,
+                       int trans_b, float alpha, float beta) {
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        scale_matrix(c, (size_t)m * n, beta);
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, trans_a ? m : k, b,
+                trans_b ? k : n, beta, c, n);
+}
+
+static void check_offs(const int *offs, int g) {
+    MT_CHECK(offs[0] == 0, "grouped linear: offs[0] = %d", offs[0]);
+    for (int j = 0; j < g; j++)
+        MT_CHECK(offs[j + 1] >= offs[j], "grouped linear: offs[%d]=%d < offs[%d]=%d", j + 1,
+                 offs[j + 1], j, offs[j]);
+}
+
+static void cpu_grouped_linear_fwd(float *y, const float *x, const float *w, const int *offs, int g,
+                                   int o, int i) {
+    check_offs(offs, g);
+    if (o <= 0) return;
+    for (int j = 0; j < g; j++) {
+        int rows = offs[j + 1] - offs[j];
+        if (rows == 0) continue;
+        float *yj = y + (size_t)offs[j] * o;
+        if (i <= 0) {
+            cpu_zero(yj, (size_t)rows * o * sizeof(float));
+            continue;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, o, i, 1.0f,
+                    x + (size_t)offs[j] * i, i, w + (size_t)j * o * i, i, 0.0f, yj, o);
+    }
+}
+
+static void cpu_grouped_linear_bwd_input(float *dx, const float *dy, const float *w,
+                                         const int *offs, int g, int o, int i) {
+    check_offs(offs, g);
+    if (o <= 0 || i <= 0) return;
+    for (int j = 0; j < g; j++) {
+        int rows = offs[j + 1] - offs[j];
+        if (rows == 0) continue;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, i, o, 1.0f,
+                    dy + (size_t)offs[j] * o, o, w + (size_t)j * o * i, i, 1.0f,
+                    dx + (size_t)offs[j] * i, i);
+    }
+}
+
+static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const float *x,
+                                          const int *offs, int g, int o, int i) {
+    check_offs(offs, g);
+    if (o <= 0 || i <= 0) return;
+    for (int j = 0; j < g; j++) {
+        int rows = offs[j + 1] - offs[j];
+        if (rows == 0) continue;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, rows, 1.0f,
+                    dy + (size_t)offs[j] * o, o, x + (size_t)offs[j] * i, i, 1.0f,
+                    dw + (size_t)j * o * i, i);
+    }
+}
+
+/* =========================================================================== embedding == */
+
+static void cpu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, int n, int c) {
+    for (int r = 0; r < n; r++) {
+        MT_CHECK(tokens[r] >= 0, "embedding: token[%d] = %d", r, tokens[r]);
+        memcpy(out + (size_t)r * c, wte + (size_t)tokens[r] * c, (size_t)c * sizeof(float));
+    }
+}
+
+static void cpu_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int n, int c) {
+    for (int r = 0; r < n; r++) {
+        MT_CHECK(tokens[r] >= 0, "embedding: token[%d] = %d", r, tokens[r]);
+        float *restrict d = dwte + (size_t)tokens[r] * c;
+        const float *restrict g = dout + (size_t)r * c;
+        for (int j = 0; j < c; j++) d[j] += g[j];
+    }
+}
+
+/* ============================================================================= RMSNorm == */
+
+static void cpu_rmsnorm_fwd(float *out, float *rstd, const float *x, const float *w, int n, int c,
+                            float eps) {
+    for (int r = 0; r < n; r++) {
+        const float *restrict xr = x + (size_t)r * c;
+        float *restrict o = out + (size_t)r * c;
+        double ms = dot_d(xr, xr, (size_t)c) / c;
+        float rs = (float)(1.0 / sqrt(ms + eps));
+        rstd[r] = rs;
+        for (int j = 0; j < c; j++) o[j] = xr[j] * rs * w[j];
+    }
+}
+
+static void cpu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x,
+                            const float *w, const float *rstd, int n, int c) {
+    for (int r = 0; r < n; r++) {
+        const float *restrict xr = x + (size_t)r * c;
+        const float *restrict g = dout + (size_t)r * c;
+        float *restrict d = dx + (size_t)r * c;
+        float rs = rstd[r];
+        float coef = (float)(dot3_d(g, w, xr, (size_t)c) * rs * rs * rs / c);
+        for (int j = 0; j < c; j++) {
+            d[j] += rs * w[j] * g[j] - xr[j] * coef;
+            dw[j] += g[j] * xr[j] * rs;
+        }
+    }
+}
+
+/* ================================================================================ RoPE == */
+
+/* cos/sin of pos * inv_freq[i]; angles in double */
+static void rope_table(float *cs, float *sn, const double *inv_freq, int half, int pos,
+                       int inverse) {
+    for (int i = 0; i < half; i++) {
+        double ang = (double)pos * inv_freq[i];
+        cs[i] = (float)cos(ang);
+        sn[i] = (float)(inverse ? -sin(ang) : sin(ang));
+    }
+}
+
+/* pair (i, i + half): x1' = x1 c - x2 s, x2' = x2 c + x1 s */
+static void rope_rotate(float *restrict v, const float *restrict cs, const float *restrict sn,
+                        int half) {
+    float *restrict v2 = v + half;
+    for (int i = 0; i < half; i++) {
+        float x1 = v[i], x2 = v2[i];
+        v[i] = x1 * cs[i] - x2 * sn[i];
+        v2[i] = x2 * cs[i] + x1 * sn[i];
+    }
+}
+
+static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float theta, int inverse) {
+    MT_CHECK(d % 2 == 0, "rope: head dim %d is odd", d);
+    int half = d / 2;
+    double *inv_freq = mt_calloc((size_t)half, sizeof(double));
+    float *cs = mt_calloc(2 * (size_t)half, sizeof(float));
+    float *sn = cs + half;
+    for (int i = 0; i < half; i++) inv_freq[i] = pow((double)theta, -2.0 * i / d);
+    for (int ti = 0; ti < t; ti++) {
+        rope_table(cs, sn, inv_freq, half, pos0 + ti, inverse);
+        for (int bi = 0; bi < b; bi++)
+            for (int hi = 0; hi < nh; hi++)
+                rope_rotate(x + (((size_t)bi * t + ti) * nh + hi) * d, cs, sn, half);
+    }
+    free(cs);
+    free(inv_freq);
+}
+
+/* =========================================================================== attention == */
+
+/* One (b, h) pair: q/o rows have stride ldq = H*D, k/v rows stride ldk = Hkv*D. */
+typedef struct {
+    const float *q, *k, *v, *o, *dout, *lse; /* lse: read by the backward */
+    float *out, *dq, *dk, *dv, *lse_out;      /* lse_out: written by the forward */
+    int t, d, ldq, ldk;
+    float scale;
+} AttnHead;
+
+/* s(m, n) = scale * q[r0:r0+m] k[0:n]^T, n = r0 + m */
+static void attn_scores(float *s, const AttnHead *a, int r0, int m) {
+    int n = r0 + m;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, a->d, a->scale,
+                a->q + (size_t)r0 * a->ldq, a->ldq, a->k, a->ldk, 0.0f, s, n);
+}
+
+/* Row r of the block (query t = r0 + r) keeps columns 0..t: softmax there, exact 0 after. */
+static void causal_softmax(float *s, float *lse, int r0, int m) {
+    int n = r0 + m;
+    for (int r = 0; r < m; r++) {
+        float *row = s + (size_t)r * n;
+        int len = r0 + r + 1;
+        float mx = max_f(row, (size_t)len);
+        exp_shift(row, (size_t)len, mx);
+        double sum = sum_d(row, (size_t)len);
+        scale_f(row, (size_t)len, (float)(1.0 / sum));
+        memset(row + len, 0, (size_t)(n - len) * sizeof(float));
+        lse[r] = (float)(mx + log(sum));
+    }
+}
+
+/* Recompute probabilities from lse: p = exp(s - lse) for s <= t, 0 after. */
+static void causal_probs(float *s, const float *lse, int r0, int m) {
+    int n = r0 + m;
+    for (int r = 0; r < m; r++) {
+        float *row = s + (size_t)r * n;
+        int len = r0 + r + 1;
+        exp_shift(row, (size_t)len, lse[r]);
+        memset(row + len, 0, (size_t)(n - len) * sizeof(float));
+    }
+}
+
+/* dp := scale * p * (dp - rowsum(dout * o)) on the causal part, 0 after. */
+static void causal_softmax_bwd(float *dp, const float *p, const AttnHead *a, int r0, int m) {
+    int n = r0 + m;
+    for (int r = 0; r < m; r++) {
+        size_t qo = (size_t)(r0 + r) * a->ldq;
+        float di = (float)dot_d(a->dout + qo, a->o + qo, (size_t)a->d);
+        float *restrict drow = dp + (size_t)r * n;
+        const float *restrict prow = p + (size_t)r * n;
+        int len = r0 + r + 1;
+        for (int j = 0; j < len; j++) drow[j] = a->scale * prow[j] * (drow[j] - di);
+        memset(drow + len, 0, (size_t)(n - len) * sizeof(float));
+    }
+}
+
+static void attn_fwd_head(const AttnHead *a, float *s) {
+    for (int r0 = 0; r0 < a->t; r0 += ATT_BLK) {
+        int m = a->t - r0 < ATT_BLK ? a->t - r0 : ATT_BLK, n = r0 + m;
+        attn_scores(s, a, r0, m);
+        causal_softmax(s, a->lse_out + r0, r0, m);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, a->d, n, 1.0f, s, n, a->v,
+                    a->ldk, 0.0f, a->out + (size_t)r0 * a->ldq, a->ldq);
+    }
+}
+
+static void attn_bwd_block(const AttnHead *a, float *p, float *dp, int r0, int m) {
+    int n = r0 + m, d = a->d;
+    const float *dout = a->dout + (size_t)r0 * a->ldq, *q = a->q + (size_t)r0 * a->ldq;
+    attn_scores(p, a, r0, m);
+    causal_probs(p, a->lse + r0, r0, m);
+    /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, p, n, dout, a->ldq, 1.0f,
+                a->dv, a->ldk);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, d, 1.0f, dout, a->ldq, a->v,
+                a->ldk, 0.0f, dp, n);
+    causal_softmax_bwd(dp, p, a, r0, m);
+    /* dQ += dS K ; dK += dS^T Q  (dS already carries the scale) */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, n, 1.0f, dp, n, a->k, a->ldk,
+                1.0f, a->dq + (size_t)r0 * a->ldq, a->ldq);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, dp, n, q, a->ldq, 1.0f,
+                a->dk, a->ldk);
+}
+
+/* Shape fields of the (bi, hi) pair; *qoff / *koff are its offsets into q-like / k-like tensors. */
+static AttnHead attn_head(int bi, int hi, int t, int h, int hkv, int d, size_t *qoff,
+                          size_t *koff) {
+    AttnHead a = {0};
+    a.t = t;
+    a.d = d;
+    a.ldq = h * d;
+    a.ldk = hkv * d;
+    a.scale = 1.0f / sqrtf((float)d);
+    *qoff = (size_t)bi * t * h * d + (size_t)hi * d;
+    *koff = (size_t)bi * t * hkv * d + (size_t)(hi / (h / hkv)) * d;
+    return a;
+}
+
+static void attn_check(int h, int hkv, int d) {
+    MT_CHECK(hkv > 0 && h % hkv == 0, "attention: H=%d not a multiple of Hkv=%d", h, hkv);
+    MT_CHECK(d > 0, "attention: D=%d", d);
+}
+
+static void cpu_attention_fwd(float *out, float *lse, const float *q, const float *k,
+                              const float *v, int b, int t, int h, int hkv, int d) {
+    attn_check(h, hkv, d);
+    float *s = mt_calloc((size_t)(t < ATT_BLK ? t : ATT_BLK) * t, sizeof(float));
+    for (int bi = 0; bi < b; bi++)
+        for (int hi = 0; hi < h; hi++) {
+            size_t qoff, koff;
+            AttnHead a = attn_head(bi, hi, t, h, hkv, d, &qoff, &koff);
+            a.q = q + qoff;
+            a.k = k + koff;
+            a.v = v + koff;
+            a.out = out + qoff;
+            a.lse_out = lse + ((size_t)bi * h + hi) * t;
+            attn_fwd_head(&a, s);
+        }
+    free(s);
+}
+
+static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                              const float *k, const float *v, const float *out, const float *lse,
+                              int b, int t, int h, int hkv, int d) {
+    attn_check(h, hkv, d);
+    size_t blk = (size_t)(t < ATT_BLK ? t : ATT_BLK) * t;
+    float *p = mt_calloc(2 * blk, sizeof(float)), *dp = p + blk;
+    for (int bi = 0; bi < b; bi++)
+        for (int hi = 0; hi < h; hi++) {
+            size_t qoff, koff;
+            AttnHead a = attn_head(bi, hi, t, h, hkv, d, &qoff, &koff);
+            a.q = q + qoff;
+            a.k = k + koff;
+            a.v = v + koff;
+            a.o = out + qoff;
+            a.dout = dout + qoff;
+            a.dq = dq + qoff;
+            a.dk = dk + koff;
+            a.dv = dv + koff;
+            a.lse = lse + ((size_t)bi * h + hi) * t;
+            for (int r0 = 0; r0 < t; r0 += ATT_BLK)
+                attn_bwd_block(&a, p, dp, r0, t - r0 < ATT_BLK ? t - r0 : ATT_BLK);
+        }
+    free(p);
+}
+
+/* ============================================================================== SwiGLU == */
+
+static void cpu_swiglu_fwd(float *h, const float *ab, int n, int f) {
+    for (int r = 0; r < n; r++) {
+        const float *restrict a = ab + (size_t)r * 2 * f, *restrict b = a + f;
+        float *restrict o = h + (size_t)r * f;
+        for (int j = 0; j < f; j++) o[j] = a[j] * fsigmoid(a[j]) * b[j];
+    }
+}
+
+static void cpu_swiglu_bwd(float *dab, const float *dh, const float *ab, int n, int f) {
+    for (int r = 0; r < n; r++) {
+        const float *restrict a = ab + (size_t)r * 2 * f, *restrict b = a + f;
+        const float *restrict g = dh + (size_t)r * f;
+        float *restrict da = dab + (size_t)r * 2 * f, *restrict db = da + f;
+        for (int j = 0; j < f; j++) {
+            float sg = fsigmoid(a[j]);
+            float silu = a[j] * sg;
+            da[j] += g[j] * b[j] * sg * (1.0f + a[j] * (1.0f - sg));
+            db[j] += g[j] * silu;
+        }
+    }
+}
+
+/* ============================================================================== router == */
+
+/* log-sum-exp of one row, double */
+static double row_lse(const float *l, int e) {
+    float mx = max_f(l, (size_t)e);
+    double s = 0;
+    for (int j = 0; j < e; j++) s += exp((double)l[j] - mx);
+    return mx + log(s);
+}
+
+static void row_softmax(float *p, const float *l, int e) {
+    double lse = row_lse(l, e);
+    for (int j = 0; j < e; j++) p[j] = (float)exp((double)l[j] - lse);
+}
+
+/* Pick k indices: each pick is the best (prob desc, id asc) strictly after the previous pick in
+ * that order. NaN probabilities fall back to the lowest unused id (the loss is NaN anyway). */
+static void topk_row(int32_t *idx, const float *p, int e, int k) {
+    float pv = INFINITY;
+    int pi = -1;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int c = 0; c < e; c++) {
+            int after = p[c] < pv || (p[c] == pv && c > pi);
+            if (after && (best < 0 || p[c] > p[best])) best = c;
+        }
+        for (int c = 0; best < 0 && c < e; c++) {
+            int used = 0;
+            for (int i = 0; i < j; i++) used |= idx[i] == c;
+            if (!used) best = c;
+        }
+        idx[j] = best;
+        pv = p[best];
+        pi = best;
+    }
+}
+
+static void cpu_router_topk_fwd(float *probs, int32_t *idx, float *weights, const float *logits,
+                                int n, int e, int k, int renorm) {
+    MT_CHECK(k >= 1 && k <= e, "router: k=%d, E=%d", k, e);
+    for (int r = 0; r < n; r++) {
+        float *p = probs + (size_t)r * e, *w = weights + (size_t)r * k;
+        int32_t *ix = idx + (size_t)r * k;
+        row_softmax(p, logits + (size_t)r * e, e);
+        topk_row(ix, p, e, k);
+        double s = 0;
+        for (int j = 0; j < k; j++) s += p[ix[j]];
+        for (int j = 0; j < k; j++) w[j] = renorm ? (float)(p[ix[j]] / s) : p[ix[j]];
+    }
+}
+
+static void cpu_router_stats(float *psum, double *zsum_host, const float *probs,
+                             const float *logits, int n, int e) {
+    double *acc = mt_calloc((size_t)e, sizeof(double));
+    double z = 0;
+    for (int r = 0; r < n; r++) {
+        const float *p = probs + (size_t)r * e;
+        for (int j = 0; j < e; j++) acc[j] += p[j];
+        double l = row_lse(logits + (size_t)r * e, e);
+        z += l * l;
+    }
+    for (int j = 0; j < e; j++) psum[j] = (float)acc[j];
+    *zsum_host = z;
+    free(acc);
+}
+
+/* g[idx[j]] += d weights[j] / d probs, through the (optionally renormalised) top-k. */
+static void topk_grad(double *g, const float *dw, const float *w, const float *p,
+                      const int32_t *idx, int k, int renorm) {
+    if (!renorm) {
+        for (int j = 0; j < k; j++) g[idx[j]] += dw[j];
+        return;
+    }
+    double s = 0, dot = 0;
+    for (int j = 0; j < k; j++) {
+        s += p[idx[j]];
+        dot += (double)dw[j] * w[j];
+    }
+    for (int j = 0; j < k; j++) g[idx[j]] += (dw[j] - dot) / s;
+}
+
+static void cpu_router_bwd(float *dlogits, const float *dweights, const float *dprob, float zgrad,
+                           const float *probs, const float *logits, const int32_t *idx,
+                           const float *weights, int n, int e, int k, int renorm) {
+    double *g = mt_calloc((size_t)e, sizeof(double));
+    for (int r = 0; r < n; r++) {
+        const float *p = probs + (size_t)r * e;
+        float *dl = dlogits + (size_t)r * e;
+        for (int j = 0; j < e; j++) g[j] = dprob ? dprob[j] : 0.0;
+        if (dweights)
+            topk_grad(g, dweights + (size_t)r * k, weights + (size_t)r * k, p,
+                      idx + (size_t)r * k, k, renorm);
+        double dot = 0;
+        for (int j = 0; j < e; j++) dot += p[j] * g[j];
+        double zt = zgrad != 0.0f ? 2.0 * zgrad * row_lse(logits + (size_t)r * e, e) : 0.0;
+        for (int j = 0; j < e; j++) dl[j] += (float)(p[j] * (g[j] - dot + zt));
+    }
+    free(g);
+}
+
+/* ========================================================================= permutation == */
+
+static void cpu_gather_rows(float *xp, const float *x, const int *slots, int m, int c, int k) {
+    for (int r = 0; r < m; r++)
+        memcpy(xp + (size_t)r * c, x + (size_t)(slots[r] / k) * c, (size_t)c * sizeof(float));
+}
+
+static void cpu_scatter_add_rows(float *dx, const float *dxp, const int *slots, int m, int c,
+                                 int k) {
+    for (int r = 0; r < m; r++) {
+        float *restrict d = dx + (size_t)(slots[r] / k) * c;
+        const float *restrict s = dxp + (size_t)r * c;
+        for (int j = 0; j < c; j++) d[j] += s[j];
+    }
+}
+
+static void cpu_combine(float *y, const float *yp, const float *weights, const int *slots, int m,
+                        int c, int k) {
+    for (int r = 0; r < m; r++) {
+        float *restrict d = y + (size_t)(slots[r] / k) * c;
+        const float *restrict s = yp + (size_t)r * c;
+        float w = weights[slots[r]];
+        for (int j = 0; j < c; j++) d[j] += w * s[j];
+    }
+}
+
+static void cpu_combine_bwd(float *dyp, float *dweights, const float *dy, const float *yp,
+                            const float *weights, const int *slots, int m, int c, int k) {
+    for (int r = 0; r < m; r++) {
+        const float *restrict g = dy + (size_t)(slots[r] / k) * c;
+        float *restrict d = dyp + (size_t)r * c;
+        float w = weights[slots[r]];
+        for (int j = 0; j < c; j++) d[j] = w * g[j];
+        dweights[slots[r]] = (float)dot_d(g, yp + (size_t)r * c, (size_t)c);
+    }
+}
+
+/* ================================================================================ loss == */
+
+/* One row: returns lse - logit[target]; d (may equal l) = scale * (softmax - onehot). */
+static double ce_row(float *d, const float *l, int tgt, int v, float scale) {
+    float lt = l[tgt];
+    float mx = max_f(l, (size_t)v);
+    if (d != l) memcpy(d, l, (size_t)v * sizeof(float));
+    exp_shift(d, (size_t)v, mx);
+    double sum = sum_d(d, (size_t)v);
+    scale_f(d, (size_t)v, (float)(scale / sum));
+    d[tgt] -= scale;
+    return mx + log(sum) - lt;
+}
+
+static void cpu_cross_entropy(double *loss_host, float *dlogits, const float *logits,
+                              const int32_t *targets, int n, int v, float scale) {
+    double loss = 0;
+    for (int r = 0; r < n; r++) {
+        float *d = dlogits + (size_t)r * v;
+        int tgt = targets[r];
+        if (tgt < 0) {
+            memset(d, 0, (size_t)v * sizeof(float));
+            continue;
+        }
+        MT_CHECK(tgt < v, "cross_entropy: target[%d] = %d >= V = %d", r, tgt, v);
+        loss += ce_row(d, logits + (size_t)r * v, tgt, v, scale);
+    }
+    *loss_host = loss;
+}
+
+/* =========================================================================== optimizer == */
+
+static void cpu_adamw(float *p, const float *grad, float *m, float *v, size_t n, float lr,
+                      float beta1, float beta2, float eps, float wd, int step) {
+    MT_CHECK(step >= 1, "adamw: step %d is not 1-based", step);
+    const float c1 = (float)(1.0 / (1.0 - pow(beta1, step)));
+    const float c2 = (float)(1.0 / (1.0 - pow(beta2, step)));
+    const float a1 = 1.0f - beta1, a2 = 1.0f - beta2;
+    for (size_t i = 0; i < n; i++) {
+        float g = grad[i];
+        float mi = beta1 * m[i] + a1 * g;
+        float vi = beta2 * v[i] + a2 * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr * (mi * c1 / (sqrtf(vi * c2) + eps) + wd * p[i]);
+    }
+}
+
+/* =============================================================================== table == */
+
+static const Kernels g_cpu = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .zero = cpu_zero,
+    .to_host = cpu_copy,
+    .from_host = cpu_copy,
+    .copy = cpu_copy,
+    .axpy = cpu_axpy,
+    .scale = cpu_scale,
+    .sumsq = cpu_sumsq,
+    .matmul = cpu_matmul,
+    .grouped_linear_fwd = cpu_grouped_linear_fwd,
+    .grouped_linear_bwd_input = cpu_grouped_linear_bwd_input,
+    .grouped_linear_bwd_weight = cpu_grouped_linear_bwd_weight,
+    .embedding_fwd = cpu_embedding_fwd,
+    .embedding_bwd = cpu_embedding_bwd,
+    .rmsnorm_fwd = cpu_rmsnorm_fwd,
+    .rmsnorm_bwd = cpu_rmsnorm_bwd,
+    .rope = cpu_rope,
+    .attention_fwd = cpu_attention_fwd,
+    .attention_bwd = cpu_attention_bwd,
+    .swiglu_fwd = cpu_swiglu_fwd,
+    .swiglu_bwd = cpu_swiglu_bwd,
+    .router_topk_fwd = cpu_router_topk_fwd,
+    .router_stats = cpu_router_stats,
+    .router_bwd = cpu_router_bwd,
+    .gather_rows = cpu_gather_rows,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .combine = cpu_combine,
+    .combine_bwd = cpu_combine_bwd,
+    .cross_entropy = cpu_cross_entropy,
+    .adamw = cpu_adamw,
+};
+
+const Kernels *kernels_cpu(void) { return &g_cpu; }

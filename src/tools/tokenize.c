@@ -1,0 +1,120 @@
+/* tokenize.c — mt-tokenize: turn any file into a byte-level token file (see data.h).
+ *
+ *   mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]
+ *
+ * Contract: every byte 0..255 of INPUT becomes one token (vocab 256), written to OUTPUT with
+ * data_write_tokens (default 2 bytes per token). On success prints "wrote N tokens to OUTPUT"
+ * and exits 0; any error (bad usage, unreadable input, failed write) prints one line to stderr
+ * and exits 1. --help / -h prints the usage to stdout and exits 0. Uses no MPI.
+ */
+#include "common.h"
+#include "data.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BYTE_VOCAB 256
+
+static const char *USAGE =
+    "usage: mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]\n"
+    "  Turns any file into byte-level tokens (each byte 0..255 is one token, vocab 256)\n"
+    "  and writes them as a moetrain token file (format in src/data.h).\n"
+    "  --bytes-per-token N   2 (default) or 4 bytes per token in OUTPUT\n"
+    "  -h, --help            print this help\n";
+
+typedef struct {
+    const char *in, *out;
+    int bpt;
+} Args;
+
+/* Print "mt-tokenize: <message>" as one line on stderr; returns 1 (the exit status). */
+__attribute__((format(printf, 1, 2))) static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("mt-tokenize: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return 1;
+}
+
+static int parse_bpt(const char *s, int *bpt) {
+    if (strcmp(s, "2") == 0 || strcmp(s, "4") == 0) {
+        *bpt = s[0] - '0';
+        return 0;
+    }
+    return fail("--bytes-per-token must be 2 or 4 (got '%s')", s);
+}
+
+/* Returns 0 to go on, 1 on a usage error, -1 when --help was printed. */
+static int parse_args(int argc, char **argv, Args *a) {
+    int npos = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *s = argv[i];
+        if (strcmp(s, "-h") == 0 || strcmp(s, "--help") == 0) {
+            fputs(USAGE, stdout);
+            return -1;
+        } else if (strcmp(s, "--bytes-per-token") == 0) {
+            if (i + 1 >= argc) return fail("%s needs a value (2 or 4)", s);
+            if (parse_bpt(argv[++i], &a->bpt)) return 1;
+        } else if (strncmp(s, "--bytes-per-token=", 18) == 0) {
+            if (parse_bpt(s + 18, &a->bpt)) return 1;
+        } else if (s[0] == '-' && s[1] != '\0') {
+            return fail("unknown option '%s' (try --help)", s);
+        } else if (npos < 2) {
+            *(npos++ == 0 ? &a->in : &a->out) = s;
+        } else {
+            return fail("unexpected extra argument '%s' (try --help)", s);
+        }
+    }
+    if (npos < 2) return fail("expected INPUT and OUTPUT (try --help)");
+    return 0;
+}
+
+/* Read the whole input as tokens, one per byte. Returns NULL (message printed) on error. */
+static uint32_t *read_tokens(const char *path, uint64_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fail("cannot open input %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, len = 0;
+    uint32_t *tok = malloc(cap * sizeof *tok);
+    unsigned char buf[1 << 16];
+    for (size_t k; tok && (k = fread(buf, 1, sizeof buf, f)) > 0;) {
+        if (len + k > cap) {
+            while (len + k > cap) cap *= 2;
+            uint32_t *grown = realloc(tok, cap * sizeof *tok);
+            if (!grown) free(tok);
+            tok = grown;
+            if (!tok) break;
+        }
+        for (size_t i = 0; i < k; i++) tok[len++] = buf[i];
+    }
+    int bad = !tok || ferror(f);
+    if (bad) fail("cannot read input %s: %s", path, tok ? strerror(errno) : "out of memory");
+    fclose(f);
+    if (bad) {
+        free(tok);
+        return NULL;
+    }
+    *n = len;
+    return tok;
+}
+
+int main(int argc, char **argv) {
+    Args a = {NULL, NULL, 2};
+    int rc = parse_args(argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : 1;
+    uint64_t n = 0;
+    uint32_t *tok = read_tokens(a.in, &n);
+    if (!tok) return 1;
+    char err[MT_ERRLEN];
+    rc = data_write_tokens(a.out, tok, n, a.bpt, BYTE_VOCAB, err);
+    free(tok);
+    if (rc != MT_OK) return fail("%s", err);
+    printf("wrote %llu tokens to %s\n", (unsigned long long)n, a.out);
+    return 0;
+}

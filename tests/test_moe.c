@@ -1,0 +1,203 @@
+/* test_moe.c — the MoE layer: routing plan and capacity, LBL and z-loss against hand-computed
+ * values, and a finite-difference check of the layer's backward (input and router). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+#include "moe.h"
+#include "testutil.h"
+
+/* ---- routing plan ---- */
+
+START_TEST(test_plan_dropless_keeps_all) {
+    int32_t idx[] = {0, 1, 1, 0, 1, 1, 0, 1}; /* N=4, K=2 */
+    float probs[4 * 2] = {0.6f, 0.4f, 0.3f, 0.7f, 0.2f, 0.8f, 0.5f, 0.5f};
+    int slots[8], offs[3];
+    int64_t count[2];
+    RoutePlan p = {.slots = slots, .offs = offs, .count = count};
+    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2));
+    ck_assert_int_eq(p.m, 8);
+    ck_assert_int_eq(p.dropped, 0);
+    ck_assert_int_eq(count[0], 3);
+    ck_assert_int_eq(count[1], 5);
+    int want[] = {0, 3, 6, 1, 2, 4, 5, 7}; /* expert 0's slots, then expert 1's, ascending */
+    for (int i = 0; i < 8; i++) ck_assert_int_eq(slots[i], want[i]);
+    ck_assert_int_eq(offs[0], 0);
+    ck_assert_int_eq(offs[1], 3);
+    ck_assert_int_eq(offs[2], 8);
+}
+END_TEST
+
+/* Every token picks expert 0 (K=1, E=2, N=4): capacity ceil(1.0*4*1/2) = 2 keeps the two most
+ * probable tokens; the other two are dropped. Equal probabilities keep the lower token. */
+START_TEST(test_plan_capacity_drops_lowest_prob) {
+    int32_t idx[] = {0, 0, 0, 0};
+    float probs[] = {0.6f, 0.4f, 0.9f, 0.1f, 0.55f, 0.45f, 0.9f, 0.1f};
+    int slots[4], offs[3];
+    int64_t count[2];
+    RoutePlan p = {.slots = slots, .offs = offs, .count = count};
+    ck_assert_int_eq(moe_capacity(1.0f, 4, 1, 2), 2);
+    moe_plan_build(&p, idx, probs, 4, 2, 1, 2);
+    ck_assert_int_eq(p.m, 2);
+    ck_assert_int_eq(p.dropped, 2);
+    ck_assert_int_eq(slots[0], 1); /* p=0.9, token 1 */
+    ck_assert_int_eq(slots[1], 3); /* p=0.9 tie with token 3? no: token 3 also 0.9 -> kept */
+    ck_assert_int_eq(count[0], 4); /* the load counts routed assignments, before dropping */
+    ck_assert_int_eq(offs[1], 2);
+    ck_assert_int_eq(offs[2], 2);
+}
+END_TEST
+
+START_TEST(test_plan_capacity_tie_lower_token) {
+    int32_t idx[] = {1, 1, 1};
+    float probs[] = {0.3f, 0.7f, 0.3f, 0.7f, 0.3f, 0.7f};
+    int slots[3], offs[3];
+    int64_t count[2];
+    RoutePlan p = {.slots = slots, .offs = offs, .count = count};
+    moe_plan_build(&p, idx, probs, 3, 2, 1, 2);
+    ck_assert_int_eq(p.m, 2);
+    ck_assert_int_eq(slots[0], 0);
+    ck_assert_int_eq(slots[1], 1);
+}
+END_TEST
+
+/* ---- a small MoE layer with an identity router, so logits = x ---- */
+
+typedef struct Fixture {
+    ModelDims d;
+    MoeConfig mc;
+    float *router, *w13, *w2, *sh13, *sh2, *g_router, *g13, *g2, *gsh13, *gsh2;
+    MoeWeights w;
+    MoeActs a;
+    MoeScratch s;
+} Fixture;
+
+static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float cf) {
+    memset(f, 0, sizeof *f);
+    f->d = (ModelDims){.C = c, .E = e, .K = k, .Fe = 6, .Fs = fs};
+    f->mc = (MoeConfig){.renorm = 1, .capacity_factor = cf, .lbl_coeff = 0.3f, .z_coeff = 0.2f};
+    const Kernels *K = kernels_cpu();
+    f->router = calloc((size_t)e * c, 4);
+    f->g_router = calloc((size_t)e * c, 4);
+    tu_fill_uniform(f->router, (size_t)e * c, -1, 1, 11);
+    f->w13 = calloc((size_t)e * 12 * c, 4);
+    f->g13 = calloc((size_t)e * 12 * c, 4);
+    f->w2 = calloc((size_t)e * 6 * c, 4);
+    f->g2 = calloc((size_t)e * 6 * c, 4);
+    tu_fill_uniform(f->w13, (size_t)e * 12 * c, -0.5f, 0.5f, 12);
+    tu_fill_uniform(f->w2, (size_t)e * 6 * c, -0.5f, 0.5f, 13);
+    f->sh13 = calloc((size_t)2 * (fs + 1) * c, 4);
+    f->gsh13 = calloc((size_t)2 * (fs + 1) * c, 4);
+    f->sh2 = calloc((size_t)(fs + 1) * c, 4);
+    f->gsh2 = calloc((size_t)(fs + 1) * c, 4);
+    tu_fill_uniform(f->sh13, (size_t)2 * fs * c, -0.5f, 0.5f, 14);
+    tu_fill_uniform(f->sh2, (size_t)fs * c, -0.5f, 0.5f, 15);
+    f->w = (MoeWeights){f->router, f->w13, f->w2, f->sh13, f->sh2,
+                        f->g_router, f->g13, f->g2, f->gsh13, f->gsh2};
+    moe_acts_alloc(&f->a, K, &f->d, n);
+    moe_scratch_alloc(&f->s, K, &f->d, n);
+}
+
+static void fixture_free(Fixture *f) {
+    moe_acts_free(&f->a, kernels_cpu());
+    moe_scratch_free(&f->s, kernels_cpu());
+    float *p[] = {f->router, f->w13, f->w2, f->sh13, f->sh2, f->g_router, f->g13, f->g2, f->gsh13, f->gsh2};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
+}
+
+/* E=2, K=1, C=2, router = identity: token 0 logits (1, 0), token 1 logits (0, 0) (a tie: expert 0). */
+START_TEST(test_lbl_and_z_hand_values) {
+    Fixture f;
+    fixture_init(&f, 2, 2, 2, 1, 0, 0.0f);
+    float eye[] = {1, 0, 0, 1};
+    memcpy(f.router, eye, sizeof eye);
+    float x[] = {1, 0, 0, 0}, y[4] = {0};
+    moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, 2);
+    ck_assert_int_eq(f.a.idx_host[0], 0);
+    ck_assert_int_eq(f.a.idx_host[1], 0);
+    double lbl, z;
+    moe_aux_losses(kernels_cpu(), &f.d, &f.a, 2, &lbl, &z);
+    double e = exp(1.0);
+    double p00 = e / (e + 1), p10 = 0.5;   /* probability of expert 0 for tokens 0 and 1 */
+    double want_lbl = 2 * (1.0 * (p00 + p10) / 2 + 0.0); /* E * sum f_i P_i, f = (1, 0) */
+    double want_z = (pow(log(e + 1), 2) + pow(log(2.0), 2)) / 2;
+    ck_assert_double_eq_tol(lbl, want_lbl, 1e-6);
+    ck_assert_double_eq_tol(z, want_z, 1e-6);
+    fixture_free(&f);
+}
+END_TEST
+
+static double layer_loss(Fixture *f, const float *x, const float *r, int n) {
+    size_t nc = (size_t)n * f->d.C;
+    float *y = calloc(nc, 4);
+    moe_forward(kernels_cpu(), &f->d, &f->mc, &f->w, &f->a, x, y, n);
+    double l = 0, lbl, z;
+    for (size_t i = 0; i < nc; i++) l += (double)y[i] * r[i];
+    moe_aux_losses(kernels_cpu(), &f->d, &f->a, n, &lbl, &z);
+    free(y);
+    return l + f->mc.lbl_coeff * lbl + f->mc.z_coeff * z;
+}
+
+/* d loss / d p along a random direction, by central differences (p perturbed in place). */
+static double fd_dir(Fixture *f, float *p, size_t np, const float *dir, const float *x,
+                     const float *r, int n) {
+    float *save = malloc(np * 4);
+    memcpy(save, p, np * 4);
+    const double eps = 1e-3;
+    for (size_t i = 0; i < np; i++) p[i] = save[i] + (float)eps * dir[i];
+    double lp = layer_loss(f, x, r, n);
+    for (size_t i = 0; i < np; i++) p[i] = save[i] - (float)eps * dir[i];
+    double lm = layer_loss(f, x, r, n);
+    memcpy(p, save, np * 4);
+    free(save);
+    return (lp - lm) / (2 * eps);
+}
+
+static void gradcheck_layer(float cf, int fs) {
+    enum { N = 12, C = 8, E = 4, K = 2 };
+    Fixture f;
+    fixture_init(&f, N, C, E, K, fs, cf);
+    float x[N * C], r[N * C], dx[N * C] = {0}, dir[E * 12 * C];
+    tu_fill_uniform(x, N * C, -1, 1, 21);
+    tu_fill_uniform(r, N * C, -1, 1, 22);
+    (void)layer_loss(&f, x, r, N);
+    moe_backward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, &f.s, x, r, dx, N, 1.0f);
+    if (cf > 0) ck_assert_int_gt(f.a.plan.dropped, 0);
+    struct { const char *name; float *p, *g; size_t n; } t[] = {
+        {"x", x, dx, N * C}, {"router", f.router, f.g_router, E * C},
+        {"w13", f.w13, f.g13, E * 12 * C}, {"w2", f.w2, f.g2, E * 6 * C},
+        {"shared w13", f.sh13, f.gsh13, (size_t)2 * fs * C}, {"shared w2", f.sh2, f.gsh2, (size_t)fs * C}};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        if (t[i].n == 0) continue;
+        tu_fill_uniform(dir, t[i].n, -1, 1, 30 + i);
+        double an = 0;
+        for (size_t j = 0; j < t[i].n; j++) an += (double)t[i].g[j] * dir[j];
+        double fd = fd_dir(&f, t[i].p, t[i].n, dir, x, r, N);
+        ck_assert_msg(fabs(an - fd) <= 2e-3 + 1e-2 * fabs(fd), "MoE layer d/d%s (cf %g): analytic %.6g vs fd %.6g",
+                      t[i].name, cf, an, fd);
+    }
+    fixture_free(&f);
+}
+
+START_TEST(test_layer_gradcheck_dropless) { gradcheck_layer(0.0f, 0); }
+END_TEST
+START_TEST(test_layer_gradcheck_shared) { gradcheck_layer(0.0f, 5); }
+END_TEST
+START_TEST(test_layer_gradcheck_capacity) { gradcheck_layer(0.6f, 0); }
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("moe");
+    TCase *tc = tcase_create("moe");
+    tcase_add_test(tc, test_plan_dropless_keeps_all);
+    tcase_add_test(tc, test_plan_capacity_drops_lowest_prob);
+    tcase_add_test(tc, test_plan_capacity_tie_lower_token);
+    tcase_add_test(tc, test_lbl_and_z_hand_values);
+    tcase_add_test(tc, test_layer_gradcheck_dropless);
+    tcase_add_test(tc, test_layer_gradcheck_shared);
+    tcase_add_test(tc, test_layer_gradcheck_capacity);
+    suite_add_tcase(s, tc);
+    return tu_run_suite(s, 0) ? 1 : 0;
+}
