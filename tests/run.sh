@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# Run every test program in BUILD/tests (default build/) from the repo root; print a summary.
-# Exit non-zero if any test fails. Each program runs under `timeout`.
+# Run the whole test suite from the repo root; print a summary; exit non-zero if any test fails.
+#   build/tests/test_*        Check programs run as they are (single process)
+#   tests/mpi_tests.txt       lines "PROGRAM NP [ARGS...]": run under mpirun -np NP (oversubscribed)
+# Every program runs under `timeout`, so a hung collective fails the suite instead of stalling it.
 set -u
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export CK_DEFAULT_TIMEOUT=600
 pass=0; fail=0; failed=()
-for t in "$BUILD"/tests/test_*; do
-  [ -x "$t" ] || continue
-  name=$(basename "$t")
+
+run_one() { # label, command...
+  local label=$1; shift
+  local log="$BUILD/tests/${label// /_}.log" start status summary
   start=$(date +%s)
-  if timeout 600 "$t" > "$BUILD/tests/$name.log" 2>&1; then
-    status=PASS; pass=$((pass+1))
-  else
-    status=FAIL; fail=$((fail+1)); failed+=("$name")
-  fi
-  summary=$(grep -E '^[0-9]+%: Checks' "$BUILD/tests/$name.log" | tail -1)
-  printf '%-22s %s  %3ss  %s\n' "$name" "$status" "$(( $(date +%s) - start ))" "$summary"
+  if timeout 900 "$@" > "$log" 2>&1; then status=PASS; pass=$((pass+1))
+  else status=FAIL; fail=$((fail+1)); failed+=("$label|$log"); fi
+  summary=$(grep -E '^[0-9]+%: Checks' "$log" | tail -1)
+  printf '%-34s %s %4ss  %s\n' "$label" "$status" "$(( $(date +%s) - start ))" "$summary"
+}
+
+for t in "$BUILD"/tests/test_*; do
+  [ -x "$t" ] && [ "${t%.log}" = "$t" ] || continue
+  name=$(basename "$t")
+  grep -qE "^$name( |$)" tests/mpi_tests.txt 2>/dev/null && continue
+  run_one "$name" "$t"
 done
+while read -r prog np args; do
+  case "$prog" in ""|\#*) continue ;; esac
+  # shellcheck disable=SC2086
+  CK_FORK=no run_one "$prog np=$np${args:+ $args}" mpirun -np "$np" --oversubscribe --allow-run-as-root \
+    --mca btl self,vader "$BUILD/tests/$prog" $args
+done < tests/mpi_tests.txt
+
 echo "tests: $pass passed, $fail failed"
-for f in "${failed[@]}"; do echo "---- $f ----"; tail -30 "$BUILD/tests/$f.log"; done
+for f in "${failed[@]}"; do echo "---- ${f%%|*} ----"; tail -40 "${f##*|}"; done
 [ "$fail" -eq 0 ] && [ "$pass" -gt 0 ]

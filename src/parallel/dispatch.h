@@ -1,0 +1,56 @@
+/* dispatch.h — expert-parallel token dispatch and combine: the only communicating step of an MoE
+ * layer (permute and unpermute, in moe.c, never communicate).
+ *
+ * The ep ranks of an expert-parallel group each hold E_local = E / ep consecutive experts:
+ * ep rank r owns global experts [r*E_local, (r+1)*E_local).
+ * Each rank arrives with its permuted rows xp (m_send, C): its kept assignments grouped by global
+ * expert in ascending order (the local routing plan, offs[E+1]), so rows for ep rank r are the
+ * contiguous block offs[r*E_local] .. offs[(r+1)*E_local].
+ *
+ *   dispatch_plan:    exchange per-expert counts (one all-to-all of E_local ints per peer);
+ *                     afterwards the received rows are known: recv_counts[s*E_local + j] rows from
+ *                     source rank s for local expert j, m_recv in total, and expert-major offsets
+ *                     recv_offs[E_local+1] for the grouped GEMM.
+ *   dispatch_rows:    xp (m_send, C) -> xe (m_recv, C): all-to-all(v) of the rows, then a local
+ *                     reorder from source-major ([s][j] blocks) to expert-major ([j][s] blocks),
+ *                     so xe feeds the grouped GEMM with recv_offs.
+ *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (reorder back to
+ *                     source-major, all-to-all(v) back). Row i of yp answers row i of xp.
+ * dispatch_rows and combine_rows are transposes of each other, so the backward of dispatch is
+ * combine_rows (on gradients) and vice versa. Works when a rank sends or receives zero rows and
+ * when an expert gets none. At ep = 1 both are a plain copy.
+ * Host buffers (MPI) for now; the rows go through the Kernels table's memory functions only for
+ * the local reorder. Scratch grows to the largest m_recv seen.
+ */
+#ifndef MT_DISPATCH_H
+#define MT_DISPATCH_H
+
+#include "kernels.h"
+#include "parallel/comm.h"
+
+typedef struct Dispatcher {
+    const Group *ep;
+    const Kernels *k;
+    int E, E_local, C;
+    int m_send, m_recv;
+    int *send_counts; /* (ep) rows sent to each ep rank */
+    int *send_displs; /* (ep) */
+    int *recv_counts; /* (ep * E_local) rows from source s for local expert j, [s][j] */
+    int *recv_from;   /* (ep) rows received from each source rank */
+    int *recv_displs; /* (ep) */
+    int *recv_offs;   /* (E_local + 1) expert-major offsets into xe */
+    float *scratch;   /* (capacity, C) source-major staging */
+    size_t capacity;  /* rows of scratch */
+} Dispatcher;
+
+void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_experts, int c);
+void dispatcher_free(Dispatcher *d);
+
+/* offs: (E+1) host offsets of this rank's permuted rows by global expert. Collective over ep. */
+void dispatch_plan(Dispatcher *d, const int *offs);
+/* xp (m_send, C) -> xe (m_recv, C), expert-major. Collective over ep. */
+void dispatch_rows(Dispatcher *d, const float *xp, float *xe);
+/* ye (m_recv, C) expert-major -> yp (m_send, C) in xp's order. Collective over ep. */
+void combine_rows(Dispatcher *d, const float *ye, float *yp);
+
+#endif

@@ -1,0 +1,118 @@
+/* mesh.c — see mesh.h. */
+#include "parallel/mesh.h"
+
+#include <string.h>
+
+#include "common.h"
+
+MeshCoords mesh_coords(const Mesh *m, int rank) {
+    MeshCoords c;
+    c.tp = rank % m->tp;
+    c.cp = (rank / m->tp) % m->cp;
+    c.dp = (rank / (m->tp * m->cp)) % m->dp;
+    c.pp = rank / (m->tp * m->cp * m->dp);
+    int i = rank % (m->tp * m->cp * m->dp); /* index within the pipeline stage */
+    c.etp = i % m->etp;
+    c.ep = (i / m->etp) % m->ep;
+    c.edp = i / (m->etp * m->ep);
+    return c;
+}
+
+int mesh_rank_of(const Mesh *m, int tp, int cp, int dp, int pp) {
+    return tp + m->tp * (cp + m->cp * (dp + m->dp * pp));
+}
+
+static int check_sizes(const Mesh *m, const Config *c, int world, char *err) {
+    int tcp = c->tp * c->cp * c->pp;
+    if (world % tcp != 0)
+        return mt_fail(err, "world size %d is not divisible by tp*cp*pp = %d*%d*%d = %d", world,
+                       c->tp, c->cp, c->pp, tcp);
+    int stage = world / c->pp, tokens_ranks = stage / c->tp; /* cp*dp ranks hold different tokens */
+    if (c->ep > tokens_ranks || tokens_ranks % c->ep != 0)
+        return mt_fail(err, "parallel.ep = %d must divide the %d ranks of a pipeline stage that hold "
+                            "different tokens (cp*dp = %d*%d)", c->ep, tokens_ranks, c->cp, m->dp);
+    if (c->num_experts % c->ep != 0)
+        return mt_fail(err, "moe.num_experts = %d is not divisible by parallel.ep = %d", c->num_experts, c->ep);
+    if (c->n_heads % c->tp != 0 || c->n_kv_heads % c->tp != 0)
+        return mt_fail(err, "model.n_heads = %d and n_kv_heads = %d must both be divisible by parallel.tp = %d",
+                       c->n_heads, c->n_kv_heads, c->tp);
+    if (c->expert_hidden % c->tp != 0 || c->ffn_hidden % c->tp != 0)
+        return mt_fail(err, "model.ffn_hidden = %d and moe.expert_hidden = %d must be divisible by parallel.tp = %d",
+                       c->ffn_hidden, c->expert_hidden, c->tp);
+    if (c->n_layers < c->pp)
+        return mt_fail(err, "parallel.pp = %d is larger than model.n_layers = %d", c->pp, c->n_layers);
+    if (c->seq_len % (2 * c->cp) != 0 && c->cp > 1)
+        return mt_fail(err, "model.seq_len = %d must be divisible by 2*parallel.cp = %d", c->seq_len, 2 * c->cp);
+    return MT_OK;
+}
+
+int mesh_plan(Mesh *m, const Config *c, int world, int rank, char *err) {
+    memset(m, 0, sizeof *m);
+    m->world = world;
+    m->rank = rank;
+    m->tp = c->tp;
+    m->cp = c->cp;
+    m->pp = c->pp;
+    m->dp = world / (c->tp * c->cp * c->pp);
+    if (check_sizes(m, c, world, err) != MT_OK) return MT_ERR;
+    m->etp = c->tp;
+    m->ep = c->ep;
+    m->edp = m->tp * m->cp * m->dp / (m->etp * m->ep);
+    m->me = mesh_coords(m, rank);
+    return MT_OK;
+}
+
+static Group split(const char *name, int color, int key) {
+    Group g = {.name = name};
+    MPI_Comm_split(MPI_COMM_WORLD, color, key, &g.comm);
+    MPI_Comm_size(g.comm, &g.size);
+    MPI_Comm_rank(g.comm, &g.rank);
+    return g;
+}
+
+int mesh_build(Mesh *m, const Config *c, char *err) {
+    int world, rank;
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    if (mesh_plan(m, c, world, rank, err) != MT_OK) return MT_ERR;
+    MeshCoords x = m->me;
+    int tp = m->tp, cp = m->cp, dp = m->dp, etp = m->etp, ep = m->ep, edp = m->edp;
+    m->g_world = split("world", 0, rank);
+    m->g_tp = split("tp", x.cp + cp * (x.dp + dp * x.pp), x.tp);
+    m->g_cp = split("cp", x.tp + tp * (x.dp + dp * x.pp), x.cp);
+    m->g_dp = split("dp", x.tp + tp * (x.cp + cp * x.pp), x.dp);
+    m->g_pp = split("pp", x.tp + tp * (x.cp + cp * x.dp), x.pp);
+    m->g_dpcp = split("dpcp", x.tp + tp * x.pp, x.cp + cp * x.dp);
+    m->g_ep = split("ep", x.etp + etp * (x.edp + edp * x.pp), x.ep);
+    m->g_etp = split("etp", x.ep + ep * (x.edp + edp * x.pp), x.etp);
+    m->g_edp = split("edp", x.etp + etp * (x.ep + ep * x.pp), x.edp);
+    return MT_OK;
+}
+
+void mesh_single(Mesh *m) {
+    memset(m, 0, sizeof *m);
+    m->world = 1;
+    m->tp = m->cp = m->dp = m->pp = m->etp = m->ep = m->edp = 1;
+    m->g_world = group_self("world");
+    m->g_tp = group_self("tp");
+    m->g_cp = group_self("cp");
+    m->g_dp = group_self("dp");
+    m->g_pp = group_self("pp");
+    m->g_dpcp = group_self("dpcp");
+    m->g_ep = group_self("ep");
+    m->g_etp = group_self("etp");
+    m->g_edp = group_self("edp");
+}
+
+void mesh_free(Mesh *m) {
+    Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_pp, &m->g_dpcp, &m->g_ep, &m->g_etp, &m->g_edp};
+    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) group_free(g[i]);
+}
+
+int mesh_check_supported(const Mesh *m, char *err) {
+    if (m->tp > 1 || m->cp > 1 || m->pp > 1)
+        return mt_fail(err, "[parallel] tp = %d, cp = %d, pp = %d: tensor, context and pipeline "
+                            "parallel compute are not implemented yet; set each to 1 (data and expert "
+                            "parallelism are)", m->tp, m->cp, m->pp);
+    return MT_OK;
+}

@@ -1,0 +1,48 @@
+/* mesh.h — world ranks -> 5D coordinates and one communicator per parallel group.
+ *
+ * Dense (attention) layers: world = tp * cp * dp * pp, rank order tp fastest, then cp, dp, pp:
+ *     rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))
+ * MoE layers fold the tp*cp*dp ranks of one pipeline stage as etp * ep * edp (MoE parallel
+ * folding), etp fastest: stage-local index i = etp_r + etp * (ep_r + ep * edp_r). Here etp = tp.
+ * Groups (each an MPI communicator): tp, cp, dp, pp, ep, etp, edp, dpcp (gradients of dense
+ * parameters are reduced over dp*cp), and world.
+ * mesh_plan is pure arithmetic (no MPI) so layouts can be validated and unit-tested for any world
+ * size; mesh_build makes the communicators. Every other module asks the mesh for its groups and
+ * never computes rank arithmetic itself.
+ */
+#ifndef MT_MESH_H
+#define MT_MESH_H
+
+#include "config.h"
+#include "parallel/comm.h"
+
+typedef struct MeshCoords {
+    int tp, cp, dp, pp;  /* dense coordinates */
+    int etp, ep, edp;    /* MoE coordinates (within the pipeline stage) */
+} MeshCoords;
+
+typedef struct Mesh {
+    int world, rank;
+    int tp, cp, dp, pp;  /* sizes */
+    int etp, ep, edp;
+    MeshCoords me;
+    Group g_world, g_tp, g_cp, g_dp, g_pp, g_ep, g_etp, g_edp, g_dpcp;
+} Mesh;
+
+/* Sizes and this rank's coordinates from the config and world size, no MPI. Refuses impossible
+ * layouts (MT_ERR, message saying why). */
+int mesh_plan(Mesh *m, const Config *c, int world, int rank, char *err);
+/* Coordinates of any rank of a planned mesh. */
+MeshCoords mesh_coords(const Mesh *m, int rank);
+/* The world rank with these coordinates (dense coordinates: tp, cp, dp, pp). */
+int mesh_rank_of(const Mesh *m, int tp, int cp, int dp, int pp);
+/* mesh_plan, then build every group's communicator from MPI_COMM_WORLD (collective). */
+int mesh_build(Mesh *m, const Config *c, char *err);
+/* A mesh of one rank with MPI_COMM_SELF groups (tests, tools). */
+void mesh_single(Mesh *m);
+void mesh_free(Mesh *m);
+
+/* Refuse layouts whose compute is not implemented yet (tp, cp, pp > 1), with a message. */
+int mesh_check_supported(const Mesh *m, char *err);
+
+#endif
