@@ -27,7 +27,7 @@ ALLC    = $(CFLAGS) $(DEP_CFLAGS)
 
 LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src/params.c \
            src/model.c src/moe.c src/train.c src/metrics.c \
-           src/optim/adamw.c src/optim/schedule.c
+           src/optim/adamw.c src/optim/schedule.c src/optim/shard.c src/parallel/mesh.c src/parallel/comm.c src/parallel/dispatch.c
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 LIB     := $(BUILD)/libmoetrain.a
 
@@ -38,6 +38,7 @@ TEST_COMMON := $(BUILD)/tests/testutil.o
 NVCC := $(shell command -v nvcc 2>/dev/null || ls $(CUDA_HOME)/bin/nvcc 2>/dev/null)
 
 .PHONY: all test train bench clean deps docs
+.SECONDARY:
 all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN)
 
 # ---- dependencies ------------------------------------------------------------------------
@@ -53,23 +54,29 @@ deps: $(DEPS_STAMP)
 # ---- library, binaries -------------------------------------------------------------------
 $(BUILD)/%.o: %.c $(DEPS_STAMP) $(wildcard src/*.h src/*/*.h)
 	@mkdir -p $(dir $@)
-	$(MPICC) $(ALLC) -c $< -o $@
+	@echo "  CC  $<"
+	@$(MPICC) $(ALLC) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
-	ar rcs $@ $^
+	@echo "  AR  $@"
+	@rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/moetrain: $(BUILD)/src/main.o $(LIB)
-	$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
+	@echo "  LD  $@"
+	@$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
 
 $(BUILD)/mt-tokenize: $(BUILD)/src/tools/tokenize.o $(LIB)
-	$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
+	@echo "  LD  $@"
+	@$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(TEST_COMMON) $(LIB)
-	$(MPICC) $(ALLC) $^ $(CHECK_LIBS) $(DEP_LIBS) -o $@
+	@echo "  LD  $@"
+	@$(MPICC) $(ALLC) $^ $(CHECK_LIBS) $(DEP_LIBS) -o $@
 
 $(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(wildcard src/*.h src/*/*.h tests/*.h)
 	@mkdir -p $(dir $@)
-	$(MPICC) $(ALLC) $(CHECK_CFLAGS) -c $< -o $@
+	@echo "  CC  $<"
+	@$(MPICC) $(ALLC) $(CHECK_CFLAGS) -c $< -o $@
 
 # ---- commands ----------------------------------------------------------------------------
 test: all
@@ -78,15 +85,16 @@ test: all
 train: $(BUILD)/moetrain
 	mpirun --allow-run-as-root --oversubscribe -np $(NP) $(BUILD)/moetrain $(CONFIG)
 
-bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step
+bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch
 	bench/run.sh $(BUILD)
 
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
 
-$(BUILD)/bench/%.o: bench/%.c $(DEPS_STAMP) $(wildcard src/*.h)
+$(BUILD)/bench/%.o: bench/%.c $(DEPS_STAMP) $(wildcard src/*.h src/*/*.h)
 	@mkdir -p $(dir $@)
-	$(MPICC) $(ALLC) -c $< -o $@
+	@echo "  CC  $<"
+	@$(MPICC) $(ALLC) -c $< -o $@
 
 # docs/config.md is generated from the parser's key table.
 docs: $(BUILD)/moetrain

@@ -77,7 +77,9 @@ static void bench_config(const char *path, double peak) {
     }
     c.metrics_file[0] = 0;
     Trainer t;
-    if (trainer_init(&t, &c, kernels_cpu(), err) != MT_OK) {
+    Mesh mesh;
+    mesh_single(&mesh);
+    if (trainer_init(&t, &c, kernels_cpu(), &mesh, err) != MT_OK) {
         fprintf(stderr, "bench: %s\n", err);
         return;
     }

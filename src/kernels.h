@@ -138,6 +138,12 @@ typedef struct Kernels {
      * step is 1-based (bias correction). grad is read only. */
     void (*adamw)(float *p, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
                   float beta2, float eps, float wd, int step);
+
+    /* ---- memory, continued ----
+     * Zero [p, p + bytes) and give the physical memory of the whole pages inside it back to the
+     * system (they come back, zeroed, when touched). Used by full sharding to drop a gathered
+     * unit. */
+    void (*release)(void *p, size_t bytes);
 } Kernels;
 
 /* The CPU backend: BLAS for GEMMs, plain C loops elsewhere. */

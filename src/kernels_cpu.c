@@ -6,11 +6,11 @@
  *    buffers, except combine_bwd and cross_entropy, which overwrite.
  *  - GEMM work goes through CBLAS sgemm: one call per matmul, per group of a grouped linear, per
  *    query block of causal attention. Never a per-token GEMM loop.
- *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square,
- *    router stats, cross-entropy loss, softmax denominators).
- *  - Hot exp loops (attention and cross-entropy softmax, SiLU) use fexp(): branch-free,
+ *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
+ *    dw, router stats, cross-entropy loss, softmax denominators).
+ *  - Every exp (softmaxes of attention, router, cross-entropy; SiLU) is fexp(): branch-free,
  *    vectorisable, < 1 ulp against exp() on [-87.3, 88), exactly 0 below -87.3. It is only
- *    called with arguments < 88. The router (E-wide rows) uses double exp().
+ *    called with arguments <= 0 (max-shifted softmax rows, exp(-|a|) in the sigmoid).
  *  - Causal attention runs in blocks of ATT_BLK query rows; a block multiplies only against
  *    keys 0..(its last row), and masked probabilities are exactly 0. Backward recomputes the
  *    probabilities from lse. Scratch (2 x ATT_BLK x T floats) is allocated once per call.
@@ -23,10 +23,13 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "common.h"
 
+#ifndef ATT_BLK
 #define ATT_BLK 64 /* query rows per attention block */
+#endif
 
 /* ======================================================================= vector helpers == */
 
@@ -98,22 +101,31 @@ static double sum_d(const float *restrict x, size_t n) {
     return s;
 }
 
-/* max over n >= 1 elements */
+/* max over n >= 1 elements, as an integer max over order-preserving keys (vectorisable; a
+ * positive-signed NaN wins, a negative-signed one is ignored: the exps then carry it anyway) */
 static float max_f(const float *restrict x, size_t n) {
-    float acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = x[0];
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
-    float m = x[0];
-    for (; i < n; i++) m = x[i] > m ? x[i] : m;
-    for (int j = 0; j < 8; j++) m = acc[j] > m ? acc[j] : m;
-    return m;
+    int32_t m = INT32_MIN;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        int32_t b = (int32_t)(u ^ ((0u - (u >> 31)) >> 1)); /* negative: flip the magnitude */
+        m = b > m ? b : m;
+    }
+    uint32_t u = (uint32_t)m;
+    u ^= (0u - (u >> 31)) >> 1;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 /* x[i] = exp(x[i] - mx), in place */
 static void exp_shift(float *restrict x, size_t n, float mx) {
     for (size_t i = 0; i < n; i++) x[i] = fexp(x[i] - mx);
+}
+
+/* dst[i] = exp(src[i] - mx), dst and src distinct */
+static void exp_shift_to(float *restrict dst, const float *restrict src, size_t n, float mx) {
+    for (size_t i = 0; i < n; i++) dst[i] = fexp(src[i] - mx);
 }
 
 static void scale_f(float *restrict x, size_t n, float a) {
@@ -242,19 +254,24 @@ static void cpu_rmsnorm_fwd(float *out, float *rstd, const float *x, const float
     }
 }
 
+/* dx row += rs*w*g - x * rs^3/C * sum(g*w*x); dwacc += g*x*rs (double, summed over rows) */
+static void rmsnorm_bwd_row(float *restrict d, double *restrict dwacc, const float *restrict g,
+                            const float *restrict xr, const float *restrict w, float rs, int c) {
+    float coef = (float)(dot3_d(g, w, xr, (size_t)c) * rs * rs * rs / c);
+    for (int j = 0; j < c; j++) {
+        d[j] += rs * w[j] * g[j] - xr[j] * coef;
+        dwacc[j] += g[j] * xr[j] * rs;
+    }
+}
+
 static void cpu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x,
                             const float *w, const float *rstd, int n, int c) {
-    for (int r = 0; r < n; r++) {
-        const float *restrict xr = x + (size_t)r * c;
-        const float *restrict g = dout + (size_t)r * c;
-        float *restrict d = dx + (size_t)r * c;
-        float rs = rstd[r];
-        float coef = (float)(dot3_d(g, w, xr, (size_t)c) * rs * rs * rs / c);
-        for (int j = 0; j < c; j++) {
-            d[j] += rs * w[j] * g[j] - xr[j] * coef;
-            dw[j] += g[j] * xr[j] * rs;
-        }
-    }
+    double *dwacc = mt_calloc((size_t)c, sizeof(double));
+    for (int r = 0; r < n; r++)
+        rmsnorm_bwd_row(dx + (size_t)r * c, dwacc, dout + (size_t)r * c, x + (size_t)r * c, w,
+                        rstd[r], c);
+    for (int j = 0; j < c; j++) dw[j] += (float)dwacc[j];
+    free(dwacc);
 }
 
 /* ================================================================================ RoPE == */
@@ -470,38 +487,25 @@ static void cpu_swiglu_bwd(float *dab, const float *dh, const float *ab, int n, 
 
 /* ============================================================================== router == */
 
-/* log-sum-exp of one row, double */
-static double row_lse(const float *l, int e) {
+/* p = softmax(l) over e entries; returns the log-sum-exp (double sum). p may not alias l. */
+static double row_softmax(float *restrict p, const float *restrict l, int e) {
     float mx = max_f(l, (size_t)e);
-    double s = 0;
-    for (int j = 0; j < e; j++) s += exp((double)l[j] - mx);
+    exp_shift_to(p, l, (size_t)e, mx);
+    double s = sum_d(p, (size_t)e);
+    scale_f(p, (size_t)e, (float)(1.0 / s));
     return mx + log(s);
 }
 
-static void row_softmax(float *p, const float *l, int e) {
-    double lse = row_lse(l, e);
-    for (int j = 0; j < e; j++) p[j] = (float)exp((double)l[j] - lse);
-}
-
-/* Pick k indices: each pick is the best (prob desc, id asc) strictly after the previous pick in
- * that order. NaN probabilities fall back to the lowest unused id (the loss is NaN anyway). */
+/* Top-k by insertion into a sorted list of k: an entry moves ahead only of strictly smaller
+ * probabilities, so ties keep the lower expert id first. NaNs never displace a number. */
 static void topk_row(int32_t *idx, const float *p, int e, int k) {
-    float pv = INFINITY;
-    int pi = -1;
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int c = 0; c < e; c++) {
-            int after = p[c] < pv || (p[c] == pv && c > pi);
-            if (after && (best < 0 || p[c] > p[best])) best = c;
-        }
-        for (int c = 0; best < 0 && c < e; c++) {
-            int used = 0;
-            for (int i = 0; i < j; i++) used |= idx[i] == c;
-            if (!used) best = c;
-        }
-        idx[j] = best;
-        pv = p[best];
-        pi = best;
+    int cnt = 0;
+    for (int c = 0; c < e; c++) {
+        float pc = p[c];
+        if (cnt == k && !(pc > p[idx[k - 1]])) continue;
+        int pos = cnt < k ? cnt++ : k - 1;
+        for (; pos > 0 && pc > p[idx[pos - 1]]; pos--) idx[pos] = idx[pos - 1];
+        idx[pos] = c;
     }
 }
 
@@ -522,15 +526,17 @@ static void cpu_router_topk_fwd(float *probs, int32_t *idx, float *weights, cons
 static void cpu_router_stats(float *psum, double *zsum_host, const float *probs,
                              const float *logits, int n, int e) {
     double *acc = mt_calloc((size_t)e, sizeof(double));
+    float *tmp = mt_calloc((size_t)e, sizeof(float));
     double z = 0;
     for (int r = 0; r < n; r++) {
         const float *p = probs + (size_t)r * e;
         for (int j = 0; j < e; j++) acc[j] += p[j];
-        double l = row_lse(logits + (size_t)r * e, e);
+        double l = row_softmax(tmp, logits + (size_t)r * e, e);
         z += l * l;
     }
     for (int j = 0; j < e; j++) psum[j] = (float)acc[j];
     *zsum_host = z;
+    free(tmp);
     free(acc);
 }
 
@@ -553,6 +559,7 @@ static void cpu_router_bwd(float *dlogits, const float *dweights, const float *d
                            const float *probs, const float *logits, const int32_t *idx,
                            const float *weights, int n, int e, int k, int renorm) {
     double *g = mt_calloc((size_t)e, sizeof(double));
+    float *tmp = mt_calloc((size_t)e, sizeof(float));
     for (int r = 0; r < n; r++) {
         const float *p = probs + (size_t)r * e;
         float *dl = dlogits + (size_t)r * e;
@@ -562,9 +569,10 @@ static void cpu_router_bwd(float *dlogits, const float *dweights, const float *d
                       idx + (size_t)r * k, k, renorm);
         double dot = 0;
         for (int j = 0; j < e; j++) dot += p[j] * g[j];
-        double zt = zgrad != 0.0f ? 2.0 * zgrad * row_lse(logits + (size_t)r * e, e) : 0.0;
+        double zt = zgrad != 0.0f ? 2.0 * zgrad * row_softmax(tmp, logits + (size_t)r * e, e) : 0.0;
         for (int j = 0; j < e; j++) dl[j] += (float)(p[j] * (g[j] - dot + zt));
     }
+    free(tmp);
     free(g);
 }
 
@@ -611,8 +619,8 @@ static void cpu_combine_bwd(float *dyp, float *dweights, const float *dy, const 
 static double ce_row(float *d, const float *l, int tgt, int v, float scale) {
     float lt = l[tgt];
     float mx = max_f(l, (size_t)v);
-    if (d != l) memcpy(d, l, (size_t)v * sizeof(float));
-    exp_shift(d, (size_t)v, mx);
+    if (d == l) exp_shift(d, (size_t)v, mx);
+    else exp_shift_to(d, l, (size_t)v, mx);
     double sum = sum_d(d, (size_t)v);
     scale_f(d, (size_t)v, (float)(scale / sum));
     d[tgt] -= scale;
@@ -655,6 +663,19 @@ static void cpu_adamw(float *p, const float *grad, float *m, float *v, size_t n,
 
 /* =============================================================================== table == */
 
+/* Zero [p, p+bytes); pages wholly inside go back to the OS (zero-filled on the next touch). */
+static void cpu_release(void *p, size_t bytes) {
+    uintptr_t a = (uintptr_t)p, e = a + bytes, page = 4096;
+    uintptr_t pa = (a + page - 1) & ~(page - 1), pe = e & ~(page - 1);
+    if (pe <= pa) {
+        memset(p, 0, bytes);
+        return;
+    }
+    memset(p, 0, pa - a);
+    if (madvise((void *)pa, pe - pa, MADV_DONTNEED) != 0) memset((void *)pa, 0, pe - pa);
+    memset((void *)pe, 0, e - pe);
+}
+
 static const Kernels g_cpu = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -688,6 +709,7 @@ static const Kernels g_cpu = {
     .combine_bwd = cpu_combine_bwd,
     .cross_entropy = cpu_cross_entropy,
     .adamw = cpu_adamw,
+    .release = cpu_release,
 };
 
 const Kernels *kernels_cpu(void) { return &g_cpu; }

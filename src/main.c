@@ -13,6 +13,7 @@
 #include "common.h"
 #include "config.h"
 #include "metrics.h"
+#include "parallel/mesh.h"
 #include "train.h"
 
 static void usage(FILE *f) {
@@ -85,21 +86,21 @@ int main(int argc, char **argv) {
 
     char err[MT_ERRLEN] = "";
     Config cfg;
+    Mesh mesh;
+    int built = 0;
     rc = 0;
-    if (config_load(&cfg, args.config, args.sets, args.n_sets, err) != MT_OK) {
+    if (config_load(&cfg, args.config, args.sets, args.n_sets, err) != MT_OK ||
+        (built = mesh_build(&mesh, &cfg, err) == MT_OK ? 1 : 0) == 0 ||
+        mesh_check_supported(&mesh, err) != MT_OK) {
+        /* the same error on every rank: say it once */
+        if (rank == 0) fprintf(stderr, "moetrain: error: %s\n", err);
         rc = 2;
-    } else if (world != 1) {
-        mt_fail(err, "world size %d: this build trains on one rank; the distributed core "
-                     "(data and expert parallelism) is not in it yet", world);
-        rc = 2;
-    } else if (cfg.tp * cfg.cp * cfg.ep * cfg.pp != 1) {
-        mt_fail(err, "%s: [parallel] tp=%d cp=%d ep=%d pp=%d: parallel layouts need the "
-                     "distributed core; use 1 for each", args.config, cfg.tp, cfg.cp, cfg.ep, cfg.pp);
-        rc = 2;
-    } else if (train_run(&cfg, err) != MT_OK) {
+    } else if (train_run(&cfg, &mesh, err) != MT_OK) {
+        if (err[0] && world > 1) fprintf(stderr, "moetrain: error (rank %d): %s\n", rank, err);
+        else if (err[0]) fprintf(stderr, "moetrain: error: %s\n", err);
         rc = 2;
     }
-    if (rc && rank == 0) fprintf(stderr, "moetrain: error: %s\n", err);
+    if (built) mesh_free(&mesh);
     free(args.sets);
     MPI_Finalize();
     return rc;

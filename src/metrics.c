@@ -50,8 +50,10 @@ typedef struct Memory {
 } Memory;
 
 static Memory memory_of(const Trainer *t) {
-    size_t p = params_total(&t->model.pl) * sizeof(float);
-    return (Memory){p, p, adamw_state_bytes(&t->model.pl), model_activation_bytes(&t->model)};
+    Memory m;
+    sharder_memory(&t->shard, &m.params, &m.grads, &m.optimizer);
+    m.activations = model_activation_bytes(&t->model);
+    return m;
 }
 
 static void print_banner(const Trainer *t, const Memory *mem, const char *blas) {
@@ -68,6 +70,10 @@ static void print_banner(const Trainer *t, const Memory *mem, const char *blas) 
            (long long)trainer_global_batch(t), c->seq_len,
            (long long)(trainer_global_batch(t) * c->seq_len), c->micro_batch_size,
            c->grad_accum_steps, t->dp);
+    const Mesh *ms = t->mesh;
+    printf("  mesh    world %d = tp %d x cp %d x dp %d x pp %d; experts: etp %d x ep %d x edp %d; shard %s\n",
+           ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp,
+           c->shard == SHARD_NONE ? "none" : c->shard == SHARD_OPTIMIZER ? "optimizer" : "full");
     printf("  memory  per rank: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB\n",
            mem->params * mib, mem->grads * mib, mem->optimizer * mib, mem->activations * mib);
     printf("  blas    %s\n", blas);
@@ -88,12 +94,11 @@ void metrics_run_record(Metrics *mx, const Trainer *t) {
     cJSON_AddStringToObject(o, "blas", blas);
     cJSON_AddItemToObject(o, "config", config_to_json(c));
     cJSON *mesh = cJSON_AddObjectToObject(o, "mesh");
-    cJSON_AddNumberToObject(mesh, "world", t->dp * c->tp * c->cp * c->pp);
-    cJSON_AddNumberToObject(mesh, "tp", c->tp);
-    cJSON_AddNumberToObject(mesh, "cp", c->cp);
-    cJSON_AddNumberToObject(mesh, "dp", t->dp);
-    cJSON_AddNumberToObject(mesh, "pp", c->pp);
-    cJSON_AddNumberToObject(mesh, "ep", c->ep);
+    const Mesh *ms = t->mesh;
+    const char *keys[] = {"world", "tp", "cp", "dp", "pp", "etp", "ep", "edp"};
+    int vals[] = {ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp};
+    for (int i = 0; i < 8; i++) cJSON_AddNumberToObject(mesh, keys[i], vals[i]);
+    cJSON_AddStringToObject(mesh, "shard", c->shard == SHARD_NONE ? "none" : c->shard == SHARD_OPTIMIZER ? "optimizer" : "full");
     cJSON_AddNumberToObject(o, "params_total", (double)params_total(&t->model.pl));
     cJSON_AddNumberToObject(o, "params_active", (double)params_active(&t->model.pl));
     cJSON_AddNumberToObject(o, "tokens_per_step", (double)(trainer_global_batch(t) * c->seq_len));

@@ -29,7 +29,7 @@ static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int 
     a->ln2 = k->alloc(nc * F32);
     a->rstd2 = k->alloc((size_t)n * F32);
     if (lp->is_moe) {
-        moe_acts_alloc(&a->moe, k, d, n);
+        moe_acts_alloc(&a->moe, k, d, n, m->ep);
     } else {
         a->ab = k->alloc((size_t)n * 2 * d->F * F32);
         a->h = k->alloc((size_t)n * d->F * F32);
@@ -63,17 +63,20 @@ static void scratch_alloc(Model *m, int n) {
     moe_scratch_alloc(&m->ms, k, d, n);
 }
 
-void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs) {
+void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const ModelParallel *mp) {
     memset(m, 0, sizeof *m);
     m->k = k;
-    m->d = dims_from_config(c);
+    m->solo = group_self("solo");
+    m->ep = mp ? mp->ep : &m->solo;
+    m->tok_group = mp ? mp->tokens : &m->solo;
+    m->d = dims_from_config(c, m->ep->size, m->ep->rank);
     m->mc = (MoeConfig){.renorm = c->renormalize, .capacity_factor = c->capacity_factor,
                         .lbl_coeff = c->lbl_coeff, .z_coeff = c->z_coeff};
     m->eps = c->norm_eps;
     m->theta = c->rope_theta;
     m->lbl_scope = c->lbl_scope;
     m->max_seqs = max_seqs;
-    params_layout_init(&m->pl, &m->d, c->init_std);
+    params_layout_init(&m->pl, &m->d, c->init_std, mp ? mp->pad : NULL);
     for (int b = 0; b < PBUF_COUNT; b++) {
         m->param[b] = k->alloc(m->pl.size[b] * F32);
         m->grad[b] = k->alloc(m->pl.size[b] * F32);
@@ -118,12 +121,14 @@ void model_free(Model *m) {
 }
 
 void model_init_params(Model *m, uint64_t seed) {
-    float *host[PBUF_COUNT];
-    for (int b = 0; b < PBUF_COUNT; b++) host[b] = mt_calloc(m->pl.size[b], F32);
-    params_init_host(&m->pl, host, seed);
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        m->k->from_host(m->param[b], host[b], m->pl.size[b] * F32);
-        free(host[b]);
+    for (int u = 0; u < m->pl.n_units; u++) { /* one unit at a time: bounded host memory */
+        for (int b = 0; b < PBUF_COUNT; b++) {
+            const ParamUnit *pu = &m->pl.units[u];
+            float *host = mt_calloc(pu->len[b] ? pu->len[b] : 1, F32);
+            params_init_range(&m->pl, b, pu->off[b], pu->off[b] + pu->len[b], host, seed);
+            m->k->from_host(m->param[b] + pu->off[b], host, pu->len[b] * F32);
+            free(host);
+        }
     }
 }
 
@@ -150,6 +155,18 @@ size_t model_activation_bytes(const Model *m) {
     }
     per += n * ((d->L + 1) * d->C + d->C + 1 + d->V + 2);
     return per * F32;
+}
+
+/* ---- parameter hooks (sharded parameters) ---- */
+
+static void hook_gather(Model *m, int u) {
+    if (m->hooks.gather) m->hooks.gather(m->hooks.ctx, u);
+}
+static void hook_release(Model *m, int u) {
+    if (m->hooks.release) m->hooks.release(m->hooks.ctx, u);
+}
+static void hook_grads_ready(Model *m, int u) {
+    if (m->hooks.grads_ready) m->hooks.grads_ready(m->hooks.ctx, u);
 }
 
 /* ---- forward ---- */
@@ -188,8 +205,11 @@ static void attention_forward(Model *m, const LayerParams *lp, LayerActs *a, con
 static void lbl_fractions(Model *m, int l, MoeActs *a) {
     int E = m->d.E;
     if (m->lbl_scope == LBL_GLOBAL_BATCH) {
-        int64_t *acc = m->lbl_acc + (size_t)l * E;
-        for (int x = 0; x < E; x++) acc[x] += a->plan.count[x];
+        int64_t *acc = m->lbl_acc + (size_t)l * E, count[4096];
+        MT_CHECK(E <= 4096, "too many experts (%d)", E);
+        memcpy(count, a->plan.count, E * sizeof *count);
+        moe_sync_counts(m->tok_group, count, E);
+        for (int x = 0; x < E; x++) acc[x] += count[x];
         moe_lbl_fractions(a->f, acc, E);
     } /* micro_batch: moe_forward already set f from this micro-batch's counts */
 }
@@ -251,13 +271,16 @@ static MicroStats forward(Model *m, const int32_t *tokens, const int32_t *domain
     int n = b * d->T;
     MicroStats st = {0};
     load_tokens(m, tokens, b);
+    hook_gather(m, 0); /* the head unit stays gathered until the end of the backward */
     k->embedding_fwd(m->res[0], m->tokens, P(m, m->pl.embed), n, d->C);
     for (int l = 0; l < d->L; l++) {
         LayerActs *a = &m->la[l];
+        hook_gather(m, 1 + l);
         attention_forward(m, &m->pl.layers[l], a, m->res[l], b);
         k->rmsnorm_fwd(a->ln2, a->rstd2, a->res_mid, P(m, m->pl.layers[l].ln2), n, d->C, m->eps);
         k->copy(m->res[l + 1], a->res_mid, (size_t)n * d->C * F32);
         ffn_forward(m, l, a, m->res[l + 1], b, &st, domains, collect);
+        hook_release(m, 1 + l);
     }
     k->rmsnorm_fwd(m->lnf, m->rstdf, m->res[d->L], P(m, m->pl.final_norm), n, d->C, m->eps);
     k->matmul(m->logits, m->lnf, P(m, m->pl.lm_head), n, d->V, d->C, 0, 1, 1.0f, 0.0f);
@@ -318,10 +341,15 @@ static void backward(Model *m, int b, float aux_scale) {
     k->rmsnorm_bwd(m->dres, G(m, m->pl.final_norm), m->dln, m->res[d->L], P(m, m->pl.final_norm),
                    m->rstdf, n, C);
     for (int l = d->L - 1; l >= 0; l--) {
+        hook_gather(m, 1 + l);
         ffn_backward(m, l, &m->la[l], b, aux_scale);
         attention_backward(m, &m->pl.layers[l], &m->la[l], m->res[l], b);
+        hook_grads_ready(m, 1 + l);
+        hook_release(m, 1 + l);
     }
     k->embedding_bwd(G(m, m->pl.embed), m->dres, m->tokens, n, C);
+    hook_grads_ready(m, 0);
+    hook_release(m, 0);
 }
 
 MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *domains, int b,
@@ -332,5 +360,7 @@ MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *doma
 }
 
 MicroStats model_forward_only(Model *m, const int32_t *tokens, int b) {
-    return forward(m, tokens, NULL, b, 0.0f, 0);
+    MicroStats st = forward(m, tokens, NULL, b, 0.0f, 0);
+    hook_release(m, 0);
+    return st;
 }

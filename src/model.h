@@ -13,9 +13,10 @@
  *   LM gradient scaled by lm_scale = 1 / (tokens in the global step);
  *   aux-loss gradients scaled by aux_scale = 1 / (micro-batches in the global step).
  * The LBL scope only changes the load fractions f: micro_batch uses this micro-batch's counts;
- * global_batch uses the counts accumulated over the step so far (model->lbl_acc; all-reduced over
- * the ranks that hold other tokens, once the distributed core lands).
- * Does not communicate.
+ * global_batch uses the counts all-reduced over the ranks holding other tokens (mp->tokens) and
+ * accumulated over the step's micro-batches so far (model->lbl_acc).
+ * Communicates only through moe.c (dispatch/combine over ep, the LBL counts over tokens) and the
+ * parameter hooks.
  */
 #ifndef MT_MODEL_H
 #define MT_MODEL_H
@@ -26,6 +27,23 @@
 #include "kernels.h"
 #include "moe.h"
 #include "params.h"
+
+/* Called around the use of a parameter unit (params.h) when parameters are sharded (FSDP); all
+ * NULL otherwise. gather: the unit's parameters must be valid before it is read; release: its
+ * forward is done; grads_ready: its gradients for this micro-batch are complete (backward). */
+typedef struct ParamHooks {
+    void *ctx;
+    void (*gather)(void *ctx, int unit);
+    void (*release)(void *ctx, int unit);
+    void (*grads_ready)(void *ctx, int unit);
+} ParamHooks;
+
+/* How this rank's model sits in the mesh. NULL = a single process. */
+typedef struct ModelParallel {
+    const Group *ep;        /* expert-parallel group: dispatch / combine */
+    const Group *tokens;    /* ranks holding other tokens of the step: global-batch LBL counts */
+    size_t pad[PBUF_COUNT]; /* unit padding of the flat buffers (for sharding) */
+} ModelParallel;
 
 /* Saved activations of one layer (backend memory). */
 typedef struct LayerActs {
@@ -52,6 +70,10 @@ typedef struct Model {
     float *dres, *dln, *dq, *dk, *dv, *datt, *dh, *dab;
     MoeScratch ms;
 
+    Group solo;            /* size-1 group used when there is no mesh */
+    const Group *ep, *tok_group;
+    ParamHooks hooks;
+
     int64_t *load;     /* (L,E) host: tokens routed per expert, accumulated since model_reset_stats */
     int64_t *lbl_acc;  /* (L,E) host: counts for the global_batch LBL scope in the current step */
     int64_t *domain_load; /* (L,DATA_N_DOMAINS,E) host */
@@ -65,7 +87,7 @@ typedef struct MicroStats {
     int64_t dropped, assignments;
 } MicroStats;
 
-void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs);
+void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const ModelParallel *mp);
 void model_free(Model *m);
 /* Initialise parameters from the counter-based RNG. */
 void model_init_params(Model *m, uint64_t seed);

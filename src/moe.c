@@ -7,7 +7,9 @@
 
 #include "common.h"
 
-void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n) {
+static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m);
+
+void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n, const Group *ep) {
     size_t nk = (size_t)n * d->K, f = sizeof(float);
     memset(a, 0, sizeof *a);
     a->logits = k->alloc((size_t)n * d->E * f);
@@ -15,8 +17,6 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n) {
     a->weights = k->alloc(nk * f);
     a->idx = k->alloc(nk * sizeof(int32_t));
     a->xp = k->alloc(nk * d->C * f);
-    a->abp = k->alloc(nk * 2 * d->Fe * f);
-    a->hp = k->alloc(nk * d->Fe * f);
     a->yp = k->alloc(nk * d->C * f);
     if (d->Fs) {
         a->sh_ab = k->alloc((size_t)n * 2 * d->Fs * f);
@@ -29,13 +29,48 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n) {
     a->idx_host = mt_calloc(nk, sizeof(int32_t));
     a->probs_host = mt_calloc((size_t)n * d->E, sizeof(float));
     a->f = mt_calloc(d->E, sizeof(float));
+    dispatcher_init(&a->disp, ep, k, d->E, d->C);
+    acts_reserve(a, k, d, ep->size == 1 ? nk : 0);
+}
+
+/* Make *p hold at least rows x width floats (contents not kept). */
+static void grow(const Kernels *k, float **p, size_t rows, size_t width) {
+    if (*p) k->free(*p);
+    *p = k->alloc((rows ? rows : 1) * width * sizeof(float));
+}
+
+/* Expert-side buffers for m rows (xe and ye only at ep > 1; at ep = 1 they alias xp and yp). */
+static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m) {
+    if (m <= a->cap_e) return;
+    size_t rows = m + m / 4; /* headroom: routing shifts from step to step */
+    if (a->disp.ep->size > 1) {
+        grow(k, &a->xe, rows, d->C);
+        grow(k, &a->ye, rows, d->C);
+    }
+    grow(k, &a->abe, rows, 2 * (size_t)d->Fe);
+    grow(k, &a->he, rows, d->Fe);
+    a->cap_e = rows;
+}
+
+static void scratch_reserve(MoeScratch *s, const Kernels *k, const ModelDims *d, size_t m) {
+    if (m <= s->cap_e) return;
+    size_t rows = m + m / 4;
+    grow(k, &s->dye, rows, d->C);
+    grow(k, &s->dhe, rows, d->Fe);
+    grow(k, &s->dabe, rows, 2 * (size_t)d->Fe);
+    grow(k, &s->dxe, rows, d->C);
+    s->cap_e = rows;
 }
 
 void moe_acts_free(MoeActs *a, const Kernels *k) {
-    float *dev[] = {a->logits, a->probs, a->weights, a->xp, a->abp, a->hp, a->yp, a->sh_ab, a->sh_h, a->psum};
+    float *dev[] = {a->logits, a->probs, a->weights, a->xp, a->yp, a->sh_ab, a->sh_h, a->psum};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i]) k->free(dev[i]);
+    float *e[] = {a->abe, a->he, a->disp.ep->size > 1 ? a->xe : NULL, a->disp.ep->size > 1 ? a->ye : NULL};
+    for (size_t i = 0; i < 4; i++)
+        if (e[i]) k->free(e[i]);
     k->free(a->idx);
+    dispatcher_free(&a->disp);
     free(a->plan.slots);
     free(a->plan.offs);
     free(a->plan.count);
@@ -49,8 +84,6 @@ void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, int 
     size_t nk = (size_t)n * d->K, f = sizeof(float);
     memset(s, 0, sizeof *s);
     s->dyp = k->alloc(nk * d->C * f);
-    s->dhp = k->alloc(nk * d->Fe * f);
-    s->dabp = k->alloc(nk * 2 * d->Fe * f);
     s->dxp = k->alloc(nk * d->C * f);
     s->dweights = k->alloc(nk * f);
     s->dlogits = k->alloc((size_t)n * d->E * f);
@@ -62,7 +95,8 @@ void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, int 
 }
 
 void moe_scratch_free(MoeScratch *s, const Kernels *k) {
-    float *p[] = {s->dyp, s->dhp, s->dabp, s->dxp, s->dweights, s->dlogits, s->sh_dh, s->sh_dab, s->dprob};
+    float *p[] = {s->dyp, s->dxp, s->dye, s->dhe, s->dabe, s->dxe, s->dweights, s->dlogits,
+                  s->sh_dh, s->sh_dab, s->dprob};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) k->free(p[i]);
     memset(s, 0, sizeof *s);
@@ -156,18 +190,40 @@ static void route(const Kernels *k, const ModelDims *d, const MoeConfig *mc, con
                    moe_capacity(mc->capacity_factor, n, d->K, d->E));
 }
 
+/* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */
+static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
+    if (a->disp.ep->size == 1) {
+        a->xe = a->xp;
+        a->ye = a->yp;
+        a->eoffs = a->plan.offs;
+        acts_reserve(a, k, d, a->plan.m);
+        return;
+    }
+    dispatch_plan(&a->disp, a->plan.offs);
+    acts_reserve(a, k, d, a->disp.m_recv);
+    dispatch_rows(&a->disp, a->xp, a->xe);
+    a->eoffs = a->disp.recv_offs;
+}
+
+static int expert_rows(const MoeActs *a) { return a->disp.ep->size == 1 ? a->plan.m : a->disp.m_recv; }
+
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n) {
     route(k, d, mc, w, a, x, n);
     const RoutePlan *p = &a->plan;
     k->gather_rows(a->xp, x, p->slots, p->m, d->C, d->K);
-    k->grouped_linear_fwd(a->abp, a->xp, w->ex_w13, p->offs, d->E, 2 * d->Fe, d->C);
-    k->swiglu_fwd(a->hp, a->abp, p->m, d->Fe);
-    k->grouped_linear_fwd(a->yp, a->hp, w->ex_w2, p->offs, d->E, d->C, d->Fe);
+    dispatch(k, d, a);
+    int me = expert_rows(a);
+    k->grouped_linear_fwd(a->abe, a->xe, w->ex_w13, a->eoffs, d->El, 2 * d->Fe, d->C);
+    k->swiglu_fwd(a->he, a->abe, me, d->Fe);
+    k->grouped_linear_fwd(a->ye, a->he, w->ex_w2, a->eoffs, d->El, d->C, d->Fe);
+    if (a->disp.ep->size > 1) combine_rows(&a->disp, a->ye, a->yp);
     k->combine(y, a->yp, a->weights, p->slots, p->m, d->C, d->K);
     if (d->Fs) swiglu_ffn_forward(k, w->sh_w13, w->sh_w2, a->sh_ab, a->sh_h, x, y, n, d->C, d->Fs);
     moe_lbl_fractions(a->f, p->count, d->E);
 }
+
+void moe_sync_counts(const Group *g, int64_t *count, int e) { comm_allreduce_sum(g, count, e, DT_I64); }
 
 void moe_lbl_fractions(float *f, const int64_t *count, int e) {
     int64_t total = 0;
@@ -200,24 +256,38 @@ static void router_backward(const Kernels *k, const ModelDims *d, const MoeConfi
     k->matmul(w->d_router, s->dlogits, x, d->E, d->C, n, 1, 0, 1.0f, 1.0f);     /* dWg += dl^T x */
 }
 
+/* Expert side of the backward: dye -> weight grads and dxe. */
+static void experts_backward(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a,
+                             MoeScratch *s, const float *dye, float *dxe) {
+    int me = expert_rows(a), C = d->C, Fe = d->Fe, El = d->El;
+    k->zero(s->dhe, (size_t)me * Fe * sizeof(float));
+    k->grouped_linear_bwd_input(s->dhe, dye, w->ex_w2, a->eoffs, El, C, Fe);
+    k->grouped_linear_bwd_weight(w->d_ex_w2, dye, a->he, a->eoffs, El, C, Fe);
+    k->zero(s->dabe, (size_t)me * 2 * Fe * sizeof(float));
+    k->swiglu_bwd(s->dabe, s->dhe, a->abe, me, Fe);
+    k->zero(dxe, (size_t)me * C * sizeof(float));
+    k->grouped_linear_bwd_input(dxe, s->dabe, w->ex_w13, a->eoffs, El, 2 * Fe, C);
+    k->grouped_linear_bwd_weight(w->d_ex_w13, s->dabe, a->xe, a->eoffs, El, 2 * Fe, C);
+}
+
 void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                   MoeActs *a, MoeScratch *s, const float *x, const float *dy, float *dx, int n,
                   float aux_scale) {
     const RoutePlan *p = &a->plan;
-    int m = p->m, C = d->C, Fe = d->Fe, E = d->E;
+    int m = p->m, C = d->C;
     if (d->Fs)
         swiglu_ffn_backward(k, w->sh_w13, w->sh_w2, w->d_sh_w13, w->d_sh_w2, a->sh_ab, a->sh_h, x,
                             dy, dx, s->sh_dh, s->sh_dab, n, C, d->Fs);
     k->zero(s->dweights, (size_t)n * d->K * sizeof(float));
     k->combine_bwd(s->dyp, s->dweights, dy, a->yp, a->weights, p->slots, m, C, d->K);
-    k->zero(s->dhp, (size_t)m * Fe * sizeof(float));
-    k->grouped_linear_bwd_input(s->dhp, s->dyp, w->ex_w2, p->offs, E, C, Fe);
-    k->grouped_linear_bwd_weight(w->d_ex_w2, s->dyp, a->hp, p->offs, E, C, Fe);
-    k->zero(s->dabp, (size_t)m * 2 * Fe * sizeof(float));
-    k->swiglu_bwd(s->dabp, s->dhp, a->abp, m, Fe);
-    k->zero(s->dxp, (size_t)m * C * sizeof(float));
-    k->grouped_linear_bwd_input(s->dxp, s->dabp, w->ex_w13, p->offs, E, 2 * Fe, C);
-    k->grouped_linear_bwd_weight(w->d_ex_w13, s->dabp, a->xp, p->offs, E, 2 * Fe, C);
+    scratch_reserve(s, k, d, (size_t)expert_rows(a));
+    if (a->disp.ep->size == 1) {
+        experts_backward(k, d, w, a, s, s->dyp, s->dxp);
+    } else {
+        dispatch_rows(&a->disp, s->dyp, s->dye); /* the transpose of combine_rows */
+        experts_backward(k, d, w, a, s, s->dye, s->dxe);
+        combine_rows(&a->disp, s->dxe, s->dxp);   /* the transpose of dispatch_rows */
+    }
     k->scatter_add_rows(dx, s->dxp, p->slots, m, C, d->K);
     router_backward(k, d, mc, w, a, s, x, dx, n, aux_scale);
 }

@@ -4,13 +4,17 @@
  * Forward, for N tokens x (N, C) (the post-attention RMSNorm output):
  *   logits = x Wg^T (N,E) fp32 -> softmax -> top-k (idx, weights (N,K), optional renorm)
  *   plan   = assignments sorted by expert (then token), capacity applied (dropped: lowest prob first)
- *   xp     = gather(x) (M,C) -> ab = grouped(xp, w13) (M,2Fe) -> h = silu(a)*b (M,Fe)
- *   yp     = grouped(h, w2) (M,C) -> y += combine(yp, weights)          (+ shared SwiGLU(x))
+ *   xp     = gather(x) (M,C)                                  permute: no communication
+ *   xe     = dispatch(xp) (Me,C), grouped by this rank's experts      [dispatch.h: all-to-all]
+ *   ab = grouped(xe, w13) (Me,2Fe) -> h = silu(a)*b (Me,Fe) -> ye = grouped(h, w2) (Me,C)
+ *   yp     = combine_rows(ye) (M,C)                                   [dispatch.h: all-to-all]
+ *   y     += combine(yp, weights)  (+ shared SwiGLU(x))      unpermute: no communication
+ * With ep = 1 there is no dispatch: xe is xp and ye is yp.
  * Aux losses (per micro-batch, unscaled): LBL = E * sum_e f_e P_e with P_e = mean_n probs[n,e] and
  * f_e = fraction of routed assignments to e (treated as a constant); z = mean_n lse_n^2.
- * Where f comes from is the only thing the LBL scope changes (moe_lbl_fractions).
- * Backward accumulates into dx and into the weight gradients.
- * This module does not communicate (expert parallelism puts dispatch/combine around it later).
+ * Where f comes from is the only thing the LBL scope changes (model.c decides; moe_sync_counts
+ * all-reduces the counts for the global_batch scope: the one other communicating call here).
+ * Backward accumulates into dx and into the weight gradients (experts: only this rank's El).
  */
 #ifndef MT_MOE_H
 #define MT_MOE_H
@@ -18,6 +22,8 @@
 #include <stdint.h>
 
 #include "kernels.h"
+#include "parallel/comm.h"
+#include "parallel/dispatch.h"
 #include "params.h"
 
 /* Which kept assignments go to which expert. Host memory. */
@@ -29,15 +35,21 @@ typedef struct RoutePlan {
     int dropped;    /* assignments dropped by capacity */
 } RoutePlan;
 
-/* Saved activations of one MoE layer for one micro-batch (backend memory unless noted). */
+/* Saved activations of one MoE layer for one micro-batch (backend memory unless noted).
+ * Source side (this rank's tokens): M = plan.m rows. Expert side (rows dispatched to this rank's
+ * experts): Me = disp.m_recv rows, capacity cap_e rows (grows to the largest seen). */
 typedef struct MoeActs {
     float *logits, *probs, *weights; /* (N,E) (N,E) (N,K) */
     int32_t *idx;                    /* (N,K) */
-    float *xp, *abp, *hp, *yp;       /* (N*K,C) (N*K,2Fe) (N*K,Fe) (N*K,C) */
+    float *xp, *yp;                  /* (N*K,C) source side */
+    float *xe, *abe, *he, *ye;       /* (cap_e,C) (cap_e,2Fe) (cap_e,Fe) (cap_e,C); xe/ye alias xp/yp at ep=1 */
+    size_t cap_e;
     float *sh_ab, *sh_h;             /* (N,2Fs) (N,Fs) when shared experts */
     RoutePlan plan;                  /* host */
+    Dispatcher disp;                 /* this layer's exchange (counts kept for the backward) */
+    const int *eoffs;                /* (El+1) host: expert-side offsets (disp.recv_offs or plan.offs) */
     int32_t *idx_host;               /* (N,K) host copy for the plan */
-    float *probs_host;               /* (N,E) host copy, for capacity ordering and stats */
+    float *probs_host;               /* (N,E) host copy, for capacity ordering */
     float *psum;                     /* (E) backend: sum_n probs[n,e] */
     double zsum;                     /* sum_n lse_n^2 */
     float *f;                        /* (E) host: load fractions used by the LBL */
@@ -45,10 +57,12 @@ typedef struct MoeActs {
 
 /* Scratch shared by all layers' backward (backend). */
 typedef struct MoeScratch {
-    float *dyp, *dhp, *dabp, *dxp; /* (N*K,C) (N*K,Fe) (N*K,2Fe) (N*K,C) */
-    float *dweights, *dlogits;     /* (N,K) (N,E) */
-    float *sh_dh, *sh_dab;         /* (N,Fs) (N,2Fs) */
-    float *dprob;                  /* (E) */
+    float *dyp, *dxp;                /* (N*K,C) source side */
+    float *dye, *dhe, *dabe, *dxe;   /* (cap_e, C / Fe / 2Fe / C) expert side */
+    size_t cap_e;
+    float *dweights, *dlogits;       /* (N,K) (N,E) */
+    float *sh_dh, *sh_dab;           /* (N,Fs) (N,2Fs) */
+    float *dprob;                    /* (E) */
 } MoeScratch;
 
 typedef struct MoeConfig {
@@ -63,7 +77,8 @@ typedef struct MoeWeights {
     float *d_router, *d_ex_w13, *d_ex_w2, *d_sh_w13, *d_sh_w2;
 } MoeWeights;
 
-void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n);
+/* ep: the expert-parallel group (size 1: no dispatch). */
+void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n, const Group *ep);
 void moe_acts_free(MoeActs *a, const Kernels *k);
 void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, int n);
 void moe_scratch_free(MoeScratch *s, const Kernels *k);
@@ -75,16 +90,18 @@ int moe_capacity(float cf, int n, int k, int e);
 void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
                     int capacity);
 
-/* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). */
+/* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). Collective over ep. */
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n);
-/* LBL fractions f (E) from this micro-batch's counts: f_e = count_e / sum(count). */
+/* LBL fractions f (E) from counts: f_e = count_e / sum(count). */
 void moe_lbl_fractions(float *f, const int64_t *count, int e);
+/* Sum per-expert counts (E) over the ranks that hold other tokens of the step (collective). */
+void moe_sync_counts(const Group *g, int64_t *count, int e);
 /* Aux loss values of a forward (unscaled): *lbl = E sum f_e psum_e / n, *z = zsum / n. */
 void moe_aux_losses(const Kernels *k, const ModelDims *d, const MoeActs *a, int n, double *lbl,
                     double *z);
 /* dx (N,C) += d MoE / dx for upstream dy (N,C); weight grads accumulate. aux_scale multiplies the
- * aux-loss gradients (1 / number of micro-batches in the global step). */
+ * aux-loss gradients (1 / number of micro-batches in the global step). Collective over ep. */
 void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                   MoeActs *a, MoeScratch *s, const float *x, const float *dy, float *dx, int n,
                   float aux_scale);

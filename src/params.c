@@ -8,7 +8,7 @@
 
 #include "common.h"
 
-ModelDims dims_from_config(const Config *c) {
+ModelDims dims_from_config(const Config *c, int ep, int ep_rank) {
     ModelDims d = {
         .V = c->vocab_size, .C = c->d_model, .L = c->n_layers, .H = c->n_heads,
         .Hkv = c->n_kv_heads, .D = c->head_dim, .T = c->seq_len, .F = c->ffn_hidden,
@@ -16,6 +16,8 @@ ModelDims dims_from_config(const Config *c) {
         .Fs = c->shared_experts * c->shared_hidden, .dense_layers = c->dense_layers,
         .tie = c->tie_embeddings,
     };
+    d.El = d.E / ep;
+    d.e0 = ep_rank * d.El;
     return d;
 }
 
@@ -78,14 +80,14 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     char pre[160];
     snprintf(pre, sizeof pre, "model.layers.%d.block_sparse_moe", l);
     lp->router = add(b, PBUF_DENSE, d->E, d->C, INIT_NORMAL, b->std, "%s.gate.weight", pre);
-    for (int j = 0; j < d->E; j++) {
+    for (int j = d->e0; j < d->e0 + d->El; j++) { /* this rank's experts, global names */
         size_t o = add(b, PBUF_EXPERT, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w1.weight", pre, j);
         add(b, PBUF_EXPERT, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w3.weight", pre, j);
-        if (j == 0) lp->ex_w13 = o;
+        if (j == d->e0) lp->ex_w13 = o;
     }
-    for (int j = 0; j < d->E; j++) {
+    for (int j = d->e0; j < d->e0 + d->El; j++) {
         size_t o = add(b, PBUF_EXPERT, d->C, d->Fe, INIT_NORMAL, b->out_std, "%s.experts.%d.w2.weight", pre, j);
-        if (j == 0) lp->ex_w2 = o;
+        if (j == d->e0) lp->ex_w2 = o;
     }
     if (d->Fs > 0) {
         char sh[200];
@@ -94,13 +96,34 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     }
 }
 
-void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std) {
+/* Close unit u: pad each buffer to its multiple and record the range. */
+static void end_unit(ParamLayout *pl, int u, const size_t start[PBUF_COUNT]) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        size_t len = pl->size[b] - start[b], p = pl->pad[b];
+        len = mt_ceil_div(len, p) * p;
+        pl->size[b] = start[b] + len;
+        pl->units[u].off[b] = start[b];
+        pl->units[u].len[b] = len;
+    }
+}
+
+void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, const size_t *pad) {
     memset(pl, 0, sizeof *pl);
     pl->dims = *d;
+    for (int b = 0; b < PBUF_COUNT; b++) pl->pad[b] = pad && pad[b] ? pad[b] : 1;
     pl->layers = mt_calloc(d->L, sizeof *pl->layers);
+    pl->n_units = d->L + 1;
+    pl->units = mt_calloc(pl->n_units, sizeof *pl->units);
     Builder b = {.pl = pl, .std = init_std, .out_std = init_std / sqrtf(2.0f * d->L)};
+    size_t start[PBUF_COUNT] = {0, 0};
+    /* unit 0: the head */
     pl->embed = add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "model.embed_tokens.weight");
+    pl->final_norm = add(&b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "model.norm.weight");
+    pl->lm_head = d->tie ? pl->embed
+                         : add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
+    end_unit(pl, 0, start);
     for (int l = 0; l < d->L; l++) {
+        for (int x = 0; x < PBUF_COUNT; x++) start[x] = pl->size[x];
         LayerParams *lp = &pl->layers[l];
         add_attention(&b, lp, d, l);
         lp->is_moe = l >= d->dense_layers;
@@ -111,15 +134,14 @@ void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std) {
             snprintf(pre, sizeof pre, "model.layers.%d.mlp", l);
             add_swiglu(&b, &lp->mlp_w13, &lp->mlp_w2, d->C, d->F, pre);
         }
+        end_unit(pl, 1 + l, start);
     }
-    pl->final_norm = add(&b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "model.norm.weight");
-    pl->lm_head = d->tie ? pl->embed
-                         : add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
 }
 
 void params_layout_free(ParamLayout *pl) {
     free(pl->info);
     free(pl->layers);
+    free(pl->units);
     memset(pl, 0, sizeof *pl);
 }
 
@@ -150,15 +172,31 @@ float params_init_value(const ParamInfo *t, uint64_t seed, size_t i) {
     return (float)(t->std * z);
 }
 
-void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint64_t seed) {
+void params_init_range(const ParamLayout *pl, ParamBuf buf, size_t lo, size_t hi, float *dst,
+                       uint64_t seed) {
+    memset(dst, 0, (hi - lo) * sizeof *dst);
     for (int n = 0; n < pl->n; n++) {
         const ParamInfo *t = &pl->info[n];
-        float *p = host[t->buf] + t->offset;
-        for (size_t i = 0; i < t->numel; i++) p[i] = params_init_value(t, seed, i);
+        if (t->buf != buf || t->offset >= hi || t->offset + t->numel <= lo) continue;
+        size_t a = t->offset > lo ? t->offset : lo;
+        size_t z = t->offset + t->numel < hi ? t->offset + t->numel : hi;
+        for (size_t i = a; i < z; i++) dst[i - lo] = params_init_value(t, seed, i - t->offset);
     }
 }
 
-size_t params_total(const ParamLayout *pl) { return pl->size[PBUF_DENSE] + pl->size[PBUF_EXPERT]; }
+void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint64_t seed) {
+    for (int b = 0; b < PBUF_COUNT; b++) params_init_range(pl, b, 0, pl->size[b], host[b], seed);
+}
+
+size_t params_total(const ParamLayout *pl) {
+    const ModelDims *d = &pl->dims;
+    size_t total = 0, per_expert = (size_t)3 * d->Fe * d->C;
+    for (int n = 0; n < pl->n; n++)
+        if (pl->info[n].buf == PBUF_DENSE) total += pl->info[n].numel;
+    for (int l = 0; l < d->L; l++)
+        if (pl->layers[l].is_moe) total += (size_t)d->E * per_expert;
+    return total;
+}
 
 size_t params_active(const ParamLayout *pl) {
     const ModelDims *d = &pl->dims;

@@ -48,29 +48,46 @@ typedef struct LayerParams {
 typedef struct ModelDims {
     int V, C, L, H, Hkv, D, T, F; /* F: dense FFN width */
     int E, K, Fe, Fs;             /* Fs: total shared width = shared_experts * shared_hidden */
+    int El, e0;                   /* experts held by this rank: [e0, e0 + El) (El = E / ep) */
     int dense_layers, tie;
 } ModelDims;
+
+/* A unit is the set of parameters gathered together under full sharding: unit 0 is the head
+ * (embedding, final norm, lm_head), unit 1 + l is decoder layer l. Each unit is a contiguous,
+ * padded range of each buffer: off[b] .. off[b] + len[b] (len a multiple of the buffer's pad). */
+typedef struct ParamUnit {
+    size_t off[PBUF_COUNT], len[PBUF_COUNT];
+} ParamUnit;
 
 typedef struct ParamLayout {
     ModelDims dims;
     int n;            /* number of tensors */
     ParamInfo *info;  /* (n) */
     size_t size[PBUF_COUNT];
+    size_t pad[PBUF_COUNT];
+    int n_units;      /* L + 1 */
+    ParamUnit *units; /* (n_units) */
     LayerParams *layers; /* (L) */
     size_t embed, final_norm, lm_head; /* dense; lm_head == embed when tied */
 } ParamLayout;
 
-ModelDims dims_from_config(const Config *c);
-/* Build the registry for dims. */
-void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std);
+/* Dimensions for a rank holding expert-parallel slice ep_rank of ep (ep = 1: all experts). */
+ModelDims dims_from_config(const Config *c, int ep, int ep_rank);
+/* Build the registry for dims. Each unit's range in buffer b is padded to a multiple of pad[b]
+ * elements (pad NULL = no padding), so shards of a unit are equal and page-aligned if asked. */
+void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, const size_t *pad);
 void params_layout_free(ParamLayout *pl);
 
 /* Fill host buffers host[PBUF_COUNT] (sizes pl->size) with the initial values for seed. */
 void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint64_t seed);
+/* Fill dst (hi - lo) with the initial values of elements [lo, hi) of buffer buf (padding = 0). */
+void params_init_range(const ParamLayout *pl, ParamBuf buf, size_t lo, size_t hi, float *dst,
+                       uint64_t seed);
 /* The initial value of element i of tensor t (the counter-based RNG, exposed for tests). */
 float params_init_value(const ParamInfo *t, uint64_t seed, size_t i);
 
-/* Parameter counts: total, and active per token (embedding + dense + shared + K of E experts). */
+/* Parameter counts of the whole model (all experts, whichever rank holds them): total, and active
+ * per token (embedding + dense + shared + K of E experts). */
 size_t params_total(const ParamLayout *pl);
 size_t params_active(const ParamLayout *pl);
 

@@ -13,24 +13,27 @@ int64_t trainer_global_batch(const Trainer *t) {
     return (int64_t)t->cfg.micro_batch_size * t->cfg.grad_accum_steps * t->dp;
 }
 
-int trainer_init(Trainer *t, const Config *c, const Kernels *k, char *err) {
+int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh, char *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *c;
     t->k = k;
-    t->dp = 1;
-    t->dp_rank = 0;
+    t->mesh = mesh;
+    t->dp = mesh->g_dpcp.size;
+    t->dp_rank = mesh->g_dpcp.rank;
     t->data = data_open(c->source == DATA_FILE ? c->path : NULL, c->vocab_size, c->seq_len, c->seed, err);
     if (!t->data) return MT_ERR;
-    model_init(&t->model, c, k, c->micro_batch_size);
-    model_init_params(&t->model, c->seed);
-    adamw_init(&t->opt, k, &t->model.pl, c);
+    ModelParallel mp = {.ep = &mesh->g_ep, .tokens = &mesh->g_dpcp};
+    sharder_padding(c->shard, mesh, mp.pad);
+    model_init(&t->model, c, k, c->micro_batch_size, &mp);
+    if (c->shard != SHARD_FULL) model_init_params(&t->model, c->seed);
+    sharder_init(&t->shard, &t->model, mesh, c);
     t->tok_buf = mt_calloc((size_t)c->micro_batch_size * (c->seq_len + 1), sizeof(int32_t));
     t->dom_buf = mt_calloc(c->micro_batch_size, sizeof(int32_t));
     return MT_OK;
 }
 
 void trainer_free(Trainer *t) {
-    adamw_free(&t->opt);
+    sharder_free(&t->shard);
     model_free(&t->model);
     data_close(t->data);
     free(t->tok_buf);
@@ -58,23 +61,31 @@ static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale)
     return sum;
 }
 
+/* Sum this rank's loss terms over the token-holding ranks. */
+static MicroStats sync_micro_stats(const Trainer *t, MicroStats s) {
+    double v[6] = {s.lm_sum, (double)s.tokens, s.lbl, s.z, (double)s.dropped, (double)s.assignments};
+    comm_allreduce_sum(&t->mesh->g_dpcp, v, 6, DT_F64);
+    return (MicroStats){v[0], (int64_t)v[1], v[2], v[3], (int64_t)v[4], (int64_t)v[5]};
+}
+
 StepResult trainer_step(Trainer *t) {
     const Config *c = &t->cfg;
-    Model *m = &t->model;
     double t0 = mt_now();
     int64_t global_tokens = trainer_global_batch(t) * c->seq_len;
     int micro_total = c->grad_accum_steps * t->dp;
     float lm_scale = 1.0f / (float)global_tokens, aux_scale = 1.0f / (float)micro_total;
 
-    model_zero_grads(m);
-    model_reset_lbl(m);
-    MicroStats s = run_micro_batches(t, lm_scale, aux_scale);
+    sharder_zero_grads(&t->shard);
+    model_reset_lbl(&t->model);
+    MicroStats s = sync_micro_stats(t, run_micro_batches(t, lm_scale, aux_scale));
+    sharder_reduce_grads(&t->shard);
 
     StepResult r = {0};
-    r.grad_norm = grad_global_norm(t->k, &m->pl, m->grad);
-    grad_clip(t->k, &m->pl, m->grad, r.grad_norm, c->grad_clip);
+    r.grad_norm = sharder_grad_norm(&t->shard);
+    if (c->grad_clip > 0 && r.grad_norm > c->grad_clip)
+        sharder_scale_grads(&t->shard, (float)(c->grad_clip / (r.grad_norm + 1e-6)));
     r.lr = lr_at(c, t->step);
-    adamw_update(&t->opt, &m->pl, m->param, m->grad, r.lr);
+    sharder_update(&t->shard, r.lr);
 
     t->step++;
     t->tokens_seen += global_tokens;
@@ -89,12 +100,33 @@ StepResult trainer_step(Trainer *t) {
     return r;
 }
 
-int train_run(const Config *c, char *err) {
+void trainer_materialize_params(Trainer *t) {
+    if (t->cfg.shard != SHARD_FULL) return;
+    for (int u = 0; u < t->model.pl.n_units; u++) t->model.hooks.gather(t->model.hooks.ctx, u);
+}
+
+void trainer_sync_stats(Trainer *t) {
+    Model *m = &t->model;
+    comm_allreduce_sum(&t->mesh->g_dpcp, m->load, (size_t)m->d.L * m->d.E, DT_I64);
+    comm_allreduce_sum(&t->mesh->g_dpcp, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
+}
+
+int train_run(const Config *c, const Mesh *mesh, char *err) {
     Trainer t;
-    if (trainer_init(&t, c, kernels_cpu(), err) != MT_OK) return MT_ERR;
+    const Group *world = &mesh->g_world;
+    int ok = trainer_init(&t, c, kernels_cpu(), mesh, err);
+    if (comm_any_failed(world, ok) != MT_OK) {
+        if (ok == MT_OK) {
+            trainer_free(&t);
+            err[0] = 0; /* another rank failed and prints why */
+        }
+        return MT_ERR;
+    }
     Metrics mx;
-    if (metrics_open(&mx, c->metrics_file, 1, err) != MT_OK) {
+    ok = metrics_open(&mx, c->metrics_file, world->rank == 0, err);
+    if (comm_any_failed(world, ok) != MT_OK) {
         trainer_free(&t);
+        if (ok == MT_OK) err[0] = 0;
         return MT_ERR;
     }
     metrics_run_record(&mx, &t);
@@ -102,6 +134,7 @@ int train_run(const Config *c, char *err) {
     for (int s = t.step; s < c->steps; s++) {
         StepResult r = trainer_step(&t);
         if (r.step % c->log_every == 0 || r.step == c->steps) {
+            trainer_sync_stats(&t);
             metrics_step(&mx, &t, &r);
             model_reset_stats(&t.model);
         }

@@ -4,8 +4,10 @@
  * is sequences [s*GB, (s+1)*GB) of the data source, GB = micro_batch_size * grad_accum_steps * dp;
  * data-parallel rank r takes its contiguous slice. Loss normalisation is over the global step
  * (see model.h), so the logged loss does not depend on the mesh.
- * trainer_step is deterministic: the same config gives bit-identical results on a re-run.
- * (Single process for now: dp = 1. The distributed core adds gradient reduction here.)
+ * trainer_step is deterministic: the same config and mesh give bit-identical results on a re-run.
+ * Gradient reduction and the sharded update are optim/shard.h; per-step statistics (loss terms,
+ * expert load) are summed over the ranks holding other tokens (mesh g_dpcp) so rank 0 logs the
+ * global values.
  */
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H
@@ -15,7 +17,8 @@
 #include "config.h"
 #include "data.h"
 #include "model.h"
-#include "optim/adamw.h"
+#include "optim/shard.h"
+#include "parallel/mesh.h"
 
 typedef struct StepResult {
     int step;                  /* 1-based number of the step just completed */
@@ -30,24 +33,32 @@ typedef struct StepResult {
 typedef struct Trainer {
     Config cfg;
     const Kernels *k;
+    const Mesh *mesh;
     Model model;
-    AdamW opt;
+    Sharder shard;
     Data *data;
-    int dp, dp_rank;
+    int dp, dp_rank;  /* ranks holding different tokens (dp*cp) and this rank's index among them */
     int step;            /* steps completed */
     int64_t tokens_seen;
     int32_t *tok_buf, *dom_buf; /* host (mbs, T+1), (mbs) */
 } Trainer;
 
-/* Build everything (model initialised from train.seed). MT_ERR with a message on bad input. */
-int trainer_init(Trainer *t, const Config *c, const Kernels *k, char *err);
+/* Build everything (model initialised from train.seed) on this rank of mesh. MT_ERR with a message
+ * on bad input (not collective: the caller agrees on failure with comm_any_failed). */
+int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh, char *err);
 StepResult trainer_step(Trainer *t);
 void trainer_free(Trainer *t);
 
 /* Sequences per global step, tokens per global step. */
 int64_t trainer_global_batch(const Trainer *t);
 
-/* The whole run: banner, steps, logs. Returns 0 on success. */
-int train_run(const Config *c, char *err);
+/* Make the full parameters valid in model.param (gathers them under full sharding). */
+void trainer_materialize_params(Trainer *t);
+/* Sum the expert-load statistics over the token-holding ranks (before logging). */
+void trainer_sync_stats(Trainer *t);
+
+/* The whole run on this mesh: banner, steps, logs. Returns MT_OK, or MT_ERR on every rank if any
+ * rank failed; err holds the message on the ranks that failed and is empty on the others. */
+int train_run(const Config *c, const Mesh *mesh, char *err);
 
 #endif

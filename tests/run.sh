@@ -10,14 +10,17 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_
 export CK_DEFAULT_TIMEOUT=600
 pass=0; fail=0; failed=()
 
+n=0
 run_one() { # label, command...
   local label=$1; shift
-  local log="$BUILD/tests/${label// /_}.log" start status summary
+  n=$((n+1))
+  local log start status summary
+  log="$BUILD/tests/run-$n.log"
   start=$(date +%s)
-  if timeout 900 "$@" > "$log" 2>&1; then status=PASS; pass=$((pass+1))
+  if timeout 900 "$@" > "$log" 2>&1 < /dev/null; then status=PASS; pass=$((pass+1))
   else status=FAIL; fail=$((fail+1)); failed+=("$label|$log"); fi
   summary=$(grep -E '^[0-9]+%: Checks' "$log" | tail -1)
-  printf '%-34s %s %4ss  %s\n' "$label" "$status" "$(( $(date +%s) - start ))" "$summary"
+  printf '%-34s %s %4ss  %s\n' "${label:0:34}" "$status" "$(( $(date +%s) - start ))" "$summary"
 }
 
 for t in "$BUILD"/tests/test_*; do

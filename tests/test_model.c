@@ -146,7 +146,7 @@ static void check_tensor(Model *m, const ParamInfo *t, const int32_t *tok, const
 static void run_variant(const Variant *v) {
     Config c = variant_config(v);
     Model m;
-    model_init(&m, &c, kernels_cpu(), B);
+    model_init(&m, &c, kernels_cpu(), B, NULL);
     model_init_params(&m, 7);
     int32_t tok[B * 9];
     for (int i = 0; i < B * (c.seq_len + 1); i++) tok[i] = (i * 37 + 11) % c.vocab_size;
@@ -175,7 +175,7 @@ START_TEST(test_tensor_names) {
     Variant v = {"names", 1, 2, 2, 1, 1, 0, 0.0f};
     Config c = variant_config(&v);
     Model m;
-    model_init(&m, &c, kernels_cpu(), 1);
+    model_init(&m, &c, kernels_cpu(), 1, NULL);
     const char *names[] = {
         "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
         "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
@@ -204,8 +204,8 @@ START_TEST(test_init_counter_based) {
     Config c1 = variant_config(&v1), c2 = variant_config(&v2);
     c2.dense_layers = 0;
     Model a, b;
-    model_init(&a, &c1, kernels_cpu(), 1);
-    model_init(&b, &c2, kernels_cpu(), 1);
+    model_init(&a, &c1, kernels_cpu(), 1, NULL);
+    model_init(&b, &c2, kernels_cpu(), 1, NULL);
     model_init_params(&a, 42);
     model_init_params(&b, 42);
     const char *name = "model.layers.0.block_sparse_moe.experts.2.w3.weight";

@@ -72,11 +72,13 @@ typedef struct Fixture {
     MoeWeights w;
     MoeActs a;
     MoeScratch s;
+    Group solo; /* no expert parallelism here */
 } Fixture;
 
 static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float cf) {
     memset(f, 0, sizeof *f);
-    f->d = (ModelDims){.C = c, .E = e, .K = k, .Fe = 6, .Fs = fs};
+    f->d = (ModelDims){.C = c, .E = e, .K = k, .Fe = 6, .Fs = fs, .El = e, .e0 = 0};
+    f->solo = group_self("solo");
     f->mc = (MoeConfig){.renorm = 1, .capacity_factor = cf, .lbl_coeff = 0.3f, .z_coeff = 0.2f};
     const Kernels *K = kernels_cpu();
     f->router = calloc((size_t)e * c, 4);
@@ -96,7 +98,7 @@ static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float c
     tu_fill_uniform(f->sh2, (size_t)fs * c, -0.5f, 0.5f, 15);
     f->w = (MoeWeights){f->router, f->w13, f->w2, f->sh13, f->sh2,
                         f->g_router, f->g13, f->g2, f->gsh13, f->gsh2};
-    moe_acts_alloc(&f->a, K, &f->d, n);
+    moe_acts_alloc(&f->a, K, &f->d, n, &f->solo);
     moe_scratch_alloc(&f->s, K, &f->d, n);
 }
 

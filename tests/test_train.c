@@ -28,10 +28,12 @@ static Config small_config(void) {
     return c;
 }
 
+static Mesh solo; /* a one-rank mesh: these tests run without mpirun */
+
 static void run_steps(const Config *c, int steps, double *losses, float *final_params, size_t np) {
     Trainer t;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, c, kernels_cpu(), err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
     for (int s = 0; s < steps; s++) losses[s] = trainer_step(&t).loss;
     if (final_params) {
         ck_assert_uint_eq(t.model.pl.size[PBUF_DENSE], np);
@@ -64,8 +66,8 @@ START_TEST(test_grad_accumulation_equivalence) {
     size_t np;
     {
         ParamLayout pl;
-        ModelDims d = dims_from_config(&c);
-        params_layout_init(&pl, &d, c.init_std);
+        ModelDims d = dims_from_config(&c, 1, 0);
+        params_layout_init(&pl, &d, c.init_std, NULL);
         np = pl.size[PBUF_DENSE];
         params_layout_free(&pl);
     }
@@ -116,7 +118,7 @@ START_TEST(test_tiny_reaches_threshold) {
     char err[MT_ERRLEN];
     ck_assert_msg(config_load(&c, "configs/tiny.ini", NULL, 0, err) == MT_OK, "%s", err);
     Trainer t;
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
     double first = 0, last = 0;
     int tail = c.steps < 20 ? c.steps : 20;
     for (int s = 0; s < c.steps; s++) {
@@ -132,6 +134,7 @@ START_TEST(test_tiny_reaches_threshold) {
 END_TEST
 
 int main(void) {
+    mesh_single(&solo);
     Suite *s = suite_create("train");
     TCase *tc = tcase_create("train");
     tcase_set_timeout(tc, 600);

@@ -1,10 +1,10 @@
-/* adamw.h — AdamW over the flat parameter buffers, global-norm gradient clipping.
+/* adamw.h — AdamW over a region of a flat parameter buffer, with per-tensor weight decay.
  *
- * State: fp32 m and v with the same layout as the parameters (params.h). Weight decay is decoupled
- * and applies only to tensors marked decay (matrices; not norms). The update walks the tensor
- * registry so each tensor gets its own decay; gradients are read, never modified, except by
- * grad_clip which scales them in place. Does not communicate (sharding comes with the
- * distributed core: the update will then cover this rank's shard only).
+ * Weight decay is decoupled and applies only to tensors marked decay in the registry (matrices;
+ * norms are not decayed). The caller (optim/shard.c) owns the state buffers and decides which
+ * region of the flat buffer this rank updates; this module walks the tensors that intersect the
+ * region so each element gets its tensor's decay. Padding between units is never touched.
+ * Does not communicate.
  */
 #ifndef MT_ADAMW_H
 #define MT_ADAMW_H
@@ -13,26 +13,16 @@
 #include "kernels.h"
 #include "params.h"
 
-typedef struct AdamW {
-    const Kernels *k;
-    float *m[PBUF_COUNT], *v[PBUF_COUNT]; /* backend */
-    int step;                             /* updates done so far */
+typedef struct AdamWHyper {
     float beta1, beta2, eps, weight_decay;
-} AdamW;
+} AdamWHyper;
 
-void adamw_init(AdamW *o, const Kernels *k, const ParamLayout *pl, const Config *c);
-void adamw_free(AdamW *o);
-/* One update of every tensor with learning rate lr. */
-void adamw_update(AdamW *o, const ParamLayout *pl, float *const param[PBUF_COUNT],
-                  float *const grad[PBUF_COUNT], float lr);
-/* Bytes of optimizer state. */
-size_t adamw_state_bytes(const ParamLayout *pl);
+AdamWHyper adamw_hyper(const Config *c);
 
-/* L2 norm of all gradients. */
-double grad_global_norm(const Kernels *k, const ParamLayout *pl, float *const grad[PBUF_COUNT]);
-/* Scale gradients so their norm is at most max_norm (no-op when max_norm <= 0 or norm <= max).
- * Returns the scale applied. */
-float grad_clip(const Kernels *k, const ParamLayout *pl, float *const grad[PBUF_COUNT],
-                double norm, float max_norm);
+/* Update flat elements [lo, hi) of buffer buf. p, g, m, v point at element lo of their own
+ * storage (the parameter, gradient and state arrays for that region). step is 1-based. */
+void adamw_update_region(const Kernels *k, const ParamLayout *pl, ParamBuf buf, size_t lo,
+                         size_t hi, float *p, const float *g, float *m, float *v, float lr,
+                         const AdamWHyper *h, int step);
 
 #endif

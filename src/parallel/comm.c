@@ -20,13 +20,12 @@ static MPI_Datatype mpi_type(DType t) {
 size_t dtype_size(DType t) { return t == DT_F32 || t == DT_I32 ? 4 : 8; }
 
 Group group_self(const char *name) {
-    Group g = {.size = 1, .rank = 0, .name = name};
-    MPI_Comm_dup(MPI_COMM_SELF, &g.comm);
+    Group g = {.comm = MPI_COMM_SELF, .size = 1, .rank = 0, .name = name};
     return g;
 }
 
 void group_free(Group *g) {
-    if (g->comm != MPI_COMM_NULL && g->comm != 0) MPI_Comm_free(&g->comm);
+    if (g->comm != MPI_COMM_NULL && g->comm != MPI_COMM_SELF) MPI_Comm_free(&g->comm);
     g->comm = MPI_COMM_NULL;
 }
 

@@ -21,7 +21,8 @@ typedef struct Group {
     const char *name;
 } Group;
 
-/* A group over MPI_COMM_SELF (size 1): what every group is in a single-process run. */
+/* A group of one rank (MPI_COMM_SELF): what every group is in a single-process run. Usable
+ * before MPI_Init, since size-1 calls never enter MPI. */
 Group group_self(const char *name);
 void group_free(Group *g);
 size_t dtype_size(DType t);

@@ -1,0 +1,227 @@
+/* shard.c — see shard.h. */
+#include "optim/shard.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#define F32 sizeof(float)
+#define PAGE_FLOATS 1024 /* 4 KiB: full-mode units start on page boundaries so release frees pages */
+
+static size_t gcd(size_t a, size_t b) { return b ? gcd(b, a % b) : a; }
+static size_t lcm(size_t a, size_t b) { return a / gcd(a, b) * b; }
+
+void sharder_padding(ShardMode mode, const Mesh *mesh, size_t pad[PBUF_COUNT]) {
+    size_t S[PBUF_COUNT] = {(size_t)mesh->g_dpcp.size, (size_t)mesh->g_edp.size};
+    for (int b = 0; b < PBUF_COUNT; b++)
+        pad[b] = mode == SHARD_NONE ? 1 : mode == SHARD_FULL ? lcm(S[b], PAGE_FLOATS) : S[b];
+}
+
+/* This rank's owned slice of unit u in buffer b, as flat offsets [lo, hi). */
+static void owned(const Sharder *s, int u, int b, size_t *lo, size_t *hi) {
+    const ParamUnit *pu = &s->m->pl.units[u];
+    size_t len = pu->len[b] / s->S[b];
+    *lo = pu->off[b] + (size_t)s->r[b] * len;
+    *hi = *lo + len;
+}
+
+static void layout_shards(Sharder *s) {
+    const ParamLayout *pl = &s->m->pl;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        s->shard_off[b] = mt_calloc(pl->n_units, sizeof(size_t));
+        size_t total = 0;
+        for (int u = 0; u < pl->n_units; u++) {
+            MT_CHECK(pl->units[u].len[b] % s->S[b] == 0, "unit %d of buffer %d not padded to %d", u, b, s->S[b]);
+            s->shard_off[b][u] = total;
+            total += pl->units[u].len[b] / s->S[b];
+        }
+        s->shard_size[b] = total;
+    }
+}
+
+/* ---- full sharding: the model's hooks ---- */
+
+static void hook_gather(void *ctx, int u) {
+    Sharder *s = ctx;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        const ParamUnit *pu = &s->m->pl.units[u];
+        comm_allgather(s->rep[b], s->pshard[b] + s->shard_off[b][u], s->m->param[b] + pu->off[b],
+                       pu->len[b] / s->S[b], DT_F32);
+    }
+}
+
+static void hook_release(void *ctx, int u) {
+    Sharder *s = ctx;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        const ParamUnit *pu = &s->m->pl.units[u];
+        s->k->release(s->m->param[b] + pu->off[b], pu->len[b] * F32);
+    }
+}
+
+static void hook_grads_ready(void *ctx, int u) {
+    Sharder *s = ctx;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        const ParamUnit *pu = &s->m->pl.units[u];
+        size_t n = pu->len[b] / s->S[b];
+        float *g = s->m->grad[b] + pu->off[b];
+        comm_reduce_scatter_sum(s->rep[b], g, s->tmp, n, DT_F32);
+        s->k->axpy(s->gshard[b] + s->shard_off[b][u], s->tmp, 1.0f, n);
+        s->k->release(g, pu->len[b] * F32); /* zeroed for the next micro-batch */
+    }
+}
+
+static void init_full(Sharder *s, uint64_t seed) {
+    const ParamLayout *pl = &s->m->pl;
+    size_t most = 0;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        s->pshard[b] = s->k->alloc((s->shard_size[b] ? s->shard_size[b] : 1) * F32);
+        for (int u = 0; u < pl->n_units; u++) {
+            size_t lo, hi;
+            owned(s, u, b, &lo, &hi);
+            float *host = mt_calloc(hi - lo + 1, F32);
+            params_init_range(pl, b, lo, hi, host, seed);
+            s->k->from_host(s->pshard[b] + s->shard_off[b][u], host, (hi - lo) * F32);
+            free(host);
+            if (hi - lo > most) most = hi - lo;
+        }
+    }
+    s->tmp = s->k->alloc((most ? most : 1) * F32);
+    s->m->hooks = (ParamHooks){s, hook_gather, hook_release, hook_grads_ready};
+}
+
+void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c) {
+    memset(s, 0, sizeof *s);
+    s->mode = c->shard;
+    s->k = m->k;
+    s->m = m;
+    s->rep[PBUF_DENSE] = &mesh->g_dpcp;
+    s->rep[PBUF_EXPERT] = &mesh->g_edp;
+    s->world = &mesh->g_world;
+    s->ep = &mesh->g_ep;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        s->S[b] = s->mode == SHARD_NONE ? 1 : s->rep[b]->size;
+        s->r[b] = s->mode == SHARD_NONE ? 0 : s->rep[b]->rank;
+    }
+    layout_shards(s);
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        size_t n = s->shard_size[b] ? s->shard_size[b] : 1;
+        s->mom[b] = s->k->alloc(n * F32);
+        s->var[b] = s->k->alloc(n * F32);
+        if (s->mode != SHARD_NONE) s->gshard[b] = s->k->alloc(n * F32);
+    }
+    s->hyper = adamw_hyper(c);
+    if (s->mode == SHARD_FULL) init_full(s, c->seed);
+}
+
+void sharder_free(Sharder *s) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        float *p[] = {s->mom[b], s->var[b], s->gshard[b], s->pshard[b]};
+        for (int i = 0; i < 4; i++)
+            if (p[i]) s->k->free(p[i]);
+        free(s->shard_off[b]);
+    }
+    if (s->tmp) s->k->free(s->tmp);
+    if (s->m) s->m->hooks = (ParamHooks){0};
+    memset(s, 0, sizeof *s);
+}
+
+void sharder_zero_grads(Sharder *s) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        if (s->mode == SHARD_FULL) s->k->release(s->m->grad[b], s->m->pl.size[b] * F32);
+        else s->k->zero(s->m->grad[b], s->m->pl.size[b] * F32);
+        if (s->gshard[b]) s->k->zero(s->gshard[b], s->shard_size[b] * F32);
+    }
+}
+
+void sharder_reduce_grads(Sharder *s) {
+    const ParamLayout *pl = &s->m->pl;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        if (s->mode == SHARD_NONE) {
+            comm_allreduce_sum(s->rep[b], s->m->grad[b], pl->size[b], DT_F32);
+        } else if (s->mode == SHARD_OPTIMIZER) {
+            for (int u = 0; u < pl->n_units; u++)
+                comm_reduce_scatter_sum(s->rep[b], s->m->grad[b] + pl->units[u].off[b],
+                                        s->gshard[b] + s->shard_off[b][u],
+                                        pl->units[u].len[b] / s->S[b], DT_F32);
+        }
+    }
+}
+
+double sharder_grad_norm(Sharder *s) {
+    double sq[PBUF_COUNT] = {0, 0};
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        if (s->mode == SHARD_NONE) s->k->sumsq(&sq[b], s->m->grad[b], s->m->pl.size[b]);
+        else s->k->sumsq(&sq[b], s->gshard[b], s->shard_size[b]);
+    }
+    double total;
+    if (s->mode == SHARD_NONE) { /* dense identical everywhere; experts differ across ep */
+        comm_allreduce_sum(s->ep, &sq[PBUF_EXPERT], 1, DT_F64);
+        total = sq[PBUF_DENSE] + sq[PBUF_EXPERT];
+    } else { /* shards partition each buffer over the world */
+        total = sq[PBUF_DENSE] + sq[PBUF_EXPERT];
+        comm_allreduce_sum(s->world, &total, 1, DT_F64);
+    }
+    return sqrt(total);
+}
+
+void sharder_scale_grads(Sharder *s, float f) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        if (s->mode == SHARD_NONE) s->k->scale(s->m->grad[b], f, s->m->pl.size[b]);
+        else s->k->scale(s->gshard[b], f, s->shard_size[b]);
+    }
+}
+
+/* The parameter storage of flat element lo of unit u (owned by this rank). */
+static float *param_at(Sharder *s, int u, int b, size_t lo) {
+    if (s->mode != SHARD_FULL) return s->m->param[b] + lo;
+    size_t own_lo, own_hi;
+    owned(s, u, b, &own_lo, &own_hi);
+    return s->pshard[b] + s->shard_off[b][u] + (lo - own_lo);
+}
+
+void sharder_update(Sharder *s, float lr) {
+    const ParamLayout *pl = &s->m->pl;
+    s->step++;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        for (int u = 0; u < pl->n_units; u++) {
+            size_t lo, hi, so = s->shard_off[b][u];
+            owned(s, u, b, &lo, &hi);
+            const float *g = s->mode == SHARD_NONE ? s->m->grad[b] + lo : s->gshard[b] + so;
+            adamw_update_region(s->k, pl, b, lo, hi, param_at(s, u, b, lo), g, s->mom[b] + so,
+                                s->var[b] + so, lr, &s->hyper, s->step);
+            if (s->mode == SHARD_OPTIMIZER) /* in place: my slice is already where it belongs */
+                comm_allgather(s->rep[b], s->m->param[b] + lo, s->m->param[b] + pl->units[u].off[b],
+                               hi - lo, DT_F32);
+        }
+    }
+}
+
+/* Largest unit of buffer b (elements): the working set of full sharding. */
+static size_t largest_unit(const ParamLayout *pl, int b) {
+    size_t most = 0;
+    for (int u = 1; u < pl->n_units; u++)
+        if (pl->units[u].len[b] > most) most = pl->units[u].len[b];
+    return most;
+}
+
+void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer) {
+    const ParamLayout *pl = &s->m->pl;
+    *params = *grads = *optimizer = 0;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        size_t full = pl->size[b], shard = s->shard_size[b];
+        size_t working = pl->units[0].len[b] + largest_unit(pl, b); /* head + one layer */
+        *optimizer += 2 * shard * F32;
+        if (s->mode == SHARD_NONE) {
+            *params += full * F32;
+            *grads += full * F32;
+        } else if (s->mode == SHARD_OPTIMIZER) {
+            *params += full * F32;
+            *grads += (full + shard) * F32;
+        } else {
+            *params += (shard + working) * F32;
+            *grads += (shard + working) * F32;
+        }
+    }
+}

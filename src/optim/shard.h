@@ -1,0 +1,65 @@
+/* shard.h — gradient reduction and the sharded AdamW step (ZeRO / FSDP) over the flat buffers.
+ *
+ * Each buffer has a replica group: dense parameters are replicated over dp*cp (mesh g_dpcp),
+ * expert parameters over edp (g_edp). Every parameter unit (params.h: the head, then one per
+ * layer) is padded to a multiple of its group size, so rank r of a group of S owns the contiguous
+ * slice [off + r*len/S, off + (r+1)*len/S) of each unit: plain offset arithmetic, never a silent
+ * fallback to no sharding.
+ *   none:      grads all-reduced; every rank updates everything (m, v full size).
+ *   optimizer: (ZeRO-1/2) grads reduce-scattered into a shard; each rank keeps m, v for its shard
+ *              only, updates its slice of the parameters, then parameters are all-gathered.
+ *   full:      (FSDP / ZeRO-3) parameters live as shards; model hooks all-gather a unit just
+ *              before its forward and again for its backward and release it afterwards; a unit's
+ *              gradients are reduce-scattered as soon as its backward is done, then released.
+ * Gradient norm: summed over shards (each element counted once, replicas never twice), then
+ * all-reduced. Communication happens only here (and in dispatch/moe for the MoE layer).
+ * Assumes tp = cp = pp = 1 (the mesh refuses anything else for now).
+ */
+#ifndef MT_SHARD_H
+#define MT_SHARD_H
+
+#include "config.h"
+#include "model.h"
+#include "optim/adamw.h"
+#include "parallel/mesh.h"
+
+typedef struct Sharder {
+    ShardMode mode;
+    const Kernels *k;
+    Model *m;
+    const Group *rep[PBUF_COUNT]; /* replica group per buffer */
+    const Group *world, *ep;
+    int S[PBUF_COUNT], r[PBUF_COUNT]; /* ownership: (1, 0) in mode none */
+    size_t *shard_off[PBUF_COUNT];    /* (n_units) offset of each unit's shard in shard storage */
+    size_t shard_size[PBUF_COUNT];    /* elements this rank owns */
+    float *mom[PBUF_COUNT], *var[PBUF_COUNT]; /* AdamW state for the owned elements */
+    float *gshard[PBUF_COUNT];        /* optimizer/full: reduced gradient shard */
+    float *pshard[PBUF_COUNT];        /* full: the persistent parameter shard */
+    float *tmp;                       /* full: reduce-scatter landing buffer */
+    AdamWHyper hyper;
+    int step;                         /* updates done */
+} Sharder;
+
+/* Unit padding the model's layout needs for this mode and mesh (pass to ModelParallel.pad). */
+void sharder_padding(ShardMode mode, const Mesh *mesh, size_t pad[PBUF_COUNT]);
+/* After model_init: set up state; full mode installs the model's hooks and initialises the
+ * parameter shards from seed (other modes: call model_init_params yourself). */
+void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c);
+void sharder_free(Sharder *s);
+
+/* Start of a step: zero gradients (and the gradient shards). */
+void sharder_zero_grads(Sharder *s);
+/* After the micro-batches: reduce gradients over the replica groups (none: all-reduce;
+ * optimizer: reduce-scatter; full: already done by the hooks). */
+void sharder_reduce_grads(Sharder *s);
+/* Global L2 norm of the (reduced) gradient. */
+double sharder_grad_norm(Sharder *s);
+/* Scale gradients by f (clipping). */
+void sharder_scale_grads(Sharder *s, float f);
+/* AdamW on the owned elements, then (optimizer mode) all-gather the parameters. */
+void sharder_update(Sharder *s, float lr);
+
+/* Bytes per rank: params, grads, optimizer state. */
+void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer);
+
+#endif
