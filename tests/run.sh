@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite from the repo root; print a summary; exit non-zero if any test fails.
 #   build/tests/test_*        Check programs run as they are (single process)
+#   tests/test_*.sh           shell tests (command line, launchers), given the build directory
 #   tests/mpi_tests.txt       lines "PROGRAM NP [ARGS...]": run under mpirun -np NP (oversubscribed)
 # Every program runs under `timeout`, so a hung collective fails the suite instead of stalling it.
 set -u
@@ -19,7 +20,7 @@ run_one() { # label, command...
   start=$(date +%s)
   if timeout 900 "$@" > "$log" 2>&1 < /dev/null; then status=PASS; pass=$((pass+1))
   else status=FAIL; fail=$((fail+1)); failed+=("$label|$log"); fi
-  summary=$(grep -E '^[0-9]+%: Checks' "$log" | tail -1)
+  summary=$(grep -E '^[0-9]+%: Checks|^[0-9]+ checks, ' "$log" | tail -1)
   printf '%-34s %s %4ss  %s\n' "${label:0:34}" "$status" "$(( $(date +%s) - start ))" "$summary"
 }
 
@@ -28,6 +29,9 @@ for t in "$BUILD"/tests/test_*; do
   name=$(basename "$t")
   grep -qE "^$name( |$)" tests/mpi_tests.txt 2>/dev/null && continue
   run_one "$name" "$t"
+done
+for t in tests/test_*.sh; do
+  [ -x "$t" ] && run_one "$(basename "$t")" "$t" "$BUILD"
 done
 while read -r prog np args; do
   case "$prog" in ""|\#*) continue ;; esac

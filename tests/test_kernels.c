@@ -158,6 +158,26 @@ START_TEST(test_memory) {
 }
 END_TEST
 
+/* release zeroes [p, p+bytes) (whole pages may be handed back) and leaves the rest alone */
+START_TEST(test_release) {
+    const Kernels *k = kernels_cpu();
+    size_t n = 5 * 4096 / sizeof(float) + 37, lo = 100, hi = n - 50;
+    float *a = k->alloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) a[i] = 1.0f + (float)i;
+    k->release(a + lo, (hi - lo) * sizeof(float));
+    for (size_t i = 0; i < n; i++) {
+        float want = i >= lo && i < hi ? 0.0f : 1.0f + (float)i;
+        ck_assert_msg(a[i] == want, "after release a[%zu] = %g, want %g", i, a[i], want);
+    }
+    for (size_t i = lo; i < hi; i++) a[i] = 2.0f; /* released pages are usable again */
+    ck_assert_msg(a[lo] == 2.0f && a[hi - 1] == 2.0f, "released memory not writable");
+    k->release(a + 1, 2 * sizeof(float)); /* within one page */
+    ck_assert_msg(a[0] == 1.0f && a[1] == 0.0f && a[2] == 0.0f && a[3] == 4.0f,
+                  "small release: %g %g %g %g", a[0], a[1], a[2], a[3]);
+    k->free(a);
+}
+END_TEST
+
 START_TEST(test_axpy_scale_sumsq) {
     const Kernels *k = kernels_cpu();
     size_t n = 1003;
@@ -480,7 +500,7 @@ static void check_attention_fwd(AttShape s, uint64_t seed) {
     size_t nq = att_nq(s), nk = att_nk(s), nl = (size_t)s.b * s.h * s.t;
     float *q = rnd(nq, -1, 1, seed), *k = rnd(nk, -1, 1, seed + 1), *v = rnd(nk, -1, 1, seed + 2);
     float *out = filled(nq, 1e30f), *lse = filled(nl, 1e30f);
-    double *rout = malloc(nq * sizeof(double)), *rlse = malloc(nl * sizeof(double));
+    double *rout = calloc(nq, sizeof(double)), *rlse = calloc(nl, sizeof(double));
     kernels_cpu()->attention_fwd(out, lse, q, k, v, s.b, s.t, s.h, s.hkv, s.d);
     ref_attention(rout, rlse, q, k, v, s);
     float *wout = to_float(rout, nq), *wlse = to_float(rlse, nl);
@@ -646,9 +666,10 @@ START_TEST(test_router_topk_hand) {
         for (int e = 0; e < E; e++)
             assert_near("router probs", probs[n * E + e], exp(logits[n * E + e] - l), 1e-7);
         for (int j = 0; j < KK; j++) {
-            ck_assert_msg(idx[n * KK + j] == want_idx[n * KK + j] && idx2[n * KK + j] == idx[n * KK + j],
-                          "row %d choice %d: idx %d (renorm %d), want %d", n, j, idx[n * KK + j],
-                          idx2[n * KK + j], want_idx[n * KK + j]);
+            int i = n * KK + j;
+            ck_assert_msg(idx[i] == want_idx[i] && idx2[i] == want_idx[i],
+                          "row %d choice %d: idx %d (renorm: %d), want %d", n, j, idx[i], idx2[i],
+                          want_idx[i]);
             ck_assert_msg(w[n * KK + j] == probs[n * E + want_idx[n * KK + j]],
                           "row %d weight %d = %g, want probs %g", n, j, w[n * KK + j],
                           probs[n * E + want_idx[n * KK + j]]);
@@ -916,6 +937,7 @@ static Suite *kernels_suite(void) {
     TCase *tc = tcase_create("cpu");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_memory);
+    tcase_add_test(tc, test_release);
     tcase_add_test(tc, test_axpy_scale_sumsq);
     tcase_add_test(tc, test_matmul);
     tcase_add_test(tc, test_grouped_linear_fwd);

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Command-line behaviour of build/moetrain: help, version, bad input (one clear error, exit 2,
+# nothing hangs), a rank-local failure under mpirun, and a short distributed training run.
+set -u
+BUILD=${1:-build}
+BIN=$BUILD/moetrain
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+fails=0; checks=0
+ok()   { checks=$((checks+1)); echo "ok   $1"; }
+bad()  { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL $1"; }
+# expect NAME RC PATTERN -- command...: exit code RC and stderr+stdout matching PATTERN
+expect() {
+  local name=$1 rc=$2 pat=$3; shift 4
+  local out got
+  out=$(timeout 120 "$@" 2>&1 < /dev/null); got=$?
+  if [ "$got" -eq "$rc" ] && grep -qE -- "$pat" <<<"$out"; then ok "$name"
+  else bad "$name (exit $got, want $rc; output: $(head -c 400 <<<"$out"))"; fi
+}
+
+expect "help lists keys"        0 "top_k.*lbl_scope|lbl_scope"           -- $BIN --help
+expect "help lists every key"   0 "metrics_file"                          -- $BIN --help
+expect "version"                0 "^moetrain [0-9]+\.[0-9]+"               -- $BIN --version
+expect "no config"              2 "no config file"                        -- $BIN
+expect "unknown option"         2 "unknown option '--bogus'"              -- $BIN configs/tiny.ini --bogus
+expect "missing file"           2 "nope.ini: cannot open config file"     -- $BIN $T/nope.ini
+printf '[moe]\ntopk = 2\n' > "$T/typo.ini"
+expect "unknown key"            2 "typo.ini: \[moe\] topk: unknown key.*top_k" -- $BIN "$T/typo.ini"
+expect "out of range (--set)"   2 "moe.top_k=9.*must be <= moe.num_experts" -- $BIN configs/tiny.ini --set moe.top_k=9
+expect "bad type"               2 "d_model = 6x4: not an integer"         -- $BIN configs/tiny.ini --set model.d_model=6x4
+expect "impossible mesh"        2 "parallel.ep = 2 must divide the 3 ranks" \
+                                                                            -- mpirun -np 3 $BIN configs/tiny.ini --set parallel.ep=2
+expect "tp refused for now"     2 "tensor, context and pipeline"          -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.tp=2
+expect "bad metrics path"       2 "metrics_file = /proc/nope/m.jsonl"     -- $BIN configs/tiny.ini --set log.metrics_file=/proc/nope/m.jsonl --set train.steps=1
+
+# a failure on one rank only (its data file is missing in its working directory): the job ends
+# with that rank's message and a non-zero code instead of hanging in a collective
+mkdir -p "$T/a" "$T/b"
+head -c 4000 README.md > "$T/a/c.txt"
+$BUILD/mt-tokenize "$T/a/c.txt" "$T/a/c.tok" >/dev/null
+ARGS=("$PWD/configs/tiny.ini" --set data.source=file --set data.path=c.tok --set train.steps=2 --set log.metrics_file=)
+expect "one rank fails"         2 "error \(rank 1\): c.tok: cannot open" \
+  -- mpirun -np 1 -wdir "$T/a" "$PWD/$BIN" "${ARGS[@]}" : -np 1 -wdir "$T/b" "$PWD/$BIN" "${ARGS[@]}"
+
+# a short distributed run: dp2 x ep2 with full sharding writes a metrics file with the mesh
+expect "train dp2 x ep2"        0 "step +5/5"  -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.ep=2 \
+  --set optim.shard=full --set train.micro_batch_size=2 --set train.steps=5 --set log.every=5 \
+  --set log.metrics_file=$T/m.jsonl
+if grep -q '"event":"run"' "$T/m.jsonl" && grep -q '"ep":2' "$T/m.jsonl" && grep -q '"edp":2' "$T/m.jsonl" \
+   && grep -q '"event":"step","step":5' "$T/m.jsonl"; then ok "metrics file has the mesh and steps"
+else bad "metrics file: $(head -c 300 "$T/m.jsonl")"; fi
+
+echo "${checks} checks, ${fails} failures"
+[ "$fails" -eq 0 ]
