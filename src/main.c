@@ -14,6 +14,7 @@
 #include "config.h"
 #include "metrics.h"
 #include "parallel/mesh.h"
+#include "stop.h"
 #include "train.h"
 
 static void usage(FILE *f) {
@@ -79,6 +80,7 @@ int main(int argc, char **argv) {
         return rc;
     }
     MPI_Init(&argc, &argv);
+    stop_install();
     int rank = 0, world = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);

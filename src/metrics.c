@@ -21,11 +21,11 @@ static int mkdir_parents(const char *path) {
     return 0;
 }
 
-int metrics_open(Metrics *mx, const char *path, int writer, char *err) {
+int metrics_open(Metrics *mx, const char *path, int writer, int append, char *err) {
     memset(mx, 0, sizeof *mx);
     mx->writer = writer;
     if (!writer || !path[0]) return MT_OK;
-    if (mkdir_parents(path) != 0 || !(mx->f = fopen(path, "w")))
+    if (mkdir_parents(path) != 0 || !(mx->f = fopen(path, append ? "a" : "w")))
         return mt_fail(err, "[log] metrics_file = %s: cannot open for writing: %s", path, strerror(errno));
     return MT_OK;
 }
@@ -90,6 +90,7 @@ void metrics_run_record(Metrics *mx, const Trainer *t) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "event", "run");
     cJSON_AddStringToObject(o, "version", MOETRAIN_VERSION);
+    cJSON_AddNumberToObject(o, "start_step", t->step);
     cJSON_AddStringToObject(o, "backend", t->k->name);
     cJSON_AddStringToObject(o, "blas", blas);
     cJSON_AddItemToObject(o, "config", config_to_json(c));

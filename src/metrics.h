@@ -23,8 +23,9 @@ typedef struct Metrics {
     int writer; /* this rank prints and writes */
 } Metrics;
 
-/* path "" = no file. Creates parent directories. MT_ERR with a message if it cannot be written. */
-int metrics_open(Metrics *mx, const char *path, int writer, char *err);
+/* path "" = no file. Creates parent directories; appends when resuming (append = 1), else
+ * truncates. MT_ERR with a message if it cannot be written. */
+int metrics_open(Metrics *mx, const char *path, int writer, int append, char *err);
 void metrics_close(Metrics *mx);
 /* Banner on stdout + the "run" record. */
 void metrics_run_record(Metrics *mx, const Trainer *t);

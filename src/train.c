@@ -6,7 +6,9 @@
 #include <string.h>
 
 #include "common.h"
+#include "checkpoint.h"
 #include "metrics.h"
+#include "stop.h"
 #include "optim/schedule.h"
 
 int64_t trainer_global_batch(const Trainer *t) {
@@ -111,9 +113,60 @@ void trainer_sync_stats(Trainer *t) {
     comm_allreduce_sum(&t->mesh->g_dpcp, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
 }
 
+/* Load the best resumable checkpoint, if any. auto skips (with a warning) candidates that fail to
+ * load; an explicit path must load. */
+static int resume(Trainer *t, char *err) {
+    const Config *c = &t->cfg;
+    const Group *world = &t->mesh->g_world;
+    enum { MAXC = 64 };
+    char(*paths)[MT_PATH_MAX] = mt_calloc(MAXC, MT_PATH_MAX);
+    int n = 0, rc = ckpt_resume_candidates(c, world, paths, MAXC, &n, err);
+    for (int i = 0; rc == MT_OK && i < n; i++) {
+        if (ckpt_load(t, paths[i], err) == MT_OK) {
+            if (world->rank == 0) printf("resumed from %s at step %d\n", paths[i], t->step);
+            free(paths);
+            return MT_OK;
+        }
+        int is_auto = strcmp(c->resume, "auto") == 0;
+        if (!is_auto || i == n - 1) rc = MT_ERR; /* err holds this rank's reason (or is empty) */
+        else if (err[0]) fprintf(stderr, "moetrain: warning: skipping checkpoint: %s\n", err);
+    }
+    free(paths);
+    return rc;
+}
+
+/* True on every rank if any rank received SIGTERM / SIGUSR1. */
+static int agree_stop(const Group *world) {
+    int32_t s = stop_requested() != 0;
+    comm_allreduce_max(world, &s, 1, DT_I32);
+    return s;
+}
+
+static int run_steps(Trainer *t, Metrics *mx, char *err) {
+    const Config *c = &t->cfg;
+    const Group *world = &t->mesh->g_world;
+    while (t->step < c->steps) {
+        StepResult r = trainer_step(t);
+        if (r.step % c->log_every == 0 || r.step == c->steps) {
+            trainer_sync_stats(t);
+            metrics_step(mx, t, &r);
+            model_reset_stats(&t->model);
+        }
+        int stop = agree_stop(world);
+        int due = (c->ckpt_every > 0 && r.step % c->ckpt_every == 0) || r.step == c->steps || stop;
+        if (due && ckpt_save(t, c->ckpt_dir, c->keep, err) != MT_OK) return MT_ERR;
+        if (stop) {
+            if (world->rank == 0) printf("stopping after step %d on a signal; checkpoint saved\n", t->step);
+            break;
+        }
+    }
+    return MT_OK;
+}
+
 int train_run(const Config *c, const Mesh *mesh, char *err) {
     Trainer t;
     const Group *world = &mesh->g_world;
+    if (ckpt_check_dir(c->ckpt_dir, world, err) != MT_OK) return MT_ERR;
     int ok = trainer_init(&t, c, kernels_cpu(), mesh, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         if (ok == MT_OK) {
@@ -123,7 +176,8 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
         return MT_ERR;
     }
     Metrics mx;
-    ok = metrics_open(&mx, c->metrics_file, world->rank == 0, err);
+    ok = resume(&t, err);
+    if (ok == MT_OK) ok = metrics_open(&mx, c->metrics_file, world->rank == 0, t.step > 0, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         trainer_free(&t);
         if (ok == MT_OK) err[0] = 0;
@@ -131,15 +185,8 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     }
     metrics_run_record(&mx, &t);
     model_reset_stats(&t.model);
-    for (int s = t.step; s < c->steps; s++) {
-        StepResult r = trainer_step(&t);
-        if (r.step % c->log_every == 0 || r.step == c->steps) {
-            trainer_sync_stats(&t);
-            metrics_step(&mx, &t, &r);
-            model_reset_stats(&t.model);
-        }
-    }
+    ok = run_steps(&t, &mx, err);
     metrics_close(&mx);
     trainer_free(&t);
-    return MT_OK;
+    return ok;
 }

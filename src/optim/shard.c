@@ -198,6 +198,35 @@ void sharder_update(Sharder *s, float lr) {
     }
 }
 
+/* Even split of unit u over the replica group (equals ownership when sharded: units are padded). */
+static void write_split(const Sharder *s, int u, int b, size_t *lo, size_t *hi) {
+    const ParamUnit *pu = &s->m->pl.units[u];
+    size_t S = (size_t)s->rep[b]->size, r = (size_t)s->rep[b]->rank, chunk = mt_ceil_div(pu->len[b], S);
+    size_t end = pu->off[b] + pu->len[b];
+    *lo = pu->off[b] + r * chunk < end ? pu->off[b] + r * chunk : end;
+    *hi = *lo + chunk < end ? *lo + chunk : end;
+}
+
+void sharder_param_slice(const Sharder *s, int u, int b, int writing, size_t *lo, size_t *hi,
+                         float **p) {
+    const ParamUnit *pu = &s->m->pl.units[u];
+    if (writing || s->mode == SHARD_FULL) write_split(s, u, b, lo, hi);
+    else { *lo = pu->off[b]; *hi = pu->off[b] + pu->len[b]; }
+    *p = s->mode == SHARD_FULL ? s->pshard[b] + s->shard_off[b][u] : s->m->param[b] + *lo;
+}
+
+void sharder_state_slice(const Sharder *s, int u, int b, int writing, size_t *lo, size_t *hi,
+                         float **m, float **v) {
+    const ParamUnit *pu = &s->m->pl.units[u];
+    if (writing || s->mode != SHARD_NONE) write_split(s, u, b, lo, hi);
+    else { *lo = pu->off[b]; *hi = pu->off[b] + pu->len[b]; }
+    size_t own_lo, own_hi;
+    owned(s, u, b, &own_lo, &own_hi);
+    size_t i = s->shard_off[b][u] + (*lo - own_lo);
+    *m = s->mom[b] + i;
+    *v = s->var[b] + i;
+}
+
 /* Largest unit of buffer b (elements): the working set of full sharding. */
 static size_t largest_unit(const ParamLayout *pl, int b) {
     size_t most = 0;

@@ -59,6 +59,16 @@ void sharder_scale_grads(Sharder *s, float f);
 /* AdamW on the owned elements, then (optimizer mode) all-gather the parameters. */
 void sharder_update(Sharder *s, float lr);
 
+/* Checkpoint I/O views of unit u of buffer b. Writing: every element of the buffer is covered by
+ * exactly one rank of the replica group (the owner under sharding, an even split otherwise).
+ * Reading: everything this rank holds (parameters: the whole unit unless fully sharded; state:
+ * the whole unit in mode none, the owned slice otherwise). Flat range [lo, hi) and where element
+ * lo lives on this rank. */
+void sharder_param_slice(const Sharder *s, int u, int b, int writing, size_t *lo, size_t *hi,
+                         float **p);
+void sharder_state_slice(const Sharder *s, int u, int b, int writing, size_t *lo, size_t *hi,
+                         float **m, float **v);
+
 /* Bytes per rank: params, grads, optimizer state. */
 void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer);
 

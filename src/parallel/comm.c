@@ -25,7 +25,7 @@ Group group_self(const char *name) {
 }
 
 void group_free(Group *g) {
-    if (g->comm != MPI_COMM_NULL && g->comm != MPI_COMM_SELF) MPI_Comm_free(&g->comm);
+    if (g->comm != MPI_COMM_NULL && g->comm != MPI_COMM_SELF && g->comm != 0) MPI_Comm_free(&g->comm);
     g->comm = MPI_COMM_NULL;
 }
 

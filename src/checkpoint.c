@@ -1,0 +1,465 @@
+/* checkpoint.c — see checkpoint.h. */
+#include "checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hdf5.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "metrics.h"
+
+#define SHAPE_KEYS 13
+
+/* The config keys that fix tensor shapes: a checkpoint only resumes a model that agrees on them. */
+static void shape_keys(const Config *c, const char *names[SHAPE_KEYS], long long vals[SHAPE_KEYS]) {
+    const char *n[SHAPE_KEYS] = {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                                 "model.n_kv_heads", "model.head_dim", "model.ffn_hidden",
+                                 "model.dense_layers", "model.tie_embeddings", "moe.num_experts",
+                                 "moe.expert_hidden", "moe.shared_experts", "moe.shared_hidden"};
+    long long v[SHAPE_KEYS] = {c->vocab_size, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads,
+                               c->head_dim, c->ffn_hidden, c->dense_layers, c->tie_embeddings,
+                               c->num_experts, c->expert_hidden, c->shared_experts, c->shared_hidden};
+    memcpy(names, n, sizeof n);
+    memcpy(vals, v, sizeof v);
+}
+
+/* ---- small file-system helpers (rank 0) ---- */
+
+static int mkdir_p(const char *dir) {
+    char buf[MT_PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1;; p++) {
+        if (*p == '/' || *p == 0) {
+            char c = *p;
+            *p = 0;
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST) return -1;
+            if (!(*p = c)) break;
+        }
+    }
+    return 0;
+}
+
+static int fsync_path(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+static void step_name(char *buf, size_t len, int step) { snprintf(buf, len, "step_%08d.h5", step); }
+
+int ckpt_check_dir(const char *dir, const Group *world, char *err) {
+    int st = MT_OK;
+    if (world->rank == 0) {
+        char probe[MT_PATH_MAX + 32];
+        snprintf(probe, sizeof probe, "%s/.write-probe", dir);
+        int fd = -1;
+        if (mkdir_p(dir) != 0 || (fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC, 0644)) < 0 ||
+            write(fd, "ok\n", 3) != 3)
+            st = mt_fail(err, "[checkpoint] dir = %s: cannot be written: %s", dir, strerror(errno));
+        if (fd >= 0) close(fd);
+        unlink(probe);
+    }
+    if (comm_any_failed(world, st) != MT_OK) {
+        if (world->rank != 0) err[0] = 0;
+        return MT_ERR;
+    }
+    return MT_OK;
+}
+
+/* ---- HDF5 helpers ---- */
+
+static void attr_i64(hid_t obj, const char *name, long long v) {
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(obj, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    H5Awrite(a, H5T_NATIVE_LLONG, &v);
+    H5Aclose(a);
+    H5Sclose(sp);
+}
+
+static void attr_str(hid_t obj, const char *name, const char *s) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    H5Tset_size(t, strlen(s) + 1);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(obj, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
+    H5Awrite(a, t, s);
+    H5Aclose(a);
+    H5Sclose(sp);
+    H5Tclose(t);
+}
+
+static int read_attr_i64(hid_t obj, const char *name, long long *v) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    herr_t rc = a < 0 ? -1 : H5Aread(a, H5T_NATIVE_LLONG, v);
+    if (a >= 0) H5Aclose(a);
+    return rc < 0 ? -1 : 0;
+}
+
+/* Select flat elements [a, z) of a row-major (rows, cols) dataspace (cols = 0: 1-D). */
+static void select_flat(hid_t space, size_t a, size_t z, hsize_t cols) {
+    if (z <= a) {
+        H5Sselect_none(space);
+        return;
+    }
+    if (!cols) {
+        hsize_t start = a, count = z - a;
+        H5Sselect_hyperslab(space, H5S_SELECT_SET, &start, NULL, &count, NULL);
+        return;
+    }
+    hsize_t r0 = a / cols, c0 = a % cols, r1 = (z - 1) / cols, c1 = (z - 1) % cols;
+    H5S_seloper_t op = H5S_SELECT_SET;
+    if (r0 == r1) {
+        hsize_t st[2] = {r0, c0}, ct[2] = {1, c1 - c0 + 1};
+        H5Sselect_hyperslab(space, op, st, NULL, ct, NULL);
+        return;
+    }
+    hsize_t st1[2] = {r0, c0}, ct1[2] = {1, cols - c0};
+    H5Sselect_hyperslab(space, op, st1, NULL, ct1, NULL);
+    if (r1 > r0 + 1) {
+        hsize_t st2[2] = {r0 + 1, 0}, ct2[2] = {r1 - r0 - 1, cols};
+        H5Sselect_hyperslab(space, H5S_SELECT_OR, st2, NULL, ct2, NULL);
+    }
+    hsize_t st3[2] = {r1, 0}, ct3[2] = {1, c1 + 1};
+    H5Sselect_hyperslab(space, H5S_SELECT_OR, st3, NULL, ct3, NULL);
+}
+
+static hid_t tensor_space(const ParamInfo *t) {
+    hsize_t dims[2] = {(hsize_t)t->shape[0], (hsize_t)t->shape[1]};
+    return H5Screate_simple(t->ndim, dims, NULL);
+}
+
+/* Chunked, Fletcher32-checksummed dataset of t's shape (chunks of about 4 MiB). */
+static hid_t create_dataset(hid_t file, const char *name, const ParamInfo *t) {
+    hid_t sp = tensor_space(t), dcpl = H5Pcreate(H5P_DATASET_CREATE), lcpl = H5Pcreate(H5P_LINK_CREATE);
+    hsize_t chunk[2] = {(hsize_t)t->shape[0], (hsize_t)t->shape[1]};
+    hsize_t row = t->ndim == 2 ? (hsize_t)t->shape[1] : 1, rows = (1u << 20) / row;
+    if (rows < 1) rows = 1;
+    if (chunk[0] > rows) chunk[0] = rows;
+    H5Pset_chunk(dcpl, t->ndim, chunk);
+    H5Pset_fletcher32(dcpl);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    hid_t ds = H5Dcreate2(file, name, H5T_IEEE_F32LE, sp, lcpl, dcpl, H5P_DEFAULT);
+    H5Pclose(dcpl);
+    H5Pclose(lcpl);
+    H5Sclose(sp);
+    return ds;
+}
+
+/* ---- which slice of a tensor this rank writes / reads ---- */
+
+static int unit_of(const ParamLayout *pl, const ParamInfo *t) {
+    for (int u = 0; u < pl->n_units; u++) {
+        const ParamUnit *pu = &pl->units[u];
+        if (t->offset >= pu->off[t->buf] && t->offset < pu->off[t->buf] + pu->len[t->buf]) return u;
+    }
+    MT_CHECK(0, "tensor %s is in no unit", t->name);
+}
+
+typedef enum { WHAT_PARAM = 0, WHAT_M = 1, WHAT_V = 2 } What;
+static const char *const what_group[3] = {"/params/", "/optim/m/", "/optim/v/"};
+
+/* The part of tensor t (this rank's registry) that this rank writes or reads for `what`:
+ * tensor-local flat range [*a, *z) and a pointer to element *a. */
+static void tensor_slice(const Sharder *s, const ParamInfo *t, What what, int writing, size_t *a,
+                         size_t *z, float **ptr) {
+    int u = unit_of(&s->m->pl, t);
+    size_t lo, hi;
+    float *p, *m, *v;
+    if (what == WHAT_PARAM) sharder_param_slice(s, u, t->buf, writing, &lo, &hi, &p);
+    else {
+        sharder_state_slice(s, u, t->buf, writing, &lo, &hi, &m, &v);
+        p = what == WHAT_M ? m : v;
+    }
+    size_t ta = t->offset > lo ? t->offset : lo, tz = t->offset + t->numel < hi ? t->offset + t->numel : hi;
+    if (tz < ta) tz = ta;
+    *a = ta - t->offset;
+    *z = tz - t->offset;
+    *ptr = p + (ta - lo);
+}
+
+/* ---- save ---- */
+
+static void write_attrs(hid_t f, const Trainer *t) {
+    const Config *c = &t->cfg;
+    attr_i64(f, "format_version", CKPT_FORMAT_VERSION);
+    attr_i64(f, "step", t->step);
+    attr_i64(f, "tokens_seen", t->tokens_seen);
+    attr_i64(f, "adam_step", t->shard.step);
+    attr_i64(f, "seed", (long long)c->seed);
+    attr_i64(f, "data_sequences", (long long)t->step * trainer_global_batch(t));
+    const char *names[SHAPE_KEYS];
+    long long vals[SHAPE_KEYS];
+    shape_keys(c, names, vals);
+    for (int i = 0; i < SHAPE_KEYS; i++) attr_i64(f, names[i], vals[i]);
+    char *ini = NULL;
+    size_t len = 0;
+    FILE *mf = open_memstream(&ini, &len);
+    config_write_ini(c, mf);
+    fclose(mf);
+    attr_str(f, "config", ini);
+    free(ini);
+    const Mesh *ms = t->mesh;
+    char mesh[256];
+    snprintf(mesh, sizeof mesh, "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"ep\":%d,\"edp\":%d,\"shard\":%d}",
+             ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->ep, ms->edp, (int)c->shard);
+    attr_str(f, "mesh", mesh);
+    attr_str(f, "router_state", "none: the global-batch LBL counters restart every step and are empty "
+                                "at a step boundary; no expert bias is used");
+    attr_str(f, "writer", "moetrain " MOETRAIN_VERSION);
+}
+
+/* Every tensor of the full model, created on every rank (collective); each rank writes its part. */
+static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, char *err) {
+    hid_t dxpl = H5Pcreate(H5P_DATASET_XFER);
+    H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
+    int rc = MT_OK;
+    for (int w = 0; w < 3 && rc == MT_OK; w++) {
+        for (int n = 0; n < full->n && rc == MT_OK; n++) {
+            const ParamInfo *ft = &full->info[n];
+            char name[200];
+            snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
+            hid_t ds = create_dataset(f, name, ft);
+            int j = params_find(&t->model.pl, ft->name);
+            size_t a = 0, z = 0;
+            float *ptr = NULL;
+            if (j >= 0) tensor_slice(&t->shard, &t->model.pl.info[j], (What)w, 1, &a, &z, &ptr);
+            hid_t fs = tensor_space(ft);
+            select_flat(fs, a, z, ft->ndim == 2 ? (hsize_t)ft->shape[1] : 0);
+            hsize_t cnt = z > a ? z - a : 1;
+            hid_t ms = H5Screate_simple(1, &cnt, NULL);
+            if (z <= a) H5Sselect_none(ms);
+            float dummy = 0;
+            if (ds < 0 || H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, z > a ? ptr : &dummy) < 0)
+                rc = mt_fail(err, "writing dataset %s failed", name);
+            H5Sclose(ms);
+            H5Sclose(fs);
+            if (ds >= 0) H5Dclose(ds);
+        }
+    }
+    H5Pclose(dxpl);
+    return rc;
+}
+
+/* Rank 0, after the file is complete: fsync, rename into place, update latest, prune. */
+static int publish(const char *dir, const char *tmp, int step, int keep, char *err) {
+    char final[MT_PATH_MAX + 32], name[64], lt[MT_PATH_MAX + 32], lf[MT_PATH_MAX + 32];
+    step_name(name, sizeof name, step);
+    snprintf(final, sizeof final, "%s/%s", dir, name);
+    snprintf(lt, sizeof lt, "%s/latest.tmp", dir);
+    snprintf(lf, sizeof lf, "%s/latest", dir);
+    if (fsync_path(tmp) != 0 || rename(tmp, final) != 0 || fsync_path(dir) != 0)
+        return mt_fail(err, "%s: could not be moved into place: %s", final, strerror(errno));
+    FILE *f = fopen(lt, "w");
+    if (!f || fprintf(f, "%s\n", name) < 0 || fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0)
+        return mt_fail(err, "%s: cannot write the latest pointer: %s", lt, strerror(errno));
+    if (rename(lt, lf) != 0 || fsync_path(dir) != 0)
+        return mt_fail(err, "%s: cannot update the latest pointer: %s", lf, strerror(errno));
+    /* prune: keep the newest `keep` complete checkpoints */
+    struct dirent **list;
+    int n = scandir(dir, &list, NULL, alphasort), kept = 0;
+    for (int i = n - 1; i >= 0; i--) {
+        const char *e = list[i]->d_name;
+        size_t l = strlen(e);
+        if (strncmp(e, "step_", 5) == 0 && l > 3 && strcmp(e + l - 3, ".h5") == 0 && ++kept > keep) {
+            char p[MT_PATH_MAX + 300];
+            snprintf(p, sizeof p, "%s/%s", dir, e);
+            unlink(p);
+        }
+        free(list[i]);
+    }
+    if (n >= 0) free(list);
+    return MT_OK;
+}
+
+int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
+    const Group *world = &t->mesh->g_world;
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    char tmp[MT_PATH_MAX + 64], name[64];
+    step_name(name, sizeof name, t->step);
+    snprintf(tmp, sizeof tmp, "%s/%s.tmp", dir, name);
+    ModelDims fd = dims_from_config(&t->cfg, 1, 0);
+    ParamLayout full;
+    params_layout_init(&full, &fd, t->cfg.init_std, NULL);
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_fapl_mpio(fapl, world->comm, MPI_INFO_NULL);
+    H5Pset_coll_metadata_write(fapl, 1);
+    hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5Pclose(fapl);
+    int rc = f < 0 ? mt_fail(err, "%s: cannot create checkpoint file", tmp) : MT_OK;
+    if (rc == MT_OK) {
+        write_attrs(f, t);
+        rc = write_datasets(f, t, &full, err);
+        if (H5Fclose(f) < 0 && rc == MT_OK) rc = mt_fail(err, "%s: closing failed", tmp);
+    }
+    params_layout_free(&full);
+    if (comm_any_failed(world, rc) != MT_OK) {
+        if (world->rank == 0) unlink(tmp);
+        if (rc == MT_OK) mt_fail(err, "checkpoint %s failed on another rank", tmp);
+        return MT_ERR;
+    }
+    rc = world->rank == 0 ? publish(dir, tmp, t->step, keep, err) : MT_OK;
+    return comm_any_failed(world, rc) != MT_OK ? (rc == MT_OK ? mt_fail(err, "publishing the checkpoint failed on rank 0") : MT_ERR) : MT_OK;
+}
+
+/* ---- load ---- */
+
+static int check_header(hid_t f, const char *path, const Config *c, long long *step, long long *tokens,
+                        long long *adam, char *err) {
+    long long v;
+    if (read_attr_i64(f, "format_version", &v) != 0)
+        return mt_fail(err, "%s: not a moetrain checkpoint (no format_version attribute)", path);
+    if (v != CKPT_FORMAT_VERSION)
+        return mt_fail(err, "%s: checkpoint format version %lld; this moetrain reads version %d", path, v,
+                       CKPT_FORMAT_VERSION);
+    const char *names[SHAPE_KEYS];
+    long long vals[SHAPE_KEYS];
+    shape_keys(c, names, vals);
+    for (int i = 0; i < SHAPE_KEYS; i++) {
+        if (read_attr_i64(f, names[i], &v) != 0) return mt_fail(err, "%s: attribute %s is missing", path, names[i]);
+        if (v != vals[i])
+            return mt_fail(err, "%s: written for %s = %lld but the config has %lld; a checkpoint only "
+                                "resumes a model of the same shape", path, names[i], v, vals[i]);
+    }
+    if (read_attr_i64(f, "step", step) != 0 || read_attr_i64(f, "tokens_seen", tokens) != 0 ||
+        read_attr_i64(f, "adam_step", adam) != 0)
+        return mt_fail(err, "%s: step / tokens_seen / adam_step attribute missing", path);
+    return MT_OK;
+}
+
+static int read_tensor(hid_t f, const char *path, const char *name, const ParamInfo *t, size_t a,
+                       size_t z, float *ptr, char *err) {
+    if (z <= a) return MT_OK;
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0) return mt_fail(err, "%s: dataset %s is missing", path, name);
+    hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+    if (ds < 0) return mt_fail(err, "%s: dataset %s cannot be opened", path, name);
+    hid_t fs = H5Dget_space(ds);
+    hsize_t dims[2] = {0, 0};
+    int nd = H5Sget_simple_extent_dims(fs, dims, NULL);
+    int rc = MT_OK;
+    if (nd != t->ndim || dims[0] != (hsize_t)t->shape[0] || (nd == 2 && dims[1] != (hsize_t)t->shape[1])) {
+        rc = mt_fail(err, "%s: dataset %s has the wrong shape", path, name);
+    } else {
+        select_flat(fs, a, z, nd == 2 ? dims[1] : 0);
+        hsize_t cnt = z - a;
+        hid_t ms = H5Screate_simple(1, &cnt, NULL);
+        if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, ptr) < 0)
+            rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
+                              "corrupted data", path, name);
+        H5Sclose(ms);
+    }
+    H5Sclose(fs);
+    H5Dclose(ds);
+    return rc;
+}
+
+static int read_all(hid_t f, const char *path, Trainer *t, char *err) {
+    const ParamLayout *pl = &t->model.pl;
+    for (int w = 0; w < 3; w++) {
+        for (int n = 0; n < pl->n; n++) {
+            const ParamInfo *ti = &pl->info[n];
+            size_t a, z;
+            float *ptr;
+            tensor_slice(&t->shard, ti, (What)w, 0, &a, &z, &ptr);
+            char name[200];
+            snprintf(name, sizeof name, "%s%s", what_group[w], ti->name);
+            if (read_tensor(f, path, name, ti, a, z, ptr, err) != MT_OK) return MT_ERR;
+        }
+    }
+    return MT_OK;
+}
+
+int ckpt_load(Trainer *t, const char *path, char *err) {
+    const Group *world = &t->mesh->g_world;
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    long long step = 0, tokens = 0, adam = 0;
+    int rc = MT_OK;
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) {
+        rc = access(path, R_OK) != 0 ? mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno))
+                                     : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
+    } else {
+        rc = check_header(f, path, &t->cfg, &step, &tokens, &adam, err);
+        if (rc == MT_OK) rc = read_all(f, path, t, err);
+        H5Fclose(f);
+    }
+    if (comm_any_failed(world, rc) != MT_OK) {
+        if (rc == MT_OK) err[0] = 0;
+        return MT_ERR;
+    }
+    t->step = (int)step;
+    t->tokens_seen = tokens;
+    t->shard.step = (int)adam;
+    return MT_OK;
+}
+
+/* ---- resume ---- */
+
+static int is_step_file(const char *e) {
+    size_t l = strlen(e);
+    return strncmp(e, "step_", 5) == 0 && l > 3 && strcmp(e + l - 3, ".h5") == 0;
+}
+
+static void add_unique(char (*paths)[MT_PATH_MAX], int max, int *n, const char *p) {
+    for (int i = 0; i < *n; i++)
+        if (strcmp(paths[i], p) == 0) return;
+    size_t l = strlen(p);
+    if (*n < max && l < MT_PATH_MAX) memcpy(paths[(*n)++], p, l + 1); /* longer: not resumable */
+}
+
+/* auto: DIR/latest's file first, then every complete step file, newest first. */
+static void auto_candidates(const char *dir, char (*paths)[MT_PATH_MAX], int max, int *n) {
+    char lf[MT_PATH_MAX + 16], name[256] = "", p[MT_PATH_MAX + 300];
+    snprintf(lf, sizeof lf, "%s/latest", dir);
+    FILE *f = fopen(lf, "r");
+    if (f) {
+        if (fscanf(f, "%255s", name) == 1 && is_step_file(name)) {
+            snprintf(p, sizeof p, "%s/%s", dir, name);
+            if (access(p, R_OK) == 0) add_unique(paths, max, n, p);
+        }
+        fclose(f);
+    }
+    struct dirent **list;
+    int k = scandir(dir, &list, NULL, alphasort);
+    for (int i = k - 1; i >= 0; i--) {
+        if (is_step_file(list[i]->d_name)) {
+            snprintf(p, sizeof p, "%s/%s", dir, list[i]->d_name);
+            add_unique(paths, max, n, p);
+        }
+        free(list[i]);
+    }
+    if (k >= 0) free(list);
+}
+
+static int candidates_rank0(const Config *c, char (*paths)[MT_PATH_MAX], int max, int *n, char *err) {
+    *n = 0;
+    if (strcmp(c->resume, "never") == 0) return MT_OK;
+    if (strcmp(c->resume, "auto") == 0) {
+        auto_candidates(c->ckpt_dir, paths, max, n);
+        return MT_OK;
+    }
+    if (access(c->resume, R_OK) != 0)
+        return mt_fail(err, "[checkpoint] resume = %s: cannot read it: %s", c->resume, strerror(errno));
+    add_unique(paths, max, n, c->resume);
+    return MT_OK;
+}
+
+int ckpt_resume_candidates(const Config *c, const Group *world, char (*paths)[MT_PATH_MAX], int max,
+                           int *n, char *err) {
+    int rc = world->rank == 0 ? candidates_rank0(c, paths, max, n, err) : MT_OK;
+    if (comm_any_failed(world, rc) != MT_OK) {
+        if (world->rank != 0) err[0] = 0;
+        return MT_ERR;
+    }
+    int32_t count = *n;
+    comm_bcast(world, &count, 1, DT_I32, 0);
+    *n = count;
+    for (int i = 0; i < count; i++) comm_bcast(world, paths[i], MT_PATH_MAX / 4, DT_I32, 0);
+    return MT_OK;
+}

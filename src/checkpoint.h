@@ -1,0 +1,45 @@
+/* checkpoint.h — HDF5 checkpoints that any mesh can resume, written so a crash never costs one.
+ *
+ * One checkpoint = one HDF5 file, written collectively with parallel HDF5 (MPI-IO) over the world:
+ *   /params/<name>     every parameter in its full logical shape, under its Hugging Face name
+ *   /optim/m/<name>    AdamW first moment, same shape
+ *   /optim/v/<name>    AdamW second moment, same shape
+ * Each rank writes the slices it owns (sharder_*_slice); every dataset is chunked with HDF5's
+ * Fletcher32 checksum filter, verified on every read. Root attributes: format_version, step,
+ * tokens_seen, adam_step, seed, data_sequences (the data position: sequences consumed), the
+ * model-shape keys (model.*, moe.* that fix tensor shapes), the full config as INI text, the
+ * mesh that wrote it (JSON) and the router state. The layout does not depend on the mesh, so any
+ * mesh the config accepts can resume it. docs/checkpoint-format.md has the details.
+ *
+ * Writing: DIR/step_NNNNNNNN.h5.tmp is written and closed, fsynced, renamed to step_NNNNNNNN.h5,
+ * the directory fsynced, then DIR/latest (one line: the file name) is replaced the same way, and
+ * only then are checkpoints beyond checkpoint.keep deleted. A crash or kill -9 at any moment
+ * leaves the previous checkpoint and pointer intact; a partial file only ever has a .tmp name,
+ * which resume never reads (and the next write removes).
+ * All functions here are collective over the trainer's world group.
+ */
+#ifndef MT_CHECKPOINT_H
+#define MT_CHECKPOINT_H
+
+#include "train.h"
+
+#define CKPT_FORMAT_VERSION 1
+
+/* Fail early (before training) if dir cannot be created or written. Collective. */
+int ckpt_check_dir(const char *dir, const Group *world, char *err);
+
+/* Write the trainer's state as the checkpoint of step t->step. Collective. */
+int ckpt_save(Trainer *t, const char *dir, int keep, char *err);
+
+/* Restore the trainer (built from the same config) from path. Refuses (with what differs) a file
+ * whose model shape does not match the config, a wrong format version, a missing dataset or a
+ * checksum mismatch; on error the trainer is unusable. Collective. */
+int ckpt_load(Trainer *t, const char *path, char *err);
+
+/* The checkpoints checkpoint.resume points at, best first: "never" -> none; "auto" -> DIR/latest's
+ * file, then every complete DIR/step_*.h5 newest first (none: a fresh start); anything else -> that
+ * path, which must exist. Rank 0 decides and broadcasts. Collective. */
+int ckpt_resume_candidates(const Config *c, const Group *world, char (*paths)[MT_PATH_MAX], int max,
+                           int *n, char *err);
+
+#endif
