@@ -399,6 +399,59 @@ int ckpt_load(Trainer *t, const char *path, char *err) {
     return MT_OK;
 }
 
+/* ---- verify ---- */
+
+typedef struct VerifyCtx {
+    const char *path;
+    char *err;
+    int datasets, failed;
+} VerifyCtx;
+
+static herr_t verify_object(hid_t obj, const char *name, const H5O_info_t *info, void *data) {
+    VerifyCtx *v = data;
+    if (info->type != H5O_TYPE_DATASET) return 0;
+    hid_t ds = H5Dopen2(obj, name, H5P_DEFAULT);
+    hid_t sp = ds < 0 ? -1 : H5Dget_space(ds);
+    hssize_t n = sp < 0 ? -1 : H5Sget_simple_extent_npoints(sp);
+    float *buf = n >= 0 ? malloc((size_t)(n ? n : 1) * sizeof(float)) : NULL;
+    int bad = !buf || H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0;
+    free(buf);
+    if (sp >= 0) H5Sclose(sp);
+    if (ds >= 0) H5Dclose(ds);
+    if (bad) {
+        mt_fail(v->err, "%s: dataset /%s cannot be read: checksum mismatch (Fletcher32) or corrupted data",
+                v->path, name);
+        v->failed = 1;
+        return 1; /* stop at the first bad dataset */
+    }
+    v->datasets++;
+    return 0;
+}
+
+int ckpt_verify(const char *path, long long *step, int *datasets, char *err) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0)
+        return access(path, R_OK) != 0 ? mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno))
+                                        : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
+    long long v = 0;
+    int rc = MT_OK;
+    if (read_attr_i64(f, "format_version", &v) != 0)
+        rc = mt_fail(err, "%s: not a moetrain checkpoint (no format_version attribute)", path);
+    else if (v != CKPT_FORMAT_VERSION)
+        rc = mt_fail(err, "%s: checkpoint format version %lld; this moetrain reads version %d", path, v,
+                     CKPT_FORMAT_VERSION);
+    else if (read_attr_i64(f, "step", step) != 0)
+        rc = mt_fail(err, "%s: attribute step is missing", path);
+    VerifyCtx ctx = {path, err, 0, 0};
+    if (rc == MT_OK && (H5Ovisit(f, H5_INDEX_NAME, H5_ITER_NATIVE, verify_object, &ctx) < 0 || ctx.failed))
+        rc = ctx.failed ? MT_ERR : mt_fail(err, "%s: the file's objects cannot be listed (corrupted)", path);
+    if (rc == MT_OK && ctx.datasets == 0) rc = mt_fail(err, "%s: holds no datasets", path);
+    H5Fclose(f);
+    *datasets = ctx.datasets;
+    return rc;
+}
+
 /* ---- resume ---- */
 
 static int is_step_file(const char *e) {

@@ -36,6 +36,10 @@ int ckpt_save(Trainer *t, const char *dir, int keep, char *err);
  * checksum mismatch; on error the trainer is unusable. Collective. */
 int ckpt_load(Trainer *t, const char *path, char *err);
 
+/* Check a checkpoint file on its own (no config, not collective): it opens, has a supported
+ * format version, and every dataset reads back with a valid checksum. Prints nothing. */
+int ckpt_verify(const char *path, long long *step, int *datasets, char *err);
+
 /* The checkpoints checkpoint.resume points at, best first: "never" -> none; "auto" -> DIR/latest's
  * file, then every complete DIR/step_*.h5 newest first (none: a fresh start); anything else -> that
  * path, which must exist. Rank 0 decides and broadcasts. Collective. */

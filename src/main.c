@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "checkpoint.h"
 #include "common.h"
 #include "config.h"
 #include "metrics.h"
@@ -19,9 +20,27 @@
 
 static void usage(FILE *f) {
     fprintf(f, "usage: moetrain CONFIG.ini [--set section.key=value ...]\n"
+               "       moetrain --verify-checkpoint FILE.h5\n"
                "       moetrain --help | --help-markdown | --version\n\n"
                "Trains a Mixture-of-Experts decoder. Launch with mpirun -np N for several ranks.\n"
                "Every config key (also settable with --set):\n\n");
+}
+
+/* --verify-checkpoint: every dataset read back through its checksum. */
+static int verify(const char *path) {
+    if (!path) {
+        fprintf(stderr, "moetrain: error: --verify-checkpoint needs a file\n");
+        return 2;
+    }
+    char err[MT_ERRLEN];
+    long long step = 0;
+    int n = 0;
+    if (ckpt_verify(path, &step, &n, err) != MT_OK) {
+        fprintf(stderr, "moetrain: error: %s\n", err);
+        return 2;
+    }
+    printf("%s: ok: step %lld, %d datasets, all checksums valid\n", path, step, n);
+    return 0;
 }
 
 typedef struct Args {
@@ -42,6 +61,8 @@ static int parse_args(int argc, char **argv, Args *a) {
         } else if (!strcmp(s, "--help-markdown")) {
             config_print_markdown(stdout);
             return 0;
+        } else if (!strcmp(s, "--verify-checkpoint")) {
+            return verify(i + 1 < argc ? argv[i + 1] : NULL);
         } else if (!strcmp(s, "--version")) {
             printf("moetrain %s\n", MOETRAIN_VERSION);
             return 0;
