@@ -54,6 +54,11 @@ static int fsync_path(const char *path) {
 
 static void step_name(char *buf, size_t len, int step) { snprintf(buf, len, "step_%08d.h5", step); }
 
+static int is_step_file(const char *e) {
+    size_t l = strlen(e);
+    return strncmp(e, "step_", 5) == 0 && l > 3 && strcmp(e + l - 3, ".h5") == 0;
+}
+
 int ckpt_check_dir(const char *dir, const Group *world, char *err) {
     int st = MT_OK;
     if (world->rank == 0) {
@@ -261,13 +266,14 @@ static int publish(const char *dir, const char *tmp, int step, int keep, char *e
         return mt_fail(err, "%s: cannot write the latest pointer: %s", lt, strerror(errno));
     if (rename(lt, lf) != 0 || fsync_path(dir) != 0)
         return mt_fail(err, "%s: cannot update the latest pointer: %s", lf, strerror(errno));
-    /* prune: keep the newest `keep` complete checkpoints */
+    /* prune: keep the newest `keep` complete checkpoints; drop leftovers of crashed writes */
     struct dirent **list;
     int n = scandir(dir, &list, NULL, alphasort), kept = 0;
     for (int i = n - 1; i >= 0; i--) {
         const char *e = list[i]->d_name;
         size_t l = strlen(e);
-        if (strncmp(e, "step_", 5) == 0 && l > 3 && strcmp(e + l - 3, ".h5") == 0 && ++kept > keep) {
+        int stale_tmp = strncmp(e, "step_", 5) == 0 && l > 7 && strcmp(e + l - 7, ".h5.tmp") == 0;
+        if ((is_step_file(e) && ++kept > keep) || stale_tmp) {
             char p[MT_PATH_MAX + 300];
             snprintf(p, sizeof p, "%s/%s", dir, e);
             unlink(p);
@@ -453,11 +459,6 @@ int ckpt_verify(const char *path, long long *step, int *datasets, char *err) {
 }
 
 /* ---- resume ---- */
-
-static int is_step_file(const char *e) {
-    size_t l = strlen(e);
-    return strncmp(e, "step_", 5) == 0 && l > 3 && strcmp(e + l - 3, ".h5") == 0;
-}
 
 static void add_unique(char (*paths)[MT_PATH_MAX], int max, int *n, const char *p) {
     for (int i = 0; i < *n; i++)
