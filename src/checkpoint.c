@@ -240,9 +240,11 @@ static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, ch
             hsize_t cnt = z > a ? z - a : 1;
             hid_t ms = H5Screate_simple(1, &cnt, NULL);
             if (z <= a) H5Sselect_none(ms);
-            float dummy = 0;
-            if (ds < 0 || H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, z > a ? ptr : &dummy) < 0)
+            float *host = mt_calloc(cnt, sizeof(float)); /* staged: backend memory may be a device's */
+            if (z > a) t->k->to_host(host, ptr, (z - a) * sizeof(float));
+            if (ds < 0 || H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host) < 0)
                 rc = mt_fail(err, "writing dataset %s failed", name);
+            free(host);
             H5Sclose(ms);
             H5Sclose(fs);
             if (ds >= 0) H5Dclose(ds);
@@ -339,8 +341,8 @@ static int check_header(hid_t f, const char *path, const Config *c, long long *s
     return MT_OK;
 }
 
-static int read_tensor(hid_t f, const char *path, const char *name, const ParamInfo *t, size_t a,
-                       size_t z, float *ptr, char *err) {
+static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *name,
+                       const ParamInfo *t, size_t a, size_t z, float *ptr, char *err) {
     if (z <= a) return MT_OK;
     if (H5Lexists(f, name, H5P_DEFAULT) <= 0) return mt_fail(err, "%s: dataset %s is missing", path, name);
     hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
@@ -355,9 +357,13 @@ static int read_tensor(hid_t f, const char *path, const char *name, const ParamI
         select_flat(fs, a, z, nd == 2 ? dims[1] : 0);
         hsize_t cnt = z - a;
         hid_t ms = H5Screate_simple(1, &cnt, NULL);
-        if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, ptr) < 0)
+        float *host = mt_calloc(cnt, sizeof(float));
+        if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, host) < 0)
             rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
                               "corrupted data", path, name);
+        else
+            k->from_host(ptr, host, cnt * sizeof(float));
+        free(host);
         H5Sclose(ms);
     }
     H5Sclose(fs);
@@ -375,7 +381,7 @@ static int read_all(hid_t f, const char *path, Trainer *t, char *err) {
             tensor_slice(&t->shard, ti, (What)w, 0, &a, &z, &ptr);
             char name[200];
             snprintf(name, sizeof name, "%s%s", what_group[w], ti->name);
-            if (read_tensor(f, path, name, ti, a, z, ptr, err) != MT_OK) return MT_ERR;
+            if (read_tensor(t->k, f, path, name, ti, a, z, ptr, err) != MT_OK) return MT_ERR;
         }
     }
     return MT_OK;

@@ -483,6 +483,12 @@ static int check_data_path(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, src, path, err, "requires a non-empty data.path (the token file)");
 }
 
+static int check_pad(const Config *c, const Loc *o, char *err) {
+    if (!c->pad_to_capacity || c->capacity_factor > 0) return MT_OK;
+    const KeySpec *pad = must_key("moe", "pad_to_capacity"), *cf = must_key("moe", "capacity_factor");
+    return key_fail(c, o, pad, cf, err, "requires moe.capacity_factor > 0 (dropless routing has no capacity to pad to)");
+}
+
 static const Rule RULES[] = {
     {"model", "n_heads", R_MULTIPLE_OF, "model", "n_kv_heads", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_head_dim,
@@ -493,6 +499,7 @@ static const Rule RULES[] = {
     {"optim", "min_lr", R_LE, "optim", "lr", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_data_path, "data.source = file requires a non-empty data.path"},
     {"moe", "num_experts", R_MULTIPLE_OF, "parallel", "ep", NULL, NULL},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
 };
 enum { NRULES = sizeof RULES / sizeof RULES[0] };
 

@@ -118,7 +118,8 @@ typedef struct Kernels {
      * combine:     y[slot/K] += weights[slot] * yp(M,C)                 (y accumulated)
      * combine_bwd: dyp(M,C) = weights[slot] * dy[slot/K]                (overwrites)
      *              dweights[slot] = <dy[slot/K], yp[m]>                  (overwrites those slots only)
-     * weights, dweights are backend (N,K). */
+     * weights, dweights are backend (N,K). A slot < 0 marks a padding row (moe.pad_to_capacity):
+     * gather writes zeros, scatter_add and combine skip it, combine_bwd writes a zero dyp row. */
     void (*gather_rows)(float *xp, const float *x, const int *slots, int m, int c, int k);
     void (*scatter_add_rows)(float *dx, const float *dxp, const int *slots, int m, int c, int k);
     void (*combine)(float *y, const float *yp, const float *weights, const int *slots, int m, int c,

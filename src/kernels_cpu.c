@@ -578,14 +578,18 @@ static void cpu_router_bwd(float *dlogits, const float *dweights, const float *d
 
 /* ========================================================================= permutation == */
 
+/* A slot < 0 is a padding row (pad_to_capacity): it gathers zeros and contributes nothing. */
 static void cpu_gather_rows(float *xp, const float *x, const int *slots, int m, int c, int k) {
-    for (int r = 0; r < m; r++)
-        memcpy(xp + (size_t)r * c, x + (size_t)(slots[r] / k) * c, (size_t)c * sizeof(float));
+    for (int r = 0; r < m; r++) {
+        if (slots[r] < 0) memset(xp + (size_t)r * c, 0, (size_t)c * sizeof(float));
+        else memcpy(xp + (size_t)r * c, x + (size_t)(slots[r] / k) * c, (size_t)c * sizeof(float));
+    }
 }
 
 static void cpu_scatter_add_rows(float *dx, const float *dxp, const int *slots, int m, int c,
                                  int k) {
     for (int r = 0; r < m; r++) {
+        if (slots[r] < 0) continue;
         float *restrict d = dx + (size_t)(slots[r] / k) * c;
         const float *restrict s = dxp + (size_t)r * c;
         for (int j = 0; j < c; j++) d[j] += s[j];
@@ -595,6 +599,7 @@ static void cpu_scatter_add_rows(float *dx, const float *dxp, const int *slots, 
 static void cpu_combine(float *y, const float *yp, const float *weights, const int *slots, int m,
                         int c, int k) {
     for (int r = 0; r < m; r++) {
+        if (slots[r] < 0) continue;
         float *restrict d = y + (size_t)(slots[r] / k) * c;
         const float *restrict s = yp + (size_t)r * c;
         float w = weights[slots[r]];
@@ -605,8 +610,12 @@ static void cpu_combine(float *y, const float *yp, const float *weights, const i
 static void cpu_combine_bwd(float *dyp, float *dweights, const float *dy, const float *yp,
                             const float *weights, const int *slots, int m, int c, int k) {
     for (int r = 0; r < m; r++) {
-        const float *restrict g = dy + (size_t)(slots[r] / k) * c;
         float *restrict d = dyp + (size_t)r * c;
+        if (slots[r] < 0) {
+            memset(d, 0, (size_t)c * sizeof(float));
+            continue;
+        }
+        const float *restrict g = dy + (size_t)(slots[r] / k) * c;
         float w = weights[slots[r]];
         for (int j = 0; j < c; j++) d[j] = w * g[j];
         dweights[slots[r]] = (float)dot_d(g, yp + (size_t)r * c, (size_t)c);

@@ -29,7 +29,7 @@ static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int 
     a->ln2 = k->alloc(nc * F32);
     a->rstd2 = k->alloc((size_t)n * F32);
     if (lp->is_moe) {
-        moe_acts_alloc(&a->moe, k, d, n, m->ep);
+        moe_acts_alloc(&a->moe, k, d, &m->mc, n, m->ep);
     } else {
         a->ab = k->alloc((size_t)n * 2 * d->F * F32);
         a->h = k->alloc((size_t)n * d->F * F32);
@@ -60,7 +60,7 @@ static void scratch_alloc(Model *m, int n) {
     m->datt = k->alloc((size_t)n * d->H * d->D * F32);
     m->dh = k->alloc((size_t)n * f * F32);
     m->dab = k->alloc((size_t)n * 2 * f * F32);
-    moe_scratch_alloc(&m->ms, k, d, n);
+    moe_scratch_alloc(&m->ms, k, d, &m->mc, n);
 }
 
 void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const ModelParallel *mp) {
@@ -71,7 +71,8 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->tok_group = mp ? mp->tokens : &m->solo;
     m->d = dims_from_config(c, m->ep->size, m->ep->rank);
     m->mc = (MoeConfig){.renorm = c->renormalize, .capacity_factor = c->capacity_factor,
-                        .lbl_coeff = c->lbl_coeff, .z_coeff = c->z_coeff};
+                        .pad_to_capacity = c->pad_to_capacity, .lbl_coeff = c->lbl_coeff,
+                        .z_coeff = c->z_coeff};
     m->eps = c->norm_eps;
     m->theta = c->rope_theta;
     m->lbl_scope = c->lbl_scope;

@@ -9,28 +9,31 @@
 
 static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m);
 
-void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n, const Group *ep) {
+void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeConfig *mc, int n,
+                    const Group *ep) {
     size_t nk = (size_t)n * d->K, f = sizeof(float);
+    size_t rows = moe_plan_rows(n, d->E, d->K, moe_capacity(mc->capacity_factor, n, d->K, d->E),
+                                mc->pad_to_capacity);
     memset(a, 0, sizeof *a);
     a->logits = k->alloc((size_t)n * d->E * f);
     a->probs = k->alloc((size_t)n * d->E * f);
     a->weights = k->alloc(nk * f);
     a->idx = k->alloc(nk * sizeof(int32_t));
-    a->xp = k->alloc(nk * d->C * f);
-    a->yp = k->alloc(nk * d->C * f);
+    a->xp = k->alloc(rows * d->C * f);
+    a->yp = k->alloc(rows * d->C * f);
     if (d->Fs) {
         a->sh_ab = k->alloc((size_t)n * 2 * d->Fs * f);
         a->sh_h = k->alloc((size_t)n * d->Fs * f);
     }
     a->psum = k->alloc(d->E * f);
-    a->plan.slots = mt_calloc(nk, sizeof(int));
+    a->plan.slots = mt_calloc(rows, sizeof(int));
     a->plan.offs = mt_calloc(d->E + 1, sizeof(int));
     a->plan.count = mt_calloc(d->E, sizeof(int64_t));
     a->idx_host = mt_calloc(nk, sizeof(int32_t));
     a->probs_host = mt_calloc((size_t)n * d->E, sizeof(float));
     a->f = mt_calloc(d->E, sizeof(float));
     dispatcher_init(&a->disp, ep, k, d->E, d->C);
-    acts_reserve(a, k, d, ep->size == 1 ? nk : 0);
+    acts_reserve(a, k, d, ep->size == 1 ? rows : 0);
 }
 
 /* Make *p hold at least rows x width floats (contents not kept). */
@@ -80,11 +83,14 @@ void moe_acts_free(MoeActs *a, const Kernels *k) {
     memset(a, 0, sizeof *a);
 }
 
-void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, int n) {
+void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, const MoeConfig *mc,
+                       int n) {
     size_t nk = (size_t)n * d->K, f = sizeof(float);
+    size_t rows = moe_plan_rows(n, d->E, d->K, moe_capacity(mc->capacity_factor, n, d->K, d->E),
+                                mc->pad_to_capacity);
     memset(s, 0, sizeof *s);
-    s->dyp = k->alloc(nk * d->C * f);
-    s->dxp = k->alloc(nk * d->C * f);
+    s->dyp = k->alloc(rows * d->C * f);
+    s->dxp = k->alloc(rows * d->C * f);
     s->dweights = k->alloc(nk * f);
     s->dlogits = k->alloc((size_t)n * d->E * f);
     if (d->Fs) {
@@ -133,8 +139,13 @@ static int keep_top(Cand *c, int nc, int capacity, int *out) {
     return nc;
 }
 
+size_t moe_plan_rows(int n, int e, int k, int capacity, int pad) {
+    size_t kept = (size_t)n * k, padded = (size_t)e * capacity;
+    return pad && capacity > 0 && padded > kept ? padded : kept;
+}
+
 void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
-                    int capacity) {
+                    int capacity, int pad) {
     memset(p->count, 0, e * sizeof *p->count);
     for (int s = 0; s < n * k; s++) p->count[idx[s]]++;
     Cand *cand = mt_calloc((size_t)n * k, sizeof *cand);
@@ -147,11 +158,15 @@ void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n,
     }
     p->m = 0;
     p->offs[0] = 0;
+    int kept = 0;
     for (int x = 0; x < e; x++) {
-        p->m += keep_top(cand + start[x], (int)p->count[x], capacity, p->slots + p->m);
+        int got = keep_top(cand + start[x], (int)p->count[x], capacity, p->slots + p->m);
+        kept += got;
+        p->m += got;
+        for (; pad && capacity > 0 && got < capacity; got++) p->slots[p->m++] = -1;
         p->offs[x + 1] = p->m;
     }
-    p->dropped = n * k - p->m;
+    p->dropped = n * k - kept;
     free(cand);
     free(start);
     free(fill);
@@ -187,7 +202,7 @@ static void route(const Kernels *k, const ModelDims *d, const MoeConfig *mc, con
     k->to_host(a->idx_host, a->idx, (size_t)n * d->K * sizeof(int32_t));
     k->to_host(a->probs_host, a->probs, (size_t)n * d->E * sizeof(float));
     moe_plan_build(&a->plan, a->idx_host, a->probs_host, n, d->E, d->K,
-                   moe_capacity(mc->capacity_factor, n, d->K, d->E));
+                   moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity);
 }
 
 /* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */

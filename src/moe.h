@@ -28,8 +28,9 @@
 
 /* Which kept assignments go to which expert. Host memory. */
 typedef struct RoutePlan {
-    int m;          /* kept assignments (rows of xp) */
-    int *slots;     /* (N*K) slot = n*K + j, grouped by expert, ascending token within an expert */
+    int m;          /* rows of xp: kept assignments (+ padding rows when padding to capacity) */
+    int *slots;     /* (rows) slot = n*K + j, grouped by expert, ascending token within an expert;
+                       -1 = a padding row */
     int *offs;      /* (E+1) row offsets per expert */
     int64_t *count; /* (E) assignments routed to each expert before capacity (the load) */
     int dropped;    /* assignments dropped by capacity */
@@ -68,6 +69,7 @@ typedef struct MoeScratch {
 typedef struct MoeConfig {
     int renorm;
     float capacity_factor; /* 0 = dropless */
+    int pad_to_capacity;
     float lbl_coeff, z_coeff;
 } MoeConfig;
 
@@ -78,17 +80,22 @@ typedef struct MoeWeights {
 } MoeWeights;
 
 /* ep: the expert-parallel group (size 1: no dispatch). */
-void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, int n, const Group *ep);
+void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeConfig *mc, int n,
+                    const Group *ep);
 void moe_acts_free(MoeActs *a, const Kernels *k);
-void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, int n);
+void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, const MoeConfig *mc,
+                       int n);
 void moe_scratch_free(MoeScratch *s, const Kernels *k);
 
 /* Capacity per expert for n tokens (0 = unlimited / dropless). */
 int moe_capacity(float cf, int n, int k, int e);
 /* Build the plan from idx/probs (host) for n tokens. Dropping keeps the highest-probability
- * assignments of an overfull expert (ties: lower token first). */
+ * assignments of an overfull expert (ties: lower token first). pad: give every expert exactly
+ * `capacity` rows, the unused ones padding (static shapes; needs capacity > 0). */
 void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
-                    int capacity);
+                    int capacity, int pad);
+/* Rows a plan can need for n tokens: n*k, or e*capacity when padding. */
+size_t moe_plan_rows(int n, int e, int k, int capacity, int pad);
 
 /* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). Collective over ep. */
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,

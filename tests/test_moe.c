@@ -17,7 +17,7 @@ START_TEST(test_plan_dropless_keeps_all) {
     int slots[8], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2));
+    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0);
     ck_assert_int_eq(p.m, 8);
     ck_assert_int_eq(p.dropped, 0);
     ck_assert_int_eq(count[0], 3);
@@ -39,7 +39,7 @@ START_TEST(test_plan_capacity_drops_lowest_prob) {
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_capacity(1.0f, 4, 1, 2), 2);
-    moe_plan_build(&p, idx, probs, 4, 2, 1, 2);
+    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 1); /* p=0.9, token 1 */
@@ -50,13 +50,32 @@ START_TEST(test_plan_capacity_drops_lowest_prob) {
 }
 END_TEST
 
+/* Padding to capacity: every expert gets exactly `capacity` rows; unused ones are -1. */
+START_TEST(test_plan_pad_to_capacity) {
+    int32_t idx[] = {0, 0, 0, 1}; /* N=4, K=1, E=3, capacity 2: expert 0 overflows, 2 is empty */
+    float probs[] = {0.5f, 0.3f, 0.2f, 0.6f, 0.2f, 0.2f, 0.7f, 0.2f, 0.1f, 0.1f, 0.8f, 0.1f};
+    int slots[6], offs[4];
+    int64_t count[3];
+    RoutePlan p = {.slots = slots, .offs = offs, .count = count};
+    ck_assert_int_eq(moe_plan_rows(4, 3, 1, 2, 1), 6);
+    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1);
+    ck_assert_int_eq(p.m, 6);
+    ck_assert_int_eq(p.dropped, 1); /* token 0 (p = 0.5) loses to tokens 1 and 2 */
+    int want[] = {1, 2, 3, -1, -1, -1};
+    for (int i = 0; i < 6; i++) ck_assert_int_eq(slots[i], want[i]);
+    ck_assert_int_eq(offs[1], 2);
+    ck_assert_int_eq(offs[2], 4);
+    ck_assert_int_eq(offs[3], 6);
+}
+END_TEST
+
 START_TEST(test_plan_capacity_tie_lower_token) {
     int32_t idx[] = {1, 1, 1};
     float probs[] = {0.3f, 0.7f, 0.3f, 0.7f, 0.3f, 0.7f};
     int slots[3], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 3, 2, 1, 2);
+    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
@@ -98,8 +117,8 @@ static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float c
     tu_fill_uniform(f->sh2, (size_t)fs * c, -0.5f, 0.5f, 15);
     f->w = (MoeWeights){f->router, f->w13, f->w2, f->sh13, f->sh2,
                         f->g_router, f->g13, f->g2, f->gsh13, f->gsh2};
-    moe_acts_alloc(&f->a, K, &f->d, n, &f->solo);
-    moe_scratch_alloc(&f->s, K, &f->d, n);
+    moe_acts_alloc(&f->a, K, &f->d, &f->mc, n, &f->solo);
+    moe_scratch_alloc(&f->s, K, &f->d, &f->mc, n);
 }
 
 static void fixture_free(Fixture *f) {
@@ -183,6 +202,36 @@ static void gradcheck_layer(float cf, int fs) {
     fixture_free(&f);
 }
 
+/* Padding rows change shapes, not results: y and dx match the unpadded layer. */
+START_TEST(test_pad_matches_unpadded) {
+    enum { N = 12, C = 8, E = 4 };
+    float x[N * C], r[N * C], y[2][N * C], dx[2][N * C];
+    tu_fill_uniform(x, N * C, -1, 1, 41);
+    tu_fill_uniform(r, N * C, -1, 1, 42);
+    int rows[2];
+    for (int pad = 0; pad < 2; pad++) {
+        Fixture f;
+        fixture_init(&f, N, C, E, 2, 0, 1.5f);
+        f.mc.pad_to_capacity = pad;
+        moe_acts_free(&f.a, kernels_cpu()); /* re-size for padding */
+        moe_scratch_free(&f.s, kernels_cpu());
+        moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo);
+        moe_scratch_alloc(&f.s, kernels_cpu(), &f.d, &f.mc, N);
+        memset(y[pad], 0, sizeof y[pad]);
+        memset(dx[pad], 0, sizeof dx[pad]);
+        moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y[pad], N);
+        moe_backward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, &f.s, x, r, dx[pad], N, 1.0f);
+        rows[pad] = f.a.plan.m;
+        fixture_free(&f);
+    }
+    ck_assert_int_eq(rows[1], E * moe_capacity(1.5f, N, 2, E));
+    ck_assert_int_gt(rows[1], rows[0]);
+    size_t w;
+    ck_assert_msg(tu_close_ratio(y[1], y[0], N * C, 1e-5, 1e-6, &w) <= 1, "y[%zu] %g vs %g", w, y[1][w], y[0][w]);
+    ck_assert_msg(tu_close_ratio(dx[1], dx[0], N * C, 1e-5, 1e-6, &w) <= 1, "dx[%zu] %g vs %g", w, dx[1][w], dx[0][w]);
+}
+END_TEST
+
 START_TEST(test_layer_gradcheck_dropless) { gradcheck_layer(0.0f, 0); }
 END_TEST
 START_TEST(test_layer_gradcheck_shared) { gradcheck_layer(0.0f, 5); }
@@ -196,6 +245,8 @@ int main(void) {
     tcase_add_test(tc, test_plan_dropless_keeps_all);
     tcase_add_test(tc, test_plan_capacity_drops_lowest_prob);
     tcase_add_test(tc, test_plan_capacity_tie_lower_token);
+    tcase_add_test(tc, test_plan_pad_to_capacity);
+    tcase_add_test(tc, test_pad_matches_unpadded);
     tcase_add_test(tc, test_lbl_and_z_hand_values);
     tcase_add_test(tc, test_layer_gradcheck_dropless);
     tcase_add_test(tc, test_layer_gradcheck_shared);

@@ -112,6 +112,22 @@ START_TEST(test_lbl_scope) {
 }
 END_TEST
 
+/* Capacity: cf = 0 drops nothing; a tight cf drops a fraction that the step reports. */
+START_TEST(test_capacity_drop_fraction) {
+    Config c = small_config();
+    Trainer t;
+    char err[MT_ERRLEN];
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert(trainer_step(&t).dropped_frac == 0.0);
+    trainer_free(&t);
+    c.capacity_factor = 0.5f; /* at most half of the assignments fit */
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    double f = trainer_step(&t).dropped_frac;
+    trainer_free(&t);
+    ck_assert_msg(f >= 0.5 - 1e-9 && f < 1.0, "dropped fraction %g with capacity factor 0.5", f);
+}
+END_TEST
+
 /* configs/tiny.ini: the loss must fall from ~ln(256) to below the threshold. */
 START_TEST(test_tiny_reaches_threshold) {
     Config c;
@@ -141,6 +157,7 @@ int main(void) {
     tcase_add_test(tc, test_rerun_bit_identical);
     tcase_add_test(tc, test_grad_accumulation_equivalence);
     tcase_add_test(tc, test_lbl_scope);
+    tcase_add_test(tc, test_capacity_drop_fraction);
     tcase_add_test(tc, test_tiny_reaches_threshold);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0) ? 1 : 0;
