@@ -11,7 +11,7 @@ static int g_rank = -1; /* label for diagnostics only */
 
 void mt_set_identity(int rank) { g_rank = rank; }
 
-_Noreturn void mt_abort(int code) {
+void mt_abort(int code) {
     int init = 0, fin = 0;
     MPI_Initialized(&init);
     MPI_Finalized(&fin);
@@ -21,7 +21,7 @@ _Noreturn void mt_abort(int code) {
     exit(code);
 }
 
-_Noreturn void mt_check_failed(const char *file, int line, const char *stmt, const char *fmt, ...) {
+void mt_check_failed(const char *file, int line, const char *stmt, const char *fmt, ...) {
     char host[256] = "?";
     gethostname(host, sizeof host);
     fprintf(stderr, "[rank %d on %s] %s:%d: CHECK(%s) failed: ", g_rank, host, file, line, stmt);

@@ -15,6 +15,10 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define MT_OK 0
 #define MT_ERR (-1)
 #define MT_ERRLEN 1024
@@ -22,8 +26,9 @@
 /* Label for diagnostics: the world rank and host. Set once after MPI_Init. */
 void mt_set_identity(int rank);
 /* Abort the whole job (MPI_Abort if MPI is initialised, else exit(code)). */
-_Noreturn void mt_abort(int code);
-_Noreturn void mt_check_failed(const char *file, int line, const char *stmt, const char *fmt, ...)
+__attribute__((noreturn)) void mt_abort(int code);
+__attribute__((noreturn)) void mt_check_failed(const char *file, int line, const char *stmt,
+                                               const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 #define MT_CHECK(cond, ...)                                                                        \
@@ -42,5 +47,9 @@ int mt_fail(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 double mt_now(void);
 
 static inline size_t mt_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

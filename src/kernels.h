@@ -22,6 +22,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct Kernels {
     const char *name; /* "cpu", "cuda" */
 
@@ -149,5 +153,9 @@ typedef struct Kernels {
 
 /* The CPU backend: BLAS for GEMMs, plain C loops elsewhere. */
 const Kernels *kernels_cpu(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
