@@ -3,7 +3,8 @@
 #   make test       build and run the whole test suite (what CI runs)
 #   make train      train configs/tiny.ini on 4 ranks (dp4 x ep2); NP=1 TRAIN_SETS= for one
 #   make bench      run the CPU benchmarks (not part of the tests)
-# Overrides: CC, MPICC, CUDA_HOME, OPT (e.g. OPT="-O2 -g"), CONFIG (for make train).
+# Overrides: CC, MPICC, CUDA_HOME, OPT (e.g. OPT="-O2 -g"), CONFIG (for make train), NVCC (NVCC= :
+# a CPU-only build even where nvcc exists).
 # Missing Debian packages are installed by scripts/install-deps.sh (run automatically).
 
 MPICC     ?= mpicc
@@ -20,7 +21,7 @@ PKGS := inih check libcjson openblas hdf5-openmpi
 
 # Lazily evaluated (=): read after the deps stamp has been made.
 DEP_CFLAGS = $(shell pkg-config --cflags inih libcjson openblas hdf5-openmpi)
-DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi) -lm
+DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi) -lm $(CUDA_LIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -29,16 +30,40 @@ CFLAGS := -std=gnu11 $(OPT) $(WARN) -Isrc -D_GNU_SOURCE
 ALLC    = $(CFLAGS) $(DEP_CFLAGS)
 
 LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src/params.c \
-           src/model.c src/moe.c src/train.c src/metrics.c src/checkpoint.c src/stop.c \
+           src/model.c src/moe.c src/train.c src/metrics.c src/checkpoint.c src/stop.c src/backend.c \
            src/optim/adamw.c src/optim/schedule.c src/optim/shard.c src/parallel/mesh.c src/parallel/comm.c src/parallel/dispatch.c
-LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+
+# ---- CUDA backend (cuda/*.cu), built when nvcc is found ------------------------------------
+# With nvcc: cuda/*.cu go into the library, C files see MT_HAVE_CUDA=1 and every binary links
+# the CUDA libraries. Without: src/kernels_cuda_stub.c stands in (kernels_cuda() is NULL) and the
+# build is CPU only. NCCL is optional inside a CUDA build (runtime.comm = nccl then refuses).
+NVCC   := $(shell command -v nvcc 2>/dev/null || ls $(CUDA_HOME)/bin/nvcc 2>/dev/null)
+NCCL_H := $(firstword $(wildcard $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
+ifneq ($(NVCC),)
+HAVE_NCCL := $(if $(NCCL_H),1,0)
+CUDA_SRC  := $(wildcard cuda/*.cu)
+CUDA_OBJ  := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
+NVCCFLAGS := -O3 -std=c++17 -Isrc -Icuda -gencode arch=compute_80,code=sm_80 \
+             -gencode arch=compute_90,code=sm_90 -DMT_HAVE_NCCL=$(HAVE_NCCL)
+CFLAGS    += -DMT_HAVE_CUDA=1
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt \
+             $(if $(filter 1,$(HAVE_NCCL)),-lnccl) -lstdc++
+else
+LIB_SRC   += src/kernels_cuda_stub.c
+endif
+
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o) $(CUDA_OBJ)
 LIB     := $(BUILD)/libmoetrain.a
+HEADERS  = $(wildcard src/*.h src/*/*.h cuda/*.h)
 
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 TEST_COMMON := $(BUILD)/tests/testutil.o
 
-NVCC := $(shell command -v nvcc 2>/dev/null || ls $(CUDA_HOME)/bin/nvcc 2>/dev/null)
+# Objects are rebuilt when the compile flags change (CPU <-> CUDA build, OPT, CC).
+FLAGS_STAMP := $(BUILD)/.flags
+FLAGS_NOW   := $(MPICC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS)
+$(shell mkdir -p $(BUILD) && (echo '$(FLAGS_NOW)' | cmp -s - $(FLAGS_STAMP) || echo '$(FLAGS_NOW)' > $(FLAGS_STAMP)))
 
 .PHONY: all test train bench clean deps docs
 .SECONDARY:
@@ -50,15 +75,23 @@ $(DEPS_STAMP): scripts/install-deps.sh
 	@mkdir -p $(BUILD)
 	@scripts/install-deps.sh --check >/dev/null 2>&1 || scripts/install-deps.sh
 	@scripts/install-deps.sh --check
-	@if [ -n "$(NVCC)" ]; then echo "  ✓ nvcc: $(NVCC) (CUDA objects: issue 5)"; else echo "  ✗ nvcc not found: CPU build only"; fi
+	@if [ -n "$(NVCC)" ]; then echo "  ✓ nvcc: $(NVCC) (CUDA backend: cuda/*.cu)"; else echo "  ✗ nvcc not found: CPU build only"; fi
+	@if [ -z "$(NVCC)" ]; then echo "  ✗ NCCL not used (CPU build)"; \
+	elif [ -n "$(NCCL_H)" ]; then echo "  ✓ NCCL: $(NCCL_H) $$(sed -n 's/^#define NCCL_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' $(NCCL_H) | paste -sd.)"; \
+	else echo "  ✗ NCCL not found: runtime.comm = nccl unavailable"; fi
 	@touch $@
 deps: $(DEPS_STAMP)
 
 # ---- library, binaries -------------------------------------------------------------------
-$(BUILD)/%.o: %.c $(DEPS_STAMP) $(wildcard src/*.h src/*/*.h)
+$(BUILD)/%.o: %.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
 	@$(MPICC) $(ALLC) -c $< -o $@
+
+$(BUILD)/cuda/%.o: cuda/%.cu $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "  NVCC $<"
+	@$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@echo "  AR  $@"
@@ -76,7 +109,7 @@ $(BUILD)/tests/%: $(BUILD)/tests/%.o $(TEST_COMMON) $(LIB)
 	@echo "  LD  $@"
 	@$(MPICC) $(ALLC) $^ $(CHECK_LIBS) $(DEP_LIBS) -o $@
 
-$(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(wildcard src/*.h src/*/*.h tests/*.h)
+$(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS) $(wildcard tests/*.h)
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
 	@$(MPICC) $(ALLC) $(CHECK_CFLAGS) -c $< -o $@
@@ -89,13 +122,13 @@ train: $(BUILD)/moetrain
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
 	  mpirun --oversubscribe -np $(NP) $(BUILD)/moetrain $(CONFIG) $(TRAIN_SETS)
 
-bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch
+bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu
 	bench/run.sh $(BUILD)
 
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
 
-$(BUILD)/bench/%.o: bench/%.c $(DEPS_STAMP) $(wildcard src/*.h src/*/*.h)
+$(BUILD)/bench/%.o: bench/%.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
 	@$(MPICC) $(ALLC) -c $< -o $@

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # CPU benchmarks: training-step throughput of tiny and small against the BLAS peak;
-# expert-parallel dispatch+combine against a plain MPI_Alltoallv (4 ranks).
+# expert-parallel dispatch+combine against a plain MPI_Alltoallv (4 ranks); checkpoint save/load
+# bandwidth against plain write()/read() (1 rank, and 4 ranks: dp4 x ep2, fully sharded).
 set -eu
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
 "$BUILD/bench/bench_step" configs/tiny.ini configs/small.ini
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np 4 --oversubscribe "$BUILD/bench/bench_dispatch"
+MPI="env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe"
+$MPI -np 1 "$BUILD/bench/bench_checkpoint" configs/small.ini
+$MPI -np 4 "$BUILD/bench/bench_checkpoint" configs/small.ini --set parallel.ep=2 --set optim.shard=full --set train.micro_batch_size=2

@@ -7,28 +7,45 @@
 #   scripts/slurm-local-stop.sh                  # same SLURM_DIR; stops what this started
 #
 # Knobs (environment):
-#   SLURM_DIR   (default /tmp/local-slurm) holds slurm.conf, state, spool, logs and pid files
+#   SLURM_DIR   (default /tmp/local-slurm) holds slurm.conf, state, spool, logs, pid files and the
+#               munged socket; its parent directories must be searchable by the munge user
 #   SLURM_CPUS  (default 8) CPUs the node advertises; may exceed the real cores (config_overrides),
 #               so a 2-core machine can run 4- or 8-rank jobs, oversubscribed
+#   SLURM_PORT  (default 6817, SLURM's own) slurmctld's port; slurmd uses SLURM_PORT+1. Give each
+#               cluster on one machine its own (tests/test_slurm.sh picks a free pair)
+#   SLURM_FIRST_JOB_ID  (default 1 on port 6817, else SLURM_PORT*1000+1) first job id. Clusters side
+#               by side must not hand out the same ids: srun's PMIx namespace, and from it Open MPI's
+#               shared-memory segment names (/dev/shm/vader_segment.<host>.<id hash>.<rank>), derive
+#               from the job id, and two running "job 1"s crash each other's ranks
 #
-# Needs root (munge key, /run/munge, daemons as root) and the Debian packages:
+# Needs root (daemons run as root, munged as the munge user) and the Debian packages:
 #   apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
 #   (scripts/install-deps.sh --slurm does that)
 #
 # Idempotent-ish: if the slurmctld/slurmd recorded in SLURM_DIR are still alive and answering, it
-# prints the node state and exits 0 without touching them. A munged that already works (ours or the
-# system's) is reused. Exit status is non-zero if SLURM does not come up; the logs are in
-# $SLURM_DIR/log. The last line printed is the `export SLURM_CONF=...` clients need.
+# prints the node state and exits 0 without touching them; if only one of them is left, it is
+# stopped and the cluster started afresh. Everything is private to SLURM_DIR and SLURM_PORT (its own
+# munged socket, ports, TmpFS), so several clusters can run side by side. Exits non-zero if SLURM
+# does not come up (logs in $SLURM_DIR/log). The last line printed is the `export SLURM_CONF=...`
+# that clients (sbatch, squeue, scontrol) need.
 #
-# Settings worth knowing for requeue/signal work (see slurm.conf(5)):
+# Settings worth knowing for signal/requeue work (slurm.conf(5)):
 #   KillWait=5       seconds between SIGTERM and SIGKILL when a job is ended (time limit, scancel,
-#                    requeue); the default 30 is slow for tests. moetrain's SIGTERM checkpoint must
-#                    fit in it, which is why moetrain.sbatch asks for an earlier SIGUSR1 instead.
-#   OverTimeLimit=0  (default) minutes a job may run past its time limit before it is killed.
+#                    requeue); SLURM's default is 30. moetrain's SIGTERM checkpoint must fit in it,
+#                    which is why moetrain.sbatch asks for an earlier SIGUSR1 warning instead.
+#   OverTimeLimit=0  (the default) minutes a job may run past its time limit before it is killed.
 #   MinJobAge=300    finished jobs stay visible to squeue/scontrol for 5 minutes.
+#   (cred_expire)    not set: 120 s, which is also how long SLURM holds a requeued job before it may
+#                    start again (tests/test_slurm.sh shortens that per job with
+#                    `scontrol update JobId=... StartTime=now`).
+#   Time limits and --signal warnings are checked every 30 s by slurmctld, so warnings come up
+#   to ~30 s early and time-limit kills up to ~30 s late.
 set -euo pipefail
 SLURM_DIR=${SLURM_DIR:-/tmp/local-slurm}
 SLURM_CPUS=${SLURM_CPUS:-8}
+SLURM_PORT=${SLURM_PORT:-6817}
+if [ "$SLURM_PORT" -eq 6817 ]; then SLURM_FIRST_JOB_ID=${SLURM_FIRST_JOB_ID:-1}
+else SLURM_FIRST_JOB_ID=${SLURM_FIRST_JOB_ID:-$(( (SLURM_PORT % 65536) * 1000 + 1 ))}; fi
 NODE=$(hostname -s)
 export SLURM_CONF="$SLURM_DIR/slurm.conf"
 
@@ -57,38 +74,55 @@ if alive slurmctld.bgpid || alive slurmd.bgpid; then
 fi
 
 REAL_MEM_MB=$(awk '/MemTotal/ {print int($2/1024*0.9)}' /proc/meminfo)
-mkdir -p "$SLURM_DIR"/{state,log} "$SLURM_DIR/spool/slurmd-$NODE"
+mkdir -p "$SLURM_DIR"/{state,log,tmp} "$SLURM_DIR/spool/slurmd-$NODE"
 
 # slurmd registers by host name, which must resolve
 getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >> /etc/hosts
 
 # ---- munge (authentication between clients and daemons) ------------------------------------
-install -d -o munge -g munge -m 0755 /run/munge
+# A private munged on its own socket (slurm.conf AuthInfo=socket=...), so that stopping this
+# cluster never pulls the rug from under another one (or the system's munged). It shares the
+# machine's key, /etc/munge/munge.key, created here if missing.
+MUNGE_DIR=$SLURM_DIR/munge
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket.2
+chmod 0755 "$SLURM_DIR"          # munged runs as the munge user and must reach its directory
+install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
 if [ ! -s /etc/munge/munge.key ]; then
+  install -d -o munge -g munge -m 0700 /etc/munge
   dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+  chown munge:munge /etc/munge/munge.key
+  chmod 0400 /etc/munge/munge.key
 fi
-chown munge:munge /etc/munge/munge.key
-chmod 0400 /etc/munge/munge.key
-if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+munge_ok() { munge -S "$MUNGE_SOCKET" -n </dev/null 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
+if ! munge_ok; then
   # munged refuses to run as root: run it as the munge user (it daemonizes, writes its pid file)
-  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-  for _ in $(seq 50); do [ -S /run/munge/munge.socket.2 ] && break; sleep 0.1; done
-  cp /run/munge/munged.pid "$SLURM_DIR/munged.pid"   # ours to stop
+  runuser -u munge -- /usr/sbin/munged --socket="$MUNGE_SOCKET" --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" ||
+    { echo "slurm-local-start: munged did not start (the munge user must be able to reach $MUNGE_DIR; see $MUNGE_DIR/munged.log)" >&2; exit 1; }
+  for _ in $(seq 50); do [ -S "$MUNGE_SOCKET" ] && break; sleep 0.1; done
+  cp "$MUNGE_DIR/munged.pid" "$SLURM_DIR/munged.pid"   # for slurm-local-stop.sh
 fi
-munge -n </dev/null | unmunge >/dev/null || { echo "slurm-local-start: munge does not work" >&2; exit 1; }
-echo "munge OK"
+munge_ok || { echo "slurm-local-start: munge does not work (socket $MUNGE_SOCKET)" >&2; exit 1; }
+echo "munge OK ($MUNGE_SOCKET)"
 
 # ---- slurm.conf -----------------------------------------------------------------------------
 # proctrack/linuxproc + task/none: no cgroups needed (containers, no systemd).
 # SlurmdParameters=config_overrides: trust CPUs= below rather than the hardware.
 # MpiDefault=pmix: Debian's Open MPI only works with `srun --mpi=pmix`.
+# Ports, TmpFS (where srun's pmix puts its per-step directories, named by job id) and the job ids
+# are private to this SLURM_DIR/SLURM_PORT, so two such clusters on one machine do not collide.
 cat > "$SLURM_CONF" <<CONF
 ClusterName=local
 SlurmctldHost=$NODE
+SlurmctldPort=$SLURM_PORT
+SlurmdPort=$((SLURM_PORT + 1))
+TmpFS=$SLURM_DIR/tmp
+FirstJobId=$SLURM_FIRST_JOB_ID
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET
 MpiDefault=pmix
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc

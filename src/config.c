@@ -44,12 +44,15 @@ typedef struct {
 } KeySpec;
 
 _Static_assert(sizeof(LblScope) == sizeof(int) && sizeof(ShardMode) == sizeof(int) &&
-                   sizeof(DataSource) == sizeof(int),
+                   sizeof(DataSource) == sizeof(int) && sizeof(DeviceKind) == sizeof(int) &&
+                   sizeof(CommKind) == sizeof(int),
                "enum fields are stored as int");
 
 static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", NULL};
 static const char *const SHARD_NAMES[] = {"none", "optimizer", "full", NULL};
 static const char *const SOURCE_NAMES[] = {"synthetic", "file", NULL};
+static const char *const DEVICE_NAMES[] = {"cpu", "cuda", NULL};
+static const char *const COMM_NAMES[] = {"mpi", "nccl", NULL};
 
 #define OFF(field) offsetof(Config, field)
 #define K_INT(s, k, f, d, lo, hi, h) {s, k, T_INT, OFF(f), d, lo, hi, 0, NULL, h}
@@ -117,6 +120,9 @@ static const KeySpec KEYS[] = {
 
     K_STR("log", "metrics_file", metrics_file, "", "metrics output file; empty = none"),
     K_INT("log", "every", log_every, "1", 1, INT_MAX, "print and record metrics every N steps"),
+
+    K_ENUM("runtime", "device", device, "cpu", DEVICE_NAMES, "compute backend: cpu (BLAS + C loops) or cuda (GPU kernels, one GPU per rank; the run stops with the reason if none is usable)"),
+    K_ENUM("runtime", "comm", comm, "mpi", COMM_NAMES, "how GPU buffers are communicated: mpi (staged through pinned host memory; ranks may share a GPU) or nccl (GPU to GPU; one GPU per rank)"),
 };
 enum { NKEYS = sizeof KEYS / sizeof KEYS[0] };
 
@@ -131,6 +137,7 @@ static const struct {
     {"data", "Training data."},
     {"checkpoint", "Saving and resuming."},
     {"log", "Metrics output."},
+    {"runtime", "Compute backend and communication library."},
 };
 enum { NSECTIONS = sizeof SECTIONS / sizeof SECTIONS[0] };
 
@@ -489,6 +496,12 @@ static int check_pad(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, pad, cf, err, "requires moe.capacity_factor > 0 (dropless routing has no capacity to pad to)");
 }
 
+static int check_comm(const Config *c, const Loc *o, char *err) {
+    if (c->comm != COMM_NCCL || c->device == DEVICE_CUDA) return MT_OK;
+    const KeySpec *comm = must_key("runtime", "comm"), *dev = must_key("runtime", "device");
+    return key_fail(c, o, comm, dev, err, "requires runtime.device = cuda (NCCL communicates GPU memory)");
+}
+
 static const Rule RULES[] = {
     {"model", "n_heads", R_MULTIPLE_OF, "model", "n_kv_heads", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_head_dim,
@@ -500,6 +513,7 @@ static const Rule RULES[] = {
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_data_path, "data.source = file requires a non-empty data.path"},
     {"moe", "num_experts", R_MULTIPLE_OF, "parallel", "ep", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_comm, "runtime.comm = nccl requires runtime.device = cuda"},
 };
 enum { NRULES = sizeof RULES / sizeof RULES[0] };
 

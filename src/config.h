@@ -18,6 +18,8 @@
 typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1 } LblScope;
 typedef enum { SHARD_NONE = 0, SHARD_OPTIMIZER = 1, SHARD_FULL = 2 } ShardMode;
 typedef enum { DATA_SYNTHETIC = 0, DATA_FILE = 1 } DataSource;
+typedef enum { DEVICE_CPU = 0, DEVICE_CUDA = 1 } DeviceKind;
+typedef enum { COMM_MPI = 0, COMM_NCCL = 1 } CommKind;
 
 typedef struct Config {
     /* [model] */
@@ -77,6 +79,10 @@ typedef struct Config {
     /* [log] */
     char metrics_file[MT_PATH_MAX]; /* "" = none */
     int log_every;
+
+    /* [runtime] */
+    DeviceKind device; /* the Kernels table: cpu or cuda (src/backend.h) */
+    CommKind comm;     /* device buffers: MPI staged through host memory, or NCCL */
 
     /* the file this came from and its full text (for the metrics file / checkpoints) */
     char source_file[MT_PATH_MAX];

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "common.h"
 #include "checkpoint.h"
 #include "metrics.h"
@@ -163,11 +164,26 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
     return MT_OK;
 }
 
+/* Agree on the backend choice: MT_ERR on every rank if any failed. When every rank failed (the
+ * usual case: no GPU anywhere), only rank 0 keeps its message, so it is printed once. */
+static int agree_backend(const Group *world, int ok, char *err) {
+    int32_t failed = !ok;
+    comm_allreduce_sum(world, &failed, 1, DT_I32);
+    if (failed == 0) return MT_OK;
+    if (ok || (failed == world->size && world->rank != 0)) err[0] = 0;
+    return MT_ERR;
+}
+
 int train_run(const Config *c, const Mesh *mesh, char *err) {
     Trainer t;
     const Group *world = &mesh->g_world;
+    const Kernels *k = backend_kernels(c, err);
+    if (agree_backend(world, k != NULL, err) != MT_OK) return MT_ERR;
+    /* The mesh object belongs to the caller and is not const there; device mode is communication
+     * state of its groups (comm.h), not part of the layout this function leaves unchanged. */
+    backend_attach_mesh((Mesh *)mesh, c);
     if (ckpt_check_dir(c->ckpt_dir, world, err) != MT_OK) return MT_ERR;
-    int ok = trainer_init(&t, c, kernels_cpu(), mesh, err);
+    int ok = trainer_init(&t, c, k, mesh, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         if (ok == MT_OK) {
             trainer_free(&t);

@@ -2,6 +2,7 @@
 # Run the whole test suite from the repo root; print a summary; exit non-zero if any test fails.
 #   build/tests/test_*        Check programs run as they are (single process)
 #   tests/test_*.sh           shell tests (command line, launchers), given the build directory
+#                             (exit 77 = SKIP: cannot run here, e.g. no SLURM; not a failure)
 #   tests/mpi_tests.txt       lines "PROGRAM NP [ARGS...]": run under mpirun -np NP (oversubscribed)
 # Every program runs under `timeout`, so a hung collective fails the suite instead of stalling it.
 set -u
@@ -9,7 +10,7 @@ BUILD=${1:-build}
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export CK_DEFAULT_TIMEOUT=600
-pass=0; fail=0; failed=()
+pass=0; fail=0; skip=0; failed=()
 
 n=0
 run_one() { # label, command...
@@ -18,9 +19,13 @@ run_one() { # label, command...
   local log start status summary
   log="$BUILD/tests/run-$n.log"
   start=$(date +%s)
-  if timeout 900 "$@" > "$log" 2>&1 < /dev/null; then status=PASS; pass=$((pass+1))
-  else status=FAIL; fail=$((fail+1)); failed+=("$label|$log"); fi
-  summary=$(grep -E '^[0-9]+%: Checks|^[0-9]+ checks, ' "$log" | tail -1)
+  timeout 900 "$@" > "$log" 2>&1 < /dev/null
+  case $? in
+    0)  status=PASS; pass=$((pass+1)) ;;
+    77) status=SKIP; skip=$((skip+1)) ;;   # exit 77: the test cannot run here (it says why)
+    *)  status=FAIL; fail=$((fail+1)); failed+=("$label|$log") ;;
+  esac
+  summary=$(grep -E '^[0-9]+%: Checks|^[0-9]+ checks, |^SKIP: ' "$log" | tail -1)
   printf '%-34s %s %4ss  %s\n' "${label:0:34}" "$status" "$(( $(date +%s) - start ))" "$summary"
 }
 
@@ -40,6 +45,6 @@ while read -r prog np args; do
     --mca btl self,vader "$BUILD/tests/$prog" $args
 done < tests/mpi_tests.txt
 
-echo "tests: $pass passed, $fail failed"
+echo "tests: $pass passed, $fail failed, $skip skipped"
 for f in "${failed[@]}"; do echo "---- ${f%%|*} ----"; tail -40 "${f##*|}"; done
 [ "$fail" -eq 0 ] && [ "$pass" -gt 0 ]

@@ -1,12 +1,25 @@
-/* comm.c — see comm.h. MPI implementation for host buffers. */
+/* comm.c — see comm.h. MPI for host buffers; in CUDA builds, device buffers of a group in device
+ * mode go through NCCL or through pinned host staging (cuda/nccl_comm.h does the CUDA side).
+ *
+ * Every public call first asks DEVICE(...) whether its buffers are device memory; that check is
+ * compiled out of CPU builds and returns at once for a group outside device mode, so a CPU run
+ * never makes a CUDA call. The device functions (dev_*) mirror the host ones. */
 #include "parallel/comm.h"
 
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
 
+#if MT_HAVE_CUDA
+#include "../cuda/nccl_comm.h"
+#endif
+
 #define CHUNK ((size_t)1 << 28) /* elements per MPI call: fits an int count */
+
+_Static_assert(DT_F32 == 0 && DT_F64 == 1 && DT_I32 == 2 && DT_I64 == 3,
+               "nccl_comm.h passes DType as these ints");
 
 static MPI_Datatype mpi_type(DType t) {
     switch (t) {
@@ -19,15 +32,41 @@ static MPI_Datatype mpi_type(DType t) {
 
 size_t dtype_size(DType t) { return t == DT_F32 || t == DT_I32 ? 4 : 8; }
 
+/* Device-side state of a group in device mode. */
+typedef struct GroupDevice {
+#if MT_HAVE_CUDA
+    NcclComm *nccl;        /* made by the first NCCL call over the group (collective) */
+#endif
+    void *stage[2];        /* pinned host staging: [0] send side, [1] receive side */
+    size_t stage_bytes[2];
+} GroupDevice;
+
 Group group_self(const char *name) {
     Group g = {.comm = MPI_COMM_SELF, .size = 1, .rank = 0, .name = name};
     return g;
 }
 
+void group_set_device(Group *g, int use_nccl) {
+    if (!g->dev) g->dev = mt_calloc(1, sizeof *g->dev);
+    g->device_mode = 1;
+    g->use_nccl = use_nccl;
+}
+
 void group_free(Group *g) {
+    if (g->dev) {
+#if MT_HAVE_CUDA
+        nccl_comm_free(g->dev->nccl);
+        for (int i = 0; i < 2; i++) cuda_comm_host_free(g->dev->stage[i]);
+#endif
+        free(g->dev);
+        g->dev = NULL;
+    }
+    g->device_mode = g->use_nccl = 0;
     if (g->comm != MPI_COMM_NULL && g->comm != MPI_COMM_SELF && g->comm != 0) MPI_Comm_free(&g->comm);
     g->comm = MPI_COMM_NULL;
 }
+
+/* ---- host buffers: MPI ---------------------------------------------------------------------- */
 
 static void allreduce(const Group *g, void *buf, size_t count, DType t, MPI_Op op) {
     if (g->size == 1) return;
@@ -38,41 +77,265 @@ static void allreduce(const Group *g, void *buf, size_t count, DType t, MPI_Op o
     }
 }
 
-void comm_allreduce_sum(const Group *g, void *buf, size_t count, DType t) { allreduce(g, buf, count, t, MPI_SUM); }
-void comm_allreduce_max(const Group *g, void *buf, size_t count, DType t) { allreduce(g, buf, count, t, MPI_MAX); }
-
-void comm_reduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t) {
-    if (g->size == 1) {
-        if (send != recv) memmove(recv, send, count * dtype_size(t));
-        return;
-    }
+static void reduce_scatter(const Group *g, const void *send, void *recv, size_t count, DType t) {
     MT_CHECK(count <= INT_MAX, "reduce_scatter block of %zu elements is too large", count);
     MPI_Reduce_scatter_block(send, recv, (int)count, mpi_type(t), MPI_SUM, g->comm);
 }
 
+static void allgather(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    MT_CHECK(count <= INT_MAX, "allgather block of %zu elements is too large", count);
+    const void *s = send == (char *)recv + (size_t)g->rank * count * dtype_size(t) ? MPI_IN_PLACE : send;
+    MPI_Allgather(s, (int)count, mpi_type(t), recv, (int)count, mpi_type(t), g->comm);
+}
+
+static void alltoall(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    MT_CHECK(count <= INT_MAX, "alltoall block too large");
+    MPI_Alltoall(send, (int)count, mpi_type(t), recv, (int)count, mpi_type(t), g->comm);
+}
+
+static void bcast(const Group *g, void *buf, size_t count, DType t, int root) {
+    char *p = buf;
+    for (size_t off = 0; off < count; off += CHUNK) {
+        size_t n = count - off < CHUNK ? count - off : CHUNK;
+        MPI_Bcast(p + off * dtype_size(t), (int)n, mpi_type(t), root, g->comm);
+    }
+}
+
+/* ---- device buffers (CUDA builds, groups in device mode) ------------------------------------ */
+
+#if MT_HAVE_CUDA
+
+/* Whether a call on these buffers is a device call: some buffer is device memory, or (device
+ * mode) every buffer is NULL, which only an empty device buffer is. Host buffers: 0. */
+static int on_device(const Group *g, const void *a, const void *b) {
+    if (!g->device_mode) return 0;
+    if (!a && !b) return 1;
+    return (a && cuda_comm_is_device(a)) || (b && cuda_comm_is_device(b));
+}
+
+/* Run call and return from the public function when its buffers are on the device. */
+#define DEVICE(g, a, b, call)                                                                      \
+    do {                                                                                           \
+        if (on_device((g), (a), (b))) {                                                            \
+            call;                                                                                  \
+            return;                                                                                \
+        }                                                                                          \
+    } while (0)
+
+/* The group's NCCL communicator for a device call, or NULL when device buffers are staged for
+ * MPI (runtime.comm = mpi). The first call on a group makes it (collective over the group). */
+static NcclComm *nccl_for(const Group *g, const void *a, const void *b) {
+    if (!g->use_nccl) return NULL;
+    MT_CHECK((!a || cuda_comm_is_device(a)) && (!b || cuda_comm_is_device(b)),
+             "%s group: an NCCL call got one host and one device buffer", g->name);
+    GroupDevice *d = g->dev;
+    if (!d->nccl) {
+        unsigned char id[MT_NCCL_ID_BYTES] = {0};
+        if (g->rank == 0) nccl_comm_unique_id(id);
+        MPI_Bcast(id, MT_NCCL_ID_BYTES, MPI_BYTE, 0, g->comm);
+        d->nccl = nccl_comm_init(id, g->size, g->rank);
+    }
+    return d->nccl;
+}
+
+/* A host view of p (bytes) for MPI: p itself when it is host memory (or NULL), else pinned staging
+ * buffer slot, filled from p when load. */
+static void *host_view(const Group *g, int slot, const void *p, size_t bytes, int load) {
+    if (!p || !cuda_comm_is_device(p)) return (void *)p;
+    GroupDevice *d = g->dev;
+    if (d->stage_bytes[slot] < bytes) {
+        cuda_comm_host_free(d->stage[slot]);
+        d->stage_bytes[slot] = bytes + bytes / 4; /* some slack: sizes vary from step to step */
+        d->stage[slot] = cuda_comm_host_alloc(d->stage_bytes[slot]);
+    }
+    if (load) cuda_comm_to_host(d->stage[slot], p, bytes);
+    return d->stage[slot];
+}
+
+/* Back to the device when host_view staged p. */
+static void host_done(const void *h, void *p, size_t bytes) {
+    if (h != p) cuda_comm_from_host(p, h, bytes);
+}
+
+static void dev_allreduce(const Group *g, void *buf, size_t count, DType t, int is_max) {
+    NcclComm *n = nccl_for(g, buf, NULL);
+    if (n) {
+        nccl_comm_allreduce(n, buf, count, (int)t, is_max);
+        return;
+    }
+    size_t bytes = count * dtype_size(t);
+    void *h = host_view(g, 0, buf, bytes, 1);
+    allreduce(g, h, count, t, is_max ? MPI_MAX : MPI_SUM);
+    host_done(h, buf, bytes);
+}
+
+static void dev_reduce_scatter(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    size_t bytes = count * dtype_size(t);
+    if (g->size == 1) {
+        cuda_comm_copy(recv, send, bytes);
+        return;
+    }
+    NcclComm *n = nccl_for(g, send, recv);
+    if (n) {
+        nccl_comm_reduce_scatter(n, send, recv, count, (int)t);
+        return;
+    }
+    void *hs = host_view(g, 0, send, (size_t)g->size * bytes, 1), *hr = host_view(g, 1, recv, bytes, 0);
+    reduce_scatter(g, hs, hr, count, t);
+    host_done(hr, recv, bytes);
+}
+
+static void dev_allgather(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    size_t bytes = count * dtype_size(t), all = (size_t)g->size * bytes;
+    if (g->size == 1) {
+        cuda_comm_copy(recv, send, bytes);
+        return;
+    }
+    NcclComm *n = nccl_for(g, send, recv);
+    if (n) { /* in place when send == recv + rank*count, as NCCL defines it */
+        nccl_comm_allgather(n, send, recv, count, (int)t);
+        return;
+    }
+    /* send is staged apart from recv, so an in-place call becomes an ordinary one */
+    void *hs = host_view(g, 0, send, bytes, 1), *hr = host_view(g, 1, recv, all, 0);
+    allgather(g, hs, hr, count, t);
+    host_done(hr, recv, all);
+}
+
+static void dev_alltoall(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    size_t all = (size_t)g->size * count * dtype_size(t);
+    if (g->size == 1) {
+        cuda_comm_copy(recv, send, all);
+        return;
+    }
+    NcclComm *n = nccl_for(g, send, recv);
+    if (n) {
+        nccl_comm_alltoall(n, send, recv, count, (int)t);
+        return;
+    }
+    void *hs = host_view(g, 0, send, all, 1), *hr = host_view(g, 1, recv, all, 0);
+    alltoall(g, hs, hr, count, t);
+    host_done(hr, recv, all);
+}
+
+/* Elements spanned by per-peer (count, displacement) blocks. */
+static size_t extent(int n, const int *counts, const int *displs) {
+    size_t end = 0;
+    for (int p = 0; p < n; p++)
+        if (counts[p] > 0 && (size_t)displs[p] + (size_t)counts[p] > end) end = (size_t)displs[p] + (size_t)counts[p];
+    return end;
+}
+
+static void dev_alltoallv(const Group *g, const void *send, const int *scounts, const int *sdispls,
+                          void *recv, const int *rcounts, const int *rdispls, DType t) {
+    size_t e = dtype_size(t);
+    if (g->size == 1) {
+        if (scounts[0] > 0)
+            cuda_comm_copy((char *)recv + (size_t)rdispls[0] * e,
+                           (const char *)send + (size_t)sdispls[0] * e, (size_t)scounts[0] * e);
+        return;
+    }
+    NcclComm *n = nccl_for(g, send, recv);
+    if (n) {
+        nccl_comm_alltoallv(n, send, scounts, sdispls, recv, rcounts, rdispls, (int)t);
+        return;
+    }
+    size_t sbytes = extent(g->size, scounts, sdispls) * e, rbytes = extent(g->size, rcounts, rdispls) * e;
+    void *hs = host_view(g, 0, send, sbytes, 1), *hr = host_view(g, 1, recv, rbytes, 0);
+    MPI_Alltoallv(hs, scounts, sdispls, mpi_type(t), hr, rcounts, rdispls, mpi_type(t), g->comm);
+    if (hr == recv) return;
+    for (int p = 0; p < g->size; p++) /* only the received blocks: the gaps keep their contents */
+        if (rcounts[p] > 0)
+            cuda_comm_from_host((char *)recv + (size_t)rdispls[p] * e,
+                                (const char *)hr + (size_t)rdispls[p] * e, (size_t)rcounts[p] * e);
+}
+
+static void dev_bcast(const Group *g, void *buf, size_t count, DType t, int root) {
+    NcclComm *n = nccl_for(g, buf, NULL);
+    if (n) {
+        nccl_comm_bcast(n, buf, count, (int)t, root);
+        return;
+    }
+    size_t bytes = count * dtype_size(t);
+    void *h = host_view(g, 0, buf, bytes, g->rank == root);
+    bcast(g, h, count, t, root);
+    if (g->rank != root) host_done(h, buf, bytes);
+}
+
+static void dev_send(const Group *g, const void *buf, size_t count, DType t, int peer, int tag) {
+    NcclComm *n = nccl_for(g, buf, NULL);
+    if (n) {
+        nccl_comm_send(n, buf, count, (int)t, peer);
+        return;
+    }
+    MT_CHECK(count <= INT_MAX, "send too large");
+    void *h = host_view(g, 0, buf, count * dtype_size(t), 1);
+    MPI_Send(h, (int)count, mpi_type(t), peer, tag, g->comm);
+}
+
+static void dev_recv(const Group *g, void *buf, size_t count, DType t, int peer, int tag) {
+    NcclComm *n = nccl_for(g, buf, NULL);
+    if (n) {
+        nccl_comm_recv(n, buf, count, (int)t, peer);
+        return;
+    }
+    MT_CHECK(count <= INT_MAX, "recv too large");
+    size_t bytes = count * dtype_size(t);
+    void *h = host_view(g, 1, buf, bytes, 0);
+    MPI_Recv(h, (int)count, mpi_type(t), peer, tag, g->comm, MPI_STATUS_IGNORE);
+    host_done(h, buf, bytes);
+}
+
+#else /* CPU build: every buffer is host memory */
+#define DEVICE(g, a, b, call) ((void)0)
+#endif
+
+/* ---- the calls -------------------------------------------------------------------------------- */
+
+void comm_allreduce_sum(const Group *g, void *buf, size_t count, DType t) {
+    if (g->size == 1) return;
+    DEVICE(g, buf, NULL, dev_allreduce(g, buf, count, t, 0));
+    allreduce(g, buf, count, t, MPI_SUM);
+}
+
+void comm_allreduce_max(const Group *g, void *buf, size_t count, DType t) {
+    if (g->size == 1) return;
+    DEVICE(g, buf, NULL, dev_allreduce(g, buf, count, t, 1));
+    allreduce(g, buf, count, t, MPI_MAX);
+}
+
+void comm_reduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    DEVICE(g, send, recv, dev_reduce_scatter(g, send, recv, count, t));
+    if (g->size == 1) {
+        if (send != recv) memmove(recv, send, count * dtype_size(t));
+        return;
+    }
+    reduce_scatter(g, send, recv, count, t);
+}
+
 void comm_allgather(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    DEVICE(g, send, recv, dev_allgather(g, send, recv, count, t));
     size_t bytes = count * dtype_size(t);
     char *mine = (char *)recv + (size_t)g->rank * bytes;
     if (g->size == 1) {
         if (send != mine) memmove(mine, send, bytes);
         return;
     }
-    MT_CHECK(count <= INT_MAX, "allgather block of %zu elements is too large", count);
-    const void *s = send == mine ? MPI_IN_PLACE : send;
-    MPI_Allgather(s, (int)count, mpi_type(t), recv, (int)count, mpi_type(t), g->comm);
+    allgather(g, send, recv, count, t);
 }
 
 void comm_alltoall(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    DEVICE(g, send, recv, dev_alltoall(g, send, recv, count, t));
     if (g->size == 1) {
         memmove(recv, send, count * dtype_size(t));
         return;
     }
-    MT_CHECK(count <= INT_MAX, "alltoall block too large");
-    MPI_Alltoall(send, (int)count, mpi_type(t), recv, (int)count, mpi_type(t), g->comm);
+    alltoall(g, send, recv, count, t);
 }
 
 void comm_alltoallv(const Group *g, const void *send, const int *scounts, const int *sdispls,
                     void *recv, const int *rcounts, const int *rdispls, DType t) {
+    DEVICE(g, send, recv, dev_alltoallv(g, send, scounts, sdispls, recv, rcounts, rdispls, t));
     if (g->size == 1) {
         size_t e = dtype_size(t);
         memmove((char *)recv + (size_t)rdispls[0] * e, (const char *)send + (size_t)sdispls[0] * e,
@@ -84,19 +347,18 @@ void comm_alltoallv(const Group *g, const void *send, const int *scounts, const 
 
 void comm_bcast(const Group *g, void *buf, size_t count, DType t, int root) {
     if (g->size == 1) return;
-    char *p = buf;
-    for (size_t off = 0; off < count; off += CHUNK) {
-        size_t n = count - off < CHUNK ? count - off : CHUNK;
-        MPI_Bcast(p + off * dtype_size(t), (int)n, mpi_type(t), root, g->comm);
-    }
+    DEVICE(g, buf, NULL, dev_bcast(g, buf, count, t, root));
+    bcast(g, buf, count, t, root);
 }
 
 void comm_send(const Group *g, const void *buf, size_t count, DType t, int peer, int tag) {
+    DEVICE(g, buf, NULL, dev_send(g, buf, count, t, peer, tag));
     MT_CHECK(count <= INT_MAX, "send too large");
     MPI_Send(buf, (int)count, mpi_type(t), peer, tag, g->comm);
 }
 
 void comm_recv(const Group *g, void *buf, size_t count, DType t, int peer, int tag) {
+    DEVICE(g, buf, NULL, dev_recv(g, buf, count, t, peer, tag));
     MT_CHECK(count <= INT_MAX, "recv too large");
     MPI_Recv(buf, (int)count, mpi_type(t), peer, tag, g->comm, MPI_STATUS_IGNORE);
 }

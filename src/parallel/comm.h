@@ -1,11 +1,23 @@
 /* comm.h — the only module that calls MPI collectives (besides MPI_Init/Finalize in main).
  *
  * A Group is a communicator from the mesh (tp, cp, dp, pp, ep, etp, edp, dp*cp, world) with its
- * size and this rank's index. Every call is collective over the group, works on host buffers
- * (the MPI implementation; an NCCL one for device buffers comes with the CUDA backend), and is a
- * cheap no-op (or a local copy) when the group has one rank, so the single-process path runs the
- * same code. Counts are element counts, never bytes. Large buffers are split into chunks that fit
- * MPI's int counts.
+ * size and this rank's index. Every call is collective over the group and is a cheap no-op (or a
+ * local copy) when the group has one rank, so the single-process path runs the same code. Counts
+ * are element counts, never bytes. Large host buffers are split into chunks that fit MPI's int
+ * counts.
+ *
+ * Host and device buffers. Host buffers always go through MPI. When the trainer runs on the cuda
+ * backend it puts every group of the mesh in device mode (group_set_device); then each call looks
+ * at its buffers (cudaPointerGetAttributes) and, for device memory:
+ *   use_nccl = 1 (runtime.comm = nccl): NCCL on the group's own communicator (made lazily from the
+ *     MPI communicator on the first device call: unique id broadcast over the group) and its own
+ *     stream, ordered after the compute stream's queued work and before the work queued after the
+ *     call (events, no host synchronisation); all-to-all(v) and send/recv are grouped
+ *     ncclSend/ncclRecv (tags are not used: point-to-point messages match in order);
+ *   use_nccl = 0 (runtime.comm = mpi): staged through pinned host buffers (device -> host, the MPI
+ *     call, host -> device), so several ranks may share one GPU.
+ * A size-1 group copies device buffers with cudaMemcpy. Outside device mode (every CPU run) no
+ * CUDA call is made, and a CPU build has no CUDA code at all.
  */
 #ifndef MT_COMM_H
 #define MT_COMM_H
@@ -19,12 +31,21 @@ typedef struct Group {
     MPI_Comm comm;
     int size, rank;
     const char *name;
+    /* device mode (group_set_device): buffers may be device memory; 0 in every CPU run */
+    int device_mode;
+    int use_nccl;            /* device buffers: 1 = NCCL, 0 = MPI staged through pinned host memory */
+    struct GroupDevice *dev; /* NCCL communicator (made lazily), staging buffers; group_free frees */
 } Group;
 
 /* A group of one rank (MPI_COMM_SELF): what every group is in a single-process run. Usable
  * before MPI_Init, since size-1 calls never enter MPI. */
 Group group_self(const char *name);
+/* Frees the communicator and the device state (NCCL communicator, staging buffers). */
 void group_free(Group *g);
+/* Device mode for g (see above). Not collective and no CUDA call: the NCCL communicator is made
+ * by the first device call on the group. Every rank of the group must set the same mode. Copies of
+ * a Group share its device state; only the original is freed. */
+void group_set_device(Group *g, int use_nccl);
 size_t dtype_size(DType t);
 
 /* In place: buf(count) = sum (or max) over the group. */

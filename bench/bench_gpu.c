@@ -1,0 +1,320 @@
+/* bench_gpu.c — GPU training-step throughput and MFU, grouped GEMM and attention TFLOP/s.
+ *
+ *   build/bench/bench_gpu [CONFIG.ini] [--set section.key=value ...] [--steps N]
+ * CONFIG defaults to configs/gpu-1b.ini (~1B parameters, 8 experts top-2, seq 2048: sized to fill
+ * one 80 GB H100). Without a usable GPU it prints "SKIP: <reason>" and exits 77.
+ *
+ * 1. Training step (runtime.device = cuda, one rank): FLOPs of one step counted from the shapes,
+ *    as bench_step.c does: every matmul 2*M*N*K (q/k/v/o projections, router, the top-k routed
+ *    experts, shared experts, lm head), causal attention 2 * 2*B*H*D*T(T+1)/2 (QK^T and PV over
+ *    the unmasked half), backward = 2x forward, so a step is 3x forward (~ 6 * tokens * active
+ *    matmul params + attention). Two warm-up steps, then N timed steps (default 5); tokens/s and
+ *    MFU = achieved FLOP/s / peak, peak = the H100 SXM dense bf16 tensor-core peak, 989 TFLOP/s
+ *    (the H200 has the same; override with BENCH_PEAK_TFLOPS for another GPU). For scale:
+ *    Megatron-Core reports 49.3% MFU for Mixtral 8x22B on H100s. This backend keeps fp32 storage,
+ *    feeds cuBLAS fp32 matrices (bf16 / TF32 tensor-core math inside) and runs attention in fp32
+ *    on the CUDA cores, so expect well below that.
+ * 2. Grouped GEMM: grouped_linear_fwd / bwd_input / bwd_weight over E groups of the config's
+ *    expert shapes, with rows as one step routes them (tokens * top_k / E each, +-30% imbalance),
+ *    against one dense matmul of the same FLOPs (all rows against one weight). The grouped path is
+ *    TF32 (the grouped cuBLAS API has no bf16 compute for fp32 matrices), the dense one bf16.
+ * 3. Attention at B=2, T=2048, H=16, Hkv=4, D=128: forward 4*B*H*D*T(T+1)/2 FLOPs, backward 2.5x
+ *    that (dV, dP, dQ, dK and the recomputed S: the FlashAttention convention).
+ * The last lines are "SUMMARY key value" pairs for tests/gpu/run.sh. A benchmark, not a test:
+ * it asserts nothing.
+ * Timing: every entry runs on one stream; a 4-byte to_host waits for it before the clock stops.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../cuda/kernels_cuda.h"
+#include "backend.h"
+#include "common.h"
+#include "config.h"
+#include "kernels.h"
+#include "train.h"
+
+#define SKIP_EXIT 77
+#define H100_BF16_DENSE_TFLOPS 989.0 /* H100 SXM (and H200) dense bf16 tensor-core peak */
+#define H100_TF32_DENSE_TFLOPS 494.5 /* dense TF32 tensor-core peak, for the grouped GEMMs */
+#define MAX_SETS 64
+
+static const Kernels *K;
+
+/* wait for every queued kernel (to_host synchronises the stream) */
+static void sync_dev(const void *any_dev_buf) {
+    float f;
+    K->to_host(&f, any_dev_buf, sizeof f);
+}
+
+static float *dev_rand(size_t n, unsigned seed) {
+    float *h = malloc((n ? n : 1) * sizeof(float));
+    uint32_t s = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        s = s * 1664525u + 1013904223u;
+        h[i] = ((float)(s >> 8) / 16777216.0f - 0.5f) * 0.2f;
+    }
+    float *d = K->alloc((n ? n : 1) * sizeof(float));
+    if (n) K->from_host(d, h, n * sizeof(float));
+    free(h);
+    return d;
+}
+
+/* ====================================================================== step benchmark == */
+
+/* Forward FLOPs of one micro-batch of b sequences (matmuls + causal attention), as bench_step.c. */
+static double forward_flops(const Config *c, int b) {
+    double n = (double)b * c->seq_len, C = c->d_model, D = c->head_dim;
+    double qd = c->n_heads * D, kd = c->n_kv_heads * D, f = 0;
+    int fs = c->shared_hidden ? c->shared_hidden : c->expert_hidden;
+    for (int l = 0; l < c->n_layers; l++) {
+        f += 2 * n * C * (qd + 2 * kd) + 2 * n * qd * C;                       /* q,k,v,o */
+        f += 2.0 * 2 * b * c->n_heads * D * c->seq_len * (c->seq_len + 1) / 2; /* QK^T, PV causal */
+        if (l < c->dense_layers) {
+            f += 2 * n * C * 3 * c->ffn_hidden;
+        } else {
+            f += 2 * n * C * c->num_experts;                         /* router */
+            f += 2 * n * c->top_k * C * 3 * c->expert_hidden;        /* routed experts */
+            f += 2 * n * C * 3 * (double)c->shared_experts * fs;     /* shared */
+        }
+    }
+    return f + 2 * n * C * c->vocab_size; /* lm head */
+}
+
+typedef struct StepBench {
+    double ms, tokens_per_s, tflops, mfu_pct, loss_first, loss_last;
+    int ok;
+} StepBench;
+
+static StepBench bench_step(const Config *c, int steps, double peak_tflops) {
+    StepBench sb = {0};
+    char err[MT_ERRLEN];
+    Mesh mesh;
+    mesh_single(&mesh);
+    const Kernels *k = backend_kernels(c, err);
+    if (!k) {
+        fprintf(stderr, "bench_gpu: %s\n", err);
+        return sb;
+    }
+    backend_attach_mesh(&mesh, c);
+    Trainer t;
+    double t0 = mt_now();
+    if (trainer_init(&t, c, k, &mesh, err) != MT_OK) {
+        fprintf(stderr, "bench_gpu: %s\n", err);
+        mesh_free(&mesh);
+        return sb;
+    }
+    double init_s = mt_now() - t0;
+    size_t p_b, g_b, o_b;
+    sharder_memory(&t.shard, &p_b, &g_b, &o_b);
+    size_t act_b = model_activation_bytes(&t.model);
+    double gib = 1.0 / (1u << 30);
+    double tokens = (double)trainer_global_batch(&t) * c->seq_len;
+    double fwd = forward_flops(c, c->micro_batch_size) * c->grad_accum_steps;
+    double flops = 3 * fwd;
+    printf("step: %d layers, d_model %d, heads %d/%d x %d, %d experts top-%d (hidden %d), vocab %d, "
+           "seq %d\n", c->n_layers, c->d_model, c->n_heads, c->n_kv_heads, c->head_dim,
+           c->num_experts, c->top_k, c->expert_hidden, c->vocab_size, c->seq_len);
+    printf("      params %.1fM total, %.1fM active; %.0f tokens/step (micro %d x accum %d)\n",
+           params_total(&t.model.pl) / 1e6, params_active(&t.model.pl) / 1e6, tokens,
+           c->micro_batch_size, c->grad_accum_steps);
+    printf("      GPU memory: params %.2f GiB, grads %.2f GiB, AdamW %.2f GiB, activation arena "
+           "%.2f GiB (+ backward scratch)\n", p_b * gib, g_b * gib, o_b * gib, act_b * gib);
+    printf("      FLOPs/step %.4g (3 x forward %.4g; 6 x tokens x active params = %.4g); init %.1f s\n",
+           flops, fwd, 6.0 * tokens * params_active(&t.model.pl), init_s);
+    fflush(stdout);
+    for (int s = 0; s < 2; s++) {
+        StepResult r = trainer_step(&t);
+        printf("      warm-up step %d: loss %.4f, %.1f ms\n", r.step, r.loss, r.seconds * 1e3);
+        if (s == 0) sb.loss_first = r.loss;
+    }
+    sync_dev(t.model.param[PBUF_DENSE]);
+    t0 = mt_now();
+    StepResult r = {0};
+    for (int s = 0; s < steps; s++) r = trainer_step(&t);
+    sync_dev(t.model.param[PBUF_DENSE]);
+    double dt = (mt_now() - t0) / steps;
+    sb.loss_last = r.loss;
+    sb.ms = dt * 1e3;
+    sb.tokens_per_s = tokens / dt;
+    sb.tflops = flops / dt / 1e12;
+    sb.mfu_pct = 100 * sb.tflops / peak_tflops;
+    sb.ok = 1;
+    printf("      %d timed steps: %.1f ms/step, %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%% of %.0f "
+           "TFLOP/s (last loss %.4f)\n", steps, sb.ms, sb.tokens_per_s, sb.tflops, sb.mfu_pct,
+           peak_tflops, sb.loss_last);
+    fflush(stdout);
+    trainer_free(&t);
+    mesh_free(&mesh);
+    return sb;
+}
+
+/* ================================================================== grouped GEMM bench == */
+
+typedef struct GemmPair {
+    double grouped, dense; /* TFLOP/s */
+} GemmPair;
+
+static double tflops_of(double flops, double t0, int reps) { return flops * reps / (mt_now() - t0) / 1e12; }
+
+/* rows per group: total * (1 + imbalance_j) / g, summing to total */
+static void group_rows(int *offs, int g, int total) {
+    static const double imb[] = {0.3, -0.2, 0.1, -0.3, 0.0, 0.2, -0.1, 0.0};
+    offs[0] = 0;
+    for (int j = 0; j < g; j++) {
+        int r = (int)(total / (double)g * (1 + (g >= 4 ? imb[j % 8] : 0)));
+        offs[j + 1] = j == g - 1 ? total : offs[j] + r;
+    }
+}
+
+/* one weight shape (O, I) over g groups: fwd, bwd_input, bwd_weight, each against its dense twin */
+static void bench_grouped_shape(const char *what, int g, int o, int in, int rows_total, GemmPair out[3]) {
+    int *offs = malloc((size_t)(g + 1) * sizeof(int));
+    group_rows(offs, g, rows_total);
+    size_t rows = (size_t)rows_total;
+    float *x = dev_rand(rows * in, 1), *w = dev_rand((size_t)g * o * in, 2), *y = dev_rand(rows * o, 3);
+    float *dx = dev_rand(rows * in, 4), *dw = dev_rand((size_t)g * o * in, 5);
+    float *wd = dev_rand((size_t)o * in, 6);
+    double flops = 2.0 * rows * o * in;
+    int reps = 10;
+    const char *names[] = {"fwd", "bwd_input", "bwd_weight"};
+    for (int op = 0; op < 3; op++) {
+        for (int pass = 0; pass < 2; pass++) { /* pass 0: grouped, 1: dense */
+            for (int warm = 1; warm >= 0; warm--) {
+                int n = warm ? 2 : reps;
+                sync_dev(x);
+                double t0 = mt_now();
+                for (int r = 0; r < n; r++) {
+                    if (pass == 0) {
+                        if (op == 0) K->grouped_linear_fwd(y, x, w, offs, g, o, in);
+                        else if (op == 1) K->grouped_linear_bwd_input(dx, y, w, offs, g, o, in);
+                        else K->grouped_linear_bwd_weight(dw, y, x, offs, g, o, in);
+                    } else {
+                        if (op == 0) K->matmul(y, x, wd, rows_total, o, in, 0, 1, 1.0f, 0.0f);
+                        else if (op == 1) K->matmul(dx, y, wd, rows_total, in, o, 0, 0, 1.0f, 1.0f);
+                        else K->matmul(dw, y, x, o, in, rows_total, 1, 0, 1.0f, 1.0f);
+                    }
+                }
+                sync_dev(x);
+                if (!warm) {
+                    double tf = tflops_of(flops, t0, n);
+                    if (pass == 0) out[op].grouped = tf;
+                    else out[op].dense = tf;
+                }
+            }
+        }
+        printf("  %-10s %-10s G=%d O=%5d I=%5d rows %6d: grouped (TF32) %7.1f TFLOP/s | one dense "
+               "matmul (bf16) %7.1f TFLOP/s | ratio %.2f\n", what, names[op], g, o, in, rows_total,
+               out[op].grouped, out[op].dense, out[op].dense > 0 ? out[op].grouped / out[op].dense : 0);
+    }
+    float *bufs[] = {x, w, y, dx, dw, wd};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) K->free(bufs[i]);
+    free(offs);
+}
+
+/* ===================================================================== attention bench == */
+
+static void bench_attention(double *fwd_tf, double *bwd_tf, double *fwd_ms, double *bwd_ms) {
+    int b = 2, t = 2048, h = 16, hkv = 4, d = 128;
+    size_t nq = (size_t)b * t * h * d, nk = (size_t)b * t * hkv * d, nl = (size_t)b * h * t;
+    float *q = dev_rand(nq, 11), *k = dev_rand(nk, 12), *v = dev_rand(nk, 13), *dout = dev_rand(nq, 14);
+    float *out = K->alloc(nq * sizeof(float)), *lse = K->alloc(nl * sizeof(float));
+    float *dq = K->alloc(nq * sizeof(float)), *dk = K->alloc(nk * sizeof(float));
+    float *dv = K->alloc(nk * sizeof(float));
+    double fwd_flops = 4.0 * b * h * d * (double)t * (t + 1) / 2, bwd_flops = 2.5 * fwd_flops;
+    int reps = 10;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int warm = 1; warm >= 0; warm--) {
+            int n = warm ? 1 : reps;
+            sync_dev(q);
+            double t0 = mt_now();
+            for (int r = 0; r < n; r++) {
+                if (pass == 0) K->attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
+                else K->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
+            }
+            sync_dev(q);
+            if (!warm) {
+                double dt = (mt_now() - t0) / n;
+                if (pass == 0) {
+                    *fwd_ms = dt * 1e3;
+                    *fwd_tf = fwd_flops / dt / 1e12;
+                } else {
+                    *bwd_ms = dt * 1e3;
+                    *bwd_tf = bwd_flops / dt / 1e12;
+                }
+            }
+        }
+    }
+    printf("  attention B=%d T=%d H=%d Hkv=%d D=%d causal: forward %.2f ms %.1f TFLOP/s | backward "
+           "%.2f ms %.1f TFLOP/s (%.3g / %.3g FLOPs)\n", b, t, h, hkv, d, *fwd_ms, *fwd_tf, *bwd_ms,
+           *bwd_tf, fwd_flops, bwd_flops);
+    float *bufs[] = {q, k, v, dout, out, lse, dq, dk, dv};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) K->free(bufs[i]);
+}
+
+/* ================================================================================= main == */
+
+int main(int argc, char **argv) {
+    const char *path = "configs/gpu-1b.ini";
+    const char *sets[MAX_SETS];
+    int nsets = 0, steps = 5;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--set") && i + 1 < argc && nsets < MAX_SETS) sets[nsets++] = argv[++i];
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (argv[i][0] != '-') path = argv[i];
+        else {
+            fprintf(stderr, "usage: %s [CONFIG.ini] [--set section.key=value ...] [--steps N]\n", argv[0]);
+            return 2;
+        }
+    }
+    if (steps < 1) steps = 1;
+    char why[MT_ERRLEN] = "";
+    if (!cuda_available(why, sizeof why)) {
+        printf("SKIP: bench_gpu needs a GPU: %s\n", why[0] ? why : "no usable CUDA device");
+        return SKIP_EXIT;
+    }
+    if (nsets < MAX_SETS) sets[nsets++] = "runtime.device=cuda";
+    if (nsets < MAX_SETS) sets[nsets++] = "log.metrics_file=";
+    Config c;
+    char err[MT_ERRLEN];
+    if (config_load(&c, path, sets, nsets, err) != MT_OK) {
+        fprintf(stderr, "bench_gpu: %s\n", err);
+        return 1;
+    }
+    K = kernels_cuda();
+    if (!K) {
+        fprintf(stderr, "bench_gpu: kernels_cuda() returned NULL\n");
+        return 1;
+    }
+    double peak = H100_BF16_DENSE_TFLOPS;
+    const char *pe = getenv("BENCH_PEAK_TFLOPS");
+    if (pe && atof(pe) > 0) peak = atof(pe);
+    printf("bench_gpu: %s, peak for MFU %.0f TFLOP/s (dense bf16)\n", path, peak);
+
+    /* kernels first: the step's arena is freed before they run, but they are small anyway */
+    printf("grouped GEMM (experts of %s), against one dense matmul of the same FLOPs:\n", path);
+    int tokens = c.micro_batch_size * c.seq_len, rows = tokens * c.top_k;
+    GemmPair w13[3], w2[3];
+    bench_grouped_shape("w13 (gate|up)", c.num_experts, 2 * c.expert_hidden, c.d_model, rows, w13);
+    bench_grouped_shape("w2 (down)", c.num_experts, c.d_model, c.expert_hidden, rows, w2);
+    double afwd = 0, abwd = 0, afwd_ms = 0, abwd_ms = 0;
+    bench_attention(&afwd, &abwd, &afwd_ms, &abwd_ms);
+    fflush(stdout);
+
+    StepBench sb = bench_step(&c, steps, peak);
+
+    printf("SUMMARY step_ok %d\n", sb.ok);
+    printf("SUMMARY step_ms %.1f\n", sb.ms);
+    printf("SUMMARY step_tokens_per_s %.0f\n", sb.tokens_per_s);
+    printf("SUMMARY step_tflops %.1f\n", sb.tflops);
+    printf("SUMMARY step_mfu_pct %.1f\n", sb.mfu_pct);
+    printf("SUMMARY grouped_w13_fwd_tflops %.1f\n", w13[0].grouped);
+    printf("SUMMARY dense_w13_fwd_tflops %.1f\n", w13[0].dense);
+    printf("SUMMARY grouped_w2_fwd_tflops %.1f\n", w2[0].grouped);
+    printf("SUMMARY dense_w2_fwd_tflops %.1f\n", w2[0].dense);
+    printf("SUMMARY attn_fwd_tflops %.1f\n", afwd);
+    printf("SUMMARY attn_bwd_tflops %.1f\n", abwd);
+    printf("SUMMARY tf32_peak_tflops %.1f\n", H100_TF32_DENSE_TFLOPS);
+    return sb.ok ? 0 : 1;
+}
