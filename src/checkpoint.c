@@ -107,32 +107,48 @@ static int read_attr_i64(hid_t obj, const char *name, long long *v) {
     return rc < 0 ? -1 : 0;
 }
 
-/* Select flat elements [a, z) of a row-major (rows, cols) dataspace (cols = 0: 1-D). */
-static void select_flat(hid_t space, size_t a, size_t z, hsize_t cols) {
-    if (z <= a) {
-        H5Sselect_none(space);
-        return;
-    }
+/* Flat elements [a, z) of a row-major (rows, cols) tensor (cols = 0: 1-D) as at most three
+ * rectangular pieces: the tail of the first row, the full rows between, the head of the last row.
+ * Each piece is read or written with a memory space of its own shape, which keeps HDF5 on its
+ * contiguous fast path (an OR-ed selection against a 1-D memory space goes element by element). */
+typedef struct {
+    hsize_t start[2], count[2]; /* in the file; count[0] == 0: empty piece */
+    size_t off;                 /* its first element, relative to a */
+} Piece;
+
+static void flat_pieces(size_t a, size_t z, hsize_t cols, Piece p[3]) {
+    memset(p, 0, 3 * sizeof *p);
+    if (z <= a) return;
     if (!cols) {
-        hsize_t start = a, count = z - a;
-        H5Sselect_hyperslab(space, H5S_SELECT_SET, &start, NULL, &count, NULL);
+        p[0] = (Piece){{a, 0}, {z - a, 1}, 0};
         return;
     }
-    hsize_t r0 = a / cols, c0 = a % cols, r1 = (z - 1) / cols, c1 = (z - 1) % cols;
-    H5S_seloper_t op = H5S_SELECT_SET;
+    hsize_t r0 = a / cols, c0 = a % cols, r1 = z / cols, c1 = z % cols; /* z exclusive */
     if (r0 == r1) {
-        hsize_t st[2] = {r0, c0}, ct[2] = {1, c1 - c0 + 1};
-        H5Sselect_hyperslab(space, op, st, NULL, ct, NULL);
+        p[0] = (Piece){{r0, c0}, {1, c1 - c0}, 0};
         return;
     }
-    hsize_t st1[2] = {r0, c0}, ct1[2] = {1, cols - c0};
-    H5Sselect_hyperslab(space, op, st1, NULL, ct1, NULL);
-    if (r1 > r0 + 1) {
-        hsize_t st2[2] = {r0 + 1, 0}, ct2[2] = {r1 - r0 - 1, cols};
-        H5Sselect_hyperslab(space, H5S_SELECT_OR, st2, NULL, ct2, NULL);
+    size_t off = 0;
+    if (c0) {
+        p[0] = (Piece){{r0, c0}, {1, cols - c0}, 0};
+        off = cols - c0;
+        r0++;
     }
-    hsize_t st3[2] = {r1, 0}, ct3[2] = {1, c1 + 1};
-    H5Sselect_hyperslab(space, H5S_SELECT_OR, st3, NULL, ct3, NULL);
+    if (r1 > r0) p[1] = (Piece){{r0, 0}, {r1 - r0, cols}, off};
+    if (c1) p[2] = (Piece){{r1, 0}, {1, c1}, off + (size_t)(r1 - r0) * cols};
+}
+
+/* Select piece p in the file space and make the matching memory space (both empty if p is). */
+static hid_t select_piece(hid_t fs, int ndim, const Piece *p) {
+    hsize_t one = 1;
+    if (!p->count[0] || !p->count[1]) {
+        H5Sselect_none(fs);
+        hid_t ms = H5Screate_simple(1, &one, NULL);
+        H5Sselect_none(ms);
+        return ms;
+    }
+    H5Sselect_hyperslab(fs, H5S_SELECT_SET, p->start, NULL, p->count, NULL);
+    return H5Screate_simple(ndim, p->count, NULL);
 }
 
 static hid_t tensor_space(const ParamInfo *t) {
@@ -236,16 +252,17 @@ static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, ch
             float *ptr = NULL;
             if (j >= 0) tensor_slice(&t->shard, &t->model.pl.info[j], (What)w, 1, &a, &z, &ptr);
             hid_t fs = tensor_space(ft);
-            select_flat(fs, a, z, ft->ndim == 2 ? (hsize_t)ft->shape[1] : 0);
-            hsize_t cnt = z > a ? z - a : 1;
-            hid_t ms = H5Screate_simple(1, &cnt, NULL);
-            if (z <= a) H5Sselect_none(ms);
-            float *host = mt_calloc(cnt, sizeof(float)); /* staged: backend memory may be a device's */
+            Piece pc[3];
+            flat_pieces(a, z, ft->ndim == 2 ? (hsize_t)ft->shape[1] : 0, pc);
+            float *host = mt_calloc(z > a ? z - a : 1, sizeof(float)); /* staged: may be device memory */
             if (z > a) t->k->to_host(host, ptr, (z - a) * sizeof(float));
-            if (ds < 0 || H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host) < 0)
-                rc = mt_fail(err, "writing dataset %s failed", name);
+            for (int q = 0; q < 3 && ds >= 0; q++) { /* collective: every rank makes all three calls */
+                hid_t ms = select_piece(fs, ft->ndim, &pc[q]);
+                if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0) rc = MT_ERR;
+                H5Sclose(ms);
+            }
+            if (ds < 0 || rc != MT_OK) rc = mt_fail(err, "writing dataset %s failed", name);
             free(host);
-            H5Sclose(ms);
             H5Sclose(fs);
             if (ds >= 0) H5Dclose(ds);
         }
@@ -354,17 +371,19 @@ static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *
     if (nd != t->ndim || dims[0] != (hsize_t)t->shape[0] || (nd == 2 && dims[1] != (hsize_t)t->shape[1])) {
         rc = mt_fail(err, "%s: dataset %s has the wrong shape", path, name);
     } else {
-        select_flat(fs, a, z, nd == 2 ? dims[1] : 0);
-        hsize_t cnt = z - a;
-        hid_t ms = H5Screate_simple(1, &cnt, NULL);
-        float *host = mt_calloc(cnt, sizeof(float));
-        if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, host) < 0)
-            rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
-                              "corrupted data", path, name);
-        else
-            k->from_host(ptr, host, cnt * sizeof(float));
+        Piece pc[3];
+        flat_pieces(a, z, nd == 2 ? dims[1] : 0, pc);
+        float *host = mt_calloc(z - a, sizeof(float));
+        for (int q = 0; q < 3 && rc == MT_OK; q++) {
+            if (!pc[q].count[0] || !pc[q].count[1]) continue;
+            hid_t ms = select_piece(fs, nd, &pc[q]);
+            if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, host + pc[q].off) < 0)
+                rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
+                                  "corrupted data", path, name);
+            H5Sclose(ms);
+        }
+        if (rc == MT_OK) k->from_host(ptr, host, (z - a) * sizeof(float));
         free(host);
-        H5Sclose(ms);
     }
     H5Sclose(fs);
     H5Dclose(ds);

@@ -32,7 +32,8 @@ expect "bad type"               2 "d_model = 6x4: not an integer"         -- $BI
 expect "impossible mesh"        2 "parallel.ep = 2 must divide the 3 ranks" \
                                                                             -- mpirun -np 3 $BIN configs/tiny.ini --set parallel.ep=2
 expect "tp refused for now"     2 "tensor, context and pipeline"          -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.tp=2
-expect "bad metrics path"       2 "metrics_file = /proc/nope/m.jsonl"     -- $BIN configs/tiny.ini --set log.metrics_file=/proc/nope/m.jsonl --set train.steps=1
+expect "bad metrics path"       2 "metrics_file = /proc/nope/m.jsonl"     -- $BIN configs/tiny.ini --set log.metrics_file=/proc/nope/m.jsonl --set train.steps=1 \
+                                                                            --set checkpoint.dir=$T/ck0
 
 # a failure on one rank only (its data file is missing in its working directory): the job ends
 # with that rank's message and a non-zero code instead of hanging in a collective
@@ -46,7 +47,7 @@ expect "one rank fails"         2 "error \(rank 1\): c.tok: cannot open" \
 # a short distributed run: dp2 x ep2 with full sharding writes a metrics file with the mesh
 expect "train dp2 x ep2"        0 "step +5/5"  -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.ep=2 \
   --set optim.shard=full --set train.micro_batch_size=2 --set train.steps=5 --set log.every=5 \
-  --set log.metrics_file=$T/m.jsonl
+  --set log.metrics_file=$T/m.jsonl --set checkpoint.dir=$T/ck
 if grep -q '"event":"run"' "$T/m.jsonl" && grep -q '"ep":2' "$T/m.jsonl" && grep -q '"edp":2' "$T/m.jsonl" \
    && grep -q '"event":"step","step":5' "$T/m.jsonl"; then ok "metrics file has the mesh and steps"
 else bad "metrics file: $(head -c 300 "$T/m.jsonl")"; fi
