@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 #include <stdio.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -39,12 +40,27 @@ static void maybe_reexec(char **argv) {
                     "slow %s kernels (set OPENBLAS_CORETYPE=%s yourself)\n", best, core, best);
 }
 
+/* Ranks sharing this node, as the launcher tells it before MPI_Init: mpirun sets
+ * OMPI_COMM_WORLD_LOCAL_SIZE; srun sets SLURM_STEP_TASKS_PER_NODE ("4" or "4(x2)", first node). */
+static long local_ranks(void) {
+    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        const char *v = getenv(names[i]);
+        long n = v ? atol(v) : 0;
+        if (n > 0) return n;
+    }
+    return 1;
+}
+
+/* One BLAS thread per core this rank may use: the cores of its affinity mask if the launcher
+ * bound it to a subset (SLURM's task/affinity), else the node's cores split over its ranks. */
 static void set_threads(void) {
     if (getenv("OPENBLAS_NUM_THREADS") || getenv("OMP_NUM_THREADS")) return;
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-    long local = ls ? atol(ls) : 1;
-    long t = local > 0 ? cores / local : cores;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN), t;
+    cpu_set_t set;
+    long mine = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : cores;
+    if (mine > 0 && mine < cores) t = mine;
+    else t = cores / local_ranks();
     openblas_set_num_threads(t < 1 ? 1 : (int)t);
 }
 

@@ -100,8 +100,9 @@ int main(int argc, char **argv) {
         free(args.sets);
         return rc;
     }
+    stop_install(); /* a SIGUSR1/SIGTERM during start-up must not kill the rank: it is recorded */
     MPI_Init(&argc, &argv);
-    stop_install();
+    stop_install(); /* again, in case the MPI library installed handlers of its own */
     int rank = 0, world = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);
