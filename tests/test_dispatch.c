@@ -185,8 +185,8 @@ static int run_fresh(const Scenario *sc) {
 
 /* ---- tests ---- */
 
-/* Different row counts per rank and expert, several rounds through one dispatcher (the scratch
- * grows and shrinks in use), E_local = 1 and 3. */
+/* Different row counts per rank and expert, several rounds through one dispatcher (counts grow
+ * and shrink between rounds), E_local = 1 and 3 (one exchange per local expert). */
 START_TEST(test_random_routing) {
     int all = 1;
     for (int el = 1; el <= 3; el += 2) {

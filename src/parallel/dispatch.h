@@ -11,16 +11,16 @@
  *                     afterwards the received rows are known: recv_counts[s*E_local + j] rows from
  *                     source rank s for local expert j, m_recv in total, and expert-major offsets
  *                     recv_offs[E_local+1] for the grouped GEMM.
- *   dispatch_rows:    xp (m_send, C) -> xe (m_recv, C): all-to-all(v) of the rows, then a local
- *                     reorder from source-major ([s][j] blocks) to expert-major ([j][s] blocks),
- *                     so xe feeds the grouped GEMM with recv_offs.
- *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (reorder back to
- *                     source-major, all-to-all(v) back). Row i of yp answers row i of xp.
+ *   dispatch_rows:    xp (m_send, C) -> xe (m_recv, C), expert-major ([j][s] blocks: local expert
+ *                     j, then source rank s), so xe feeds the grouped GEMM with recv_offs. One
+ *                     all-to-all(v) per local expert, received in place: no staging, no reorder.
+ *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (the same exchanges with
+ *                     send and receive swapped). Row i of yp answers row i of xp.
  * dispatch_rows and combine_rows are transposes of each other, so the backward of dispatch is
  * combine_rows (on gradients) and vice versa. Works when a rank sends or receives zero rows and
  * when an expert gets none. At ep = 1 both are a plain copy.
- * Host buffers (MPI) for now; the rows go through the Kernels table's memory functions only for
- * the local reorder. Scratch grows to the largest m_recv seen.
+ * xp/xe/ye/yp live where the Kernels table allocates (host or device); comm routes device
+ * buffers to NCCL or host staging (comm.h).
  */
 #ifndef MT_DISPATCH_H
 #define MT_DISPATCH_H
@@ -39,8 +39,7 @@ typedef struct Dispatcher {
     int *recv_from;   /* (ep) rows received from each source rank */
     int *recv_displs; /* (ep) */
     int *recv_offs;   /* (E_local + 1) expert-major offsets into xe */
-    float *scratch;   /* (capacity, C) source-major staging */
-    size_t capacity;  /* rows of scratch */
+    int *send_offs;   /* (E + 1) this rank's offs: rows of xp by global expert */
 } Dispatcher;
 
 void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_experts, int c);
