@@ -5,8 +5,9 @@
  * kernels.h marks "host" (grouped-GEMM offsets, routing slots: copied to the device inside the
  * call) and the *_host outputs (a scalar copied back). All work is issued on one stream
  * (cuda_stream()) in order; entries that return a host value synchronise. Numerics: fp32 storage;
- * matmuls run on tensor cores in bf16 with fp32 accumulation (cuBLAS COMPUTE_32F_FAST_16BF);
- * router, softmax, norms, loss and optimizer in fp32.
+ * dense matmuls run on tensor cores in bf16 with fp32 accumulation (COMPUTE_32F_FAST_16BF), the
+ * grouped expert GEMMs in TF32 (COMPUTE_32F_FAST_TF32); router, softmax, norms, loss and
+ * optimizer in fp32.
  * The table is assembled from three files, each filling its own entries:
  *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding,
  *                      RMSNorm, RoPE, SwiGLU, AdamW, release
