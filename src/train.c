@@ -201,6 +201,9 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     }
     metrics_run_record(&mx, &t);
     model_reset_stats(&t.model);
+    if (t.step >= c->steps && world->rank == 0)
+        printf("nothing to do: the checkpoint is at step %d and train.steps = %d; raise train.steps "
+               "to train on\n", t.step, c->steps);
     ok = run_steps(&t, &mx, err);
     metrics_close(&mx);
     trainer_free(&t);

@@ -34,6 +34,11 @@ expect "impossible mesh"        2 "parallel.ep = 2 must divide the 3 ranks" \
 expect "tp refused for now"     2 "tensor, context and pipeline"          -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.tp=2
 expect "bad metrics path"       2 "metrics_file = /proc/nope/m.jsonl"     -- $BIN configs/tiny.ini --set log.metrics_file=/proc/nope/m.jsonl --set train.steps=1 \
                                                                             --set checkpoint.dir=$T/ck0
+expect "nccl needs cuda"         2 "comm = nccl: requires runtime.device = cuda" -- $BIN configs/tiny.ini --set runtime.comm=nccl
+if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then # no GPU here: one clear message, on 2 ranks too
+  expect "cuda without a GPU"   2 "device = cuda: no usable GPU" \
+    -- mpirun -np 2 $BIN configs/tiny.ini --set runtime.device=cuda --set checkpoint.dir=$T/ck1
+fi
 
 # a failure on one rank only (its data file is missing in its working directory): the job ends
 # with that rank's message and a non-zero code instead of hanging in a collective
@@ -51,6 +56,11 @@ expect "train dp2 x ep2"        0 "step +5/5"  -- mpirun -np 4 $BIN configs/tiny
 if grep -q '"event":"run"' "$T/m.jsonl" && grep -q '"ep":2' "$T/m.jsonl" && grep -q '"edp":2' "$T/m.jsonl" \
    && grep -q '"event":"step","step":5' "$T/m.jsonl"; then ok "metrics file has the mesh and steps"
 else bad "metrics file: $(head -c 300 "$T/m.jsonl")"; fi
+
+# the same command again resumes from the final checkpoint and says there is nothing left to do
+expect "rerun of a finished run" 0 "nothing to do: the checkpoint is at step 5 and train.steps = 5" \
+  -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.ep=2 --set optim.shard=full \
+  --set train.micro_batch_size=2 --set train.steps=5 --set log.metrics_file= --set checkpoint.dir=$T/ck
 
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
