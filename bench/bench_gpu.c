@@ -31,6 +31,7 @@
 #include "../cuda/kernels_cuda.h"
 #include "backend.h"
 #include "common.h"
+#include "model.h"
 #include "config.h"
 #include "kernels.h"
 #include "train.h"
@@ -63,25 +64,6 @@ static float *dev_rand(size_t n, unsigned seed) {
 
 /* ====================================================================== step benchmark == */
 
-/* Forward FLOPs of one micro-batch of b sequences (matmuls + causal attention), as bench_step.c. */
-static double forward_flops(const Config *c, int b) {
-    double n = (double)b * c->seq_len, C = c->d_model, D = c->head_dim;
-    double qd = c->n_heads * D, kd = c->n_kv_heads * D, f = 0;
-    int fs = c->shared_hidden ? c->shared_hidden : c->expert_hidden;
-    for (int l = 0; l < c->n_layers; l++) {
-        f += 2 * n * C * (qd + 2 * kd) + 2 * n * qd * C;                       /* q,k,v,o */
-        f += 2.0 * 2 * b * c->n_heads * D * c->seq_len * (c->seq_len + 1) / 2; /* QK^T, PV causal */
-        if (l < c->dense_layers) {
-            f += 2 * n * C * 3 * c->ffn_hidden;
-        } else {
-            f += 2 * n * C * c->num_experts;                         /* router */
-            f += 2 * n * c->top_k * C * 3 * c->expert_hidden;        /* routed experts */
-            f += 2 * n * C * 3 * (double)c->shared_experts * fs;     /* shared */
-        }
-    }
-    return f + 2 * n * C * c->vocab_size; /* lm head */
-}
-
 typedef struct StepBench {
     double ms, tokens_per_s, tflops, mfu_pct, loss_first, loss_last;
     int ok;
@@ -111,7 +93,7 @@ static StepBench bench_step(const Config *c, int steps, double peak_tflops) {
     size_t act_b = model_activation_bytes(&t.model);
     double gib = 1.0 / (1u << 30);
     double tokens = (double)trainer_global_batch(&t) * c->seq_len;
-    double fwd = forward_flops(c, c->micro_batch_size) * c->grad_accum_steps;
+    double fwd = model_forward_flops(c, c->micro_batch_size) * c->grad_accum_steps;
     double flops = 3 * fwd;
     printf("step: %d layers, d_model %d, heads %d/%d x %d, %d experts top-%d (hidden %d), vocab %d, "
            "seq %d\n", c->n_layers, c->d_model, c->n_heads, c->n_kv_heads, c->head_dim,

@@ -15,6 +15,7 @@
 
 #include "blas.h"
 #include "common.h"
+#include "model.h"
 #include "config.h"
 #include "kernels.h"
 #include "train.h"
@@ -50,24 +51,6 @@ static double blas_peak(void) {
     return best;
 }
 
-/* Forward FLOPs of one micro-batch of b sequences (matmuls + attention). */
-static double forward_flops(const Config *c, int b) {
-    double n = (double)b * c->seq_len, C = c->d_model, D = c->head_dim;
-    double qd = c->n_heads * D, kd = c->n_kv_heads * D, f = 0;
-    for (int l = 0; l < c->n_layers; l++) {
-        f += 2 * n * C * (qd + 2 * kd) + 2 * n * qd * C;                   /* q,k,v,o */
-        f += 2.0 * 2 * b * c->n_heads * D * c->seq_len * (c->seq_len + 1) / 2; /* QK^T, PV causal */
-        if (l < c->dense_layers) {
-            f += 2 * n * C * 3 * c->ffn_hidden;
-        } else {
-            f += 2 * n * C * c->num_experts;                                   /* router */
-            f += 2 * n * c->top_k * C * 3 * c->expert_hidden;                  /* routed experts */
-            f += 2 * n * C * 3 * (double)c->shared_experts * c->shared_hidden; /* shared */
-        }
-    }
-    return f + 2 * n * C * c->vocab_size; /* lm head */
-}
-
 static void bench_config(const char *path, double peak) {
     Config c;
     char err[MT_ERRLEN];
@@ -88,7 +71,7 @@ static void bench_config(const char *path, double peak) {
     double t0 = mt_now();
     for (int s = 0; s < steps; s++) trainer_step(&t);
     double dt = (mt_now() - t0) / steps;
-    double flops = 3 * forward_flops(&c, c.micro_batch_size) * c.grad_accum_steps;
+    double flops = 3 * model_forward_flops(&c, c.micro_batch_size) * c.grad_accum_steps;
     double tokens = (double)trainer_global_batch(&t) * c.seq_len;
     printf("%-22s %9.3fM params %8.0f tok/step %8.1f ms/step %9.0f tok/s %7.2f GFLOP/s  %5.1f%% of BLAS peak\n",
            path, params_total(&t.model.pl) / 1e6, tokens, dt * 1e3, tokens / dt, flops / dt / 1e9,

@@ -108,4 +108,10 @@ MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
 /* Bytes of the activation arena (for the memory report). */
 size_t model_activation_bytes(const Model *m);
 
+/* Forward FLOPs (2 per multiply-add) of b sequences of the configured model: the q/k/v/o
+ * projections, causal attention (QK^T and PV over the lower triangle), router, routed and shared
+ * experts or the dense FFN, and the LM head. A training step costs about 3x (the backward twice
+ * the forward); benchmarks use this to report achieved FLOP/s and MFU. */
+double model_forward_flops(const Config *c, int b);
+
 #endif

@@ -54,23 +54,7 @@ static uint64_t g_seed = 1000;  /* every rnd() call gets fresh numbers */
 
 /* ============================================================================= helpers == */
 
-static float *rnd(size_t n, float lo, float hi) {
-    float *x = malloc((n ? n : 1) * sizeof(float));
-    tu_fill_uniform(x, n, lo, hi, g_seed++);
-    return x;
-}
-
-static float *filled(size_t n, float v) {
-    float *x = malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = v;
-    return x;
-}
-
-static float *dup(const float *x, size_t n) {
-    float *y = malloc((n ? n : 1) * sizeof(float));
-    if (n) memcpy(y, x, n * sizeof(float));
-    return y;
-}
+static float *rnd(size_t n, float lo, float hi) { return tu_rnd(n, lo, hi, g_seed++); }
 
 /* device copy of a host array (bytes may be 0) */
 static void *dev(const void *h, size_t bytes) {
@@ -81,7 +65,7 @@ static void *dev(const void *h, size_t bytes) {
 static float *devf(const float *h, size_t n) { return dev(h, n * sizeof(float)); }
 /* device array of n NaNs (an overwritten output) */
 static float *dev_nan(size_t n) {
-    float *h = filled(n, NAN), *d = devf(h, n);
+    float *h = tu_filled(n, NAN), *d = devf(h, n);
     free(h);
     return d;
 }
@@ -164,7 +148,7 @@ START_TEST(test_memory) {
     size_t bytes = n * sizeof(float);
     float *h = rnd(n, -1, 1);
     float *a = KG->alloc(bytes), *b = KG->alloc(bytes);
-    float *z = backf(a, n), *zero = filled(n, 0.0f);
+    float *z = backf(a, n), *zero = tu_filled(n, 0.0f);
     expect_bits("alloc is zeroed", z, zero, bytes);
     KG->from_host(a, h, bytes);
     KG->copy(b, a, bytes);
@@ -174,7 +158,7 @@ START_TEST(test_memory) {
     /* zero a sub-range at odd offsets */
     size_t lo = 3, len = 1001;
     KG->zero(b + lo, len * sizeof(float));
-    float *want = dup(h, n);
+    float *want = tu_dup(h, n);
     memset(want + lo, 0, len * sizeof(float));
     r = backf(b, n);
     expect_bits("zero of [3, 1004)", r, want, bytes);
@@ -237,7 +221,7 @@ END_TEST
 
 static void check_matmul(int m, int n, int k, int ta, int tb, float alpha, float beta) {
     float *a = rnd((size_t)m * k, -1, 1), *b = rnd((size_t)k * n, -1, 1);
-    float *c = beta != 0.0f ? rnd((size_t)m * n, -1, 1) : filled((size_t)m * n, 0.0f);
+    float *c = beta != 0.0f ? rnd((size_t)m * n, -1, 1) : tu_filled((size_t)m * n, 0.0f);
     float *da = devf(a, (size_t)m * k), *db = devf(b, (size_t)k * n);
     float *dc = beta != 0.0f ? devf(c, (size_t)m * n) : dev_nan((size_t)m * n); /* beta 0: C not read */
     KC->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
@@ -292,21 +276,21 @@ START_TEST(test_grouped_linear) {
     float *x = rnd(rows * in, -1, 1), *w = rnd(nw, -1, 1), *dy = rnd(rows * o, -1, 1);
     float *dx_x = devf(x, rows * in), *dx_w = devf(w, nw), *dx_dy = devf(dy, rows * o);
     /* fwd (overwrites) */
-    float *y = filled(rows * o, 0), *d_y = dev_nan(rows * o);
+    float *y = tu_filled(rows * o, 0), *d_y = dev_nan(rows * o);
     KC->grouped_linear_fwd(y, x, w, offs, g, o, in);
     KG->grouped_linear_fwd(d_y, dx_x, dx_w, offs, g, o, in);
     float *gy = backf(d_y, rows * o);
     snprintf(what, sizeof what, "grouped_linear_fwd G=%d O=%d I=%d", g, o, in);
     expect_norm(what, gy, y, NULL, rows * o, TOL_BF16);
     /* bwd_input (accumulates) */
-    float *dx0 = rnd(rows * in, -1, 1), *dx = dup(dx0, rows * in), *d_dx = devf(dx0, rows * in);
+    float *dx0 = rnd(rows * in, -1, 1), *dx = tu_dup(dx0, rows * in), *d_dx = devf(dx0, rows * in);
     KC->grouped_linear_bwd_input(dx, dy, w, offs, g, o, in);
     KG->grouped_linear_bwd_input(d_dx, dx_dy, dx_w, offs, g, o, in);
     float *gdx = backf(d_dx, rows * in);
     snprintf(what, sizeof what, "grouped_linear_bwd_input G=%d (increments)", g);
     expect_norm(what, gdx, dx, dx0, rows * in, TOL_BF16);
     /* bwd_weight (accumulates; empty groups untouched) */
-    float *dw0 = rnd(nw, -1, 1), *dw = dup(dw0, nw), *d_dw = devf(dw0, nw);
+    float *dw0 = rnd(nw, -1, 1), *dw = tu_dup(dw0, nw), *d_dw = devf(dw0, nw);
     KC->grouped_linear_bwd_weight(dw, dy, x, offs, g, o, in);
     KG->grouped_linear_bwd_weight(d_dw, dx_dy, dx_x, offs, g, o, in);
     float *gdw = backf(d_dw, nw);
@@ -335,7 +319,7 @@ START_TEST(test_embedding) {
     int32_t *tok = malloc(n * sizeof(int32_t));
     for (int r = 0; r < n; r++) tok[r] = (int32_t)((r * 7 + r / 13) % v); /* many repeats */
     tok[0] = v - 1;
-    float *wte = rnd((size_t)v * c, -1, 1), *out = filled((size_t)n * c, 0);
+    float *wte = rnd((size_t)v * c, -1, 1), *out = tu_filled((size_t)n * c, 0);
     int32_t *d_tok = dev(tok, n * sizeof(int32_t));
     float *d_wte = devf(wte, (size_t)v * c), *d_out = dev_nan((size_t)n * c);
     KC->embedding_fwd(out, tok, wte, n, c);
@@ -344,7 +328,7 @@ START_TEST(test_embedding) {
     expect_bits("embedding_fwd (a copy)", g, out, (size_t)n * c * sizeof(float));
     free(g);
     float *dout = rnd((size_t)n * c, -1, 1), *d_dout = devf(dout, (size_t)n * c);
-    float *dw0 = rnd((size_t)v * c, -1, 1), *dw = dup(dw0, (size_t)v * c), *d_dw = devf(dw0, (size_t)v * c);
+    float *dw0 = rnd((size_t)v * c, -1, 1), *dw = tu_dup(dw0, (size_t)v * c), *d_dw = devf(dw0, (size_t)v * c);
     KC->embedding_bwd(dw, dout, tok, n, c);
     KG->embedding_bwd(d_dw, d_dout, d_tok, n, c);
     g = backf(d_dw, (size_t)v * c);
@@ -372,7 +356,7 @@ START_TEST(test_rmsnorm) {
         int n = 77, c = cs[ci];
         size_t nc = (size_t)n * c;
         char what[96];
-        float *x = rnd(nc, -2, 2), *w = rnd(c, 0.5f, 1.5f), *out = filled(nc, 0), *rstd = filled(n, 0);
+        float *x = rnd(nc, -2, 2), *w = rnd(c, 0.5f, 1.5f), *out = tu_filled(nc, 0), *rstd = tu_filled(n, 0);
         float *d_x = devf(x, nc), *d_w = devf(w, c), *d_out = dev_nan(nc), *d_rstd = dev_nan(n);
         KC->rmsnorm_fwd(out, rstd, x, w, n, c, 1e-5f);
         KG->rmsnorm_fwd(d_out, d_rstd, d_x, d_w, n, c, 1e-5f);
@@ -386,8 +370,8 @@ START_TEST(test_rmsnorm) {
         /* backward from the CPU's rstd (the same input on both sides) */
         float *d_rstd_in = devf(rstd, n);
         float *dout = rnd(nc, -1, 1), *d_dout = devf(dout, nc);
-        float *dx0 = rnd(nc, -1, 1), *dx = dup(dx0, nc), *d_dx = devf(dx0, nc);
-        float *dw0 = rnd(c, -1, 1), *dw = dup(dw0, c), *d_dw = devf(dw0, c);
+        float *dx0 = rnd(nc, -1, 1), *dx = tu_dup(dx0, nc), *d_dx = devf(dx0, nc);
+        float *dw0 = rnd(c, -1, 1), *dw = tu_dup(dw0, c), *d_dw = devf(dw0, c);
         KC->rmsnorm_bwd(dx, dw, dout, x, w, rstd, n, c);
         KG->rmsnorm_bwd(d_dx, d_dw, d_dout, d_x, d_w, d_rstd_in, n, c);
         g = backf(d_dx, nc);
@@ -461,7 +445,7 @@ START_TEST(test_attention) {
     char what[128], shape[64];
     snprintf(shape, sizeof shape, "B=%d T=%d H=%d Hkv=%d D=%d", b, t, h, hkv, d);
     float *q = rnd(nq, -2, 2), *k = rnd(nk, -2, 2), *v = rnd(nk, -1, 1);
-    float *out = filled(nq, 0), *lse = filled(nl, 0);
+    float *out = tu_filled(nq, 0), *lse = tu_filled(nl, 0);
     float *d_q = devf(q, nq), *d_k = devf(k, nk), *d_v = devf(v, nk);
     float *d_out = dev_nan(nq), *d_lse = dev_nan(nl);
     KC->attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
@@ -477,7 +461,7 @@ START_TEST(test_attention) {
     float *d_out_in = devf(out, nq), *d_lse_in = devf(lse, nl);
     float *dout = rnd(nq, -1, 1), *d_dout = devf(dout, nq);
     float *dq0 = rnd(nq, -1, 1), *dk0 = rnd(nk, -1, 1), *dv0 = rnd(nk, -1, 1);
-    float *dq = dup(dq0, nq), *dk = dup(dk0, nk), *dv = dup(dv0, nk);
+    float *dq = tu_dup(dq0, nq), *dk = tu_dup(dk0, nk), *dv = tu_dup(dv0, nk);
     float *d_dq = devf(dq0, nq), *d_dk = devf(dk0, nk), *d_dv = devf(dv0, nk);
     KC->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
     KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, h, hkv, d);
@@ -500,7 +484,7 @@ END_TEST
 START_TEST(test_swiglu) {
     int n = 77, f = 300;
     size_t nab = (size_t)n * 2 * f, nh = (size_t)n * f;
-    float *ab = rnd(nab, -6, 6), *h = filled(nh, 0);
+    float *ab = rnd(nab, -6, 6), *h = tu_filled(nh, 0);
     ab[0] = -90.0f; /* far into the saturated tails */
     ab[1] = 90.0f;
     float *d_ab = devf(ab, nab), *d_h = dev_nan(nh);
@@ -510,7 +494,7 @@ START_TEST(test_swiglu) {
     expect_close("swiglu_fwd", g, h, NULL, nh, TOL_F32);
     free(g);
     float *dh = rnd(nh, -1, 1), *d_dh = devf(dh, nh);
-    float *dab0 = rnd(nab, -1, 1), *dab = dup(dab0, nab), *d_dab = devf(dab0, nab);
+    float *dab0 = rnd(nab, -1, 1), *dab = tu_dup(dab0, nab), *d_dab = devf(dab0, nab);
     KC->swiglu_bwd(dab, dh, ab, n, f);
     KG->swiglu_bwd(d_dab, d_dh, d_ab, n, f);
     g = backf(d_dab, nab);
@@ -583,7 +567,7 @@ START_TEST(test_router_topk) {
     size_t ne = (size_t)n * e, nk = (size_t)n * k;
     char what[128], shape[64];
     snprintf(shape, sizeof shape, "N=%d E=%d K=%d renorm=%d", n, e, k, rc->renorm);
-    float *l = router_logits(n, e), *p = filled(ne, 0), *w = filled(nk, 0);
+    float *l = router_logits(n, e), *p = tu_filled(ne, 0), *w = tu_filled(nk, 0);
     int32_t *ix = calloc(nk, sizeof(int32_t)), *neg = malloc(nk * sizeof(int32_t));
     for (size_t i = 0; i < nk; i++) neg[i] = -7;
     float *d_l = devf(l, ne), *d_p = dev_nan(ne), *d_w = dev_nan(nk);
@@ -639,10 +623,10 @@ START_TEST(test_router_stats) {
     const RouterCase *rc = &router_cases[_i];
     int n = rc->n * 4, e = rc->e, k = rc->k;
     size_t ne = (size_t)n * e, nk = (size_t)n * k;
-    float *l = router_logits(n, e), *p = filled(ne, 0), *w = filled(nk, 0);
+    float *l = router_logits(n, e), *p = tu_filled(ne, 0), *w = tu_filled(nk, 0);
     int32_t *ix = calloc(nk, sizeof(int32_t));
     KC->router_topk_fwd(p, ix, w, l, n, e, k, rc->renorm);
-    float *psum = filled(e, 0), *d_psum = dev_nan(e), *d_p = devf(p, ne), *d_l = devf(l, ne);
+    float *psum = tu_filled(e, 0), *d_psum = dev_nan(e), *d_p = devf(p, ne), *d_l = devf(l, ne);
     double z = 0, gz = -1;
     KC->router_stats(psum, &z, p, l, n, e);
     KG->router_stats(d_psum, &gz, d_p, d_l, n, e);
@@ -669,7 +653,7 @@ START_TEST(test_router_bwd) {
     const RouterCase *rc = &router_cases[_i];
     int n = rc->n, e = rc->e, k = rc->k;
     size_t ne = (size_t)n * e, nk = (size_t)n * k;
-    float *l = router_logits(n, e), *p = filled(ne, 0), *w = filled(nk, 0);
+    float *l = router_logits(n, e), *p = tu_filled(ne, 0), *w = tu_filled(nk, 0);
     int32_t *ix = calloc(nk, sizeof(int32_t));
     KC->router_topk_fwd(p, ix, w, l, n, e, k, rc->renorm);
     float *dwt = rnd(nk, -1, 1), *dprob = rnd(e, -0.1f, 0.1f);
@@ -679,7 +663,7 @@ START_TEST(test_router_bwd) {
     for (int mask = 1; mask < 8; mask++) {
         int use_dw = mask & 1, use_dp = mask & 2;
         float zgrad = mask & 4 ? 0.3f : 0.0f;
-        float *dl0 = rnd(ne, -1, 1), *dl = dup(dl0, ne), *d_dl = devf(dl0, ne);
+        float *dl0 = rnd(ne, -1, 1), *dl = tu_dup(dl0, ne), *d_dl = devf(dl0, ne);
         KC->router_bwd(dl, use_dw ? dwt : NULL, use_dp ? dprob : NULL, zgrad, p, l, ix, w, n, e, k,
                        rc->renorm);
         KG->router_bwd(d_dl, use_dw ? d_dwt : NULL, use_dp ? d_dprob : NULL, zgrad, d_p, d_l, d_ix,
@@ -733,7 +717,7 @@ START_TEST(test_permutation) {
     size_t nc = (size_t)n * c, mc = (size_t)m * c, nk = (size_t)n * k;
     float *x = rnd(nc, -1, 1), *d_x = devf(x, nc);
     /* gather (overwrites; padding rows zero) */
-    float *xp = filled(mc, 0), *d_xp = dev_nan(mc);
+    float *xp = tu_filled(mc, 0), *d_xp = dev_nan(mc);
     KC->gather_rows(xp, x, slots, m, c, k);
     KG->gather_rows(d_xp, d_x, slots, m, c, k);
     float *g = backf(d_xp, mc);
@@ -741,7 +725,7 @@ START_TEST(test_permutation) {
     free(g);
     /* scatter_add (accumulates; padding skipped) */
     float *dxp = rnd(mc, -1, 1), *d_dxp = devf(dxp, mc);
-    float *dx0 = rnd(nc, -1, 1), *dx = dup(dx0, nc), *d_dx = devf(dx0, nc);
+    float *dx0 = rnd(nc, -1, 1), *dx = tu_dup(dx0, nc), *d_dx = devf(dx0, nc);
     KC->scatter_add_rows(dx, dxp, slots, m, c, k);
     KG->scatter_add_rows(d_dx, d_dxp, slots, m, c, k);
     g = backf(d_dx, nc);
@@ -749,7 +733,7 @@ START_TEST(test_permutation) {
     free(g);
     /* combine (accumulates) */
     float *yp = rnd(mc, -1, 1), *wts = rnd(nk, 0, 1), *d_yp = devf(yp, mc), *d_wts = devf(wts, nk);
-    float *y0 = rnd(nc, -1, 1), *y = dup(y0, nc), *d_y = devf(y0, nc);
+    float *y0 = rnd(nc, -1, 1), *y = tu_dup(y0, nc), *d_y = devf(y0, nc);
     KC->combine(y, yp, wts, slots, m, c, k);
     KG->combine(d_y, d_yp, d_wts, slots, m, c, k);
     g = backf(d_y, nc);
@@ -757,8 +741,8 @@ START_TEST(test_permutation) {
     free(g);
     /* combine_bwd: dyp overwritten (zero on padding), dweights only at the plan's slots */
     float *dy = rnd(nc, -1, 1), *d_dy = devf(dy, nc);
-    float *dyp = filled(mc, 0), *d_dyp = dev_nan(mc);
-    float *dwt = filled(nk, 7.0f), *d_dwt = devf(dwt, nk);
+    float *dyp = tu_filled(mc, 0), *d_dyp = dev_nan(mc);
+    float *dwt = tu_filled(nk, 7.0f), *d_dwt = devf(dwt, nk);
     KC->combine_bwd(dyp, dwt, dy, yp, wts, slots, m, c, k);
     KG->combine_bwd(d_dyp, d_dwt, d_dy, d_yp, d_wts, slots, m, c, k);
     g = backf(d_dyp, mc);
@@ -798,7 +782,7 @@ START_TEST(test_cross_entropy) {
         tgt[1] = v - 1;
         float scale = 1.0f / valid;
         int32_t *d_tgt = dev(tgt, n * sizeof(int32_t));
-        float *dl = filled(nv, 0);
+        float *dl = tu_filled(nv, 0);
         double loss = 0;
         KC->cross_entropy(&loss, dl, l, tgt, n, v, scale);
         char what[128];
@@ -834,7 +818,7 @@ START_TEST(test_adamw) {
     size_t n = 10007;
     float wds[] = {0.1f, 0.0f};
     for (int wi = 0; wi < 2; wi++) {
-        float *p = rnd(n, -1, 1), *m = filled(n, 0), *v = filled(n, 0);
+        float *p = rnd(n, -1, 1), *m = tu_filled(n, 0), *v = tu_filled(n, 0);
         float *d_p = devf(p, n), *d_m = devf(m, n), *d_v = devf(v, n);
         for (int step = 1; step <= 3; step++) {
             float *g = rnd(n, -0.1f, 0.1f), *d_g = devf(g, n);

@@ -21,23 +21,6 @@
 
 /* ============================================================================= helpers == */
 
-static float *rnd(size_t n, float lo, float hi, uint64_t seed) {
-    float *x = malloc((n ? n : 1) * sizeof(float));
-    tu_fill_uniform(x, n, lo, hi, seed);
-    return x;
-}
-
-static float *filled(size_t n, float v) {
-    float *x = malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = v;
-    return x;
-}
-
-static float *dup(const float *x, size_t n) {
-    float *y = malloc((n ? n : 1) * sizeof(float));
-    memcpy(y, x, n * sizeof(float));
-    return y;
-}
 
 static double dotd(const float *a, const float *b, size_t n) {
     double s = 0;
@@ -105,7 +88,7 @@ static void fd_check(const char *name, float *x, const float *an, size_t n, Loss
  * <an, x+ - x->, both divided by 2 eps. For tensors too large for element-wise checks. */
 static void fd_dir_check(const char *name, float *x, const float *an, size_t n, LossFn f,
                          void *ctx, float eps, int ndir, uint64_t seed) {
-    float *x0 = dup(x, n), *u = malloc(n * sizeof(float));
+    float *x0 = tu_dup(x, n), *u = malloc(n * sizeof(float));
     double worst = 0, wfd = 0, wan = 0;
     int wd = 0;
     for (int di = 0; di < ndir; di++) {
@@ -142,7 +125,7 @@ START_TEST(test_memory) {
     const Kernels *k = kernels_cpu();
     ck_assert_str_eq(k->name, "cpu");
     size_t n = 37;
-    float *h = rnd(n, -1, 1, 1), *back = filled(n, 9.0f);
+    float *h = tu_rnd(n, -1, 1, 1), *back = tu_filled(n, 9.0f);
     float *a = k->alloc(n * sizeof(float)), *b = k->alloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) ck_assert_msg(a[i] == 0.0f, "alloc not zeroed at %zu", i);
     k->from_host(a, h, n * sizeof(float));
@@ -181,7 +164,7 @@ END_TEST
 START_TEST(test_axpy_scale_sumsq) {
     const Kernels *k = kernels_cpu();
     size_t n = 1003;
-    float *x = rnd(n, -2, 2, 2), *y = rnd(n, -1, 1, 3), *y0 = dup(y, n), *want = malloc(n * 4);
+    float *x = tu_rnd(n, -2, 2, 2), *y = tu_rnd(n, -1, 1, 3), *y0 = tu_dup(y, n), *want = malloc(n * 4);
     k->axpy(y, x, 0.75f, n);
     for (size_t i = 0; i < n; i++) want[i] = y0[i] + 0.75f * x[i];
     assert_close("axpy", y, want, n, 1e-6, 1e-7);
@@ -219,8 +202,8 @@ static void check_matmul(int m, int n, int kd, int ta, int tb, float alpha, floa
                          uint64_t seed) {
     const Kernels *k = kernels_cpu();
     size_t mn = (size_t)m * n;
-    float *a = rnd((size_t)m * kd, -1, 1, seed), *b = rnd((size_t)kd * n, -1, 1, seed + 1);
-    float *c0 = rnd(mn, -1, 1, seed + 2), *c = dup(c0, mn);
+    float *a = tu_rnd((size_t)m * kd, -1, 1, seed), *b = tu_rnd((size_t)kd * n, -1, 1, seed + 1);
+    float *c0 = tu_rnd(mn, -1, 1, seed + 2), *c = tu_dup(c0, mn);
     if (beta == 0.0f)
         for (size_t i = 0; i < mn; i++) c[i] = 1e30f; /* must be overwritten */
     double *ref = malloc(mn * sizeof(double));
@@ -280,8 +263,8 @@ static void ref_grouped(double *y, const float *x, const float *w) {
 
 START_TEST(test_grouped_linear_fwd) {
     size_t ny = (size_t)GL_ROWS * GL_O;
-    float *x = rnd((size_t)GL_ROWS * GL_I, -1, 1, 50);
-    float *w = rnd((size_t)GL_G * GL_O * GL_I, -1, 1, 51), *y = filled(ny, 1e30f);
+    float *x = tu_rnd((size_t)GL_ROWS * GL_I, -1, 1, 50);
+    float *w = tu_rnd((size_t)GL_G * GL_O * GL_I, -1, 1, 51), *y = tu_filled(ny, 1e30f);
     double ref[GL_ROWS * GL_O];
     kernels_cpu()->grouped_linear_fwd(y, x, w, GL_OFFS, GL_G, GL_O, GL_I);
     ref_grouped(ref, x, w);
@@ -297,8 +280,8 @@ END_TEST
 START_TEST(test_grouped_linear_bwd) {
     const Kernels *k = kernels_cpu();
     size_t nx = (size_t)GL_ROWS * GL_I, nw = (size_t)GL_G * GL_O * GL_I, ny = GL_ROWS * GL_O;
-    GlCtx c = {rnd(nx, -1, 1, 60), rnd(nw, -1, 1, 61), rnd(ny, -1, 1, 62), malloc(ny * 4)};
-    float *dx = filled(nx, GBASE), *dw = filled(nw, GBASE);
+    GlCtx c = {tu_rnd(nx, -1, 1, 60), tu_rnd(nw, -1, 1, 61), tu_rnd(ny, -1, 1, 62), malloc(ny * 4)};
+    float *dx = tu_filled(nx, GBASE), *dw = tu_filled(nw, GBASE);
     k->grouped_linear_bwd_input(dx, c.r, c.w, GL_OFFS, GL_G, GL_O, GL_I);
     k->grouped_linear_bwd_weight(dw, c.r, c.x, GL_OFFS, GL_G, GL_O, GL_I);
     for (size_t i = GL_O * GL_I; i < 2 * GL_O * GL_I; i++) /* the empty group is untouched */
@@ -348,13 +331,13 @@ static double em_loss(void *p) {
 START_TEST(test_embedding) {
     const Kernels *k = kernels_cpu();
     size_t nw = EM_V * EM_C, no = EM_N * EM_C;
-    EmCtx c = {rnd(nw, -1, 1, 70), rnd(no, -1, 1, 71), filled(no, 1e30f)};
+    EmCtx c = {tu_rnd(nw, -1, 1, 70), tu_rnd(no, -1, 1, 71), tu_filled(no, 1e30f)};
     k->embedding_fwd(c.out, EM_TOK, c.wte, EM_N, EM_C);
     for (int n = 0; n < EM_N; n++)
         for (int j = 0; j < EM_C; j++)
             ck_assert_msg(c.out[n * EM_C + j] == c.wte[EM_TOK[n] * EM_C + j],
                           "embedding_fwd row %d col %d", n, j);
-    float *dw = filled(nw, GBASE);
+    float *dw = tu_filled(nw, GBASE);
     k->embedding_bwd(dw, c.r, EM_TOK, EM_N, EM_C);
     sub_const(dw, nw, GBASE);
     for (int j = 0; j < EM_C; j++) { /* token 1 appears at rows 0, 2, 5 */
@@ -401,8 +384,8 @@ static double rn_loss(void *p) {
 
 START_TEST(test_rmsnorm_bwd) {
     size_t n = RN_N * RN_C;
-    RnCtx c = {rnd(n, -1, 1, 80), rnd(RN_C, 0.5f, 1.5f, 81), rnd(n, -1, 1, 82), malloc(n * 4), {0}};
-    float *dx = filled(n, GBASE), *dw = filled(RN_C, GBASE);
+    RnCtx c = {tu_rnd(n, -1, 1, 80), tu_rnd(RN_C, 0.5f, 1.5f, 81), tu_rnd(n, -1, 1, 82), malloc(n * 4), {0}};
+    float *dx = tu_filled(n, GBASE), *dw = tu_filled(RN_C, GBASE);
     rn_loss(&c);
     kernels_cpu()->rmsnorm_bwd(dx, dw, c.r, c.x, c.w, c.rstd, RN_N, RN_C);
     sub_const(dx, n, GBASE);
@@ -426,7 +409,7 @@ enum { RP_B = 2, RP_T = 3, RP_H = 2, RP_D = 8, RP_POS0 = 5 };
 START_TEST(test_rope) {
     const Kernels *k = kernels_cpu();
     const float theta = 10000.0f;
-    float *x = rnd(RP_N, -1, 1, 90), *y = rnd(RP_N, -1, 1, 91), *rx = dup(x, RP_N);
+    float *x = tu_rnd(RP_N, -1, 1, 90), *y = tu_rnd(RP_N, -1, 1, 91), *rx = tu_dup(x, RP_N);
     k->rope(rx, RP_B, RP_T, RP_H, RP_D, RP_POS0, theta, 0);
     /* forward against the formula: pair (i, i + D/2), angle = pos * theta^(-2i/D) */
     double ref[RP_N];
@@ -444,7 +427,7 @@ START_TEST(test_rope) {
     float *want = to_float(ref, RP_N);
     assert_close("rope forward", rx, want, RP_N, 1e-5, 1e-6);
     /* adjoint: <rope(x), y> == <x, rope_inverse(y)> */
-    float *iy = dup(y, RP_N);
+    float *iy = tu_dup(y, RP_N);
     k->rope(iy, RP_B, RP_T, RP_H, RP_D, RP_POS0, theta, 1);
     double lhs = dotd(rx, y, RP_N), rhs = dotd(x, iy, RP_N);
     printf("  rope adjoint: <rope x, y> = %.9f, <x, rope^T y> = %.9f\n", lhs, rhs);
@@ -498,8 +481,8 @@ static void ref_attention(double *out, double *lse, const float *q, const float 
 
 static void check_attention_fwd(AttShape s, uint64_t seed) {
     size_t nq = att_nq(s), nk = att_nk(s), nl = (size_t)s.b * s.h * s.t;
-    float *q = rnd(nq, -1, 1, seed), *k = rnd(nk, -1, 1, seed + 1), *v = rnd(nk, -1, 1, seed + 2);
-    float *out = filled(nq, 1e30f), *lse = filled(nl, 1e30f);
+    float *q = tu_rnd(nq, -1, 1, seed), *k = tu_rnd(nk, -1, 1, seed + 1), *v = tu_rnd(nk, -1, 1, seed + 2);
+    float *out = tu_filled(nq, 1e30f), *lse = tu_filled(nl, 1e30f);
     double *rout = calloc(nq, sizeof(double)), *rlse = calloc(nl, sizeof(double));
     kernels_cpu()->attention_fwd(out, lse, q, k, v, s.b, s.t, s.h, s.hkv, s.d);
     ref_attention(rout, rlse, q, k, v, s);
@@ -547,8 +530,8 @@ static double att_loss(void *p) {
 
 static AttCtx att_ctx(AttShape s, uint64_t seed) {
     size_t nq = att_nq(s), nk = att_nk(s);
-    AttCtx c = {s, rnd(nq, -1, 1, seed), rnd(nk, -1, 1, seed + 1), rnd(nk, -1, 1, seed + 2),
-                rnd(nq, -1, 1, seed + 3), malloc(nq * 4), malloc((size_t)s.b * s.h * s.t * 4)};
+    AttCtx c = {s, tu_rnd(nq, -1, 1, seed), tu_rnd(nk, -1, 1, seed + 1), tu_rnd(nk, -1, 1, seed + 2),
+                tu_rnd(nq, -1, 1, seed + 3), malloc(nq * 4), malloc((size_t)s.b * s.h * s.t * 4)};
     return c;
 }
 
@@ -564,9 +547,9 @@ static void att_free(AttCtx *c) {
 /* analytic dq, dk, dv with dout = R (accumulated onto GBASE, which is then removed) */
 static void att_grads(AttCtx *c, float **dq, float **dk, float **dv) {
     size_t nq = att_nq(c->s), nk = att_nk(c->s);
-    *dq = filled(nq, GBASE);
-    *dk = filled(nk, GBASE);
-    *dv = filled(nk, GBASE);
+    *dq = tu_filled(nq, GBASE);
+    *dk = tu_filled(nk, GBASE);
+    *dv = tu_filled(nk, GBASE);
     att_loss(c);
     kernels_cpu()->attention_bwd(*dq, *dk, *dv, c->r, c->q, c->k, c->v, c->out, c->lse, c->s.b,
                                  c->s.t, c->s.h, c->s.hkv, c->s.d);
@@ -619,7 +602,7 @@ static double sg_loss(void *p) {
 
 START_TEST(test_swiglu) {
     size_t nab = SG_N * 2 * SG_F, nh = SG_N * SG_F;
-    SgCtx c = {rnd(nab, -4, 4, 150), rnd(nh, -1, 1, 151), filled(nh, 1e30f)};
+    SgCtx c = {tu_rnd(nab, -4, 4, 150), tu_rnd(nh, -1, 1, 151), tu_filled(nh, 1e30f)};
     c.ab[0] = 30.0f; /* large |a|: no overflow, silu(30) = 30, silu(-30) ~ 0 */
     c.ab[1] = -30.0f;
     sg_loss(&c);
@@ -631,7 +614,7 @@ START_TEST(test_swiglu) {
         }
     float *want = to_float(ref, nh);
     assert_close("swiglu_fwd", c.h, want, nh, 1e-5, 1e-6);
-    float *dab = filled(nab, GBASE);
+    float *dab = tu_filled(nab, GBASE);
     kernels_cpu()->swiglu_bwd(dab, c.r, c.ab, SG_N, SG_F);
     sub_const(dab, nab, GBASE);
     fd_check("swiglu_bwd (dab)", c.ab, dab, nab, sg_loss, &c, 1e-2f);
@@ -727,10 +710,10 @@ static double rb_loss(void *p) {
 
 static void check_router_bwd(const char *name, int use_dw, int renorm, int use_dprob, float zgrad) {
     RbCtx c = {0};
-    c.logits = rnd(RB_N * RB_E, -0.1f, 0.1f, 160);
+    c.logits = tu_rnd(RB_N * RB_E, -0.1f, 0.1f, 160);
     for (int n = 0; n < RB_N; n++) /* a permutation of 0, 0.5, ..., 2.5 per row: no near ties */
         for (int e = 0; e < RB_E; e++) c.logits[n * RB_E + e] += 0.5f * ((e * 5 + n) % RB_E);
-    c.rw = rnd(RB_N * RB_K, -1, 1, 161);
+    c.rw = tu_rnd(RB_N * RB_K, -1, 1, 161);
     float dp[RB_E];
     tu_fill_uniform(dp, RB_E, -1, 1, 162);
     c.dprob = use_dprob ? dp : NULL;
@@ -738,7 +721,7 @@ static void check_router_bwd(const char *name, int use_dw, int renorm, int use_d
     c.use_dw = use_dw;
     c.renorm = renorm;
     kernels_cpu()->router_topk_fwd(c.probs, c.idx0, c.w, c.logits, RB_N, RB_E, RB_K, renorm);
-    float *dl = filled(RB_N * RB_E, GBASE);
+    float *dl = tu_filled(RB_N * RB_E, GBASE);
     kernels_cpu()->router_bwd(dl, use_dw ? c.rw : NULL, c.dprob, zgrad, c.probs, c.logits, c.idx0,
                               c.w, RB_N, RB_E, RB_K, renorm);
     sub_const(dl, RB_N * RB_E, GBASE);
@@ -767,8 +750,8 @@ START_TEST(test_gather_scatter) {
     const Kernels *k = kernels_cpu();
     const int slots[PM_M] = {0, 1, 3, 6, 7, 2}; /* tokens 0, 0, 1, 3, 3, 1 */
     size_t nx = PM_N * PM_C, np = PM_M * PM_C;
-    float *x = rnd(nx, -1, 1, 170), *y = rnd(np, -1, 1, 171), *xp = filled(np, 1e30f);
-    float *dx = filled(nx, GBASE);
+    float *x = tu_rnd(nx, -1, 1, 170), *y = tu_rnd(np, -1, 1, 171), *xp = tu_filled(np, 1e30f);
+    float *dx = tu_filled(nx, GBASE);
     k->gather_rows(xp, x, slots, PM_M, PM_C, PM_K);
     for (int m = 0; m < PM_M; m++)
         for (int j = 0; j < PM_C; j++)
@@ -802,7 +785,7 @@ static double cb_loss(void *p) {
 
 START_TEST(test_combine) {
     size_t ny = PM_N * PM_C, np = PM_M * PM_C, nw = PM_N * PM_K;
-    CbCtx c = {rnd(np, -1, 1, 180), rnd(nw, 0, 1, 181), rnd(ny, -1, 1, 182), rnd(ny, -1, 1, 183),
+    CbCtx c = {tu_rnd(np, -1, 1, 180), tu_rnd(nw, 0, 1, 181), tu_rnd(ny, -1, 1, 182), tu_rnd(ny, -1, 1, 183),
                malloc(ny * 4)};
     cb_loss(&c);
     double ref[PM_N * PM_C];
@@ -812,7 +795,7 @@ START_TEST(test_combine) {
             ref[(CB_SLOTS[m] / PM_K) * PM_C + j] += (double)c.w[CB_SLOTS[m]] * c.yp[m * PM_C + j];
     float *want = to_float(ref, ny);
     assert_close("combine (accumulates into y)", c.y, want, ny, 1e-6, 1e-6);
-    float *dyp = filled(np, 1e30f), *dw = filled(nw, 7.0f);
+    float *dyp = tu_filled(np, 1e30f), *dw = tu_filled(nw, 7.0f);
     kernels_cpu()->combine_bwd(dyp, dw, c.r, c.yp, c.w, CB_SLOTS, PM_M, PM_C, PM_K);
     ck_assert_msg(dw[1] == 7.0f && dw[4] == 7.0f, "combine_bwd wrote dropped slots: %g %g", dw[1],
                   dw[4]);
@@ -871,7 +854,7 @@ static double ce_loss(void *p) {
 
 START_TEST(test_cross_entropy_bwd) {
     size_t n = CE_N * CE_V;
-    CeCtx c = {rnd(n, -3, 3, 190), malloc(n * 4), 0.7f, {3, -1, 36, 0}};
+    CeCtx c = {tu_rnd(n, -3, 3, 190), malloc(n * 4), 0.7f, {3, -1, 36, 0}};
     float *d = malloc(n * 4);
     double l;
     kernels_cpu()->cross_entropy(&l, d, c.logits, c.tg, CE_N, CE_V, c.scale);

@@ -14,16 +14,7 @@
 #define WORLD 8
 
 static int g_rank, g_fails;
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            if (g_fails++ < 10) {                                                                  \
-                fprintf(stderr, "[rank %d] %s:%d: ", g_rank, __FILE__, __LINE__);                  \
-                fprintf(stderr, __VA_ARGS__);                                                      \
-                fputc('\n', stderr);                                                               \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
+#define EXPECT(cond, ...) TU_EXPECT(&g_fails, g_rank, cond, __VA_ARGS__)
 
 enum { TP, CP, DP, PP, ETP, EP, EDP, NDIM };
 static void as_array(MeshCoords x, int a[NDIM]) {

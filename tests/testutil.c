@@ -2,7 +2,10 @@
 #include "testutil.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 static uint64_t splitmix(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
@@ -14,6 +17,34 @@ static uint64_t splitmix(uint64_t *s) {
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
     uint64_t s = seed;
     for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * (float)((splitmix(&s) >> 11) * 0x1.0p-53);
+}
+
+float *tu_rnd(size_t n, float lo, float hi, uint64_t seed) {
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    tu_fill_uniform(x, n, lo, hi, seed);
+    return x;
+}
+
+float *tu_filled(size_t n, float v) {
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = v;
+    return x;
+}
+
+float *tu_dup(const float *x, size_t n) {
+    float *y = malloc((n ? n : 1) * sizeof(float));
+    if (n) memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+void tu_expect(int ok, int *fails, int rank, const char *file, int line, const char *fmt, ...) {
+    if (ok || (*fails)++ >= 10) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "[rank %d] %s:%d: ", rank, file, line);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
 }
 
 double tu_close_ratio(const float *a, const float *b, size_t n, double rtol, double atol,
