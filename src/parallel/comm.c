@@ -240,8 +240,15 @@ static void dev_alltoallv(const Group *g, const void *send, const int *scounts, 
         nccl_comm_alltoallv(n, send, scounts, sdispls, recv, rcounts, rdispls, (int)t);
         return;
     }
+    /* only the counted blocks cross PCIe, both ways: the dispatcher sends a few blocks of a large
+     * buffer per call (one call per local expert) */
     size_t sbytes = extent(g->size, scounts, sdispls) * e, rbytes = extent(g->size, rcounts, rdispls) * e;
-    void *hs = host_view(g, 0, send, sbytes, 1), *hr = host_view(g, 1, recv, rbytes, 0);
+    void *hs = host_view(g, 0, send, sbytes, 0), *hr = host_view(g, 1, recv, rbytes, 0);
+    if (hs != send)
+        for (int p = 0; p < g->size; p++)
+            if (scounts[p] > 0)
+                cuda_comm_to_host((char *)hs + (size_t)sdispls[p] * e,
+                                  (const char *)send + (size_t)sdispls[p] * e, (size_t)scounts[p] * e);
     MPI_Alltoallv(hs, scounts, sdispls, mpi_type(t), hr, rcounts, rdispls, mpi_type(t), g->comm);
     if (hr == recv) return;
     for (int p = 0; p < g->size; p++) /* only the received blocks: the gaps keep their contents */
