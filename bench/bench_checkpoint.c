@@ -176,7 +176,7 @@ int main(int argc, char **argv) {
     char dir[64] = "/tmp/bench_ckpt_XXXXXX", file[MT_PATH_MAX + 64], plain[MT_PATH_MAX + 64];
     if (rank == 0) MT_CHECK(mkdtemp(dir), "mkdtemp %s failed", dir);
     MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
-    MT_CHECK(ckpt_check_dir(dir, &mesh.g_world, err) == MT_OK, "%s", err);
+    MT_CHECK(ckpt_check_dir(dir, 0, &mesh.g_world, err) == MT_OK, "%s", err);
     snprintf(file, sizeof file, "%s/step_%08d.h5", dir, t.step);
     snprintf(plain, sizeof plain, "%s/plain.bin", dir);
 

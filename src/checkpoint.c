@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -59,7 +60,29 @@ static int is_step_file(const char *e) {
     return strncmp(e, "step_", 5) == 0 && l > 3 && strcmp(e + l - 3, ".h5") == 0;
 }
 
-int ckpt_check_dir(const char *dir, const Group *world, char *err) {
+double ckpt_size_estimate(const Config *c) {
+    ModelDims fd = dims_from_config(c, 1, 0);
+    ParamLayout full;
+    params_layout_init(&full, &fd, c->init_std, NULL);
+    double n = 0;
+    for (int i = 0; i < full.n; i++)
+        n += (double)full.info[i].shape[0] * (full.info[i].ndim == 2 ? full.info[i].shape[1] : 1);
+    params_layout_free(&full);
+    return n * 3 * sizeof(float) * 1.01 + (1 << 20); /* +1%: chunk checksums and index; metadata */
+}
+
+/* Rank 0: need bytes free under dir (0: no check). */
+static int check_space(const char *dir, double need, char *err) {
+    struct statvfs v;
+    if (need <= 0 || statvfs(dir, &v) != 0) return MT_OK;
+    double avail = (double)v.f_bavail * (double)v.f_frsize;
+    if (avail >= need) return MT_OK;
+    return mt_fail(err, "[checkpoint] dir = %s: %.1f MB free, but one checkpoint of this model needs "
+                        "about %.1f MB (parameters, AdamW m and v in fp32); free some space or point "
+                        "checkpoint.dir elsewhere", dir, avail / 1e6, need / 1e6);
+}
+
+int ckpt_check_dir(const char *dir, double need, const Group *world, char *err) {
     int st = MT_OK;
     if (world->rank == 0) {
         char probe[MT_PATH_MAX + 32];
@@ -70,6 +93,7 @@ int ckpt_check_dir(const char *dir, const Group *world, char *err) {
             st = mt_fail(err, "[checkpoint] dir = %s: cannot be written: %s", dir, strerror(errno));
         if (fd >= 0) close(fd);
         unlink(probe);
+        if (st == MT_OK) st = check_space(dir, need, err);
     }
     if (comm_any_failed(world, st) != MT_OK) {
         if (world->rank != 0) err[0] = 0;
@@ -241,6 +265,7 @@ static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, ch
     hid_t dxpl = H5Pcreate(H5P_DATASET_XFER);
     H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
     int rc = MT_OK;
+    const Group *world = &t->mesh->g_world;
     for (int w = 0; w < 3 && rc == MT_OK; w++) {
         for (int n = 0; n < full->n && rc == MT_OK; n++) {
             const ParamInfo *ft = &full->info[n];
@@ -265,6 +290,10 @@ static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, ch
             free(host);
             H5Sclose(fs);
             if (ds >= 0) H5Dclose(ds);
+            /* a write error may reach only some ranks (the I/O aggregators): agree before the
+             * next collective call, or the others would wait in it forever */
+            if (comm_any_failed(world, rc) != MT_OK && rc == MT_OK)
+                rc = mt_fail(err, "writing dataset %s failed on another rank", name);
         }
     }
     H5Pclose(dxpl);
@@ -303,12 +332,27 @@ static int publish(const char *dir, const char *tmp, int step, int keep, char *e
     return MT_OK;
 }
 
+/* H5Fclose failed (its flush hit a full disk or an I/O error): the file stays half-open inside
+ * HDF5, and any further HDF5 call, including the library's own clean-up in MPI_Finalize, crashes.
+ * Say why, drop the partial file and end the job now; the last good checkpoint is untouched. */
+__attribute__((noreturn)) static void close_failed(const char *tmp, const char *why) {
+    fprintf(stderr, "moetrain: error: %s: writing the checkpoint failed (%s%s); the partial file is "
+                    "removed and the previous checkpoint kept; check the disk, then resume\n",
+            tmp, why[0] ? why : "closing the file failed", why[0] ? "; then closing failed" : "");
+    unlink(tmp);
+    mt_abort(2);
+}
+
 int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
     const Group *world = &t->mesh->g_world;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     char tmp[MT_PATH_MAX + 64], name[64];
     step_name(name, sizeof name, t->step);
     snprintf(tmp, sizeof tmp, "%s/%s.tmp", dir, name);
+    /* a full disk is the likely failure: say so before HDF5 half-writes a file (a failed
+     * collective HDF5 call can leave the other ranks waiting, and a failed close leaves the
+     * library unusable) */
+    if (ckpt_check_dir(dir, ckpt_size_estimate(&t->cfg), world, err) != MT_OK) return MT_ERR;
     ModelDims fd = dims_from_config(&t->cfg, 1, 0);
     ParamLayout full;
     params_layout_init(&full, &fd, t->cfg.init_std, NULL);
@@ -321,7 +365,7 @@ int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
     if (rc == MT_OK) {
         write_attrs(f, t);
         rc = write_datasets(f, t, &full, err);
-        if (H5Fclose(f) < 0 && rc == MT_OK) rc = mt_fail(err, "%s: closing failed", tmp);
+        if (H5Fclose(f) < 0) close_failed(tmp, rc == MT_OK ? "" : err);
     }
     params_layout_free(&full);
     if (comm_any_failed(world, rc) != MT_OK) {

@@ -25,8 +25,12 @@
 
 #define CKPT_FORMAT_VERSION 1
 
-/* Fail early (before training) if dir cannot be created or written. Collective. */
-int ckpt_check_dir(const char *dir, const Group *world, char *err);
+/* Bytes one checkpoint of this config takes on disk, about (every parameter, AdamW m and v in
+ * fp32, plus chunk and metadata overhead). */
+double ckpt_size_estimate(const Config *c);
+/* Fail early (before training) if dir cannot be created or written, or has less than need bytes
+ * free (need = 0: no space check). Collective. */
+int ckpt_check_dir(const char *dir, double need, const Group *world, char *err);
 
 /* Write the trainer's state as the checkpoint of step t->step. Collective. */
 int ckpt_save(Trainer *t, const char *dir, int keep, char *err);

@@ -182,7 +182,7 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     /* The mesh object belongs to the caller and is not const there; device mode is communication
      * state of its groups (comm.h), not part of the layout this function leaves unchanged. */
     backend_attach_mesh((Mesh *)mesh, c);
-    if (ckpt_check_dir(c->ckpt_dir, world, err) != MT_OK) return MT_ERR;
+    if (ckpt_check_dir(c->ckpt_dir, ckpt_size_estimate(c), world, err) != MT_OK) return MT_ERR;
     int ok = trainer_init(&t, c, k, mesh, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         if (ok == MT_OK) {

@@ -36,7 +36,7 @@ static void init(Trainer *t, const Config *c) {
 
 static void save(Trainer *t, int keep) {
     char err[MT_ERRLEN];
-    ck_assert_msg(ckpt_check_dir(t->cfg.ckpt_dir, &g_mesh.g_world, err) == MT_OK, "%s", err);
+    ck_assert_msg(ckpt_check_dir(t->cfg.ckpt_dir, 0, &g_mesh.g_world, err) == MT_OK, "%s", err);
     ck_assert_msg(ckpt_save(t, t->cfg.ckpt_dir, keep, err) == MT_OK, "%s", err);
 }
 
@@ -247,8 +247,23 @@ END_TEST
 
 START_TEST(test_unwritable_dir) {
     char err[MT_ERRLEN];
-    ck_assert(ckpt_check_dir("/proc/moetrain-nope", &g_mesh.g_world, err) == MT_ERR);
+    ck_assert(ckpt_check_dir("/proc/moetrain-nope", 0, &g_mesh.g_world, err) == MT_ERR);
     ck_assert_msg(strstr(err, "/proc/moetrain-nope") && strstr(err, "cannot be written"), "%s", err);
+}
+END_TEST
+
+/* A directory without room for one checkpoint is refused before anything is written, with the
+ * free and the needed space; one with room passes. */
+START_TEST(test_no_space) {
+    char err[MT_ERRLEN] = "";
+    ck_assert_msg(ckpt_check_dir(g_dir, 1e6, &g_mesh.g_world, err) == MT_OK, "%s", err);
+    ck_assert(ckpt_check_dir(g_dir, 1e18, &g_mesh.g_world, err) == MT_ERR);
+    ck_assert_msg(strstr(err, g_dir) && strstr(err, "MB free") && strstr(err, "1000000000000.0 MB"),
+                  "%s", err);
+    Config c;
+    ck_assert_msg(config_load(&c, "configs/tiny.ini", NULL, 0, err) == MT_OK, "%s", err);
+    double est = ckpt_size_estimate(&c); /* tiny: 255,104 floats x 3 x 4 B, +1%, +1 MiB */
+    ck_assert_msg(est > 255000.0 * 12 && est < 255500.0 * 12 * 1.01 + (1 << 20) + 1, "%.0f", est);
 }
 END_TEST
 
@@ -260,6 +275,7 @@ int main(int argc, char **argv) {
     Suite *s = suite_create("checkpoint");
     TCase *tc = tcase_create("checkpoint");
     tcase_add_test(tc, test_resume_bit_exact);
+    tcase_add_test(tc, test_no_space);
     tcase_add_test(tc, test_latest_keep_candidates);
     tcase_add_test(tc, test_signal_stops_with_checkpoint);
     tcase_add_test(tc, test_truncated);
