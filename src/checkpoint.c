@@ -7,6 +7,7 @@
 #include <hdf5.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -100,6 +101,44 @@ int ckpt_check_dir(const char *dir, double need, const Group *world, char *err) 
         return MT_ERR;
     }
     return MT_OK;
+}
+
+/* Rank 0: lock dir/.lock; on EWOULDBLOCK say who holds it. */
+static int lock_rank0(const char *dir, int *fd, char *err) {
+    char path[MT_PATH_MAX + 32], holder[256] = "";
+    snprintf(path, sizeof path, "%s/.lock", dir);
+    *fd = open(path, O_RDWR | O_CREAT, 0644);
+    if (*fd < 0) return mt_fail(err, "[checkpoint] dir = %s: cannot create %s: %s", dir, path, strerror(errno));
+    if (flock(*fd, LOCK_EX | LOCK_NB) == 0) {
+        char host[128] = "?", line[256];
+        gethostname(host, sizeof host - 1);
+        int n = snprintf(line, sizeof line, "pid %ld on %s\n", (long)getpid(), host);
+        if (ftruncate(*fd, 0) != 0 || pwrite(*fd, line, (size_t)n, 0) != n) { /* informative only */ }
+        return MT_OK;
+    }
+    int e = errno;
+    ssize_t got = pread(*fd, holder, sizeof holder - 1, 0);
+    if (got > 0) holder[strcspn(holder, "\n")] = 0;
+    close(*fd);
+    *fd = -1;
+    if (e == EWOULDBLOCK)
+        return mt_fail(err, "[checkpoint] dir = %s: in use by another run (%s); give this run its own "
+                            "checkpoint.dir, or stop the other one first", dir, got > 0 ? holder : "unknown");
+    return mt_fail(err, "[checkpoint] dir = %s: cannot lock %s: %s", dir, path, strerror(e));
+}
+
+int ckpt_lock_dir(const char *dir, const Group *world, int *fd, char *err) {
+    *fd = -1;
+    int st = world->rank == 0 ? lock_rank0(dir, fd, err) : MT_OK;
+    if (comm_any_failed(world, st) != MT_OK) {
+        if (world->rank != 0) err[0] = 0;
+        return MT_ERR;
+    }
+    return MT_OK;
+}
+
+void ckpt_unlock_dir(int fd) {
+    if (fd >= 0) close(fd); /* closing releases the flock */
 }
 
 /* ---- HDF5 helpers ---- */

@@ -32,6 +32,13 @@ double ckpt_size_estimate(const Config *c);
  * free (need = 0: no space check). Collective. */
 int ckpt_check_dir(const char *dir, double need, const Group *world, char *err);
 
+/* Take checkpoint.dir for this run: rank 0 holds an exclusive flock(2) on DIR/.lock (which
+ * records its pid and host) until ckpt_unlock_dir or its exit, so a second run started on the
+ * same directory by mistake stops at once instead of interleaving checkpoints with this one. A
+ * killed or requeued run releases the lock with its process. Collective; *fd is -1 off rank 0. */
+int ckpt_lock_dir(const char *dir, const Group *world, int *fd, char *err);
+void ckpt_unlock_dir(int fd);
+
 /* Write the trainer's state as the checkpoint of step t->step. Collective. */
 int ckpt_save(Trainer *t, const char *dir, int keep, char *err);
 

@@ -182,13 +182,17 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     /* The mesh object belongs to the caller and is not const there; device mode is communication
      * state of its groups (comm.h), not part of the layout this function leaves unchanged. */
     backend_attach_mesh((Mesh *)mesh, c);
-    if (ckpt_check_dir(c->ckpt_dir, ckpt_size_estimate(c), world, err) != MT_OK) return MT_ERR;
+    int lock = -1;
+    if (ckpt_check_dir(c->ckpt_dir, ckpt_size_estimate(c), world, err) != MT_OK ||
+        ckpt_lock_dir(c->ckpt_dir, world, &lock, err) != MT_OK)
+        return MT_ERR;
     int ok = trainer_init(&t, c, k, mesh, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         if (ok == MT_OK) {
             trainer_free(&t);
             err[0] = 0; /* another rank failed and prints why */
         }
+        ckpt_unlock_dir(lock);
         return MT_ERR;
     }
     Metrics mx;
@@ -196,6 +200,7 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     if (ok == MT_OK) ok = metrics_open(&mx, c->metrics_file, world->rank == 0, t.step > 0, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         trainer_free(&t);
+        ckpt_unlock_dir(lock);
         if (ok == MT_OK) err[0] = 0;
         return MT_ERR;
     }
@@ -207,5 +212,6 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     ok = run_steps(&t, &mx, err);
     metrics_close(&mx);
     trainer_free(&t);
+    ckpt_unlock_dir(lock);
     return ok;
 }

@@ -62,5 +62,17 @@ expect "rerun of a finished run" 0 "nothing to do: the checkpoint is at step 5 a
   -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.ep=2 --set optim.shard=full \
   --set train.micro_batch_size=2 --set train.steps=5 --set log.metrics_file= --set checkpoint.dir=$T/ck
 
+# a second run on a checkpoint.dir that a running job holds stops at once and names the holder;
+# the first run is not disturbed (SIGTERM then makes it checkpoint and exit 0)
+$BIN configs/tiny.ini --set train.steps=100000 --set log.metrics_file= --set checkpoint.dir=$T/lk \
+  > "$T/lk.out" 2>&1 < /dev/null &
+holder=$!
+for _ in $(seq 100); do grep -q "pid $holder" "$T/lk/.lock" 2>/dev/null && break; sleep 0.2; done
+expect "checkpoint.dir in use"  2 "dir = $T/lk: in use by another run \(pid $holder on " \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set train.steps=5 --set log.metrics_file= --set checkpoint.dir=$T/lk
+kill -TERM $holder; wait $holder; rc=$?
+if [ $rc -eq 0 ] && grep -q "checkpoint saved" "$T/lk.out"; then ok "the holder keeps running, stops cleanly"
+else bad "the holder: exit $rc, $(tail -c 300 "$T/lk.out")"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
