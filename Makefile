@@ -120,7 +120,7 @@ test: all
 
 train: $(BUILD)/moetrain
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-	  mpirun --oversubscribe -np $(NP) $(BUILD)/moetrain $(CONFIG) $(TRAIN_SETS)
+	  mpirun --oversubscribe --bind-to none -np $(NP) $(BUILD)/moetrain $(CONFIG) $(TRAIN_SETS)
 
 bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu
 	bench/run.sh $(BUILD)

@@ -7,6 +7,8 @@ BUILD=${1:-build}
 cd "$(dirname "$0")/.."
 "$BUILD/bench/bench_step" configs/tiny.ini configs/small.ini
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np 4 --oversubscribe "$BUILD/bench/bench_dispatch"
-MPI="env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe"
+# --bind-to none: Open MPI binds each rank to one core when it starts two or fewer, which would
+# leave a single rank one BLAS thread (docs/blas.md)
+MPI="env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none"
 $MPI -np 1 "$BUILD/bench/bench_checkpoint" configs/small.ini
 $MPI -np 4 "$BUILD/bench/bench_checkpoint" configs/small.ini --set parallel.ep=2 --set optim.shard=full --set train.micro_batch_size=2
