@@ -229,7 +229,7 @@ int main(int argc, char **argv) {
         double fsync_s = best[B_SYNC] - best[B_NOSYNC];
         double rest = best[SAVE] - best[B_NOSYNC] - fsync_s - 2 * best[FLETCHER];
         printf("save %.3f s = bytes %.3f + fsync %.3f + Fletcher32 2 x %.3f (%.2f GB/s) + HDF5 per-dataset work %.3f"
-               " (%d datasets, %d collective calls: create + 3 piece writes each)\n", best[SAVE], best[B_NOSYNC], fsync_s,
+               " (%d datasets, %d collective calls at most: create + up to 3 piece writes each)\n", best[SAVE], best[B_NOSYNC], fsync_s,
                best[FLETCHER], gb / best[FLETCHER], rest, n_datasets, 4 * n_datasets);
         printf("load %.3f s (warm) = bytes %.3f + Fletcher32 %.3f + HDF5 per-dataset work %.3f\n", best[LOAD_WARM],
                best[B_WARM], best[FLETCHER], best[LOAD_WARM] - best[B_WARM] - best[FLETCHER]);

@@ -320,12 +320,21 @@ static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, ch
             flat_pieces(a, z, ft->ndim == 2 ? (hsize_t)ft->shape[1] : 0, pc);
             float *host = mt_calloc(z > a ? z - a : 1, sizeof(float)); /* staged: may be device memory */
             if (z > a) t->k->to_host(host, ptr, (z - a) * sizeof(float));
-            for (int q = 0; q < 3 && ds >= 0; q++) { /* collective: every rank makes all three calls */
+            /* which pieces any rank writes (the others are skipped by all ranks: a collective
+             * write of nothing still costs a round of HDF5/MPI-IO synchronisation), and whether
+             * the create failed anywhere */
+            int32_t any[4] = {ds < 0, pc[0].count[0] > 0 && pc[0].count[1] > 0,
+                              pc[1].count[0] > 0 && pc[1].count[1] > 0,
+                              pc[2].count[0] > 0 && pc[2].count[1] > 0};
+            comm_allreduce_max(world, any, 4, DT_I32);
+            if (any[0] && ds >= 0) rc = mt_fail(err, "creating dataset %s failed on another rank", name);
+            for (int q = 0; q < 3 && !any[0]; q++) { /* collective: the same calls on every rank */
+                if (!any[q + 1]) continue;
                 hid_t ms = select_piece(fs, ft->ndim, &pc[q]);
                 if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0) rc = MT_ERR;
                 H5Sclose(ms);
             }
-            if (ds < 0 || rc != MT_OK) rc = mt_fail(err, "writing dataset %s failed", name);
+            if (ds < 0 || (rc != MT_OK && !any[0])) rc = mt_fail(err, "writing dataset %s failed", name);
             free(host);
             H5Sclose(fs);
             if (ds >= 0) H5Dclose(ds);
