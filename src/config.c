@@ -117,6 +117,7 @@ static const KeySpec KEYS[] = {
     K_INT("checkpoint", "every", ckpt_every, "0", 0, INT_MAX, "save every N steps; 0 = only at the end"),
     K_STR("checkpoint", "resume", resume, "auto", "auto (latest in dir, if any), never, or a checkpoint path"),
     K_INT("checkpoint", "keep", keep, "3", 1, 1000000, "how many of the newest checkpoints to keep"),
+    K_FLT("checkpoint", "timeout", ckpt_timeout, "1800", F_GE0, "seconds one checkpoint write may take before the job ends with an error instead of waiting on a stuck file system forever (the previous checkpoint stays); 0 = no limit"),
 
     K_STR("log", "metrics_file", metrics_file, "", "metrics output file; empty = none"),
     K_INT("log", "every", log_every, "1", 1, INT_MAX, "print and record metrics every N steps"),

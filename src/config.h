@@ -75,6 +75,7 @@ typedef struct Config {
     int ckpt_every; /* 0 = only at the end */
     char resume[MT_PATH_MAX]; /* "auto", "never" or a path */
     int keep;
+    float ckpt_timeout; /* seconds a checkpoint write may take; 0 = no limit */
 
     /* [log] */
     char metrics_file[MT_PATH_MAX]; /* "" = none */

@@ -143,6 +143,20 @@ static int agree_stop(const Group *world) {
     return s;
 }
 
+/* ckpt_save under the checkpoint.timeout watchdog: a write stuck in the file system (or in an
+ * HDF5 collective that one rank left on an I/O error) ends the job instead of holding every
+ * rank, and its allocation, until the time limit. */
+static int save_guarded(Trainer *t, char *err) {
+    const Config *c = &t->cfg;
+    char msg[MT_PATH_MAX + 200];
+    snprintf(msg, sizeof msg, "the checkpoint of step %d in %s did not finish within checkpoint.timeout; "
+             "the previous checkpoint is kept (a stuck or full file system?)", t->step, c->ckpt_dir);
+    stop_watchdog_arm(c->ckpt_timeout, t->mesh->g_world.rank, msg);
+    int rc = ckpt_save(t, c->ckpt_dir, c->keep, err);
+    stop_watchdog_disarm();
+    return rc;
+}
+
 static int run_steps(Trainer *t, Metrics *mx, char *err) {
     const Config *c = &t->cfg;
     const Group *world = &t->mesh->g_world;
@@ -155,7 +169,7 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
         }
         int stop = agree_stop(world);
         int due = (c->ckpt_every > 0 && r.step % c->ckpt_every == 0) || r.step == c->steps || stop;
-        if (due && ckpt_save(t, c->ckpt_dir, c->keep, err) != MT_OK) return MT_ERR;
+        if (due && save_guarded(t, err) != MT_OK) return MT_ERR;
         if (stop) {
             if (world->rank == 0) printf("stopping after step %d on a signal; checkpoint saved\n", t->step);
             break;

@@ -62,6 +62,14 @@ expect "rerun of a finished run" 0 "nothing to do: the checkpoint is at step 5 a
   -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.ep=2 --set optim.shard=full \
   --set train.micro_batch_size=2 --set train.steps=5 --set log.metrics_file= --set checkpoint.dir=$T/ck
 
+# a checkpoint write that does not finish within checkpoint.timeout ends the job (every rank says
+# so) instead of hanging; nothing is published (1 microsecond: no write is that fast)
+expect "checkpoint watchdog"    2 "rank 1\): the checkpoint of step 2 in $T/wd did not finish within checkpoint.timeout" \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set train.steps=2 --set log.metrics_file= \
+     --set checkpoint.dir=$T/wd --set checkpoint.timeout=0.000001
+if [ ! -e "$T/wd/latest" ] && ! ls "$T/wd"/step_*.h5 >/dev/null 2>&1; then ok "nothing published after the watchdog"
+else bad "the watchdog run published: $(ls "$T/wd")"; fi
+
 # a second run on a checkpoint.dir that a running job holds stops at once and names the holder;
 # the first run is not disturbed (SIGTERM then makes it checkpoint and exit 0)
 $BIN configs/tiny.ini --set train.steps=100000 --set log.metrics_file= --set checkpoint.dir=$T/lk \
