@@ -43,7 +43,8 @@ ifneq ($(NVCC),)
 HAVE_NCCL := $(if $(NCCL_H),1,0)
 CUDA_SRC  := $(wildcard cuda/*.cu)
 CUDA_OBJ  := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
-NVCCFLAGS := -O3 -std=c++17 -Isrc -Icuda -gencode arch=compute_80,code=sm_80 \
+NVCCFLAGS := -O3 -std=c++17 -Isrc -Icuda -Xcompiler -Wall,-Wextra,-Wno-unused-parameter \
+             -gencode arch=compute_80,code=sm_80 \
              -gencode arch=compute_90,code=sm_90 -DMT_HAVE_NCCL=$(HAVE_NCCL)
 CFLAGS    += -DMT_HAVE_CUDA=1
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt \
