@@ -2,7 +2,8 @@
  *
  *   build/bench/bench_gpu [CONFIG.ini] [--set section.key=value ...] [--steps N]
  * CONFIG defaults to configs/gpu-1b.ini (~1B parameters, 8 experts top-2, seq 2048: sized to fill
- * one 80 GB H100). Without a usable GPU it prints "SKIP: <reason>" and exits 77.
+ * one 80 GB H100). Without a usable GPU it prints the budget (0. below), then "SKIP: <reason>", and
+ * exits 77.
  *
  * 1. Training step (runtime.device = cuda, one rank): FLOPs of one step counted from the shapes,
  *    as bench_step.c does: every matmul 2*M*N*K (q/k/v/o projections, router, the top-k routed
@@ -20,6 +21,8 @@
  *    TF32 (the grouped cuBLAS API has no bf16 compute for fp32 matrices), the dense one bf16.
  * 3. Attention at B=2, T=2048, H=16, Hkv=4, D=128: forward 4*B*H*D*T(T+1)/2 FLOPs, backward 2.5x
  *    that (dV, dP, dQ, dK and the recomputed S: the FlashAttention convention).
+ * 0. First, without touching the GPU: the budget (print_budget), the step's FLOPs by kind and the
+ *    MFU ceiling of this design at the H100's peaks; printed even where there is no GPU.
  * The last lines are "SUMMARY key value" pairs for tests/gpu/run.sh. A benchmark, not a test:
  * it asserts nothing.
  * Timing: every entry runs on one stream; a 4-byte to_host waits for it before the clock stops.
@@ -32,6 +35,7 @@
 #include "backend.h"
 #include "common.h"
 #include "model.h"
+#include "params.h"
 #include "config.h"
 #include "kernels.h"
 #include "train.h"
@@ -93,7 +97,7 @@ static StepBench bench_step(const Config *c, int steps, double peak_tflops) {
     size_t act_b = model_activation_bytes(&t.model);
     double gib = 1.0 / (1u << 30);
     double tokens = (double)trainer_global_batch(&t) * c->seq_len;
-    double fwd = model_forward_flops(c, c->micro_batch_size) * c->grad_accum_steps;
+    double fwd = model_forward_flops(c, c->micro_batch_size, NULL) * c->grad_accum_steps;
     double flops = 3 * fwd;
     printf("step: %d layers, d_model %d, heads %d/%d x %d, %d experts top-%d (hidden %d), vocab %d, "
            "seq %d\n", c->n_layers, c->d_model, c->n_heads, c->n_kv_heads, c->head_dim,
@@ -237,6 +241,43 @@ static void bench_attention(double *fwd_tf, double *bwd_tf, double *fwd_ms, doub
 
 /* ================================================================================= main == */
 
+/* ======================================================= the budget, before any measurement == */
+
+#define H100_FP32_SIMT_TFLOPS 67.0 /* FP32 on the CUDA cores (no tensor cores): our attention */
+#define H100_HBM_TBPS 3.35         /* H100 SXM HBM3; the H200 has 4.8 */
+
+/* Count first: the step's FLOPs by kind and the time each would take at the peak of the unit this
+ * backend runs it on, plus AdamW's memory traffic. The resulting MFU is the ceiling of this design
+ * on an H100; a measurement can only come in under it. Pure arithmetic: runs without a GPU. */
+static void print_budget(const Config *c) {
+    FlopsParts f;
+    double fwd = model_forward_flops(c, c->micro_batch_size, &f) * c->grad_accum_steps, k = 3.0 * c->grad_accum_steps;
+    double total = 3 * fwd, bf16 = k * (f.proj + f.router + f.dense + f.lm_head);
+    double t_bf16 = bf16 / (H100_BF16_DENSE_TFLOPS * 1e12);
+    double t_tf32 = k * f.experts / (H100_TF32_DENSE_TFLOPS * 1e12);
+    double t_attn = k * f.attn / (H100_FP32_SIMT_TFLOPS * 1e12);
+    ModelDims d = dims_from_config(c, 1, 0);
+    ParamLayout pl;
+    params_layout_init(&pl, &d, c->init_std, NULL);
+    double params = (double)params_total(&pl);
+    params_layout_free(&pl);
+    double t_adam = params * 28 / (H100_HBM_TBPS * 1e12); /* read p, g, m, v; write p, m, v (fp32) */
+    double t = t_bf16 + t_tf32 + t_attn + t_adam;
+    printf("budget (arithmetic, no GPU needed; H100 SXM peaks: bf16 %.0f, TF32 %.1f, FP32 %.0f TFLOP/s, "
+           "HBM %.2f TB/s):\n", H100_BF16_DENSE_TFLOPS, H100_TF32_DENSE_TFLOPS, H100_FP32_SIMT_TFLOPS,
+           H100_HBM_TBPS);
+    printf("  FLOPs/step %.4g: projections %.1f%%, attention %.1f%%, router %.2f%%, routed experts %.1f%%, "
+           "dense/shared %.1f%%, lm head %.1f%%\n", total, 100 * k * f.proj / total, 100 * k * f.attn / total,
+           100 * k * f.router / total, 100 * k * f.experts / total, 100 * k * f.dense / total,
+           100 * k * f.lm_head / total);
+    printf("  at peak: bf16 matmuls %.1f ms + expert GEMMs in TF32 %.1f ms + attention on FP32 cores %.1f ms + "
+           "AdamW %.1f ms (%.2fB params x 28 B) = %.1f ms/step\n", t_bf16 * 1e3, t_tf32 * 1e3,
+           t_attn * 1e3, t_adam * 1e3, params / 1e9, t * 1e3);
+    printf("  => MFU ceiling of this design %.1f%% (all FLOPs at the bf16 peak would take %.1f ms)\n",
+           100 * total / t / (H100_BF16_DENSE_TFLOPS * 1e12), total / (H100_BF16_DENSE_TFLOPS * 1e12) * 1e3);
+    fflush(stdout);
+}
+
 int main(int argc, char **argv) {
     const char *path = "configs/gpu-1b.ini";
     const char *sets[MAX_SETS];
@@ -251,11 +292,6 @@ int main(int argc, char **argv) {
         }
     }
     if (steps < 1) steps = 1;
-    char why[MT_ERRLEN] = "";
-    if (!cuda_available(why, sizeof why)) {
-        printf("SKIP: bench_gpu needs a GPU: %s\n", why[0] ? why : "no usable CUDA device");
-        return SKIP_EXIT;
-    }
     if (nsets < MAX_SETS) sets[nsets++] = "runtime.device=cuda";
     if (nsets < MAX_SETS) sets[nsets++] = "log.metrics_file=";
     Config c;
@@ -263,6 +299,12 @@ int main(int argc, char **argv) {
     if (config_load(&c, path, sets, nsets, err) != MT_OK) {
         fprintf(stderr, "bench_gpu: %s\n", err);
         return 1;
+    }
+    print_budget(&c);
+    char why[MT_ERRLEN] = "";
+    if (!cuda_available(why, sizeof why)) {
+        printf("SKIP: bench_gpu needs a GPU: %s\n", why[0] ? why : "no usable CUDA device");
+        return SKIP_EXIT;
     }
     K = kernels_cuda();
     if (!K) {

@@ -71,7 +71,7 @@ static void bench_config(const char *path, double peak) {
     double t0 = mt_now();
     for (int s = 0; s < steps; s++) trainer_step(&t);
     double dt = (mt_now() - t0) / steps;
-    double flops = 3 * model_forward_flops(&c, c.micro_batch_size) * c.grad_accum_steps;
+    double flops = 3 * model_forward_flops(&c, c.micro_batch_size, NULL) * c.grad_accum_steps;
     double tokens = (double)trainer_global_batch(&t) * c.seq_len;
     printf("%-22s %9.3fM params %8.0f tok/step %8.1f ms/step %9.0f tok/s %7.2f GFLOP/s  %5.1f%% of BLAS peak\n",
            path, params_total(&t.model.pl) / 1e6, tokens, dt * 1e3, tokens / dt, flops / dt / 1e9,

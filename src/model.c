@@ -366,19 +366,22 @@ MicroStats model_forward_only(Model *m, const int32_t *tokens, int b) {
     return st;
 }
 
-double model_forward_flops(const Config *c, int b) {
+double model_forward_flops(const Config *c, int b, FlopsParts *parts) {
     double n = (double)b * c->seq_len, C = c->d_model, D = c->head_dim;
-    double qd = c->n_heads * D, kd = c->n_kv_heads * D, f = 0;
+    double qd = c->n_heads * D, kd = c->n_kv_heads * D;
+    FlopsParts f = {0};
     for (int l = 0; l < c->n_layers; l++) {
-        f += 2 * n * C * (qd + 2 * kd) + 2 * n * qd * C;                       /* q,k,v,o */
-        f += 2.0 * 2 * b * c->n_heads * D * c->seq_len * (c->seq_len + 1) / 2; /* QK^T, PV causal */
+        f.proj += 2 * n * C * (qd + 2 * kd) + 2 * n * qd * C;
+        f.attn += 2.0 * 2 * b * c->n_heads * D * c->seq_len * (c->seq_len + 1) / 2;
         if (l < c->dense_layers) {
-            f += 2 * n * C * 3 * c->ffn_hidden;
+            f.dense += 2 * n * C * 3 * c->ffn_hidden;
         } else {
-            f += 2 * n * C * c->num_experts;                                   /* router */
-            f += 2 * n * c->top_k * C * 3 * c->expert_hidden;                  /* routed experts */
-            f += 2 * n * C * 3 * (double)c->shared_experts * c->shared_hidden; /* shared */
+            f.router += 2 * n * C * c->num_experts;
+            f.experts += 2 * n * c->top_k * C * 3 * c->expert_hidden;
+            f.dense += 2 * n * C * 3 * (double)c->shared_experts * c->shared_hidden;
         }
     }
-    return f + 2 * n * C * c->vocab_size; /* lm head */
+    f.lm_head = 2 * n * C * c->vocab_size;
+    if (parts) *parts = f;
+    return f.proj + f.attn + f.router + f.experts + f.dense + f.lm_head;
 }

@@ -108,10 +108,18 @@ MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
 /* Bytes of the activation arena (for the memory report). */
 size_t model_activation_bytes(const Model *m);
 
-/* Forward FLOPs (2 per multiply-add) of b sequences of the configured model: the q/k/v/o
- * projections, causal attention (QK^T and PV over the lower triangle), router, routed and shared
- * experts or the dense FFN, and the LM head. A training step costs about 3x (the backward twice
- * the forward); benchmarks use this to report achieved FLOP/s and MFU. */
-double model_forward_flops(const Config *c, int b);
+/* Forward FLOPs (2 per multiply-add) of b sequences of the configured model, by kind. A training
+ * step costs about 3x (the backward twice the forward); benchmarks use this to report achieved
+ * FLOP/s and MFU, and to bound them before measuring. */
+typedef struct FlopsParts {
+    double proj;    /* q, k, v, o projections */
+    double attn;    /* causal attention: QK^T and PV over the lower triangle */
+    double router;  /* router logits */
+    double experts; /* routed experts (top_k per token): the grouped GEMMs */
+    double dense;   /* shared experts and dense FFN layers */
+    double lm_head;
+} FlopsParts;
+/* The total; parts (may be NULL) gets the split. */
+double model_forward_flops(const Config *c, int b, FlopsParts *parts);
 
 #endif
