@@ -8,6 +8,7 @@
 
 #include "blas.h"
 #include "common.h"
+#include "model.h"
 
 static int mkdir_parents(const char *path) {
     char buf[MT_PATH_MAX];
@@ -141,11 +142,19 @@ static void add_load(cJSON *o, const Trainer *t) {
     }
 }
 
+/* Achieved model TFLOP/s per rank: the step's model FLOPs (3 x forward, model_forward_flops:
+ * the standard MFU numerator, not counting recomputation or padding) over its time and ranks. */
+static double model_tflops_per_rank(const Trainer *t, const StepResult *r) {
+    double flops = 3 * model_forward_flops(&t->cfg, (int)trainer_global_batch(t), NULL);
+    return r->seconds > 0 ? flops / r->seconds / t->mesh->world / 1e12 : 0;
+}
+
 void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     if (!mx->writer) return;
-    printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | drop %.3f\n",
-           r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl, r->z_loss, r->lr, r->grad_norm,
-           r->tokens_per_s, r->dropped_frac);
+    double tflops = model_tflops_per_rank(t, r);
+    printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | "
+           "%.3g TFLOP/s/rank | drop %.3f\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
+           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac);
     fflush(stdout);
     if (!mx->f) return;
     cJSON *o = cJSON_CreateObject();
@@ -159,6 +168,7 @@ void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     cJSON_AddNumberToObject(o, "grad_norm", r->grad_norm);
     cJSON_AddNumberToObject(o, "tokens_per_s", r->tokens_per_s);
     cJSON_AddNumberToObject(o, "step_seconds", r->seconds);
+    cJSON_AddNumberToObject(o, "model_tflops_per_rank", tflops);
     cJSON_AddNumberToObject(o, "dropped_frac", r->dropped_frac);
     cJSON_AddNumberToObject(o, "tokens_seen", (double)t->tokens_seen);
     add_load(o, t);
