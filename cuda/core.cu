@@ -755,9 +755,9 @@ const Kernels *kernels_cuda(void) {
     CUDA_CHECK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&g_cublas));
     CUBLAS_CHECK(cublasSetStream(g_cublas, g_stream));
-    /* Default math: tensor cores wherever the compute type allows them, i.e. bf16 for the
-     * matmuls that ask for CUBLAS_COMPUTE_32F_FAST_16BF. Not TF32_TENSOR_OP_MATH, which would
-     * silently turn the grouped GEMMs' CUBLAS_COMPUTE_32F into TF32; not PEDANTIC. */
+    /* Default math: each call's compute type decides (bf16 tensor cores for the dense matmuls'
+     * CUBLAS_COMPUTE_32F_FAST_16BF, TF32 for the grouped GEMMs' FAST_TF32); no global override,
+     * not PEDANTIC. */
     CUBLAS_CHECK(cublasSetMathMode(g_cublas, CUBLAS_DEFAULT_MATH));
     memset(&g_table, 0, sizeof g_table);
     g_table.name = "cuda";

@@ -300,18 +300,19 @@ static void dev_recv(const Group *g, void *buf, size_t count, DType t, int peer,
 /* ---- the calls -------------------------------------------------------------------------------- */
 
 void comm_allreduce_sum(const Group *g, void *buf, size_t count, DType t) {
-    if (g->size == 1) return;
+    if (g->size == 1 || count == 0) return;
     DEVICE(g, buf, NULL, dev_allreduce(g, buf, count, t, 0));
     allreduce(g, buf, count, t, MPI_SUM);
 }
 
 void comm_allreduce_max(const Group *g, void *buf, size_t count, DType t) {
-    if (g->size == 1) return;
+    if (g->size == 1 || count == 0) return;
     DEVICE(g, buf, NULL, dev_allreduce(g, buf, count, t, 1));
     allreduce(g, buf, count, t, MPI_MAX);
 }
 
 void comm_reduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    if (count == 0) return;
     DEVICE(g, send, recv, dev_reduce_scatter(g, send, recv, count, t));
     if (g->size == 1) {
         if (send != recv) memmove(recv, send, count * dtype_size(t));
@@ -321,6 +322,7 @@ void comm_reduce_scatter_sum(const Group *g, const void *send, void *recv, size_
 }
 
 void comm_allgather(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    if (count == 0) return;
     DEVICE(g, send, recv, dev_allgather(g, send, recv, count, t));
     size_t bytes = count * dtype_size(t);
     char *mine = (char *)recv + (size_t)g->rank * bytes;
@@ -332,6 +334,7 @@ void comm_allgather(const Group *g, const void *send, void *recv, size_t count, 
 }
 
 void comm_alltoall(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    if (count == 0) return;
     DEVICE(g, send, recv, dev_alltoall(g, send, recv, count, t));
     if (g->size == 1) {
         memmove(recv, send, count * dtype_size(t));
@@ -353,7 +356,7 @@ void comm_alltoallv(const Group *g, const void *send, const int *scounts, const 
 }
 
 void comm_bcast(const Group *g, void *buf, size_t count, DType t, int root) {
-    if (g->size == 1) return;
+    if (g->size == 1 || count == 0) return;
     DEVICE(g, buf, NULL, dev_bcast(g, buf, count, t, root));
     bcast(g, buf, count, t, root);
 }

@@ -16,6 +16,8 @@
  *     ncclSend/ncclRecv (tags are not used: point-to-point messages match in order);
  *   use_nccl = 0 (runtime.comm = mpi): staged through pinned host buffers (device -> host, the MPI
  *     call, host -> device), so several ranks may share one GPU.
+ * A call with count 0 returns at once on every rank (counts of these calls are the same on
+ * all ranks), so an empty buffer never has to be classified as host or device memory.
  * A size-1 group copies device buffers with cudaMemcpy. Outside device mode (every CPU run) no
  * CUDA call is made, and a CPU build has no CUDA code at all.
  */

@@ -13,8 +13,17 @@
 #   5. runtime.comm = nccl at world size 1 reproduces the same single-rank run
 #   6. build/bench/bench_gpu configs/gpu-1b.ini: step tokens/s and MFU, grouped GEMM, attention
 # Prints a summary table last; exits non-zero if any check failed.
+#
+# Usage: tests/gpu/run.sh [BUILD_DIR] [all | tests | bench]
+#   tests = steps 1-5, bench = steps 1 and 6; all (default) = both. On a lent machine with a short
+#   device budget (minutes, 10 per command), build here first and carry BUILD_DIR along (make is
+#   then a no-op there), and run `tests` and `bench` as separate calls. A preflight compares the
+#   driver's CUDA version with the toolkit's, so a driver too old for these binaries costs seconds,
+#   not the budget.
 set -u
 BUILD=${1:-build}
+STAGE=${2:-all}
+case "$STAGE" in all|tests|bench) ;; *) echo "usage: $0 [BUILD_DIR] [all|tests|bench]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/../.." || exit 1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 
@@ -30,6 +39,16 @@ if [ "$GPUS" -eq 0 ]; then
 fi
 GPU_NAME=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU: $GPU_NAME ($GPUS device(s))"
+# preflight: a CUDA 13 binary needs a driver that supports CUDA 13 (same major version or newer)
+drv=$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9]*\.[0-9]*' | head -1 | awk '{print $3}')
+NVCC_BIN=$(command -v nvcc 2>/dev/null || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+tk=$("$NVCC_BIN" --version 2>/dev/null | grep -o 'release [0-9]*\.[0-9]*' | awk '{print $2}')
+echo "driver supports CUDA ${drv:-?}; toolkit (nvcc) is CUDA ${tk:-?}"
+if [ -n "$drv" ] && [ -n "$tk" ] && [ "${drv%%.*}" -lt "${tk%%.*}" ]; then
+  echo "FAIL: the driver (CUDA $drv) is older than the toolkit (CUDA $tk): every CUDA binary built"
+  echo "      here would stop with cudaErrorInsufficientDriver. Build with a CUDA ${drv%%.*} toolkit."
+  exit 1
+fi
 
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
@@ -60,10 +79,12 @@ else
   record "build (make)" PASS "CUDA build, $nwarn warning line(s) in what was recompiled"
 fi
 
+if [ "$STAGE" != bench ]; then # ---- steps 2-5: the checks
+
 # ---- 2. test_cuda -----------------------------------------------------------------------------
 section "test_cuda"
 start=$(date +%s)
-timeout 1200 "$BUILD/tests/test_cuda" >"$T/test_cuda.log" 2>&1 </dev/null
+timeout 400 "$BUILD/tests/test_cuda" >"$T/test_cuda.log" 2>&1 </dev/null
 rc=$?
 secs=$(( $(date +%s) - start ))
 summary=$(grep -E '^[0-9]+%: Checks' "$T/test_cuda.log" | tail -1)
@@ -84,8 +105,8 @@ run() {
   local name=$1 np=$2; shift 2
   local args=(configs/tiny.ini --set log.every=1 --set "log.metrics_file=$T/$name.jsonl"
               --set "checkpoint.dir=$T/ck-$name" "$@")
-  if [ "$np" -eq 1 ]; then timeout 600 "$BIN" "${args[@]}" >"$T/$name.log" 2>&1 </dev/null
-  else timeout 600 mpirun -np "$np" --oversubscribe "$BIN" "${args[@]}" >"$T/$name.log" 2>&1 </dev/null; fi
+  if [ "$np" -eq 1 ]; then timeout 180 "$BIN" "${args[@]}" >"$T/$name.log" 2>&1 </dev/null
+  else timeout 180 mpirun -np "$np" --oversubscribe "$BIN" "${args[@]}" >"$T/$name.log" 2>&1 </dev/null; fi
   local rc=$?
   [ $rc -eq 0 ] || show_tail "$T/$name.log" 15
   return $rc
@@ -163,17 +184,23 @@ else
   record "$name" FAIL "$(grep -m1 -i 'error' "$T/nccl1.log" || echo 'the run failed (log above)')"
 fi
 
+fi # steps 2-5
+
+val() { sed -n "s/^SUMMARY $1 //p" "$T/bench.log" 2>/dev/null | tail -1; }
+if [ "$STAGE" != tests ]; then # ---- step 6: the benchmark
+
 # ---- 6. benchmark ---------------------------------------------------------------------------------
 section "bench_gpu configs/gpu-1b.ini"
-timeout 1200 "$BUILD/bench/bench_gpu" configs/gpu-1b.ini >"$T/bench.log" 2>&1 </dev/null
+timeout 400 "$BUILD/bench/bench_gpu" configs/gpu-1b.ini >"$T/bench.log" 2>&1 </dev/null
 rc=$?
 grep -v '^SUMMARY ' "$T/bench.log"
-val() { sed -n "s/^SUMMARY $1 //p" "$T/bench.log" | tail -1; }
 if [ $rc -eq 0 ] && [ "$(val step_ok)" = "1" ]; then
   record "bench_gpu (configs/gpu-1b.ini)" PASS "$(val step_ms) ms/step"
 else
   record "bench_gpu (configs/gpu-1b.ini)" FAIL "exit $rc$( [ $rc -eq 77 ] && echo ' (skipped: no GPU?)')"
 fi
+
+fi # step 6
 
 # ---- summary (last) -------------------------------------------------------------------------------
 fails=0
