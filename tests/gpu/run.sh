@@ -16,8 +16,8 @@
 #
 # Usage: tests/gpu/run.sh [BUILD_DIR] [all | tests | bench]
 #   tests = steps 1-5, bench = steps 1 and 6; all (default) = both. On a lent machine with a short
-#   device budget (minutes, 10 per command), build here first and carry BUILD_DIR along (make is
-#   then a no-op there), and run `tests` and `bench` as separate calls. A preflight compares the
+#   device budget (minutes, 10 per command), build here first and carry BUILD_DIR along (make
+#   then has little or nothing left to build), and run `tests` and `bench` as separate calls. A preflight compares the
 #   driver's CUDA version with the toolkit's, so a driver too old for these binaries costs seconds,
 #   not the budget.
 set -u
