@@ -9,11 +9,15 @@
  *    sequence draws one domain, then concatenates samples of that domain (each ends in '\n')
  *    and is cut at T+1 tokens; the first sample always starts at token 0.
  *  - File source: the file is validated completely at open (header, exact size, length >= T+1,
- *    every token < vocab) and held in memory as uint32; sequence g is the window of T+1 tokens
- *    starting at a position drawn uniformly from [0, n_tokens - T). Domain 0.
- *  - data_write_tokens writes the little-endian format byte by byte, validates every token
- *    before creating the file, and checks every write and the close. A failed write may leave
- *    a partial file behind; data_open refuses it (its size does not match the header).
+ *    every token < vocab) and then read through a read-only shared mmap: no copy per rank, the
+ *    ranks of a node share the page cache, and a corpus larger than RAM still works (its windows
+ *    are paged in on demand). Sequence g is the window of T+1 tokens starting at a position drawn
+ *    uniformly from [0, n_tokens - T). Domain 0.
+ *  - Writing: a TokenWriter streams tokens into the little-endian format (header first, so the
+ *    token count is given up front), validates every token before writing it, and checks every
+ *    write, the final count and the close; data_write_tokens validates a whole array before it
+ *    creates the file. A failed write may leave a partial file behind; data_open refuses it (its
+ *    size does not match the header).
  */
 #include "data.h"
 
@@ -23,7 +27,9 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define HEADER_BYTES 32
 #define FORMAT_VERSION 1u
@@ -37,8 +43,10 @@ struct Data {
     int vocab;
     int T;
     uint64_t seed;
-    uint32_t *tok; /* file source: the whole token stream; NULL for synthetic */
-    uint64_t n;    /* number of tokens in tok */
+    const unsigned char *map; /* file source: the whole file, mmap'ed read-only; NULL: synthetic */
+    size_t map_len;
+    unsigned bpt; /* bytes per token in the file (2 or 4) */
+    uint64_t n;   /* number of tokens */
 };
 
 /* ---- random numbers ---------------------------------------------------------------------- */
@@ -243,11 +251,19 @@ static int fill_synthetic(const Data *d, uint64_t g, int32_t *row) {
     return domain;
 }
 
+static uint32_t get_le32(const unsigned char *p);
+
+/* Token i of a mapped file. */
+static uint32_t file_token(const Data *d, uint64_t i) {
+    const unsigned char *p = d->map + HEADER_BYTES + i * d->bpt;
+    return d->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
+}
+
 static int fill_file(const Data *d, uint64_t g, int32_t *row) {
     Rng r;
     rng_for_sequence(&r, d->seed, g);
     uint64_t start = rng_below(&r, d->n - (uint64_t)d->T);
-    for (int i = 0; i <= d->T; i++) row[i] = (int32_t)d->tok[start + (uint64_t)i];
+    for (int i = 0; i <= d->T; i++) row[i] = (int32_t)file_token(d, start + (uint64_t)i);
     return 0;
 }
 
@@ -257,7 +273,7 @@ void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domai
     for (int i = 0; i < count; i++) {
         uint64_t g = (uint64_t)first + (uint64_t)i;
         int32_t *row = tokens + (size_t)i * (size_t)(d->T + 1);
-        int dom = d->tok ? fill_file(d, g, row) : fill_synthetic(d, g, row);
+        int dom = d->map ? fill_file(d, g, row) : fill_synthetic(d, g, row);
         if (domains) domains[i] = dom;
     }
 }
@@ -326,28 +342,17 @@ static int check_header(const Header *h, const char *path, int vocab, int T, lon
     return MT_OK;
 }
 
-/* Read n tokens of bpt bytes into d->tok, refusing any token >= d->vocab. */
-static int load_tokens(FILE *f, Data *d, const char *path, unsigned bpt, char *err) {
-    unsigned char *buf = mt_calloc(IO_CHUNK, bpt);
-    int rc = MT_OK;
-    for (uint64_t done = 0; done < d->n && rc == MT_OK;) {
-        size_t k = d->n - done < IO_CHUNK ? (size_t)(d->n - done) : IO_CHUNK;
-        if (fread(buf, bpt, k, f) != k) {
-            rc =
-                mt_fail(err, "%s: read error: %s", path, ferror(f) ? strerror(errno) : "truncated");
-            break;
-        }
-        for (size_t i = 0; i < k && rc == MT_OK; i++, done++) {
-            const unsigned char *p = buf + i * bpt;
-            uint32_t t = bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
-            d->tok[done] = t;
-            if (t >= (uint32_t)d->vocab)
-                rc = mt_fail(err, "%s: token %u at position %llu is >= the model vocab_size %d",
-                             path, t, (unsigned long long)done, d->vocab);
-        }
+/* Every token of the mapped file < d->vocab (one sequential pass, before any training). */
+static int validate_tokens(const Data *d, const char *path, char *err) {
+    madvise((void *)d->map, d->map_len, MADV_SEQUENTIAL);
+    for (uint64_t i = 0; i < d->n; i++) {
+        uint32_t t = file_token(d, i);
+        if (t >= (uint32_t)d->vocab)
+            return mt_fail(err, "%s: token %u at position %llu is >= the model vocab_size %d", path,
+                           t, (unsigned long long)i, d->vocab);
     }
-    free(buf);
-    return rc;
+    madvise((void *)d->map, d->map_len, MADV_RANDOM); /* training reads short random windows */
+    return MT_OK;
 }
 
 static int open_file(Data *d, const char *path, char *err) {
@@ -357,17 +362,21 @@ static int open_file(Data *d, const char *path, char *err) {
     long long fsize = 0;
     int rc = read_header(f, path, &h, &fsize, err);
     if (rc == MT_OK) rc = check_header(&h, path, d->vocab, d->T, fsize, err);
-    if (rc == MT_OK && h.n > SIZE_MAX / sizeof(uint32_t))
-        rc = mt_fail(err, "%s: %llu tokens do not fit in memory", path, (unsigned long long)h.n);
+    if (rc == MT_OK && (unsigned long long)fsize > SIZE_MAX)
+        rc = mt_fail(err, "%s: %lld bytes cannot be mapped on this machine", path, fsize);
     if (rc == MT_OK) {
-        d->n = h.n;
-        d->tok = malloc((size_t)h.n * sizeof(uint32_t));
-        if (!d->tok)
-            rc = mt_fail(err, "%s: out of memory loading %llu tokens", path,
-                         (unsigned long long)h.n);
+        void *m = mmap(NULL, (size_t)fsize, PROT_READ, MAP_SHARED, fileno(f), 0);
+        if (m == MAP_FAILED) {
+            rc = mt_fail(err, "%s: cannot map the token file: %s", path, strerror(errno));
+        } else {
+            d->map = m;
+            d->map_len = (size_t)fsize;
+            d->bpt = h.bpt;
+            d->n = h.n;
+        }
     }
-    if (rc == MT_OK) rc = load_tokens(f, d, path, h.bpt, err);
-    fclose(f);
+    fclose(f); /* the mapping stays valid */
+    if (rc == MT_OK) rc = validate_tokens(d, path, err);
     return rc;
 }
 
@@ -403,7 +412,7 @@ Data *data_open(const char *path, int vocab, int seq_len, unsigned long long see
 
 void data_close(Data *d) {
     if (!d) return;
-    free(d->tok);
+    if (d->map) munmap((void *)d->map, d->map_len);
     free(d);
 }
 
@@ -444,23 +453,67 @@ static int write_header(FILE *f, uint64_t n, int bpt, int vocab, const char *pat
     return write_all(f, b, HEADER_BYTES, path, err);
 }
 
-static int write_body(FILE *f, const uint32_t *tokens, uint64_t n, int bpt, const char *path,
-                      char *err) {
-    unsigned char *buf = mt_calloc(IO_CHUNK, (size_t)bpt);
-    int rc = MT_OK;
-    for (uint64_t done = 0; done < n && rc == MT_OK;) {
-        size_t k = n - done < IO_CHUNK ? (size_t)(n - done) : IO_CHUNK;
-        for (size_t i = 0; i < k; i++) {
+struct TokenWriter {
+    FILE *f;
+    char *path;
+    uint64_t n, written;
+    int bpt, vocab;
+    unsigned char *buf; /* IO_CHUNK tokens, encoded */
+};
+
+TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token, int vocab,
+                              char *err) {
+    if (bytes_per_token != 2 && bytes_per_token != 4)
+        return mt_fail(err, "%s: bytes per token must be 2 or 4 (got %d)", path, bytes_per_token), NULL;
+    if (vocab < 1) return mt_fail(err, "%s: vocab_size must be >= 1 (got %d)", path, vocab), NULL;
+    FILE *f = fopen(path, "wb");
+    if (!f) return mt_fail(err, "%s: cannot create token file: %s", path, strerror(errno)), NULL;
+    if (write_header(f, n, bytes_per_token, vocab, path, err) != MT_OK) {
+        fclose(f);
+        return NULL;
+    }
+    TokenWriter *w = mt_calloc(1, sizeof *w);
+    w->f = f;
+    w->path = strdup(path);
+    MT_CHECK(w->path, "out of memory");
+    w->n = n;
+    w->bpt = bytes_per_token;
+    w->vocab = vocab;
+    w->buf = mt_calloc(IO_CHUNK, (size_t)bytes_per_token);
+    return w;
+}
+
+int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err) {
+    if (k > w->n - w->written)
+        return mt_fail(err, "%s: more tokens than the %llu announced in the header", w->path,
+                       (unsigned long long)w->n);
+    if (check_tokens(w->path, tokens, k, w->bpt, w->vocab, err) != MT_OK) return MT_ERR;
+    for (size_t done = 0; done < k;) {
+        size_t c = k - done < IO_CHUNK ? k - done : IO_CHUNK;
+        for (size_t i = 0; i < c; i++) {
             uint32_t t = tokens[done + i];
-            unsigned char *p = buf + i * (size_t)bpt;
+            unsigned char *p = w->buf + i * (size_t)w->bpt;
             p[0] = (unsigned char)t;
             p[1] = (unsigned char)(t >> 8);
-            if (bpt == 4) put_le32(p, t);
+            if (w->bpt == 4) put_le32(p, t);
         }
-        rc = write_all(f, buf, k * (size_t)bpt, path, err);
-        done += k;
+        if (write_all(w->f, w->buf, c * (size_t)w->bpt, w->path, err) != MT_OK) return MT_ERR;
+        done += c;
     }
-    free(buf);
+    w->written += k;
+    return MT_OK;
+}
+
+int data_writer_close(TokenWriter *w, char *err) {
+    int rc = MT_OK;
+    if (w->written != w->n)
+        rc = mt_fail(err, "%s: %llu tokens written but the header announces %llu", w->path,
+                     (unsigned long long)w->written, (unsigned long long)w->n);
+    if (fclose(w->f) != 0 && rc == MT_OK)
+        rc = mt_fail(err, "%s: write failed on close: %s", w->path, strerror(errno));
+    free(w->buf);
+    free(w->path);
+    free(w);
     return rc;
 }
 
@@ -471,11 +524,14 @@ int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int 
         return mt_fail(err, "%s: bytes per token must be 2 or 4 (got %d)", path, bytes_per_token);
     if (vocab < 1) return mt_fail(err, "%s: vocab_size must be >= 1 (got %d)", path, vocab);
     if (check_tokens(path, tokens, n, bytes_per_token, vocab, err) != MT_OK) return MT_ERR;
-    FILE *f = fopen(path, "wb");
-    if (!f) return mt_fail(err, "%s: cannot create token file: %s", path, strerror(errno));
-    int rc = write_header(f, n, bytes_per_token, vocab, path, err);
-    if (rc == MT_OK) rc = write_body(f, tokens, n, bytes_per_token, path, err);
-    if (fclose(f) != 0 && rc == MT_OK)
-        rc = mt_fail(err, "%s: write failed on close: %s", path, strerror(errno));
-    return rc;
+    TokenWriter *w = data_writer_open(path, n, bytes_per_token, vocab, err);
+    if (!w) return MT_ERR;
+    int rc = MT_OK;
+    for (uint64_t done = 0; done < n && rc == MT_OK;) { /* size_t-sized pieces */
+        size_t k = n - done < (uint64_t)1 << 30 ? (size_t)(n - done) : (size_t)1 << 30;
+        rc = data_writer_put(w, tokens + done, k, err);
+        done += k;
+    }
+    int rc2 = data_writer_close(w, err);
+    return rc == MT_OK ? rc2 : rc;
 }

@@ -25,6 +25,7 @@
 #ifndef MT_DATA_H
 #define MT_DATA_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define DATA_N_DOMAINS 4
@@ -44,5 +45,15 @@ void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domai
 /* Write a token file. Returns MT_OK or MT_ERR (message in err). */
 int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int bytes_per_token,
                       int vocab, char *err);
+
+/* The same, streamed (for inputs larger than memory): open with the final token count n, put
+ * tokens in pieces, close. put refuses tokens >= vocab (or > 65535 at 2 bytes) and more than n in
+ * all; close refuses fewer than n. Every call returns NULL / MT_ERR with a message in err; close
+ * frees the writer in every case. */
+typedef struct TokenWriter TokenWriter;
+TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token, int vocab,
+                              char *err);
+int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err);
+int data_writer_close(TokenWriter *w, char *err);
 
 #endif

@@ -424,6 +424,46 @@ START_TEST(test_bad_files) {
 }
 END_TEST
 
+/* The streaming writer: pieces of any size give the same file as one data_write_tokens call;
+ * too many or too few tokens against the announced count, and a token out of range, are refused. */
+START_TEST(test_stream_writer) {
+    enum { N = 1000 };
+    char *dir = make_tmpdir(), a[128], b[128], err[MT_ERRLEN] = "";
+    snprintf(a, sizeof a, "%s/whole.tok", dir);
+    snprintf(b, sizeof b, "%s/pieces.tok", dir);
+    uint32_t tok[N];
+    uint64_t s = 5;
+    for (int i = 0; i < N; i++) tok[i] = (uint32_t)(lcg(&s) % 500);
+    ck_assert_msg(data_write_tokens(a, tok, N, 2, 500, err) == MT_OK, "%s", err);
+    TokenWriter *w = data_writer_open(b, N, 2, 500, err);
+    ck_assert_msg(w, "%s", err);
+    for (size_t at = 0, k = 1; at < N; at += k, k = k * 3 % 97 + 1) {
+        if (k > N - at) k = N - at;
+        ck_assert_msg(data_writer_put(w, tok + at, k, err) == MT_OK, "%s", err);
+    }
+    ck_assert_msg(data_writer_close(w, err) == MT_OK, "%s", err);
+    check_layout(b, tok, N, 2, 500);
+    /* too many */
+    w = data_writer_open(b, 3, 2, 500, err);
+    ck_assert_int_eq(data_writer_put(w, tok, 4, err), MT_ERR);
+    ck_assert_msg(strstr(err, "more tokens than the 3 announced"), "%s", err);
+    ck_assert_int_eq(data_writer_close(w, err), MT_ERR); /* and nothing was written: 0 != 3 */
+    /* too few */
+    w = data_writer_open(b, 3, 2, 500, err);
+    ck_assert_int_eq(data_writer_put(w, tok, 2, err), MT_OK);
+    ck_assert_int_eq(data_writer_close(w, err), MT_ERR);
+    ck_assert_msg(strstr(err, "2 tokens written but the header announces 3"), "%s", err);
+    ck_assert_ptr_null(data_open(b, 500, 1, 1, err)); /* the short file is refused on open */
+    /* out of range */
+    uint32_t bad[2] = {1, 500};
+    w = data_writer_open(b, 2, 2, 500, err);
+    ck_assert_int_eq(data_writer_put(w, bad, 2, err), MT_ERR);
+    ck_assert_msg(strstr(err, "token 500 at position 1"), "%s", err);
+    data_writer_close(w, err);
+    remove_tmpdir(dir);
+}
+END_TEST
+
 /* ---- suite ------------------------------------------------------------------------------- */
 
 static Suite *data_suite(void) {
@@ -437,6 +477,7 @@ static Suite *data_suite(void) {
     tcase_add_test(tc, test_roundtrip_2_bytes);
     tcase_add_test(tc, test_roundtrip_4_bytes);
     tcase_add_test(tc, test_write_refusals);
+    tcase_add_test(tc, test_stream_writer);
     tcase_add_test(tc, test_bad_files);
     suite_add_tcase(s, tc);
     return s;

@@ -2,8 +2,8 @@
  *
  *   mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]
  *
- * Contract: every byte 0..255 of INPUT becomes one token (vocab 256), written to OUTPUT with
- * data_write_tokens (default 2 bytes per token). On success prints "wrote N tokens to OUTPUT"
+ * Contract: every byte 0..255 of INPUT (a regular file) becomes one token (vocab 256), streamed
+ * to OUTPUT with a TokenWriter (default 2 bytes per token; memory use does not grow with INPUT). On success prints "wrote N tokens to OUTPUT"
  * and exits 0; any error (bad usage, unreadable input, failed write) prints one line to stderr
  * and exits 1. --help / -h prints the usage to stdout and exits 0. Uses no MPI.
  */
@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -73,35 +74,36 @@ static int parse_args(int argc, char **argv, Args *a) {
     return 0;
 }
 
-/* Read the whole input as tokens, one per byte. Returns NULL (message printed) on error. */
-static uint32_t *read_tokens(const char *path, uint64_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fail("cannot open input %s: %s", path, strerror(errno));
-        return NULL;
+/* Stream INPUT into OUTPUT, one token per byte, 64 KiB at a time (inputs larger than memory are
+ * fine): the input's size is the token count written into the header up front. Returns the exit
+ * status (message printed). */
+static int tokenize(const Args *a, uint64_t *n) {
+    FILE *f = fopen(a->in, "rb");
+    if (!f) return fail("cannot open input %s: %s", a->in, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        return fail("input %s must be a regular file (its size is the token count)", a->in);
     }
-    size_t cap = 1 << 16, len = 0;
-    uint32_t *tok = malloc(cap * sizeof *tok);
-    unsigned char buf[1 << 16];
-    for (size_t k; tok && (k = fread(buf, 1, sizeof buf, f)) > 0;) {
-        if (len + k > cap) {
-            while (len + k > cap) cap *= 2;
-            uint32_t *grown = realloc(tok, cap * sizeof *tok);
-            if (!grown) free(tok);
-            tok = grown;
-            if (!tok) break;
-        }
-        for (size_t i = 0; i < k; i++) tok[len++] = buf[i];
+    *n = (uint64_t)st.st_size;
+    char err[MT_ERRLEN];
+    TokenWriter *w = data_writer_open(a->out, *n, a->bpt, BYTE_VOCAB, err);
+    if (!w) {
+        fclose(f);
+        return fail("%s", err);
     }
-    int bad = !tok || ferror(f);
-    if (bad) fail("cannot read input %s: %s", path, tok ? strerror(errno) : "out of memory");
+    static unsigned char buf[1 << 16];
+    static uint32_t tok[1 << 16];
+    int rc = MT_OK;
+    for (size_t k; rc == MT_OK && (k = fread(buf, 1, sizeof buf, f)) > 0;) {
+        for (size_t i = 0; i < k; i++) tok[i] = buf[i];
+        rc = data_writer_put(w, tok, k, err);
+    }
+    if (rc == MT_OK && ferror(f)) rc = mt_fail(err, "cannot read input %s: %s", a->in, strerror(errno));
     fclose(f);
-    if (bad) {
-        free(tok);
-        return NULL;
-    }
-    *n = len;
-    return tok;
+    int rc2 = data_writer_close(w, rc == MT_OK ? err : (char[MT_ERRLEN]){0});
+    if (rc == MT_OK && rc2 != MT_OK) rc = rc2; /* e.g. the input shrank while it was read */
+    return rc == MT_OK ? 0 : fail("%s", err);
 }
 
 int main(int argc, char **argv) {
@@ -109,12 +111,7 @@ int main(int argc, char **argv) {
     int rc = parse_args(argc, argv, &a);
     if (rc) return rc < 0 ? 0 : 1;
     uint64_t n = 0;
-    uint32_t *tok = read_tokens(a.in, &n);
-    if (!tok) return 1;
-    char err[MT_ERRLEN];
-    rc = data_write_tokens(a.out, tok, n, a.bpt, BYTE_VOCAB, err);
-    free(tok);
-    if (rc != MT_OK) return fail("%s", err);
+    if (tokenize(&a, &n) != 0) return 1;
     printf("wrote %llu tokens to %s\n", (unsigned long long)n, a.out);
     return 0;
 }
