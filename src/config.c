@@ -111,7 +111,7 @@ static const KeySpec KEYS[] = {
     K_ENUM("optim", "shard", shard, "none", SHARD_NAMES, "data-parallel sharding: nothing, the optimizer state, or everything"),
 
     K_ENUM("data", "source", source, "synthetic", SOURCE_NAMES, "where the training tokens come from"),
-    K_STR("data", "path", path, "", "token file read when source = file"),
+    K_STR("data", "path", path, "", "when source = file: a token file (mt-tokenize), or a directory whose *.tok files are the shards"),
 
     K_STR("checkpoint", "dir", ckpt_dir, "checkpoints", "directory for checkpoints"),
     K_INT("checkpoint", "every", ckpt_every, "0", 0, INT_MAX, "save every N steps; 0 = only at the end"),

@@ -8,11 +8,13 @@
  *  - Synthetic source (path NULL or "synthetic"): byte-level ASCII tokens, so vocab >= 128. A
  *    sequence draws one domain, then concatenates samples of that domain (each ends in '\n')
  *    and is cut at T+1 tokens; the first sample always starts at token 0.
- *  - File source: the file is validated completely at open (header, exact size, length >= T+1,
- *    every token < vocab) and then read through a read-only shared mmap: no copy per rank, the
- *    ranks of a node share the page cache, and a corpus larger than RAM still works (its windows
- *    are paged in on demand). Sequence g is the window of T+1 tokens starting at a position drawn
- *    uniformly from [0, n_tokens - T). Domain 0.
+ *  - File source: one token file, or a directory whose *.tok files (name order) are the shards.
+ *    Each is validated completely at open (header, exact size, length >= T+1, every token <
+ *    vocab) and then read through a read-only shared mmap: no copy per rank, the ranks of a node
+ *    share the page cache, and a corpus larger than RAM still works (windows are paged in on
+ *    demand). Sequence g is a window of T+1 tokens drawn uniformly from all windows of all shards
+ *    (windows never cross a shard boundary); with one file, the start is drawn uniformly from
+ *    [0, n_tokens - T). Domain 0.
  *  - Writing: a TokenWriter streams tokens into the little-endian format (header first, so the
  *    token count is given up front), validates every token before writing it, and checks every
  *    write, the final count and the close; data_write_tokens validates a whole array before it
@@ -23,6 +25,7 @@
 
 #include "common.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -39,14 +42,21 @@
 const char *const data_domain_names[DATA_N_DOMAINS] = {"arithmetic", "sorted_lists", "copy_reverse",
                                                        "grammar"};
 
+/* One token file, mapped. */
+typedef struct {
+    const unsigned char *map;
+    size_t len;
+    unsigned bpt; /* bytes per token (2 or 4) */
+    uint64_t n;   /* tokens */
+} Shard;
+
 struct Data {
     int vocab;
     int T;
     uint64_t seed;
-    const unsigned char *map; /* file source: the whole file, mmap'ed read-only; NULL: synthetic */
-    size_t map_len;
-    unsigned bpt; /* bytes per token in the file (2 or 4) */
-    uint64_t n;   /* number of tokens */
+    Shard *shards; /* file source: the token files, mmap'ed read-only; NULL: synthetic */
+    int n_shards;
+    uint64_t *win_end; /* (n_shards) windows of T+1 tokens in shards 0..i together */
 };
 
 /* ---- random numbers ---------------------------------------------------------------------- */
@@ -254,16 +264,25 @@ static int fill_synthetic(const Data *d, uint64_t g, int32_t *row) {
 static uint32_t get_le32(const unsigned char *p);
 
 /* Token i of a mapped file. */
-static uint32_t file_token(const Data *d, uint64_t i) {
-    const unsigned char *p = d->map + HEADER_BYTES + i * d->bpt;
-    return d->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
+static uint32_t shard_token(const Shard *sh, uint64_t i) {
+    const unsigned char *p = sh->map + HEADER_BYTES + i * sh->bpt;
+    return sh->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
 }
 
+/* One draw picks a window among all shards' windows (a shard weighs by its length; windows never
+ * cross shards); with one file that is the position in it. */
 static int fill_file(const Data *d, uint64_t g, int32_t *row) {
     Rng r;
     rng_for_sequence(&r, d->seed, g);
-    uint64_t start = rng_below(&r, d->n - (uint64_t)d->T);
-    for (int i = 0; i <= d->T; i++) row[i] = (int32_t)file_token(d, start + (uint64_t)i);
+    uint64_t u = rng_below(&r, d->win_end[d->n_shards - 1]);
+    int lo = 0, hi = d->n_shards - 1; /* the first shard whose win_end > u */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (d->win_end[mid] > u) hi = mid;
+        else lo = mid + 1;
+    }
+    uint64_t start = u - (lo ? d->win_end[lo - 1] : 0);
+    for (int i = 0; i <= d->T; i++) row[i] = (int32_t)shard_token(&d->shards[lo], start + (uint64_t)i);
     return 0;
 }
 
@@ -273,7 +292,7 @@ void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domai
     for (int i = 0; i < count; i++) {
         uint64_t g = (uint64_t)first + (uint64_t)i;
         int32_t *row = tokens + (size_t)i * (size_t)(d->T + 1);
-        int dom = d->map ? fill_file(d, g, row) : fill_synthetic(d, g, row);
+        int dom = d->shards ? fill_file(d, g, row) : fill_synthetic(d, g, row);
         if (domains) domains[i] = dom;
     }
 }
@@ -342,26 +361,27 @@ static int check_header(const Header *h, const char *path, int vocab, int T, lon
     return MT_OK;
 }
 
-/* Every token of the mapped file < d->vocab (one sequential pass, before any training). */
-static int validate_tokens(const Data *d, const char *path, char *err) {
-    madvise((void *)d->map, d->map_len, MADV_SEQUENTIAL);
-    for (uint64_t i = 0; i < d->n; i++) {
-        uint32_t t = file_token(d, i);
-        if (t >= (uint32_t)d->vocab)
+/* Every token of a mapped file < vocab (one sequential pass, before any training). */
+static int validate_tokens(const Shard *sh, int vocab, const char *path, char *err) {
+    madvise((void *)sh->map, sh->len, MADV_SEQUENTIAL);
+    for (uint64_t i = 0; i < sh->n; i++) {
+        uint32_t t = shard_token(sh, i);
+        if (t >= (uint32_t)vocab)
             return mt_fail(err, "%s: token %u at position %llu is >= the model vocab_size %d", path,
-                           t, (unsigned long long)i, d->vocab);
+                           t, (unsigned long long)i, vocab);
     }
-    madvise((void *)d->map, d->map_len, MADV_RANDOM); /* training reads short random windows */
+    madvise((void *)sh->map, sh->len, MADV_RANDOM); /* training reads short random windows */
     return MT_OK;
 }
 
-static int open_file(Data *d, const char *path, char *err) {
+/* Check, map and validate one token file into sh. */
+static int open_shard(Shard *sh, const char *path, int vocab, int T, char *err) {
     FILE *f = fopen(path, "rb");
     if (!f) return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno));
     Header h = {0};
     long long fsize = 0;
     int rc = read_header(f, path, &h, &fsize, err);
-    if (rc == MT_OK) rc = check_header(&h, path, d->vocab, d->T, fsize, err);
+    if (rc == MT_OK) rc = check_header(&h, path, vocab, T, fsize, err);
     if (rc == MT_OK && (unsigned long long)fsize > SIZE_MAX)
         rc = mt_fail(err, "%s: %lld bytes cannot be mapped on this machine", path, fsize);
     if (rc == MT_OK) {
@@ -369,14 +389,64 @@ static int open_file(Data *d, const char *path, char *err) {
         if (m == MAP_FAILED) {
             rc = mt_fail(err, "%s: cannot map the token file: %s", path, strerror(errno));
         } else {
-            d->map = m;
-            d->map_len = (size_t)fsize;
-            d->bpt = h.bpt;
-            d->n = h.n;
+            *sh = (Shard){m, (size_t)fsize, h.bpt, h.n};
         }
     }
     fclose(f); /* the mapping stays valid */
-    if (rc == MT_OK) rc = validate_tokens(d, path, err);
+    if (rc == MT_OK) rc = validate_tokens(sh, vocab, path, err);
+    return rc;
+}
+
+static int is_tok_file(const struct dirent *e) {
+    size_t l = strlen(e->d_name);
+    return e->d_name[0] != '.' && l > 4 && strcmp(e->d_name + l - 4, ".tok") == 0;
+}
+
+/* The token files of path: itself, or a directory's *.tok files in name order. Caller frees. */
+static char **shard_paths(const char *path, int *n, char *err) {
+    struct stat st;
+    *n = 0;
+    if (stat(path, &st) != 0) return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno)), NULL;
+    if (!S_ISDIR(st.st_mode)) {
+        char **one = mt_calloc(1, sizeof *one);
+        one[0] = strdup(path);
+        MT_CHECK(one[0], "out of memory");
+        *n = 1;
+        return one;
+    }
+    struct dirent **list;
+    int k = scandir(path, &list, is_tok_file, alphasort);
+    if (k < 0) return mt_fail(err, "%s: cannot list the directory: %s", path, strerror(errno)), NULL;
+    if (k == 0) {
+        free(list);
+        return mt_fail(err, "%s: a directory without *.tok token files (make them with mt-tokenize)", path), NULL;
+    }
+    char **paths = mt_calloc((size_t)k, sizeof *paths);
+    for (int i = 0; i < k; i++) {
+        size_t len = strlen(path) + strlen(list[i]->d_name) + 2;
+        paths[i] = mt_calloc(len, 1);
+        snprintf(paths[i], len, "%s/%s", path, list[i]->d_name);
+        free(list[i]);
+    }
+    free(list);
+    *n = k;
+    return paths;
+}
+
+static int open_files(Data *d, const char *path, char *err) {
+    int n = 0, rc = MT_OK;
+    char **paths = shard_paths(path, &n, err);
+    if (!paths) return MT_ERR;
+    d->shards = mt_calloc((size_t)n, sizeof *d->shards);
+    d->win_end = mt_calloc((size_t)n, sizeof *d->win_end);
+    d->n_shards = n;
+    for (int i = 0; i < n && rc == MT_OK; i++) {
+        rc = open_shard(&d->shards[i], paths[i], d->vocab, d->T, err);
+        if (rc == MT_OK)
+            d->win_end[i] = (i ? d->win_end[i - 1] : 0) + d->shards[i].n - (uint64_t)d->T;
+    }
+    for (int i = 0; i < n; i++) free(paths[i]);
+    free(paths);
     return rc;
 }
 
@@ -403,7 +473,7 @@ Data *data_open(const char *path, int vocab, int seq_len, unsigned long long see
     d->vocab = vocab;
     d->T = seq_len;
     d->seed = seed;
-    if (!synthetic && open_file(d, path, err) != MT_OK) {
+    if (!synthetic && open_files(d, path, err) != MT_OK) {
         data_close(d);
         return NULL;
     }
@@ -412,7 +482,10 @@ Data *data_open(const char *path, int vocab, int seq_len, unsigned long long see
 
 void data_close(Data *d) {
     if (!d) return;
-    if (d->map) munmap((void *)d->map, d->map_len);
+    for (int i = 0; i < d->n_shards; i++)
+        if (d->shards[i].map) munmap((void *)d->shards[i].map, d->shards[i].len);
+    free(d->shards);
+    free(d->win_end);
     free(d);
 }
 

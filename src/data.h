@@ -9,8 +9,8 @@
  *  - synthetic: a built-in multi-domain corpus, deterministic from the seed. Domains
  *    (DATA_N_DOMAINS): arithmetic with correct results, sorted lists, copy/reverse tasks, text
  *    from a small grammar. Each sequence is drawn from one domain.
- *  - file: a token shard on disk (format below); sequence g starts at a position drawn from
- *    (seed, g). Domain is 0.
+ *  - file: a token file on disk (format below), or a directory whose *.tok files are shards;
+ *    sequence g is a window drawn from (seed, g) among all windows of all shards. Domain is 0.
  *
  * Token file format (little-endian):
  *   bytes 0-7   magic "MTTOKENS"
@@ -33,9 +33,9 @@ extern const char *const data_domain_names[DATA_N_DOMAINS];
 
 typedef struct Data Data;
 
-/* source: "synthetic" or a token file path (path != NULL means file). vocab: the model's vocab;
- * a file whose vocab or tokens exceed it is refused. seq_len: T. Returns NULL and a message in err
- * (MT_ERRLEN) naming the file and the rule broken. */
+/* path: NULL or "synthetic", else a token file or a directory of *.tok shards. vocab: the model's
+ * vocab; a file whose vocab or tokens exceed it is refused. seq_len: T. Returns NULL and a message
+ * in err (MT_ERRLEN) naming the file and the rule broken. */
 Data *data_open(const char *path, int vocab, int seq_len, unsigned long long seed, char *err);
 void data_close(Data *d);
 

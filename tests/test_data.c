@@ -418,7 +418,7 @@ START_TEST(test_bad_files) {
     snprintf(path, sizeof path, "%s/missing.tok", dir);
     ck_assert_ptr_null(data_open(path, V, T, 1, err));
     ck_assert_msg(strstr(err, path) && strstr(err, "cannot open"), "message: %s", err);
-    ck_assert_ptr_null(data_open(dir, V, T, 1, err)); /* a directory is not a token file */
+    ck_assert_ptr_null(data_open(dir, V, T, 1, err)); /* a directory without *.tok shards */
     ck_assert_msg(strstr(err, dir), "message: %s", err);
     remove_tmpdir(dir);
 }
@@ -464,6 +464,59 @@ START_TEST(test_stream_writer) {
 }
 END_TEST
 
+/* A directory of *.tok shards: every window lies inside one shard, both shards are drawn about in
+ * proportion to their windows, a directory holding one shard gives exactly the windows of that
+ * file, and a bad shard or an empty directory is refused by name. */
+START_TEST(test_shards) {
+    enum { NA = 3000, NB = 1000, T = 20, ROWS = 2000, VOC = 600 };
+    char dir[64], one[64], a[160], b[160], c[160], err[MT_ERRLEN] = ""; /* make_tmpdir: static */
+    snprintf(dir, sizeof dir, "%s", make_tmpdir());
+    snprintf(one, sizeof one, "%s", make_tmpdir());
+    snprintf(a, sizeof a, "%s/a.tok", dir);
+    snprintf(b, sizeof b, "%s/b.tok", dir);
+    static uint32_t ta[NA], tb[NB];
+    for (int i = 0; i < NA; i++) ta[i] = (uint32_t)(i % 300);       /* shard a: tokens < 300 */
+    for (int i = 0; i < NB; i++) tb[i] = (uint32_t)(300 + i % 300); /* shard b: tokens >= 300 */
+    ck_assert(data_write_tokens(a, ta, NA, 2, VOC, err) == MT_OK);
+    ck_assert(data_write_tokens(b, tb, NB, 2, VOC, err) == MT_OK);
+    Data *d = data_open(dir, VOC, T, 3, err);
+    ck_assert_msg(d, "%s", err);
+    int32_t *rows = get_rows(d, 0, ROWS, T, NULL);
+    int in_b = 0;
+    for (int r = 0; r < ROWS; r++) {
+        const int32_t *row = rows + (size_t)r * (T + 1);
+        int b_row = row[0] >= 300;
+        in_b += b_row;
+        long st = find_window(row, b_row ? tb : ta, b_row ? NB : NA, T);
+        ck_assert_msg(st >= 0, "row %d is not a window of one shard", r);
+    }
+    /* windows: a 2980, b 980 -> b expected 24.8% of 2000 = 495 (sd ~19) */
+    ck_assert_msg(in_b > 400 && in_b < 590, "shard b drawn %d of %d times", in_b, ROWS);
+    free(rows);
+    data_close(d);
+    /* one shard in a directory == the file itself */
+    snprintf(c, sizeof c, "%s/only.tok", one);
+    ck_assert(data_write_tokens(c, ta, NA, 2, VOC, err) == MT_OK);
+    Data *x = data_open(one, VOC, T, 9, err), *y = data_open(c, VOC, T, 9, err);
+    ck_assert_msg(x && y, "%s", err);
+    int32_t *rx = get_rows(x, 5, 50, T, NULL), *ry = get_rows(y, 5, 50, T, NULL);
+    ck_assert(memcmp(rx, ry, sizeof(int32_t) * 50 * (T + 1)) == 0);
+    free(rx), free(ry);
+    data_close(x), data_close(y);
+    /* a shard too short for one window is refused by name */
+    ck_assert(data_write_tokens(b, tb, T, 2, VOC, err) == MT_OK);
+    ck_assert_ptr_null(data_open(dir, VOC, T, 3, err));
+    ck_assert_msg(strstr(err, b) && strstr(err, "too few tokens"), "%s", err);
+    remove_tmpdir(dir);
+    remove_tmpdir(one);
+    /* an empty directory */
+    char *empty = make_tmpdir();
+    ck_assert_ptr_null(data_open(empty, VOC, T, 3, err));
+    ck_assert_msg(strstr(err, empty) && strstr(err, "without *.tok"), "%s", err);
+    remove_tmpdir(empty);
+}
+END_TEST
+
 /* ---- suite ------------------------------------------------------------------------------- */
 
 static Suite *data_suite(void) {
@@ -478,6 +531,7 @@ static Suite *data_suite(void) {
     tcase_add_test(tc, test_roundtrip_4_bytes);
     tcase_add_test(tc, test_write_refusals);
     tcase_add_test(tc, test_stream_writer);
+    tcase_add_test(tc, test_shards);
     tcase_add_test(tc, test_bad_files);
     suite_add_tcase(s, tc);
     return s;
