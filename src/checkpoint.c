@@ -83,24 +83,55 @@ static int check_space(const char *dir, double need, char *err) {
                         "checkpoint.dir elsewhere", dir, avail / 1e6, need / 1e6);
 }
 
-int ckpt_check_dir(const char *dir, double need, const Group *world, char *err) {
-    int st = MT_OK;
-    if (world->rank == 0) {
-        char probe[MT_PATH_MAX + 32];
-        snprintf(probe, sizeof probe, "%s/.write-probe", dir);
-        int fd = -1;
-        if (mkdir_p(dir) != 0 || (fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC, 0644)) < 0 ||
-            write(fd, "ok\n", 3) != 3)
-            st = mt_fail(err, "[checkpoint] dir = %s: cannot be written: %s", dir, strerror(errno));
-        if (fd >= 0) close(fd);
-        unlink(probe);
-        if (st == MT_OK) st = check_space(dir, need, err);
+/* Rank 0: create dir and leave a probe file holding nonce (kept for the shared check). */
+static int probe_rank0(const char *dir, const char *probe, unsigned long long nonce, char *err) {
+    char text[32];
+    int len = snprintf(text, sizeof text, "%llu\n", nonce), fd = -1, st = MT_OK;
+    if (mkdir_p(dir) != 0 || (fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC, 0644)) < 0 ||
+        write(fd, text, (size_t)len) != len)
+        st = mt_fail(err, "[checkpoint] dir = %s: cannot be written: %s", dir, strerror(errno));
+    if (fd >= 0 && close(fd) != 0 && st == MT_OK)
+        st = mt_fail(err, "[checkpoint] dir = %s: cannot be written: %s", dir, strerror(errno));
+    return st;
+}
+
+/* Other ranks: read rank 0's probe back (retrying ~2 s: network file systems may show a new
+ * file late). A rank that cannot is not on the same file system as rank 0. */
+static int probe_seen(const char *dir, const char *probe, unsigned long long nonce, int rank, char *err) {
+    for (int attempt = 0; attempt < 20; attempt++) {
+        FILE *f = fopen(probe, "r");
+        unsigned long long got = 0;
+        int ok = f && fscanf(f, "%llu", &got) == 1 && got == nonce;
+        if (f) fclose(f);
+        if (ok) return MT_OK;
+        usleep(100000);
     }
+    char host[128] = "?";
+    gethostname(host, sizeof host - 1);
+    return mt_fail(err, "[checkpoint] dir = %s: rank %d (host %s) does not see the files rank 0 writes "
+                        "there; a checkpoint is one file written by all ranks, so checkpoint.dir must "
+                        "be on a file system shared by every rank (not a node-local path such as /tmp "
+                        "on a cluster)", dir, rank, host);
+}
+
+int ckpt_check_dir(const char *dir, double need, const Group *world, char *err) {
+    /* one probe name per check, so no cached "no such file" from an earlier look can hide it */
+    unsigned long long nonce = ((unsigned long long)getpid() << 32) ^ (unsigned long long)(mt_now() * 1e6);
+    comm_bcast(world, &nonce, 1, DT_I64, 0);
+    char probe[MT_PATH_MAX + 64];
+    snprintf(probe, sizeof probe, "%s/.probe-%llx", dir, nonce);
+    int st = world->rank == 0 ? probe_rank0(dir, probe, nonce, err) : MT_OK;
+    if (st == MT_OK && world->rank == 0) st = check_space(dir, need, err);
     if (comm_any_failed(world, st) != MT_OK) {
-        if (world->rank != 0) err[0] = 0;
+        if (world->rank == 0) unlink(probe);
+        else err[0] = 0;
         return MT_ERR;
     }
-    return MT_OK;
+    if (world->rank != 0) st = probe_seen(dir, probe, nonce, world->rank, err);
+    int failed = comm_any_failed(world, st) != MT_OK;
+    if (world->rank == 0) unlink(probe);
+    if (failed && st == MT_OK) err[0] = 0; /* the rank that cannot see it says so */
+    return failed ? MT_ERR : MT_OK;
 }
 
 /* Rank 0: lock dir/.lock; on EWOULDBLOCK say who holds it. */
