@@ -308,7 +308,8 @@ static void write_attrs(hid_t f, const Trainer *t) {
     attr_i64(f, "tokens_seen", t->tokens_seen);
     attr_i64(f, "adam_step", t->shard.step);
     attr_i64(f, "seed", (long long)c->seed);
-    attr_i64(f, "data_sequences", (long long)t->step * trainer_global_batch(t));
+    attr_i64(f, "data_sequences", (long long)t->data_seq);
+    attr_i64(f, "global_batch", (long long)trainer_global_batch(t));
     const char *names[SHAPE_KEYS];
     long long vals[SHAPE_KEYS];
     shape_keys(c, names, vals);
@@ -529,10 +530,27 @@ static int read_all(hid_t f, const char *path, Trainer *t, char *err) {
     return MT_OK;
 }
 
+/* Resuming with another global batch (micro_batch_size x grad_accum_steps x dp) is allowed, but it
+ * is not the same run any more: say so, and how to keep it (gb: the checkpoint's; 0 = unknown). */
+static void warn_batch_change(const Trainer *t, const char *path, long long gb) {
+    const Config *c = &t->cfg;
+    long long now = (long long)trainer_global_batch(t), per = (long long)c->micro_batch_size * t->dp;
+    if (gb <= 0 || gb == now) return;
+    char hint[160] = "";
+    if (gb % per == 0)
+        snprintf(hint, sizeof hint, "; to continue the same run here, set train.grad_accum_steps = %lld",
+                 gb / per);
+    fprintf(stderr, "moetrain: warning: %s was written with a global batch of %lld sequences per step, "
+                    "this run has %lld (micro_batch_size %d x grad_accum_steps %d x dp %d): the data "
+                    "goes on from sequence %lld without repeats, but the batch size and so the training "
+                    "dynamics change%s\n", path, gb, now, c->micro_batch_size, c->grad_accum_steps,
+            t->dp, (long long)t->data_seq, hint);
+}
+
 int ckpt_load(Trainer *t, const char *path, char *err) {
     const Group *world = &t->mesh->g_world;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    long long step = 0, tokens = 0, adam = 0;
+    long long step = 0, tokens = 0, adam = 0, data_seq = -1, gb = 0;
     int rc = MT_OK;
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0) {
@@ -540,6 +558,8 @@ int ckpt_load(Trainer *t, const char *path, char *err) {
                                      : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
     } else {
         rc = check_header(f, path, &t->cfg, &step, &tokens, &adam, err);
+        if (rc == MT_OK && read_attr_i64(f, "data_sequences", &data_seq) != 0) data_seq = -1;
+        if (rc == MT_OK && read_attr_i64(f, "global_batch", &gb) != 0) gb = 0; /* older files */
         if (rc == MT_OK) rc = read_all(f, path, t, err);
         H5Fclose(f);
     }
@@ -550,6 +570,8 @@ int ckpt_load(Trainer *t, const char *path, char *err) {
     t->step = (int)step;
     t->tokens_seen = tokens;
     t->shard.step = (int)adam;
+    t->data_seq = data_seq >= 0 ? data_seq : (int64_t)step * trainer_global_batch(t);
+    if (world->rank == 0) warn_batch_change(t, path, gb);
     return MT_OK;
 }
 

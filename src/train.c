@@ -48,8 +48,7 @@ void trainer_free(Trainer *t) {
 static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale) {
     const Config *c = &t->cfg;
     int mbs = c->micro_batch_size;
-    int64_t first = (int64_t)t->step * trainer_global_batch(t) +
-                    (int64_t)t->dp_rank * mbs * c->grad_accum_steps;
+    int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * c->grad_accum_steps;
     MicroStats sum = {0};
     for (int a = 0; a < c->grad_accum_steps; a++) {
         data_get(t->data, first + (int64_t)a * mbs, mbs, t->tok_buf, t->dom_buf);
@@ -92,6 +91,7 @@ StepResult trainer_step(Trainer *t) {
 
     t->step++;
     t->tokens_seen += global_tokens;
+    t->data_seq += trainer_global_batch(t);
     r.step = t->step;
     r.lm_loss = s.lm_sum / (double)global_tokens;
     r.lbl = s.lbl * aux_scale;

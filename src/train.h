@@ -40,6 +40,9 @@ typedef struct Trainer {
     int dp, dp_rank;  /* ranks holding different tokens (dp*cp) and this rank's index among them */
     int step;            /* steps completed */
     int64_t tokens_seen;
+    int64_t data_seq;    /* the data position: global sequences consumed (step * global batch,
+                          * unless a resume changed the global batch: then it goes on from the
+                          * checkpoint's position, so no sequence is seen twice) */
     int32_t *tok_buf, *dom_buf; /* host (mbs, T+1), (mbs) */
 } Trainer;
 

@@ -70,6 +70,29 @@ START_TEST(test_resume_bit_exact) {
 }
 END_TEST
 
+/* A resume with another global batch continues the data at the checkpoint's sequence (no
+ * sequence twice) and the file records both; the same global batch gives step * batch as before. */
+START_TEST(test_resume_other_batch) {
+    Config c = small("batch"); /* micro_batch_size 4 x accum 1 x dp 1 */
+    Trainer t;
+    init(&t, &c);
+    for (int s = 0; s < 3; s++) trainer_step(&t);
+    ck_assert_int_eq(t.data_seq, 12);
+    save(&t, 3);
+    trainer_free(&t);
+    Config h = c;
+    h.micro_batch_size = 2; /* global batch 2 */
+    init(&t, &h);
+    char err[MT_ERRLEN];
+    ck_assert_msg(ckpt_load(&t, path_of(&c, 3), err) == MT_OK, "%s", err);
+    ck_assert_int_eq(t.step, 3);
+    ck_assert_int_eq(t.data_seq, 12); /* not 3 x 2 = 6: sequences 6..11 were seen already */
+    trainer_step(&t);
+    ck_assert_int_eq(t.data_seq, 14);
+    trainer_free(&t);
+}
+END_TEST
+
 /* latest points at the newest file; keep = 2 leaves two; auto lists latest first; stale .tmp files
  * are never candidates; an explicit missing path is an error. */
 START_TEST(test_latest_keep_candidates) {
@@ -275,6 +298,7 @@ int main(int argc, char **argv) {
     Suite *s = suite_create("checkpoint");
     TCase *tc = tcase_create("checkpoint");
     tcase_add_test(tc, test_resume_bit_exact);
+    tcase_add_test(tc, test_resume_other_batch);
     tcase_add_test(tc, test_no_space);
     tcase_add_test(tc, test_latest_keep_candidates);
     tcase_add_test(tc, test_signal_stops_with_checkpoint);
