@@ -11,6 +11,16 @@ static volatile sig_atomic_t g_signal = 0;
 
 static void on_signal(int sig) { g_signal = sig; }
 
+/* Ctrl-C: the first one stops gracefully like SIGTERM; a second one ends the process at once. */
+static void on_interrupt(int sig) {
+    static const char first[] = "\nmoetrain: interrupted: stopping after this step with a checkpoint "
+                                "(Ctrl-C again to quit without one)\n";
+    if (g_signal == SIGINT) _exit(130);
+    g_signal = sig;
+    ssize_t n = write(STDERR_FILENO, first, sizeof first - 1);
+    (void)n;
+}
+
 void stop_install(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -19,6 +29,8 @@ void stop_install(void) {
     sa.sa_flags = SA_RESTART;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGUSR1, &sa, NULL);
+    sa.sa_handler = on_interrupt;
+    sigaction(SIGINT, &sa, NULL);
 }
 
 int stop_requested(void) { return g_signal; }

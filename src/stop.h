@@ -1,4 +1,5 @@
-/* stop.h — graceful stop on SIGTERM / SIGUSR1 (SLURM's warning signal, a user's kill).
+/* stop.h — graceful stop on SIGTERM / SIGUSR1 (SLURM's warning signal, a user's kill) and on a
+ * first Ctrl-C (SIGINT; a second one quits at once, exit 130, without a checkpoint).
  *
  * The handler only records that a signal arrived (the one process-wide flag here; the watchdog's
  * message is the other piece of signal-handler state). The training

@@ -90,5 +90,15 @@ kill -TERM $holder; wait $holder; rc=$?
 if [ $rc -eq 0 ] && grep -q "checkpoint saved" "$T/lk.out"; then ok "the holder keeps running, stops cleanly"
 else bad "the holder: exit $rc, $(tail -c 300 "$T/lk.out")"; fi
 
+# Ctrl-C (SIGINT) once: finish the step, checkpoint, exit 0, like SIGTERM
+$BIN configs/tiny.ini --set train.steps=100000 --set log.metrics_file= --set checkpoint.dir=$T/int \
+  > "$T/int.out" 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq 100); do grep -q "pid $pid" "$T/int/.lock" 2>/dev/null && break; sleep 0.2; done
+sleep 0.5; kill -INT $pid; wait $pid; rc=$?
+if [ $rc -eq 0 ] && grep -q "Ctrl-C again" "$T/int.out" && grep -q "checkpoint saved" "$T/int.out" \
+   && [ -s "$T/int/latest" ]; then ok "Ctrl-C stops with a checkpoint"
+else bad "Ctrl-C: exit $rc, $(tail -c 300 "$T/int.out")"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
