@@ -46,6 +46,11 @@ int mt_fail(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 /* Monotonic wall clock in seconds. */
 double mt_now(void);
 
+/* Bytes of host memory this process may still take: MemAvailable from /proc/meminfo, lowered to
+ * the cgroup v2 limit (memory.max - memory.current) where one applies (SLURM's cgroups). 0 if
+ * unknown. */
+double mt_host_memory_available(void);
+
 static inline size_t mt_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 #ifdef __cplusplus

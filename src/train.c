@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "common.h"
@@ -178,6 +179,33 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
     return MT_OK;
 }
 
+/* Fail before training when the ranks of this node need more host memory than it has left: the
+ * kernel would kill a rank in the first step with no word of why. (A cuda run keeps its state on
+ * the GPU; the host holds staging only.) avail: measured before any rank allocated. The lowest
+ * failing rank says why. */
+static int check_host_memory(const Trainer *t, double avail, char *err) {
+    const Group *world = &t->mesh->g_world;
+    int node_ranks = comm_node_ranks(world);
+    size_t p, g, o, a = model_activation_bytes(&t->model);
+    sharder_memory(&t->shard, &p, &g, &o);
+    double gib = 1.0 / (1 << 30), need = (double)(p + g + o + a);
+    int bad = t->cfg.device == DEVICE_CPU && avail > 0 && need * node_ranks > avail;
+    int32_t first = bad ? -world->rank : INT32_MIN; /* max of -rank: the lowest failing rank */
+    comm_allreduce_max(world, &first, 1, DT_I32);
+    if (first == INT32_MIN) return MT_OK;
+    if (bad && -first == world->rank) {
+        char host[128] = "?";
+        gethostname(host, sizeof host - 1);
+        return mt_fail(err, "this run needs about %.1f GiB of host memory per rank (params %.1f, grads "
+                            "%.1f, AdamW state %.1f, activations %.1f) x %d rank(s) on %s = %.1f GiB, but "
+                            "only %.1f GiB are available there; use more ranks with optim.shard = full, a "
+                            "smaller train.micro_batch_size, or a smaller model", need * gib, p * gib,
+                       g * gib, o * gib, a * gib, node_ranks, host, need * node_ranks * gib, avail * gib);
+    }
+    err[0] = 0;
+    return MT_ERR;
+}
+
 /* Agree on the backend choice: MT_ERR on every rank if any failed. When every rank failed (the
  * usual case: no GPU anywhere), only rank 0 keeps its message, so it is printed once. */
 static int agree_backend(const Group *world, int ok, char *err) {
@@ -197,10 +225,17 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
      * state of its groups (comm.h), not part of the layout this function leaves unchanged. */
     backend_attach_mesh((Mesh *)mesh, c);
     int lock = -1;
+    /* measured before the collective below, so before any rank of this node allocates */
+    double host_avail = mt_host_memory_available();
     if (ckpt_check_dir(c->ckpt_dir, ckpt_size_estimate(c), world, err) != MT_OK ||
         ckpt_lock_dir(c->ckpt_dir, world, &lock, err) != MT_OK)
         return MT_ERR;
     int ok = trainer_init(&t, c, k, mesh, err);
+    if (comm_any_failed(world, ok) == MT_OK && check_host_memory(&t, host_avail, err) != MT_OK) {
+        trainer_free(&t);
+        ckpt_unlock_dir(lock);
+        return MT_ERR;
+    }
     if (comm_any_failed(world, ok) != MT_OK) {
         if (ok == MT_OK) {
             trainer_free(&t);

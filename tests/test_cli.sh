@@ -90,6 +90,13 @@ kill -TERM $holder; wait $holder; rc=$?
 if [ $rc -eq 0 ] && grep -q "checkpoint saved" "$T/lk.out"; then ok "the holder keeps running, stops cleanly"
 else bad "the holder: exit $rc, $(tail -c 300 "$T/lk.out")"; fi
 
+# two ranks whose activations (micro_batch_size sized from this machine's free memory) need more
+# host memory together than the node has: one clear error before the first step, not the OOM killer
+avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+mbs=$(( avail_kb * 8 / 10 / 880 ))   # tiny.ini: ~0.86 MiB of activations per sequence
+expect "host memory check"      2 "needs about .* GiB of host memory per rank .* x 2 rank\(s\) on .* but only" \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set train.micro_batch_size=$mbs --set checkpoint.dir=$T/mem
+
 # Ctrl-C (SIGINT) once: finish the step, checkpoint, exit 0, like SIGTERM
 $BIN configs/tiny.ini --set train.steps=100000 --set log.metrics_file= --set checkpoint.dir=$T/int \
   > "$T/int.out" 2>&1 < /dev/null &

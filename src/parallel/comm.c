@@ -382,3 +382,13 @@ int comm_any_failed(const Group *g, int status) {
     comm_allreduce_max(g, &bad, 1, DT_I32);
     return bad ? MT_ERR : MT_OK;
 }
+
+int comm_node_ranks(const Group *g) {
+    if (g->size == 1) return 1;
+    MPI_Comm node;
+    int n = 1;
+    MPI_Comm_split_type(g->comm, MPI_COMM_TYPE_SHARED, g->rank, MPI_INFO_NULL, &node);
+    MPI_Comm_size(node, &n);
+    MPI_Comm_free(&node);
+    return n;
+}

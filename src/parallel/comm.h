@@ -72,5 +72,7 @@ void comm_barrier(const Group *g);
 /* Agree on a failure: every rank passes its own status (MT_OK or MT_ERR); returns MT_ERR on all
  * ranks if any failed. The failing ranks keep their own message. */
 int comm_any_failed(const Group *g, int status);
+/* Ranks of g on this node (shared memory). Collective over g. */
+int comm_node_ranks(const Group *g);
 
 #endif
