@@ -6,7 +6,7 @@ BUILD=${1:-build}
 BIN=$BUILD/moetrain
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$T"' EXIT
 fails=0; checks=0
 ok()   { checks=$((checks+1)); echo "ok   $1"; }
 bad()  { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL $1"; }
