@@ -89,12 +89,15 @@ static double median(double *v, int n) {
 
 /* The baseline: the same two exchanges as plain MPI_Alltoallv, counts in floats. */
 static void plain_alltoallv(const Dispatcher *d, const float *xp, float *xe, float *yp) {
-    int n = d->ep->size, *v = mt_calloc(4 * (size_t)n, sizeof(int));
-    for (int r = 0; r < n; r++) {
-        v[r] = d->send_counts[r] * d->C;
-        v[n + r] = d->send_displs[r] * d->C;
-        v[2 * n + r] = d->recv_from[r] * d->C;
-        v[3 * n + r] = d->recv_displs[r] * d->C;
+    int n = d->ep->size, el = d->E_local, *v = mt_calloc(4 * (size_t)n, sizeof(int)), at = 0;
+    for (int r = 0; r < n; r++) { /* per peer: its experts' rows, one block each way */
+        int from = 0;
+        for (int j = 0; j < el; j++) from += d->recv_counts[r * el + j];
+        v[r] = (d->send_offs[(r + 1) * el] - d->send_offs[r * el]) * d->C;
+        v[n + r] = d->send_offs[r * el] * d->C;
+        v[2 * n + r] = from * d->C;
+        v[3 * n + r] = at * d->C;
+        at += from;
     }
     MPI_Alltoallv(xp, v, v + n, MPI_FLOAT, xe, v + 2 * n, v + 3 * n, MPI_FLOAT, d->ep->comm);
     MPI_Alltoallv(xe, v + 2 * n, v + 3 * n, MPI_FLOAT, yp, v, v + n, MPI_FLOAT, d->ep->comm);
@@ -138,7 +141,8 @@ static void run_config(const Group *g, int N, int C, int K, int E, int reps) {
     Dispatcher d;
     dispatcher_init(&d, g, kernels_cpu(), E, C);
     dispatch_plan(&d, st.offs);
-    int64_t cnt[3] = {(int64_t)d.m_send - d.send_counts[g->rank], st.remote, st.dedup};
+    int el = d.E_local, own = d.send_offs[(g->rank + 1) * el] - d.send_offs[g->rank * el];
+    int64_t cnt[3] = {(int64_t)d.m_send - own, st.remote, st.dedup};
     comm_allreduce_sum(g, cnt, 3, DT_I64);
     Times t;
     time_both(&d, &st, &t);

@@ -32,61 +32,41 @@ void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_e
     d->E_local = num_experts / ep->size;
     d->C = c;
     int n = ep->size;
-    d->send_counts = mt_calloc((size_t)n, sizeof(int));
-    d->send_displs = mt_calloc((size_t)n, sizeof(int));
     d->recv_counts = mt_calloc((size_t)n * d->E_local, sizeof(int));
-    d->recv_from = mt_calloc((size_t)n, sizeof(int));
-    d->recv_displs = mt_calloc((size_t)n, sizeof(int));
     d->recv_offs = mt_calloc((size_t)d->E_local + 1, sizeof(int));
     d->send_offs = mt_calloc((size_t)d->E + 1, sizeof(int));
 }
 
 void dispatcher_free(Dispatcher *d) {
-    free(d->send_counts);
-    free(d->send_displs);
     free(d->recv_counts);
-    free(d->recv_from);
-    free(d->recv_displs);
     free(d->recv_offs);
     free(d->send_offs);
     memset(d, 0, sizeof *d);
 }
 
-/* Sender side from offs: rows per destination rank and where they start in xp. */
+/* Sender side: keep offs (the rows of xp by global expert). */
 static void plan_send(Dispatcher *d, const int *offs) {
     MT_CHECK(offs[0] == 0, "offs[0] = %d, expected 0", offs[0]);
     for (int e = 0; e < d->E; e++)
         MT_CHECK(offs[e + 1] >= offs[e], "offs not ascending at expert %d (%d > %d)", e, offs[e],
                  offs[e + 1]);
     memcpy(d->send_offs, offs, ((size_t)d->E + 1) * sizeof(int));
-    for (int r = 0; r < d->ep->size; r++) {
-        d->send_displs[r] = offs[r * d->E_local];
-        d->send_counts[r] = offs[(r + 1) * d->E_local] - offs[r * d->E_local];
-    }
     d->m_send = offs[d->E];
 }
 
-/* Receiver side from recv_counts [s][j]: rows per source, source-major displacements, and the
- * expert-major offsets. */
+/* Receiver side from recv_counts [s][j]: the expert-major offsets and the total. */
 static void plan_recv(Dispatcher *d) {
-    int n = d->ep->size, el = d->E_local, total = 0;
-    for (int s = 0; s < n; s++) {
-        int rows = 0;
-        for (int j = 0; j < el; j++) {
-            MT_CHECK(d->recv_counts[s * el + j] >= 0, "negative count from rank %d", s);
-            rows += d->recv_counts[s * el + j];
-        }
-        d->recv_displs[s] = total;
-        d->recv_from[s] = rows;
-        total += rows;
-    }
+    int n = d->ep->size, el = d->E_local;
     d->recv_offs[0] = 0;
     for (int j = 0; j < el; j++) {
         int rows = 0;
-        for (int s = 0; s < n; s++) rows += d->recv_counts[s * el + j];
+        for (int s = 0; s < n; s++) {
+            MT_CHECK(d->recv_counts[s * el + j] >= 0, "negative count from rank %d", s);
+            rows += d->recv_counts[s * el + j];
+        }
         d->recv_offs[j + 1] = d->recv_offs[j] + rows;
     }
-    d->m_recv = total;
+    d->m_recv = d->recv_offs[el];
 }
 
 void dispatch_plan(Dispatcher *d, const int *offs) {

@@ -33,11 +33,7 @@ typedef struct Dispatcher {
     const Kernels *k;
     int E, E_local, C;
     int m_send, m_recv;
-    int *send_counts; /* (ep) rows sent to each ep rank */
-    int *send_displs; /* (ep) */
     int *recv_counts; /* (ep * E_local) rows from source s for local expert j, [s][j] */
-    int *recv_from;   /* (ep) rows received from each source rank */
-    int *recv_displs; /* (ep) */
     int *recv_offs;   /* (E_local + 1) expert-major offsets into xe */
     int *send_offs;   /* (E + 1) this rank's offs: rows of xp by global expert */
 } Dispatcher;
