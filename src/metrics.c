@@ -46,18 +46,7 @@ static void emit(Metrics *mx, cJSON *o) {
     cJSON_Delete(o);
 }
 
-typedef struct Memory {
-    size_t params, grads, optimizer, activations;
-} Memory;
-
-static Memory memory_of(const Trainer *t) {
-    Memory m;
-    sharder_memory(&t->shard, &m.params, &m.grads, &m.optimizer);
-    m.activations = model_activation_bytes(&t->model);
-    return m;
-}
-
-static void print_banner(const Trainer *t, const Memory *mem, const char *blas) {
+static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const char *blas) {
     const Config *c = &t->cfg;
     const ParamLayout *pl = &t->model.pl;
     double mib = 1.0 / (1 << 20);
@@ -83,7 +72,7 @@ static void print_banner(const Trainer *t, const Memory *mem, const char *blas) 
 
 void metrics_run_record(Metrics *mx, const Trainer *t) {
     if (!mx->writer) return;
-    Memory mem = memory_of(t);
+    MemoryBreakdown mem = trainer_memory(t);
     char blas[256];
     blas_describe(blas, sizeof blas);
     print_banner(t, &mem, blas);

@@ -144,12 +144,14 @@ void model_reset_stats(Model *m) {
 
 void model_reset_lbl(Model *m) { memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t)); }
 
-size_t model_activation_bytes(const Model *m) {
-    const ModelDims *d = &m->d;
-    size_t n = (size_t)m->max_seqs * d->T, nk = n * d->K, per = 0;
+size_t model_activation_bytes(const Model *m) { return model_activation_bytes_plan(&m->pl, m->max_seqs); }
+
+size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs) {
+    const ModelDims *d = &pl->dims;
+    size_t n = (size_t)max_seqs * d->T, nk = n * d->K, per = 0;
     for (int l = 0; l < d->L; l++) {
         per += n * (4 * d->C + 2 + 2 * d->H * d->D + 2 * d->Hkv * d->D + d->H);
-        if (m->pl.layers[l].is_moe)
+        if (pl->layers[l].is_moe)
             per += n * (2 * d->E + 2 * d->K + 3 * d->Fs) + nk * (2 * d->C + 3 * d->Fe);
         else
             per += n * 3 * d->F;

@@ -17,6 +17,8 @@
  * accumulated over the step's micro-batches so far (model->lbl_acc).
  * Communicates only through moe.c (dispatch/combine over ep, the LBL counts over tokens) and the
  * parameter hooks.
+ * Memory: model_activation_bytes reports the arena; model_activation_bytes_plan computes the same
+ * number from the parameter layout alone, before anything is allocated.
  */
 #ifndef MT_MODEL_H
 #define MT_MODEL_H
@@ -107,6 +109,9 @@ MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
 
 /* Bytes of the activation arena (for the memory report). */
 size_t model_activation_bytes(const Model *m);
+/* The same number before model_init: for the layout model_init builds (pl, its dims and which
+ * layers are MoE) and max_seqs sequences. Arithmetic only: sizes a run before it allocates. */
+size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs);
 
 /* Forward FLOPs (2 per multiply-add) of b sequences of the configured model, by kind. A training
  * step costs about 3x (the backward twice the forward); benchmarks use this to report achieved

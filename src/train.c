@@ -17,6 +17,29 @@ int64_t trainer_global_batch(const Trainer *t) {
     return (int64_t)t->cfg.micro_batch_size * t->cfg.grad_accum_steps * t->dp;
 }
 
+MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh) {
+    /* the layout model_init builds (trainer_init below): same dims, same padding */
+    ModelDims d = dims_from_config(c, mesh->g_ep.size, mesh->g_ep.rank);
+    size_t pad[PBUF_COUNT];
+    sharder_padding(c->shard, mesh, pad);
+    ParamLayout pl;
+    params_layout_init(&pl, &d, c->init_std, pad);
+    MemoryBreakdown m;
+    sharder_memory_plan(&pl, c->shard, mesh, &m.params, &m.grads, &m.optimizer);
+    m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size);
+    params_layout_free(&pl);
+    return m;
+}
+
+MemoryBreakdown trainer_memory(const Trainer *t) {
+    MemoryBreakdown m;
+    sharder_memory(&t->shard, &m.params, &m.grads, &m.optimizer);
+    m.activations = model_activation_bytes(&t->model);
+    return m;
+}
+
+size_t memory_total(const MemoryBreakdown *m) { return m->params + m->grads + m->optimizer + m->activations; }
+
 int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh, char *err) {
     memset(t, 0, sizeof *t);
     t->cfg = *c;
@@ -179,17 +202,18 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
     return MT_OK;
 }
 
-/* Fail before training when the ranks of this node need more host memory than it has left: the
- * kernel would kill a rank in the first step with no word of why. (A cuda run keeps its state on
- * the GPU; the host holds staging only.) avail: measured before any rank allocated. The lowest
- * failing rank says why. */
-static int check_host_memory(const Trainer *t, double avail, char *err) {
-    const Group *world = &t->mesh->g_world;
+/* Fail before anything large is allocated when the ranks of this node need more host memory than
+ * it has left: the kernel would kill a rank during initialisation or the first step with no word
+ * of why. The need is trainer_memory_plan (config and mesh only, so an absurd model is refused in
+ * seconds). A cuda run keeps its state on the GPU (the host holds staging only): not checked here.
+ * avail: this rank's measure, taken before any rank allocated. Collective; the lowest failing rank
+ * says why, the others return MT_ERR with an empty err. */
+static int check_host_memory(const Config *c, const Mesh *mesh, double avail, char *err) {
+    const Group *world = &mesh->g_world;
     int node_ranks = comm_node_ranks(world);
-    size_t p, g, o, a = model_activation_bytes(&t->model);
-    sharder_memory(&t->shard, &p, &g, &o);
-    double gib = 1.0 / (1 << 30), need = (double)(p + g + o + a);
-    int bad = t->cfg.device == DEVICE_CPU && avail > 0 && need * node_ranks > avail;
+    MemoryBreakdown m = trainer_memory_plan(c, mesh);
+    double gib = 1.0 / (1 << 30), need = (double)memory_total(&m);
+    int bad = c->device == DEVICE_CPU && avail > 0 && need * node_ranks > avail;
     int32_t first = bad ? -world->rank : INT32_MIN; /* max of -rank: the lowest failing rank */
     comm_allreduce_max(world, &first, 1, DT_I32);
     if (first == INT32_MIN) return MT_OK;
@@ -199,8 +223,9 @@ static int check_host_memory(const Trainer *t, double avail, char *err) {
         return mt_fail(err, "this run needs about %.1f GiB of host memory per rank (params %.1f, grads "
                             "%.1f, AdamW state %.1f, activations %.1f) x %d rank(s) on %s = %.1f GiB, but "
                             "only %.1f GiB are available there; use more ranks with optim.shard = full, a "
-                            "smaller train.micro_batch_size, or a smaller model", need * gib, p * gib,
-                       g * gib, o * gib, a * gib, node_ranks, host, need * node_ranks * gib, avail * gib);
+                            "smaller train.micro_batch_size, or a smaller model", need * gib, m.params * gib,
+                       m.grads * gib, m.optimizer * gib, m.activations * gib, node_ranks, host,
+                       need * node_ranks * gib, avail * gib);
     }
     err[0] = 0;
     return MT_ERR;
@@ -224,18 +249,14 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     /* The mesh object belongs to the caller and is not const there; device mode is communication
      * state of its groups (comm.h), not part of the layout this function leaves unchanged. */
     backend_attach_mesh((Mesh *)mesh, c);
-    int lock = -1;
-    /* measured before the collective below, so before any rank of this node allocates */
+    /* measured before the check's collectives, so before any rank of this node allocates */
     double host_avail = mt_host_memory_available();
+    if (check_host_memory(c, mesh, host_avail, err) != MT_OK) return MT_ERR;
+    int lock = -1;
     if (ckpt_check_dir(c->ckpt_dir, ckpt_size_estimate(c), world, err) != MT_OK ||
         ckpt_lock_dir(c->ckpt_dir, world, &lock, err) != MT_OK)
         return MT_ERR;
     int ok = trainer_init(&t, c, k, mesh, err);
-    if (comm_any_failed(world, ok) == MT_OK && check_host_memory(&t, host_avail, err) != MT_OK) {
-        trainer_free(&t);
-        ckpt_unlock_dir(lock);
-        return MT_ERR;
-    }
     if (comm_any_failed(world, ok) != MT_OK) {
         if (ok == MT_OK) {
             trainer_free(&t);

@@ -8,6 +8,11 @@
  * Gradient reduction and the sharded update are optim/shard.h; per-step statistics (loss terms,
  * expert load) are summed over the ranks holding other tokens (mesh g_dpcp) so rank 0 logs the
  * global values.
+ * Memory: trainer_memory_plan says, from the config and mesh alone (parameter layout, shard sizes,
+ * activation arena: metadata, nothing large allocated, no communication), how many bytes
+ * trainer_init will take on this rank, by category; trainer_memory gives the same breakdown of an
+ * initialised trainer. train_run uses the plan to refuse a run its node cannot hold before
+ * allocating anything; a device-memory check can use the same plan.
  */
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H
@@ -45,6 +50,19 @@ typedef struct Trainer {
                           * checkpoint's position, so no sequence is seen twice) */
     int32_t *tok_buf, *dom_buf; /* host (mbs, T+1), (mbs) */
 } Trainer;
+
+/* Bytes one rank holds, by category (the host for a cpu run, the GPU for a cuda run). */
+typedef struct MemoryBreakdown {
+    size_t params, grads, optimizer, activations;
+} MemoryBreakdown;
+
+/* What trainer_init(c, mesh) will hold on this rank, computed without building it: equal to
+ * trainer_memory of the initialised trainer. */
+MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh);
+/* The breakdown of an initialised trainer (sharder_memory, model_activation_bytes). */
+MemoryBreakdown trainer_memory(const Trainer *t);
+/* params + grads + optimizer + activations. */
+size_t memory_total(const MemoryBreakdown *m);
 
 /* Build everything (model initialised from train.seed) on this rank of mesh. MT_ERR with a message
  * on bad input (not collective: the caller agrees on failure with comm_any_failed). */

@@ -10,11 +10,12 @@ trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$T"' EXIT
 fails=0; checks=0
 ok()   { checks=$((checks+1)); echo "ok   $1"; }
 bad()  { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL $1"; }
-# expect NAME RC PATTERN -- command...: exit code RC and stderr+stdout matching PATTERN
+# expect NAME RC PATTERN -- command...: exit code RC and stderr+stdout matching PATTERN, within
+# LIMIT seconds (default 120; `LIMIT=10 expect ...` for a tighter one)
 expect() {
   local name=$1 rc=$2 pat=$3; shift 4
   local out got
-  out=$(timeout 120 "$@" 2>&1 < /dev/null); got=$?
+  out=$(timeout "${LIMIT:-120}" "$@" 2>&1 < /dev/null); got=$?
   if [ "$got" -eq "$rc" ] && grep -qE -- "$pat" <<<"$out"; then ok "$name"
   else bad "$name (exit $got, want $rc; output: $(head -c 400 <<<"$out"))"; fi
 }
@@ -96,6 +97,15 @@ avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
 mbs=$(( avail_kb * 8 / 10 / 880 ))   # tiny.ini: ~0.86 MiB of activations per sequence
 expect "host memory check"      2 "needs about .* GiB of host memory per rank .* x 2 rank\(s\) on .* but only" \
   -- mpirun -np 2 $BIN configs/tiny.ini --set train.micro_batch_size=$mbs --set checkpoint.dir=$T/mem
+
+# a model hundreds of times larger than any node's memory (~14e12 parameters, ~200 TiB per rank) is
+# refused from its config alone, before anything is allocated or initialised: in seconds, not
+# after minutes of initialisation (or the OOM killer). The timeout makes a slow refusal a failure.
+start=$(date +%s%N)
+LIMIT=20 expect "huge model refused at once" 2 "needs about .* GiB of host memory per rank .* x 2 rank\(s\) on .* but only" \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set model.d_model=16384 --set model.n_layers=1024 \
+     --set moe.expert_hidden=65536 --set log.metrics_file= --set checkpoint.dir=$T/huge
+echo "     (huge model refused in $(( ($(date +%s%N) - start) / 1000000 )) ms)"
 
 # Ctrl-C (SIGINT) once: finish the step, checkpoint, exit 0, like SIGTERM
 $BIN configs/tiny.ini --set train.steps=100000 --set log.metrics_file= --set checkpoint.dir=$T/int \

@@ -13,6 +13,8 @@
  * micro-batches, in the same order); global_batch scope (one micro-batch per rank) -> one rank
  * with the whole global batch as one micro-batch: the brute-force global LBL. Rank 0 computes
  * the reference on its own and broadcasts losses and parameters.
+ * Every run also checks, on each rank, that trainer_memory_plan (config + mesh only) equals the
+ * memory report of the initialised trainer.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -55,12 +57,24 @@ typedef struct Run {
     double loss[STEPS];
     float *param[PBUF_COUNT]; /* copies of the final flat buffers */
     ParamLayout pl;
+    int memory_mismatch;      /* trainer_memory_plan differed from the initialised trainer */
 } Run;
+
+/* The plan (config + mesh only) against what trainer_init built on this rank; 1 if they differ. */
+static int memory_mismatch(const Trainer *t, const Config *c, const Mesh *mesh) {
+    MemoryBreakdown plan = trainer_memory_plan(c, mesh), got = trainer_memory(t);
+    if (memcmp(&plan, &got, sizeof plan) == 0) return 0;
+    fprintf(stderr, "[rank %d] memory plan %zu/%zu/%zu/%zu != after init %zu/%zu/%zu/%zu "
+            "(params/grads/optimizer/activations)\n", mesh->rank, plan.params, plan.grads,
+            plan.optimizer, plan.activations, got.params, got.grads, got.optimizer, got.activations);
+    return 1;
+}
 
 static void train(const Config *c, const Mesh *mesh, Run *out) {
     Trainer t;
     char err[MT_ERRLEN];
     ck_assert_msg(trainer_init(&t, c, kernels_cpu(), mesh, err) == MT_OK, "%s", err);
+    out->memory_mismatch = memory_mismatch(&t, c, mesh);
     for (int s = 0; s < STEPS; s++) out->loss[s] = trainer_step(&t).loss;
     trainer_materialize_params(&t);
     ModelDims d = dims_from_config(c, mesh->g_ep.size, mesh->g_ep.rank);
@@ -92,6 +106,7 @@ static void reference(const Config *c, int dp, const Group *world, Run *ref) {
     if (world->rank == 0) {
         train(&rc, &g_solo, ref);
     } else {
+        ref->memory_mismatch = 0; /* rank 0 checks the reference's plan */
         ModelDims d = dims_from_config(&rc, 1, 0);
         params_layout_init(&ref->pl, &d, rc.init_std, NULL);
         for (int b = 0; b < PBUF_COUNT; b++) ref->param[b] = malloc(ref->pl.size[b] * sizeof(float) + 4);
@@ -100,9 +115,10 @@ static void reference(const Config *c, int dp, const Group *world, Run *ref) {
     for (int b = 0; b < PBUF_COUNT; b++) comm_bcast(world, ref->param[b], ref->pl.size[b], DT_F32, 0);
 }
 
-/* Failures on this rank: losses, then every tensor this rank holds against the reference's. */
+/* Failures on this rank: the memory plans, losses, then every tensor this rank holds against the
+ * reference's. */
 static int compare(const Run *got, const Run *ref, const char *layout, int rank) {
-    int bad = 0;
+    int bad = got->memory_mismatch + ref->memory_mismatch;
     for (int s = 0; s < STEPS; s++) {
         double rel = fabs(got->loss[s] - ref->loss[s]) / fabs(ref->loss[s]);
         if (!(rel <= 1e-5)) {

@@ -1,5 +1,6 @@
 /* test_train.c — the training loop end to end: bit-identical re-runs, gradient accumulation,
- * LBL scopes, and configs/tiny.ini reaching its loss threshold. */
+ * LBL scopes, the memory plan matching what trainer_init allocates, and configs/tiny.ini
+ * reaching its loss threshold. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,6 +150,48 @@ START_TEST(test_tiny_reaches_threshold) {
 }
 END_TEST
 
+/* trainer_memory_plan (config + mesh, nothing allocated) == the trainer's own report after
+ * trainer_init, category by category, for several model shapes and every shard mode. */
+static void expect_plan_matches(const Config *c, const char *what) {
+    MemoryBreakdown plan = trainer_memory_plan(c, &solo);
+    Trainer t;
+    char err[MT_ERRLEN];
+    ck_assert_msg(trainer_init(&t, c, kernels_cpu(), &solo, err) == MT_OK, "%s: %s", what, err);
+    MemoryBreakdown got = trainer_memory(&t);
+    trainer_free(&t);
+    const char *shard = c->shard == SHARD_NONE ? "none" : c->shard == SHARD_OPTIMIZER ? "optimizer" : "full";
+    ck_assert_msg(plan.params == got.params && plan.grads == got.grads && plan.optimizer == got.optimizer
+                      && plan.activations == got.activations,
+                  "%s, shard %s: plan %zu/%zu/%zu/%zu != after init %zu/%zu/%zu/%zu (params/grads/optimizer/activations)",
+                  what, shard, plan.params, plan.grads, plan.optimizer, plan.activations, got.params,
+                  got.grads, got.optimizer, got.activations);
+    ck_assert_msg(got.params > 0 && got.grads > 0 && got.optimizer > 0 && got.activations > 0, "%s: empty", what);
+}
+
+START_TEST(test_memory_plan_matches_init) {
+    Config shapes[4];
+    const char *names[4] = {"small (1 dense layer)", "tied, 2 shared experts, mbs 3", "no dense layer, top-1",
+                            "configs/tiny.ini"};
+    shapes[0] = small_config();
+    shapes[1] = small_config();
+    shapes[1].tie_embeddings = 1;
+    shapes[1].shared_experts = 2;
+    shapes[1].micro_batch_size = 3;
+    shapes[2] = small_config();
+    shapes[2].dense_layers = 0;
+    shapes[2].top_k = 1;
+    char err[MT_ERRLEN];
+    ck_assert_msg(config_load(&shapes[3], "configs/tiny.ini", NULL, 0, err) == MT_OK, "%s", err);
+    ShardMode modes[] = {SHARD_NONE, SHARD_OPTIMIZER, SHARD_FULL};
+    for (int i = 0; i < 4; i++)
+        for (int m = 0; m < 3; m++) {
+            Config c = shapes[i];
+            c.shard = modes[m];
+            expect_plan_matches(&c, names[i]);
+        }
+}
+END_TEST
+
 int main(void) {
     mesh_single(&solo);
     Suite *s = suite_create("train");
@@ -158,6 +201,7 @@ int main(void) {
     tcase_add_test(tc, test_grad_accumulation_equivalence);
     tcase_add_test(tc, test_lbl_scope);
     tcase_add_test(tc, test_capacity_drop_fraction);
+    tcase_add_test(tc, test_memory_plan_matches_init);
     tcase_add_test(tc, test_tiny_reaches_threshold);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0) ? 1 : 0;

@@ -13,10 +13,31 @@
 static size_t gcd(size_t a, size_t b) { return b ? gcd(b, a % b) : a; }
 static size_t lcm(size_t a, size_t b) { return a / gcd(a, b) * b; }
 
+/* The replica group of each buffer: dense over dp*cp, experts over edp. */
+static void replica_groups(const Mesh *mesh, const Group *rep[PBUF_COUNT]) {
+    rep[PBUF_DENSE] = &mesh->g_dpcp;
+    rep[PBUF_EXPERT] = &mesh->g_edp;
+}
+
 void sharder_padding(ShardMode mode, const Mesh *mesh, size_t pad[PBUF_COUNT]) {
-    size_t S[PBUF_COUNT] = {(size_t)mesh->g_dpcp.size, (size_t)mesh->g_edp.size};
-    for (int b = 0; b < PBUF_COUNT; b++)
-        pad[b] = mode == SHARD_NONE ? 1 : mode == SHARD_FULL ? lcm(S[b], PAGE_FLOATS) : S[b];
+    const Group *rep[PBUF_COUNT];
+    replica_groups(mesh, rep);
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        size_t S = (size_t)rep[b]->size;
+        pad[b] = mode == SHARD_NONE ? 1 : mode == SHARD_FULL ? lcm(S, PAGE_FLOATS) : S;
+    }
+}
+
+/* Ways each buffer is split: the replica group's size when sharded, 1 in mode none. */
+static void shard_ways(ShardMode mode, const Group *const rep[PBUF_COUNT], int S[PBUF_COUNT]) {
+    for (int b = 0; b < PBUF_COUNT; b++) S[b] = mode == SHARD_NONE ? 1 : rep[b]->size;
+}
+
+/* Elements of buffer b one rank owns when split S ways: its slice of every unit. */
+static size_t shard_elems(const ParamLayout *pl, int b, int S) {
+    size_t total = 0;
+    for (int u = 0; u < pl->n_units; u++) total += pl->units[u].len[b] / (size_t)S;
+    return total;
 }
 
 /* This rank's owned slice of unit u in buffer b, as flat offsets [lo, hi). */
@@ -37,7 +58,7 @@ static void layout_shards(Sharder *s) {
             s->shard_off[b][u] = total;
             total += pl->units[u].len[b] / s->S[b];
         }
-        s->shard_size[b] = total;
+        s->shard_size[b] = total; /* == shard_elems(pl, b, S): what sharder_memory_plan counts */
     }
 }
 
@@ -96,14 +117,11 @@ void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c) {
     s->mode = c->shard;
     s->k = m->k;
     s->m = m;
-    s->rep[PBUF_DENSE] = &mesh->g_dpcp;
-    s->rep[PBUF_EXPERT] = &mesh->g_edp;
+    replica_groups(mesh, s->rep);
     s->world = &mesh->g_world;
     s->ep = &mesh->g_ep;
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        s->S[b] = s->mode == SHARD_NONE ? 1 : s->rep[b]->size;
-        s->r[b] = s->mode == SHARD_NONE ? 0 : s->rep[b]->rank;
-    }
+    shard_ways(s->mode, s->rep, s->S);
+    for (int b = 0; b < PBUF_COUNT; b++) s->r[b] = s->mode == SHARD_NONE ? 0 : s->rep[b]->rank;
     layout_shards(s);
     for (int b = 0; b < PBUF_COUNT; b++) {
         size_t n = s->shard_size[b] ? s->shard_size[b] : 1;
@@ -235,22 +253,38 @@ static size_t largest_unit(const ParamLayout *pl, int b) {
     return most;
 }
 
-void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer) {
-    const ParamLayout *pl = &s->m->pl;
+/* Bytes per rank of mode over layout pl, this rank owning shard[b] elements of buffer b. */
+static void memory_bytes(const ParamLayout *pl, ShardMode mode, const size_t shard[PBUF_COUNT],
+                         size_t *params, size_t *grads, size_t *optimizer) {
     *params = *grads = *optimizer = 0;
     for (int b = 0; b < PBUF_COUNT; b++) {
-        size_t full = pl->size[b], shard = s->shard_size[b];
+        size_t full = pl->size[b];
         size_t working = pl->units[0].len[b] + largest_unit(pl, b); /* head + one layer */
-        *optimizer += 2 * shard * F32;
-        if (s->mode == SHARD_NONE) {
+        *optimizer += 2 * shard[b] * F32;
+        if (mode == SHARD_NONE) {
             *params += full * F32;
             *grads += full * F32;
-        } else if (s->mode == SHARD_OPTIMIZER) {
+        } else if (mode == SHARD_OPTIMIZER) {
             *params += full * F32;
-            *grads += (full + shard) * F32;
+            *grads += (full + shard[b]) * F32;
         } else {
-            *params += (shard + working) * F32;
-            *grads += (shard + working) * F32;
+            *params += (shard[b] + working) * F32;
+            *grads += (shard[b] + working) * F32;
         }
     }
+}
+
+void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer) {
+    memory_bytes(&s->m->pl, s->mode, s->shard_size, params, grads, optimizer);
+}
+
+void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, size_t *params,
+                         size_t *grads, size_t *optimizer) {
+    const Group *rep[PBUF_COUNT];
+    int S[PBUF_COUNT];
+    size_t shard[PBUF_COUNT];
+    replica_groups(mesh, rep);
+    shard_ways(mode, rep, S);
+    for (int b = 0; b < PBUF_COUNT; b++) shard[b] = shard_elems(pl, b, S[b]);
+    memory_bytes(pl, mode, shard, params, grads, optimizer);
 }

@@ -14,6 +14,9 @@
  * Gradient norm: summed over shards (each element counted once, replicas never twice), then
  * all-reduced. Communication happens only here (and in dispatch/moe for the MoE layer).
  * Assumes tp = cp = pp = 1 (the mesh refuses anything else for now).
+ * Memory: sharder_memory reports what a Sharder and its model's flat buffers take per rank;
+ * sharder_memory_plan gives the same numbers from the layout alone (metadata, nothing allocated),
+ * so a run can be sized, and refused, before it allocates anything large.
  */
 #ifndef MT_SHARD_H
 #define MT_SHARD_H
@@ -71,5 +74,10 @@ void sharder_state_slice(const Sharder *s, int u, int b, int writing, size_t *lo
 
 /* Bytes per rank: params, grads, optimizer state. */
 void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer);
+/* The same bytes, before any Sharder or model exists, for layout pl (built with the padding of
+ * sharder_padding(mode, mesh)) on this rank of mesh: equal to sharder_memory after model_init and
+ * sharder_init with that layout, mode and mesh. Pure arithmetic: no allocation, no communication. */
+void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, size_t *params,
+                         size_t *grads, size_t *optimizer);
 
 #endif
