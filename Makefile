@@ -39,16 +39,23 @@ LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src
 # build is CPU only. NCCL is optional inside a CUDA build (runtime.comm = nccl then refuses).
 NVCC   := $(shell command -v nvcc 2>/dev/null || ls $(CUDA_HOME)/bin/nvcc 2>/dev/null)
 NCCL_H := $(firstword $(wildcard $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
+CUDNN_H := $(firstword $(wildcard $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h))
 ifneq ($(NVCC),)
 HAVE_NCCL := $(if $(NCCL_H),1,0)
-CUDA_SRC  := $(wildcard cuda/*.cu)
-CUDA_OBJ  := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
+HAVE_CUDNN := $(if $(CUDNN_H),1,0)
+CUDA_SRC  := $(wildcard cuda/*.cu cuda/*.cpp)
+CUDA_OBJ  := $(patsubst %.cpp,$(BUILD)/%.o,$(CUDA_SRC:%.cu=$(BUILD)/%.o))
 NVCCFLAGS := -O3 -std=c++17 -Isrc -Icuda -Xcompiler -Wall,-Wextra,-Wno-unused-parameter \
              -gencode arch=compute_80,code=sm_80 \
              -gencode arch=compute_90,code=sm_90 -DMT_HAVE_NCCL=$(HAVE_NCCL)
+# cuda/*.cpp: host-only C++ (the cuDNN frontend graph code); the frontend headers are vendored.
+CXX       ?= g++
+CXXFLAGS  := -O2 -std=c++17 -Wall -Wextra -Wno-unused-parameter -Isrc -Icuda \
+             -isystem third_party/cudnn-frontend/include -isystem $(CUDA_HOME)/include \
+             -DMT_HAVE_CUDNN=$(HAVE_CUDNN)
 CFLAGS    += -DMT_HAVE_CUDA=1
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt \
-             $(if $(filter 1,$(HAVE_NCCL)),-lnccl) -lstdc++
+             $(if $(filter 1,$(HAVE_NCCL)),-lnccl) $(if $(filter 1,$(HAVE_CUDNN)),-lcudnn -lnvrtc) -lstdc++
 else
 LIB_SRC   += src/kernels_cuda_stub.c
 endif
@@ -63,7 +70,7 @@ TEST_COMMON := $(BUILD)/tests/testutil.o
 
 # Objects are rebuilt when the compile flags change (CPU <-> CUDA build, OPT, CC).
 FLAGS_STAMP := $(BUILD)/.flags
-FLAGS_NOW   := $(MPICC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS)
+FLAGS_NOW   := $(MPICC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS) | $(CXX) $(CXXFLAGS)
 $(shell mkdir -p $(BUILD) && (echo '$(FLAGS_NOW)' | cmp -s - $(FLAGS_STAMP) || echo '$(FLAGS_NOW)' > $(FLAGS_STAMP)))
 
 .PHONY: all test train bench clean deps docs
@@ -80,6 +87,9 @@ $(DEPS_STAMP): scripts/install-deps.sh
 	@if [ -z "$(NVCC)" ]; then echo "  ✗ NCCL not used (CPU build)"; \
 	elif [ -n "$(NCCL_H)" ]; then echo "  ✓ NCCL: $(NCCL_H) $$(sed -n 's/^#define NCCL_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' $(NCCL_H) | paste -sd.)"; \
 	else echo "  ✗ NCCL not found: runtime.comm = nccl unavailable"; fi
+	@if [ -z "$(NVCC)" ]; then echo "  ✗ cuDNN not used (CPU build)"; \
+	elif [ -n "$(CUDNN_H)" ]; then echo "  ✓ cuDNN: $(CUDNN_H) $$(sed -n 's/^#define CUDNN_\(MAJOR\|MINOR\|PATCHLEVEL\) \([0-9]*\).*/\2/p' $(dir $(CUDNN_H))cudnn_version.h | paste -sd.)"; \
+	else echo "  ✗ cuDNN not found: runtime.attention = auto uses the own kernel"; fi
 	@touch $@
 deps: $(DEPS_STAMP)
 
@@ -93,6 +103,11 @@ $(BUILD)/cuda/%.o: cuda/%.cu $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
 	@mkdir -p $(dir $@)
 	@echo "  NVCC $<"
 	@$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/cuda/%.o: cuda/%.cpp $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "  CXX $<"
+	@$(CXX) $(CXXFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@echo "  AR  $@"

@@ -13,14 +13,19 @@
  *    MFU = achieved FLOP/s / peak, peak = the H100 SXM dense bf16 tensor-core peak, 989 TFLOP/s
  *    (the H200 has the same; override with BENCH_PEAK_TFLOPS for another GPU). For scale:
  *    Megatron-Core reports 49.3% MFU for Mixtral 8x22B on H100s. This backend keeps fp32 storage,
- *    feeds cuBLAS fp32 matrices (bf16 / TF32 tensor-core math inside) and runs attention in fp32
- *    on the CUDA cores, so expect well below that.
+ *    feeds cuBLAS fp32 matrices (bf16 tensor-core math inside; the expert GEMMs and cuDNN's
+ *    attention get bf16 copies made in the call), so expect below that.
  * 2. Grouped GEMM: grouped_linear_fwd / bwd_input / bwd_weight over E groups of the config's
  *    expert shapes, with rows as one step routes them (tokens * top_k / E each, +-30% imbalance),
- *    against one dense matmul of the same FLOPs (all rows against one weight). The grouped path is
- *    TF32 (the grouped cuBLAS API has no bf16 compute for fp32 matrices), the dense one bf16.
- * 3. Attention at B=2, T=2048, H=16, Hkv=4, D=128: forward 4*B*H*D*T(T+1)/2 FLOPs, backward 2.5x
- *    that (dV, dP, dQ, dK and the recomputed S: the FlashAttention convention).
+ *    against one dense matmul of the same FLOPs (all rows against one weight). Both are bf16 on
+ *    tensor cores; the grouped time includes casting its two fp32 inputs to bf16 and storing /
+ *    adding its bf16 result into the fp32 output (cuda/core.cu), the dense one casts in cuBLAS.
+ *    The grouped GEMM also runs in TF32 on the fp32 matrices (cuda_set_grouped_tf32), side by
+ *    side: whether bf16 with its copies beats TF32 without them is a measurement.
+ * 3. Attention at B=2, T=2048, H=16, Hkv=4, D=128, through the own fp32 kernel and through cuDNN's
+ *    fused attention (bf16, times include the copies), side by side: forward
+ *    4*B*H*D*T(T+1)/2 FLOPs, backward 2.5x that (dV, dP, dQ, dK and the recomputed S: the
+ *    FlashAttention convention). Then the step runs with the config's runtime.attention.
  * 0. First, without touching the GPU: the budget (print_budget), the step's FLOPs by kind and the
  *    MFU ceiling of this design at the H100's peaks; printed even where there is no GPU.
  * The last lines are "SUMMARY key value" pairs for tests/gpu/run.sh. A benchmark, not a test:
@@ -31,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../cuda/attention_cudnn.h"
 #include "../cuda/kernels_cuda.h"
 #include "backend.h"
 #include "common.h"
@@ -42,7 +48,6 @@
 
 #define SKIP_EXIT 77
 #define H100_BF16_DENSE_TFLOPS 989.0 /* H100 SXM (and H200) dense bf16 tensor-core peak */
-#define H100_TF32_DENSE_TFLOPS 494.5 /* dense TF32 tensor-core peak, for the grouped GEMMs */
 #define MAX_SETS 64
 
 static const Kernels *K;
@@ -139,7 +144,7 @@ static StepBench bench_step(const Config *c, int steps, double peak_tflops) {
 /* ================================================================== grouped GEMM bench == */
 
 typedef struct GemmPair {
-    double grouped, dense; /* TFLOP/s */
+    double grouped, tf32, dense; /* TFLOP/s: grouped bf16 (the default), grouped TF32, one dense bf16 */
 } GemmPair;
 
 static double tflops_of(double flops, double t0, int reps) { return flops * reps / (mt_now() - t0) / 1e12; }
@@ -166,13 +171,14 @@ static void bench_grouped_shape(const char *what, int g, int o, int in, int rows
     int reps = 10;
     const char *names[] = {"fwd", "bwd_input", "bwd_weight"};
     for (int op = 0; op < 3; op++) {
-        for (int pass = 0; pass < 2; pass++) { /* pass 0: grouped, 1: dense */
+        for (int pass = 0; pass < 3; pass++) { /* grouped bf16, grouped TF32, dense */
+            cuda_set_grouped_tf32(pass == 1);
             for (int warm = 1; warm >= 0; warm--) {
                 int n = warm ? 2 : reps;
                 sync_dev(x);
                 double t0 = mt_now();
                 for (int r = 0; r < n; r++) {
-                    if (pass == 0) {
+                    if (pass < 2) {
                         if (op == 0) K->grouped_linear_fwd(y, x, w, offs, g, o, in);
                         else if (op == 1) K->grouped_linear_bwd_input(dx, y, w, offs, g, o, in);
                         else K->grouped_linear_bwd_weight(dw, y, x, offs, g, o, in);
@@ -186,13 +192,17 @@ static void bench_grouped_shape(const char *what, int g, int o, int in, int rows
                 if (!warm) {
                     double tf = tflops_of(flops, t0, n);
                     if (pass == 0) out[op].grouped = tf;
+                    else if (pass == 1) out[op].tf32 = tf;
                     else out[op].dense = tf;
                 }
             }
         }
-        printf("  %-10s %-10s G=%d O=%5d I=%5d rows %6d: grouped (TF32) %7.1f TFLOP/s | one dense "
-               "matmul (bf16) %7.1f TFLOP/s | ratio %.2f\n", what, names[op], g, o, in, rows_total,
-               out[op].grouped, out[op].dense, out[op].dense > 0 ? out[op].grouped / out[op].dense : 0);
+        cuda_set_grouped_tf32(0);
+        printf("  %-10s %-10s G=%d O=%5d I=%5d rows %6d: grouped bf16 %7.1f TFLOP/s (TF32 %7.1f) | "
+               "one dense matmul (bf16) %7.1f TFLOP/s | bf16 grouped / dense %.2f, bf16 / TF32 %.2f\n",
+               what, names[op], g, o, in, rows_total, out[op].grouped, out[op].tf32, out[op].dense,
+               out[op].dense > 0 ? out[op].grouped / out[op].dense : 0,
+               out[op].tf32 > 0 ? out[op].grouped / out[op].tf32 : 0);
     }
     float *bufs[] = {x, w, y, dx, dw, wd};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) K->free(bufs[i]);
@@ -201,8 +211,22 @@ static void bench_grouped_shape(const char *what, int g, int o, int in, int rows
 
 /* ===================================================================== attention bench == */
 
-static void bench_attention(double *fwd_tf, double *bwd_tf, double *fwd_ms, double *bwd_ms) {
-    int b = 2, t = 2048, h = 16, hkv = 4, d = 128;
+typedef struct AttnBench {
+    int ok; /* 0: this implementation cannot run the shape */
+    double fwd_ms, bwd_ms, fwd_tf, bwd_tf;
+} AttnBench;
+
+/* Forward and backward of configs/gpu-1b.ini's attention shape (2 sequences) through one
+ * implementation (runtime.attention, cuda/kernels_cuda.h); 1 warm-up, 10 timed calls each. */
+static AttnBench bench_attention(CudaAttention impl, const char *name) {
+    int b = 2, t = 2048, h = 16, hkv = 4, d = 128, first;
+    AttnBench r = {0};
+    char why[512];
+    if (impl == CUDA_ATTN_CUDNN && !cudnn_attention_supported(b, t, h, hkv, d, why, sizeof why, &first)) {
+        printf("  attention %-5s: cannot run this shape: %s\n", name, why);
+        return r;
+    }
+    cuda_set_attention(impl);
     size_t nq = (size_t)b * t * h * d, nk = (size_t)b * t * hkv * d, nl = (size_t)b * h * t;
     float *q = dev_rand(nq, 11), *k = dev_rand(nk, 12), *v = dev_rand(nk, 13), *dout = dev_rand(nq, 14);
     float *out = K->alloc(nq * sizeof(float)), *lse = K->alloc(nl * sizeof(float));
@@ -215,28 +239,37 @@ static void bench_attention(double *fwd_tf, double *bwd_tf, double *fwd_ms, doub
             int n = warm ? 1 : reps;
             sync_dev(q);
             double t0 = mt_now();
-            for (int r = 0; r < n; r++) {
+            for (int i = 0; i < n; i++) {
                 if (pass == 0) K->attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
                 else K->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
             }
             sync_dev(q);
-            if (!warm) {
-                double dt = (mt_now() - t0) / n;
-                if (pass == 0) {
-                    *fwd_ms = dt * 1e3;
-                    *fwd_tf = fwd_flops / dt / 1e12;
-                } else {
-                    *bwd_ms = dt * 1e3;
-                    *bwd_tf = bwd_flops / dt / 1e12;
-                }
-            }
+            double dt = (mt_now() - t0) / n;
+            if (warm) continue;
+            if (pass == 0) r.fwd_ms = dt * 1e3, r.fwd_tf = fwd_flops / dt / 1e12;
+            else r.bwd_ms = dt * 1e3, r.bwd_tf = bwd_flops / dt / 1e12;
         }
     }
-    printf("  attention B=%d T=%d H=%d Hkv=%d D=%d causal: forward %.2f ms %.1f TFLOP/s | backward "
-           "%.2f ms %.1f TFLOP/s (%.3g / %.3g FLOPs)\n", b, t, h, hkv, d, *fwd_ms, *fwd_tf, *bwd_ms,
-           *bwd_tf, fwd_flops, bwd_flops);
+    r.ok = 1;
+    printf("  attention %-5s B=%d T=%d H=%d Hkv=%d D=%d causal: forward %.2f ms %.1f TFLOP/s | "
+           "backward %.2f ms %.1f TFLOP/s (%.3g / %.3g FLOPs; times include the fp32<->bf16 copies)\n",
+           name, b, t, h, hkv, d, r.fwd_ms, r.fwd_tf, r.bwd_ms, r.bwd_tf, fwd_flops, bwd_flops);
     float *bufs[] = {q, k, v, dout, out, lse, dq, dk, dv};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) K->free(bufs[i]);
+    cuda_set_attention(CUDA_ATTN_AUTO);
+    return r;
+}
+
+/* Both implementations side by side, and their ratio. */
+static void bench_attention_pair(AttnBench *own, AttnBench *dnn) {
+    char ver[128];
+    cudnn_attention_describe(ver, sizeof ver);
+    printf("attention: moetrain's own fp32 flash kernel vs cuDNN fused attention (%s):\n", ver);
+    *own = bench_attention(CUDA_ATTN_OWN, "own");
+    *dnn = bench_attention(CUDA_ATTN_CUDNN, "cudnn");
+    if (own->ok && dnn->ok)
+        printf("  cuDNN / own: forward %.2fx, backward %.2fx faster\n", own->fwd_ms / dnn->fwd_ms,
+               own->bwd_ms / dnn->bwd_ms);
 }
 
 /* ================================================================================= main == */
@@ -246,33 +279,65 @@ static void bench_attention(double *fwd_tf, double *bwd_tf, double *fwd_ms, doub
 #define H100_FP32_SIMT_TFLOPS 67.0 /* FP32 on the CUDA cores (no tensor cores): our attention */
 #define H100_HBM_TBPS 3.35         /* H100 SXM HBM3; the H200 has 4.8 */
 
+/* Bytes one micro-batch moves to feed the bf16 grouped GEMMs (cuda/core.cu) on one rank holding
+ * all experts, per MoE layer and expert weight (O, I), R = tokens * top_k routed rows (dropless),
+ * W = num_experts * O * I: casts (read fp32 4 B + write bf16 2 B) of fwd x, w; bwd_input dy, w;
+ * bwd_weight dy, x = 6 * 2 (RI + RO + W); storing the bf16 result (read 2 B) into fp32: fwd y
+ * written (4 B), bwd_input dx and bwd_weight dw read and written (8 B) = 6 RO + 10 RI + 10 W. */
+static double expert_cast_bytes(const Config *c) {
+    double r = (double)c->micro_batch_size * c->seq_len * c->top_k, bytes = 0;
+    double shapes[2][2] = {{2.0 * c->expert_hidden, c->d_model}, {c->d_model, c->expert_hidden}};
+    for (int s = 0; s < 2; s++) { /* w13 (gate|up), w2 (down) */
+        double o = shapes[s][0], in = shapes[s][1], w = (double)c->num_experts * o * in;
+        bytes += 12 * (r * in + r * o + w) + 6 * r * o + 10 * r * in + 10 * w;
+    }
+    return (c->n_layers - c->dense_layers) * bytes;
+}
+
+/* Bytes one micro-batch moves for cuDNN attention's bf16 copies (cuda/attention_cudnn.cpp), all
+ * layers; nq = B*T*H*D, nk = B*T*Hkv*D elements. Forward: cast q, k, v (read 4 B, write 2 B) and
+ * widen out (read 2, write 4) = 12 nq + 12 nk; backward: cast q, out, dout, k, v and add dq, dk,
+ * dv (read 2 + read 4 + write 4) = 28 nq + 32 nk. */
+static double attention_cast_bytes(const Config *c) {
+    int hd = c->head_dim ? c->head_dim : c->d_model / c->n_heads;
+    double bt = (double)c->micro_batch_size * c->seq_len;
+    double nq = bt * c->n_heads * hd, nk = bt * c->n_kv_heads * hd;
+    return c->n_layers * (40 * nq + 44 * nk);
+}
+
 /* Count first: the step's FLOPs by kind and the time each would take at the peak of the unit this
- * backend runs it on, plus AdamW's memory traffic. The resulting MFU is the ceiling of this design
- * on an H100; a measurement can only come in under it. Pure arithmetic: runs without a GPU. */
+ * backend runs it on, plus the memory traffic of AdamW and of the expert GEMMs' bf16 casts. The
+ * resulting MFU is the ceiling of this design on an H100; a measurement can only come in under
+ * it. Pure arithmetic: runs without a GPU. */
 static void print_budget(const Config *c) {
     FlopsParts f;
     double fwd = model_forward_flops(c, c->micro_batch_size, &f) * c->grad_accum_steps, k = 3.0 * c->grad_accum_steps;
     double total = 3 * fwd, bf16 = k * (f.proj + f.router + f.dense + f.lm_head);
     double t_bf16 = bf16 / (H100_BF16_DENSE_TFLOPS * 1e12);
-    double t_tf32 = k * f.experts / (H100_TF32_DENSE_TFLOPS * 1e12);
-    double t_attn = k * f.attn / (H100_FP32_SIMT_TFLOPS * 1e12);
+    double t_expert = k * f.experts / (H100_BF16_DENSE_TFLOPS * 1e12);
+    double cast_b = expert_cast_bytes(c) * c->grad_accum_steps, t_cast = cast_b / (H100_HBM_TBPS * 1e12);
+    int own = c->attention == ATTN_OWN; /* else cuDNN (auto: where it runs the shape) */
+    double t_attn = k * f.attn / ((own ? H100_FP32_SIMT_TFLOPS : H100_BF16_DENSE_TFLOPS) * 1e12);
+    double acast_b = own ? 0 : attention_cast_bytes(c) * c->grad_accum_steps;
+    double t_acast = acast_b / (H100_HBM_TBPS * 1e12);
     ModelDims d = dims_from_config(c, 1, 0);
     ParamLayout pl;
     params_layout_init(&pl, &d, c->init_std, NULL);
     double params = (double)params_total(&pl);
     params_layout_free(&pl);
     double t_adam = params * 28 / (H100_HBM_TBPS * 1e12); /* read p, g, m, v; write p, m, v (fp32) */
-    double t = t_bf16 + t_tf32 + t_attn + t_adam;
-    printf("budget (arithmetic, no GPU needed; H100 SXM peaks: bf16 %.0f, TF32 %.1f, FP32 %.0f TFLOP/s, "
-           "HBM %.2f TB/s):\n", H100_BF16_DENSE_TFLOPS, H100_TF32_DENSE_TFLOPS, H100_FP32_SIMT_TFLOPS,
-           H100_HBM_TBPS);
+    double t = t_bf16 + t_expert + t_cast + t_attn + t_acast + t_adam;
+    printf("budget (arithmetic, no GPU needed; H100 SXM peaks: bf16 %.0f, FP32 %.0f TFLOP/s, "
+           "HBM %.2f TB/s):\n", H100_BF16_DENSE_TFLOPS, H100_FP32_SIMT_TFLOPS, H100_HBM_TBPS);
     printf("  FLOPs/step %.4g: projections %.1f%%, attention %.1f%%, router %.2f%%, routed experts %.1f%%, "
            "dense/shared %.1f%%, lm head %.1f%%\n", total, 100 * k * f.proj / total, 100 * k * f.attn / total,
            100 * k * f.router / total, 100 * k * f.experts / total, 100 * k * f.dense / total,
            100 * k * f.lm_head / total);
-    printf("  at peak: bf16 matmuls %.1f ms + expert GEMMs in TF32 %.1f ms + attention on FP32 cores %.1f ms + "
-           "AdamW %.1f ms (%.2fB params x 28 B) = %.1f ms/step\n", t_bf16 * 1e3, t_tf32 * 1e3,
-           t_attn * 1e3, t_adam * 1e3, params / 1e9, t * 1e3);
+    printf("  at peak: bf16 matmuls %.1f ms + expert GEMMs in bf16 %.1f ms + their casts %.1f ms (%.1f GB) + "
+           "attention %s %.1f ms + its casts %.1f ms (%.1f GB) + AdamW %.1f ms (%.2fB params x 28 B) "
+           "= %.1f ms/step\n", t_bf16 * 1e3, t_expert * 1e3, t_cast * 1e3, cast_b / 1e9,
+           own ? "(own kernel) on FP32 cores" : "(cuDNN) in bf16", t_attn * 1e3, t_acast * 1e3,
+           acast_b / 1e9, t_adam * 1e3, params / 1e9, t * 1e3);
     printf("  => MFU ceiling of this design %.1f%% (all FLOPs at the bf16 peak would take %.1f ms)\n",
            100 * total / t / (H100_BF16_DENSE_TFLOPS * 1e12), total / (H100_BF16_DENSE_TFLOPS * 1e12) * 1e3);
     fflush(stdout);
@@ -322,8 +387,10 @@ int main(int argc, char **argv) {
     GemmPair w13[3], w2[3];
     bench_grouped_shape("w13 (gate|up)", c.num_experts, 2 * c.expert_hidden, c.d_model, rows, w13);
     bench_grouped_shape("w2 (down)", c.num_experts, c.d_model, c.expert_hidden, rows, w2);
-    double afwd = 0, abwd = 0, afwd_ms = 0, abwd_ms = 0;
-    bench_attention(&afwd, &abwd, &afwd_ms, &abwd_ms);
+    AttnBench aown, adnn;
+    bench_attention_pair(&aown, &adnn);
+    cuda_set_attention(c.attention == ATTN_OWN ? CUDA_ATTN_OWN : c.attention == ATTN_CUDNN ? CUDA_ATTN_CUDNN
+                                                                                          : CUDA_ATTN_AUTO);
     fflush(stdout);
 
     StepBench sb = bench_step(&c, steps, peak);
@@ -336,9 +403,11 @@ int main(int argc, char **argv) {
     printf("SUMMARY grouped_w13_fwd_tflops %.1f\n", w13[0].grouped);
     printf("SUMMARY dense_w13_fwd_tflops %.1f\n", w13[0].dense);
     printf("SUMMARY grouped_w2_fwd_tflops %.1f\n", w2[0].grouped);
+    printf("SUMMARY grouped_tf32_w13_fwd_tflops %.1f\n", w13[0].tf32);
     printf("SUMMARY dense_w2_fwd_tflops %.1f\n", w2[0].dense);
-    printf("SUMMARY attn_fwd_tflops %.1f\n", afwd);
-    printf("SUMMARY attn_bwd_tflops %.1f\n", abwd);
-    printf("SUMMARY tf32_peak_tflops %.1f\n", H100_TF32_DENSE_TFLOPS);
+    printf("SUMMARY attn_own_fwd_tflops %.1f\n", aown.fwd_tf);
+    printf("SUMMARY attn_own_bwd_tflops %.1f\n", aown.bwd_tf);
+    printf("SUMMARY attn_cudnn_fwd_tflops %.1f\n", adnn.fwd_tf);
+    printf("SUMMARY attn_cudnn_bwd_tflops %.1f\n", adnn.bwd_tf);
     return sb.ok ? 0 : 1;
 }

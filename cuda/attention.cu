@@ -2,6 +2,8 @@
  *   attention_fwd  q(B,T,H,D), k,v(B,T,Hkv,D) -> out(B,T,H,D), lse(B,H,T)   (both overwritten)
  *   attention_bwd  dq(B,T,H,D), dk,dv(B,T,Hkv,D)                            (all accumulated +=)
  * scale = 1/sqrt(D); query head h reads kv head h / (H/Hkv). fp32 storage and math.
+ * The table's entries dispatch on runtime.attention (cuda_set_attention, kernels_cuda.h): to
+ * cuDNN's fused attention (cuda/attention_cudnn.h) or to the own kernels below.
  *
  * Flash-attention style, no O(T^2) global memory: square tiles of BT query rows x BT key rows,
  * 256 threads per block as a 16 x 16 grid; thread (ty, tx) owns rows ty + 16 i (i < BT/16) of a
@@ -26,7 +28,9 @@
  *            also recomputes S and dP a second time in the dK/dV kernel: 14 executed)
  */
 #include <math.h>
+#include <stdio.h>
 
+#include "attention_cudnn.h"
 #include "cuda_check.h"
 #include "kernels_cuda.h"
 
@@ -471,10 +475,29 @@ float *di_buffer(size_t n) {
     return g_di.p;
 }
 
+/* runtime.attention (kernels_cuda.h); module state like the stream in core.cu */
+CudaAttention g_which = CUDA_ATTN_AUTO;
+
+/* Whether this call goes to cuDNN: always for CUDNN (an unsupported shape aborts there), never
+ * for OWN; for AUTO when cuDNN runs the shape, else the own kernel with one note per shape. */
+bool use_cudnn(const AttnShape &s) {
+    if (g_which == CUDA_ATTN_OWN) return false;
+    if (g_which == CUDA_ATTN_CUDNN) return true;
+    char why[512];
+    int first = 0;
+    if (cudnn_attention_supported(s.b, s.t, s.h, s.hkv, s.d, why, sizeof why, &first)) return true;
+    if (first)
+        fprintf(stderr, "note: cuDNN's fused attention cannot run B=%d T=%d H=%d Hkv=%d D=%d (%s); "
+                        "using moetrain's own fp32 attention kernel for it (runtime.attention = auto)\n",
+                s.b, s.t, s.h, s.hkv, s.d, why);
+    return false;
+}
+
 void cuda_attention_fwd(float *out, float *lse, const float *q, const float *k, const float *v,
                         int b, int t, int h, int hkv, int d) {
     AttnArgs a = {};
     if (!attn_shape(&a.s, b, t, h, hkv, d)) return;
+    if (use_cudnn(a.s)) return cudnn_attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
     a.out = out;
     a.lse = lse;
     a.q = q;
@@ -488,6 +511,7 @@ void cuda_attention_bwd(float *dq, float *dk, float *dv, const float *dout, cons
                         int t, int h, int hkv, int d) {
     AttnArgs a = {};
     if (!attn_shape(&a.s, b, t, h, hkv, d)) return;
+    if (use_cudnn(a.s)) return cudnn_attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
     a.dq = dq;
     a.dk = dk;
     a.dv = dv;
@@ -506,6 +530,8 @@ void cuda_attention_bwd(float *dq, float *dk, float *dv, const float *dout, cons
 }
 
 } /* namespace */
+
+extern "C" void cuda_set_attention(CudaAttention which) { g_which = which; }
 
 extern "C" void cuda_fill_attention(Kernels *k) {
     k->attention_fwd = cuda_attention_fwd;

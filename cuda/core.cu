@@ -15,10 +15,15 @@
  *  - Pointers are device memory except the grouped-GEMM offsets (host) and *_host outputs.
  *  - Forward entries overwrite, backward entries accumulate (+=), as in kernels.h.
  *  - Numerics: fp32 storage. matmul: cuBLAS GemmEx with CUBLAS_COMPUTE_32F_FAST_16BF (bf16
- *    tensor cores, fp32 accumulation). Grouped linear: cublasGemmGroupedBatchedEx with
- *    CUBLAS_COMPUTE_32F_FAST_TF32 (tensor cores; the grouped API does not accept FAST_16BF for
- *    fp32 matrices, see GROUPED_COMPUTE). sumsq accumulates in double; RMSNorm row sums in float (warp-shuffle
- *    tree), its dw in double; RoPE angles, cos and sin in double, as the CPU.
+ *    tensor cores, fp32 accumulation). Grouped linear: bf16 on tensor cores, fp32 accumulation:
+ *    both inputs are rounded to bf16 (nearest even) into device scratch, one
+ *    cublasGemmGroupedBatchedEx (bf16 A, B and C, CUBLAS_COMPUTE_32F: the grouped API pairs
+ *    bf16 inputs only with a bf16 C) writes a bf16 result, and one kernel stores (fwd) or adds
+ *    (backward) it into the fp32 destination (see "grouped linear" below). If cuBLAS refuses
+ *    bf16 there (NOT_SUPPORTED / INVALID_VALUE), one line on stderr and TF32 on the fp32
+ *    matrices (CUBLAS_COMPUTE_32F_FAST_TF32) from then on. sumsq accumulates in double; RMSNorm
+ *    row sums in float (warp-shuffle tree), its dw in double; RoPE angles, cos and sin in
+ *    double, as the CPU.
  *  - Deterministic run to run, except embedding_bwd (float atomicAdd: repeated tokens are
  *    summed in an unspecified order).
  *  - Differences from the CPU backend: a negative token id (the CPU aborts) gathers a zero row
@@ -30,6 +35,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda_bf16.h>
+
+#include "convert.h"
 #include "cuda_check.h"
 #include "kernels_cuda.h"
 
@@ -41,11 +49,7 @@
 #define DW_CHUNK_ROWS 256       /* RMSNorm dw: rows per partial sum (before the cap below) */
 #define DW_MAX_CHUNKS 1024      /* RMSNorm dw: cap on partial sums per column */
 #define PTR_RING 4              /* grouped GEMM: pointer-array slots in flight */
-
-/* The grouped API supports only CUBLAS_COMPUTE_32F, _32F_PEDANTIC and _32F_FAST_TF32 for fp32
- * matrices (cuBLAS docs, cublasGemmGroupedBatchedEx), not _32F_FAST_16BF. TF32 runs on tensor
- * cores (exact fp32 would not) and is closer to fp32 than the bf16 of the dense matmuls. */
-#define GROUPED_COMPUTE CUBLAS_COMPUTE_32F_FAST_TF32
+#define BF16_ALIGN 128          /* grouped GEMM: bf16 scratch parts start at multiples (256 B) */
 
 /* ================================================================= state and launches == */
 
@@ -290,9 +294,11 @@ static void **ptr_upload(void *const *a, void *const *b, void *const *c, int cou
     return s->dev;
 }
 
-/* Host argument arrays of one grouped call, grown on demand (cuBLAS reads them during the call). */
+/* Host argument arrays of one grouped call, grown on demand (cuBLAS reads them during the call),
+ * and whether cuBLAS has refused the bf16 form (then every later call runs TF32). */
 typedef struct {
     int count, cap;
+    int tf32; /* 1 after a refusal: fp32 matrices, CUBLAS_COMPUTE_32F_FAST_TF32 */
     cublasOperation_t *opa, *opb;
     int *m, *n, *k, *lda, *ldb, *ldc, *size;
     float *alpha, *beta;
@@ -334,8 +340,8 @@ static Grouped *grouped_begin(int g) {
 }
 
 /* Add the row-major problem C(m,n) = op(A) op(B) + beta C as one cuBLAS group. */
-static void grouped_add(Grouped *q, int m, int n, int k, int trans_a, int trans_b, const float *a,
-                        const float *b, float *c, float beta) {
+static void grouped_add(Grouped *q, int m, int n, int k, int trans_a, int trans_b, const void *a,
+                        const void *b, void *c, float beta) {
     MT_CHECK(q->count < q->cap, "grouped GEMM: %d groups > capacity %d", q->count + 1, q->cap);
     ColGemm g = col_gemm(m, n, k, trans_a, trans_b);
     int j = q->count++;
@@ -355,14 +361,16 @@ static void grouped_add(Grouped *q, int m, int n, int k, int trans_a, int trans_
     q->pc[j] = c;
 }
 
-static void grouped_run(const Grouped *q) {
+/* One cublasGemmGroupedBatchedEx over q's groups, A, B and C all of `type`; its status. */
+static cublasStatus_t grouped_run(const Grouped *q, cudaDataType_t type,
+                                  cublasComputeType_t compute) {
     int c = q->count;
-    if (c == 0) return;
+    if (c == 0) return CUBLAS_STATUS_SUCCESS;
     void **dev = ptr_upload(q->pa, q->pb, q->pc, c);
-    CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
-        g_cublas, q->opa, q->opb, q->m, q->n, q->k, q->alpha, (const void *const *)dev, CUDA_R_32F,
-        q->lda, (const void *const *)(dev + c), CUDA_R_32F, q->ldb, q->beta,
-        (void *const *)(dev + 2 * c), CUDA_R_32F, q->ldc, c, q->size, GROUPED_COMPUTE));
+    return cublasGemmGroupedBatchedEx(
+        g_cublas, q->opa, q->opb, q->m, q->n, q->k, q->alpha, (const void *const *)dev, type,
+        q->lda, (const void *const *)(dev + c), type, q->ldb, q->beta,
+        (void *const *)(dev + 2 * c), type, q->ldc, c, q->size, compute);
 }
 
 static void check_offs(const int *offs, int g) {
@@ -370,6 +378,109 @@ static void check_offs(const int *offs, int g) {
     for (int j = 0; j < g; j++)
         MT_CHECK(offs[j + 1] >= offs[j], "grouped linear: offs[%d]=%d < offs[%d]=%d", j + 1,
                  offs[j + 1], j, offs[j]);
+}
+
+/* ---- grouped linear: each entry is one GroupedLinear, run by grouped_linear(). Group j
+ * (rows = offs[j+1] - offs[j]) is the row-major GEMM C_j(m,n) = op(A_j) op(B_j), a dimension
+ * RAGGED being the group's rows; an operand's group-j block starts offs[j] * per_row +
+ * j * per_grp elements into it. An empty group gets no cuBLAS group and no store.
+ * bf16: A and B are cast whole into scratch() [A | B | C] (parts at multiples of BF16_ALIGN
+ * elements; cuda/convert.h), each cuBLAS group points into the copies at the fp32 offsets,
+ * writes its C_j (beta 0) at C_j's own offset in the C part, and cuda_from_bf16 stores / adds
+ * each run of adjacent
+ * C_j blocks into the destination (fwd and bwd_input: one run; bwd_weight: an empty group ends
+ * a run, so its dw is never written). TF32 (after a refusal): the same groups on the fp32
+ * operands, beta 1 where the entry accumulates. */
+
+#define RAGGED (-1)
+
+typedef struct {
+    const float *p;          /* device, fp32 */
+    size_t n;                /* elements: cast whole (A, B) / spanned by the blocks (C) */
+    size_t per_row, per_grp; /* group j's block: p + offs[j] * per_row + j * per_grp */
+} Operand;
+
+typedef struct {
+    int m, n, k;          /* C_j(m,n) = op(A_j)(m,k) op(B_j)(k,n); RAGGED: the group's rows */
+    int trans_a, trans_b;
+    Operand a, b, c;      /* c.p is the destination (written) */
+    int accumulate;       /* 0: C = result (overwrites), 1: C += result */
+} GroupedLinear;
+
+static size_t block_at(const Operand *x, const int *offs, int j) {
+    return (size_t)offs[j] * x->per_row + (size_t)j * x->per_grp;
+}
+
+static int dim_of(int d, int rows) { return d == RAGGED ? rows : d; }
+
+/* Empty q, then one cuBLAS group per non-empty group on operands a, b, c (elements of es bytes,
+ * laid out as the fp32 ones). */
+static Grouped *grouped_fill(const GroupedLinear *gl, const int *offs, int g, const void *a,
+                             const void *b, void *c, size_t es, float beta) {
+    Grouped *q = grouped_begin(g);
+    for (int j = 0; j < g; j++) {
+        int rows = offs[j + 1] - offs[j];
+        if (rows == 0) continue;
+        grouped_add(q, dim_of(gl->m, rows), dim_of(gl->n, rows), dim_of(gl->k, rows),
+                    gl->trans_a, gl->trans_b, (const char *)a + block_at(&gl->a, offs, j) * es,
+                    (const char *)b + block_at(&gl->b, offs, j) * es,
+                    (char *)c + block_at(&gl->c, offs, j) * es, beta);
+    }
+    return q;
+}
+
+/* Store / add the bf16 result c (laid out as the destination): one launch per run of adjacent
+ * non-empty blocks. */
+static void grouped_store(const GroupedLinear *gl, const int *offs, int g,
+                          const __nv_bfloat16 *c) {
+    float *dst = (float *)gl->c.p;
+    size_t run0 = 0, run1 = 0; /* the open run [run0, run1) */
+    for (int j = 0; j < g; j++) {
+        int rows = offs[j + 1] - offs[j];
+        if (rows == 0) continue;
+        size_t at = block_at(&gl->c, offs, j);
+        if (at != run1) {
+            cuda_from_bf16(dst + run0, (const uint16_t *)(c + run0), run1 - run0, gl->accumulate);
+            run0 = at;
+        }
+        run1 = at + (size_t)dim_of(gl->m, rows) * dim_of(gl->n, rows);
+    }
+    cuda_from_bf16(dst + run0, (const uint16_t *)(c + run0), run1 - run0, gl->accumulate);
+}
+
+static size_t bf16_part(size_t n) { return mt_ceil_div(n, BF16_ALIGN) * BF16_ALIGN; }
+
+/* The bf16 path; 0 if cuBLAS refuses it (the destination untouched; TF32 from now on). */
+static int grouped_bf16(const GroupedLinear *gl, const int *offs, int g) {
+    size_t na = bf16_part(gl->a.n), nb = bf16_part(gl->b.n);
+    __nv_bfloat16 *a = (__nv_bfloat16 *)scratch((na + nb + gl->c.n) * sizeof(__nv_bfloat16));
+    __nv_bfloat16 *b = a + na, *c = b + nb;
+    cuda_to_bf16((uint16_t *)a, gl->a.p, gl->a.n);
+    cuda_to_bf16((uint16_t *)b, gl->b.p, gl->b.n);
+    Grouped *q = grouped_fill(gl, offs, g, a, b, c, sizeof(__nv_bfloat16), 0.0f);
+    cublasStatus_t s = grouped_run(q, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
+        fprintf(stderr, "moetrain: warning: cuBLAS refused the bf16 grouped GEMM "
+                        "(cublasGemmGroupedBatchedEx: %s); expert GEMMs run in TF32 from now on\n",
+                cublasGetStatusString(s));
+        q->tf32 = 1;
+        return 0;
+    }
+    if (s != CUBLAS_STATUS_SUCCESS)
+        mt_check_failed(__FILE__, __LINE__, "cublasGemmGroupedBatchedEx (bf16)", "cuBLAS: %s",
+                        cublasGetStatusString(s));
+    grouped_store(gl, offs, g, c);
+    return 1;
+}
+
+extern "C" void cuda_set_grouped_tf32(int on) { g_grouped.tf32 = on != 0; }
+
+static void grouped_linear(const GroupedLinear *gl, const int *offs, int g) {
+    if (offs[g] == 0) return; /* every group empty: nothing to compute, nothing written */
+    if (!g_grouped.tf32 && grouped_bf16(gl, offs, g)) return;
+    Grouped *q = grouped_fill(gl, offs, g, gl->a.p, gl->b.p, (void *)gl->c.p, sizeof(float),
+                              gl->accumulate ? 1.0f : 0.0f);
+    CUBLAS_CHECK(grouped_run(q, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32));
 }
 
 /* y_g(rows, O) = x_g(rows, I) w_g(O, I)^T  (overwrites) */
@@ -381,14 +492,10 @@ static void cu_grouped_linear_fwd(float *y, const float *x, const float *w, cons
         cu_zero(y, (size_t)offs[g] * o * sizeof(float));
         return;
     }
-    Grouped *q = grouped_begin(g);
-    for (int j = 0; j < g; j++) {
-        int rows = offs[j + 1] - offs[j];
-        if (rows == 0) continue;
-        grouped_add(q, rows, o, i, 0, 1, x + (size_t)offs[j] * i, w + (size_t)j * o * i,
-                    y + (size_t)offs[j] * o, 0.0f);
-    }
-    grouped_run(q);
+    size_t rows = (size_t)offs[g], wn = (size_t)g * o * i;
+    GroupedLinear gl = {RAGGED, o, i, 0, 1, {x, rows * i, (size_t)i, 0}, {w, wn, 0, (size_t)o * i},
+                        {y, rows * o, (size_t)o, 0}, 0};
+    grouped_linear(&gl, offs, g);
 }
 
 /* dx_g(rows, I) += dy_g(rows, O) w_g(O, I) */
@@ -396,14 +503,10 @@ static void cu_grouped_linear_bwd_input(float *dx, const float *dy, const float 
                                         const int *offs, int g, int o, int i) {
     check_offs(offs, g);
     if (o <= 0 || i <= 0) return;
-    Grouped *q = grouped_begin(g);
-    for (int j = 0; j < g; j++) {
-        int rows = offs[j + 1] - offs[j];
-        if (rows == 0) continue;
-        grouped_add(q, rows, i, o, 0, 0, dy + (size_t)offs[j] * o, w + (size_t)j * o * i,
-                    dx + (size_t)offs[j] * i, 1.0f);
-    }
-    grouped_run(q);
+    size_t rows = (size_t)offs[g], wn = (size_t)g * o * i;
+    GroupedLinear gl = {RAGGED, i, o, 0, 0, {dy, rows * o, (size_t)o, 0}, {w, wn, 0, (size_t)o * i},
+                        {dx, rows * i, (size_t)i, 0}, 1};
+    grouped_linear(&gl, offs, g);
 }
 
 /* dw_g(O, I) += dy_g(rows, O)^T x_g(rows, I); an empty group adds nothing */
@@ -411,14 +514,10 @@ static void cu_grouped_linear_bwd_weight(float *dw, const float *dy, const float
                                          const int *offs, int g, int o, int i) {
     check_offs(offs, g);
     if (o <= 0 || i <= 0) return;
-    Grouped *q = grouped_begin(g);
-    for (int j = 0; j < g; j++) {
-        int rows = offs[j + 1] - offs[j];
-        if (rows == 0) continue;
-        grouped_add(q, o, i, rows, 1, 0, dy + (size_t)offs[j] * o, x + (size_t)offs[j] * i,
-                    dw + (size_t)j * o * i, 1.0f);
-    }
-    grouped_run(q);
+    size_t rows = (size_t)offs[g], wn = (size_t)g * o * i;
+    GroupedLinear gl = {o, i, RAGGED, 1, 0, {dy, rows * o, (size_t)o, 0},
+                        {x, rows * i, (size_t)i, 0}, {dw, wn, 0, (size_t)o * i}, 1};
+    grouped_linear(&gl, offs, g);
 }
 
 /* =========================================================================== embedding == */
@@ -755,9 +854,9 @@ const Kernels *kernels_cuda(void) {
     CUDA_CHECK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&g_cublas));
     CUBLAS_CHECK(cublasSetStream(g_cublas, g_stream));
-    /* Default math: each call's compute type decides (bf16 tensor cores for the dense matmuls'
-     * CUBLAS_COMPUTE_32F_FAST_16BF, TF32 for the grouped GEMMs' FAST_TF32); no global override,
-     * not PEDANTIC. */
+    /* Default math: each call's types decide (bf16 tensor cores for the dense matmuls'
+     * CUBLAS_COMPUTE_32F_FAST_16BF and the grouped GEMMs' bf16 matrices; TF32 only if cuBLAS
+     * refuses the latter); no global override, not PEDANTIC. */
     CUBLAS_CHECK(cublasSetMathMode(g_cublas, CUBLAS_DEFAULT_MATH));
     memset(&g_table, 0, sizeof g_table);
     g_table.name = "cuda";

@@ -6,14 +6,17 @@
  * call) and the *_host outputs (a scalar copied back). All work is issued on one stream
  * (cuda_stream()) in order; entries that return a host value synchronise. Numerics: fp32 storage;
  * dense matmuls run on tensor cores in bf16 with fp32 accumulation (COMPUTE_32F_FAST_16BF), the
- * grouped expert GEMMs in TF32 (COMPUTE_32F_FAST_TF32); router, softmax, norms, loss and
- * optimizer in fp32.
+ * grouped expert GEMMs too (inputs cast to bf16 inside the call, bf16 cublasGemmGroupedBatchedEx
+ * with COMPUTE_32F, its bf16 result stored / added into the fp32 output; TF32 if cuBLAS refuses
+ * bf16 there, see cuda/core.cu); router, softmax, norms, loss and optimizer in fp32.
  * The table is assembled from three files, each filling its own entries:
  *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding,
  *                      RMSNorm, RoPE, SwiGLU, AdamW, release
  *   cuda/moe.cu        router top-k / stats / backward, gather / scatter / combine, cross-entropy
- *   cuda/attention.cu  causal GQA attention forward / backward (own flash-style kernels)
- * Every CUDA / cuBLAS call is checked (cuda/cuda_check.h): a failure aborts the whole job with
+ *   cuda/attention.cu  causal GQA attention forward / backward: own flash-style fp32 kernels, or
+ *                      cuDNN's fused attention (cuda/attention_cudnn.cpp) per runtime.attention
+ * with cuda/convert.cu for the fp32 <-> bf16 copies the bf16 libraries need.
+ * Every CUDA / cuBLAS / cuDNN call is checked (cuda/cuda_check.h): a failure aborts the whole job with
  * rank, file:line and the call.
  */
 #ifndef MT_KERNELS_CUDA_H
@@ -32,6 +35,20 @@ int cuda_available(char *why, size_t len);
 /* The CUDA table (initialises the device, stream and cuBLAS on first use), or NULL if
  * cuda_available() is 0. */
 const Kernels *kernels_cuda(void);
+
+/* Which implementation the table's attention entries use (runtime.attention, src/config.h):
+ *   CUDA_ATTN_AUTO   cuDNN's fused flash attention (bf16, cuda/attention_cudnn.h) for every shape
+ *                    cuDNN can run forward and backward, else the own kernel (cuda/attention.cu),
+ *                    with one note on stderr per shape;
+ *   CUDA_ATTN_CUDNN  cuDNN only: a shape it cannot run aborts the job, naming the shape and why;
+ *   CUDA_ATTN_OWN    the own fp32 kernel only.
+ * Default AUTO. Set before the first attention call; a no-op in a build without CUDA. */
+typedef enum { CUDA_ATTN_AUTO = 0, CUDA_ATTN_CUDNN = 1, CUDA_ATTN_OWN = 2 } CudaAttention;
+void cuda_set_attention(CudaAttention which);
+
+/* For benchmarks: 1 runs the grouped expert GEMMs in TF32 on the fp32 matrices (no bf16 copies),
+ * 0 (default) in bf16. Lets bench_gpu measure both side by side. */
+void cuda_set_grouped_tf32(int on);
 
 /* Used by the assembly in core.cu. */
 void cuda_fill_core(Kernels *k);

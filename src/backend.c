@@ -18,6 +18,9 @@ const Kernels *backend_kernels(const Config *c, char *err) {
         return mt_fail(err, "[runtime] comm = nccl: this moetrain was built without NCCL (nccl.h was "
                             "not found at build time); use comm = mpi"), NULL;
 #endif
+    static const CudaAttention ATTN[] = {[ATTN_AUTO] = CUDA_ATTN_AUTO, [ATTN_CUDNN] = CUDA_ATTN_CUDNN,
+                                         [ATTN_OWN] = CUDA_ATTN_OWN};
+    cuda_set_attention(ATTN[c->attention]);
     const Kernels *k = kernels_cuda();
     if (!k) {
         cuda_available(why, sizeof why);

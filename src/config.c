@@ -53,6 +53,7 @@ static const char *const SHARD_NAMES[] = {"none", "optimizer", "full", NULL};
 static const char *const SOURCE_NAMES[] = {"synthetic", "file", NULL};
 static const char *const DEVICE_NAMES[] = {"cpu", "cuda", NULL};
 static const char *const COMM_NAMES[] = {"mpi", "nccl", NULL};
+static const char *const ATTN_NAMES[] = {"auto", "cudnn", "own", NULL};
 
 #define OFF(field) offsetof(Config, field)
 #define K_INT(s, k, f, d, lo, hi, h) {s, k, T_INT, OFF(f), d, lo, hi, 0, NULL, h}
@@ -124,6 +125,7 @@ static const KeySpec KEYS[] = {
 
     K_ENUM("runtime", "device", device, "cpu", DEVICE_NAMES, "compute backend: cpu (BLAS + C loops) or cuda (GPU kernels, one GPU per rank; the run stops with the reason if none is usable)"),
     K_ENUM("runtime", "comm", comm, "mpi", COMM_NAMES, "how GPU buffers are communicated: mpi (staged through pinned host memory; ranks may share a GPU) or nccl (GPU to GPU; one GPU per rank)"),
+    K_ENUM("runtime", "attention", attention, "auto", ATTN_NAMES, "attention kernel of a cuda run: auto (cuDNN's fused flash attention in bf16 where cuDNN supports the shape, else moetrain's own fp32 kernel, with a note), cudnn (cuDNN only: a shape it cannot run stops the job) or own (moetrain's own fp32 flash kernel); a cpu run always uses the CPU reference"),
 };
 enum { NKEYS = sizeof KEYS / sizeof KEYS[0] };
 
@@ -503,6 +505,12 @@ static int check_comm(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, comm, dev, err, "requires runtime.device = cuda (NCCL communicates GPU memory)");
 }
 
+static int check_attention(const Config *c, const Loc *o, char *err) {
+    if (c->attention != ATTN_CUDNN || c->device == DEVICE_CUDA) return MT_OK;
+    const KeySpec *attn = must_key("runtime", "attention"), *dev = must_key("runtime", "device");
+    return key_fail(c, o, attn, dev, err, "requires runtime.device = cuda (cuDNN runs on the GPU)");
+}
+
 static const Rule RULES[] = {
     {"model", "n_heads", R_MULTIPLE_OF, "model", "n_kv_heads", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_head_dim,
@@ -515,6 +523,7 @@ static const Rule RULES[] = {
     {"moe", "num_experts", R_MULTIPLE_OF, "parallel", "ep", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_comm, "runtime.comm = nccl requires runtime.device = cuda"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_attention, "runtime.attention = cudnn requires runtime.device = cuda"},
 };
 enum { NRULES = sizeof RULES / sizeof RULES[0] };
 

@@ -20,6 +20,7 @@ typedef enum { SHARD_NONE = 0, SHARD_OPTIMIZER = 1, SHARD_FULL = 2 } ShardMode;
 typedef enum { DATA_SYNTHETIC = 0, DATA_FILE = 1 } DataSource;
 typedef enum { DEVICE_CPU = 0, DEVICE_CUDA = 1 } DeviceKind;
 typedef enum { COMM_MPI = 0, COMM_NCCL = 1 } CommKind;
+typedef enum { ATTN_AUTO = 0, ATTN_CUDNN = 1, ATTN_OWN = 2 } AttentionKind;
 
 typedef struct Config {
     /* [model] */
@@ -84,6 +85,7 @@ typedef struct Config {
     /* [runtime] */
     DeviceKind device; /* the Kernels table: cpu or cuda (src/backend.h) */
     CommKind comm;     /* device buffers: MPI staged through host memory, or NCCL */
+    AttentionKind attention; /* cuda attention kernel: cuDNN where it can, cuDNN only, or own */
 
     /* the file this came from and its full text (for the metrics file / checkpoints) */
     char source_file[MT_PATH_MAX];

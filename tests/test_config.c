@@ -346,6 +346,7 @@ static const ErrCase RULE_ERRORS[] = {
     {"[moe]\nnum_experts = 8\n", "moe.top_k=9", 1, "[moe] top_k = 9: must be <= moe.num_experts (8)"},
     {NULL, "parallel.ep=3", 1, "[moe] num_experts = 4: must be a multiple of parallel.ep (3)"},
     {"[runtime]\ncomm = nccl\n", NULL, 0, "[runtime] comm = nccl: requires runtime.device = cuda"},
+    {"[runtime]\nattention = cudnn\n", NULL, 0, "[runtime] attention = cudnn: requires runtime.device = cuda"},
 };
 
 START_TEST(t_rule_errors) { run_err_case(&RULE_ERRORS[_i]); }
@@ -395,7 +396,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(source); EQS(path);
     EQS(ckpt_dir); EQ(ckpt_every); EQS(resume); EQ(keep); EQ(ckpt_timeout);
     EQS(metrics_file); EQ(log_every);
-    EQ(device); EQ(comm);
+    EQ(device); EQ(comm); EQ(attention);
 #undef EQ
 #undef EQS
     return n;
@@ -438,7 +439,7 @@ START_TEST(t_round_trip_everything_changed) {
         "optim.grad_clip=0.5", "optim.shard=full", "data.source=file", set_path,
         "checkpoint.dir=ck dir", "checkpoint.every=5", "checkpoint.resume=never",
         "checkpoint.keep=2", "checkpoint.timeout=60.5", "log.metrics_file=m.jsonl", "log.every=10", "runtime.device=cuda",
-        "runtime.comm=nccl",
+        "runtime.comm=nccl", "runtime.attention=own",
     };
     int n = (int)(sizeof sets / sizeof sets[0]);
     round_trip(sets, n);
@@ -448,6 +449,7 @@ START_TEST(t_round_trip_everything_changed) {
     ck_assert(c.seed == ULLONG_MAX);
     ck_assert_int_eq(c.lbl_scope, LBL_GLOBAL_BATCH);
     ck_assert_int_eq(c.shard, SHARD_FULL);
+    ck_assert_int_eq(c.attention, ATTN_OWN);
     ck_assert_int_eq(c.device, DEVICE_CUDA);
     ck_assert_int_eq(c.comm, COMM_NCCL);
     ck_assert_str_eq(c.path, long_path);

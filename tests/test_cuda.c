@@ -6,10 +6,13 @@
  * Every entry of the Kernels table runs on fresh random inputs (tu_fill_uniform) through both
  * tables: the CPU table on host arrays, the CUDA table on device copies of the same arrays
  * (from_host), results brought back with to_host. Tolerances follow the numerics of kernels_cuda.h:
- *   matmul (bf16 tensor cores) and grouped linear (TF32 tensor cores: the grouped cuBLAS API
- *     takes no bf16 compute type for fp32 matrices), fp32 accumulate: norm-wise
+ *   matmul and grouped linear (bf16 tensor cores, fp32 accumulate; the grouped GEMM also
+ *     rounds its result to bf16 before adding it to the fp32 output): norm-wise
  *     ||gpu-cpu|| / ||cpu|| <= 1e-2 and no NaN;
- *   everything else (fp32): elementwise |gpu-cpu| <= rtol * (|cpu| + max|cpu|), rtol 1e-5
+ *   attention through cuDNN (runtime.attention = cudnn: bf16 inputs, fp32 softmax): norm-wise
+ *     1e-2, for every case cuDNN supports (the others are listed with cuDNN's reason; the shape
+ *     of configs/gpu-1b.ini must be supported);
+ *   everything else (fp32, including the own attention kernel): elementwise |gpu-cpu| <= rtol * (|cpu| + max|cpu|), rtol 1e-5
  *     (attention 1e-4: a different blocking of the softmax sums). The max|cpu| floor is there
  *     because an element that is a cancellation of large terms carries their rounding.
  * Accumulating (backward) entries start from a random non-zero destination on both sides and the
@@ -34,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../cuda/attention_cudnn.h"
 #include "../cuda/kernels_cuda.h"
 #include "backend.h"
 #include "common.h"
@@ -272,6 +276,8 @@ static const GroupCase group_cases[] = {
     {8, 256, 192, {300, 250, 333, 260, 290, 310, 280, 301}}, /* realistic-ish expert batches */
 };
 
+/* Norm-wise TOL_BF16 (1e-2), the matmul's bf16 limit: bf16 inputs and a bf16-rounded result come
+ * to ~3e-3 on these cases (a host emulation of the kernel's rounding). */
 START_TEST(test_grouped_linear) {
     const GroupCase *gc = &group_cases[_i];
     int g = gc->g, o = gc->o, in = gc->i, offs[9] = {0};
@@ -445,12 +451,22 @@ static const AttCase att_cases[] = {
     {1, 2048, 16, 4, 128}, /* configs/gpu-1b.ini's shape (one sequence) */
 };
 
-START_TEST(test_attention) {
-    const AttCase *ac = &att_cases[_i];
+/* Compares attention through one implementation of the CUDA table (runtime.attention) with the
+ * CPU. own: fp32, elementwise TOL_ATT. cudnn: bf16 inputs on tensor cores, norm-wise TOL_BF16;
+ * a shape cuDNN cannot run is reported and skipped, except configs/gpu-1b.ini's, which must run. */
+static void attention_case(const AttCase *ac, CudaAttention impl) {
     int b = ac->b, t = ac->t, h = ac->h, hkv = ac->hkv, d = ac->d;
     size_t nq = (size_t)b * t * h * d, nk = (size_t)b * t * hkv * d, nl = (size_t)b * h * t;
-    char what[128], shape[64];
+    char what[160], shape[80], why[512];
+    const char *name = impl == CUDA_ATTN_CUDNN ? "cudnn" : "own";
     snprintf(shape, sizeof shape, "B=%d T=%d H=%d Hkv=%d D=%d", b, t, h, hkv, d);
+    int first, must = t == 2048 && d == 128;
+    if (impl == CUDA_ATTN_CUDNN && !cudnn_attention_supported(b, t, h, hkv, d, why, sizeof why, &first)) {
+        printf("  attention %s %s: not supported by cuDNN (%s)\n", name, shape, why);
+        ck_assert_msg(!must, "cuDNN attention must run configs/gpu-1b.ini's shape %s: %s", shape, why);
+        return;
+    }
+    cuda_set_attention(impl);
     float *q = rnd(nq, -2, 2), *k = rnd(nk, -2, 2), *v = rnd(nk, -1, 1);
     float *out = tu_filled(nq, 0), *lse = tu_filled(nl, 0);
     float *d_q = devf(q, nq), *d_k = devf(k, nk), *d_v = devf(v, nk);
@@ -458,12 +474,6 @@ START_TEST(test_attention) {
     KC->attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
     KG->attention_fwd(d_out, d_lse, d_q, d_k, d_v, b, t, h, hkv, d);
     float *g = backf(d_out, nq), *gl = backf(d_lse, nl);
-    snprintf(what, sizeof what, "attention_fwd out %s", shape);
-    expect_close(what, g, out, NULL, nq, TOL_ATT);
-    snprintf(what, sizeof what, "attention_fwd lse %s", shape);
-    expect_close(what, gl, lse, NULL, nl, TOL_ATT);
-    free(g);
-    free(gl);
     /* backward from the CPU's out and lse (the same inputs on both sides) */
     float *d_out_in = devf(out, nq), *d_lse_in = devf(lse, nl);
     float *dout = rnd(nq, -1, 1), *d_dout = devf(dout, nq);
@@ -472,17 +482,26 @@ START_TEST(test_attention) {
     float *d_dq = devf(dq0, nq), *d_dk = devf(dk0, nk), *d_dv = devf(dv0, nk);
     KC->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
     KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, h, hkv, d);
+    cuda_set_attention(CUDA_ATTN_AUTO);
     float *gq = backf(d_dq, nq), *gk = backf(d_dk, nk), *gv = backf(d_dv, nk);
-    snprintf(what, sizeof what, "attention_bwd dq %s", shape);
-    expect_close(what, gq, dq, dq0, nq, TOL_ATT);
-    snprintf(what, sizeof what, "attention_bwd dk %s", shape);
-    expect_close(what, gk, dk, dk0, nk, TOL_ATT);
-    snprintf(what, sizeof what, "attention_bwd dv %s", shape);
-    expect_close(what, gv, dv, dv0, nk, TOL_ATT);
-    float *bufs[] = {q, k, v, out, lse, dout, dq0, dk0, dv0, dq, dk, dv, gq, gk, gv};
+    const char *part[] = {"fwd out", "fwd lse", "bwd dq", "bwd dk", "bwd dv"};
+    const float *got[] = {g, gl, gq, gk, gv}, *want[] = {out, lse, dq, dk, dv};
+    const float *base[] = {NULL, NULL, dq0, dk0, dv0};
+    size_t n[] = {nq, nl, nq, nk, nk};
+    for (int i = 0; i < 5; i++) {
+        snprintf(what, sizeof what, "attention(%s) %s %s", name, part[i], shape);
+        if (impl == CUDA_ATTN_CUDNN) expect_norm(what, got[i], want[i], base[i], n[i], TOL_BF16);
+        else expect_close(what, got[i], want[i], base[i], n[i], TOL_ATT);
+    }
+    float *bufs[] = {q, k, v, out, lse, dout, dq0, dk0, dv0, dq, dk, dv, g, gl, gq, gk, gv};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     float *dbufs[] = {d_q, d_k, d_v, d_out, d_lse, d_out_in, d_lse_in, d_dout, d_dq, d_dk, d_dv};
     for (size_t i = 0; i < sizeof dbufs / sizeof dbufs[0]; i++) KG->free(dbufs[i]);
+}
+
+/* _i = case * 2 + (0: own kernel, 1: cuDNN) */
+START_TEST(test_attention) {
+    attention_case(&att_cases[_i / 2], _i % 2 ? CUDA_ATTN_CUDNN : CUDA_ATTN_OWN);
 }
 END_TEST
 
@@ -1125,7 +1144,7 @@ int main(void) {
     tcase_add_test(tk, test_embedding);
     tcase_add_test(tk, test_rmsnorm);
     tcase_add_loop_test(tk, test_rope, 0, (int)(sizeof rope_cases / sizeof rope_cases[0]));
-    tcase_add_loop_test(tk, test_attention, 0, (int)(sizeof att_cases / sizeof att_cases[0]));
+    tcase_add_loop_test(tk, test_attention, 0, 2 * (int)(sizeof att_cases / sizeof att_cases[0]));
     tcase_add_test(tk, test_swiglu);
     tcase_add_loop_test(tk, test_router_topk, 0, (int)(sizeof router_cases / sizeof router_cases[0]));
     tcase_add_loop_test(tk, test_router_stats, 0, (int)(sizeof router_cases / sizeof router_cases[0]));

@@ -4,8 +4,9 @@
 #   1. make (a CUDA build: nvcc must be there)
 #   2. build/tests/test_cuda: every Kernels entry against the CPU table, the model's gradients and
 #      3 trainer steps (see tests/test_cuda.c)
-#   3. configs/tiny.ini, 50 steps on cpu and on cuda: the cuda loss curve tracks the cpu one
-#      (every step within 5% relative, the last within 2%)
+#   3. configs/tiny.ini, 50 steps on cpu and on cuda (attention through cuDNN, then the own
+#      kernel): each cuda loss curve tracks the cpu one (every step within 5% relative, the last
+#      within 2%)
 #   4. runtime.comm = mpi, 2 and 4 ranks sharing the GPU (np=2: dp2; np=4: dp4 x ep2) with the
 #      same global batch (micro_batch_size 16 / dp) reproduce the single-rank cuda losses
 #      (10 steps, lbl_scope = global_batch: step 1 within 1e-4, every step within 2e-3; the
@@ -151,8 +152,17 @@ if run cpu50 1 "${S50[@]}" --set runtime.device=cpu && run cuda50 1 "${S50[@]}" 
   grep -E '^step +(1|50)/' "$T/cpu50.log" | sed 's/^/  cpu:  /'
   d=$(compare "$T/cuda50.jsonl" "$T/cpu50.jsonl" 50 0.05 0.05 0.02); rc=$?
   verdict "tiny 50 steps: cuda tracks cpu (5%/step, 2% last)" $rc "$d"
+  # which attention ran (runtime.attention = auto: cuDNN unless it printed a note)
+  grep -m1 "note: cuDNN's fused attention cannot run" "$T/cuda50.log" || echo "  attention: cuDNN (runtime.attention = auto, no fallback note)"
 else
   record "tiny 50 steps: cuda tracks cpu (5%/step, 2% last)" FAIL "a run failed (log above)"
+fi
+name="tiny 50 steps: cuda, own attention kernel, tracks cpu"
+if run own50 1 "${S50[@]}" --set runtime.device=cuda --set runtime.attention=own; then
+  d=$(compare "$T/own50.jsonl" "$T/cpu50.jsonl" 50 0.05 0.05 0.02); rc=$?
+  verdict "$name" $rc "$d"
+else
+  record "$name" FAIL "the run failed (log above)"
 fi
 
 # ---- 4. MPI ranks sharing the GPU reproduce one rank --------------------------------------------
