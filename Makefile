@@ -53,7 +53,7 @@ CXX       ?= g++
 CXXFLAGS  := -O2 -std=c++17 -Wall -Wextra -Wno-unused-parameter -Isrc -Icuda \
              -isystem third_party/cudnn-frontend/include -isystem $(CUDA_HOME)/include \
              -DMT_HAVE_CUDNN=$(HAVE_CUDNN)
-CFLAGS    += -DMT_HAVE_CUDA=1
+CFLAGS    += -DMT_HAVE_CUDA=1 -DMT_HAVE_CUDNN=$(HAVE_CUDNN)
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt \
              $(if $(filter 1,$(HAVE_NCCL)),-lnccl) $(if $(filter 1,$(HAVE_CUDNN)),-lcudnn -lnvrtc) -lstdc++
 else

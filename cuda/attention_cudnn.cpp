@@ -103,16 +103,19 @@ void stats_layout(fe::graph::Tensor_attributes &t, const Shape &s) {
 
 float scale_of(const Shape &s) { return 1.0f / sqrtf((float)s.d); } /* as cuda/attention.cu */
 
-GraphPtr new_graph() {
+/* sm > 0: target that compute capability (major * 10 + minor) instead of asking the device, so
+ * a graph can be validated where there is no GPU. Set before any node is added: nodes copy it. */
+GraphPtr new_graph(int sm) {
     auto g = std::make_shared<fe::graph::Graph>();
+    if (sm > 0) g->set_sm_version(sm);
     g->set_io_data_type(fe::DataType_t::BFLOAT16)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
     return g;
 }
 
-GraphPtr fwd_graph(const Shape &s) {
-    GraphPtr g = new_graph();
+GraphPtr fwd_graph(const Shape &s, int sm) {
+    GraphPtr g = new_graph(sm);
     TensorPtr q = input(*g, "q", kQ, s, s.h), k = input(*g, "k", kK, s, s.hkv), v = input(*g, "v", kV, s, s.hkv);
     auto opt = fe::graph::SDPA_attributes()
                    .set_name("moetrain_attention_fwd")
@@ -126,8 +129,8 @@ GraphPtr fwd_graph(const Shape &s) {
     return g;
 }
 
-GraphPtr bwd_graph(const Shape &s) {
-    GraphPtr g = new_graph();
+GraphPtr bwd_graph(const Shape &s, int sm) {
+    GraphPtr g = new_graph(sm);
     TensorPtr q = input(*g, "q", kQ, s, s.h), k = input(*g, "k", kK, s, s.hkv), v = input(*g, "v", kV, s, s.hkv);
     TensorPtr o = input(*g, "o", kO, s, s.h), dout = input(*g, "dout", kDO, s, s.h);
     fe::graph::Tensor_attributes st;
@@ -164,15 +167,11 @@ std::string first_line(const std::string &m) {
 
 Plan make_plan(const Shape &s) {
     Plan p{s, nullptr, nullptr, ""};
-    if (s.d % 8 != 0) { /* cuDNN's bf16 SDPA needs 16-byte rows */
-        p.why = "head_dim " + std::to_string(s.d) + " is not a multiple of 8";
-        return p;
-    }
     try {
-        p.fwd = fwd_graph(s);
+        p.fwd = fwd_graph(s, 0);
         p.why = build(*p.fwd);
         if (p.why.empty()) {
-            p.bwd = bwd_graph(s);
+            p.bwd = bwd_graph(s, 0);
             p.why = build(*p.bwd);
         }
     } catch (const std::exception &ex) {
@@ -218,6 +217,22 @@ uint16_t *bf16_scratch(size_t n) {
 }
 
 } /* namespace */
+
+extern "C" int cudnn_attention_validate(int b, int t, int h, int hkv, int d, int sm, char *why, size_t len) {
+    Shape s{b, t, h, hkv, d};
+    std::string msg;
+    try {
+        for (int bwd = 0; bwd < 2 && msg.empty(); bwd++) {
+            GraphPtr g = bwd ? bwd_graph(s, sm) : fwd_graph(s, sm);
+            fe::error_t e = g->validate();
+            if (!e.is_good()) msg = std::string(bwd ? "backward: " : "forward: ") + e.get_message();
+        }
+    } catch (const std::exception &ex) {
+        msg = ex.what();
+    }
+    snprintf(why, len, "%s", msg.c_str());
+    return msg.empty();
+}
 
 extern "C" int cudnn_attention_supported(int b, int t, int h, int hkv, int d, char *why, size_t len, int *first) {
     const Plan &p = plan_for(Shape{b, t, h, hkv, d}, first);
@@ -266,6 +281,11 @@ extern "C" void cudnn_attention_describe(char *buf, size_t len) {
 }
 
 #else /* built without cuDNN */
+
+extern "C" int cudnn_attention_validate(int b, int t, int h, int hkv, int d, int sm, char *why, size_t len) {
+    snprintf(why, len, "this moetrain was built without cuDNN (cudnn.h was not found at build time)");
+    return 0;
+}
 
 extern "C" int cudnn_attention_supported(int b, int t, int h, int hkv, int d, char *why, size_t len, int *first) {
     *first = 0;

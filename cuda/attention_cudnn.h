@@ -30,6 +30,13 @@ extern "C" {
  * it (the graphs were built now), 0 when the answer came from the cache. */
 int cudnn_attention_supported(int b, int t, int h, int hkv, int d, char *why, size_t len, int *first);
 
+/* Without touching a GPU: build the forward and backward graphs of this shape for compute
+ * capability sm (90 = H100/H200, 80 = A100) and run the frontend's validation (shapes, strides,
+ * types, cuDNN's SDPA support rules for that architecture and the installed cuDNN). 1 if both
+ * pass, else 0 and why. Execution plans are not built (that needs the device), so 1 is necessary,
+ * not sufficient, for cudnn_attention_supported. */
+int cudnn_attention_validate(int b, int t, int h, int hkv, int d, int sm, char *why, size_t len);
+
 /* The Kernels attention contract; the shape must be supported (else the job aborts). */
 void cudnn_attention_fwd(float *out, float *lse, const float *q, const float *k, const float *v,
                          int b, int t, int h, int hkv, int d);

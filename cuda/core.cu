@@ -844,6 +844,14 @@ static void check_table(const Kernels *k) {
 static Kernels g_table;
 static int g_ready;
 
+extern "C" int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count) {
+    if (!g_ready) return 0;
+    CUDA_CHECK(cudaGetDevice(device));
+    CUDA_CHECK(cudaGetDeviceCount(count));
+    CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+    return 1;
+}
+
 const Kernels *kernels_cuda(void) {
     if (g_ready) return &g_table;
     char why[256];

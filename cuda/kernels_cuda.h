@@ -46,6 +46,10 @@ const Kernels *kernels_cuda(void);
 typedef enum { CUDA_ATTN_AUTO = 0, CUDA_ATTN_CUDNN = 1, CUDA_ATTN_OWN = 2 } CudaAttention;
 void cuda_set_attention(CudaAttention which);
 
+/* After kernels_cuda(): free and total bytes of this rank's GPU, its ordinal and the number of
+ * GPUs visible (ranks use GPU local_rank % count). 0 without a GPU (nothing written). */
+int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count);
+
 /* For benchmarks: 1 runs the grouped expert GEMMs in TF32 on the fp32 matrices (no bf16 copies),
  * 0 (default) in bf16. Lets bench_gpu measure both side by side. */
 void cuda_set_grouped_tf32(int on);

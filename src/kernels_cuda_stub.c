@@ -16,7 +16,18 @@ void cuda_set_attention(CudaAttention which) { (void)which; }
 
 void cuda_set_grouped_tf32(int on) { (void)on; }
 
+int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count) {
+    (void)free_bytes, (void)total_bytes, (void)device, (void)count;
+    return 0;
+}
+
 /* cuda/attention_cudnn.h: never reached in this build (no cuda table), but linked by the tests. */
+int cudnn_attention_validate(int b, int t, int h, int hkv, int d, int sm, char *why, size_t len) {
+    (void)b, (void)t, (void)h, (void)hkv, (void)d, (void)sm;
+    snprintf(why, len, "this moetrain was built without CUDA");
+    return 0;
+}
+
 int cudnn_attention_supported(int b, int t, int h, int hkv, int d, char *why, size_t len, int *first) {
     (void)b, (void)t, (void)h, (void)hkv, (void)d;
     *first = 0;

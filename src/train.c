@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../cuda/kernels_cuda.h"
 #include "backend.h"
 #include "common.h"
 #include "checkpoint.h"
@@ -202,31 +203,55 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
     return MT_OK;
 }
 
-/* Fail before anything large is allocated when the ranks of this node need more host memory than
- * it has left: the kernel would kill a rank during initialisation or the first step with no word
- * of why. The need is trainer_memory_plan (config and mesh only, so an absurd model is refused in
- * seconds). A cuda run keeps its state on the GPU (the host holds staging only): not checked here.
- * avail: this rank's measure, taken before any rank allocated. Collective; the lowest failing rank
- * says why, the others return MT_ERR with an empty err. */
-static int check_host_memory(const Config *c, const Mesh *mesh, double avail, char *err) {
+/* Where a rank's state lives and how much room it has: host memory shared by the ranks of the
+ * node (cpu), or the memory of the GPU this rank uses, shared by the ranks on it (cuda). */
+typedef struct MemoryRoom {
+    const char *what; /* "host memory", "GPU memory" */
+    char where[160];  /* host name, or GPU and host */
+    double avail;     /* bytes, <= 0: unknown (no check) */
+    int ranks;        /* ranks sharing it */
+} MemoryRoom;
+
+/* Measured before any rank of this node allocates its state (train_run calls it first). */
+static MemoryRoom memory_room(const Config *c, const Group *world) {
+    MemoryRoom r = {"host memory", "?", 0, comm_node_ranks(world)};
+    char host[128] = "?";
+    gethostname(host, sizeof host - 1);
+    snprintf(r.where, sizeof r.where, "%s", host);
+    if (c->device == DEVICE_CPU) {
+        r.avail = mt_host_memory_available();
+        return r;
+    }
+    size_t free_b = 0, total_b = 0;
+    int dev = 0, count = 0;
+    if (!cuda_memory(&free_b, &total_b, &dev, &count)) return r; /* no GPU: nothing to check */
+    r.what = "GPU memory";
+    r.avail = (double)free_b;
+    r.ranks = (r.ranks + count - 1) / count; /* ranks pick GPU local_rank % count */
+    snprintf(r.where, sizeof r.where, "GPU %d of %s (%.1f GiB total)", dev, host, total_b / (double)(1 << 30));
+    return r;
+}
+
+/* Fail before anything large is allocated when the ranks sharing a memory need more than it has
+ * left: the kernel (or cudaMalloc) would stop a rank during initialisation or the first step with
+ * no word of why. The need is trainer_memory_plan (config and mesh only, so an absurd model is
+ * refused in seconds; a cuda run's library workspaces and bf16 copies come on top). Collective;
+ * the lowest failing rank says why, the others return MT_ERR with an empty err. */
+static int check_memory(const Config *c, const Mesh *mesh, const MemoryRoom *room, char *err) {
     const Group *world = &mesh->g_world;
-    int node_ranks = comm_node_ranks(world);
     MemoryBreakdown m = trainer_memory_plan(c, mesh);
     double gib = 1.0 / (1 << 30), need = (double)memory_total(&m);
-    int bad = c->device == DEVICE_CPU && avail > 0 && need * node_ranks > avail;
+    int bad = room->avail > 0 && need * room->ranks > room->avail;
     int32_t first = bad ? -world->rank : INT32_MIN; /* max of -rank: the lowest failing rank */
     comm_allreduce_max(world, &first, 1, DT_I32);
     if (first == INT32_MIN) return MT_OK;
-    if (bad && -first == world->rank) {
-        char host[128] = "?";
-        gethostname(host, sizeof host - 1);
-        return mt_fail(err, "this run needs about %.1f GiB of host memory per rank (params %.1f, grads "
+    if (bad && -first == world->rank)
+        return mt_fail(err, "this run needs about %.1f GiB of %s per rank (params %.1f, grads "
                             "%.1f, AdamW state %.1f, activations %.1f) x %d rank(s) on %s = %.1f GiB, but "
                             "only %.1f GiB are available there; use more ranks with optim.shard = full, a "
-                            "smaller train.micro_batch_size, or a smaller model", need * gib, m.params * gib,
-                       m.grads * gib, m.optimizer * gib, m.activations * gib, node_ranks, host,
-                       need * node_ranks * gib, avail * gib);
-    }
+                            "smaller train.micro_batch_size, or a smaller model", need * gib, room->what,
+                       m.params * gib, m.grads * gib, m.optimizer * gib, m.activations * gib, room->ranks,
+                       room->where, need * room->ranks * gib, room->avail * gib);
     err[0] = 0;
     return MT_ERR;
 }
@@ -250,8 +275,8 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
      * state of its groups (comm.h), not part of the layout this function leaves unchanged. */
     backend_attach_mesh((Mesh *)mesh, c);
     /* measured before the check's collectives, so before any rank of this node allocates */
-    double host_avail = mt_host_memory_available();
-    if (check_host_memory(c, mesh, host_avail, err) != MT_OK) return MT_ERR;
+    MemoryRoom room = memory_room(c, world);
+    if (check_memory(c, mesh, &room, err) != MT_OK) return MT_ERR;
     int lock = -1;
     if (ckpt_check_dir(c->ckpt_dir, ckpt_size_estimate(c), world, err) != MT_OK ||
         ckpt_lock_dir(c->ckpt_dir, world, &lock, err) != MT_OK)

@@ -11,8 +11,8 @@
  * Memory: trainer_memory_plan says, from the config and mesh alone (parameter layout, shard sizes,
  * activation arena: metadata, nothing large allocated, no communication), how many bytes
  * trainer_init will take on this rank, by category; trainer_memory gives the same breakdown of an
- * initialised trainer. train_run uses the plan to refuse a run its node cannot hold before
- * allocating anything; a device-memory check can use the same plan.
+ * initialised trainer. train_run uses the plan to refuse a run that its memory cannot hold
+ * (host memory of the node for cpu, the GPU's free memory for cuda) before allocating anything.
  */
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H

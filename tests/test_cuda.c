@@ -154,6 +154,10 @@ static void expect_scalar(const char *what, double got, double want, double rtol
 
 START_TEST(test_memory) {
     ck_assert_str_eq(KG->name, "cuda");
+    size_t free0, total;
+    int dev, count;
+    ck_assert(cuda_memory(&free0, &total, &dev, &count)); /* what train_run's memory check reads */
+    ck_assert(dev >= 0 && dev < count && free0 > 0 && free0 <= total);
     size_t n = 3 * (1u << 20) / sizeof(float) + 37; /* 3 MiB + a bit */
     size_t bytes = n * sizeof(float);
     float *h = rnd(n, -1, 1);
@@ -164,6 +168,10 @@ START_TEST(test_memory) {
     KG->copy(b, a, bytes);
     float *r = backf(b, n);
     expect_bits("from_host -> copy -> to_host round trip", r, h, bytes);
+    size_t free1;
+    ck_assert(cuda_memory(&free1, &total, &dev, &count));
+    ck_assert_msg(free1 + bytes <= free0, "free GPU memory %zu -> %zu after allocating 2 x %zu B", free0,
+                  free1, bytes);
     free(r);
     /* zero a sub-range at odd offsets */
     size_t lo = 3, len = 1001;

@@ -11,7 +11,8 @@
 #      same global batch (micro_batch_size 16 / dp) reproduce the single-rank cuda losses
 #      (10 steps, lbl_scope = global_batch: step 1 within 1e-4, every step within 2e-3; the
 #      tolerance is above the CPU's 1e-5 because a changed GEMM shape can flip bf16 roundings)
-#   5. runtime.comm = nccl at world size 1 reproduces the same single-rank run
+#   5. runtime.comm = nccl at world size 1 reproduces the same single-rank run; configs/gpu-1b.ini
+#      at micro_batch_size 64 (~260 GB) is refused before it allocates, naming the GPU memory
 #   6. build/bench/bench_gpu configs/gpu-1b.ini: step tokens/s and MFU, grouped GEMM, attention
 # Prints a summary table last; exits non-zero if any check failed.
 #
@@ -192,6 +193,19 @@ elif run nccl1 1 "${M[@]}" --set train.micro_batch_size=16 --set runtime.comm=nc
   verdict "$name" $rc "$d"
 else
   record "$name" FAIL "$(grep -m1 -i 'error' "$T/nccl1.log" || echo 'the run failed (log above)')"
+fi
+
+# ---- 5b. a run the GPU cannot hold is refused before it allocates ------------------------------
+section "GPU memory check"
+name="a run too big for the GPU stops at once with the reason"
+timeout 120 "$BIN" configs/gpu-1b.ini --set train.micro_batch_size=64 --set log.metrics_file= \
+  --set "checkpoint.dir=$T/ck-big" >"$T/big.log" 2>&1 </dev/null
+rc=$?
+if [ $rc -eq 2 ] && grep -q "of GPU memory per rank" "$T/big.log"; then
+  record "$name" PASS "$(grep -m1 -o 'needs about.*available there' "$T/big.log")"
+else
+  show_tail "$T/big.log" 10
+  record "$name" FAIL "exit $rc, no GPU-memory message"
 fi
 
 fi # steps 2-5
