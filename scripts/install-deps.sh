@@ -2,10 +2,11 @@
 # Install (or, with --check, just verify) the Debian packages moetrain needs.
 #   scripts/install-deps.sh           install what is missing (apt-get; uses sudo when not root)
 #   scripts/install-deps.sh --check   print ✓/✗ per dependency, exit 1 if any is missing
-#   scripts/install-deps.sh --slurm   also install a local SLURM (slurmctld slurmd munge)
+#   scripts/install-deps.sh --slurm   also what the whole test suite needs: a local SLURM (slurmctld slurmd
+#                                     munge) and xz (tests/test_gpu_bundle.sh)
 set -u
 PKGS="libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools check libopenblas-dev pkg-config libinih-dev libcjson-dev"
-SLURM_PKGS="slurmctld slurmd slurm-client munge"
+SLURM_PKGS="slurmctld slurmd slurm-client munge xz-utils"
 
 check() {
   local ok=0

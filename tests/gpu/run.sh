@@ -17,6 +17,9 @@
 # Prints a summary table last; exits non-zero if any check failed.
 #
 # Usage: tests/gpu/run.sh [BUILD_DIR] [all | tests | bench]
+#   With MT_PREBUILT=1 the binaries in BUILD_DIR are used as they are (no make): the way to run on
+#   a GPU machine that lacks moetrain's libraries (MPI, HDF5, OpenBLAS, ...): scripts/gpu-bundle.sh
+#   packs binaries and libraries here, its header says how to run them there.
 #   tests = steps 1-5, bench = steps 1 and 6; all (default) = both. On a lent machine with a short
 #   device budget (minutes, 10 per command), build here first and carry BUILD_DIR along (make
 #   then has little or nothing left to build), and run `tests` and `bench` as separate calls. A preflight compares the
@@ -68,17 +71,24 @@ show_tail() { echo "---- last lines of $1 ----"; tail -n "${2:-25}" "$1"; echo "
 
 # ---- 1. build ---------------------------------------------------------------------------------
 section "build"
-if ! make -j"$(nproc)" BUILD="$BUILD" all "$BUILD/bench/bench_gpu" >"$T/build.log" 2>&1; then
+if [ -n "${MT_PREBUILT:-}" ]; then # binaries from scripts/gpu-bundle.sh: nothing to build here
+  for b in moetrain tests/test_cuda bench/bench_gpu; do
+    [ -x "$BUILD/$b" ] || { echo "FAIL: MT_PREBUILT is set but $BUILD/$b is missing"; exit 1; }
+  done
+  record "build (prebuilt bundle)" PASS "binaries of $BUILD (scripts/gpu-bundle.sh), not rebuilt"
+elif ! make -j"$(nproc)" BUILD="$BUILD" all "$BUILD/bench/bench_gpu" >"$T/build.log" 2>&1; then
   show_tail "$T/build.log" 40
   record "build (make)" FAIL "make failed"
   echo "FAIL: the build failed; nothing else can run"
   exit 1
 fi
+if [ -z "${MT_PREBUILT:-}" ]; then
 nwarn=$(grep -c 'warning' "$T/build.log")
 if [ -z "$(command -v nvcc 2>/dev/null || ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" 2>/dev/null)" ]; then
   record "build (make)" FAIL "nvcc not found: a CPU-only build cannot test the GPU"
 else
   record "build (make)" PASS "CUDA build, $nwarn warning line(s) in what was recompiled"
+fi
 fi
 
 if [ "$STAGE" != bench ]; then # ---- steps 2-5: the checks
