@@ -249,11 +249,12 @@ if [ -n "$(val step_tokens_per_s)" ]; then
   printf '\n%-34s %12s tokens/s  %8s ms/step  %7s TFLOP/s  MFU %s%% (of 989 TFLOP/s bf16 dense)\n' \
     "train step, gpu-1b (1.0B, 8x top-2)" "$(val step_tokens_per_s)" "$(val step_ms)" \
     "$(val step_tflops)" "$(val step_mfu_pct)"
-  printf '%-34s %s TFLOP/s grouped (TF32) vs %s dense (bf16); w2: %s vs %s\n' \
-    "expert GEMM fwd, w13 (gate|up)" "$(val grouped_w13_fwd_tflops)" "$(val dense_w13_fwd_tflops)" \
-    "$(val grouped_w2_fwd_tflops)" "$(val dense_w2_fwd_tflops)"
-  printf '%-34s forward %s TFLOP/s, backward %s TFLOP/s\n' "attention B2 T2048 H16/4 D128" \
-    "$(val attn_fwd_tflops)" "$(val attn_bwd_tflops)"
+  printf '%-34s %s TFLOP/s grouped bf16 (TF32: %s) vs %s dense bf16; w2: %s vs %s\n' \
+    "expert GEMM fwd, w13 (gate|up)" "$(val grouped_w13_fwd_tflops)" "$(val grouped_tf32_w13_fwd_tflops)" \
+    "$(val dense_w13_fwd_tflops)" "$(val grouped_w2_fwd_tflops)" "$(val dense_w2_fwd_tflops)"
+  printf '%-34s cuDNN fwd %s / bwd %s TFLOP/s; own kernel fwd %s / bwd %s TFLOP/s\n' \
+    "attention B2 T2048 H16/4 D128" "$(val attn_cudnn_fwd_tflops)" "$(val attn_cudnn_bwd_tflops)" \
+    "$(val attn_own_fwd_tflops)" "$(val attn_own_bwd_tflops)"
   echo "(reference: Megatron-Core reports 49.3% MFU for Mixtral 8x22B on H100s)"
 fi
 echo "${#names[@]} checks, $fails failed"
