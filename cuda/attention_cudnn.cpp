@@ -3,6 +3,7 @@
 #include "attention_cudnn.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "cuda_check.h"
@@ -12,6 +13,7 @@
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
+#include <deque>
 #include <exception>
 #include <memory>
 #include <string>
@@ -55,7 +57,7 @@ struct Plan {
 /* Module state: the cuDNN handle, the plan cache, and two grow-only device buffers. */
 struct State {
     cudnnHandle_t handle = nullptr;
-    std::vector<Plan> plans;
+    std::deque<Plan> plans;   /* a deque: push_back keeps references to earlier plans valid */
     void *ws = nullptr;       /* cuDNN workspace */
     size_t ws_bytes = 0;
     uint16_t *bf = nullptr;   /* bf16 copies of inputs and outputs */
@@ -65,21 +67,37 @@ State g_st;
 
 cudnnHandle_t handle() {
     if (!g_st.handle) {
+        /* bound to the backend's stream for good: it must exist (kernels_cuda() made it) */
+        MT_CHECK(cuda_stream() != nullptr, "cuDNN attention used before the CUDA backend was initialised");
         CUDNN_CHECK(cudnnCreate(&g_st.handle));
         CUDNN_CHECK(cudnnSetStream(g_st.handle, cuda_stream()));
     }
     return g_st.handle;
 }
 
-/* Replace *p by a device buffer of at least bytes (contents not kept). */
-void grow(void **p, size_t *have, size_t bytes) {
-    if (bytes <= *have) return;
+/* Replace *p by a device buffer of at least bytes (contents not kept). 0 if the device has no
+ * room (the error cleared, *p and *have then empty), else 1. */
+int try_grow(void **p, size_t *have, size_t bytes) {
+    if (bytes <= *have) return 1;
     if (*p) {
         CUDA_CHECK(cudaStreamSynchronize(cuda_stream())); /* earlier work may still use it */
         CUDA_CHECK(cudaFree(*p));
+        *p = nullptr;
+        *have = 0;
     }
-    CUDA_CHECK(cudaMalloc(p, bytes));
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError(); /* clear it: the caller reports and carries on */
+        *p = nullptr;
+        return 0;
+    }
+    CUDA_CHECK(e);
     *have = bytes;
+    return 1;
+}
+
+void grow(void **p, size_t *have, size_t bytes) {
+    MT_CHECK(try_grow(p, have, bytes), "cuDNN attention: no room on the GPU for %zu bytes of scratch", bytes);
 }
 
 /* ---------------------------------------------------------------------------- graphs ---- */
@@ -156,7 +174,10 @@ std::string build(fe::graph::Graph &g) {
     int64_t ws = 0;
     e = g.get_workspace_size(ws);
     if (!e.is_good()) return e.get_message();
-    grow(&g_st.ws, &g_st.ws_bytes, (size_t)ws);
+    /* The deterministic backward's workspace grows with B H T^2 (2 B per score: 1 GiB for
+     * configs/gpu-1b.ini); a GPU without room makes the shape unsupported, not the job fail. */
+    if (!try_grow(&g_st.ws, &g_st.ws_bytes, (size_t)ws))
+        return "no room on the GPU for its " + std::to_string(ws >> 20) + " MiB workspace";
     return "";
 }
 
@@ -208,6 +229,11 @@ void execute(const fe::graph::Graph &g, Pack &pack) {
     if (!e.is_good()) mt_check_failed(__FILE__, __LINE__, "cudnn_frontend::graph::Graph::execute", "cuDNN: %s", e.get_message().c_str());
 }
 
+/* cuDNN reads and writes lse as its 16-byte-aligned Stats tensor (cudaMalloc'ed buffers are). */
+void check_lse(const float *lse) {
+    MT_CHECK(((uintptr_t)lse & 15) == 0, "cuDNN attention: lse %p is not 16-byte aligned", (const void *)lse);
+}
+
 /* Device scratch for n bf16 values. */
 uint16_t *bf16_scratch(size_t n) {
     size_t bytes = g_st.bf_elems * sizeof(uint16_t);
@@ -244,6 +270,7 @@ extern "C" int cudnn_attention_supported(int b, int t, int h, int hkv, int d, ch
 extern "C" void cudnn_attention_fwd(float *out, float *lse, const float *q, const float *k, const float *v,
                                     int b, int t, int h, int hkv, int d) {
     const Plan &p = must_plan(Shape{b, t, h, hkv, d});
+    check_lse(lse);
     size_t nq = (size_t)b * t * h * d, nk = (size_t)b * t * hkv * d;
     uint16_t *bq = bf16_scratch(2 * nq + 2 * nk), *bo = bq + nq, *bk = bo + nq, *bv = bk + nk;
     cuda_to_bf16(bq, q, nq);
@@ -258,6 +285,7 @@ extern "C" void cudnn_attention_bwd(float *dq, float *dk, float *dv, const float
                                     const float *k, const float *v, const float *out, const float *lse,
                                     int b, int t, int h, int hkv, int d) {
     const Plan &p = must_plan(Shape{b, t, h, hkv, d});
+    check_lse(lse);
     size_t nq = (size_t)b * t * h * d, nk = (size_t)b * t * hkv * d;
     uint16_t *bq = bf16_scratch(4 * nq + 4 * nk), *bo = bq + nq, *bdo = bo + nq, *bdq = bdo + nq;
     uint16_t *bk = bdq + nq, *bv = bk + nk, *bdk = bv + nk, *bdv = bdk + nk;

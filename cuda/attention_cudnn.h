@@ -12,7 +12,10 @@
  * and dq/dk/dv come back as bf16 and are widened. The backward asks for cuDNN's deterministic
  * algorithm (bit-identical reruns).
  * Graphs: one forward and one backward graph per shape, built on first use and cached for the
- * process (training sees one shape per model). Everything runs on cuda_stream().
+ * process (training sees one shape per model). Everything runs on cuda_stream(). The
+ * deterministic backward needs a workspace of about 2 B x B H T^2 (1 GiB for
+ * configs/gpu-1b.ini), held for the process; a GPU without room for it makes the shape
+ * unsupported (runtime.attention = auto then uses the own kernel).
  * Failures: building a graph for a shape cuDNN cannot run is not an error — the shape is reported
  * unsupported with cuDNN's reason; a failure while executing aborts the job (rank, file:line).
  */

@@ -12,6 +12,7 @@
  *   attention through cuDNN (runtime.attention = cudnn: bf16 inputs, fp32 softmax): norm-wise
  *     1e-2, for every case cuDNN supports (the others are listed with cuDNN's reason; the shape
  *     of configs/gpu-1b.ini must be supported);
+ *   each attention backward (own and cuDNN) runs twice from the same inputs: bit-identical;
  *   everything else (fp32, including the own attention kernel): elementwise |gpu-cpu| <= rtol * (|cpu| + max|cpu|), rtol 1e-5
  *     (attention 1e-4: a different blocking of the softmax sums). The max|cpu| floor is there
  *     because an element that is a cancellation of large terms carries their rounding.
@@ -140,7 +141,7 @@ static void expect_norm(const char *what, const float *got, const float *want, c
 static void expect_bits(const char *what, const void *got, const void *want, size_t bytes) {
     int same = bytes == 0 || memcmp(got, want, bytes) == 0;
     printf("  %-52s %zu bytes %s\n", what, bytes, same ? "identical" : "DIFFER");
-    ck_assert_msg(same, "%s: CUDA result differs from the CPU one (expected bit-identical)", what);
+    ck_assert_msg(same, "%s: the results differ (expected bit-identical)", what);
 }
 
 static void expect_scalar(const char *what, double got, double want, double rtol) {
@@ -490,8 +491,19 @@ static void attention_case(const AttCase *ac, CudaAttention impl) {
     float *d_dq = devf(dq0, nq), *d_dk = devf(dk0, nk), *d_dv = devf(dv0, nk);
     KC->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
     KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, h, hkv, d);
-    cuda_set_attention(CUDA_ATTN_AUTO);
     float *gq = backf(d_dq, nq), *gk = backf(d_dk, nk), *gv = backf(d_dv, nk);
+    /* deterministic: the same backward again gives the same bits (bit-exact resume needs it) */
+    KG->from_host(d_dq, dq0, nq * sizeof(float));
+    KG->from_host(d_dk, dk0, nk * sizeof(float));
+    KG->from_host(d_dv, dv0, nk * sizeof(float));
+    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, h, hkv, d);
+    cuda_set_attention(CUDA_ATTN_AUTO);
+    float *rq = backf(d_dq, nq), *rk = backf(d_dk, nk), *rv = backf(d_dv, nk);
+    snprintf(what, sizeof what, "attention(%s) bwd rerun bit-identical %s", name, shape);
+    expect_bits(what, rq, gq, nq * sizeof(float));
+    expect_bits(what, rk, gk, nk * sizeof(float));
+    expect_bits(what, rv, gv, nk * sizeof(float));
+    free(rq), free(rk), free(rv);
     const char *part[] = {"fwd out", "fwd lse", "bwd dq", "bwd dk", "bwd dv"};
     const float *got[] = {g, gl, gq, gk, gv}, *want[] = {out, lse, dq, dk, dv};
     const float *base[] = {NULL, NULL, dq0, dk0, dv0};
