@@ -1,6 +1,6 @@
 /* core.cu — the core of the CUDA backend: device setup, the one stream and cuBLAS handle, and
- * every Kernels entry that is not routing/permutation/loss (cuda/moe.cu) or attention
- * (cuda/attention.cu). src/kernels.h is the contract, src/kernels_cpu.c the numerical reference.
+ * every Kernels entry that is not routing/permutation/loss/embedding backward (cuda/moe.cu) or
+ * attention (cuda/attention.cu). src/kernels.h is the contract, src/kernels_cpu.c the numerical reference.
  *
  * What this file guarantees:
  *  - Setup: kernels_cuda() picks device (local rank % device count; local rank from
@@ -24,8 +24,8 @@
  *    matrices (CUBLAS_COMPUTE_32F_FAST_TF32) from then on. sumsq accumulates in double; RMSNorm
  *    row sums in float (warp-shuffle tree), its dw in double; RoPE angles, cos and sin in
  *    double, as the CPU.
- *  - Deterministic run to run, except embedding_bwd (float atomicAdd: repeated tokens are
- *    summed in an unspecified order).
+ *  - Deterministic run to run (no float atomics anywhere in the backend; the embedding backward
+ *    is cuda/moe.cu's, which sums each vocab row in a fixed order).
  *  - Differences from the CPU backend: a negative token id (the CPU aborts) gathers a zero row
  *    in embedding_fwd and is skipped by embedding_bwd; copy does not support overlapping ranges.
  */
@@ -532,27 +532,10 @@ static __global__ void core_embedding_fwd(float *out, const int32_t *tokens, con
     }
 }
 
-/* dwte[tokens[n]] += dout(N,C); atomics because tokens repeat; negative tokens skipped */
-static __global__ void core_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens,
-                                          size_t total, int c) {
-    GRID_STRIDE(e, total) {
-        size_t r = e / c, j = e - r * c;
-        int32_t t = tokens[r];
-        if (t >= 0) atomicAdd(dwte + (size_t)t * c + j, dout[e]);
-    }
-}
-
 static void cu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, int n, int c) {
     if (n <= 0 || c <= 0) return;
     size_t total = (size_t)n * c;
     core_embedding_fwd<<<grid_for(total), THREADS, 0, g_stream>>>(out, tokens, wte, total, c);
-    CUDA_CHECK_LAUNCH();
-}
-
-static void cu_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int n, int c) {
-    if (n <= 0 || c <= 0) return;
-    size_t total = (size_t)n * c;
-    core_embedding_bwd<<<grid_for(total), THREADS, 0, g_stream>>>(dwte, dout, tokens, total, c);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -774,7 +757,6 @@ void cuda_fill_core(Kernels *k) {
     k->grouped_linear_bwd_input = cu_grouped_linear_bwd_input;
     k->grouped_linear_bwd_weight = cu_grouped_linear_bwd_weight;
     k->embedding_fwd = cu_embedding_fwd;
-    k->embedding_bwd = cu_embedding_bwd;
     k->rmsnorm_fwd = cu_rmsnorm_fwd;
     k->rmsnorm_bwd = cu_rmsnorm_bwd;
     k->rope = cu_rope;

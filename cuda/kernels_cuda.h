@@ -10,9 +10,10 @@
  * with COMPUTE_32F, its bf16 result stored / added into the fp32 output; TF32 if cuBLAS refuses
  * bf16 there, see cuda/core.cu); router, softmax, norms, loss and optimizer in fp32.
  * The table is assembled from three files, each filling its own entries:
- *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding,
- *                      RMSNorm, RoPE, SwiGLU, AdamW, release
- *   cuda/moe.cu        router top-k / stats / backward, gather / scatter / combine, cross-entropy
+ *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding
+ *                      forward, RMSNorm, RoPE, SwiGLU, AdamW, release
+ *   cuda/moe.cu        router top-k / stats / backward, gather / scatter / combine, embedding
+ *                      backward (the scatter with the token id as the row), cross-entropy
  *   cuda/attention.cu  causal GQA attention forward / backward: own flash-style fp32 kernels, or
  *                      cuDNN's fused attention (cuda/attention_cudnn.cpp) per runtime.attention
  * with cuda/convert.cu for the fp32 <-> bf16 copies the bf16 libraries need.

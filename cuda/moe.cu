@@ -11,6 +11,8 @@
  *   combine           y[slot/K] += weights[slot] * yp (slot < 0 skipped)
  *   combine_bwd       dyp = weights[slot] * dy[slot/K] (overwrites; slot < 0: zero row),
  *                     dweights[slot] = <dy[slot/K], yp[m]> (double, overwrites those slots only)
+ *   embedding_bwd     dwte[tokens[n]] += dout[n] (scatter_add_rows with K = 1, the token id as
+ *                     the row; token ids copied to the host first: synchronises)
  *   cross_entropy     dlogits = scale * (softmax - onehot) (overwrites, may alias logits),
  *                     *loss_host = sum of row losses (double, copied back: synchronises).
  * slots are HOST ints: staged through pinned memory (two buffers in turn, each reused only after
@@ -410,6 +412,22 @@ void cuda_combine(float *y, const float *yp, const float *weights, const int *sl
     row_accumulate(y, yp, weights, slots, m, c, k);
 }
 
+int *g_host_tokens;
+size_t g_host_tokens_cap;
+
+/* dwte[tokens[n]] += dout[n]: the scatter_add_rows pattern with K = 1 and the token id as the
+ * row, so each vocab row is summed by one block over its tokens in ascending n, the CPU's order
+ * (the same float additions: bit-identical to it, run to run). The token ids are device memory:
+ * copied to the host first (N ints, synchronises); a negative id adds nothing. */
+void cuda_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int n, int c) {
+    if (n <= 0 || c <= 0) return;
+    int *h = hostbuf_get(&g_host_tokens, &g_host_tokens_cap, (size_t)n);
+    CUDA_CHECK(cudaMemcpyAsync(h, tokens, (size_t)n * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                               cuda_stream()));
+    CUDA_CHECK(cudaStreamSynchronize(cuda_stream()));
+    row_accumulate(dwte, dout, NULL, h, n, c, 1);
+}
+
 /* One block per routed row: dyp[m] = w * dy[row] (or zeros), dweights[slot] = <dy[row], yp[m]>. */
 __global__ void combine_bwd_kernel(float *dyp, float *dweights, const float *dy, const float *yp,
                                    const float *weights, const int *slots, int c, int k) {
@@ -504,4 +522,5 @@ extern "C" void cuda_fill_moe(Kernels *k) {
     k->combine = cuda_combine;
     k->combine_bwd = cuda_combine_bwd;
     k->cross_entropy = cuda_cross_entropy;
+    k->embedding_bwd = cuda_embedding_bwd;
 }

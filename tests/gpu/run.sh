@@ -11,7 +11,9 @@
 #      same global batch (micro_batch_size 16 / dp) reproduce the single-rank cuda losses
 #      (10 steps, lbl_scope = global_batch: step 1 within 1e-4, every step within 2e-3; the
 #      tolerance is above the CPU's 1e-5 because a changed GEMM shape can flip bf16 roundings)
-#   5. runtime.comm = nccl at world size 1 reproduces the same single-rank run; configs/gpu-1b.ini
+#   5. runtime.comm = nccl at world size 1 reproduces the same single-rank run; 5 steps, then a
+#      resume to 10, give exactly the single-rank run's losses (the backend is deterministic);
+#      configs/gpu-1b.ini
 #      at micro_batch_size 64 (~260 GB) is refused before it allocates, naming the GPU memory
 #   6. build/bench/bench_gpu configs/gpu-1b.ini: step tokens/s and MFU, grouped GEMM, attention
 # Prints a summary table last; exits non-zero if any check failed.
@@ -203,6 +205,20 @@ elif run nccl1 1 "${M[@]}" --set train.micro_batch_size=16 --set runtime.comm=nc
   verdict "$name" $rc "$d"
 else
   record "$name" FAIL "$(grep -m1 -i 'error' "$T/nccl1.log" || echo 'the run failed (log above)')"
+fi
+
+# ---- 5a. determinism: a cuda run resumed from its checkpoint continues bit for bit --------------
+section "cuda resume: bit for bit"
+name="cuda: 5 steps + resume to 10 == 10 steps (exact losses)"
+if [ $ref_ok -eq 0 ]; then record "$name" FAIL "the single-rank reference run failed"
+elif run half 1 "${M[@]}" --set train.micro_batch_size=16 --set optim.decay_steps=10 --set train.steps=5 &&
+     run half 1 "${M[@]}" --set train.micro_batch_size=16 --set optim.decay_steps=10; then
+  # decay_steps pinned to ref1's (0 = until train.steps, which the first half shortens)
+  # the resumed run appends steps 6-10 to half.jsonl (same metrics file, same checkpoint dir)
+  d=$(compare "$T/half.jsonl" "$T/ref1.jsonl" 10 0 0 0); rc=$?
+  verdict "$name" $rc "$d"
+else
+  record "$name" FAIL "a run failed (log above)"
 fi
 
 # ---- 5b. a run the GPU cannot hold is refused before it allocates ------------------------------
