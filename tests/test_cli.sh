@@ -3,7 +3,7 @@
 # nothing hangs), a rank-local failure under mpirun, and a short distributed training run.
 set -u
 BUILD=${1:-build}
-BIN=$BUILD/moetrain
+BIN=$(cd "$BUILD" && pwd)/moetrain   # absolute: some runs change directory
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 T=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$T"' EXIT
@@ -48,15 +48,15 @@ head -c 4000 README.md > "$T/a/c.txt"
 $BUILD/mt-tokenize "$T/a/c.txt" "$T/a/c.tok" >/dev/null
 ARGS=("$PWD/configs/tiny.ini" --set data.source=file --set data.path=c.tok --set train.steps=2 --set log.metrics_file=)
 expect "one rank fails"         2 "error \(rank 1\): c.tok: cannot open" \
-  -- mpirun -np 1 -wdir "$T/a" "$PWD/$BIN" "${ARGS[@]}" --set checkpoint.dir="$T/ck2" \
-     : -np 1 -wdir "$T/b" "$PWD/$BIN" "${ARGS[@]}" --set checkpoint.dir="$T/ck2"
+  -- mpirun -np 1 -wdir "$T/a" "$BIN" "${ARGS[@]}" --set checkpoint.dir="$T/ck2" \
+     : -np 1 -wdir "$T/b" "$BIN" "${ARGS[@]}" --set checkpoint.dir="$T/ck2"
 
 # a checkpoint.dir that is not the same directory for every rank (what a node-local path is on a
 # cluster; here a relative path from two working directories) is refused before training
 cp "$T/a/c.tok" "$T/b/c.tok"
 expect "checkpoint.dir not shared" 2 "error \(rank 1\): \[checkpoint\] dir = ck: rank 1 \(host .*\) does not see the files rank 0 writes" \
-  -- mpirun -np 1 -wdir "$T/a" "$PWD/$BIN" "${ARGS[@]}" --set checkpoint.dir=ck \
-     : -np 1 -wdir "$T/b" "$PWD/$BIN" "${ARGS[@]}" --set checkpoint.dir=ck
+  -- mpirun -np 1 -wdir "$T/a" "$BIN" "${ARGS[@]}" --set checkpoint.dir=ck \
+     : -np 1 -wdir "$T/b" "$BIN" "${ARGS[@]}" --set checkpoint.dir=ck
 
 # a short distributed run: dp2 x ep2 with full sharding writes a metrics file with the mesh
 expect "train dp2 x ep2"        0 "step +5/5"  -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.ep=2 \

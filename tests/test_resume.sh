@@ -9,7 +9,7 @@
 #     checkpoint always verifies, no partial file is ever picked, and the run still completes.
 set -u
 BUILD=${1:-build}
-BIN=$PWD/$BUILD/moetrain
+BIN=$(cd "$BUILD" && pwd)/moetrain
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
