@@ -22,8 +22,10 @@
 #             is missing
 #
 # On the GPU machine, from a checkout of the same commit:
-#   mkdir -p /tmp/mtb && tar -xJf dist/gpu-bundle.tar.xz -C /tmp/mtb && . /tmp/mtb/env.sh &&
+#   B=dist/gpu-bundle.tar.xz; mkdir -p /tmp/mtb &&
+#   { tar -xJf $B -C /tmp/mtb || python3 -m tarfile -e $B /tmp/mtb; } && . /tmp/mtb/env.sh &&
 #   MT_PREBUILT=1 tests/gpu/run.sh /tmp/mtb/build tests        (then the same with bench)
+# (python3's tarfile unpacks xz where the image has no xz program.)
 # With the device tool: run(command=that, carry=["dist"]); dist/ is git-ignored.
 # (tests/gpu/run.sh skips make when MT_PREBUILT names the build directory.)
 # `scripts/gpu-bundle.sh --check OUT.tar.xz` unpacks OUT here and proves it self-contained: every
