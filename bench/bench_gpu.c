@@ -379,7 +379,9 @@ int main(int argc, char **argv) {
     double peak = H100_BF16_DENSE_TFLOPS;
     const char *pe = getenv("BENCH_PEAK_TFLOPS");
     if (pe && atof(pe) > 0) peak = atof(pe);
-    printf("bench_gpu: %s, peak for MFU %.0f TFLOP/s (dense bf16)\n", path, peak);
+    char gpu[512];
+    cuda_describe(gpu, sizeof gpu);
+    printf("bench_gpu: %s, peak for MFU %.0f TFLOP/s (dense bf16)\n%s\n", path, peak, gpu);
 
     /* kernels first: the step's arena is freed before they run, but they are small anyway */
     printf("grouped GEMM (experts of %s), against one dense matmul of the same FLOPs:\n", path);

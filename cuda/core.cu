@@ -37,6 +37,7 @@
 
 #include <cuda_bf16.h>
 
+#include "attention_cudnn.h"
 #include "convert.h"
 #include "cuda_check.h"
 #include "kernels_cuda.h"
@@ -825,6 +826,21 @@ static void check_table(const Kernels *k) {
 
 static Kernels g_table;
 static int g_ready;
+
+extern "C" void cuda_describe(char *buf, size_t len) {
+    int dev = 0, count = 0, rt = 0, drv = 0;
+    cudaDeviceProp p;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaGetDeviceCount(&count));
+    CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
+    CUDA_CHECK(cudaRuntimeGetVersion(&rt));
+    CUDA_CHECK(cudaDriverGetVersion(&drv));
+    char dnn[128];
+    cudnn_attention_describe(dnn, sizeof dnn);
+    snprintf(buf, len, "GPU %d of %d: %s, %.1f GiB, sm %d.%d; CUDA runtime %d.%d, driver %d.%d; %s", dev,
+             count, p.name, p.totalGlobalMem / (double)(1 << 30), p.major, p.minor, rt / 1000,
+             rt % 1000 / 10, drv / 1000, drv % 1000 / 10, dnn);
+}
 
 extern "C" int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count) {
     if (!g_ready) return 0;

@@ -51,6 +51,11 @@ void cuda_set_attention(CudaAttention which);
  * GPUs visible (ranks use GPU local_rank % count). 0 without a GPU (nothing written). */
 int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count);
 
+/* After kernels_cuda(): one line naming this rank's GPU and the libraries, e.g. "GPU 0 of 8:
+ * NVIDIA H200, 139.8 GiB, sm 9.0; CUDA runtime 13.0, driver 13.0; cuDNN 9.19.0 (frontend
+ * 1.32.0)". For banners and benchmark logs. */
+void cuda_describe(char *buf, size_t len);
+
 /* For benchmarks: 1 runs the grouped expert GEMMs in TF32 on the fp32 matrices (no bf16 copies),
  * 0 (default) in bf16. Lets bench_gpu measure both side by side. */
 void cuda_set_grouped_tf32(int on);

@@ -16,6 +16,8 @@ void cuda_set_attention(CudaAttention which) { (void)which; }
 
 void cuda_set_grouped_tf32(int on) { (void)on; }
 
+void cuda_describe(char *buf, size_t len) { snprintf(buf, len, "no GPU (built without CUDA)"); }
+
 int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count) {
     (void)free_bytes, (void)total_bytes, (void)device, (void)count;
     return 0;

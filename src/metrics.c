@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "../cuda/kernels_cuda.h"
 #include "blas.h"
 #include "common.h"
 #include "model.h"
@@ -46,7 +47,12 @@ static void emit(Metrics *mx, cJSON *o) {
     cJSON_Delete(o);
 }
 
-static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const char *blas) {
+static const char *attention_name(AttentionKind a) {
+    return a == ATTN_OWN ? "own" : a == ATTN_CUDNN ? "cudnn" : "auto (cuDNN where it runs the shape)";
+}
+
+/* gpu: cuda_describe's line for a cuda run, else NULL */
+static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const char *blas, const char *gpu) {
     const Config *c = &t->cfg;
     const ParamLayout *pl = &t->model.pl;
     double mib = 1.0 / (1 << 20);
@@ -67,15 +73,18 @@ static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const cha
     printf("  memory  per rank: params %.1f MiB, grads %.1f MiB, optimizer %.1f MiB, activations %.1f MiB\n",
            mem->params * mib, mem->grads * mib, mem->optimizer * mib, mem->activations * mib);
     printf("  blas    %s\n", blas);
+    if (gpu) printf("  gpu     %s; attention %s\n", gpu, attention_name(c->attention));
     fflush(stdout);
 }
 
 void metrics_run_record(Metrics *mx, const Trainer *t) {
     if (!mx->writer) return;
     MemoryBreakdown mem = trainer_memory(t);
-    char blas[256];
+    char blas[256], gpu[512] = "";
     blas_describe(blas, sizeof blas);
-    print_banner(t, &mem, blas);
+    int cuda = t->cfg.device == DEVICE_CUDA;
+    if (cuda) cuda_describe(gpu, sizeof gpu);
+    print_banner(t, &mem, blas, cuda ? gpu : NULL);
     const Config *c = &t->cfg;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "event", "run");
@@ -83,6 +92,10 @@ void metrics_run_record(Metrics *mx, const Trainer *t) {
     cJSON_AddNumberToObject(o, "start_step", t->step);
     cJSON_AddStringToObject(o, "backend", t->k->name);
     cJSON_AddStringToObject(o, "blas", blas);
+    if (cuda) {
+        cJSON_AddStringToObject(o, "gpu", gpu);
+        cJSON_AddStringToObject(o, "attention", attention_name(t->cfg.attention));
+    }
     cJSON_AddItemToObject(o, "config", config_to_json(c));
     cJSON *mesh = cJSON_AddObjectToObject(o, "mesh");
     const Mesh *ms = t->mesh;

@@ -1157,6 +1157,9 @@ int main(void) {
         printf("FAIL: cuda_available() is 1 but kernels_cuda() returned NULL\n");
         return 1;
     }
+    char gpu[512];
+    cuda_describe(gpu, sizeof gpu);
+    printf("%s\n", gpu);
     Suite *s = suite_create("kernels_cuda");
     TCase *tk = tcase_create("kernels");
     tcase_add_test(tk, test_memory);
