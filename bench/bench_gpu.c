@@ -240,8 +240,8 @@ static AttnBench bench_attention(CudaAttention impl, const char *name) {
             sync_dev(q);
             double t0 = mt_now();
             for (int i = 0; i < n; i++) {
-                if (pass == 0) K->attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
-                else K->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
+                if (pass == 0) K->attention_fwd(out, lse, q, k, v, b, t, t, 0, h, hkv, d);
+                else K->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, t, 0, h, hkv, d);
             }
             sync_dev(q);
             double dt = (mt_now() - t0) / n;
@@ -320,7 +320,7 @@ static void print_budget(const Config *c) {
     double t_attn = k * f.attn / ((own ? H100_FP32_SIMT_TFLOPS : H100_BF16_DENSE_TFLOPS) * 1e12);
     double acast_b = own ? 0 : attention_cast_bytes(c) * c->grad_accum_steps;
     double t_acast = acast_b / (H100_HBM_TBPS * 1e12);
-    ModelDims d = dims_from_config(c, 1, 0);
+    ModelDims d = dims_from_config(c, NULL);
     ParamLayout pl;
     params_layout_init(&pl, &d, c->init_std, NULL);
     double params = (double)params_total(&pl);

@@ -2,9 +2,11 @@
  * (SDPA), built with the cuDNN frontend graph API (C++, header-only, vendored in
  * third_party/cudnn-frontend).
  *
- * Same contract as the Kernels attention entries (src/kernels.h): q(B,T,H,D), k,v(B,T,Hkv,D),
- * out(B,T,H,D) and lse(B,H,T) in fp32 device memory; forward overwrites out and lse; backward
- * ACCUMULATES into dq, dk, dv. scale = 1/sqrt(D), query head h reads kv head h / (H/Hkv).
+ * The plain case (Tq = Tk = T, q0 = 0) of the Kernels attention contract (src/kernels.h); a chunk
+ * of queries (Tq != Tk or q0 > 0) always runs the own kernel (cuda/attention.cu), whatever
+ * runtime.attention says. q(B,T,H,D), k,v(B,T,Hkv,D), out(B,T,H,D) and lse(B,H,T) in fp32
+ * device memory; forward overwrites out and lse; backward ACCUMULATES into dq, dk, dv.
+ * scale = 1/sqrt(D), query head h reads kv head h / (H/Hkv).
  * lse is the natural-log log-sum-exp of the scaled scores, the same quantity the own kernel and
  * the CPU keep, so either implementation's forward feeds either backward.
  * Numerics: cuDNN computes in bf16 on tensor cores with fp32 softmax and accumulation. q, k, v,

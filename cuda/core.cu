@@ -26,8 +26,9 @@
  *    double, as the CPU.
  *  - Deterministic run to run (no float atomics anywhere in the backend; the embedding backward
  *    is cuda/moe.cu's, which sums each vocab row in a fixed order).
- *  - Differences from the CPU backend: a negative token id (the CPU aborts) gathers a zero row
- *    in embedding_fwd and is skipped by embedding_bwd; copy does not support overlapping ranges.
+ *  - A negative token id (kernels.h: a row of another rank's vocabulary shard) gives a zero row
+ *    in embedding_fwd and is skipped by embedding_bwd (cuda/moe.cu), as the contract says.
+ *  - Differences from the CPU backend: copy does not support overlapping ranges.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -820,8 +821,8 @@ static void check_table(const Kernels *k) {
     NEED(k, rmsnorm_fwd); NEED(k, rmsnorm_bwd); NEED(k, rope); NEED(k, attention_fwd);
     NEED(k, attention_bwd); NEED(k, swiglu_fwd); NEED(k, swiglu_bwd); NEED(k, router_topk_fwd);
     NEED(k, router_stats); NEED(k, router_bwd); NEED(k, gather_rows); NEED(k, scatter_add_rows);
-    NEED(k, combine); NEED(k, combine_bwd); NEED(k, cross_entropy); NEED(k, adamw);
-    NEED(k, release);
+    NEED(k, combine); NEED(k, combine_bwd); NEED(k, cross_entropy); NEED(k, ce_rowmax);
+    NEED(k, ce_sumexp); NEED(k, ce_vp_grad); NEED(k, adamw); NEED(k, release);
 }
 
 static Kernels g_table;

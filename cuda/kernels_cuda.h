@@ -13,7 +13,8 @@
  *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding
  *                      forward, RMSNorm, RoPE, SwiGLU, AdamW, release
  *   cuda/moe.cu        router top-k / stats / backward, gather / scatter / combine, embedding
- *                      backward (the scatter with the token id as the row), cross-entropy
+ *                      backward (the scatter with the token id as the row), cross-entropy and
+ *                      its vocabulary-parallel passes (ce_rowmax, ce_sumexp, ce_vp_grad)
  *   cuda/attention.cu  causal GQA attention forward / backward: own flash-style fp32 kernels, or
  *                      cuDNN's fused attention (cuda/attention_cudnn.cpp) per runtime.attention
  * with cuda/convert.cu for the fp32 <-> bf16 copies the bf16 libraries need.
@@ -43,6 +44,9 @@ const Kernels *kernels_cuda(void);
  *                    with one note on stderr per shape;
  *   CUDA_ATTN_CUDNN  cuDNN only: a shape it cannot run aborts the job, naming the shape and why;
  *   CUDA_ATTN_OWN    the own fp32 kernel only.
+ * cuDNN is used for the plain case only (Tq = Tk, q0 = 0 in src/kernels.h's attention contract).
+ * A chunk of queries (Tq != Tk or q0 > 0: context parallelism) runs the own kernel in every mode,
+ * CUDA_ATTN_CUDNN included, with one note on stderr per process.
  * Default AUTO. Set before the first attention call; a no-op in a build without CUDA. */
 typedef enum { CUDA_ATTN_AUTO = 0, CUDA_ATTN_CUDNN = 1, CUDA_ATTN_OWN = 2 } CudaAttention;
 void cuda_set_attention(CudaAttention which);

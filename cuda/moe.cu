@@ -15,6 +15,13 @@
  *                     the row; token ids copied to the host first: synchronises)
  *   cross_entropy     dlogits = scale * (softmax - onehot) (overwrites, may alias logits),
  *                     *loss_host = sum of row losses (double, copied back: synchronises).
+ *   ce_rowmax         vocabulary-parallel cross-entropy, pass 1: mx(N) = row max of the shard
+ *   ce_sumexp         pass 2: se(N) = sum exp(logits - mx) (double sum, stored float),
+ *                     tl(N) = the target's logit if this shard holds it, else 0
+ *   ce_vp_grad        pass 3: dlogits = scale * (exp(logits - mx) / se - onehot) (overwrites, may
+ *                     alias logits; zero rows for ignored targets), *loss_host = sum over rows
+ *                     with a target of mx + log(se) - tl (double, copied back: synchronises).
+ *                     All three: one block per row, as cross_entropy.
  * slots are HOST ints: staged through pinned memory (two buffers in turn, each reused only after
  * an event shows its previous copy done) into a growable device buffer on cuda_stream() (stream-
  * ordered, so the device buffer is reused safely by the next call). Rows that several slots
@@ -511,6 +518,99 @@ void cuda_cross_entropy(double *loss_host, float *dlogits, const float *logits,
     MT_CHECK(hbad == 0, "cross_entropy: target of row %d >= V = %d", hbad - 1, v);
 }
 
+/* ============================================= vocabulary-parallel cross-entropy == */
+
+/* Three passes over this rank's vocabulary shard logits(N, Vl) = columns [v0, v0 + Vl) of the
+ * whole logits; the caller all-reduces mx (max) and se, tl (sum) between them (src/kernels.h).
+ * One block per row, fixed-order reductions (block_reduce): deterministic. A shard of Vl = 0
+ * gives mx = -inf, se = 0, tl = 0 and writes no dlogits. */
+
+/* mx[r] = max_j logits[r, j] */
+__global__ void ce_rowmax_kernel(float *mx, const float *logits, int v) {
+    const size_t r = blockIdx.x;
+    const float *l = logits + r * v;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += kThreads) m = fmaxf(m, l[j]);
+    m = block_reduce(m, MaxOp());
+    if (threadIdx.x == 0) mx[r] = m;
+}
+
+/* Column of target tgt in the shard [v0, v0 + v), or -1 (not here, or ignored: tgt < 0). */
+__device__ __forceinline__ int shard_col(int tgt, int v0, int v) {
+    return tgt >= 0 && tgt >= v0 && tgt - v0 < v ? tgt - v0 : -1;
+}
+
+/* se[r] = sum_j exp(logits[r, j] - mx[r]) (exp in float, sum in double, as cross_entropy);
+ * tl[r] = logits[r, tgt - v0] if the shard holds the target, else 0. Every row, ignored or not. */
+__global__ void ce_sumexp_kernel(float *se, float *tl, const float *logits, const int32_t *targets,
+                                 const float *mx, int v, int v0) {
+    const size_t r = blockIdx.x;
+    const float *l = logits + r * v;
+    const float m = mx[r];
+    double s = 0;
+    for (int j = threadIdx.x; j < v; j += kThreads) s += expf(l[j] - m);
+    s = block_reduce(s, SumOp());
+    if (threadIdx.x == 0) {
+        const int col = shard_col(targets[r], v0, v);
+        se[r] = (float)s;
+        tl[r] = col >= 0 ? l[col] : 0.0f;
+    }
+}
+
+/* dlogits[r] = scale * (exp(logits - mx) / se - onehot(tgt - v0)), row_loss[r] = mx + log(se) - tl;
+ * an ignored row (tgt < 0): zeros and 0. Each thread reads only the logits it overwrites (the row
+ * statistics come from mx, se, tl), so dlogits may alias logits. */
+__global__ void ce_vp_grad_kernel(float *dlogits, double *row_loss, const float *logits,
+                                  const int32_t *targets, const float *mx, const float *se,
+                                  const float *tl, int v, int v0, float scale) {
+    const size_t r = blockIdx.x;
+    const float *l = logits + r * v;
+    float *d = dlogits + r * v;
+    const int tgt = targets[r];
+    if (tgt < 0) { /* the whole block leaves: no barrier below */
+        for (int j = threadIdx.x; j < v; j += kThreads) d[j] = 0.0f;
+        if (threadIdx.x == 0) row_loss[r] = 0.0;
+        return;
+    }
+    const float m = mx[r];
+    const double s = se[r];
+    const float f = (float)(scale / s);
+    const int col = shard_col(tgt, v0, v);
+    for (int j = threadIdx.x; j < v; j += kThreads) {
+        float x = expf(l[j] - m) * f;
+        d[j] = j == col ? x - scale : x;
+    }
+    if (threadIdx.x == 0) row_loss[r] = (double)m + log(s) - tl[r];
+}
+
+void cuda_ce_rowmax(float *mx, const float *logits, int n, int v) {
+    if (n <= 0) return;
+    ce_rowmax_kernel<<<n, kThreads, 0, cuda_stream()>>>(mx, logits, v < 0 ? 0 : v);
+    CUDA_CHECK_LAUNCH();
+}
+
+void cuda_ce_sumexp(float *se, float *tl, const float *logits, const int32_t *targets,
+                    const float *mx, int n, int v, int v0) {
+    if (n <= 0) return;
+    ce_sumexp_kernel<<<n, kThreads, 0, cuda_stream()>>>(se, tl, logits, targets, mx,
+                                                        v < 0 ? 0 : v, v0);
+    CUDA_CHECK_LAUNCH();
+}
+
+void cuda_ce_vp_grad(double *loss_host, float *dlogits, const float *logits,
+                     const int32_t *targets, const float *mx, const float *se, const float *tl,
+                     int n, int v, int v0, float scale) {
+    if (n <= 0) {
+        *loss_host = 0;
+        return;
+    }
+    double *parts = (double *)devbuf_get(&g_parts, (size_t)n * sizeof(double));
+    ce_vp_grad_kernel<<<n, kThreads, 0, cuda_stream()>>>(dlogits, parts, logits, targets, mx, se,
+                                                         tl, v < 0 ? 0 : v, v0, scale);
+    CUDA_CHECK_LAUNCH();
+    *loss_host = sum_parts_to_host(parts, n); /* synchronises; fixed order */
+}
+
 } /* namespace */
 
 extern "C" void cuda_fill_moe(Kernels *k) {
@@ -522,5 +622,8 @@ extern "C" void cuda_fill_moe(Kernels *k) {
     k->combine = cuda_combine;
     k->combine_bwd = cuda_combine_bwd;
     k->cross_entropy = cuda_cross_entropy;
+    k->ce_rowmax = cuda_ce_rowmax;
+    k->ce_sumexp = cuda_ce_sumexp;
+    k->ce_vp_grad = cuda_ce_vp_grad;
     k->embedding_bwd = cuda_embedding_bwd;
 }

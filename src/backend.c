@@ -32,6 +32,6 @@ const Kernels *backend_kernels(const Config *c, char *err) {
 void backend_attach_mesh(Mesh *mesh, const Config *c) {
     if (c->device != DEVICE_CUDA) return;
     Group *g[] = {&mesh->g_world, &mesh->g_tp, &mesh->g_cp, &mesh->g_dp, &mesh->g_pp,
-                  &mesh->g_dpcp, &mesh->g_ep, &mesh->g_etp, &mesh->g_edp};
+                  &mesh->g_dpcp, &mesh->g_stage, &mesh->g_ep, &mesh->g_etp, &mesh->g_edp};
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) group_set_device(g[i], c->comm == COMM_NCCL);
 }

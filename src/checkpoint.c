@@ -62,7 +62,7 @@ static int is_step_file(const char *e) {
 }
 
 double ckpt_size_estimate(const Config *c) {
-    ModelDims fd = dims_from_config(c, 1, 0);
+    ModelDims fd = dims_from_config(c, NULL);
     ParamLayout full;
     params_layout_init(&full, &fd, c->init_std, NULL);
     double n = 0;
@@ -232,6 +232,16 @@ static void flat_pieces(size_t a, size_t z, hsize_t cols, Piece p[3]) {
     if (c1) p[2] = (Piece){{r1, 0}, {1, c1}, off + (size_t)(r1 - r0) * cols};
 }
 
+/* Elements [a, z) of t's piece (this rank's rectangle of the full tensor, params.h) as pieces of
+ * the full tensor: the piece's own row-major pieces moved to where it sits. */
+static void tensor_pieces(const ParamInfo *t, size_t a, size_t z, Piece p[3]) {
+    flat_pieces(a, z, t->ndim == 2 ? (hsize_t)t->shape[1] : 0, p);
+    for (int q = 0; q < 3; q++) {
+        p[q].start[0] += (hsize_t)t->start[0];
+        if (t->ndim == 2) p[q].start[1] += (hsize_t)t->start[1];
+    }
+}
+
 /* Select piece p in the file space and make the matching memory space (both empty if p is). */
 static hid_t select_piece(hid_t fs, int ndim, const Piece *p) {
     hsize_t one = 1;
@@ -245,16 +255,17 @@ static hid_t select_piece(hid_t fs, int ndim, const Piece *p) {
     return H5Screate_simple(ndim, p->count, NULL);
 }
 
+/* The file space: the full logical shape. */
 static hid_t tensor_space(const ParamInfo *t) {
-    hsize_t dims[2] = {(hsize_t)t->shape[0], (hsize_t)t->shape[1]};
+    hsize_t dims[2] = {(hsize_t)t->full[0], (hsize_t)t->full[1]};
     return H5Screate_simple(t->ndim, dims, NULL);
 }
 
 /* Chunked, Fletcher32-checksummed dataset of t's shape (chunks of about 4 MiB). */
 static hid_t create_dataset(hid_t file, const char *name, const ParamInfo *t) {
     hid_t sp = tensor_space(t), dcpl = H5Pcreate(H5P_DATASET_CREATE), lcpl = H5Pcreate(H5P_LINK_CREATE);
-    hsize_t chunk[2] = {(hsize_t)t->shape[0], (hsize_t)t->shape[1]};
-    hsize_t row = t->ndim == 2 ? (hsize_t)t->shape[1] : 1, rows = (1u << 20) / row;
+    hsize_t chunk[2] = {(hsize_t)t->full[0], (hsize_t)t->full[1]};
+    hsize_t row = t->ndim == 2 ? (hsize_t)t->full[1] : 1, rows = (1u << 20) / row;
     if (rows < 1) rows = 1;
     if (chunk[0] > rows) chunk[0] = rows;
     H5Pset_chunk(dcpl, t->ndim, chunk);
@@ -323,8 +334,8 @@ static void write_attrs(hid_t f, const Trainer *t) {
     free(ini);
     const Mesh *ms = t->mesh;
     char mesh[256];
-    snprintf(mesh, sizeof mesh, "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"ep\":%d,\"edp\":%d,\"shard\":%d}",
-             ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->ep, ms->edp, (int)c->shard);
+    snprintf(mesh, sizeof mesh, "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"etp\":%d,\"ep\":%d,\"edp\":%d,\"shard\":%d}",
+             ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp, (int)c->shard);
     attr_str(f, "mesh", mesh);
     attr_str(f, "router_state", "none: the global-batch LBL counters restart every step and are empty "
                                 "at a step boundary; no expert bias is used");
@@ -346,10 +357,13 @@ static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, ch
             int j = params_find(&t->model.pl, ft->name);
             size_t a = 0, z = 0;
             float *ptr = NULL;
-            if (j >= 0) tensor_slice(&t->shard, &t->model.pl.info[j], (What)w, 1, &a, &z, &ptr);
-            hid_t fs = tensor_space(ft);
             Piece pc[3];
-            flat_pieces(a, z, ft->ndim == 2 ? (hsize_t)ft->shape[1] : 0, pc);
+            memset(pc, 0, sizeof pc);
+            if (j >= 0) {
+                tensor_slice(&t->shard, &t->model.pl.info[j], (What)w, 1, &a, &z, &ptr);
+                tensor_pieces(&t->model.pl.info[j], a, z, pc);
+            }
+            hid_t fs = tensor_space(ft);
             float *host = mt_calloc(z > a ? z - a : 1, sizeof(float)); /* staged: may be device memory */
             if (z > a) t->k->to_host(host, ptr, (z - a) * sizeof(float));
             /* which pieces any rank writes (the others are skipped by all ranks: a collective
@@ -433,7 +447,7 @@ int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
      * collective HDF5 call can leave the other ranks waiting, and a failed close leaves the
      * library unusable) */
     if (ckpt_check_dir(dir, ckpt_size_estimate(&t->cfg), world, err) != MT_OK) return MT_ERR;
-    ModelDims fd = dims_from_config(&t->cfg, 1, 0);
+    ModelDims fd = dims_from_config(&t->cfg, NULL);
     ParamLayout full;
     params_layout_init(&full, &fd, t->cfg.init_std, NULL);
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
@@ -492,11 +506,11 @@ static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *
     hsize_t dims[2] = {0, 0};
     int nd = H5Sget_simple_extent_dims(fs, dims, NULL);
     int rc = MT_OK;
-    if (nd != t->ndim || dims[0] != (hsize_t)t->shape[0] || (nd == 2 && dims[1] != (hsize_t)t->shape[1])) {
+    if (nd != t->ndim || dims[0] != (hsize_t)t->full[0] || (nd == 2 && dims[1] != (hsize_t)t->full[1])) {
         rc = mt_fail(err, "%s: dataset %s has the wrong shape", path, name);
     } else {
         Piece pc[3];
-        flat_pieces(a, z, nd == 2 ? dims[1] : 0, pc);
+        tensor_pieces(t, a, z, pc);
         float *host = mt_calloc(z - a, sizeof(float));
         for (int q = 0; q < 3 && rc == MT_OK; q++) {
             if (!pc[q].count[0] || !pc[q].count[1]) continue;

@@ -90,8 +90,9 @@ static const KeySpec KEYS[] = {
     K_ENUM("moe", "lbl_scope", lbl_scope, "micro_batch", LBL_NAMES, "token statistics of the load-balancing loss: per micro-batch or per global batch"),
     K_FLT("moe", "z_coeff", z_coeff, "0.001", F_GE0, "router z-loss coefficient"),
 
-    K_INT("parallel", "tp", tp, "1", 1, 65536, "tensor-parallel degree"),
-    K_INT("parallel", "cp", cp, "1", 1, 65536, "context-parallel degree"),
+    K_INT("parallel", "tp", tp, "1", 1, 65536, "tensor-parallel degree of attention, dense FFNs, shared experts, embedding and lm_head (with sequence parallelism)"),
+    K_INT("parallel", "cp", cp, "1", 1, 65536, "context-parallel degree: each sequence split over cp ranks in 2*cp load-balanced chunks"),
+    K_INT("parallel", "etp", etp, "1", 1, 65536, "tensor-parallel degree of the routed experts (each expert's hidden width split); independent of tp (MoE parallel folding)"),
     K_INT("parallel", "ep", ep, "1", 1, 65536, "expert-parallel degree (divides moe.num_experts)"),
     K_INT("parallel", "pp", pp, "1", 1, 65536, "pipeline-parallel degree"),
 
@@ -511,6 +512,32 @@ static int check_attention(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, attn, dev, err, "requires runtime.device = cuda (cuDNN runs on the GPU)");
 }
 
+/* Tensor parallelism splits the residual rows of a micro-batch: micro_batch_size * seq_len / cp
+ * tokens per rank must divide by tp. */
+static int check_sp_rows(const Config *c, const Loc *o, char *err) {
+    long long rows = (long long)c->micro_batch_size * c->seq_len / c->cp;
+    if (c->tp == 1 || rows % c->tp == 0) return MT_OK;
+    const KeySpec *tp = must_key("parallel", "tp"), *mbs = must_key("train", "micro_batch_size");
+    return key_fail(c, o, tp, mbs, err, "must divide the tokens of a micro-batch on one context-parallel rank "
+                    "(train.micro_batch_size * model.seq_len / parallel.cp = %d * %d / %d = %lld), which "
+                    "sequence parallelism splits over the tp ranks", c->micro_batch_size, c->seq_len, c->cp, rows);
+}
+
+static int check_cp_len(const Config *c, const Loc *o, char *err) {
+    if (c->cp == 1 || c->seq_len % (2 * c->cp) == 0) return MT_OK;
+    const KeySpec *cp = must_key("parallel", "cp"), *t = must_key("model", "seq_len");
+    return key_fail(c, o, t, cp, err, "must be a multiple of 2 * parallel.cp = %d (context parallelism "
+                    "cuts each sequence in 2*cp equal chunks)", 2 * c->cp);
+}
+
+static int check_shared_tp(const Config *c, const Loc *o, char *err) {
+    long long fs = (long long)c->shared_experts * (c->shared_hidden ? c->shared_hidden : c->expert_hidden);
+    if (fs % c->tp == 0) return MT_OK;
+    const KeySpec *sh = must_key("moe", "shared_hidden"), *tp = must_key("parallel", "tp");
+    return key_fail(c, o, sh, tp, err, "moe.shared_experts * shared_hidden = %lld must be a multiple of "
+                    "parallel.tp = %d (the shared experts' hidden width is split over tp)", fs, c->tp);
+}
+
 static const Rule RULES[] = {
     {"model", "n_heads", R_MULTIPLE_OF, "model", "n_kv_heads", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_head_dim,
@@ -521,6 +548,16 @@ static const Rule RULES[] = {
     {"optim", "min_lr", R_LE, "optim", "lr", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_data_path, "data.source = file requires a non-empty data.path"},
     {"moe", "num_experts", R_MULTIPLE_OF, "parallel", "ep", NULL, NULL},
+    {"model", "n_heads", R_MULTIPLE_OF, "parallel", "tp", NULL, NULL},
+    {"model", "n_kv_heads", R_MULTIPLE_OF, "parallel", "tp", NULL, NULL},
+    {"model", "vocab_size", R_MULTIPLE_OF, "parallel", "tp", NULL, NULL},
+    {"model", "ffn_hidden", R_MULTIPLE_OF, "parallel", "tp", NULL, NULL},
+    {"moe", "expert_hidden", R_MULTIPLE_OF, "parallel", "etp", NULL, NULL},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_shared_tp,
+     "moe.shared_experts * moe.shared_hidden must be a multiple of parallel.tp"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_cp_len, "model.seq_len must be a multiple of 2 * parallel.cp"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_sp_rows,
+     "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_comm, "runtime.comm = nccl requires runtime.device = cuda"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_attention, "runtime.attention = cudnn requires runtime.device = cuda"},

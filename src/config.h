@@ -53,6 +53,7 @@ typedef struct Config {
 
     /* [parallel] (dp = world / (tp*cp*pp)) */
     int tp, cp, ep, pp;
+    int etp; /* tensor-parallel degree of the routed experts */
 
     /* [train] */
     int steps;

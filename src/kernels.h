@@ -62,7 +62,10 @@ typedef struct Kernels {
     void (*grouped_linear_bwd_weight)(float *dw, const float *dy, const float *x, const int *offs,
                                       int g, int o, int i);
 
-    /* ---- embedding ---- */
+    /* ---- embedding ----
+     * A negative token id stands for a row this rank does not hold (the vocabulary-parallel
+     * embedding passes ids relative to its shard, -1 outside it): fwd writes a zero row for it,
+     * bwd skips it. */
     /* out(N,C) = wte[tokens[n]]  (overwrites)  tokens: backend int32 (N) */
     void (*embedding_fwd)(float *out, const int32_t *tokens, const float *wte, int n, int c);
     /* dwte[tokens[n]] += dout(N,C) */
@@ -82,15 +85,19 @@ typedef struct Kernels {
     void (*rope)(float *x, int b, int t, int nh, int d, int pos0, float theta, int inverse);
 
     /* ---- causal grouped-query attention ----
-     * q(B,T,H,D), k,v(B,T,Hkv,D) -> out(B,T,H,D); lse(B,H,T) = log-sum-exp of the scaled scores
-     * (kept for the backward, which recomputes probabilities). scale = 1/sqrt(D).
+     * q(B,Tq,H,D), k,v(B,Tk,Hkv,D) -> out(B,Tq,H,D); lse(B,H,Tq) = log-sum-exp of the scaled
+     * scores (kept for the backward, which recomputes probabilities). scale = 1/sqrt(D).
+     * Query row t sits at position q0 + t of its sequence and attends keys 0 .. q0 + t (causal);
+     * keys are at positions 0 .. Tk-1, and q0 + Tq <= Tk. The plain case is Tq = Tk, q0 = 0;
+     * context parallelism passes one chunk of queries (Tq = T/(2 cp), q0 its start) against the
+     * whole gathered sequence (Tk = T), whose keys after q0 + t get exactly zero weight.
      * Query head h reads kv head h / (H/Hkv). fwd overwrites out and lse. */
     void (*attention_fwd)(float *out, float *lse, const float *q, const float *k, const float *v,
-                          int b, int t, int h, int hkv, int d);
-    /* dq, dk, dv accumulated */
+                          int b, int tq, int tk, int q0, int h, int hkv, int d);
+    /* dq(B,Tq,H,D), dk, dv(B,Tk,Hkv,D) accumulated */
     void (*attention_bwd)(float *dq, float *dk, float *dv, const float *dout, const float *q,
                           const float *k, const float *v, const float *out, const float *lse,
-                          int b, int t, int h, int hkv, int d);
+                          int b, int tq, int tk, int q0, int h, int hkv, int d);
 
     /* ---- SwiGLU: ab(N,2F) = [x w1^T | x w3^T]; h(N,F) = silu(a) * b ---- */
     void (*swiglu_fwd)(float *h, const float *ab, int n, int f);  /* overwrites h */
@@ -137,6 +144,25 @@ typedef struct Kernels {
      * (overwrites; may alias logits). */
     void (*cross_entropy)(double *loss_host, float *dlogits, const float *logits,
                           const int32_t *targets, int n, int v, float scale);
+
+    /* Vocabulary-parallel cross-entropy (tensor parallelism: each rank holds logits(N,Vl) for
+     * the vocabulary slice [v0, v0 + Vl); targets(N) are global ids, < 0 ignored). Three passes,
+     * with the caller's all-reduces between them (over the tensor-parallel group):
+     *   ce_rowmax:  mx(N) = max_j logits[n,j]                               (overwrites)
+     *     -> all-reduce max of mx
+     *   ce_sumexp:  se(N) = sum_j exp(logits[n,j] - mx[n]);
+     *               tl(N) = logits[n, tgt - v0] if v0 <= tgt < v0 + Vl, else 0  (both overwrite)
+     *     -> all-reduce sum of se and tl
+     *   ce_vp_grad: *loss_host = sum over rows with tgt >= 0 of (mx + log(se) - tl) (double);
+     *               dlogits(N,Vl) = scale * (exp(logits - mx) / se - onehot(tgt - v0)), zero rows
+     *               for ignored targets (overwrites; may alias logits).
+     * mx, se, tl are backend float (N). With one rank (v0 = 0, Vl = V) this is cross_entropy. */
+    void (*ce_rowmax)(float *mx, const float *logits, int n, int v);
+    void (*ce_sumexp)(float *se, float *tl, const float *logits, const int32_t *targets,
+                      const float *mx, int n, int v, int v0);
+    void (*ce_vp_grad)(double *loss_host, float *dlogits, const float *logits,
+                       const int32_t *targets, const float *mx, const float *se, const float *tl,
+                       int n, int v, int v0, float scale);
 
     /* ---- optimizer ----
      * AdamW over n elements, decoupled weight decay: p -= lr * (mhat/(sqrt(vhat)+eps) + wd * p).

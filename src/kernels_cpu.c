@@ -3,7 +3,7 @@
  * What this file guarantees (summary of kernels.h plus CPU specifics):
  *  - fp32 tensors in host memory, row-major; linear weights W(out, in), y = x W^T.
  *  - Forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into gradient
- *    buffers, except combine_bwd and cross_entropy, which overwrite.
+ *    buffers, except combine_bwd, cross_entropy and ce_vp_grad, which overwrite.
  *  - GEMM work goes through CBLAS sgemm: one call per matmul, per group of a grouped linear, per
  *    query block of causal attention. Never a per-token GEMM loop.
  *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
@@ -12,8 +12,9 @@
  *    vectorisable, < 1 ulp against exp() on [-87.3, 88), exactly 0 below -87.3. It is only
  *    called with arguments <= 0 (max-shifted softmax rows, exp(-|a|) in the sigmoid).
  *  - Causal attention runs in blocks of ATT_BLK query rows; a block multiplies only against
- *    keys 0..(its last row), and masked probabilities are exactly 0. Backward recomputes the
- *    probabilities from lse. Scratch (2 x ATT_BLK x T floats) is allocated once per call.
+ *    keys 0..(the position q0 + r of its last row), and masked probabilities are exactly 0.
+ *    Backward recomputes the probabilities from lse. Scratch (2 x ATT_BLK x (q0 + Tq) floats)
+ *    is allocated once per call.
  *  - Router top-k: descending probability, ties broken by the lower expert id.
  * No allocation inside per-row loops; per-call scratch comes from mt_calloc.
  */
@@ -224,16 +225,17 @@ static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const floa
 
 /* =========================================================================== embedding == */
 
+/* A negative id is a row outside this rank's shard: zero row forward, nothing backward. */
 static void cpu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, int n, int c) {
     for (int r = 0; r < n; r++) {
-        MT_CHECK(tokens[r] >= 0, "embedding: token[%d] = %d", r, tokens[r]);
-        memcpy(out + (size_t)r * c, wte + (size_t)tokens[r] * c, (size_t)c * sizeof(float));
+        if (tokens[r] < 0) memset(out + (size_t)r * c, 0, (size_t)c * sizeof(float));
+        else memcpy(out + (size_t)r * c, wte + (size_t)tokens[r] * c, (size_t)c * sizeof(float));
     }
 }
 
 static void cpu_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int n, int c) {
     for (int r = 0; r < n; r++) {
-        MT_CHECK(tokens[r] >= 0, "embedding: token[%d] = %d", r, tokens[r]);
+        if (tokens[r] < 0) continue;
         float *restrict d = dwte + (size_t)tokens[r] * c;
         const float *restrict g = dout + (size_t)r * c;
         for (int j = 0; j < c; j++) d[j] += g[j];
@@ -316,27 +318,28 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
 
 /* =========================================================================== attention == */
 
-/* One (b, h) pair: q/o rows have stride ldq = H*D, k/v rows stride ldk = Hkv*D. */
+/* One (b, h) pair: q/o rows have stride ldq = H*D, k/v rows stride ldk = Hkv*D. Query row t
+ * (0 <= t < tq) sits at key position q0 + t. */
 typedef struct {
     const float *q, *k, *v, *o, *dout, *lse; /* lse: read by the backward */
     float *out, *dq, *dk, *dv, *lse_out;      /* lse_out: written by the forward */
-    int t, d, ldq, ldk;
+    int tq, q0, d, ldq, ldk;
     float scale;
 } AttnHead;
 
-/* s(m, n) = scale * q[r0:r0+m] k[0:n]^T, n = r0 + m */
+/* s(m, n) = scale * q[r0:r0+m] k[0:n]^T, n = q0 + r0 + m */
 static void attn_scores(float *s, const AttnHead *a, int r0, int m) {
-    int n = r0 + m;
+    int n = a->q0 + r0 + m;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, a->d, a->scale,
                 a->q + (size_t)r0 * a->ldq, a->ldq, a->k, a->ldk, 0.0f, s, n);
 }
 
-/* Row r of the block (query t = r0 + r) keeps columns 0..t: softmax there, exact 0 after. */
-static void causal_softmax(float *s, float *lse, int r0, int m) {
-    int n = r0 + m;
+/* Row r of the block (key position p = p0 + r) keeps columns 0..p: softmax there, exact 0 after. */
+static void causal_softmax(float *s, float *lse, int p0, int m) {
+    int n = p0 + m;
     for (int r = 0; r < m; r++) {
         float *row = s + (size_t)r * n;
-        int len = r0 + r + 1;
+        int len = p0 + r + 1;
         float mx = max_f(row, (size_t)len);
         exp_shift(row, (size_t)len, mx);
         double sum = sum_d(row, (size_t)len);
@@ -346,12 +349,12 @@ static void causal_softmax(float *s, float *lse, int r0, int m) {
     }
 }
 
-/* Recompute probabilities from lse: p = exp(s - lse) for s <= t, 0 after. */
-static void causal_probs(float *s, const float *lse, int r0, int m) {
-    int n = r0 + m;
+/* Recompute probabilities from lse: p = exp(s - lse) for columns <= p0 + r, 0 after. */
+static void causal_probs(float *s, const float *lse, int p0, int m) {
+    int n = p0 + m;
     for (int r = 0; r < m; r++) {
         float *row = s + (size_t)r * n;
-        int len = r0 + r + 1;
+        int len = p0 + r + 1;
         exp_shift(row, (size_t)len, lse[r]);
         memset(row + len, 0, (size_t)(n - len) * sizeof(float));
     }
@@ -359,33 +362,35 @@ static void causal_probs(float *s, const float *lse, int r0, int m) {
 
 /* dp := scale * p * (dp - rowsum(dout * o)) on the causal part, 0 after. */
 static void causal_softmax_bwd(float *dp, const float *p, const AttnHead *a, int r0, int m) {
-    int n = r0 + m;
+    int n = a->q0 + r0 + m;
     for (int r = 0; r < m; r++) {
         size_t qo = (size_t)(r0 + r) * a->ldq;
         float di = (float)dot_d(a->dout + qo, a->o + qo, (size_t)a->d);
         float *restrict drow = dp + (size_t)r * n;
         const float *restrict prow = p + (size_t)r * n;
-        int len = r0 + r + 1;
+        int len = a->q0 + r0 + r + 1;
         for (int j = 0; j < len; j++) drow[j] = a->scale * prow[j] * (drow[j] - di);
         memset(drow + len, 0, (size_t)(n - len) * sizeof(float));
     }
 }
 
+static int attn_rows(int tq, int r0) { return tq - r0 < ATT_BLK ? tq - r0 : ATT_BLK; }
+
 static void attn_fwd_head(const AttnHead *a, float *s) {
-    for (int r0 = 0; r0 < a->t; r0 += ATT_BLK) {
-        int m = a->t - r0 < ATT_BLK ? a->t - r0 : ATT_BLK, n = r0 + m;
+    for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
+        int m = attn_rows(a->tq, r0), n = a->q0 + r0 + m;
         attn_scores(s, a, r0, m);
-        causal_softmax(s, a->lse_out + r0, r0, m);
+        causal_softmax(s, a->lse_out + r0, a->q0 + r0, m);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, a->d, n, 1.0f, s, n, a->v,
                     a->ldk, 0.0f, a->out + (size_t)r0 * a->ldq, a->ldq);
     }
 }
 
 static void attn_bwd_block(const AttnHead *a, float *p, float *dp, int r0, int m) {
-    int n = r0 + m, d = a->d;
+    int n = a->q0 + r0 + m, d = a->d;
     const float *dout = a->dout + (size_t)r0 * a->ldq, *q = a->q + (size_t)r0 * a->ldq;
     attn_scores(p, a, r0, m);
-    causal_probs(p, a->lse + r0, r0, m);
+    causal_probs(p, a->lse + r0, a->q0 + r0, m);
     /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T */
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, p, n, dout, a->ldq, 1.0f,
                 a->dv, a->ldk);
@@ -399,53 +404,70 @@ static void attn_bwd_block(const AttnHead *a, float *p, float *dp, int r0, int m
                 a->dk, a->ldk);
 }
 
-/* Shape fields of the (bi, hi) pair; *qoff / *koff are its offsets into q-like / k-like tensors. */
-static AttnHead attn_head(int bi, int hi, int t, int h, int hkv, int d, size_t *qoff,
-                          size_t *koff) {
+/* Shapes of one attention call: Tq query rows from position q0 against Tk keys. */
+typedef struct {
+    int tq, tk, q0, h, hkv, d;
+} AttnDims;
+
+/* Shape fields of the (bi, hi) pair; *qoff / *koff are its offsets into q-like / k-like tensors,
+ * *loff into lse. */
+static AttnHead attn_head(int bi, int hi, AttnDims s, size_t *qoff, size_t *koff, size_t *loff) {
     AttnHead a = {0};
-    a.t = t;
-    a.d = d;
-    a.ldq = h * d;
-    a.ldk = hkv * d;
-    a.scale = 1.0f / sqrtf((float)d);
-    *qoff = (size_t)bi * t * h * d + (size_t)hi * d;
-    *koff = (size_t)bi * t * hkv * d + (size_t)(hi / (h / hkv)) * d;
+    a.tq = s.tq;
+    a.q0 = s.q0;
+    a.d = s.d;
+    a.ldq = s.h * s.d;
+    a.ldk = s.hkv * s.d;
+    a.scale = 1.0f / sqrtf((float)s.d);
+    *qoff = (size_t)bi * s.tq * s.h * s.d + (size_t)hi * s.d;
+    *koff = (size_t)bi * s.tk * s.hkv * s.d + (size_t)(hi / (s.h / s.hkv)) * s.d;
+    *loff = ((size_t)bi * s.h + hi) * s.tq;
     return a;
 }
 
-static void attn_check(int h, int hkv, int d) {
-    MT_CHECK(hkv > 0 && h % hkv == 0, "attention: H=%d not a multiple of Hkv=%d", h, hkv);
-    MT_CHECK(d > 0, "attention: D=%d", d);
+static void attn_check(AttnDims s) {
+    MT_CHECK(s.hkv > 0 && s.h % s.hkv == 0, "attention: H=%d not a multiple of Hkv=%d", s.h, s.hkv);
+    MT_CHECK(s.d > 0, "attention: D=%d", s.d);
+    MT_CHECK(s.tq >= 0 && s.q0 >= 0 && s.q0 + s.tq <= s.tk,
+             "attention: Tq=%d rows from q0=%d do not fit Tk=%d keys", s.tq, s.q0, s.tk);
+}
+
+/* floats of one score block: ATT_BLK rows by the keys of the last row */
+static size_t attn_blk(AttnDims s) {
+    return (size_t)(s.tq < ATT_BLK ? s.tq : ATT_BLK) * (s.q0 + s.tq);
 }
 
 static void cpu_attention_fwd(float *out, float *lse, const float *q, const float *k,
-                              const float *v, int b, int t, int h, int hkv, int d) {
-    attn_check(h, hkv, d);
-    float *s = mt_calloc((size_t)(t < ATT_BLK ? t : ATT_BLK) * t, sizeof(float));
+                              const float *v, int b, int tq, int tk, int q0, int h, int hkv,
+                              int d) {
+    AttnDims s = {tq, tk, q0, h, hkv, d};
+    attn_check(s);
+    float *sc = mt_calloc(attn_blk(s), sizeof(float));
     for (int bi = 0; bi < b; bi++)
         for (int hi = 0; hi < h; hi++) {
-            size_t qoff, koff;
-            AttnHead a = attn_head(bi, hi, t, h, hkv, d, &qoff, &koff);
+            size_t qoff, koff, loff;
+            AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
             a.q = q + qoff;
             a.k = k + koff;
             a.v = v + koff;
             a.out = out + qoff;
-            a.lse_out = lse + ((size_t)bi * h + hi) * t;
-            attn_fwd_head(&a, s);
+            a.lse_out = lse + loff;
+            attn_fwd_head(&a, sc);
         }
-    free(s);
+    free(sc);
 }
 
 static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q,
                               const float *k, const float *v, const float *out, const float *lse,
-                              int b, int t, int h, int hkv, int d) {
-    attn_check(h, hkv, d);
-    size_t blk = (size_t)(t < ATT_BLK ? t : ATT_BLK) * t;
+                              int b, int tq, int tk, int q0, int h, int hkv, int d) {
+    AttnDims s = {tq, tk, q0, h, hkv, d};
+    attn_check(s);
+    size_t blk = attn_blk(s);
     float *p = mt_calloc(2 * blk, sizeof(float)), *dp = p + blk;
     for (int bi = 0; bi < b; bi++)
         for (int hi = 0; hi < h; hi++) {
-            size_t qoff, koff;
-            AttnHead a = attn_head(bi, hi, t, h, hkv, d, &qoff, &koff);
+            size_t qoff, koff, loff;
+            AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
             a.q = q + qoff;
             a.k = k + koff;
             a.v = v + koff;
@@ -454,9 +476,9 @@ static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout
             a.dq = dq + qoff;
             a.dk = dk + koff;
             a.dv = dv + koff;
-            a.lse = lse + ((size_t)bi * h + hi) * t;
-            for (int r0 = 0; r0 < t; r0 += ATT_BLK)
-                attn_bwd_block(&a, p, dp, r0, t - r0 < ATT_BLK ? t - r0 : ATT_BLK);
+            a.lse = lse + loff;
+            for (int r0 = 0; r0 < tq; r0 += ATT_BLK)
+                attn_bwd_block(&a, p, dp, r0, attn_rows(tq, r0));
         }
     free(p);
 }
@@ -652,6 +674,53 @@ static void cpu_cross_entropy(double *loss_host, float *dlogits, const float *lo
     *loss_host = loss;
 }
 
+/* Vocabulary-parallel cross-entropy: this rank holds columns [v0, v0 + v) of every row; mx, se
+ * and tl are all-reduced by the caller between the passes (max, sum, sum). */
+static void cpu_ce_rowmax(float *mx, const float *logits, int n, int v) {
+    for (int r = 0; r < n; r++)
+        mx[r] = v > 0 ? max_f(logits + (size_t)r * v, (size_t)v) : -INFINITY;
+}
+
+static void cpu_ce_sumexp(float *se, float *tl, const float *logits, const int32_t *targets,
+                          const float *mx, int n, int v, int v0) {
+    float *tmp = mt_calloc((size_t)v, sizeof(float));
+    for (int r = 0; r < n; r++) {
+        const float *l = logits + (size_t)r * v;
+        int tgt = targets[r];
+        exp_shift_to(tmp, l, (size_t)v, mx[r]);
+        se[r] = (float)sum_d(tmp, (size_t)v);
+        tl[r] = tgt >= v0 && tgt - v0 < v ? l[tgt - v0] : 0.0f;
+    }
+    free(tmp);
+}
+
+/* One row of ce_vp_grad: returns mx + log(se) - tl; d (may equal l) = scale * (softmax - onehot),
+ * the onehot only when the target column j is in this slice. */
+static double ce_vp_row(float *d, const float *l, int j, int v, float mx, float se, float tl,
+                        float scale) {
+    if (d == l) exp_shift(d, (size_t)v, mx);
+    else exp_shift_to(d, l, (size_t)v, mx);
+    scale_f(d, (size_t)v, (float)(scale / (double)se));
+    if (j >= 0 && j < v) d[j] -= scale;
+    return mx + log((double)se) - tl;
+}
+
+static void cpu_ce_vp_grad(double *loss_host, float *dlogits, const float *logits,
+                           const int32_t *targets, const float *mx, const float *se,
+                           const float *tl, int n, int v, int v0, float scale) {
+    double loss = 0;
+    for (int r = 0; r < n; r++) {
+        float *d = dlogits + (size_t)r * v;
+        if (targets[r] < 0) {
+            memset(d, 0, (size_t)v * sizeof(float));
+            continue;
+        }
+        loss += ce_vp_row(d, logits + (size_t)r * v, targets[r] - v0, v, mx[r], se[r], tl[r],
+                          scale);
+    }
+    *loss_host = loss;
+}
+
 /* =========================================================================== optimizer == */
 
 static void cpu_adamw(float *p, const float *grad, float *m, float *v, size_t n, float lr,
@@ -717,6 +786,9 @@ static const Kernels g_cpu = {
     .combine = cpu_combine,
     .combine_bwd = cpu_combine_bwd,
     .cross_entropy = cpu_cross_entropy,
+    .ce_rowmax = cpu_ce_rowmax,
+    .ce_sumexp = cpu_ce_sumexp,
+    .ce_vp_grad = cpu_ce_vp_grad,
     .adamw = cpu_adamw,
     .release = cpu_release,
 };

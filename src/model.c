@@ -9,31 +9,45 @@
 
 #define F32 sizeof(float)
 
+/* Parameters and gradients of unsplit dense tensors (norms, router: PBUF_DENSE) and of tensors
+ * split over tp (attention, FFNs, embedding, lm_head: PBUF_TP), at their layout offsets. */
 static float *P(Model *m, size_t off) { return m->param[PBUF_DENSE] + off; }
 static float *G(Model *m, size_t off) { return m->grad[PBUF_DENSE] + off; }
+static float *PT(Model *m, size_t off) { return m->param[PBUF_TP] + off; }
+static float *GT(Model *m, size_t off) { return m->grad[PBUF_TP] + off; }
+
+/* ---- token layout (model.h) ---- */
+
+static int n_chunks(const ModelDims *d) { return d->cp > 1 ? 2 : 1; }
+static int chunk_len(const ModelDims *d) { return d->T / (d->cp > 1 ? 2 * d->cp : 1); }
+/* Global chunk index of this rank's j-th chunk (cp rank i: chunks i and 2cp-1-i). */
+static int chunk_of(const ModelDims *d, int cp_r, int j) { return j == 0 ? cp_r : 2 * d->cp - 1 - cp_r; }
+/* Tokens on this cp rank (gathered over tp) and residual rows of this rank, for b sequences. */
+static int rows_cp(const ModelDims *d, int b) { return b * d->T / d->cp; }
+static int rows_res(const ModelDims *d, int b) { return rows_cp(d, b) / d->tp; }
+static int ffn_width(const ModelDims *d, const LayerParams *lp) { return lp->is_moe ? d->Fsl : d->Fl; }
 
 /* ---- allocation ---- */
 
-static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int n) {
+static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int b) {
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
-    size_t nc = (size_t)n * d->C;
-    a->ln1 = k->alloc(nc * F32);
-    a->rstd1 = k->alloc((size_t)n * F32);
-    a->q = k->alloc((size_t)n * d->H * d->D * F32);
-    a->k = k->alloc((size_t)n * d->Hkv * d->D * F32);
-    a->v = k->alloc((size_t)n * d->Hkv * d->D * F32);
-    a->att = k->alloc((size_t)n * d->H * d->D * F32);
-    a->lse = k->alloc((size_t)n * d->H * F32);
-    a->res_mid = k->alloc(nc * F32);
-    a->ln2 = k->alloc(nc * F32);
-    a->rstd2 = k->alloc((size_t)n * F32);
-    if (lp->is_moe) {
-        moe_acts_alloc(&a->moe, k, d, &m->mc, n, m->ep);
-    } else {
-        a->ab = k->alloc((size_t)n * 2 * d->F * F32);
-        a->h = k->alloc((size_t)n * d->F * F32);
+    size_t n = rows_res(d, b), nc = rows_cp(d, b), f = ffn_width(d, lp);
+    a->ln1 = k->alloc(n * d->C * F32);
+    a->rstd1 = k->alloc(n * F32);
+    a->q = k->alloc(nc * d->Hl * d->D * F32);
+    a->k = k->alloc(nc * d->Hkvl * d->D * F32);
+    a->v = k->alloc(nc * d->Hkvl * d->D * F32);
+    a->att = k->alloc(nc * d->Hl * d->D * F32);
+    a->lse = k->alloc(nc * d->Hl * F32);
+    a->res_mid = k->alloc(n * d->C * F32);
+    a->ln2 = k->alloc(n * d->C * F32);
+    a->rstd2 = k->alloc(n * F32);
+    if (f) {
+        a->ab = k->alloc(nc * 2 * f * F32);
+        a->h = k->alloc(nc * f * F32);
     }
+    if (lp->is_moe) moe_acts_alloc(&a->moe, k, d, &m->mc, (int)n, m->ep, m->etp);
 }
 
 static void layer_acts_free(Model *m, LayerActs *a, const LayerParams *lp) {
@@ -43,24 +57,35 @@ static void layer_acts_free(Model *m, LayerActs *a, const LayerParams *lp) {
     if (lp->is_moe) moe_acts_free(&a->moe, m->k);
 }
 
-static int max_ffn_width(const ModelDims *d) {
-    int f = d->F > d->Fs ? d->F : d->Fs;
-    return f;
-}
+static int max_ffn_width(const ModelDims *d) { return d->Fl > d->Fsl ? d->Fl : d->Fsl; }
 
-static void scratch_alloc(Model *m, int n) {
+static void scratch_alloc(Model *m, int b) {
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
-    size_t nc = (size_t)n * d->C, f = max_ffn_width(d);
-    m->dres = k->alloc(nc * F32);
-    m->dln = k->alloc(nc * F32);
-    m->dq = k->alloc((size_t)n * d->H * d->D * F32);
-    m->dk = k->alloc((size_t)n * d->Hkv * d->D * F32);
-    m->dv = k->alloc((size_t)n * d->Hkv * d->D * F32);
-    m->datt = k->alloc((size_t)n * d->H * d->D * F32);
-    m->dh = k->alloc((size_t)n * f * F32);
-    m->dab = k->alloc((size_t)n * 2 * f * F32);
-    moe_scratch_alloc(&m->ms, k, d, &m->mc, n);
+    size_t n = rows_res(d, b), nc = rows_cp(d, b), f = max_ffn_width(d);
+    size_t kvw = (size_t)b * d->T * d->Hkvl * d->D; /* whole sequences' K or V */
+    m->dres = k->alloc(n * d->C * F32);
+    m->dln = k->alloc(n * d->C * F32);
+    m->dq = k->alloc(nc * d->Hl * d->D * F32);
+    m->dk = k->alloc(nc * d->Hkvl * d->D * F32);
+    m->dv = k->alloc(nc * d->Hkvl * d->D * F32);
+    m->datt = k->alloc(nc * d->Hl * d->D * F32);
+    m->dh = k->alloc(nc * (f ? f : 1) * F32);
+    m->dab = k->alloc(nc * 2 * (f ? f : 1) * F32);
+    moe_scratch_alloc(&m->ms, k, d, &m->mc, (int)n);
+    if (d->tp > 1) {
+        m->gx = k->alloc(nc * d->C * F32);
+        m->gy = k->alloc(nc * d->C * F32);
+        m->gz = k->alloc(nc * d->C * F32);
+        m->rs = k->alloc(n * d->C * F32);
+        m->ce = k->alloc(3 * nc * F32);
+    }
+    if (d->cp > 1) {
+        m->kall = k->alloc(kvw * F32);
+        m->vall = k->alloc(kvw * F32);
+        m->knat = k->alloc(kvw * F32);
+        m->vnat = k->alloc(kvw * F32);
+    }
 }
 
 void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const ModelParallel *mp) {
@@ -68,8 +93,11 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->k = k;
     m->solo = group_self("solo");
     m->ep = mp ? mp->ep : &m->solo;
+    m->etp = mp && mp->etp ? mp->etp : &m->solo;
+    m->tp = mp && mp->tp ? mp->tp : &m->solo;
+    m->cp = mp && mp->cp ? mp->cp : &m->solo;
     m->tok_group = mp ? mp->tokens : &m->solo;
-    m->d = dims_from_config(c, m->ep->size, m->ep->rank);
+    m->d = dims_from_config(c, mp ? &mp->split : NULL);
     m->mc = (MoeConfig){.renorm = c->renormalize, .capacity_factor = c->capacity_factor,
                         .pad_to_capacity = c->pad_to_capacity, .lbl_coeff = c->lbl_coeff,
                         .z_coeff = c->z_coeff};
@@ -79,21 +107,22 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->max_seqs = max_seqs;
     params_layout_init(&m->pl, &m->d, c->init_std, mp ? mp->pad : NULL);
     for (int b = 0; b < PBUF_COUNT; b++) {
-        m->param[b] = k->alloc(m->pl.size[b] * F32);
-        m->grad[b] = k->alloc(m->pl.size[b] * F32);
+        m->param[b] = k->alloc((m->pl.size[b] ? m->pl.size[b] : 1) * F32);
+        m->grad[b] = k->alloc((m->pl.size[b] ? m->pl.size[b] : 1) * F32);
     }
     const ModelDims *d = &m->d;
-    int n = max_seqs * d->T;
-    m->tokens = k->alloc((size_t)n * sizeof(int32_t));
-    m->targets = k->alloc((size_t)n * sizeof(int32_t));
+    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs);
+    m->tokens = k->alloc(nc * sizeof(int32_t));
+    m->targets = k->alloc(nc * sizeof(int32_t));
+    m->row_dom = mt_calloc(n, sizeof(int32_t));
     m->res = mt_calloc(d->L + 1, sizeof *m->res);
-    for (int l = 0; l <= d->L; l++) m->res[l] = k->alloc((size_t)n * d->C * F32);
+    for (int l = 0; l <= d->L; l++) m->res[l] = k->alloc(n * d->C * F32);
     m->la = mt_calloc(d->L, sizeof *m->la);
-    for (int l = 0; l < d->L; l++) layer_acts_alloc(m, &m->la[l], &m->pl.layers[l], n);
-    m->lnf = k->alloc((size_t)n * d->C * F32);
-    m->rstdf = k->alloc((size_t)n * F32);
-    m->logits = k->alloc((size_t)n * d->V * F32);
-    scratch_alloc(m, n);
+    for (int l = 0; l < d->L; l++) layer_acts_alloc(m, &m->la[l], &m->pl.layers[l], max_seqs);
+    m->lnf = k->alloc(n * d->C * F32);
+    m->rstdf = k->alloc(n * F32);
+    m->logits = k->alloc(nc * d->Vl * F32);
+    scratch_alloc(m, max_seqs);
     m->load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->lbl_acc = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->domain_load = mt_calloc((size_t)d->L * DATA_N_DOMAINS * d->E, sizeof(int64_t));
@@ -107,12 +136,15 @@ void model_free(Model *m) {
     }
     k->free(m->tokens);
     k->free(m->targets);
+    free(m->row_dom);
     for (int l = 0; l <= m->d.L; l++) k->free(m->res[l]);
     for (int l = 0; l < m->d.L; l++) layer_acts_free(m, &m->la[l], &m->pl.layers[l]);
     free(m->res);
     free(m->la);
-    float *p[] = {m->lnf, m->rstdf, m->logits, m->dres, m->dln, m->dq, m->dk, m->dv, m->datt, m->dh, m->dab};
-    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) k->free(p[i]);
+    float *p[] = {m->lnf, m->rstdf, m->logits, m->dres, m->dln, m->dq, m->dk, m->dv, m->datt, m->dh,
+                  m->dab, m->gx, m->gy, m->gz, m->rs, m->ce, m->kall, m->vall, m->knat, m->vnat};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
+        if (p[i]) k->free(p[i]);
     moe_scratch_free(&m->ms, k);
     free(m->load);
     free(m->lbl_acc);
@@ -146,17 +178,25 @@ void model_reset_lbl(Model *m) { memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E *
 
 size_t model_activation_bytes(const Model *m) { return model_activation_bytes_plan(&m->pl, m->max_seqs); }
 
+/* Floats of the arena, mirroring model_init (layer_acts_alloc, scratch_alloc, moe_*_alloc). */
 size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs) {
     const ModelDims *d = &pl->dims;
-    size_t n = (size_t)max_seqs * d->T, nk = n * d->K, per = 0;
+    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs), nk = n * d->K, per = 0;
+    size_t qd = (size_t)d->Hl * d->D, kd = (size_t)d->Hkvl * d->D, f = max_ffn_width(d);
     for (int l = 0; l < d->L; l++) {
-        per += n * (4 * d->C + 2 + 2 * d->H * d->D + 2 * d->Hkv * d->D + d->H);
-        if (pl->layers[l].is_moe)
-            per += n * (2 * d->E + 2 * d->K + 3 * d->Fs) + nk * (2 * d->C + 3 * d->Fe);
-        else
-            per += n * 3 * d->F;
+        const LayerParams *lp = &pl->layers[l];
+        per += n * (4 * d->C + 2) + nc * (2 * qd + 2 * kd + d->Hl) + nc * 3 * ffn_width(d, lp);
+        if (lp->is_moe) per += n * (2 * d->E + 2 * d->K) + nk * (2 * d->C + 3 * d->Fel);
     }
-    per += n * ((d->L + 1) * d->C + d->C + 1 + d->V + 2);
+    per += n * ((d->L + 1) * d->C + d->C + 1) + nc * (d->Vl + 2); /* res, lnf, rstdf, logits, tokens */
+    per += 2 * n * d->C + nc * (2 * qd + 2 * kd + 3 * (f ? f : 1));  /* backward scratch */
+    if (d->tp > 1) per += 3 * nc * d->C + n * d->C + 3 * nc;
+    if (d->cp > 1) per += 4 * (size_t)max_seqs * d->T * kd;
+    for (int l = 0; l < d->L; l++) /* MoE backward scratch, once (moe_scratch_alloc) */
+        if (pl->layers[l].is_moe) {
+            per += 2 * nk * d->C + nk + n * d->E + d->E;
+            break;
+        }
     return per * F32;
 }
 
@@ -172,6 +212,68 @@ static void hook_grads_ready(Model *m, int u) {
     if (m->hooks.grads_ready) m->hooks.grads_ready(m->hooks.ctx, u);
 }
 
+/* ---- tensor / context parallel data movement (the only communication besides moe.c) ---- */
+
+/* x (n,C): this rank's residual rows -> all rows of the tp group (Nc,C) in buf; x itself at tp = 1. */
+static const float *tp_gather(Model *m, const float *x, float *buf) {
+    if (m->tp->size == 1) return x;
+    comm_allgather(m->tp, x, buf, (size_t)rows_res(&m->d, m->b) * m->d.C, DT_F32);
+    return buf;
+}
+
+/* Where a tp-split linear writes its partial (Nc,C) output that belongs in y (n,C), and beta:
+ * y itself, accumulated, at tp = 1; else the zeroed gz. */
+static float *tp_partial(Model *m, float *y, float *beta) {
+    if (m->tp->size == 1) {
+        *beta = 1.0f;
+        return y;
+    }
+    *beta = 0.0f;
+    m->k->zero(m->gz, (size_t)rows_cp(&m->d, m->b) * m->d.C * F32);
+    return m->gz;
+}
+
+/* y (n,C) += this rank's rows of the sum over tp of the partial in gz (no-op at tp = 1). */
+static void tp_reduce_add(Model *m, float *y) {
+    if (m->tp->size == 1) return;
+    size_t nc = (size_t)rows_res(&m->d, m->b) * m->d.C;
+    comm_reduce_scatter_sum(m->tp, m->gz, m->rs, nc, DT_F32);
+    m->k->axpy(y, m->rs, 1.0f, nc);
+}
+
+/* Copy K or V of whole sequences between arrival order (cp rank r, its chunk j, sequence b) and
+ * sequence order (b, t); to_nat picks the direction. w: floats per token. */
+static void cp_reorder(Model *m, float *all, float *nat, size_t w, int to_nat) {
+    const ModelDims *d = &m->d;
+    int B = m->b, Tc = chunk_len(d);
+    size_t blk = (size_t)Tc * w;
+    for (int r = 0; r < d->cp; r++)
+        for (int j = 0; j < 2; j++)
+            for (int s = 0; s < B; s++) {
+                float *a = all + ((size_t)(r * 2 + j) * B + s) * blk;
+                float *z = nat + ((size_t)s * d->T + (size_t)chunk_of(d, r, j) * Tc) * w;
+                if (to_nat) m->k->copy(z, a, blk * F32);
+                else m->k->copy(a, z, blk * F32);
+            }
+}
+
+/* K or V of this rank's chunks (Nc,w) -> whole sequences (B,T,w) in nat; x itself at cp = 1. */
+static const float *cp_gather_kv(Model *m, const float *x, float *all, float *nat, size_t w) {
+    if (m->cp->size == 1) return x;
+    comm_allgather(m->cp, x, all, (size_t)rows_cp(&m->d, m->b) * w, DT_F32);
+    cp_reorder(m, all, nat, w, 1);
+    return nat;
+}
+
+/* The gradient of a gathered K or V (B,T,w) in nat -> dx (Nc,w) += the sum over cp of this rank's
+ * chunks. all is scratch. */
+static void cp_reduce_kv(Model *m, float *nat, float *all, float *dx, size_t w) {
+    size_t cnt = (size_t)rows_cp(&m->d, m->b) * w;
+    cp_reorder(m, all, nat, w, 0);
+    comm_reduce_scatter_sum(m->cp, all, nat, cnt, DT_F32);
+    m->k->axpy(dx, nat, 1.0f, cnt);
+}
+
 /* ---- forward ---- */
 
 static MoeWeights moe_weights(Model *m, const LayerParams *lp) {
@@ -180,28 +282,44 @@ static MoeWeights moe_weights(Model *m, const LayerParams *lp) {
         .router = P(m, lp->router), .ex_w13 = pe + lp->ex_w13, .ex_w2 = pe + lp->ex_w2,
         .d_router = G(m, lp->router), .d_ex_w13 = ge + lp->ex_w13, .d_ex_w2 = ge + lp->ex_w2,
     };
-    if (m->d.Fs) {
-        w.sh_w13 = P(m, lp->sh_w13);
-        w.sh_w2 = P(m, lp->sh_w2);
-        w.d_sh_w13 = G(m, lp->sh_w13);
-        w.d_sh_w2 = G(m, lp->sh_w2);
-    }
     return w;
 }
 
-static void attention_forward(Model *m, const LayerParams *lp, LayerActs *a, const float *x, int b) {
+/* RoPE (or its inverse) on x (Nc, nh, D): each local chunk at its true positions. */
+static void rope_chunks(Model *m, float *x, int nh, int inverse) {
+    const ModelDims *d = &m->d;
+    int Tc = chunk_len(d);
+    for (int j = 0; j < n_chunks(d); j++)
+        m->k->rope(x + (size_t)j * m->b * Tc * nh * d->D, m->b, Tc, nh, d->D,
+                   chunk_of(d, m->cp->rank, j) * Tc, m->theta, inverse);
+}
+
+/* Offsets of local chunk j in a q-like tensor (Nc, Hl*D) and in lse (chunk-major, (B,Hl,Tc)). */
+static size_t q_chunk(Model *m, int j) { return (size_t)j * m->b * chunk_len(&m->d) * m->d.Hl * m->d.D; }
+static size_t lse_chunk(Model *m, int j) { return (size_t)j * m->b * m->d.Hl * chunk_len(&m->d); }
+
+static void attention_forward(Model *m, const LayerParams *lp, LayerActs *a, const float *x) {
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
-    int n = b * d->T, qd = d->H * d->D, kd = d->Hkv * d->D;
+    int n = rows_res(d, m->b), nc = rows_cp(d, m->b), qd = d->Hl * d->D, kd = d->Hkvl * d->D;
+    int Tc = chunk_len(d);
     k->rmsnorm_fwd(a->ln1, a->rstd1, x, P(m, lp->ln1), n, d->C, m->eps);
-    k->matmul(a->q, a->ln1, P(m, lp->q), n, qd, d->C, 0, 1, 1.0f, 0.0f);
-    k->matmul(a->k, a->ln1, P(m, lp->k), n, kd, d->C, 0, 1, 1.0f, 0.0f);
-    k->matmul(a->v, a->ln1, P(m, lp->v), n, kd, d->C, 0, 1, 1.0f, 0.0f);
-    k->rope(a->q, b, d->T, d->H, d->D, 0, m->theta, 0);
-    k->rope(a->k, b, d->T, d->Hkv, d->D, 0, m->theta, 0);
-    k->attention_fwd(a->att, a->lse, a->q, a->k, a->v, b, d->T, d->H, d->Hkv, d->D);
+    const float *xg = tp_gather(m, a->ln1, m->gx);
+    k->matmul(a->q, xg, PT(m, lp->q), nc, qd, d->C, 0, 1, 1.0f, 0.0f);
+    k->matmul(a->k, xg, PT(m, lp->k), nc, kd, d->C, 0, 1, 1.0f, 0.0f);
+    k->matmul(a->v, xg, PT(m, lp->v), nc, kd, d->C, 0, 1, 1.0f, 0.0f);
+    rope_chunks(m, a->q, d->Hl, 0);
+    rope_chunks(m, a->k, d->Hkvl, 0);
+    const float *K = cp_gather_kv(m, a->k, m->kall, m->knat, kd);
+    const float *V = cp_gather_kv(m, a->v, m->vall, m->vnat, kd);
+    int tk = d->cp > 1 ? d->T : Tc;
+    for (int j = 0; j < n_chunks(d); j++)
+        k->attention_fwd(a->att + q_chunk(m, j), a->lse + lse_chunk(m, j), a->q + q_chunk(m, j), K, V,
+                         m->b, Tc, tk, d->cp > 1 ? chunk_of(d, m->cp->rank, j) * Tc : 0, d->Hl, d->Hkvl, d->D);
     k->copy(a->res_mid, x, (size_t)n * d->C * F32);
-    k->matmul(a->res_mid, a->att, P(m, lp->o), n, d->C, qd, 0, 1, 1.0f, 1.0f);
+    float beta, *y = tp_partial(m, a->res_mid, &beta);
+    k->matmul(y, a->att, PT(m, lp->o), nc, d->C, qd, 0, 1, 1.0f, beta);
+    tp_reduce_add(m, a->res_mid);
 }
 
 /* Load fractions for the LBL per the configured scope. */
@@ -217,32 +335,40 @@ static void lbl_fractions(Model *m, int l, MoeActs *a) {
     } /* micro_batch: moe_forward already set f from this micro-batch's counts */
 }
 
-static void record_load(Model *m, int l, const MoeActs *a, const int32_t *domains, int b) {
+static void record_load(Model *m, int l, const MoeActs *a, int n) {
     const ModelDims *d = &m->d;
     for (int x = 0; x < d->E; x++) m->load[(size_t)l * d->E + x] += a->plan.count[x];
-    if (!domains) return;
-    for (int s = 0; s < b * d->T * d->K; s++) {
-        int dom = domains[s / (d->T * d->K)];
+    for (int s = 0; s < n * d->K; s++) {
+        int dom = m->row_dom[s / d->K];
         if (dom < 0 || dom >= DATA_N_DOMAINS) continue;
         m->domain_load[((size_t)l * DATA_N_DOMAINS + dom) * d->E + a->idx_host[s]]++;
     }
 }
 
-static void ffn_forward(Model *m, int l, LayerActs *a, float *y, int b, MicroStats *st,
-                        const int32_t *domains, int collect) {
+/* y (n,C) += SwiGLU of x (n,C) with tp-split weights (dense FFN or shared experts of width f). */
+static void tp_swiglu_forward(Model *m, LayerActs *a, size_t w13, size_t w2, int f, const float *x,
+                              float *y) {
+    const ModelDims *d = &m->d;
+    const float *xg = tp_gather(m, x, m->gx);
+    float beta, *yp = tp_partial(m, y, &beta);
+    swiglu_ffn_forward(m->k, PT(m, w13), PT(m, w2), a->ab, a->h, xg, yp, rows_cp(d, m->b), d->C, f);
+    tp_reduce_add(m, y);
+}
+
+static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st, int collect) {
     const LayerParams *lp = &m->pl.layers[l];
     const ModelDims *d = &m->d;
-    int n = b * d->T;
+    int n = rows_res(d, m->b);
     if (!lp->is_moe) {
-        swiglu_ffn_forward(m->k, P(m, lp->mlp_w13), P(m, lp->mlp_w2), a->ab, a->h, a->ln2, y, n,
-                           d->C, d->F);
+        tp_swiglu_forward(m, a, lp->mlp_w13, lp->mlp_w2, d->Fl, a->ln2, y);
         return;
     }
     MoeWeights w = moe_weights(m, lp);
     moe_forward(m->k, d, &m->mc, &w, &a->moe, a->ln2, y, n);
+    if (d->Fs) tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, y);
     if (collect) {
         lbl_fractions(m, l, &a->moe);
-        record_load(m, l, &a->moe, domains, b);
+        record_load(m, l, &a->moe, n);
     }
     double lbl, z;
     moe_aux_losses(m->k, d, &a->moe, n, &lbl, &z);
@@ -252,17 +378,49 @@ static void ffn_forward(Model *m, int l, LayerActs *a, float *y, int b, MicroSta
     st->assignments += (int64_t)n * d->K;
 }
 
-static void load_tokens(Model *m, const int32_t *tokens, int b) {
-    int T = m->d.T, n = b * T;
-    int32_t *in = mt_calloc(n, sizeof *in), *tg = mt_calloc(n, sizeof *tg);
-    for (int s = 0; s < b; s++) {
-        memcpy(in + (size_t)s * T, tokens + (size_t)s * (T + 1), T * sizeof *in);
-        memcpy(tg + (size_t)s * T, tokens + (size_t)s * (T + 1) + 1, T * sizeof *tg);
+/* Inputs and targets of this rank's tokens in the layout of model.h; inputs as ids of this rank's
+ * vocabulary slice (-1 outside it); the data domain of each residual row. */
+static void load_tokens(Model *m, const int32_t *tokens, const int32_t *domains, int b) {
+    const ModelDims *d = &m->d;
+    int T = d->T, Tc = chunk_len(d), nc = rows_cp(d, b), n = rows_res(d, b);
+    int32_t *in = mt_calloc(nc, sizeof *in), *tg = mt_calloc(nc, sizeof *tg);
+    for (int j = 0; j < n_chunks(d); j++)
+        for (int s = 0; s < b; s++) {
+            const int32_t *src = tokens + (size_t)s * (T + 1) + (size_t)chunk_of(d, m->cp->rank, j) * Tc;
+            size_t row = ((size_t)j * b + s) * Tc;
+            for (int t = 0; t < Tc; t++) {
+                int id = src[t] - d->v0;
+                in[row + t] = id >= 0 && id < d->Vl ? id : -1;
+                tg[row + t] = src[t + 1];
+            }
+        }
+    for (int r = 0; r < n; r++) { /* residual row r is local token tp_r*n + r */
+        int row = d->tp_r * n + r;
+        m->row_dom[r] = domains ? domains[(row / Tc) % b] : -1;
     }
-    m->k->from_host(m->tokens, in, n * sizeof *in);
-    m->k->from_host(m->targets, tg, n * sizeof *tg);
+    m->k->from_host(m->tokens, in, nc * sizeof *in);
+    m->k->from_host(m->targets, tg, nc * sizeof *tg);
     free(in);
     free(tg);
+}
+
+/* Cross-entropy of logits (Nc,Vl) against the targets; leaves dlogits (scaled) in m->logits.
+ * Returns the loss summed over the Nc tokens (identical on every tp rank). */
+static double loss_forward(Model *m, int nc, float lm_scale) {
+    const Kernels *k = m->k;
+    const ModelDims *d = &m->d;
+    double loss = 0;
+    if (m->tp->size == 1) {
+        k->cross_entropy(&loss, m->logits, m->logits, m->targets, nc, d->Vl, lm_scale);
+        return loss;
+    }
+    float *mx = m->ce, *se = m->ce + nc, *tl = m->ce + 2 * (size_t)nc; /* se, tl adjacent: one sum */
+    k->ce_rowmax(mx, m->logits, nc, d->Vl);
+    comm_allreduce_max(m->tp, mx, nc, DT_F32);
+    k->ce_sumexp(se, tl, m->logits, m->targets, mx, nc, d->Vl, d->v0);
+    comm_allreduce_sum(m->tp, se, 2 * (size_t)nc, DT_F32);
+    k->ce_vp_grad(&loss, m->logits, m->logits, m->targets, mx, se, tl, nc, d->Vl, d->v0, lm_scale);
+    return loss;
 }
 
 /* Forward through the loss; leaves dlogits (scaled by lm_scale) in m->logits. */
@@ -271,86 +429,144 @@ static MicroStats forward(Model *m, const int32_t *tokens, const int32_t *domain
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
     MT_CHECK(b >= 1 && b <= m->max_seqs, "micro-batch of %d sequences, arena holds %d", b, m->max_seqs);
-    int n = b * d->T;
+    m->b = b;
+    int n = rows_res(d, b), nc = rows_cp(d, b);
     MicroStats st = {0};
-    load_tokens(m, tokens, b);
+    load_tokens(m, tokens, domains, b);
     hook_gather(m, 0); /* the head unit stays gathered until the end of the backward */
-    k->embedding_fwd(m->res[0], m->tokens, P(m, m->pl.embed), n, d->C);
+    float beta, *e = tp_partial(m, m->res[0], &beta);
+    k->embedding_fwd(e, m->tokens, PT(m, m->pl.embed), nc, d->C);
+    if (m->tp->size > 1) {
+        k->zero(m->res[0], (size_t)n * d->C * F32);
+        tp_reduce_add(m, m->res[0]);
+    }
     for (int l = 0; l < d->L; l++) {
         LayerActs *a = &m->la[l];
         hook_gather(m, 1 + l);
-        attention_forward(m, &m->pl.layers[l], a, m->res[l], b);
+        attention_forward(m, &m->pl.layers[l], a, m->res[l]);
         k->rmsnorm_fwd(a->ln2, a->rstd2, a->res_mid, P(m, m->pl.layers[l].ln2), n, d->C, m->eps);
         k->copy(m->res[l + 1], a->res_mid, (size_t)n * d->C * F32);
-        ffn_forward(m, l, a, m->res[l + 1], b, &st, domains, collect);
+        ffn_forward(m, l, a, m->res[l + 1], &st, collect);
         hook_release(m, 1 + l);
     }
     k->rmsnorm_fwd(m->lnf, m->rstdf, m->res[d->L], P(m, m->pl.final_norm), n, d->C, m->eps);
-    k->matmul(m->logits, m->lnf, P(m, m->pl.lm_head), n, d->V, d->C, 0, 1, 1.0f, 0.0f);
-    k->cross_entropy(&st.lm_sum, m->logits, m->logits, m->targets, n, d->V, lm_scale);
-    st.tokens = n;
+    const float *xg = tp_gather(m, m->lnf, m->gx);
+    k->matmul(m->logits, xg, PT(m, m->pl.lm_head), nc, d->Vl, d->C, 0, 1, 1.0f, 0.0f);
+    double loss = loss_forward(m, nc, lm_scale);
+    if (m->tp->rank == 0) { /* every tp rank holds the same loss: count it once */
+        st.lm_sum = loss;
+        st.tokens = nc;
+    }
     return st;
 }
 
 /* ---- backward ---- */
 
-static void attention_backward(Model *m, const LayerParams *lp, LayerActs *a, const float *x, int b) {
+/* d of a tp-split linear's input: where to write the partial (Nc,C) sum destined for dx (n,C),
+ * which is overwritten. Returns dx at tp = 1. */
+static float *tp_dpartial(Model *m, float *dx) { return m->tp->size == 1 ? dx : m->gz; }
+
+/* dx (n,C) = this rank's rows of the sum over tp of the partial in gz (no-op at tp = 1). */
+static void tp_reduce_into(Model *m, float *dx) {
+    if (m->tp->size == 1) return;
+    comm_reduce_scatter_sum(m->tp, m->gz, dx, (size_t)rows_res(&m->d, m->b) * m->d.C, DT_F32);
+}
+
+static void attention_backward(Model *m, const LayerParams *lp, LayerActs *a, const float *x) {
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
-    int n = b * d->T, qd = d->H * d->D, kd = d->Hkv * d->D, C = d->C;
+    int n = rows_res(d, m->b), nc = rows_cp(d, m->b), qd = d->Hl * d->D, kd = d->Hkvl * d->D, C = d->C;
+    int Tc = chunk_len(d), tk = d->cp > 1 ? d->T : Tc;
     /* m->dres holds d res_mid */
-    k->matmul(m->datt, m->dres, P(m, lp->o), n, qd, C, 0, 0, 1.0f, 0.0f);
-    k->matmul(G(m, lp->o), m->dres, a->att, C, qd, n, 1, 0, 1.0f, 1.0f);
-    k->zero(m->dq, (size_t)n * qd * F32);
-    k->zero(m->dk, (size_t)n * kd * F32);
-    k->zero(m->dv, (size_t)n * kd * F32);
-    k->attention_bwd(m->dq, m->dk, m->dv, m->datt, a->q, a->k, a->v, a->att, a->lse, b, d->T,
-                     d->H, d->Hkv, d->D);
-    k->rope(m->dq, b, d->T, d->H, d->D, 0, m->theta, 1);
-    k->rope(m->dk, b, d->T, d->Hkv, d->D, 0, m->theta, 1);
-    k->matmul(m->dln, m->dq, P(m, lp->q), n, C, qd, 0, 0, 1.0f, 0.0f);
-    k->matmul(m->dln, m->dk, P(m, lp->k), n, C, kd, 0, 0, 1.0f, 1.0f);
-    k->matmul(m->dln, m->dv, P(m, lp->v), n, C, kd, 0, 0, 1.0f, 1.0f);
-    k->matmul(G(m, lp->q), m->dq, a->ln1, qd, C, n, 1, 0, 1.0f, 1.0f);
-    k->matmul(G(m, lp->k), m->dk, a->ln1, kd, C, n, 1, 0, 1.0f, 1.0f);
-    k->matmul(G(m, lp->v), m->dv, a->ln1, kd, C, n, 1, 0, 1.0f, 1.0f);
+    const float *dy = tp_gather(m, m->dres, m->gy);
+    k->matmul(m->datt, dy, PT(m, lp->o), nc, qd, C, 0, 0, 1.0f, 0.0f);
+    k->matmul(GT(m, lp->o), dy, a->att, C, qd, nc, 1, 0, 1.0f, 1.0f);
+    k->zero(m->dq, (size_t)nc * qd * F32);
+    k->zero(m->dk, (size_t)nc * kd * F32);
+    k->zero(m->dv, (size_t)nc * kd * F32);
+    const float *K = cp_gather_kv(m, a->k, m->kall, m->knat, kd); /* again: not kept from the forward */
+    const float *V = cp_gather_kv(m, a->v, m->vall, m->vnat, kd);
+    float *dK = m->dk, *dV = m->dv;
+    if (d->cp > 1) { /* whole-sequence gradients, reduce-scattered below; K/V move to kall/vall */
+        k->copy(m->kall, m->knat, (size_t)m->b * d->T * kd * F32);
+        k->copy(m->vall, m->vnat, (size_t)m->b * d->T * kd * F32);
+        K = m->kall;
+        V = m->vall;
+        dK = m->knat;
+        dV = m->vnat;
+        k->zero(dK, (size_t)m->b * d->T * kd * F32);
+        k->zero(dV, (size_t)m->b * d->T * kd * F32);
+    }
+    for (int j = 0; j < n_chunks(d); j++)
+        k->attention_bwd(m->dq + q_chunk(m, j), dK, dV, m->datt + q_chunk(m, j), a->q + q_chunk(m, j),
+                         K, V, a->att + q_chunk(m, j), a->lse + lse_chunk(m, j), m->b, Tc, tk,
+                         d->cp > 1 ? chunk_of(d, m->cp->rank, j) * Tc : 0, d->Hl, d->Hkvl, d->D);
+    if (d->cp > 1) {
+        cp_reduce_kv(m, dK, m->kall, m->dk, kd);
+        cp_reduce_kv(m, dV, m->vall, m->dv, kd);
+    }
+    rope_chunks(m, m->dq, d->Hl, 1);
+    rope_chunks(m, m->dk, d->Hkvl, 1);
+    float *dxg = tp_dpartial(m, m->dln);
+    k->matmul(dxg, m->dq, PT(m, lp->q), nc, C, qd, 0, 0, 1.0f, 0.0f);
+    k->matmul(dxg, m->dk, PT(m, lp->k), nc, C, kd, 0, 0, 1.0f, 1.0f);
+    k->matmul(dxg, m->dv, PT(m, lp->v), nc, C, kd, 0, 0, 1.0f, 1.0f);
+    tp_reduce_into(m, m->dln);
+    const float *xg = tp_gather(m, a->ln1, m->gx);
+    k->matmul(GT(m, lp->q), m->dq, xg, qd, C, nc, 1, 0, 1.0f, 1.0f);
+    k->matmul(GT(m, lp->k), m->dk, xg, kd, C, nc, 1, 0, 1.0f, 1.0f);
+    k->matmul(GT(m, lp->v), m->dv, xg, kd, C, nc, 1, 0, 1.0f, 1.0f);
     k->rmsnorm_bwd(m->dres, G(m, lp->ln1), m->dln, x, P(m, lp->ln1), a->rstd1, n, C);
 }
 
-static void ffn_backward(Model *m, int l, LayerActs *a, int b, float aux_scale) {
+/* dx (n,C) += d SwiGLU / dx for upstream dy (n,C) (m->dres), with tp-split weights of width f. */
+static void tp_swiglu_backward(Model *m, LayerActs *a, size_t w13, size_t w2, int f, const float *x,
+                               float *dx) {
+    const ModelDims *d = &m->d;
+    int nc = rows_cp(d, m->b);
+    const float *dy = tp_gather(m, m->dres, m->gy), *xg = tp_gather(m, x, m->gx);
+    float beta, *dxg = tp_partial(m, dx, &beta);
+    swiglu_ffn_backward(m->k, PT(m, w13), PT(m, w2), GT(m, w13), GT(m, w2), a->ab, a->h, xg, dy, dxg,
+                        m->dh, m->dab, nc, d->C, f);
+    tp_reduce_add(m, dx);
+}
+
+static void ffn_backward(Model *m, int l, LayerActs *a, float aux_scale) {
     const LayerParams *lp = &m->pl.layers[l];
     const ModelDims *d = &m->d;
-    int n = b * d->T;
+    int n = rows_res(d, m->b);
     m->k->zero(m->dln, (size_t)n * d->C * F32);
     if (lp->is_moe) {
         MoeWeights w = moe_weights(m, lp);
+        if (d->Fs) tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dln);
         moe_backward(m->k, d, &m->mc, &w, &a->moe, &m->ms, a->ln2, m->dres, m->dln, n, aux_scale);
     } else {
-        swiglu_ffn_backward(m->k, P(m, lp->mlp_w13), P(m, lp->mlp_w2), G(m, lp->mlp_w13),
-                            G(m, lp->mlp_w2), a->ab, a->h, a->ln2, m->dres, m->dln, m->dh, m->dab,
-                            n, d->C, d->F);
+        tp_swiglu_backward(m, a, lp->mlp_w13, lp->mlp_w2, d->Fl, a->ln2, m->dln);
     }
     m->k->rmsnorm_bwd(m->dres, G(m, lp->ln2), m->dln, a->res_mid, P(m, lp->ln2), a->rstd2, n, d->C);
 }
 
-static void backward(Model *m, int b, float aux_scale) {
+static void backward(Model *m, float aux_scale) {
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
-    int n = b * d->T, C = d->C;
+    int n = rows_res(d, m->b), nc = rows_cp(d, m->b), C = d->C;
     /* m->logits holds dlogits */
-    k->matmul(m->dln, m->logits, P(m, m->pl.lm_head), n, C, d->V, 0, 0, 1.0f, 0.0f);
-    k->matmul(G(m, m->pl.lm_head), m->logits, m->lnf, d->V, C, n, 1, 0, 1.0f, 1.0f);
+    float *dxg = tp_dpartial(m, m->dln);
+    k->matmul(dxg, m->logits, PT(m, m->pl.lm_head), nc, C, d->Vl, 0, 0, 1.0f, 0.0f);
+    tp_reduce_into(m, m->dln);
+    const float *xg = tp_gather(m, m->lnf, m->gx);
+    k->matmul(GT(m, m->pl.lm_head), m->logits, xg, d->Vl, C, nc, 1, 0, 1.0f, 1.0f);
     k->zero(m->dres, (size_t)n * C * F32);
     k->rmsnorm_bwd(m->dres, G(m, m->pl.final_norm), m->dln, m->res[d->L], P(m, m->pl.final_norm),
                    m->rstdf, n, C);
     for (int l = d->L - 1; l >= 0; l--) {
         hook_gather(m, 1 + l);
-        ffn_backward(m, l, &m->la[l], b, aux_scale);
-        attention_backward(m, &m->pl.layers[l], &m->la[l], m->res[l], b);
+        ffn_backward(m, l, &m->la[l], aux_scale);
+        attention_backward(m, &m->pl.layers[l], &m->la[l], m->res[l]);
         hook_grads_ready(m, 1 + l);
         hook_release(m, 1 + l);
     }
-    k->embedding_bwd(G(m, m->pl.embed), m->dres, m->tokens, n, C);
+    k->embedding_bwd(GT(m, m->pl.embed), tp_gather(m, m->dres, m->gy), m->tokens, nc, C);
     hook_grads_ready(m, 0);
     hook_release(m, 0);
 }
@@ -358,7 +574,7 @@ static void backward(Model *m, int b, float aux_scale) {
 MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *domains, int b,
                             float lm_scale, float aux_scale) {
     MicroStats st = forward(m, tokens, domains, b, lm_scale, 1);
-    backward(m, b, aux_scale);
+    backward(m, aux_scale);
     return st;
 }
 

@@ -6,6 +6,23 @@
  *
  * Owns the flat parameter and gradient buffers (params.h layout) and a preallocated activation
  * arena for one micro-batch of up to max_seqs sequences. All math goes through the Kernels table.
+ *
+ * Tokens of a micro-batch on this rank. With context parallelism (cp > 1) each sequence is cut
+ * in 2*cp chunks of Tc = T/(2cp) tokens and cp rank i holds chunks i and 2cp-1-i (balanced causal
+ * work); its Nc = B*T/cp tokens are laid out chunk-major: row (j*B + b)*Tc + t is token t of its
+ * j-th chunk of sequence b (cp = 1: one chunk, rows b*T + t). With tensor parallelism (tp > 1,
+ * always with sequence parallelism) the residual stream, norms and MoE layers hold n = Nc/tp of
+ * those rows (tp rank r: rows [r*n, (r+1)*n)); before a tp-split linear the rows are all-gathered
+ * over tp, after it the partial sums are reduce-scattered back (Megatron's g / g-bar operators).
+ *   attention: q/k/v column-parallel (Hl = H/tp heads), o row-parallel; with cp > 1 the K/V of the
+ *              whole sequence are all-gathered over cp (and their gradients reduce-scattered),
+ *              each local chunk of queries attends with its true positions (kernels.h);
+ *   dense FFN and shared experts: gate/up column-, down row-parallel (hidden width / tp);
+ *   embedding and lm_head: split by vocabulary rows; the embedding's partial rows are
+ *              reduce-scattered; the loss is the vocabulary-parallel cross-entropy (never the
+ *              full logits): per-row max, sum of exponentials and target logit all-reduced over tp;
+ *   MoE: each rank routes its own n rows (the router and norms are replicated: params.h).
+ * All of that communication happens in this file's tp_* / cp_* helpers, through comm.h.
  * model_step_micro runs forward, loss and backward for one micro-batch and ACCUMULATES gradients,
  * so gradient accumulation is calling it repeatedly between model_zero_grads calls.
  *
@@ -43,14 +60,18 @@ typedef struct ParamHooks {
 /* How this rank's model sits in the mesh. NULL = a single process. */
 typedef struct ModelParallel {
     const Group *ep;        /* expert-parallel group: dispatch / combine */
+    const Group *etp;       /* expert tensor-parallel group (experts' hidden width split) */
+    const Group *tp, *cp;   /* tensor (+ sequence) parallel, context parallel */
     const Group *tokens;    /* ranks holding other tokens of the step: global-batch LBL counts */
+    DimsSplit split;        /* this rank's tp, etp, ep, cp coordinates */
     size_t pad[PBUF_COUNT]; /* unit padding of the flat buffers (for sharding) */
 } ModelParallel;
 
-/* Saved activations of one layer (backend memory). */
+/* Saved activations of one layer (backend memory). n: residual rows, Nc: tp-gathered rows. */
 typedef struct LayerActs {
-    float *ln1, *rstd1, *q, *k, *v, *att, *lse, *res_mid, *ln2, *rstd2;
-    float *ab, *h; /* dense FFN */
+    float *ln1, *rstd1, *res_mid, *ln2, *rstd2;  /* (n,C) (n) (n,C) (n,C) (n) */
+    float *q, *k, *v, *att, *lse;                /* (Nc,Hl*D) (Nc,Hkvl*D) x2 (Nc,Hl*D) (Nc*Hl) */
+    float *ab, *h; /* dense FFN or shared experts: (Nc,2Fl) (Nc,Fl), Fl its hidden width / tp */
     MoeActs moe;   /* MoE layers */
 } LayerActs;
 
@@ -64,16 +85,22 @@ typedef struct Model {
     float *param[PBUF_COUNT], *grad[PBUF_COUNT]; /* backend */
 
     int max_seqs;          /* B capacity of the arena */
-    int32_t *tokens, *targets; /* backend (N) */
-    float **res;           /* (L+1) residual stream (N,C) */
+    int b;                 /* sequences of the current micro-batch */
+    int32_t *tokens, *targets; /* backend (Nc): inputs (vocabulary-slice ids, -1 outside), targets */
+    int32_t *row_dom;      /* host (n): data domain of each residual row */
+    float **res;           /* (L+1) residual stream (n,C) */
     LayerActs *la;         /* (L) */
-    float *lnf, *rstdf, *logits;
+    float *lnf, *rstdf, *logits; /* (n,C) (n) (Nc,Vl) */
     /* backward scratch */
     float *dres, *dln, *dq, *dk, *dv, *datt, *dh, *dab;
     MoeScratch ms;
+    /* tp > 1: gathered rows gx, gy, gz (Nc,C), a reduce-scatter landing rs (n,C), the
+     * cross-entropy row statistics ce (3,Nc); cp > 1: K/V of whole sequences (B,T,Hkvl,D) in
+     * arrival order (kall, vall) and in sequence order (knat, vnat) */
+    float *gx, *gy, *gz, *rs, *ce, *kall, *vall, *knat, *vnat;
 
     Group solo;            /* size-1 group used when there is no mesh */
-    const Group *ep, *tok_group;
+    const Group *ep, *etp, *tp, *cp, *tok_group;
     ParamHooks hooks;
 
     int64_t *load;     /* (L,E) host: tokens routed per expert, accumulated since model_reset_stats */
@@ -109,8 +136,8 @@ MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
 
 /* Bytes of the activation arena (for the memory report). */
 size_t model_activation_bytes(const Model *m);
-/* The same number before model_init: for the layout model_init builds (pl, its dims and which
- * layers are MoE) and max_seqs sequences. Arithmetic only: sizes a run before it allocates. */
+/* The same number before model_init: for the layout model_init builds (pl, its dims and split,
+ * which layers are MoE) and max_seqs sequences. Arithmetic only: sizes a run before it allocates. */
 size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs);
 
 /* Forward FLOPs (2 per multiply-add) of b sequences of the configured model, by kind. A training

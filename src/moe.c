@@ -8,9 +8,10 @@
 #include "common.h"
 
 static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m);
+static void comp_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m);
 
 void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeConfig *mc, int n,
-                    const Group *ep) {
+                    const Group *ep, const Group *etp) {
     size_t nk = (size_t)n * d->K, f = sizeof(float);
     size_t rows = moe_plan_rows(n, d->E, d->K, moe_capacity(mc->capacity_factor, n, d->K, d->E),
                                 mc->pad_to_capacity);
@@ -21,10 +22,6 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeC
     a->idx = k->alloc(nk * sizeof(int32_t));
     a->xp = k->alloc(rows * d->C * f);
     a->yp = k->alloc(rows * d->C * f);
-    if (d->Fs) {
-        a->sh_ab = k->alloc((size_t)n * 2 * d->Fs * f);
-        a->sh_h = k->alloc((size_t)n * d->Fs * f);
-    }
     a->psum = k->alloc(d->E * f);
     a->plan.slots = mt_calloc(rows, sizeof(int));
     a->plan.offs = mt_calloc(d->E + 1, sizeof(int));
@@ -33,7 +30,8 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeC
     a->probs_host = mt_calloc((size_t)n * d->E, sizeof(float));
     a->f = mt_calloc(d->E, sizeof(float));
     dispatcher_init(&a->disp, ep, k, d->E, d->C);
-    acts_reserve(a, k, d, ep->size == 1 ? rows : 0);
+    etp_init(&a->etpx, etp, k, d->El);
+    if (ep->size == 1 && etp->size == 1) comp_reserve(a, k, d, rows);
 }
 
 /* Make *p hold at least rows x width floats (contents not kept). */
@@ -42,38 +40,61 @@ static void grow(const Kernels *k, float **p, size_t rows, size_t width) {
     *p = k->alloc((rows ? rows : 1) * width * sizeof(float));
 }
 
-/* Expert-side buffers for m rows (xe and ye only at ep > 1; at ep = 1 they alias xp and yp). */
+static int etp_on(const MoeActs *a) { return a->etpx.etp->size > 1; }
+
+/* Expert-side rows received by dispatch (xe and ye, only at ep > 1: at ep = 1 they alias xp, yp). */
 static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m) {
-    if (m <= a->cap_e) return;
+    if (m <= a->cap_e || a->disp.ep->size == 1) return;
     size_t rows = m + m / 4; /* headroom: routing shifts from step to step */
-    if (a->disp.ep->size > 1) {
-        grow(k, &a->xe, rows, d->C);
-        grow(k, &a->ye, rows, d->C);
-    }
-    grow(k, &a->abe, rows, 2 * (size_t)d->Fe);
-    grow(k, &a->he, rows, d->Fe);
+    grow(k, &a->xe, rows, d->C);
+    grow(k, &a->ye, rows, d->C);
     a->cap_e = rows;
 }
 
-static void scratch_reserve(MoeScratch *s, const Kernels *k, const ModelDims *d, size_t m) {
-    if (m <= s->cap_e) return;
+/* Rows the experts compute here: abe, he (and the gathered xg, yg at etp > 1). */
+static void comp_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m) {
+    if (m <= a->cap_c) return;
     size_t rows = m + m / 4;
-    grow(k, &s->dye, rows, d->C);
-    grow(k, &s->dhe, rows, d->Fe);
-    grow(k, &s->dabe, rows, 2 * (size_t)d->Fe);
-    grow(k, &s->dxe, rows, d->C);
-    s->cap_e = rows;
+    grow(k, &a->abe, rows, 2 * (size_t)d->Fel);
+    grow(k, &a->he, rows, d->Fel);
+    if (etp_on(a)) {
+        grow(k, &a->xg, rows, d->C);
+        grow(k, &a->yg, rows, d->C);
+    }
+    a->cap_c = rows;
+}
+
+static void scratch_reserve(MoeScratch *s, const Kernels *k, const ModelDims *d, size_t me,
+                            size_t mc, int etp) {
+    if (me > s->cap_e) {
+        size_t rows = me + me / 4;
+        grow(k, &s->dye, rows, d->C);
+        grow(k, &s->dxe, rows, d->C);
+        s->cap_e = rows;
+    }
+    if (mc > s->cap_c) {
+        size_t rows = mc + mc / 4;
+        grow(k, &s->dhe, rows, d->Fel);
+        grow(k, &s->dabe, rows, 2 * (size_t)d->Fel);
+        if (etp) {
+            grow(k, &s->dyg, rows, d->C);
+            grow(k, &s->dxg, rows, d->C);
+        }
+        s->cap_c = rows;
+    }
 }
 
 void moe_acts_free(MoeActs *a, const Kernels *k) {
-    float *dev[] = {a->logits, a->probs, a->weights, a->xp, a->yp, a->sh_ab, a->sh_h, a->psum};
+    float *dev[] = {a->logits, a->probs, a->weights, a->xp, a->yp, a->psum, a->abe, a->he, a->xg, a->yg};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i]) k->free(dev[i]);
-    float *e[] = {a->abe, a->he, a->disp.ep->size > 1 ? a->xe : NULL, a->disp.ep->size > 1 ? a->ye : NULL};
-    for (size_t i = 0; i < 4; i++)
-        if (e[i]) k->free(e[i]);
+    if (a->disp.ep->size > 1) {
+        if (a->xe) k->free(a->xe);
+        if (a->ye) k->free(a->ye);
+    }
     k->free(a->idx);
     dispatcher_free(&a->disp);
+    etp_free(&a->etpx);
     free(a->plan.slots);
     free(a->plan.offs);
     free(a->plan.count);
@@ -93,16 +114,12 @@ void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, cons
     s->dxp = k->alloc(rows * d->C * f);
     s->dweights = k->alloc(nk * f);
     s->dlogits = k->alloc((size_t)n * d->E * f);
-    if (d->Fs) {
-        s->sh_dh = k->alloc((size_t)n * d->Fs * f);
-        s->sh_dab = k->alloc((size_t)n * 2 * d->Fs * f);
-    }
     s->dprob = k->alloc(d->E * f);
 }
 
 void moe_scratch_free(MoeScratch *s, const Kernels *k) {
-    float *p[] = {s->dyp, s->dxp, s->dye, s->dhe, s->dabe, s->dxe, s->dweights, s->dlogits,
-                  s->sh_dh, s->sh_dab, s->dprob};
+    float *p[] = {s->dyp, s->dxp, s->dye, s->dhe, s->dabe, s->dxe, s->dyg, s->dxg, s->dweights,
+                  s->dlogits, s->dprob};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) k->free(p[i]);
     memset(s, 0, sizeof *s);
@@ -211,7 +228,6 @@ static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
         a->xe = a->xp;
         a->ye = a->yp;
         a->eoffs = a->plan.offs;
-        acts_reserve(a, k, d, a->plan.m);
         return;
     }
     dispatch_plan(&a->disp, a->plan.offs);
@@ -221,6 +237,45 @@ static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
 }
 
 static int expert_rows(const MoeActs *a) { return a->disp.ep->size == 1 ? a->plan.m : a->disp.m_recv; }
+/* Rows the experts compute on this rank: its own expert-side rows, or the etp group's. */
+static int comp_rows(const MoeActs *a) { return etp_on(a) ? a->etpx.m_all : expert_rows(a); }
+static int n_blocks(const MoeActs *a) { return etp_on(a) ? a->etpx.etp->size : 1; }
+/* Block r of the computed rows: its first row and its expert offsets (relative to it). */
+static const int *block(const MoeActs *a, int r, size_t *row) {
+    if (!etp_on(a)) {
+        *row = 0;
+        return a->eoffs;
+    }
+    *row = (size_t)a->etpx.blk_row[r];
+    return a->etpx.blk_offs + (size_t)r * (a->etpx.El + 1);
+}
+
+/* ye = the experts on xe (this rank's slice of the hidden width, summed over etp). */
+static void experts_forward(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a) {
+    const float *x = a->xe;
+    float *y = a->ye;
+    if (etp_on(a)) {
+        etp_plan(&a->etpx, a->eoffs);
+        comp_reserve(a, k, d, a->etpx.m_all);
+        etp_gather(&a->etpx, a->xe, a->xg, d->C);
+        x = a->xg;
+        y = a->yg;
+    } else {
+        comp_reserve(a, k, d, expert_rows(a));
+    }
+    int F = d->Fel, C = d->C;
+    size_t r0;
+    for (int r = 0; r < n_blocks(a); r++) {
+        const int *offs = block(a, r, &r0);
+        k->grouped_linear_fwd(a->abe + r0 * 2 * F, x + r0 * C, w->ex_w13, offs, d->El, 2 * F, C);
+    }
+    k->swiglu_fwd(a->he, a->abe, comp_rows(a), F);
+    for (int r = 0; r < n_blocks(a); r++) {
+        const int *offs = block(a, r, &r0);
+        k->grouped_linear_fwd(y + r0 * C, a->he + r0 * F, w->ex_w2, offs, d->El, C, F);
+    }
+    if (etp_on(a)) etp_reduce(&a->etpx, a->yg, a->ye, C);
+}
 
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n) {
@@ -228,13 +283,9 @@ void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, cons
     const RoutePlan *p = &a->plan;
     k->gather_rows(a->xp, x, p->slots, p->m, d->C, d->K);
     dispatch(k, d, a);
-    int me = expert_rows(a);
-    k->grouped_linear_fwd(a->abe, a->xe, w->ex_w13, a->eoffs, d->El, 2 * d->Fe, d->C);
-    k->swiglu_fwd(a->he, a->abe, me, d->Fe);
-    k->grouped_linear_fwd(a->ye, a->he, w->ex_w2, a->eoffs, d->El, d->C, d->Fe);
+    experts_forward(k, d, w, a);
     if (a->disp.ep->size > 1) combine_rows(&a->disp, a->ye, a->yp);
     k->combine(y, a->yp, a->weights, p->slots, p->m, d->C, d->K);
-    if (d->Fs) swiglu_ffn_forward(k, w->sh_w13, w->sh_w2, a->sh_ab, a->sh_h, x, y, n, d->C, d->Fs);
     moe_lbl_fractions(a->f, p->count, d->E);
 }
 
@@ -271,18 +322,35 @@ static void router_backward(const Kernels *k, const ModelDims *d, const MoeConfi
     k->matmul(w->d_router, s->dlogits, x, d->E, d->C, n, 1, 0, 1.0f, 1.0f);     /* dWg += dl^T x */
 }
 
-/* Expert side of the backward: dye -> weight grads and dxe. */
+/* Expert side of the backward: dye -> weight grads and dxe (the transpose of experts_forward). */
 static void experts_backward(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a,
                              MoeScratch *s, const float *dye, float *dxe) {
-    int me = expert_rows(a), C = d->C, Fe = d->Fe, El = d->El;
-    k->zero(s->dhe, (size_t)me * Fe * sizeof(float));
-    k->grouped_linear_bwd_input(s->dhe, dye, w->ex_w2, a->eoffs, El, C, Fe);
-    k->grouped_linear_bwd_weight(w->d_ex_w2, dye, a->he, a->eoffs, El, C, Fe);
-    k->zero(s->dabe, (size_t)me * 2 * Fe * sizeof(float));
-    k->swiglu_bwd(s->dabe, s->dhe, a->abe, me, Fe);
-    k->zero(dxe, (size_t)me * C * sizeof(float));
-    k->grouped_linear_bwd_input(dxe, s->dabe, w->ex_w13, a->eoffs, El, 2 * Fe, C);
-    k->grouped_linear_bwd_weight(w->d_ex_w13, s->dabe, a->xe, a->eoffs, El, 2 * Fe, C);
+    int mc = comp_rows(a), C = d->C, F = d->Fel, El = d->El;
+    scratch_reserve(s, k, d, (size_t)expert_rows(a), (size_t)mc, etp_on(a));
+    const float *dy = dye, *x = a->xe;
+    float *dx = dxe;
+    if (etp_on(a)) {
+        etp_gather(&a->etpx, dye, s->dyg, C);
+        dy = s->dyg;
+        dx = s->dxg;
+        x = a->xg;
+    }
+    size_t r0;
+    k->zero(s->dhe, (size_t)mc * F * sizeof(float));
+    for (int r = 0; r < n_blocks(a); r++) {
+        const int *offs = block(a, r, &r0);
+        k->grouped_linear_bwd_input(s->dhe + r0 * F, dy + r0 * C, w->ex_w2, offs, El, C, F);
+        k->grouped_linear_bwd_weight(w->d_ex_w2, dy + r0 * C, a->he + r0 * F, offs, El, C, F);
+    }
+    k->zero(s->dabe, (size_t)mc * 2 * F * sizeof(float));
+    k->swiglu_bwd(s->dabe, s->dhe, a->abe, mc, F);
+    k->zero(dx, (size_t)mc * C * sizeof(float));
+    for (int r = 0; r < n_blocks(a); r++) {
+        const int *offs = block(a, r, &r0);
+        k->grouped_linear_bwd_input(dx + r0 * C, s->dabe + r0 * 2 * F, w->ex_w13, offs, El, 2 * F, C);
+        k->grouped_linear_bwd_weight(w->d_ex_w13, s->dabe + r0 * 2 * F, x + r0 * C, offs, El, 2 * F, C);
+    }
+    if (etp_on(a)) etp_reduce(&a->etpx, s->dxg, dxe, C);
 }
 
 void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
@@ -290,15 +358,12 @@ void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, con
                   float aux_scale) {
     const RoutePlan *p = &a->plan;
     int m = p->m, C = d->C;
-    if (d->Fs)
-        swiglu_ffn_backward(k, w->sh_w13, w->sh_w2, w->d_sh_w13, w->d_sh_w2, a->sh_ab, a->sh_h, x,
-                            dy, dx, s->sh_dh, s->sh_dab, n, C, d->Fs);
     k->zero(s->dweights, (size_t)n * d->K * sizeof(float));
     k->combine_bwd(s->dyp, s->dweights, dy, a->yp, a->weights, p->slots, m, C, d->K);
-    scratch_reserve(s, k, d, (size_t)expert_rows(a));
     if (a->disp.ep->size == 1) {
         experts_backward(k, d, w, a, s, s->dyp, s->dxp);
     } else {
+        scratch_reserve(s, k, d, (size_t)expert_rows(a), 0, 0);
         dispatch_rows(&a->disp, s->dyp, s->dye); /* the transpose of combine_rows */
         experts_backward(k, d, w, a, s, s->dye, s->dxe);
         combine_rows(&a->disp, s->dxe, s->dxp);   /* the transpose of dispatch_rows */

@@ -8,8 +8,13 @@
  *   xe     = dispatch(xp) (Me,C), grouped by this rank's experts      [dispatch.h: all-to-all]
  *   ab = grouped(xe, w13) (Me,2Fe) -> h = silu(a)*b (Me,Fe) -> ye = grouped(h, w2) (Me,C)
  *   yp     = combine_rows(ye) (M,C)                                   [dispatch.h: all-to-all]
- *   y     += combine(yp, weights)  (+ shared SwiGLU(x))      unpermute: no communication
- * With ep = 1 there is no dispatch: xe is xp and ye is yp.
+ *   y     += combine(yp, weights)                            unpermute: no communication
+ * With ep = 1 there is no dispatch: xe is xp and ye is yp. With expert tensor parallelism
+ * (etp > 1) each rank holds Fel = Fe/etp of every local expert's hidden width: the expert-side
+ * rows of the etp group are gathered first (xg), every rank computes its slice's partial output for
+ * all of them, and the partials are reduce-scattered back (dispatch.h: EtpExchange); the ab/h
+ * activations then cover the gathered rows. The shared experts are the model's (model.c: they are
+ * tensor-parallel like a dense FFN).
  * Aux losses (per micro-batch, unscaled): LBL = E * sum_e f_e P_e with P_e = mean_n probs[n,e] and
  * f_e = fraction of routed assignments to e (treated as a constant); z = mean_n lse_n^2.
  * Where f comes from is the only thing the LBL scope changes (model.c decides; moe_sync_counts
@@ -43,9 +48,12 @@ typedef struct MoeActs {
     float *logits, *probs, *weights; /* (N,E) (N,E) (N,K) */
     int32_t *idx;                    /* (N,K) */
     float *xp, *yp;                  /* (N*K,C) source side */
-    float *xe, *abe, *he, *ye;       /* (cap_e,C) (cap_e,2Fe) (cap_e,Fe) (cap_e,C); xe/ye alias xp/yp at ep=1 */
+    float *xe, *ye;                  /* (cap_e,C) each; alias xp/yp at ep=1 */
     size_t cap_e;
-    float *sh_ab, *sh_h;             /* (N,2Fs) (N,Fs) when shared experts */
+    float *abe, *he;                 /* (cap_c,2Fel) (cap_c,Fel): the rows computed here */
+    float *xg, *yg;                  /* etp > 1: (cap_c,C) gathered rows, partial outputs */
+    size_t cap_c;
+    EtpExchange etpx;                /* expert tensor parallelism (etp > 1) */
     RoutePlan plan;                  /* host */
     Dispatcher disp;                 /* this layer's exchange (counts kept for the backward) */
     const int *eoffs;                /* (El+1) host: expert-side offsets (disp.recv_offs or plan.offs) */
@@ -59,10 +67,11 @@ typedef struct MoeActs {
 /* Scratch shared by all layers' backward (backend). */
 typedef struct MoeScratch {
     float *dyp, *dxp;                /* (N*K,C) source side */
-    float *dye, *dhe, *dabe, *dxe;   /* (cap_e, C / Fe / 2Fe / C) expert side */
+    float *dye, *dxe;                /* (cap_e,C) expert side */
     size_t cap_e;
+    float *dhe, *dabe, *dyg, *dxg;   /* (cap_c, Fel / 2Fel / C / C) computed rows (dyg, dxg: etp > 1) */
+    size_t cap_c;
     float *dweights, *dlogits;       /* (N,K) (N,E) */
-    float *sh_dh, *sh_dab;           /* (N,Fs) (N,2Fs) */
     float *dprob;                    /* (E) */
 } MoeScratch;
 
@@ -75,13 +84,13 @@ typedef struct MoeConfig {
 
 /* Weight pointers of one layer (views into the flat buffers). */
 typedef struct MoeWeights {
-    const float *router, *ex_w13, *ex_w2, *sh_w13, *sh_w2;
-    float *d_router, *d_ex_w13, *d_ex_w2, *d_sh_w13, *d_sh_w2;
+    const float *router, *ex_w13, *ex_w2;
+    float *d_router, *d_ex_w13, *d_ex_w2;
 } MoeWeights;
 
-/* ep: the expert-parallel group (size 1: no dispatch). */
+/* ep: the expert-parallel group (size 1: no dispatch); etp: the expert tensor-parallel group. */
 void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeConfig *mc, int n,
-                    const Group *ep);
+                    const Group *ep, const Group *etp);
 void moe_acts_free(MoeActs *a, const Kernels *k);
 void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, const MoeConfig *mc,
                        int n);

@@ -8,16 +8,26 @@
 
 #include "common.h"
 
-ModelDims dims_from_config(const Config *c, int ep, int ep_rank) {
+ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
+    DimsSplit one = {1, 0, 1, 0, 1, 0, 1, 0};
+    if (!sp) sp = &one;
     ModelDims d = {
         .V = c->vocab_size, .C = c->d_model, .L = c->n_layers, .H = c->n_heads,
         .Hkv = c->n_kv_heads, .D = c->head_dim, .T = c->seq_len, .F = c->ffn_hidden,
         .E = c->num_experts, .K = c->top_k, .Fe = c->expert_hidden,
         .Fs = c->shared_experts * c->shared_hidden, .dense_layers = c->dense_layers,
-        .tie = c->tie_embeddings,
+        .tie = c->tie_embeddings, .tp = sp->tp, .tp_r = sp->tp_r, .etp = sp->etp, .etp_r = sp->etp_r,
+        .cp = sp->cp, .cp_r = sp->cp_r,
     };
-    d.El = d.E / ep;
-    d.e0 = ep_rank * d.El;
+    d.El = d.E / sp->ep;
+    d.e0 = sp->ep_r * d.El;
+    d.Vl = d.V / d.tp;
+    d.v0 = d.tp_r * d.Vl;
+    d.Hl = d.H / d.tp;
+    d.Hkvl = d.Hkv / d.tp;
+    d.Fl = d.F / d.tp;
+    d.Fsl = d.Fs / d.tp;
+    d.Fel = d.Fe / d.etp;
     return d;
 }
 
@@ -27,12 +37,30 @@ typedef struct Builder {
     float std, out_std; /* normal std; scaled std for output projections */
 } Builder;
 
-static size_t add(Builder *b, ParamBuf buf, int64_t rows, int64_t cols, InitKind init, float std,
-                  const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+/* How a tensor is split: along dim (-1 none, 0 rows, 1 columns) over group g in `parts` pieces,
+ * this rank holding piece `part`. */
+typedef struct Split {
+    int dim;
+    SplitGroup g;
+    int parts, part;
+} Split;
 
-/* Append a tensor (rows x cols; cols = 0 means a vector) and return its offset. */
-static size_t add(Builder *b, ParamBuf buf, int64_t rows, int64_t cols, InitKind init, float std,
-                  const char *fmt, ...) {
+static const Split NOSPLIT = {-1, SPLIT_NONE, 1, 0};
+static Split tp_rows(const ModelDims *d) { return (Split){0, SPLIT_TP, d->tp, d->tp_r}; }
+static Split tp_cols(const ModelDims *d) { return (Split){1, SPLIT_TP, d->tp, d->tp_r}; }
+static Split etp_rows(const ModelDims *d) { return (Split){0, SPLIT_ETP, d->etp, d->etp_r}; }
+static Split etp_cols(const ModelDims *d) { return (Split){1, SPLIT_ETP, d->etp, d->etp_r}; }
+
+/* The buffer of a dense tensor: PBUF_TP when split over tp, else PBUF_DENSE. */
+static ParamBuf dense_buf(Split sp) { return sp.g == SPLIT_TP ? PBUF_TP : PBUF_DENSE; }
+
+static size_t add(Builder *b, ParamBuf buf, Split sp, int64_t rows, int64_t cols, InitKind init,
+                  float std, const char *fmt, ...) __attribute__((format(printf, 8, 9)));
+
+/* Append this rank's piece of a full (rows x cols) tensor (cols = 0: a vector) split as sp, and
+ * return its offset. */
+static size_t add(Builder *b, ParamBuf buf, Split sp, int64_t rows, int64_t cols, InitKind init,
+                  float std, const char *fmt, ...) {
     ParamLayout *pl = b->pl;
     if (pl->n == b->cap) {
         b->cap = b->cap ? 2 * b->cap : 64;
@@ -48,9 +76,17 @@ static size_t add(Builder *b, ParamBuf buf, int64_t rows, int64_t cols, InitKind
     va_end(ap);
     t->buf = buf;
     t->ndim = cols ? 2 : 1;
-    t->shape[0] = rows;
-    t->shape[1] = cols;
-    t->numel = (size_t)rows * (cols ? (size_t)cols : 1);
+    t->full[0] = t->shape[0] = rows;
+    t->full[1] = t->shape[1] = cols;
+    t->split_dim = sp.dim;
+    t->split = sp.g;
+    if (sp.dim >= 0) {
+        MT_CHECK(t->full[sp.dim] % sp.parts == 0, "%s: dim %d of %lld not divisible by %d", t->name,
+                 sp.dim, (long long)t->full[sp.dim], sp.parts);
+        t->shape[sp.dim] = t->full[sp.dim] / sp.parts;
+        t->start[sp.dim] = t->shape[sp.dim] * sp.part;
+    }
+    t->numel = (size_t)t->shape[0] * (cols ? (size_t)t->shape[1] : 1);
     t->offset = pl->size[buf];
     t->decay = cols != 0;
     t->init = init;
@@ -61,38 +97,43 @@ static size_t add(Builder *b, ParamBuf buf, int64_t rows, int64_t cols, InitKind
 
 static void add_attention(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     const char *p = "model.layers";
-    lp->ln1 = add(b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "%s.%d.input_layernorm.weight", p, l);
-    lp->q = add(b, PBUF_DENSE, d->H * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.q_proj.weight", p, l);
-    lp->k = add(b, PBUF_DENSE, d->Hkv * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.k_proj.weight", p, l);
-    lp->v = add(b, PBUF_DENSE, d->Hkv * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.v_proj.weight", p, l);
-    lp->o = add(b, PBUF_DENSE, d->C, d->H * d->D, INIT_NORMAL, b->out_std, "%s.%d.self_attn.o_proj.weight", p, l);
-    lp->ln2 = add(b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "%s.%d.post_attention_layernorm.weight", p, l);
+    Split r = tp_rows(d), c = tp_cols(d);
+    lp->ln1 = add(b, PBUF_DENSE, NOSPLIT, d->C, 0, INIT_ONES, 0, "%s.%d.input_layernorm.weight", p, l);
+    lp->q = add(b, PBUF_TP, r, d->H * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.q_proj.weight", p, l);
+    lp->k = add(b, PBUF_TP, r, d->Hkv * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.k_proj.weight", p, l);
+    lp->v = add(b, PBUF_TP, r, d->Hkv * d->D, d->C, INIT_NORMAL, b->std, "%s.%d.self_attn.v_proj.weight", p, l);
+    lp->o = add(b, PBUF_TP, c, d->C, d->H * d->D, INIT_NORMAL, b->out_std, "%s.%d.self_attn.o_proj.weight", p, l);
+    lp->ln2 = add(b, PBUF_DENSE, NOSPLIT, d->C, 0, INIT_ONES, 0, "%s.%d.post_attention_layernorm.weight", p, l);
 }
 
-/* A SwiGLU block under prefix: gate_proj and up_proj adjacent (the fused w13), then down_proj. */
-static void add_swiglu(Builder *b, size_t *w13, size_t *w2, int C, int F, const char *prefix) {
-    *w13 = add(b, PBUF_DENSE, F, C, INIT_NORMAL, b->std, "%s.gate_proj.weight", prefix);
-    add(b, PBUF_DENSE, F, C, INIT_NORMAL, b->std, "%s.up_proj.weight", prefix);
-    *w2 = add(b, PBUF_DENSE, C, F, INIT_NORMAL, b->out_std, "%s.down_proj.weight", prefix);
+/* A SwiGLU block under prefix, split over tp (gate/up by rows, down by columns): gate_proj and
+ * up_proj pieces adjacent (the fused w13), then down_proj. */
+static void add_swiglu(Builder *b, const ModelDims *d, size_t *w13, size_t *w2, int C, int F,
+                       const char *prefix) {
+    Split r = tp_rows(d), c = tp_cols(d);
+    *w13 = add(b, PBUF_TP, r, F, C, INIT_NORMAL, b->std, "%s.gate_proj.weight", prefix);
+    add(b, PBUF_TP, r, F, C, INIT_NORMAL, b->std, "%s.up_proj.weight", prefix);
+    *w2 = add(b, PBUF_TP, c, C, F, INIT_NORMAL, b->out_std, "%s.down_proj.weight", prefix);
 }
 
 static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     char pre[160];
     snprintf(pre, sizeof pre, "model.layers.%d.block_sparse_moe", l);
-    lp->router = add(b, PBUF_DENSE, d->E, d->C, INIT_NORMAL, b->std, "%s.gate.weight", pre);
+    lp->router = add(b, PBUF_DENSE, NOSPLIT, d->E, d->C, INIT_NORMAL, b->std, "%s.gate.weight", pre);
+    Split r = etp_rows(d), c = etp_cols(d);
     for (int j = d->e0; j < d->e0 + d->El; j++) { /* this rank's experts, global names */
-        size_t o = add(b, PBUF_EXPERT, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w1.weight", pre, j);
-        add(b, PBUF_EXPERT, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w3.weight", pre, j);
+        size_t o = add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w1.weight", pre, j);
+        add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w3.weight", pre, j);
         if (j == d->e0) lp->ex_w13 = o;
     }
     for (int j = d->e0; j < d->e0 + d->El; j++) {
-        size_t o = add(b, PBUF_EXPERT, d->C, d->Fe, INIT_NORMAL, b->out_std, "%s.experts.%d.w2.weight", pre, j);
+        size_t o = add(b, PBUF_EXPERT, c, d->C, d->Fe, INIT_NORMAL, b->out_std, "%s.experts.%d.w2.weight", pre, j);
         if (j == d->e0) lp->ex_w2 = o;
     }
     if (d->Fs > 0) {
         char sh[200];
         snprintf(sh, sizeof sh, "%s.shared_experts", pre);
-        add_swiglu(b, &lp->sh_w13, &lp->sh_w2, d->C, d->Fs, sh);
+        add_swiglu(b, d, &lp->sh_w13, &lp->sh_w2, d->C, d->Fs, sh);
     }
 }
 
@@ -115,12 +156,13 @@ void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, con
     pl->n_units = d->L + 1;
     pl->units = mt_calloc(pl->n_units, sizeof *pl->units);
     Builder b = {.pl = pl, .std = init_std, .out_std = init_std / sqrtf(2.0f * d->L)};
-    size_t start[PBUF_COUNT] = {0, 0};
-    /* unit 0: the head */
-    pl->embed = add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "model.embed_tokens.weight");
-    pl->final_norm = add(&b, PBUF_DENSE, d->C, 0, INIT_ONES, 0, "model.norm.weight");
+    size_t start[PBUF_COUNT] = {0};
+    /* unit 0: the head (embedding and lm_head split over tp by vocabulary rows) */
+    Split vocab = tp_rows(d);
+    pl->embed = add(&b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "model.embed_tokens.weight");
+    pl->final_norm = add(&b, PBUF_DENSE, NOSPLIT, d->C, 0, INIT_ONES, 0, "model.norm.weight");
     pl->lm_head = d->tie ? pl->embed
-                         : add(&b, PBUF_DENSE, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
+                         : add(&b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
     end_unit(pl, 0, start);
     for (int l = 0; l < d->L; l++) {
         for (int x = 0; x < PBUF_COUNT; x++) start[x] = pl->size[x];
@@ -132,7 +174,7 @@ void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, con
         } else {
             char pre[96];
             snprintf(pre, sizeof pre, "model.layers.%d.mlp", l);
-            add_swiglu(&b, &lp->mlp_w13, &lp->mlp_w2, d->C, d->F, pre);
+            add_swiglu(&b, d, &lp->mlp_w13, &lp->mlp_w2, d->C, d->F, pre);
         }
         end_unit(pl, 1 + l, start);
     }
@@ -164,8 +206,17 @@ static double uniform(uint64_t key, uint64_t i) {
     return ((mix64(key ^ mix64(i + 0x9E3779B97F4A7C15ull)) >> 11) + 0.5) * 0x1.0p-53;
 }
 
+void params_full_index(const ParamInfo *t, size_t i, int64_t *row, int64_t *col) {
+    int64_t cols = t->ndim == 2 ? t->shape[1] : 1;
+    *row = t->start[0] + (int64_t)i / cols;
+    *col = t->ndim == 2 ? t->start[1] + (int64_t)i % cols : 0;
+}
+
 float params_init_value(const ParamInfo *t, uint64_t seed, size_t i) {
     if (t->init == INIT_ONES) return 1.0f;
+    int64_t row, col;
+    params_full_index(t, i, &row, &col);
+    i = (size_t)(row * (t->ndim == 2 ? t->full[1] : 1) + col); /* index in the full tensor */
     uint64_t key = mix64(seed) ^ hash_name(t->name);
     double u1 = uniform(key, 2 * (uint64_t)i), u2 = uniform(key, 2 * (uint64_t)i + 1);
     double z = sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2); /* Box-Muller */
@@ -188,11 +239,14 @@ void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint
     for (int b = 0; b < PBUF_COUNT; b++) params_init_range(pl, b, 0, pl->size[b], host[b], seed);
 }
 
+/* Elements of the full logical tensors (every rank's pieces together). */
+static size_t full_numel(const ParamInfo *t) { return (size_t)t->full[0] * (t->ndim == 2 ? (size_t)t->full[1] : 1); }
+
 size_t params_total(const ParamLayout *pl) {
     const ModelDims *d = &pl->dims;
     size_t total = 0, per_expert = (size_t)3 * d->Fe * d->C;
     for (int n = 0; n < pl->n; n++)
-        if (pl->info[n].buf == PBUF_DENSE) total += pl->info[n].numel;
+        if (pl->info[n].buf != PBUF_EXPERT) total += full_numel(&pl->info[n]);
     for (int l = 0; l < d->L; l++)
         if (pl->layers[l].is_moe) total += (size_t)d->E * per_expert;
     return total;

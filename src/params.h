@@ -1,9 +1,20 @@
-/* params.h — the parameter registry and flat-buffer layout of the model.
+/* params.h — the parameter registry, each tensor's parallel spec, and the flat-buffer layout.
  *
- * Every parameter tensor has a Hugging Face (Mixtral / Qwen-MoE) name, a shape, and an offset into
- * one of two flat buffers: PBUF_DENSE (replicated over dp*cp later) and PBUF_EXPERT (routed expert
- * weights, replicated over edp). Gradients and AdamW state use the same layouts, so sharding and
- * reductions are plain offset arithmetic (the llm.c pattern).
+ * Every parameter tensor has a Hugging Face (Mixtral / Qwen-MoE) name, its full logical shape, and
+ * a parallel spec: the dimension it is split along (none, rows, columns) over which group (tp for
+ * dense tensors, etp for routed experts) and which piece this rank holds (a rectangle of the full
+ * tensor: shape[] at start[]). A rank stores its piece at an offset into one of three flat
+ * buffers, grouped by the set of ranks that hold identical copies (the replica group):
+ *   PBUF_DENSE  tensors nobody splits (norms, router): replicated over the tp*cp*dp ranks of a
+ *               pipeline stage (mesh g_stage); under sequence parallelism each of those ranks
+ *               sees other tokens, so their gradients are summed over that whole group;
+ *   PBUF_TP     tensors split over tp (attention q/k/v/o, dense FFN and shared experts, the
+ *               vocabulary-parallel embedding and lm_head): replicated over dp*cp (g_dpcp);
+ *   PBUF_EXPERT routed experts (split by ep across experts and by etp along the hidden width):
+ *               replicated over edp (g_edp).
+ * Gradients and AdamW state use the same layouts, so gradient reduction, the global norm (each
+ * element once: the shards of a replica group partition its buffer), the sharded optimizer and the
+ * checkpoint rectangles all follow from the buffer and the spec (the llm.c pattern).
  *
  * Layout choices that let one GEMM do two HF tensors (names still map 1:1):
  *  - a SwiGLU's gate (w1 / gate_proj) and up (w3 / up_proj) are adjacent: w13 (2F, C);
@@ -20,15 +31,21 @@
 
 #include "config.h"
 
-typedef enum { PBUF_DENSE = 0, PBUF_EXPERT = 1, PBUF_COUNT = 2 } ParamBuf;
+typedef enum { PBUF_DENSE = 0, PBUF_EXPERT = 1, PBUF_TP = 2, PBUF_COUNT = 3 } ParamBuf;
 typedef enum { INIT_NORMAL = 0, INIT_ONES = 1 } InitKind;
+/* The group a tensor is split over. */
+typedef enum { SPLIT_NONE = 0, SPLIT_TP = 1, SPLIT_ETP = 2 } SplitGroup;
 
 typedef struct ParamInfo {
     char name[128];
     ParamBuf buf;
-    size_t offset, numel;
+    size_t offset, numel;  /* this rank's piece: numel = shape[0] * shape[1] */
     int ndim;
-    int64_t shape[2];
+    int64_t shape[2];      /* this rank's piece (shape[1] = 0 for a vector) */
+    int64_t full[2];       /* the full logical tensor (what checkpoints store) */
+    int64_t start[2];      /* where the piece sits in the full tensor */
+    int split_dim;         /* -1 not split, 0 rows, 1 columns */
+    SplitGroup split;      /* the group it is split over */
     int decay; /* weight decay applies (matrices yes, norms no) */
     InitKind init;
     float std;
@@ -44,13 +61,23 @@ typedef struct LayerParams {
     size_t sh_w13, sh_w2;          /* dense: shared experts fused: (2*S*Fs, C), (C, S*Fs) */
 } LayerParams;
 
-/* Resolved model dimensions (from Config). */
+/* Resolved model dimensions (from Config): full sizes, and this rank's share of them. */
 typedef struct ModelDims {
     int V, C, L, H, Hkv, D, T, F; /* F: dense FFN width */
     int E, K, Fe, Fs;             /* Fs: total shared width = shared_experts * shared_hidden */
     int El, e0;                   /* experts held by this rank: [e0, e0 + El) (El = E / ep) */
     int dense_layers, tie;
+    /* tensor parallelism: tp, this rank's tp index; expert tensor parallelism: etp, its index;
+     * context parallelism: cp, its index (tokens only: no parameter is split over cp) */
+    int tp, tp_r, etp, etp_r, cp, cp_r;
+    int Vl, v0;                   /* vocabulary slice [v0, v0 + Vl) of the embedding / lm_head */
+    int Hl, Hkvl, Fl, Fsl, Fel;   /* local heads, kv heads, FFN / shared / expert hidden widths */
 } ModelDims;
+
+/* Where a rank sits: tp, etp, ep and cp degree and index. */
+typedef struct DimsSplit {
+    int tp, tp_r, etp, etp_r, ep, ep_r, cp, cp_r;
+} DimsSplit;
 
 /* A unit is the set of parameters gathered together under full sharding: unit 0 is the head
  * (embedding, final norm, lm_head), unit 1 + l is decoder layer l. Each unit is a contiguous,
@@ -71,8 +98,8 @@ typedef struct ParamLayout {
     size_t embed, final_norm, lm_head; /* dense; lm_head == embed when tied */
 } ParamLayout;
 
-/* Dimensions for a rank holding expert-parallel slice ep_rank of ep (ep = 1: all experts). */
-ModelDims dims_from_config(const Config *c, int ep, int ep_rank);
+/* Dimensions for a rank holding split sp (NULL: the whole model, as one rank holds it). */
+ModelDims dims_from_config(const Config *c, const DimsSplit *sp);
 /* Build the registry for dims. Each unit's range in buffer b is padded to a multiple of pad[b]
  * elements (pad NULL = no padding), so shards of a unit are equal and page-aligned if asked. */
 void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, const size_t *pad);
@@ -83,7 +110,8 @@ void params_init_host(const ParamLayout *pl, float *const host[PBUF_COUNT], uint
 /* Fill dst (hi - lo) with the initial values of elements [lo, hi) of buffer buf (padding = 0). */
 void params_init_range(const ParamLayout *pl, ParamBuf buf, size_t lo, size_t hi, float *dst,
                        uint64_t seed);
-/* The initial value of element i of tensor t (the counter-based RNG, exposed for tests). */
+/* The initial value of element i (local flat index of this rank's piece) of tensor t: a function of
+ * the element's index in the FULL tensor, so every split builds the same model. */
 float params_init_value(const ParamInfo *t, uint64_t seed, size_t i);
 
 /* Parameter counts of the whole model (all experts, whichever rank holds them): total, and active
@@ -93,5 +121,7 @@ size_t params_active(const ParamLayout *pl);
 
 /* Index of the tensor with this name, or -1. */
 int params_find(const ParamLayout *pl, const char *name);
+/* Full-tensor row and column of element i of t's piece. */
+void params_full_index(const ParamInfo *t, size_t i, int64_t *row, int64_t *col);
 
 #endif

@@ -18,13 +18,23 @@ int64_t trainer_global_batch(const Trainer *t) {
     return (int64_t)t->cfg.micro_batch_size * t->cfg.grad_accum_steps * t->dp;
 }
 
+ModelParallel trainer_model_parallel(const Config *c, const Mesh *mesh) {
+    const MeshCoords *x = &mesh->me;
+    ModelParallel mp = {
+        .ep = &mesh->g_ep, .etp = &mesh->g_etp, .tp = &mesh->g_tp, .cp = &mesh->g_cp,
+        .tokens = &mesh->g_stage,
+        .split = {mesh->tp, x->tp, mesh->etp, x->etp, mesh->ep, x->ep, mesh->cp, x->cp},
+    };
+    sharder_padding(c->shard, mesh, mp.pad);
+    return mp;
+}
+
 MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh) {
     /* the layout model_init builds (trainer_init below): same dims, same padding */
-    ModelDims d = dims_from_config(c, mesh->g_ep.size, mesh->g_ep.rank);
-    size_t pad[PBUF_COUNT];
-    sharder_padding(c->shard, mesh, pad);
+    ModelParallel mp = trainer_model_parallel(c, mesh);
+    ModelDims d = dims_from_config(c, &mp.split);
     ParamLayout pl;
-    params_layout_init(&pl, &d, c->init_std, pad);
+    params_layout_init(&pl, &d, c->init_std, mp.pad);
     MemoryBreakdown m;
     sharder_memory_plan(&pl, c->shard, mesh, &m.params, &m.grads, &m.optimizer);
     m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size);
@@ -46,12 +56,11 @@ int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh
     t->cfg = *c;
     t->k = k;
     t->mesh = mesh;
-    t->dp = mesh->g_dpcp.size;
-    t->dp_rank = mesh->g_dpcp.rank;
+    t->dp = mesh->g_dp.size; /* the tp and cp ranks of a dp index share its sequences */
+    t->dp_rank = mesh->g_dp.rank;
     t->data = data_open(c->source == DATA_FILE ? c->path : NULL, c->vocab_size, c->seq_len, c->seed, err);
     if (!t->data) return MT_ERR;
-    ModelParallel mp = {.ep = &mesh->g_ep, .tokens = &mesh->g_dpcp};
-    sharder_padding(c->shard, mesh, mp.pad);
+    ModelParallel mp = trainer_model_parallel(c, mesh);
     model_init(&t->model, c, k, c->micro_batch_size, &mp);
     if (c->shard != SHARD_FULL) model_init_params(&t->model, c->seed);
     sharder_init(&t->shard, &t->model, mesh, c);
@@ -88,10 +97,11 @@ static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale)
     return sum;
 }
 
-/* Sum this rank's loss terms over the token-holding ranks. */
+/* Sum this rank's loss terms over the token-holding ranks (every rank of the stage: under
+ * sequence parallelism the tp ranks route different tokens; the LM loss is counted by tp rank 0). */
 static MicroStats sync_micro_stats(const Trainer *t, MicroStats s) {
     double v[6] = {s.lm_sum, (double)s.tokens, s.lbl, s.z, (double)s.dropped, (double)s.assignments};
-    comm_allreduce_sum(&t->mesh->g_dpcp, v, 6, DT_F64);
+    comm_allreduce_sum(&t->mesh->g_stage, v, 6, DT_F64);
     return (MicroStats){v[0], (int64_t)v[1], v[2], v[3], (int64_t)v[4], (int64_t)v[5]};
 }
 
@@ -99,7 +109,8 @@ StepResult trainer_step(Trainer *t) {
     const Config *c = &t->cfg;
     double t0 = mt_now();
     int64_t global_tokens = trainer_global_batch(t) * c->seq_len;
-    int micro_total = c->grad_accum_steps * t->dp;
+    /* the aux losses are averaged over every token piece of the step: micro-batches x stage ranks */
+    int micro_total = c->grad_accum_steps * t->mesh->g_stage.size;
     float lm_scale = 1.0f / (float)global_tokens, aux_scale = 1.0f / (float)micro_total;
 
     sharder_zero_grads(&t->shard);
@@ -135,8 +146,8 @@ void trainer_materialize_params(Trainer *t) {
 
 void trainer_sync_stats(Trainer *t) {
     Model *m = &t->model;
-    comm_allreduce_sum(&t->mesh->g_dpcp, m->load, (size_t)m->d.L * m->d.E, DT_I64);
-    comm_allreduce_sum(&t->mesh->g_dpcp, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
+    comm_allreduce_sum(&t->mesh->g_stage, m->load, (size_t)m->d.L * m->d.E, DT_I64);
+    comm_allreduce_sum(&t->mesh->g_stage, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
 }
 
 /* Load the best resumable checkpoint, if any. auto skips (with a warning) candidates that fail to

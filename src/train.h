@@ -5,9 +5,10 @@
  * data-parallel rank r takes its contiguous slice. Loss normalisation is over the global step
  * (see model.h), so the logged loss does not depend on the mesh.
  * trainer_step is deterministic: the same config and mesh give bit-identical results on a re-run.
+ * The tp and cp ranks of a data-parallel index share its sequences (model.h splits them).
  * Gradient reduction and the sharded update are optim/shard.h; per-step statistics (loss terms,
- * expert load) are summed over the ranks holding other tokens (mesh g_dpcp) so rank 0 logs the
- * global values.
+ * expert load) are summed over the ranks holding other tokens (the stage: tp*cp*dp) so rank 0
+ * logs the global values.
  * Memory: trainer_memory_plan says, from the config and mesh alone (parameter layout, shard sizes,
  * activation arena: metadata, nothing large allocated, no communication), how many bytes
  * trainer_init will take on this rank, by category; trainer_memory gives the same breakdown of an
@@ -42,7 +43,7 @@ typedef struct Trainer {
     Model model;
     Sharder shard;
     Data *data;
-    int dp, dp_rank;  /* ranks holding different tokens (dp*cp) and this rank's index among them */
+    int dp, dp_rank;  /* ranks holding different sequences (dp) and this rank's index among them */
     int step;            /* steps completed */
     int64_t tokens_seen;
     int64_t data_seq;    /* the data position: global sequences consumed (step * global batch,
@@ -56,6 +57,8 @@ typedef struct MemoryBreakdown {
     size_t params, grads, optimizer, activations;
 } MemoryBreakdown;
 
+/* How the model of this rank sits in mesh (groups, tp/etp/ep/cp coordinates, buffer padding). */
+ModelParallel trainer_model_parallel(const Config *c, const Mesh *mesh);
 /* What trainer_init(c, mesh) will hold on this rank, computed without building it: equal to
  * trainer_memory of the initialised trainer. */
 MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh);

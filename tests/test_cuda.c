@@ -24,7 +24,12 @@
  * Edge cases: top-k ties (lower id first), padding slots (-1), empty groups of a grouped GEMM (first,
  * middle, last, all), an ignored cross-entropy target, dlogits aliasing logits, grouped-query
  * attention (H=8, Hkv=2), T = 77 and 130 (not multiples of any tile), D = 16 (configs/tiny.ini),
- * 64 and 128, many experts (E = 64, 128).
+ * 64 and 128, many experts (E = 64, 128), negative token ids in the embedding (zero row / skipped).
+ * Attention on a chunk of queries (Tq < Tk, q0 > 0: context parallelism; test_attention_chunk):
+ * vs the CPU, under runtime.attention = cudnn (falls back to the own kernel: the same bits), and
+ * vs the rows of the whole-sequence attention (GPU only). Vocabulary-parallel cross-entropy
+ * (ce_rowmax, ce_sumexp, ce_vp_grad) per vocabulary shard vs the CPU, and all shards together vs
+ * cross_entropy (test_ce_vocab_parallel).
  * Then the model: one micro-batch forward+backward on both backends (loss terms within 1e-2,
  * gradients norm-wise within 2e-2), and 3 training steps of a Trainer with runtime.device=cuda
  * against one with cpu (losses within 1e-2, final parameters norm-wise within 2e-2, the updates'
@@ -336,18 +341,26 @@ END_TEST
 
 /* ============================================================================ embedding == */
 
+/* Token ids with many repeats, and negative ids (a row of another rank's vocabulary shard,
+ * kernels.h): fwd writes a zero row for them, bwd skips them. */
 START_TEST(test_embedding) {
     int v = 50, c = 96, n = 300;
     int32_t *tok = malloc(n * sizeof(int32_t));
     for (int r = 0; r < n; r++) tok[r] = (int32_t)((r * 7 + r / 13) % v); /* many repeats */
     tok[0] = v - 1;
+    const int neg[] = {1, 2, 150, n - 1};
+    for (size_t i = 0; i < sizeof neg / sizeof neg[0]; i++) tok[neg[i]] = -1;
     float *wte = rnd((size_t)v * c, -1, 1), *out = tu_filled((size_t)n * c, 0);
     int32_t *d_tok = dev(tok, n * sizeof(int32_t));
     float *d_wte = devf(wte, (size_t)v * c), *d_out = dev_nan((size_t)n * c);
     KC->embedding_fwd(out, tok, wte, n, c);
     KG->embedding_fwd(d_out, d_tok, d_wte, n, c);
     float *g = backf(d_out, (size_t)n * c);
-    expect_bits("embedding_fwd (a copy)", g, out, (size_t)n * c * sizeof(float));
+    expect_bits("embedding_fwd (a copy; id -1: zero row)", g, out, (size_t)n * c * sizeof(float));
+    for (size_t i = 0; i < sizeof neg / sizeof neg[0]; i++)
+        for (int j = 0; j < c; j++)
+            ck_assert_msg(g[(size_t)neg[i] * c + j] == 0.0f, "embedding_fwd: token %d (id -1) "
+                          "column %d = %g, want 0", neg[i], j, g[(size_t)neg[i] * c + j]);
     free(g);
     float *dout = rnd((size_t)n * c, -1, 1), *d_dout = devf(dout, (size_t)n * c);
     float *dw0 = rnd((size_t)v * c, -1, 1), *dw = tu_dup(dw0, (size_t)v * c), *d_dw = devf(dw0, (size_t)v * c);
@@ -355,7 +368,8 @@ START_TEST(test_embedding) {
     KG->embedding_bwd(d_dw, d_dout, d_tok, n, c);
     g = backf(d_dw, (size_t)v * c);
     /* each vocab row summed over its tokens in ascending order, as the CPU: the same additions */
-    expect_bits("embedding_bwd (repeated tokens): bit-identical to the cpu", g, dw, (size_t)v * c * sizeof(float));
+    expect_bits("embedding_bwd (repeated tokens, ids -1 skipped): bit-identical to the cpu", g, dw,
+                (size_t)v * c * sizeof(float));
     free(g);
     KG->free(d_tok);
     KG->free(d_wte);
@@ -482,8 +496,8 @@ static void attention_case(const AttCase *ac, CudaAttention impl) {
     float *out = tu_filled(nq, 0), *lse = tu_filled(nl, 0);
     float *d_q = devf(q, nq), *d_k = devf(k, nk), *d_v = devf(v, nk);
     float *d_out = dev_nan(nq), *d_lse = dev_nan(nl);
-    KC->attention_fwd(out, lse, q, k, v, b, t, h, hkv, d);
-    KG->attention_fwd(d_out, d_lse, d_q, d_k, d_v, b, t, h, hkv, d);
+    KC->attention_fwd(out, lse, q, k, v, b, t, t, 0, h, hkv, d);
+    KG->attention_fwd(d_out, d_lse, d_q, d_k, d_v, b, t, t, 0, h, hkv, d);
     float *g = backf(d_out, nq), *gl = backf(d_lse, nl);
     /* backward from the CPU's out and lse (the same inputs on both sides) */
     float *d_out_in = devf(out, nq), *d_lse_in = devf(lse, nl);
@@ -491,14 +505,16 @@ static void attention_case(const AttCase *ac, CudaAttention impl) {
     float *dq0 = rnd(nq, -1, 1), *dk0 = rnd(nk, -1, 1), *dv0 = rnd(nk, -1, 1);
     float *dq = tu_dup(dq0, nq), *dk = tu_dup(dk0, nk), *dv = tu_dup(dv0, nk);
     float *d_dq = devf(dq0, nq), *d_dk = devf(dk0, nk), *d_dv = devf(dv0, nk);
-    KC->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d);
-    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, h, hkv, d);
+    KC->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, t, t, 0, h, hkv, d);
+    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, t, 0, h,
+                      hkv, d);
     float *gq = backf(d_dq, nq), *gk = backf(d_dk, nk), *gv = backf(d_dv, nk);
     /* deterministic: the same backward again gives the same bits (bit-exact resume needs it) */
     KG->from_host(d_dq, dq0, nq * sizeof(float));
     KG->from_host(d_dk, dk0, nk * sizeof(float));
     KG->from_host(d_dv, dv0, nk * sizeof(float));
-    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, h, hkv, d);
+    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, t, t, 0, h,
+                      hkv, d);
     cuda_set_attention(CUDA_ATTN_AUTO);
     float *rq = backf(d_dq, nq), *rk = backf(d_dk, nk), *rv = backf(d_dv, nk);
     snprintf(what, sizeof what, "attention(%s) bwd rerun bit-identical %s", name, shape);
@@ -524,6 +540,163 @@ static void attention_case(const AttCase *ac, CudaAttention impl) {
 /* _i = case * 2 + (0: own kernel, 1: cuDNN) */
 START_TEST(test_attention) {
     attention_case(&att_cases[_i / 2], _i % 2 ? CUDA_ATTN_CUDNN : CUDA_ATTN_OWN);
+}
+END_TEST
+
+/* ---- a chunk of queries against the whole key sequence (Tq < Tk, q0 > 0: context parallelism) ----
+ * Own kernel only: a chunked call runs it in every mode (cuda/attention.cu). Per case:
+ *   1. vs the CPU: fwd out, lse; bwd dq, dk, dv (increments, from the CPU's out and lse),
+ *      elementwise TOL_ATT; dk, dv of the keys at q0 + Tq and beyond (seen by no query) untouched;
+ *   2. runtime.attention = cudnn gives the same bits as the own kernel (the chunk falls back to
+ *      it; the backward rerun is also the determinism check);
+ *   3. the chunk is a slice of the whole sequence: the own kernel on all Tk queries (Tq = Tk,
+ *      q0 = 0) gives the chunk's out and lse in rows q0 .. q0 + Tq - 1, and, with dout zero outside
+ *      those rows, the chunk's dq there and its dk, dv (TOL_ATT: only the tiling differs). This
+ *      part does not depend on the CPU reference. */
+typedef struct ChunkCase {
+    int b, tq, tk, q0, h, hkv, d;
+} ChunkCase;
+
+static const ChunkCase chunk_cases[] = {
+    {2, 40, 77, 20, 8, 2, 64},    /* q0 and Tq off the tiles; keys past q0 + Tq seen by no query */
+    {1, 64, 128, 64, 4, 4, 64},   /* the last chunk (q0 + Tq = Tk), q0 on a tile edge */
+    {2, 16, 64, 0, 4, 2, 16},     /* the first chunk (q0 = 0, Tq < Tk), configs/tiny.ini's D */
+    {2, 64, 256, 192, 8, 2, 64},  /* cp = 2, T = 256 load-balanced: rank 0's second chunk */
+    {1, 33, 200, 100, 8, 1, 128}, /* multi-query, D = 128 */
+    {1, 45, 130, 70, 2, 1, 256},  /* D = 256: the 32- and 16-row tiles */
+    {1, 1, 50, 49, 2, 1, 64},     /* one query, at the last position */
+    {1, 1, 50, 0, 2, 1, 64},      /* one query at position 0: sees key 0 only */
+};
+
+/* A new (nb, nr, w) array: rows r0 .. r0 + nr - 1 of src(nb, t, w). */
+static float *take_rows(const float *src, int nb, int t, int r0, int nr, size_t w) {
+    float *dst = calloc((size_t)nb * nr * w + 1, sizeof(float));
+    for (int i = 0; i < nb; i++)
+        memcpy(dst + (size_t)i * nr * w, src + ((size_t)i * t + r0) * w, (size_t)nr * w * sizeof(float));
+    return dst;
+}
+
+/* rows r0 .. r0 + nr - 1 of dst(nb, t, w) = src(nb, nr, w) */
+static void put_rows(float *dst, const float *src, int nb, int t, int r0, int nr, size_t w) {
+    for (int i = 0; i < nb; i++)
+        memcpy(dst + ((size_t)i * t + r0) * w, src + (size_t)i * nr * w, (size_t)nr * w * sizeof(float));
+}
+
+START_TEST(test_attention_chunk) {
+    const ChunkCase *cc = &chunk_cases[_i];
+    const int b = cc->b, tq = cc->tq, tk = cc->tk, q0 = cc->q0, h = cc->h, hkv = cc->hkv, d = cc->d;
+    const size_t wq = (size_t)h * d, wk = (size_t)hkv * d;
+    const size_t nq = (size_t)b * tq * wq, nqf = (size_t)b * tk * wq, nk = (size_t)b * tk * wk;
+    const size_t nl = (size_t)b * h * tq, nlf = (size_t)b * h * tk;
+    char what[192], shape[96];
+    snprintf(shape, sizeof shape, "B=%d Tq=%d Tk=%d q0=%d H=%d Hkv=%d D=%d", b, tq, tk, q0, h, hkv, d);
+    printf(" attention on a chunk of queries: %s\n", shape);
+    /* the whole sequence's queries; the chunk is its rows q0 .. q0 + Tq - 1 */
+    float *qf = rnd(nqf, -2, 2), *k = rnd(nk, -2, 2), *v = rnd(nk, -1, 1);
+    float *q = take_rows(qf, b, tk, q0, tq, wq);
+    float *d_q = devf(q, nq), *d_k = devf(k, nk), *d_v = devf(v, nk);
+    cuda_set_attention(CUDA_ATTN_OWN);
+
+    /* 1. vs the CPU */
+    float *out = tu_filled(nq, 0), *lse = tu_filled(nl, 0);
+    float *d_out = dev_nan(nq), *d_lse = dev_nan(nl);
+    KC->attention_fwd(out, lse, q, k, v, b, tq, tk, q0, h, hkv, d);
+    KG->attention_fwd(d_out, d_lse, d_q, d_k, d_v, b, tq, tk, q0, h, hkv, d);
+    float *g = backf(d_out, nq), *gl = backf(d_lse, nl);
+    float *d_out_in = devf(out, nq), *d_lse_in = devf(lse, nl);
+    float *dout = rnd(nq, -1, 1), *d_dout = devf(dout, nq);
+    float *dq0 = rnd(nq, -1, 1), *dk0 = rnd(nk, -1, 1), *dv0 = rnd(nk, -1, 1);
+    float *dq = tu_dup(dq0, nq), *dk = tu_dup(dk0, nk), *dv = tu_dup(dv0, nk);
+    float *d_dq = devf(dq0, nq), *d_dk = devf(dk0, nk), *d_dv = devf(dv0, nk);
+    KC->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, b, tq, tk, q0, h, hkv, d);
+    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, tq, tk, q0,
+                      h, hkv, d);
+    float *gq = backf(d_dq, nq), *gk = backf(d_dk, nk), *gv = backf(d_dv, nk);
+    {
+        const char *part[] = {"fwd out", "fwd lse", "bwd dq", "bwd dk", "bwd dv"};
+        const float *got[] = {g, gl, gq, gk, gv}, *want[] = {out, lse, dq, dk, dv};
+        const float *base[] = {NULL, NULL, dq0, dk0, dv0};
+        size_t n[] = {nq, nl, nq, nk, nk};
+        for (int i = 0; i < 5; i++) {
+            snprintf(what, sizeof what, "attention(own) chunk %s %s", part[i], shape);
+            expect_close(what, got[i], want[i], base[i], n[i], TOL_ATT);
+        }
+    }
+    if (q0 + tq < tk) { /* keys seen by no query: dk, dv untouched */
+        int nr = tk - (q0 + tq);
+        size_t nu = (size_t)b * nr * wk;
+        snprintf(what, sizeof what, "chunk dk, dv of keys %d..%d untouched", q0 + tq, tk - 1);
+        const float *got[] = {gk, gv}, *start[] = {dk0, dv0};
+        for (int i = 0; i < 2; i++) {
+            float *a = take_rows(got[i], b, tk, q0 + tq, nr, wk);
+            float *z = take_rows(start[i], b, tk, q0 + tq, nr, wk);
+            expect_bits(what, a, z, nu * sizeof(float));
+            free(a);
+            free(z);
+        }
+    }
+
+    /* 2. runtime.attention = cudnn: the chunk runs the own kernel, the same bits */
+    cuda_set_attention(CUDA_ATTN_CUDNN);
+    float *d_out2 = dev_nan(nq), *d_lse2 = dev_nan(nl);
+    KG->attention_fwd(d_out2, d_lse2, d_q, d_k, d_v, b, tq, tk, q0, h, hkv, d);
+    KG->from_host(d_dq, dq0, nq * sizeof(float));
+    KG->from_host(d_dk, dk0, nk * sizeof(float));
+    KG->from_host(d_dv, dv0, nk * sizeof(float));
+    KG->attention_bwd(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_in, d_lse_in, b, tq, tk, q0,
+                      h, hkv, d);
+    cuda_set_attention(CUDA_ATTN_OWN);
+    {
+        float *r[] = {backf(d_out2, nq), backf(d_lse2, nl), backf(d_dq, nq), backf(d_dk, nk),
+                      backf(d_dv, nk)};
+        const float *own[] = {g, gl, gq, gk, gv};
+        size_t n[] = {nq, nl, nq, nk, nk};
+        snprintf(what, sizeof what, "chunk under runtime.attention=cudnn: own kernel's bits %s", shape);
+        for (int i = 0; i < 5; i++) {
+            expect_bits(what, r[i], own[i], n[i] * sizeof(float));
+            free(r[i]);
+        }
+    }
+
+    /* 3. the chunk is a slice of the whole sequence (GPU only) */
+    float *d_qf = devf(qf, nqf), *d_outf = dev_nan(nqf), *d_lsef = dev_nan(nlf);
+    KG->attention_fwd(d_outf, d_lsef, d_qf, d_k, d_v, b, tk, tk, 0, h, hkv, d);
+    float *of = backf(d_outf, nqf), *lf = backf(d_lsef, nlf);
+    float *os = take_rows(of, b, tk, q0, tq, wq), *ls = take_rows(lf, b * h, tk, q0, tq, 1);
+    snprintf(what, sizeof what, "chunk fwd out == rows %d.. of the whole T=%d", q0, tk);
+    expect_close(what, os, g, NULL, nq, TOL_ATT);
+    snprintf(what, sizeof what, "chunk fwd lse == rows %d.. of the whole T=%d", q0, tk);
+    expect_close(what, ls, gl, NULL, nl, TOL_ATT);
+    /* backward of the whole sequence with dout zero outside the chunk; the chunk's rows of out and
+     * lse are the ones its own backward got (the CPU's), the others (finite, multiplied by a zero
+     * dout) the GPU's */
+    float *doutf = tu_filled(nqf, 0), *dqf0 = tu_filled(nqf, 0);
+    put_rows(doutf, dout, b, tk, q0, tq, wq);
+    put_rows(of, out, b, tk, q0, tq, wq);
+    put_rows(lf, lse, b * h, tk, q0, tq, 1);
+    put_rows(dqf0, dq0, b, tk, q0, tq, wq);
+    float *d_doutf = devf(doutf, nqf), *d_of_in = devf(of, nqf), *d_lf_in = devf(lf, nlf);
+    float *d_dqf = devf(dqf0, nqf);
+    KG->from_host(d_dk, dk0, nk * sizeof(float));
+    KG->from_host(d_dv, dv0, nk * sizeof(float));
+    KG->attention_bwd(d_dqf, d_dk, d_dv, d_doutf, d_qf, d_k, d_v, d_of_in, d_lf_in, b, tk, tk, 0, h,
+                      hkv, d);
+    float *gqf = backf(d_dqf, nqf), *gkf = backf(d_dk, nk), *gvf = backf(d_dv, nk);
+    float *qs = take_rows(gqf, b, tk, q0, tq, wq);
+    snprintf(what, sizeof what, "chunk bwd dq == rows %d.. of the whole T=%d", q0, tk);
+    expect_close(what, qs, gq, dq0, nq, TOL_ATT);
+    snprintf(what, sizeof what, "chunk bwd dk == the whole T=%d's (dout 0 elsewhere)", tk);
+    expect_close(what, gkf, gk, dk0, nk, TOL_ATT);
+    snprintf(what, sizeof what, "chunk bwd dv == the whole T=%d's (dout 0 elsewhere)", tk);
+    expect_close(what, gvf, gv, dv0, nk, TOL_ATT);
+
+    cuda_set_attention(CUDA_ATTN_AUTO);
+    float *bufs[] = {qf, k, v, q, out, lse, g, gl, dout, dq0, dk0, dv0, dq, dk, dv, gq, gk, gv,
+                     of, lf, os, ls, doutf, dqf0, gqf, gkf, gvf, qs};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    float *dbufs[] = {d_q, d_k, d_v, d_out, d_lse, d_out_in, d_lse_in, d_dout, d_dq, d_dk, d_dv,
+                      d_out2, d_lse2, d_qf, d_outf, d_lsef, d_doutf, d_of_in, d_lf_in, d_dqf};
+    for (size_t i = 0; i < sizeof dbufs / sizeof dbufs[0]; i++) KG->free(dbufs[i]);
 }
 END_TEST
 
@@ -860,6 +1033,153 @@ START_TEST(test_cross_entropy) {
 }
 END_TEST
 
+/* Vocabulary-parallel cross-entropy (kernels.h: ce_rowmax, ce_sumexp, ce_vp_grad) over the shards
+ * of a vocabulary split, the caller's all-reduces done here on the host. Each pass gets the same
+ * inputs on both backends (the CPU's reduced mx, se, tl) and is compared per shard: mx bit-exact
+ * (a max), tl bit-exact (a copy), se, dlogits elementwise TOL_F32, the loss TOL_F32; overwritten
+ * outputs start as NaN; dlogits also aliased to the logits. Then the contract's one-rank identity:
+ * the shards' GPU dlogits side by side and the loss equal cross_entropy's (TOL_F32). */
+typedef struct CeCase {
+    int n, v, shards;
+    int v0[5]; /* shard s holds [v0[s], v0[s + 1]) */
+} CeCase;
+
+static const CeCase ce_cases[] = {
+    {37, 1003, 1, {0, 1003}},                       /* one rank: v0 = 0, Vl = V */
+    {37, 1003, 3, {0, 400, 777, 1003}},             /* uneven shards */
+    {8, 32000, 4, {0, 8000, 16000, 24000, 32000}},  /* a real vocabulary, tp = 4 */
+    {20, 300, 2, {0, 1, 300}},                      /* a one-column shard */
+};
+
+/* columns [v0, v0 + vl) of x(n, v) */
+static float *take_cols(const float *x, int n, int v, int v0, int vl) {
+    float *y = malloc((size_t)n * vl * sizeof(float) + 4);
+    for (int r = 0; r < n; r++) memcpy(y + (size_t)r * vl, x + (size_t)r * v + v0, (size_t)vl * sizeof(float));
+    return y;
+}
+
+START_TEST(test_ce_vocab_parallel) {
+    ck_assert_msg(KC->ce_rowmax && KC->ce_sumexp && KC->ce_vp_grad,
+                  "the CPU backend does not fill ce_rowmax / ce_sumexp / ce_vp_grad");
+    const CeCase *cc = &ce_cases[_i];
+    const int n = cc->n, v = cc->v, ns = cc->shards;
+    const size_t nv = (size_t)n * v;
+    char what[160];
+    printf(" vocabulary-parallel cross-entropy N=%d V=%d, %d shard(s)\n", n, v, ns);
+    float *l = rnd(nv, -4, 4);
+    for (int j = 0; j < v; j++) l[j] += 50.0f; /* row 0: large logits (max-shift needed) */
+    int32_t *tgt = malloc(n * sizeof(int32_t));
+    int valid = 0;
+    for (int r = 0; r < n; r++) {
+        tgt[r] = (r * 7919 + 13) % v;
+        if (r == 3 || r == n - 1) tgt[r] = -1; /* ignored */
+    }
+    tgt[1] = v - 1; /* the last shard's last column */
+    tgt[2] = 0;     /* the first shard's first column */
+    for (int r = 0; r < n; r++) valid += tgt[r] >= 0;
+    const float scale = 1.0f / valid;
+    int32_t *d_tgt = dev(tgt, n * sizeof(int32_t));
+    /* the reference: plain cross_entropy on the CPU */
+    float *dl_ref = tu_filled(nv, 0);
+    double loss_ref = 0;
+    KC->cross_entropy(&loss_ref, dl_ref, l, tgt, n, v, scale);
+
+    float *shard[5], *d_shard[5];
+    for (int s = 0; s < ns; s++) {
+        shard[s] = take_cols(l, n, v, cc->v0[s], cc->v0[s + 1] - cc->v0[s]);
+        d_shard[s] = devf(shard[s], (size_t)n * (cc->v0[s + 1] - cc->v0[s]));
+    }
+    /* pass 1: row max per shard, then the all-reduce (max) */
+    float *mx = tu_filled(n, -INFINITY), *mxs = tu_filled(n, 0);
+    for (int s = 0; s < ns; s++) {
+        int vl = cc->v0[s + 1] - cc->v0[s];
+        float *d_mx = dev_nan(n);
+        KC->ce_rowmax(mxs, shard[s], n, vl);
+        KG->ce_rowmax(d_mx, d_shard[s], n, vl);
+        float *g = backf(d_mx, n);
+        snprintf(what, sizeof what, "ce_rowmax shard [%d, %d)", cc->v0[s], cc->v0[s + 1]);
+        expect_bits(what, g, mxs, n * sizeof(float));
+        for (int r = 0; r < n; r++) mx[r] = fmaxf(mx[r], mxs[r]);
+        free(g);
+        KG->free(d_mx);
+    }
+    /* pass 2: sum of exp and the target logit per shard, then the all-reduce (sum) */
+    float *se = tu_filled(n, 0), *tl = tu_filled(n, 0), *ses = tu_filled(n, 0), *tls = tu_filled(n, 0);
+    float *d_mx = devf(mx, n);
+    for (int s = 0; s < ns; s++) {
+        int vl = cc->v0[s + 1] - cc->v0[s];
+        float *d_se = dev_nan(n), *d_tl = dev_nan(n);
+        KC->ce_sumexp(ses, tls, shard[s], tgt, mx, n, vl, cc->v0[s]);
+        KG->ce_sumexp(d_se, d_tl, d_shard[s], d_tgt, d_mx, n, vl, cc->v0[s]);
+        float *gs = backf(d_se, n), *gt = backf(d_tl, n);
+        snprintf(what, sizeof what, "ce_sumexp se shard [%d, %d)", cc->v0[s], cc->v0[s + 1]);
+        expect_close(what, gs, ses, NULL, n, TOL_F32);
+        snprintf(what, sizeof what, "ce_sumexp tl shard [%d, %d)", cc->v0[s], cc->v0[s + 1]);
+        expect_bits(what, gt, tls, n * sizeof(float));
+        for (int r = 0; r < n; r++) {
+            se[r] += ses[r];
+            tl[r] += tls[r];
+        }
+        free(gs);
+        free(gt);
+        KG->free(d_se);
+        KG->free(d_tl);
+    }
+    for (int r = 0; r < n; r++) /* the shards together hold every target exactly once */
+        if (tgt[r] >= 0)
+            ck_assert_msg(tl[r] == l[(size_t)r * v + tgt[r]], "row %d: tl %g, logit of the target %g",
+                          r, tl[r], l[(size_t)r * v + tgt[r]]);
+    /* pass 3: loss and dlogits per shard (every shard returns the whole loss) */
+    float *d_se = devf(se, n), *d_tl = devf(tl, n), *gall = tu_filled(nv, NAN);
+    double gloss_last = 0;
+    for (int s = 0; s < ns; s++) {
+        int v0 = cc->v0[s], vl = cc->v0[s + 1] - v0;
+        size_t nvl = (size_t)n * vl;
+        float *dl = tu_filled(nvl, 0);
+        double loss = 0;
+        KC->ce_vp_grad(&loss, dl, shard[s], tgt, mx, se, tl, n, vl, v0, scale);
+        for (int alias = 0; alias < 2; alias++) {
+            float *d_l = devf(shard[s], nvl), *d_dl = alias ? d_l : dev_nan(nvl);
+            double gloss = -1;
+            KG->ce_vp_grad(&gloss, d_dl, d_l, d_tgt, d_mx, d_se, d_tl, n, vl, v0, scale);
+            float *g = backf(d_dl, nvl);
+            snprintf(what, sizeof what, "ce_vp_grad loss shard [%d, %d)%s", v0, v0 + vl,
+                     alias ? " (dlogits aliases logits)" : "");
+            expect_scalar(what, gloss, loss, TOL_F32);
+            snprintf(what, sizeof what, "ce_vp_grad dlogits shard [%d, %d)%s", v0, v0 + vl,
+                     alias ? " (aliased)" : "");
+            expect_close(what, g, dl, NULL, nvl, TOL_F32);
+            for (int j = 0; j < vl; j++)
+                ck_assert_msg(g[(size_t)3 * vl + j] == 0.0f, "ignored row 3: dlogits[%d] = %g", j,
+                              g[(size_t)3 * vl + j]);
+            if (!alias)
+                for (int r = 0; r < n; r++)
+                    memcpy(gall + (size_t)r * v + v0, g + (size_t)r * vl, (size_t)vl * sizeof(float));
+            gloss_last = gloss;
+            free(g);
+            KG->free(d_l);
+            if (!alias) KG->free(d_dl);
+        }
+        free(dl);
+    }
+    /* the shards together are cross_entropy */
+    expect_scalar("ce_vp_grad loss == cross_entropy loss", gloss_last, loss_ref, TOL_F32);
+    expect_close("ce_vp_grad dlogits, shards side by side == cross_entropy's", gall, dl_ref, NULL, nv,
+                 TOL_F32);
+    for (int s = 0; s < ns; s++) {
+        free(shard[s]);
+        KG->free(d_shard[s]);
+    }
+    KG->free(d_tgt);
+    KG->free(d_mx);
+    KG->free(d_se);
+    KG->free(d_tl);
+    float *bufs[] = {l, dl_ref, mx, mxs, se, tl, ses, tls, gall};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(tgt);
+}
+END_TEST
+
 /* ============================================================================== AdamW == */
 
 START_TEST(test_adamw) {
@@ -937,6 +1257,10 @@ static Config step_config(const char *device, const char *variant) {
 
 static int is_exact_variant(const Config *c) { return c->top_k == c->num_experts; }
 
+/* the flat parameter buffers (params.h), for messages */
+static const char *const bufname[PBUF_COUNT] = {
+    [PBUF_DENSE] = "dense", [PBUF_EXPERT] = "expert", [PBUF_TP] = "tp-split"};
+
 typedef struct ModelRun {
     MicroStats s;
     float *grad[PBUF_COUNT]; /* host copies */
@@ -946,7 +1270,7 @@ typedef struct ModelRun {
 static void model_run(const Config *c, const Kernels *k, const int32_t *tok, int b, ModelRun *r) {
     /* as the trainer does: on the cuda backend the (one-rank) groups are in device mode */
     Group ep = group_self("ep"), tokens = group_self("tokens");
-    ModelParallel mp = {.ep = &ep, .tokens = &tokens};
+    ModelParallel mp = {.ep = &ep, .tokens = &tokens, .split = {1, 0, 1, 0, 1, 0, 1, 0}}; /* one rank */
     if (c->device == DEVICE_CUDA) {
         group_set_device(&ep, c->comm == COMM_NCCL);
         group_set_device(&tokens, c->comm == COMM_NCCL);
@@ -1016,10 +1340,9 @@ START_TEST(test_model_grads) {
            diff, b * t);
     ck_assert_msg(diff <= (exact ? 0 : b * t / 20), "%d of %d tokens routed differently", diff, b * t);
     if (!exact) ck_assert_int_eq(rg.s.dropped > 0, rc.s.dropped > 0);
-    ModelDims d = dims_from_config(&cc, 1, 0);
+    ModelDims d = dims_from_config(&cc, NULL);
     ParamLayout pl;
     params_layout_init(&pl, &d, cc.init_std, NULL);
-    const char *bufname[] = {"dense", "expert"};
     for (int i = 0; i < PBUF_COUNT; i++) {
         char what[96];
         snprintf(what, sizeof what, "model gradient, whole %s buffer", bufname[i]);
@@ -1118,7 +1441,6 @@ START_TEST(test_train_steps) {
         snprintf(what, sizeof what, "trainer loss, step %d", s + 1);
         expect_scalar(what, rg.loss[s], rc.loss[s], TOL_STEP);
     }
-    const char *bufname[] = {"dense", "expert"};
     for (int i = 0; i < PBUF_COUNT; i++) {
         ck_assert_uint_eq(rg.size[i], rc.size[i]);
         char what[96];
@@ -1170,12 +1492,14 @@ int main(void) {
     tcase_add_test(tk, test_rmsnorm);
     tcase_add_loop_test(tk, test_rope, 0, (int)(sizeof rope_cases / sizeof rope_cases[0]));
     tcase_add_loop_test(tk, test_attention, 0, 2 * (int)(sizeof att_cases / sizeof att_cases[0]));
+    tcase_add_loop_test(tk, test_attention_chunk, 0, (int)(sizeof chunk_cases / sizeof chunk_cases[0]));
     tcase_add_test(tk, test_swiglu);
     tcase_add_loop_test(tk, test_router_topk, 0, (int)(sizeof router_cases / sizeof router_cases[0]));
     tcase_add_loop_test(tk, test_router_stats, 0, (int)(sizeof router_cases / sizeof router_cases[0]));
     tcase_add_loop_test(tk, test_router_bwd, 0, (int)(sizeof router_cases / sizeof router_cases[0]));
     tcase_add_test(tk, test_permutation);
     tcase_add_test(tk, test_cross_entropy);
+    tcase_add_loop_test(tk, test_ce_vocab_parallel, 0, (int)(sizeof ce_cases / sizeof ce_cases[0]));
     tcase_add_test(tk, test_adamw);
     suite_add_tcase(s, tk);
     TCase *tm = tcase_create("model");

@@ -320,18 +320,19 @@ static const int32_t EM_TOK[EM_N] = {1, 3, 1, 0, 3, 1};
 
 typedef struct {
     float *wte, *r, *out;
+    const int32_t *tok;
 } EmCtx;
 
 static double em_loss(void *p) {
     EmCtx *c = p;
-    kernels_cpu()->embedding_fwd(c->out, EM_TOK, c->wte, EM_N, EM_C);
+    kernels_cpu()->embedding_fwd(c->out, c->tok, c->wte, EM_N, EM_C);
     return dotd(c->out, c->r, EM_N * EM_C);
 }
 
 START_TEST(test_embedding) {
     const Kernels *k = kernels_cpu();
     size_t nw = EM_V * EM_C, no = EM_N * EM_C;
-    EmCtx c = {tu_rnd(nw, -1, 1, 70), tu_rnd(no, -1, 1, 71), tu_filled(no, 1e30f)};
+    EmCtx c = {tu_rnd(nw, -1, 1, 70), tu_rnd(no, -1, 1, 71), tu_filled(no, 1e30f), EM_TOK};
     k->embedding_fwd(c.out, EM_TOK, c.wte, EM_N, EM_C);
     for (int n = 0; n < EM_N; n++)
         for (int j = 0; j < EM_C; j++)
@@ -345,6 +346,40 @@ START_TEST(test_embedding) {
         assert_near("embedding_bwd repeated token", dw[EM_C + j], want, 1e-6);
     }
     fd_check("embedding_bwd (dwte)", c.wte, dw, nw, em_loss, &c, 1e-2f);
+    free(c.wte);
+    free(c.r);
+    free(c.out);
+    free(dw);
+}
+END_TEST
+
+/* Negative ids (rows of another vocabulary shard): zero row forward, skipped backward. */
+START_TEST(test_embedding_negative) {
+    static const int32_t tok[EM_N] = {2, -1, 0, -1, 2, -7};
+    const Kernels *k = kernels_cpu();
+    size_t nw = EM_V * EM_C, no = EM_N * EM_C;
+    EmCtx c = {tu_rnd(nw, -1, 1, 72), tu_rnd(no, -1, 1, 73), tu_filled(no, 1e30f), tok};
+    k->embedding_fwd(c.out, tok, c.wte, EM_N, EM_C);
+    for (int n = 0; n < EM_N; n++)
+        for (int j = 0; j < EM_C; j++) {
+            float want = tok[n] < 0 ? 0.0f : c.wte[tok[n] * EM_C + j];
+            ck_assert_msg(c.out[n * EM_C + j] == want, "embedding_fwd id %d row %d col %d: %g",
+                          tok[n], n, j, c.out[n * EM_C + j]);
+        }
+    float *dw = tu_filled(nw, GBASE);
+    k->embedding_bwd(dw, c.r, tok, EM_N, EM_C);
+    for (int v = 0; v < EM_V; v++)
+        for (int j = 0; j < EM_C; j++) {
+            double want = GBASE;
+            for (int n = 0; n < EM_N; n++)
+                if (tok[n] == v) want += c.r[n * EM_C + j];
+            if (v != 0 && v != 2) /* rows no id names keep exactly their old value */
+                ck_assert_msg(dw[v * EM_C + j] == GBASE, "embedding_bwd touched row %d: %g", v,
+                              dw[v * EM_C + j]);
+            assert_near("embedding_bwd with negative ids", dw[v * EM_C + j], want, 1e-6);
+        }
+    sub_const(dw, nw, GBASE);
+    fd_check("embedding_bwd, negative ids (dwte)", c.wte, dw, nw, em_loss, &c, 1e-2f);
     free(c.wte);
     free(c.r);
     free(c.out);
@@ -445,56 +480,82 @@ END_TEST
 
 /* =========================================================================== attention == */
 
+/* Tq query rows at positions q0 .. q0+Tq-1 against Tk keys; the plain case is att_plain. */
 typedef struct {
-    int b, t, h, hkv, d;
+    int b, tq, tk, q0, h, hkv, d;
 } AttShape;
 
-static size_t att_nq(AttShape s) { return (size_t)s.b * s.t * s.h * s.d; }
-static size_t att_nk(AttShape s) { return (size_t)s.b * s.t * s.hkv * s.d; }
+static AttShape att_plain(int b, int t, int h, int hkv, int d) {
+    return (AttShape){b, t, t, 0, h, hkv, d};
+}
 
-/* explicit loops over t and s <= t, double */
+static size_t att_nq(AttShape s) { return (size_t)s.b * s.tq * s.h * s.d; }
+static size_t att_nk(AttShape s) { return (size_t)s.b * s.tk * s.hkv * s.d; }
+static size_t att_nl(AttShape s) { return (size_t)s.b * s.h * s.tq; }
+
+static void att_name(char *buf, size_t n, const char *what, AttShape s) {
+    snprintf(buf, n, "%s (B%d Tq%d Tk%d q0=%d H%d Hkv%d D%d)", what, s.b, s.tq, s.tk, s.q0, s.h,
+             s.hkv, s.d);
+}
+
+/* explicit loops over query rows t and keys u <= q0 + t, double */
 static void ref_attention(double *out, double *lse, const float *q, const float *k,
                           const float *v, AttShape s) {
-    double scale = 1.0 / sqrt((double)s.d), *sc = malloc((size_t)s.t * sizeof(double));
+    double scale = 1.0 / sqrt((double)s.d), *sc = malloc((size_t)s.tk * sizeof(double));
     for (int b = 0; b < s.b; b++)
         for (int h = 0; h < s.h; h++)
-            for (int t = 0; t < s.t; t++) {
-                int g = h / (s.h / s.hkv);
-                const float *qr = q + (((size_t)b * s.t + t) * s.h + h) * s.d;
+            for (int t = 0; t < s.tq; t++) {
+                int g = h / (s.h / s.hkv), last = s.q0 + t;
+                const float *qr = q + (((size_t)b * s.tq + t) * s.h + h) * s.d;
                 double mx = -INFINITY, sum = 0;
-                for (int u = 0; u <= t; u++) {
-                    const float *kr = k + (((size_t)b * s.t + u) * s.hkv + g) * s.d;
+                for (int u = 0; u <= last; u++) {
+                    const float *kr = k + (((size_t)b * s.tk + u) * s.hkv + g) * s.d;
                     sc[u] = scale * dotd(qr, kr, (size_t)s.d);
                     mx = fmax(mx, sc[u]);
                 }
-                for (int u = 0; u <= t; u++) sum += exp(sc[u] - mx);
-                lse[((size_t)b * s.h + h) * s.t + t] = mx + log(sum);
-                double *o = out + (((size_t)b * s.t + t) * s.h + h) * s.d;
+                for (int u = 0; u <= last; u++) sum += exp(sc[u] - mx);
+                lse[((size_t)b * s.h + h) * s.tq + t] = mx + log(sum);
+                double *o = out + (((size_t)b * s.tq + t) * s.h + h) * s.d;
                 for (int j = 0; j < s.d; j++) o[j] = 0;
-                for (int u = 0; u <= t; u++) {
-                    const float *vr = v + (((size_t)b * s.t + u) * s.hkv + g) * s.d;
+                for (int u = 0; u <= last; u++) {
+                    const float *vr = v + (((size_t)b * s.tk + u) * s.hkv + g) * s.d;
                     for (int j = 0; j < s.d; j++) o[j] += exp(sc[u] - mx) / sum * vr[j];
                 }
             }
     free(sc);
 }
 
+static void att_fwd(float *out, float *lse, const float *q, const float *k, const float *v,
+                    AttShape s) {
+    kernels_cpu()->attention_fwd(out, lse, q, k, v, s.b, s.tq, s.tk, s.q0, s.h, s.hkv, s.d);
+}
+
+static void att_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                    const float *k, const float *v, const float *out, const float *lse,
+                    AttShape s) {
+    kernels_cpu()->attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, s.b, s.tq, s.tk, s.q0, s.h,
+                                 s.hkv, s.d);
+}
+
 static void check_attention_fwd(AttShape s, uint64_t seed) {
-    size_t nq = att_nq(s), nk = att_nk(s), nl = (size_t)s.b * s.h * s.t;
+    size_t nq = att_nq(s), nk = att_nk(s), nl = att_nl(s);
     float *q = tu_rnd(nq, -1, 1, seed), *k = tu_rnd(nk, -1, 1, seed + 1), *v = tu_rnd(nk, -1, 1, seed + 2);
     float *out = tu_filled(nq, 1e30f), *lse = tu_filled(nl, 1e30f);
     double *rout = calloc(nq, sizeof(double)), *rlse = calloc(nl, sizeof(double));
-    kernels_cpu()->attention_fwd(out, lse, q, k, v, s.b, s.t, s.h, s.hkv, s.d);
+    char what[128];
+    att_fwd(out, lse, q, k, v, s);
     ref_attention(rout, rlse, q, k, v, s);
     float *wout = to_float(rout, nq), *wlse = to_float(rlse, nl);
-    assert_close("attention out", out, wout, nq, 1e-4, 1e-5);
-    assert_close("attention lse", lse, wlse, nl, 1e-5, 1e-5);
+    att_name(what, sizeof what, "attention out", s);
+    assert_close(what, out, wout, nq, 1e-4, 1e-5);
+    att_name(what, sizeof what, "attention lse", s);
+    assert_close(what, lse, wlse, nl, 1e-5, 1e-5);
     /* position 0 attends only to itself: out[b,0,h] == v[b,0,g] */
-    for (int b = 0; b < s.b; b++)
+    for (int b = 0; s.q0 == 0 && b < s.b; b++)
         for (int h = 0; h < s.h; h++)
             for (int j = 0; j < s.d; j++) {
-                float o = out[((size_t)b * s.t * s.h + h) * s.d + j];
-                float vv = v[((size_t)b * s.t * s.hkv + h / (s.h / s.hkv)) * s.d + j];
+                float o = out[((size_t)b * s.tq * s.h + h) * s.d + j];
+                float vv = v[((size_t)b * s.tk * s.hkv + h / (s.h / s.hkv)) * s.d + j];
                 ck_assert_msg(fabsf(o - vv) <= 1e-6f, "out[b=%d,0,h=%d,%d] = %g, v = %g", b, h, j,
                               o, vv);
             }
@@ -510,9 +571,86 @@ static void check_attention_fwd(AttShape s, uint64_t seed) {
 }
 
 START_TEST(test_attention_fwd) {
-    check_attention_fwd((AttShape){2, 5, 4, 2, 4}, 100);
-    check_attention_fwd((AttShape){1, 150, 4, 1, 16}, 110); /* several query blocks, MQA */
-    check_attention_fwd((AttShape){2, 64, 2, 2, 8}, 120);   /* exactly one block, MHA */
+    check_attention_fwd(att_plain(2, 5, 4, 2, 4), 100);
+    check_attention_fwd(att_plain(1, 150, 4, 1, 16), 110); /* several query blocks, MQA */
+    check_attention_fwd(att_plain(2, 64, 2, 2, 8), 120);   /* exactly one block, MHA */
+}
+END_TEST
+
+/* a chunk of queries from q0 > 0 against more keys (context parallelism) */
+START_TEST(test_attention_fwd_offset) {
+    check_attention_fwd((AttShape){2, 5, 12, 7, 4, 2, 4}, 300);     /* q0 + Tq = Tk, GQA */
+    check_attention_fwd((AttShape){1, 3, 10, 2, 2, 1, 4}, 310);     /* keys 5..9 unused */
+    check_attention_fwd((AttShape){1, 150, 400, 200, 4, 1, 16}, 320); /* 3 query blocks, MQA */
+    check_attention_fwd((AttShape){2, 64, 200, 64, 2, 2, 8}, 330);  /* one full block, MHA */
+    check_attention_fwd((AttShape){2, 100, 230, 130, 6, 2, 8}, 340); /* 2 blocks, GQA */
+}
+END_TEST
+
+/* rows [r0, r0 + rows) of each of nb runs of t rows of width w -> dst (nb, rows, w) */
+static void slice_rows(float *dst, const float *src, int nb, int t, int r0, int rows, size_t w) {
+    for (int i = 0; i < nb; i++)
+        memcpy(dst + (size_t)i * rows * w, src + ((size_t)i * t + r0) * w,
+               (size_t)rows * w * sizeof(float));
+}
+
+/* Keys from position p on of every sequence have exactly zero gradient in dk and dv. */
+static void assert_keys_untouched(const float *dk, const float *dv, AttShape s, int p) {
+    size_t w = (size_t)s.hkv * s.d;
+    for (int b = 0; b < s.b; b++)
+        for (size_t i = ((size_t)b * s.tk + p) * w; i < (size_t)(b + 1) * s.tk * w; i++)
+            ck_assert_msg(dk[i] == 0.0f && dv[i] == 0.0f,
+                          "key row %zu after q0+Tq=%d got gradient dk %g dv %g", i / w, p, dk[i],
+                          dv[i]);
+}
+
+/* Queries split into nc chunks (Tq = T/nc, q0 = c T/nc) against the whole K/V give the rows of
+ * the full attention, and the chunks' dk/dv add up to the full backward's. */
+static void check_attention_chunks(AttShape f, int nc, uint64_t seed) {
+    AttShape cs = f;
+    cs.tq = f.tq / nc;
+    size_t nq = att_nq(f), nk = att_nk(f), nl = att_nl(f), cq = att_nq(cs), cl = att_nl(cs);
+    size_t wq = (size_t)f.h * f.d;
+    float *q = tu_rnd(nq, -1, 1, seed), *k = tu_rnd(nk, -1, 1, seed + 1);
+    float *v = tu_rnd(nk, -1, 1, seed + 2), *dout = tu_rnd(nq, -1, 1, seed + 3);
+    float *out = malloc(nq * 4), *lse = malloc(nl * 4), *dq = tu_filled(nq, 0);
+    float *dk = tu_filled(nk, 0), *dv = tu_filled(nk, 0), *dkc = tu_filled(nk, 0);
+    float *dvc = tu_filled(nk, 0), *qc = malloc(cq * 4), *doc = malloc(cq * 4);
+    float *oc = malloc(cq * 4), *lc = malloc(cl * 4), *dqc = malloc(cq * 4);
+    float *want = malloc(cq * 4), *wl = malloc(cl * 4);
+    char what[128];
+    att_fwd(out, lse, q, k, v, f);
+    att_bwd(dq, dk, dv, dout, q, k, v, out, lse, f);
+    for (int c = 0; c < nc; c++) {
+        cs.q0 = c * cs.tq;
+        slice_rows(qc, q, f.b, f.tq, cs.q0, cs.tq, wq);
+        slice_rows(doc, dout, f.b, f.tq, cs.q0, cs.tq, wq);
+        att_fwd(oc, lc, qc, k, v, cs);
+        slice_rows(want, out, f.b, f.tq, cs.q0, cs.tq, wq);
+        att_name(what, sizeof what, "chunk out == full rows", cs);
+        assert_close(what, oc, want, cq, 1e-6, 1e-6);
+        slice_rows(wl, lse, f.b * f.h, f.tq, cs.q0, cs.tq, 1);
+        att_name(what, sizeof what, "chunk lse == full rows", cs);
+        assert_close(what, lc, wl, cl, 1e-6, 1e-6);
+        memset(dqc, 0, cq * 4);
+        att_bwd(dqc, dkc, dvc, doc, qc, k, v, oc, lc, cs);
+        slice_rows(want, dq, f.b, f.tq, cs.q0, cs.tq, wq);
+        att_name(what, sizeof what, "chunk dq == full rows", cs);
+        assert_close(what, dqc, want, cq, 1e-5, 1e-6);
+        if (c == 0) assert_keys_untouched(dkc, dvc, f, cs.tq);
+    }
+    att_name(what, sizeof what, "sum of chunks' dk == full dk", cs);
+    assert_close(what, dkc, dk, nk, 1e-5, 1e-5);
+    att_name(what, sizeof what, "sum of chunks' dv == full dv", cs);
+    assert_close(what, dvc, dv, nk, 1e-5, 1e-5);
+    float *bufs[] = {q, k, v, dout, out, lse, dq, dk, dv, dkc, dvc, qc, doc, oc, lc, dqc, want, wl};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+}
+
+START_TEST(test_attention_chunked) {
+    check_attention_chunks(att_plain(2, 160, 4, 2, 8), 4, 350); /* chunks of 40 rows, GQA */
+    check_attention_chunks(att_plain(1, 320, 2, 1, 16), 4, 360); /* 80 rows: 2 blocks, MQA */
+    check_attention_chunks(att_plain(2, 12, 2, 2, 4), 4, 370);   /* chunks of 3 rows, MHA */
 }
 END_TEST
 
@@ -523,15 +661,14 @@ typedef struct {
 
 static double att_loss(void *p) {
     AttCtx *c = p;
-    kernels_cpu()->attention_fwd(c->out, c->lse, c->q, c->k, c->v, c->s.b, c->s.t, c->s.h,
-                                 c->s.hkv, c->s.d);
+    att_fwd(c->out, c->lse, c->q, c->k, c->v, c->s);
     return dotd(c->out, c->r, att_nq(c->s));
 }
 
 static AttCtx att_ctx(AttShape s, uint64_t seed) {
     size_t nq = att_nq(s), nk = att_nk(s);
     AttCtx c = {s, tu_rnd(nq, -1, 1, seed), tu_rnd(nk, -1, 1, seed + 1), tu_rnd(nk, -1, 1, seed + 2),
-                tu_rnd(nq, -1, 1, seed + 3), malloc(nq * 4), malloc((size_t)s.b * s.h * s.t * 4)};
+                tu_rnd(nq, -1, 1, seed + 3), malloc(nq * 4), malloc(att_nl(s) * 4)};
     return c;
 }
 
@@ -551,15 +688,14 @@ static void att_grads(AttCtx *c, float **dq, float **dk, float **dv) {
     *dk = tu_filled(nk, GBASE);
     *dv = tu_filled(nk, GBASE);
     att_loss(c);
-    kernels_cpu()->attention_bwd(*dq, *dk, *dv, c->r, c->q, c->k, c->v, c->out, c->lse, c->s.b,
-                                 c->s.t, c->s.h, c->s.hkv, c->s.d);
+    att_bwd(*dq, *dk, *dv, c->r, c->q, c->k, c->v, c->out, c->lse, c->s);
     sub_const(*dq, nq, GBASE);
     sub_const(*dk, nk, GBASE);
     sub_const(*dv, nk, GBASE);
 }
 
 START_TEST(test_attention_bwd) {
-    AttCtx c = att_ctx((AttShape){2, 5, 4, 2, 4}, 130);
+    AttCtx c = att_ctx(att_plain(2, 5, 4, 2, 4), 130);
     float *dq, *dk, *dv;
     att_grads(&c, &dq, &dk, &dv);
     fd_check("attention_bwd (dq)", c.q, dq, att_nq(c.s), att_loss, &c, 1e-2f);
@@ -573,12 +709,46 @@ START_TEST(test_attention_bwd) {
 END_TEST
 
 START_TEST(test_attention_bwd_blocks) {
-    AttCtx c = att_ctx((AttShape){2, 150, 4, 2, 16}, 140);
+    AttCtx c = att_ctx(att_plain(2, 150, 4, 2, 16), 140);
     float *dq, *dk, *dv;
     att_grads(&c, &dq, &dk, &dv);
     fd_dir_check("attention_bwd T=150 (dq, dir)", c.q, dq, att_nq(c.s), att_loss, &c, 1e-2f, 3, 1);
     fd_dir_check("attention_bwd T=150 (dk, dir)", c.k, dk, att_nk(c.s), att_loss, &c, 1e-2f, 3, 2);
     fd_dir_check("attention_bwd T=150 (dv, dir)", c.v, dv, att_nk(c.s), att_loss, &c, 1e-2f, 3, 3);
+    free(dq);
+    free(dk);
+    free(dv);
+    att_free(&c);
+}
+END_TEST
+
+/* q0 > 0 and q0 + Tq < Tk: keys after the last query get no gradient at all */
+START_TEST(test_attention_bwd_offset) {
+    AttCtx c = att_ctx((AttShape){2, 3, 9, 4, 4, 2, 4}, 380);
+    float *dq, *dk, *dv;
+    att_grads(&c, &dq, &dk, &dv);
+    assert_keys_untouched(dk, dv, c.s, c.s.q0 + c.s.tq);
+    fd_check("attention_bwd q0=4 (dq)", c.q, dq, att_nq(c.s), att_loss, &c, 1e-2f);
+    fd_check("attention_bwd q0=4 (dk)", c.k, dk, att_nk(c.s), att_loss, &c, 1e-2f);
+    fd_check("attention_bwd q0=4 (dv)", c.v, dv, att_nk(c.s), att_loss, &c, 1e-2f);
+    free(dq);
+    free(dk);
+    free(dv);
+    att_free(&c);
+}
+END_TEST
+
+START_TEST(test_attention_bwd_offset_blocks) {
+    AttCtx c = att_ctx((AttShape){2, 100, 230, 120, 4, 2, 16}, 390);
+    float *dq, *dk, *dv;
+    att_grads(&c, &dq, &dk, &dv);
+    assert_keys_untouched(dk, dv, c.s, c.s.q0 + c.s.tq);
+    fd_dir_check("attention_bwd q0=120 (dq, dir)", c.q, dq, att_nq(c.s), att_loss, &c,
+                 1e-2f, 3, 4);
+    fd_dir_check("attention_bwd q0=120 (dk, dir)", c.k, dk, att_nk(c.s), att_loss, &c,
+                 1e-2f, 3, 5);
+    fd_dir_check("attention_bwd q0=120 (dv, dir)", c.v, dv, att_nk(c.s), att_loss, &c,
+                 1e-2f, 3, 6);
     free(dq);
     free(dk);
     free(dv);
@@ -865,6 +1035,145 @@ START_TEST(test_cross_entropy_bwd) {
 }
 END_TEST
 
+/* ------------------------------------------------------ vocabulary-parallel cross-entropy -- */
+
+enum { VP_N = 7, VP_V = 37, VP_MAXS = 3 };
+/* ignored rows, the first column of shards 1 and 2 of three (12, 24), the last column (36), the
+ * first (0), and 18 (first column of shard 1 of two) */
+static const int32_t VP_TG[VP_N] = {12, -1, 36, 24, -1, 0, 18};
+
+typedef struct {
+    int s;                             /* shards */
+    float *sh[VP_MAXS], *d[VP_MAXS];   /* per shard: logits(N, Vl) and dlogits(N, Vl) */
+    double loss[VP_MAXS];              /* per shard: ce_vp_grad's loss */
+    float mx[VP_N], se[VP_N], tl[VP_N]; /* after the emulated all-reduces */
+    float scale;
+} VpCtx;
+
+static int vp_v0(const VpCtx *c, int i) { return VP_V * i / c->s; }
+static int vp_vl(const VpCtx *c, int i) { return vp_v0(c, i + 1) - vp_v0(c, i); }
+
+/* columns [v0, v0 + vl) of x(N, V) */
+static float *vp_cols(const float *x, int v0, int vl) {
+    float *y = malloc((size_t)VP_N * vl * sizeof(float));
+    for (int n = 0; n < VP_N; n++) memcpy(y + n * vl, x + n * VP_V + v0, vl * sizeof(float));
+    return y;
+}
+
+static VpCtx vp_ctx(int shards, const float *logits, float scale) {
+    VpCtx c = {.s = shards, .scale = scale};
+    for (int i = 0; i < shards; i++) {
+        c.sh[i] = vp_cols(logits, vp_v0(&c, i), vp_vl(&c, i));
+        c.d[i] = tu_filled((size_t)VP_N * vp_vl(&c, i), 1e30f);
+    }
+    return c;
+}
+
+static void vp_free(VpCtx *c) {
+    for (int i = 0; i < c->s; i++) {
+        free(c->sh[i]);
+        free(c->d[i]);
+    }
+}
+
+/* The three passes on every shard; the all-reduces (max of mx, sum of se and tl) done here. */
+static void vp_run(VpCtx *c) {
+    const Kernels *k = kernels_cpu();
+    float a[VP_N], b[VP_N];
+    for (int i = 0; i < c->s; i++) {
+        k->ce_rowmax(a, c->sh[i], VP_N, vp_vl(c, i));
+        for (int n = 0; n < VP_N; n++) c->mx[n] = i == 0 || a[n] > c->mx[n] ? a[n] : c->mx[n];
+    }
+    for (int i = 0; i < c->s; i++) {
+        k->ce_sumexp(a, b, c->sh[i], VP_TG, c->mx, VP_N, vp_vl(c, i), vp_v0(c, i));
+        for (int n = 0; n < VP_N; n++) {
+            c->se[n] = i == 0 ? a[n] : c->se[n] + a[n];
+            c->tl[n] = i == 0 ? b[n] : c->tl[n] + b[n];
+        }
+    }
+    for (int i = 0; i < c->s; i++)
+        k->ce_vp_grad(&c->loss[i], c->d[i], c->sh[i], VP_TG, c->mx, c->se, c->tl, VP_N,
+                      vp_vl(c, i), vp_v0(c, i), c->scale);
+}
+
+static float *vp_logits(uint64_t seed) {
+    float *l = tu_rnd(VP_N * VP_V, -3, 3, seed);
+    l[0 * VP_V + 30] = 9.0f; /* row maxima in different shards, some on a shard's last column */
+    l[2 * VP_V + 17] = 6.5f;
+    l[3 * VP_V + 11] = 7.5f;
+    l[5 * VP_V + 36] = 8.0f;
+    l[6 * VP_V + 19] = -8.0f;
+    return l;
+}
+
+/* shards x (rowmax, sumexp, vp_grad) == cross_entropy: loss on every shard, dlogits by columns */
+static void check_ce_vp(int shards, uint64_t seed) {
+    const float scale = 0.7f;
+    float *l = vp_logits(seed), *dref = malloc(VP_N * VP_V * sizeof(float));
+    double lref;
+    char what[96];
+    kernels_cpu()->cross_entropy(&lref, dref, l, VP_TG, VP_N, VP_V, scale);
+    VpCtx c = vp_ctx(shards, l, scale);
+    vp_run(&c);
+    for (int n = 0; n < VP_N; n++) {
+        float tl = VP_TG[n] < 0 ? 0.0f : l[n * VP_V + VP_TG[n]], mx = l[n * VP_V];
+        for (int j = 1; j < VP_V; j++) mx = l[n * VP_V + j] > mx ? l[n * VP_V + j] : mx;
+        ck_assert_msg(c.mx[n] == mx, "%d shards: mx[%d] = %g, want %g", shards, n, c.mx[n], mx);
+        ck_assert_msg(c.tl[n] == tl, "%d shards: tl[%d] = %g, want %g", shards, n, c.tl[n], tl);
+    }
+    for (int i = 0; i < shards; i++) {
+        int vl = vp_vl(&c, i);
+        float *want = vp_cols(dref, vp_v0(&c, i), vl), *inplace = tu_dup(c.sh[i], VP_N * vl);
+        double l2;
+        snprintf(what, sizeof what, "ce_vp loss, shard %d of %d", i, shards);
+        assert_near(what, c.loss[i], lref, 1e-6 * fabs(lref));
+        snprintf(what, sizeof what, "ce_vp dlogits, shard %d of %d", i, shards);
+        assert_close(what, c.d[i], want, (size_t)VP_N * vl, 1e-6, 1e-9);
+        for (int j = 0; j < vl; j++) /* ignored rows are exactly zero */
+            ck_assert_msg(c.d[i][1 * vl + j] == 0.0f && c.d[i][4 * vl + j] == 0.0f,
+                          "%s: ignored row not zero", what);
+        kernels_cpu()->ce_vp_grad(&l2, inplace, inplace, VP_TG, c.mx, c.se, c.tl, VP_N, vl,
+                                  vp_v0(&c, i), scale);
+        assert_near("ce_vp_grad in place: loss", l2, c.loss[i], 0.0);
+        ck_assert_msg(memcmp(inplace, c.d[i], (size_t)VP_N * vl * sizeof(float)) == 0,
+                      "ce_vp_grad in place: dlogits differ (shard %d of %d)", i, shards);
+        free(want);
+        free(inplace);
+    }
+    printf("  ce vocab-parallel, %d shards: loss %.9f (cross_entropy %.9f)\n", shards, c.loss[0],
+           lref);
+    vp_free(&c);
+    free(l);
+    free(dref);
+}
+
+START_TEST(test_ce_vocab_parallel) {
+    check_ce_vp(1, 400);
+    check_ce_vp(2, 410);
+    check_ce_vp(3, 420);
+}
+END_TEST
+
+/* L = scale * loss through all three passes on all shards, as a function of one shard's logits */
+static double vp_loss(void *p) {
+    VpCtx *c = p;
+    vp_run(c);
+    return c->scale * c->loss[0];
+}
+
+START_TEST(test_ce_vp_grad_fd) {
+    float *l = vp_logits(430);
+    VpCtx c = vp_ctx(3, l, 0.7f);
+    vp_run(&c);
+    size_t n = (size_t)VP_N * vp_vl(&c, 1);
+    float *an = tu_dup(c.d[1], n);
+    fd_check("ce_vp_grad shard 1 of 3 (dlogits)", c.sh[1], an, n, vp_loss, &c, 1e-2f);
+    free(an);
+    vp_free(&c);
+    free(l);
+}
+END_TEST
+
 /* =========================================================================== optimizer == */
 
 /* one AdamW step in double */
@@ -926,12 +1235,17 @@ static Suite *kernels_suite(void) {
     tcase_add_test(tc, test_grouped_linear_fwd);
     tcase_add_test(tc, test_grouped_linear_bwd);
     tcase_add_test(tc, test_embedding);
+    tcase_add_test(tc, test_embedding_negative);
     tcase_add_test(tc, test_rmsnorm_fwd_hand);
     tcase_add_test(tc, test_rmsnorm_bwd);
     tcase_add_test(tc, test_rope);
     tcase_add_test(tc, test_attention_fwd);
     tcase_add_test(tc, test_attention_bwd);
     tcase_add_test(tc, test_attention_bwd_blocks);
+    tcase_add_test(tc, test_attention_fwd_offset);
+    tcase_add_test(tc, test_attention_chunked);
+    tcase_add_test(tc, test_attention_bwd_offset);
+    tcase_add_test(tc, test_attention_bwd_offset_blocks);
     tcase_add_test(tc, test_swiglu);
     tcase_add_test(tc, test_router_topk_hand);
     tcase_add_test(tc, test_router_stats_hand);
@@ -940,6 +1254,8 @@ static Suite *kernels_suite(void) {
     tcase_add_test(tc, test_combine);
     tcase_add_test(tc, test_cross_entropy_hand);
     tcase_add_test(tc, test_cross_entropy_bwd);
+    tcase_add_test(tc, test_ce_vocab_parallel);
+    tcase_add_test(tc, test_ce_vp_grad_fd);
     tcase_add_test(tc, test_adamw);
     suite_add_tcase(s, tc);
     return s;

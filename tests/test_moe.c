@@ -88,6 +88,7 @@ typedef struct Fixture {
     ModelDims d;
     MoeConfig mc;
     float *router, *w13, *w2, *sh13, *sh2, *g_router, *g13, *g2, *gsh13, *gsh2;
+    float *sh_ab, *sh_h, *sh_dab, *sh_dh; /* the shared experts (the model runs them beside the layer) */
     MoeWeights w;
     MoeActs a;
     MoeScratch s;
@@ -96,7 +97,8 @@ typedef struct Fixture {
 
 static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float cf) {
     memset(f, 0, sizeof *f);
-    f->d = (ModelDims){.C = c, .E = e, .K = k, .Fe = 6, .Fs = fs, .El = e, .e0 = 0};
+    f->d = (ModelDims){.C = c, .E = e, .K = k, .Fe = 6, .Fel = 6, .Fs = fs, .Fsl = fs, .El = e, .e0 = 0,
+                       .tp = 1, .etp = 1, .cp = 1};
     f->solo = group_self("solo");
     f->mc = (MoeConfig){.renorm = 1, .capacity_factor = cf, .lbl_coeff = 0.3f, .z_coeff = 0.2f};
     const Kernels *K = kernels_cpu();
@@ -115,16 +117,21 @@ static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float c
     f->gsh2 = calloc((size_t)(fs + 1) * c, 4);
     tu_fill_uniform(f->sh13, (size_t)2 * fs * c, -0.5f, 0.5f, 14);
     tu_fill_uniform(f->sh2, (size_t)fs * c, -0.5f, 0.5f, 15);
-    f->w = (MoeWeights){f->router, f->w13, f->w2, f->sh13, f->sh2,
-                        f->g_router, f->g13, f->g2, f->gsh13, f->gsh2};
-    moe_acts_alloc(&f->a, K, &f->d, &f->mc, n, &f->solo);
+    f->w = (MoeWeights){f->router, f->w13, f->w2, f->g_router, f->g13, f->g2};
+    size_t sh = (size_t)n * (fs + 1);
+    f->sh_ab = calloc(2 * sh, 4);
+    f->sh_h = calloc(sh, 4);
+    f->sh_dab = calloc(2 * sh, 4);
+    f->sh_dh = calloc(sh, 4);
+    moe_acts_alloc(&f->a, K, &f->d, &f->mc, n, &f->solo, &f->solo);
     moe_scratch_alloc(&f->s, K, &f->d, &f->mc, n);
 }
 
 static void fixture_free(Fixture *f) {
     moe_acts_free(&f->a, kernels_cpu());
     moe_scratch_free(&f->s, kernels_cpu());
-    float *p[] = {f->router, f->w13, f->w2, f->sh13, f->sh2, f->g_router, f->g13, f->g2, f->gsh13, f->gsh2};
+    float *p[] = {f->router, f->w13, f->w2, f->sh13, f->sh2, f->g_router, f->g13, f->g2, f->gsh13, f->gsh2,
+                  f->sh_ab, f->sh_h, f->sh_dab, f->sh_dh};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
 }
 
@@ -154,6 +161,8 @@ static double layer_loss(Fixture *f, const float *x, const float *r, int n) {
     size_t nc = (size_t)n * f->d.C;
     float *y = calloc(nc, 4);
     moe_forward(kernels_cpu(), &f->d, &f->mc, &f->w, &f->a, x, y, n);
+    if (f->d.Fs)
+        swiglu_ffn_forward(kernels_cpu(), f->sh13, f->sh2, f->sh_ab, f->sh_h, x, y, n, f->d.C, f->d.Fs);
     double l = 0, lbl, z;
     for (size_t i = 0; i < nc; i++) l += (double)y[i] * r[i];
     moe_aux_losses(kernels_cpu(), &f->d, &f->a, n, &lbl, &z);
@@ -184,6 +193,9 @@ static void gradcheck_layer(float cf, int fs) {
     tu_fill_uniform(x, N * C, -1, 1, 21);
     tu_fill_uniform(r, N * C, -1, 1, 22);
     (void)layer_loss(&f, x, r, N);
+    if (fs)
+        swiglu_ffn_backward(kernels_cpu(), f.sh13, f.sh2, f.gsh13, f.gsh2, f.sh_ab, f.sh_h, x, r, dx,
+                            f.sh_dh, f.sh_dab, N, C, fs);
     moe_backward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, &f.s, x, r, dx, N, 1.0f);
     if (cf > 0) ck_assert_int_gt(f.a.plan.dropped, 0);
     struct { const char *name; float *p, *g; size_t n; } t[] = {
@@ -215,7 +227,7 @@ START_TEST(test_pad_matches_unpadded) {
         f.mc.pad_to_capacity = pad;
         moe_acts_free(&f.a, kernels_cpu()); /* re-size for padding */
         moe_scratch_free(&f.s, kernels_cpu());
-        moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo);
+        moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo, &f.solo);
         moe_scratch_alloc(&f.s, kernels_cpu(), &f.d, &f.mc, N);
         memset(y[pad], 0, sizeof y[pad]);
         memset(dx[pad], 0, sizeof dx[pad]);

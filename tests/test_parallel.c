@@ -77,7 +77,8 @@ static void train(const Config *c, const Mesh *mesh, Run *out) {
     out->memory_mismatch = memory_mismatch(&t, c, mesh);
     for (int s = 0; s < STEPS; s++) out->loss[s] = trainer_step(&t).loss;
     trainer_materialize_params(&t);
-    ModelDims d = dims_from_config(c, mesh->g_ep.size, mesh->g_ep.rank);
+    ModelParallel mp = trainer_model_parallel(c, mesh);
+    ModelDims d = dims_from_config(c, &mp.split);
     params_layout_init(&out->pl, &d, c->init_std, t.model.pl.pad);
     for (int b = 0; b < PBUF_COUNT; b++) {
         out->param[b] = malloc(t.model.pl.size[b] * sizeof(float) + 4);
@@ -91,11 +92,11 @@ static void run_free(Run *r) {
     params_layout_free(&r->pl);
 }
 
-/* Single-rank reference for layout config c on a mesh with dp token-holding ranks; rank 0 trains,
- * everyone receives. */
+/* Single-rank reference for layout config c on a mesh with dp data-parallel ranks (ranks holding
+ * other sequences; tp and cp split the same ones); rank 0 trains, everyone receives. */
 static void reference(const Config *c, int dp, const Group *world, Run *ref) {
     Config rc = *c;
-    rc.ep = 1;
+    rc.ep = rc.tp = rc.cp = rc.etp = 1;
     rc.shard = SHARD_NONE;
     if (c->lbl_scope == LBL_GLOBAL_BATCH) {
         ck_assert_msg(c->grad_accum_steps == 1, "global-batch reference needs one micro-batch per rank");
@@ -107,7 +108,7 @@ static void reference(const Config *c, int dp, const Group *world, Run *ref) {
         train(&rc, &g_solo, ref);
     } else {
         ref->memory_mismatch = 0; /* rank 0 checks the reference's plan */
-        ModelDims d = dims_from_config(&rc, 1, 0);
+        ModelDims d = dims_from_config(&rc, NULL);
         params_layout_init(&ref->pl, &d, rc.init_std, NULL);
         for (int b = 0; b < PBUF_COUNT; b++) ref->param[b] = malloc(ref->pl.size[b] * sizeof(float) + 4);
     }
@@ -135,19 +136,22 @@ static int compare(const Run *got, const Run *ref, const char *layout, int rank)
             continue;
         }
         const ParamInfo *u = &ref->pl.info[j];
-        const float *a = got->param[t->buf] + t->offset, *b = ref->param[u->buf] + u->offset;
+        const float *a = got->param[t->buf] + t->offset, *full = ref->param[u->buf] + u->offset;
         double d2 = 0, b2 = 0, worst = 0;
-        size_t w = 0;
-        for (size_t i = 0; i < t->numel; i++) {
-            double d = fabs((double)a[i] - b[i]);
+        size_t w = 0, wf = 0;
+        for (size_t i = 0; i < t->numel; i++) { /* this rank's piece against its rectangle */
+            int64_t row, col;
+            params_full_index(t, i, &row, &col);
+            size_t fi = (size_t)(row * (u->ndim == 2 ? u->shape[1] : 1) + col);
+            double d = fabs((double)a[i] - full[fi]);
             d2 += d * d;
-            b2 += (double)b[i] * b[i];
-            if (!(d <= worst)) { worst = d; w = i; }
+            b2 += (double)full[fi] * full[fi];
+            if (!(d <= worst)) { worst = d; w = i; wf = fi; }
         }
         double rel = sqrt(d2 / (b2 > 0 ? b2 : 1));
         if (!(rel <= 1e-4) || !(worst <= 1e-4)) {
             if (bad++ < 6) fprintf(stderr, "[%s rank %d] %s: relative L2 difference %.2g; worst [%zu] %.9g vs single-rank %.9g\n",
-                                   layout, rank, t->name, rel, w, a[w], b[w]);
+                                   layout, rank, t->name, rel, w, a[w], full[wf]);
         }
     }
     return bad;
@@ -162,12 +166,13 @@ START_TEST(test_layout) {
     ck_assert_msg(mesh_build(&mesh, &c, err) == MT_OK, "%s: %s", layout, err);
     Run got, ref;
     train(&c, &mesh, &got);
-    reference(&c, mesh.g_dpcp.size, &mesh.g_world, &ref);
+    reference(&c, mesh.g_dp.size, &mesh.g_world, &ref);
     int32_t bad = compare(&got, &ref, layout, mesh.rank);
     comm_allreduce_sum(&mesh.g_world, &bad, 1, DT_I32);
     if (mesh.rank == 0)
-        printf("%-40s world %d (dp %d ep %d edp %d): loss %.6f -> %.6f, %s\n", layout, mesh.world,
-               mesh.dp, mesh.ep, mesh.edp, got.loss[0], got.loss[STEPS - 1], bad ? "MISMATCH" : "matches 1 rank");
+        printf("%-40s world %d (tp %d cp %d dp %d etp %d ep %d edp %d): loss %.6f -> %.6f, %s\n", layout,
+               mesh.world, mesh.tp, mesh.cp, mesh.dp, mesh.etp, mesh.ep, mesh.edp, got.loss[0],
+               got.loss[STEPS - 1], bad ? "MISMATCH" : "matches 1 rank");
     run_free(&got);
     run_free(&ref);
     mesh_free(&mesh);

@@ -67,7 +67,7 @@ START_TEST(test_grad_accumulation_equivalence) {
     size_t np;
     {
         ParamLayout pl;
-        ModelDims d = dims_from_config(&c, 1, 0);
+        ModelDims d = dims_from_config(&c, NULL);
         params_layout_init(&pl, &d, c.init_std, NULL);
         np = pl.size[PBUF_DENSE];
         params_layout_free(&pl);

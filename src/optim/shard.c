@@ -13,9 +13,11 @@
 static size_t gcd(size_t a, size_t b) { return b ? gcd(b, a % b) : a; }
 static size_t lcm(size_t a, size_t b) { return a / gcd(a, b) * b; }
 
-/* The replica group of each buffer: dense over dp*cp, experts over edp. */
+/* The replica group of each buffer (params.h): unsplit dense tensors over the stage (tp*cp*dp),
+ * tp-split tensors over dp*cp, experts over edp. */
 static void replica_groups(const Mesh *mesh, const Group *rep[PBUF_COUNT]) {
-    rep[PBUF_DENSE] = &mesh->g_dpcp;
+    rep[PBUF_DENSE] = &mesh->g_stage;
+    rep[PBUF_TP] = &mesh->g_dpcp;
     rep[PBUF_EXPERT] = &mesh->g_edp;
 }
 
@@ -93,6 +95,17 @@ static void hook_grads_ready(void *ctx, int u) {
     }
 }
 
+/* ZeRO-2 (mode optimizer): gradients are reduce-scattered unit by unit as the backward completes
+ * them and only the shard is kept (the unit's full gradient memory is released right after). */
+static void install_zero2(Sharder *s) {
+    size_t most = 0;
+    for (int b = 0; b < PBUF_COUNT; b++)
+        for (int u = 0; u < s->m->pl.n_units; u++)
+            if (s->m->pl.units[u].len[b] / s->S[b] > most) most = s->m->pl.units[u].len[b] / s->S[b];
+    s->tmp = s->k->alloc((most ? most : 1) * F32);
+    s->m->hooks = (ParamHooks){s, NULL, NULL, hook_grads_ready};
+}
+
 static void init_full(Sharder *s, uint64_t seed) {
     const ParamLayout *pl = &s->m->pl;
     size_t most = 0;
@@ -131,6 +144,7 @@ void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c) {
     }
     s->hyper = adamw_hyper(c);
     if (s->mode == SHARD_FULL) init_full(s, c->seed);
+    if (s->mode == SHARD_OPTIMIZER) install_zero2(s);
 }
 
 void sharder_free(Sharder *s) {
@@ -147,40 +161,39 @@ void sharder_free(Sharder *s) {
 
 void sharder_zero_grads(Sharder *s) {
     for (int b = 0; b < PBUF_COUNT; b++) {
-        if (s->mode == SHARD_FULL) s->k->release(s->m->grad[b], s->m->pl.size[b] * F32);
+        if (s->mode != SHARD_NONE) s->k->release(s->m->grad[b], s->m->pl.size[b] * F32);
         else s->k->zero(s->m->grad[b], s->m->pl.size[b] * F32);
         if (s->gshard[b]) s->k->zero(s->gshard[b], s->shard_size[b] * F32);
     }
 }
 
 void sharder_reduce_grads(Sharder *s) {
-    const ParamLayout *pl = &s->m->pl;
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        if (s->mode == SHARD_NONE) {
-            comm_allreduce_sum(s->rep[b], s->m->grad[b], pl->size[b], DT_F32);
-        } else if (s->mode == SHARD_OPTIMIZER) {
-            for (int u = 0; u < pl->n_units; u++)
-                comm_reduce_scatter_sum(s->rep[b], s->m->grad[b] + pl->units[u].off[b],
-                                        s->gshard[b] + s->shard_off[b][u],
-                                        pl->units[u].len[b] / s->S[b], DT_F32);
-        }
-    }
+    if (s->mode != SHARD_NONE) return; /* optimizer, full: the hooks reduce-scattered every unit */
+    for (int b = 0; b < PBUF_COUNT; b++)
+        comm_allreduce_sum(s->rep[b], s->m->grad[b], s->m->pl.size[b], DT_F32);
 }
 
+static void write_split(const Sharder *s, int u, int b, size_t *lo, size_t *hi);
+
+/* Every element once: each rank sums the squares of its slice of every unit (the owned shard, or
+ * in mode none an even split of its replica group), then the world adds them up. */
 double sharder_grad_norm(Sharder *s) {
-    double sq[PBUF_COUNT] = {0, 0};
+    double total = 0;
     for (int b = 0; b < PBUF_COUNT; b++) {
-        if (s->mode == SHARD_NONE) s->k->sumsq(&sq[b], s->m->grad[b], s->m->pl.size[b]);
-        else s->k->sumsq(&sq[b], s->gshard[b], s->shard_size[b]);
+        double sq = 0;
+        if (s->mode != SHARD_NONE) {
+            s->k->sumsq(&sq, s->gshard[b], s->shard_size[b]);
+            total += sq;
+            continue;
+        }
+        for (int u = 0; u < s->m->pl.n_units; u++) {
+            size_t lo, hi;
+            write_split(s, u, b, &lo, &hi);
+            if (hi > lo) s->k->sumsq(&sq, s->m->grad[b] + lo, hi - lo);
+            total += hi > lo ? sq : 0.0;
+        }
     }
-    double total;
-    if (s->mode == SHARD_NONE) { /* dense identical everywhere; experts differ across ep */
-        comm_allreduce_sum(s->ep, &sq[PBUF_EXPERT], 1, DT_F64);
-        total = sq[PBUF_DENSE] + sq[PBUF_EXPERT];
-    } else { /* shards partition each buffer over the world */
-        total = sq[PBUF_DENSE] + sq[PBUF_EXPERT];
-        comm_allreduce_sum(s->world, &total, 1, DT_F64);
-    }
+    comm_allreduce_sum(s->world, &total, 1, DT_F64);
     return sqrt(total);
 }
 
@@ -264,9 +277,9 @@ static void memory_bytes(const ParamLayout *pl, ShardMode mode, const size_t sha
         if (mode == SHARD_NONE) {
             *params += full * F32;
             *grads += full * F32;
-        } else if (mode == SHARD_OPTIMIZER) {
+        } else if (mode == SHARD_OPTIMIZER) { /* ZeRO-2: the shard + one unit in flight */
             *params += full * F32;
-            *grads += (full + shard[b]) * F32;
+            *grads += (shard[b] + working) * F32;
         } else {
             *params += (shard[b] + working) * F32;
             *grads += (shard[b] + working) * F32;

@@ -1,19 +1,24 @@
 /* shard.h — gradient reduction and the sharded AdamW step (ZeRO / FSDP) over the flat buffers.
  *
- * Each buffer has a replica group: dense parameters are replicated over dp*cp (mesh g_dpcp),
- * expert parameters over edp (g_edp). Every parameter unit (params.h: the head, then one per
+ * Each buffer has a replica group (params.h): unsplit dense tensors over the stage (g_stage:
+ * tp*cp*dp), tp-split tensors over dp*cp (g_dpcp), experts over edp (g_edp); gradients are summed
+ * over it, and it is what the optimizer shards over. Every parameter unit (params.h: the head, then one per
  * layer) is padded to a multiple of its group size, so rank r of a group of S owns the contiguous
  * slice [off + r*len/S, off + (r+1)*len/S) of each unit: plain offset arithmetic, never a silent
  * fallback to no sharding.
- *   none:      grads all-reduced; every rank updates everything (m, v full size).
- *   optimizer: (ZeRO-1/2) grads reduce-scattered into a shard; each rank keeps m, v for its shard
- *              only, updates its slice of the parameters, then parameters are all-gathered.
- *   full:      (FSDP / ZeRO-3) parameters live as shards; model hooks all-gather a unit just
- *              before its forward and again for its backward and release it afterwards; a unit's
- *              gradients are reduce-scattered as soon as its backward is done, then released.
- * Gradient norm: summed over shards (each element counted once, replicas never twice), then
- * all-reduced. Communication happens only here (and in dispatch/moe for the MoE layer).
- * Assumes tp = cp = pp = 1 (the mesh refuses anything else for now).
+ *   none:      (ZeRO-0) grads all-reduced; every rank updates everything (m, v full size).
+ *   optimizer: (ZeRO-2) a unit's gradients are reduce-scattered into this rank's shard as soon as
+ *              its backward is done (model hook) and the unit's full gradients released, so only
+ *              the shard (plus one unit in flight) is kept; m, v for the shard only; each rank
+ *              updates its slice of the parameters, then parameters are all-gathered. (ZeRO-1,
+ *              optimizer state sharded but full gradients kept, is not offered: ZeRO-2 holds less
+ *              for the same communication volume per micro-batch.)
+ *   full:      (FSDP / ZeRO-3) parameters live as shards too; model hooks all-gather a unit just
+ *              before its forward and again for its backward and release it afterwards; gradients
+ *              as in optimizer mode.
+ * Gradient norm: every rank sums the squares of its slice of each replica group's buffer (its
+ * shard, or an even split in mode none), all-reduced over the world: each element once.
+ * Communication happens only here (and in dispatch/moe for the MoE layer). Assumes pp = 1.
  * Memory: sharder_memory reports what a Sharder and its model's flat buffers take per rank;
  * sharder_memory_plan gives the same numbers from the layout alone (metadata, nothing allocated),
  * so a run can be sized, and refused, before it allocates anything large.

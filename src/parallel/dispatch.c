@@ -129,3 +129,81 @@ void combine_rows(Dispatcher *d, const float *ye, float *yp) {
     }
     free(v);
 }
+
+/* ---- expert tensor parallelism ---- */
+
+void etp_init(EtpExchange *x, const Group *etp, const Kernels *k, int el) {
+    memset(x, 0, sizeof *x);
+    x->etp = etp;
+    x->k = k;
+    x->El = el;
+    x->blk_row = mt_calloc((size_t)etp->size + 1, sizeof(int));
+    x->blk_offs = mt_calloc((size_t)etp->size * (el + 1), sizeof(int));
+}
+
+void etp_free(EtpExchange *x) {
+    free(x->blk_row);
+    free(x->blk_offs);
+    if (x->red) x->k->free(x->red);
+    memset(x, 0, sizeof *x);
+}
+
+void etp_plan(EtpExchange *x, const int *eoffs) {
+    int S = x->etp->size, el = x->El;
+    int *cnt = mt_calloc((size_t)S * el, sizeof(int)), mine[4096];
+    MT_CHECK(el <= 4096, "too many local experts (%d)", el);
+    for (int j = 0; j < el; j++) mine[j] = eoffs[j + 1] - eoffs[j];
+    comm_allgather(x->etp, mine, cnt, (size_t)el, DT_I32);
+    x->m_mine = eoffs[el];
+    x->blk_row[0] = 0;
+    for (int r = 0; r < S; r++) {
+        int *o = x->blk_offs + (size_t)r * (el + 1);
+        o[0] = 0;
+        for (int j = 0; j < el; j++) o[j + 1] = o[j] + cnt[(size_t)r * el + j];
+        x->blk_row[r + 1] = x->blk_row[r] + o[el];
+    }
+    x->m_all = x->blk_row[S];
+    free(cnt);
+}
+
+/* Element counts/displacements of w-wide rows, checked against int overflow. */
+static int elems(long long rows, int w) {
+    long long e = rows * w;
+    MT_CHECK(e <= INT_MAX, "expert tensor-parallel exchange of %lld elements exceeds an int", e);
+    return (int)e;
+}
+
+void etp_gather(EtpExchange *x, const float *mine, float *all, int w) {
+    int S = x->etp->size;
+    int *sc = mt_calloc(4 * (size_t)S, sizeof(int)), *sd = sc + S, *rc = sd + S, *rd = rc + S;
+    for (int r = 0; r < S; r++) {
+        sc[r] = elems(x->m_mine, w);
+        sd[r] = 0;
+        rc[r] = elems(x->blk_row[r + 1] - x->blk_row[r], w);
+        rd[r] = elems(x->blk_row[r], w);
+    }
+    comm_alltoallv(x->etp, mine, sc, sd, all, rc, rd, DT_F32);
+    free(sc);
+}
+
+void etp_reduce(EtpExchange *x, const float *all, float *mine, int w) {
+    int S = x->etp->size;
+    size_t blk = (size_t)x->m_mine * w;
+    if (S * blk > x->red_cap) {
+        if (x->red) x->k->free(x->red);
+        x->red_cap = S * blk + S * blk / 4;
+        x->red = x->k->alloc((x->red_cap ? x->red_cap : 1) * sizeof(float));
+    }
+    int *sc = mt_calloc(4 * (size_t)S, sizeof(int)), *sd = sc + S, *rc = sd + S, *rd = rc + S;
+    for (int r = 0; r < S; r++) {
+        sc[r] = elems(x->blk_row[r + 1] - x->blk_row[r], w);
+        sd[r] = elems(x->blk_row[r], w);
+        rc[r] = elems(x->m_mine, w);
+        rd[r] = elems((long long)r * x->m_mine, w);
+    }
+    comm_alltoallv(x->etp, all, sc, sd, x->red, rc, rd, DT_F32);
+    free(sc);
+    if (!blk) return;
+    x->k->copy(mine, x->red, blk * sizeof(float));
+    for (int r = 1; r < S; r++) x->k->axpy(mine, x->red + r * blk, 1.0f, blk);
+}

@@ -48,4 +48,33 @@ void dispatch_rows(Dispatcher *d, const float *xp, float *xe);
 /* ye (m_recv, C) expert-major -> yp (m_send, C) in xp's order. Collective over ep. */
 void combine_rows(Dispatcher *d, const float *ye, float *yp);
 
+/* Expert tensor parallelism (etp > 1): the etp ranks with the same ep index hold the same experts,
+ * each a slice of their hidden width, and each received its own rows for them from its ep group.
+ * An EtpExchange lets every one of them compute its slice for all of those rows:
+ *   etp_plan:   all-gather the per-expert row counts over etp (El ints each);
+ *   etp_gather: mine (m_mine, w) -> all (m_all, w), source-rank-major blocks (block r: the rows
+ *               etp rank r received, expert-major within, offsets blk_offs + r*(El+1) relative to
+ *               the block start blk_row[r]: the grouped GEMM runs once per block);
+ *   etp_reduce: all (m_all, w) partial sums -> mine (m_mine, w) = the sum over the etp ranks of
+ *               their partials of my block, added in rank order (deterministic). It is the
+ *               transpose of etp_gather, so each is the other's backward.
+ * Each is one all-to-all(v) over etp. With etp = 1 there is one block, mine, and nothing moves. */
+typedef struct EtpExchange {
+    const Group *etp;
+    const Kernels *k;
+    int El;
+    int m_mine, m_all;
+    int *blk_row;  /* (etp + 1) first gathered row of each block */
+    int *blk_offs; /* (etp * (El + 1)) per-block expert offsets, relative to the block */
+    float *red;    /* etp_reduce landing buffer (etp * m_mine * w), grown as needed */
+    size_t red_cap;
+} EtpExchange;
+
+void etp_init(EtpExchange *x, const Group *etp, const Kernels *k, int el);
+void etp_free(EtpExchange *x);
+/* eoffs: (El+1) host offsets of this rank's expert-side rows. Collective over etp. */
+void etp_plan(EtpExchange *x, const int *eoffs);
+void etp_gather(EtpExchange *x, const float *mine, float *all, int w);
+void etp_reduce(EtpExchange *x, const float *all, float *mine, int w);
+
 #endif

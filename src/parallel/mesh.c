@@ -27,22 +27,15 @@ static int check_sizes(const Mesh *m, const Config *c, int world, char *err) {
     if (world % tcp != 0)
         return mt_fail(err, "world size %d is not divisible by tp*cp*pp = %d*%d*%d = %d", world,
                        c->tp, c->cp, c->pp, tcp);
-    int stage = world / c->pp, tokens_ranks = stage / c->tp; /* cp*dp ranks hold different tokens */
-    if (c->ep > tokens_ranks || tokens_ranks % c->ep != 0)
-        return mt_fail(err, "parallel.ep = %d must divide the %d ranks of a pipeline stage that hold "
-                            "different tokens (cp*dp = %d*%d)", c->ep, tokens_ranks, c->cp, m->dp);
+    int stage = world / c->pp; /* tp*cp*dp ranks, folded as etp*ep*edp for the MoE layers */
+    if ((long long)c->etp * c->ep > stage || stage % (c->etp * c->ep) != 0)
+        return mt_fail(err, "parallel.etp * parallel.ep = %d * %d must divide the %d ranks of a pipeline "
+                            "stage (tp*cp*dp = %d*%d*%d; world %d / pp %d): the experts fold over the same "
+                            "ranks as attention", c->etp, c->ep, stage, c->tp, c->cp, m->dp, world, c->pp);
     if (c->num_experts % c->ep != 0)
         return mt_fail(err, "moe.num_experts = %d is not divisible by parallel.ep = %d", c->num_experts, c->ep);
-    if (c->n_heads % c->tp != 0 || c->n_kv_heads % c->tp != 0)
-        return mt_fail(err, "model.n_heads = %d and n_kv_heads = %d must both be divisible by parallel.tp = %d",
-                       c->n_heads, c->n_kv_heads, c->tp);
-    if (c->expert_hidden % c->tp != 0 || c->ffn_hidden % c->tp != 0)
-        return mt_fail(err, "model.ffn_hidden = %d and moe.expert_hidden = %d must be divisible by parallel.tp = %d",
-                       c->ffn_hidden, c->expert_hidden, c->tp);
     if (c->n_layers < c->pp)
         return mt_fail(err, "parallel.pp = %d is larger than model.n_layers = %d", c->pp, c->n_layers);
-    if (c->seq_len % (2 * c->cp) != 0 && c->cp > 1)
-        return mt_fail(err, "model.seq_len = %d must be divisible by 2*parallel.cp = %d", c->seq_len, 2 * c->cp);
     return MT_OK;
 }
 
@@ -55,7 +48,7 @@ int mesh_plan(Mesh *m, const Config *c, int world, int rank, char *err) {
     m->pp = c->pp;
     m->dp = world / (c->tp * c->cp * c->pp);
     if (check_sizes(m, c, world, err) != MT_OK) return MT_ERR;
-    m->etp = c->tp;
+    m->etp = c->etp;
     m->ep = c->ep;
     m->edp = m->tp * m->cp * m->dp / (m->etp * m->ep);
     m->me = mesh_coords(m, rank);
@@ -83,6 +76,7 @@ int mesh_build(Mesh *m, const Config *c, char *err) {
     m->g_dp = split("dp", x.tp + tp * (x.cp + cp * x.pp), x.dp);
     m->g_pp = split("pp", x.tp + tp * (x.cp + cp * x.dp), x.pp);
     m->g_dpcp = split("dpcp", x.tp + tp * x.pp, x.cp + cp * x.dp);
+    m->g_stage = split("stage", x.pp, x.tp + tp * (x.cp + cp * x.dp));
     m->g_ep = split("ep", x.etp + etp * (x.edp + edp * x.pp), x.ep);
     m->g_etp = split("etp", x.ep + ep * (x.edp + edp * x.pp), x.etp);
     m->g_edp = split("edp", x.etp + etp * (x.ep + ep * x.pp), x.edp);
@@ -99,20 +93,20 @@ void mesh_single(Mesh *m) {
     m->g_dp = group_self("dp");
     m->g_pp = group_self("pp");
     m->g_dpcp = group_self("dpcp");
+    m->g_stage = group_self("stage");
     m->g_ep = group_self("ep");
     m->g_etp = group_self("etp");
     m->g_edp = group_self("edp");
 }
 
 void mesh_free(Mesh *m) {
-    Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_pp, &m->g_dpcp, &m->g_ep, &m->g_etp, &m->g_edp};
+    Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_pp, &m->g_dpcp, &m->g_stage, &m->g_ep, &m->g_etp, &m->g_edp};
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) group_free(g[i]);
 }
 
 int mesh_check_supported(const Mesh *m, char *err) {
-    if (m->tp > 1 || m->cp > 1 || m->pp > 1)
-        return mt_fail(err, "[parallel] tp = %d, cp = %d, pp = %d: tensor, context and pipeline "
-                            "parallel compute are not implemented yet; set each to 1 (data and expert "
-                            "parallelism are)", m->tp, m->cp, m->pp);
+    if (m->pp > 1)
+        return mt_fail(err, "[parallel] pp = %d: pipeline-parallel compute is not implemented yet; set "
+                            "parallel.pp = 1 (data, tensor, context and expert parallelism are)", m->pp);
     return MT_OK;
 }

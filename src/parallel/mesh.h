@@ -26,7 +26,7 @@ typedef struct Mesh {
     int tp, cp, dp, pp;  /* sizes */
     int etp, ep, edp;
     MeshCoords me;
-    Group g_world, g_tp, g_cp, g_dp, g_pp, g_ep, g_etp, g_edp, g_dpcp;
+    Group g_world, g_tp, g_cp, g_dp, g_pp, g_ep, g_etp, g_edp, g_dpcp, g_stage;
 } Mesh;
 
 /* Sizes and this rank's coordinates from the config and world size, no MPI. Refuses impossible
@@ -42,7 +42,7 @@ int mesh_build(Mesh *m, const Config *c, char *err);
 void mesh_single(Mesh *m);
 void mesh_free(Mesh *m);
 
-/* Refuse layouts whose compute is not implemented yet (tp, cp, pp > 1), with a message. */
+/* Refuse layouts whose compute is not implemented yet (pp > 1), with a message. */
 int mesh_check_supported(const Mesh *m, char *err);
 
 #endif
