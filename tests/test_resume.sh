@@ -6,7 +6,10 @@
 #     optimizer sharding) and at np=1 finishes within float tolerance of an uninterrupted np=1 run;
 #  3. SIGTERM: the run finishes its step, checkpoints, exits 0, and the resumed run ends bit-exact;
 #  4. kill -9 at random moments, many of them in the middle of a checkpoint write: the latest
-#     checkpoint always verifies, no partial file is ever picked, and the run still completes.
+#     checkpoint always verifies, no partial file is ever picked, and the run still completes;
+#  5. tensor / context / expert-tensor parallelism: tp2 x cp2 resumed on its own mesh is bit-exact;
+#     a tp2 checkpoint resumed at tp1, a tp1 checkpoint resumed at tp2 x cp2 and an etp2 x ep2 one
+#     resumed at etp1 finish within float tolerance of the uninterrupted np=1 run.
 set -u
 BUILD=${1:-build}
 BIN=$(cd "$BUILD" && pwd)/moetrain
@@ -102,6 +105,37 @@ done
 out=$(timeout 300 "$BIN" "${K[@]}" 2>&1 </dev/null)
 grep -q "step    30/30" <<<"$out" && ok "after the kills the run resumes and completes" || bad "no completion: $(tail -3 <<<"$out")"
 ls $T/k/*.tmp >/dev/null 2>&1 && bad "partial .tmp files left behind after a completed run" || ok "no partial files left behind"
+
+# ---- 5. tensor / context parallel meshes ------------------------------------------------------
+TC=(--set parallel.tp=2 --set parallel.cp=2)
+run_to() { # DIR STEPS NP [--set ...]: train to STEPS in DIR, metrics in DIR.jsonl; prints the output
+  local d=$1 steps=$2 np=$3; shift 3
+  timeout 120 mpirun -np "$np" "$BIN" "${COMMON[@]}" "$@" --set train.steps="$steps" --set checkpoint.dir="$d" \
+    --set log.metrics_file="$d.jsonl" 2>&1 </dev/null
+}
+run_to $T/tc 8 4 "${TC[@]}" >/dev/null
+run_to $T/tcr 4 4 "${TC[@]}" >/dev/null
+out=$(run_to $T/tcr 8 4 "${TC[@]}")
+same=1
+for s in 5 6 7 8; do [ "$(loss_at $T/tc.jsonl $s)" = "$(loss_at $T/tcr.jsonl $s)" ] && [ -n "$(loss_at $T/tc.jsonl $s)" ] || same=0; done
+grep -q "resumed from $T/tcr/step_00000004.h5" <<<"$out" && [ $same = 1 ] \
+  && ok "tp2 x cp2 same-mesh resume is bit-exact (steps 5-8: $(loss_at $T/tcr.jsonl 8))" \
+  || bad "tp2 x cp2 same-mesh resume: $(loss_at $T/tc.jsonl 8) vs $(loss_at $T/tcr.jsonl 8) ($(tail -2 <<<"$out"))"
+run_to $T/p2 4 2 --set parallel.tp=2 >/dev/null
+run_to $T/p1 4 1 >/dev/null
+run_to $T/pe 4 4 --set parallel.etp=2 --set parallel.ep=2 --set train.micro_batch_size=4 >/dev/null
+for case in "p2 1 tp2 -> tp1|" "p1 4 tp1 -> tp2 x cp2|--set parallel.tp=2 --set parallel.cp=2" \
+            "pe 2 etp2 x ep2 -> etp1 x ep2|--set parallel.ep=2 --set train.micro_batch_size=8"; do
+  sets=${case#*|}
+  read -r src np label <<<"${case%%|*}"
+  d=$T/$src-$np; mkdir -p "$d"; cp "$T/$src/step_00000004.h5" "$d/"
+  # shellcheck disable=SC2086
+  out=$(run_to "$d" 8 "$np" $sets)
+  got=$(loss_at "$d.jsonl" 8); want=$(loss_at $T/r.jsonl 8)
+  if grep -q "resumed from $d/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
+    ok "$label: final loss $got vs uninterrupted np=1 $want"
+  else bad "$label: final loss '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
+done
 
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
