@@ -116,8 +116,9 @@ static double timed(Trainer *t, Op op, const char *dir, const char *file) {
     char err[MT_ERRLEN] = "";
     if (op == OP_LOAD_COLD && t->mesh->rank == 0) drop_cache(file);
     MPI_Barrier(MPI_COMM_WORLD);
+    CkptView v = trainer_checkpoint_view(t);
     double t0 = mt_now();
-    int rc = op == OP_SAVE ? ckpt_save(t, dir, 1, err) : ckpt_load(t, file, err);
+    int rc = op == OP_SAVE ? ckpt_save(&v, dir, 1, err) : ckpt_load(&v, file, err);
     MPI_Barrier(MPI_COMM_WORLD);
     double dt = mt_now() - t0;
     MT_CHECK(rc == MT_OK, "%s", err);
@@ -164,7 +165,7 @@ int main(int argc, char **argv) {
     double step_time = (mt_now() - t0) / STEPS;
 
     /* payload: every tensor of the full model (what the file holds), params + m + v, fp32 */
-    ModelDims fd = dims_from_config(&c, 1, 0);
+    ModelDims fd = dims_from_config(&c, NULL);
     ParamLayout full;
     params_layout_init(&full, &fd, c.init_std, NULL);
     size_t elems = 0;

@@ -13,7 +13,6 @@
 #include <unistd.h>
 
 #include "common.h"
-#include "metrics.h"
 
 #define SHAPE_KEYS 13
 
@@ -312,15 +311,15 @@ static void tensor_slice(const Sharder *s, const ParamInfo *t, What what, int wr
 
 /* ---- save ---- */
 
-static void write_attrs(hid_t f, const Trainer *t) {
-    const Config *c = &t->cfg;
+static void write_attrs(hid_t f, const CkptView *v) {
+    const Config *c = v->cfg;
     attr_i64(f, "format_version", CKPT_FORMAT_VERSION);
-    attr_i64(f, "step", t->step);
-    attr_i64(f, "tokens_seen", t->tokens_seen);
-    attr_i64(f, "adam_step", t->shard.step);
+    attr_i64(f, "step", *v->step);
+    attr_i64(f, "tokens_seen", *v->tokens_seen);
+    attr_i64(f, "adam_step", v->shard->step);
     attr_i64(f, "seed", (long long)c->seed);
-    attr_i64(f, "data_sequences", (long long)t->data_seq);
-    attr_i64(f, "global_batch", (long long)trainer_global_batch(t));
+    attr_i64(f, "data_sequences", (long long)*v->data_seq);
+    attr_i64(f, "global_batch", (long long)v->global_batch);
     const char *names[SHAPE_KEYS];
     long long vals[SHAPE_KEYS];
     shape_keys(c, names, vals);
@@ -332,7 +331,7 @@ static void write_attrs(hid_t f, const Trainer *t) {
     fclose(mf);
     attr_str(f, "config", ini);
     free(ini);
-    const Mesh *ms = t->mesh;
+    const Mesh *ms = v->mesh;
     char mesh[256];
     snprintf(mesh, sizeof mesh, "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"etp\":%d,\"ep\":%d,\"edp\":%d,\"shard\":%d}",
              ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp, (int)c->shard);
@@ -343,29 +342,29 @@ static void write_attrs(hid_t f, const Trainer *t) {
 }
 
 /* Every tensor of the full model, created on every rank (collective); each rank writes its part. */
-static int write_datasets(hid_t f, const Trainer *t, const ParamLayout *full, char *err) {
+static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, char *err) {
     hid_t dxpl = H5Pcreate(H5P_DATASET_XFER);
     H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
     int rc = MT_OK;
-    const Group *world = &t->mesh->g_world;
+    const Group *world = &v->mesh->g_world;
     for (int w = 0; w < 3 && rc == MT_OK; w++) {
         for (int n = 0; n < full->n && rc == MT_OK; n++) {
             const ParamInfo *ft = &full->info[n];
             char name[200];
             snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
             hid_t ds = create_dataset(f, name, ft);
-            int j = params_find(&t->model.pl, ft->name);
+            int j = params_find(&v->shard->m->pl, ft->name);
             size_t a = 0, z = 0;
             float *ptr = NULL;
             Piece pc[3];
             memset(pc, 0, sizeof pc);
             if (j >= 0) {
-                tensor_slice(&t->shard, &t->model.pl.info[j], (What)w, 1, &a, &z, &ptr);
-                tensor_pieces(&t->model.pl.info[j], a, z, pc);
+                tensor_slice(v->shard, &v->shard->m->pl.info[j], (What)w, 1, &a, &z, &ptr);
+                tensor_pieces(&v->shard->m->pl.info[j], a, z, pc);
             }
             hid_t fs = tensor_space(ft);
             float *host = mt_calloc(z > a ? z - a : 1, sizeof(float)); /* staged: may be device memory */
-            if (z > a) t->k->to_host(host, ptr, (z - a) * sizeof(float));
+            if (z > a) v->k->to_host(host, ptr, (z - a) * sizeof(float));
             /* which pieces any rank writes (the others are skipped by all ranks: a collective
              * write of nothing still costs a round of HDF5/MPI-IO synchronisation), and whether
              * the create failed anywhere */
@@ -437,19 +436,19 @@ __attribute__((noreturn)) static void close_failed(const char *tmp, const char *
     mt_abort(2);
 }
 
-int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
-    const Group *world = &t->mesh->g_world;
+int ckpt_save(const CkptView *v, const char *dir, int keep, char *err) {
+    const Group *world = &v->mesh->g_world;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     char tmp[MT_PATH_MAX + 64], name[64];
-    step_name(name, sizeof name, t->step);
+    step_name(name, sizeof name, *v->step);
     snprintf(tmp, sizeof tmp, "%s/%s.tmp", dir, name);
     /* a full disk is the likely failure: say so before HDF5 half-writes a file (a failed
      * collective HDF5 call can leave the other ranks waiting, and a failed close leaves the
      * library unusable) */
-    if (ckpt_check_dir(dir, ckpt_size_estimate(&t->cfg), world, err) != MT_OK) return MT_ERR;
-    ModelDims fd = dims_from_config(&t->cfg, NULL);
+    if (ckpt_check_dir(dir, ckpt_size_estimate(v->cfg), world, err) != MT_OK) return MT_ERR;
+    ModelDims fd = dims_from_config(v->cfg, NULL);
     ParamLayout full;
-    params_layout_init(&full, &fd, t->cfg.init_std, NULL);
+    params_layout_init(&full, &fd, v->cfg->init_std, NULL);
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_fapl_mpio(fapl, world->comm, MPI_INFO_NULL);
     H5Pset_coll_metadata_write(fapl, 1);
@@ -457,8 +456,8 @@ int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
     H5Pclose(fapl);
     int rc = f < 0 ? mt_fail(err, "%s: cannot create checkpoint file", tmp) : MT_OK;
     if (rc == MT_OK) {
-        write_attrs(f, t);
-        rc = write_datasets(f, t, &full, err);
+        write_attrs(f, v);
+        rc = write_datasets(f, v, &full, err);
         if (H5Fclose(f) < 0) close_failed(tmp, rc == MT_OK ? "" : err);
     }
     params_layout_free(&full);
@@ -467,7 +466,7 @@ int ckpt_save(Trainer *t, const char *dir, int keep, char *err) {
         if (rc == MT_OK) mt_fail(err, "checkpoint %s failed on another rank", tmp);
         return MT_ERR;
     }
-    rc = world->rank == 0 ? publish(dir, tmp, t->step, keep, err) : MT_OK;
+    rc = world->rank == 0 ? publish(dir, tmp, *v->step, keep, err) : MT_OK;
     return comm_any_failed(world, rc) != MT_OK ? (rc == MT_OK ? mt_fail(err, "publishing the checkpoint failed on rank 0") : MT_ERR) : MT_OK;
 }
 
@@ -528,17 +527,17 @@ static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *
     return rc;
 }
 
-static int read_all(hid_t f, const char *path, Trainer *t, char *err) {
-    const ParamLayout *pl = &t->model.pl;
+static int read_all(hid_t f, const char *path, const CkptView *v, char *err) {
+    const ParamLayout *pl = &v->shard->m->pl;
     for (int w = 0; w < 3; w++) {
         for (int n = 0; n < pl->n; n++) {
             const ParamInfo *ti = &pl->info[n];
             size_t a, z;
             float *ptr;
-            tensor_slice(&t->shard, ti, (What)w, 0, &a, &z, &ptr);
+            tensor_slice(v->shard, ti, (What)w, 0, &a, &z, &ptr);
             char name[200];
             snprintf(name, sizeof name, "%s%s", what_group[w], ti->name);
-            if (read_tensor(t->k, f, path, name, ti, a, z, ptr, err) != MT_OK) return MT_ERR;
+            if (read_tensor(v->k, f, path, name, ti, a, z, ptr, err) != MT_OK) return MT_ERR;
         }
     }
     return MT_OK;
@@ -546,9 +545,9 @@ static int read_all(hid_t f, const char *path, Trainer *t, char *err) {
 
 /* Resuming with another global batch (micro_batch_size x grad_accum_steps x dp) is allowed, but it
  * is not the same run any more: say so, and how to keep it (gb: the checkpoint's; 0 = unknown). */
-static void warn_batch_change(const Trainer *t, const char *path, long long gb) {
-    const Config *c = &t->cfg;
-    long long now = (long long)trainer_global_batch(t), per = (long long)c->micro_batch_size * t->dp;
+static void warn_batch_change(const CkptView *v, const char *path, long long gb) {
+    const Config *c = v->cfg;
+    long long now = (long long)v->global_batch, per = (long long)c->micro_batch_size * v->dp;
     if (gb <= 0 || gb == now) return;
     char hint[160] = "";
     if (gb % per == 0)
@@ -558,11 +557,11 @@ static void warn_batch_change(const Trainer *t, const char *path, long long gb) 
                     "this run has %lld (micro_batch_size %d x grad_accum_steps %d x dp %d): the data "
                     "goes on from sequence %lld without repeats, but the batch size and so the training "
                     "dynamics change%s\n", path, gb, now, c->micro_batch_size, c->grad_accum_steps,
-            t->dp, (long long)t->data_seq, hint);
+            v->dp, (long long)*v->data_seq, hint);
 }
 
-int ckpt_load(Trainer *t, const char *path, char *err) {
-    const Group *world = &t->mesh->g_world;
+int ckpt_load(const CkptView *v, const char *path, char *err) {
+    const Group *world = &v->mesh->g_world;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     long long step = 0, tokens = 0, adam = 0, data_seq = -1, gb = 0;
     int rc = MT_OK;
@@ -571,21 +570,21 @@ int ckpt_load(Trainer *t, const char *path, char *err) {
         rc = access(path, R_OK) != 0 ? mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno))
                                      : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
     } else {
-        rc = check_header(f, path, &t->cfg, &step, &tokens, &adam, err);
+        rc = check_header(f, path, v->cfg, &step, &tokens, &adam, err);
         if (rc == MT_OK && read_attr_i64(f, "data_sequences", &data_seq) != 0) data_seq = -1;
         if (rc == MT_OK && read_attr_i64(f, "global_batch", &gb) != 0) gb = 0; /* older files */
-        if (rc == MT_OK) rc = read_all(f, path, t, err);
+        if (rc == MT_OK) rc = read_all(f, path, v, err);
         H5Fclose(f);
     }
     if (comm_any_failed(world, rc) != MT_OK) {
         if (rc == MT_OK) err[0] = 0;
         return MT_ERR;
     }
-    t->step = (int)step;
-    t->tokens_seen = tokens;
-    t->shard.step = (int)adam;
-    t->data_seq = data_seq >= 0 ? data_seq : (int64_t)step * trainer_global_batch(t);
-    if (world->rank == 0) warn_batch_change(t, path, gb);
+    *v->step = (int)step;
+    *v->tokens_seen = tokens;
+    v->shard->step = (int)adam;
+    *v->data_seq = data_seq >= 0 ? data_seq : (int64_t)step * v->global_batch;
+    if (world->rank == 0) warn_batch_change(v, path, gb);
     return MT_OK;
 }
 

@@ -21,9 +21,25 @@
 #ifndef MT_CHECKPOINT_H
 #define MT_CHECKPOINT_H
 
-#include "train.h"
+#include "optim/shard.h"
 
 #define CKPT_FORMAT_VERSION 1
+
+/* What a checkpoint writes and restores: views of the caller's state (train.h builds one from a
+ * Trainer with trainer_checkpoint_view), so checkpoint I/O depends on the tensors and counters,
+ * not on the training loop. The tensors are the sharder's model layout (each rank's rectangles,
+ * params.h) and its optimizer state; ckpt_load writes the counters back through the pointers. */
+typedef struct CkptView {
+    const Config *cfg;
+    const Mesh *mesh;
+    const Kernels *k;
+    Sharder *shard;          /* parameters, AdamW m and v, the AdamW step */
+    int *step;               /* optimizer steps done */
+    int64_t *tokens_seen;
+    int64_t *data_seq;       /* the data position: global sequences consumed */
+    int64_t global_batch;    /* sequences per step on this mesh (attribute; resume warnings) */
+    int dp;                  /* data-parallel ranks (resume warnings) */
+} CkptView;
 
 /* Bytes one checkpoint of this config takes on disk, about (every parameter, AdamW m and v in
  * fp32, plus chunk and metadata overhead). */
@@ -39,13 +55,13 @@ int ckpt_check_dir(const char *dir, double need, const Group *world, char *err);
 int ckpt_lock_dir(const char *dir, const Group *world, int *fd, char *err);
 void ckpt_unlock_dir(int fd);
 
-/* Write the trainer's state as the checkpoint of step t->step. Collective. */
-int ckpt_save(Trainer *t, const char *dir, int keep, char *err);
+/* Write v's state as the checkpoint of step *v->step. Collective. */
+int ckpt_save(const CkptView *v, const char *dir, int keep, char *err);
 
-/* Restore the trainer (built from the same config) from path. Refuses (with what differs) a file
+/* Restore v's state (a model built from the same config) from path. Refuses (with what differs) a file
  * whose model shape does not match the config, a wrong format version, a missing dataset or a
  * checksum mismatch; on error the trainer is unusable. Collective. */
-int ckpt_load(Trainer *t, const char *path, char *err);
+int ckpt_load(const CkptView *v, const char *path, char *err);
 
 /* Check a checkpoint file on its own (no config, not collective): it opens, has a supported
  * format version, and every dataset reads back with a valid checksum. Prints nothing. */

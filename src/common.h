@@ -11,6 +11,9 @@
 #ifndef MT_COMMON_H
 #define MT_COMMON_H
 
+/* The version written into checkpoints, run records and --version. */
+#define MOETRAIN_VERSION "0.1.0"
+
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>

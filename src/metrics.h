@@ -16,7 +16,6 @@
 
 #include "train.h"
 
-#define MOETRAIN_VERSION "0.1.0"
 
 typedef struct Metrics {
     FILE *f;    /* metrics file or NULL */

@@ -139,6 +139,12 @@ StepResult trainer_step(Trainer *t) {
     return r;
 }
 
+CkptView trainer_checkpoint_view(Trainer *t) {
+    return (CkptView){.cfg = &t->cfg, .mesh = t->mesh, .k = t->k, .shard = &t->shard, .step = &t->step,
+                      .tokens_seen = &t->tokens_seen, .data_seq = &t->data_seq,
+                      .global_batch = trainer_global_batch(t), .dp = t->dp};
+}
+
 void trainer_materialize_params(Trainer *t) {
     if (t->cfg.shard != SHARD_FULL) return;
     for (int u = 0; u < t->model.pl.n_units; u++) t->model.hooks.gather(t->model.hooks.ctx, u);
@@ -159,7 +165,8 @@ static int resume(Trainer *t, char *err) {
     char(*paths)[MT_PATH_MAX] = mt_calloc(MAXC, MT_PATH_MAX);
     int n = 0, rc = ckpt_resume_candidates(c, world, paths, MAXC, &n, err);
     for (int i = 0; rc == MT_OK && i < n; i++) {
-        if (ckpt_load(t, paths[i], err) == MT_OK) {
+        CkptView v = trainer_checkpoint_view(t);
+        if (ckpt_load(&v, paths[i], err) == MT_OK) {
             if (world->rank == 0) printf("resumed from %s at step %d\n", paths[i], t->step);
             free(paths);
             return MT_OK;
@@ -188,7 +195,8 @@ static int save_guarded(Trainer *t, char *err) {
     snprintf(msg, sizeof msg, "the checkpoint of step %d in %s did not finish within checkpoint.timeout; "
              "the previous checkpoint is kept (a stuck or full file system?)", t->step, c->ckpt_dir);
     stop_watchdog_arm(c->ckpt_timeout, t->mesh->g_world.rank, msg);
-    int rc = ckpt_save(t, c->ckpt_dir, c->keep, err);
+    CkptView v = trainer_checkpoint_view(t);
+    int rc = ckpt_save(&v, c->ckpt_dir, c->keep, err);
     stop_watchdog_disarm();
     return rc;
 }

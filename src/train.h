@@ -20,6 +20,7 @@
 
 #include <stdint.h>
 
+#include "checkpoint.h"
 #include "config.h"
 #include "data.h"
 #include "model.h"
@@ -75,6 +76,9 @@ void trainer_free(Trainer *t);
 
 /* Sequences per global step, tokens per global step. */
 int64_t trainer_global_batch(const Trainer *t);
+
+/* The checkpoint view of t (checkpoint.h): its sharder, counters and mesh. */
+CkptView trainer_checkpoint_view(Trainer *t);
 
 /* Make the full parameters valid in model.param (gathers them under full sharding). */
 void trainer_materialize_params(Trainer *t);

@@ -10,9 +10,20 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "train.h"
 #include "common.h"
 #include "stop.h"
 #include "testutil.h"
+
+/* ckpt_save / ckpt_load through the trainer's checkpoint view. */
+static int save_view(Trainer *t, const char *dir, int keep, char *err) {
+    CkptView v = trainer_checkpoint_view(t);
+    return ckpt_save(&v, dir, keep, err);
+}
+static int load_view(Trainer *t, const char *path, char *err) {
+    CkptView v = trainer_checkpoint_view(t);
+    return ckpt_load(&v, path, err);
+}
 
 static Mesh g_mesh;
 static char g_dir[256];
@@ -37,7 +48,7 @@ static void init(Trainer *t, const Config *c) {
 static void save(Trainer *t, int keep) {
     char err[MT_ERRLEN];
     ck_assert_msg(ckpt_check_dir(t->cfg.ckpt_dir, 0, &g_mesh.g_world, err) == MT_OK, "%s", err);
-    ck_assert_msg(ckpt_save(t, t->cfg.ckpt_dir, keep, err) == MT_OK, "%s", err);
+    ck_assert_msg(save_view(t, t->cfg.ckpt_dir, keep, err) == MT_OK, "%s", err);
 }
 
 static char *path_of(const Config *c, int step) {
@@ -60,7 +71,7 @@ START_TEST(test_resume_bit_exact) {
     trainer_free(&t);
     init(&t, &c);
     char err[MT_ERRLEN];
-    ck_assert_msg(ckpt_load(&t, path_of(&c, 3), err) == MT_OK, "%s", err);
+    ck_assert_msg(load_view(&t, path_of(&c, 3), err) == MT_OK, "%s", err);
     ck_assert_int_eq(t.step, 3);
     for (int s = 3; s < 6; s++) got[s] = trainer_step(&t).loss;
     trainer_free(&t);
@@ -84,7 +95,7 @@ START_TEST(test_resume_other_batch) {
     h.micro_batch_size = 2; /* global batch 2 */
     init(&t, &h);
     char err[MT_ERRLEN];
-    ck_assert_msg(ckpt_load(&t, path_of(&c, 3), err) == MT_OK, "%s", err);
+    ck_assert_msg(load_view(&t, path_of(&c, 3), err) == MT_OK, "%s", err);
     ck_assert_int_eq(t.step, 3);
     ck_assert_int_eq(t.data_seq, 12); /* not 3 x 2 = 6: sequences 6..11 were seen already */
     trainer_step(&t);
@@ -169,7 +180,7 @@ static void expect_load_error(const Config *c, const char *path, const char *wan
     Trainer t;
     init(&t, c);
     char err[MT_ERRLEN] = "";
-    int rc = ckpt_load(&t, path, err);
+    int rc = load_view(&t, path, err);
     trainer_free(&t);
     ck_assert_msg(rc == MT_ERR, "loading %s should fail (%s)", path, want);
     ck_assert_msg(strstr(err, want) && strstr(err, path), "message '%s' should name the file and say '%s'", err, want);
@@ -263,7 +274,7 @@ START_TEST(test_config_mismatch) {
     Trainer t;
     init(&t, &other);
     char err[MT_ERRLEN];
-    ck_assert_msg(ckpt_load(&t, good, err) == MT_OK, "%s", err);
+    ck_assert_msg(load_view(&t, good, err) == MT_OK, "%s", err);
     trainer_free(&t);
 }
 END_TEST

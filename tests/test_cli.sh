@@ -30,9 +30,11 @@ printf '[moe]\ntopk = 2\n' > "$T/typo.ini"
 expect "unknown key"            2 "typo.ini: \[moe\] topk: unknown key.*top_k" -- $BIN "$T/typo.ini"
 expect "out of range (--set)"   2 "moe.top_k=9.*must be <= moe.num_experts" -- $BIN configs/tiny.ini --set moe.top_k=9
 expect "bad type"               2 "d_model = 6x4: not an integer"         -- $BIN configs/tiny.ini --set model.d_model=6x4
-expect "impossible mesh"        2 "parallel.ep = 2 must divide the 3 ranks" \
+expect "impossible mesh"        2 "parallel.etp \\* parallel.ep = 1 \\* 2 must divide the 3 ranks" \
                                                                             -- mpirun -np 3 $BIN configs/tiny.ini --set parallel.ep=2
-expect "tp refused for now"     2 "tensor, context and pipeline"          -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.tp=2
+expect "pp refused for now"     2 "pipeline-parallel compute is not implemented" -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2
+expect "kv heads vs tp"         2 "\\[model\\] n_kv_heads = 2: must be a multiple of parallel.tp \\(4\\)" \
+                                                                            -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.tp=4
 expect "bad metrics path"       2 "metrics_file = /proc/nope/m.jsonl"     -- $BIN configs/tiny.ini --set log.metrics_file=/proc/nope/m.jsonl --set train.steps=1 \
                                                                             --set checkpoint.dir=$T/ck0
 expect "nccl needs cuda"         2 "comm = nccl: requires runtime.device = cuda" -- $BIN configs/tiny.ini --set runtime.comm=nccl

@@ -347,9 +347,96 @@ static const ErrCase RULE_ERRORS[] = {
     {NULL, "parallel.ep=3", 1, "[moe] num_experts = 4: must be a multiple of parallel.ep (3)"},
     {"[runtime]\ncomm = nccl\n", NULL, 0, "[runtime] comm = nccl: requires runtime.device = cuda"},
     {"[runtime]\nattention = cudnn\n", NULL, 0, "[runtime] attention = cudnn: requires runtime.device = cuda"},
+    /* tensor / context / expert-tensor parallelism. A rule's error is located where its first key
+     * was set (file or --set), else where the parallel degree was set. */
+    {NULL, "parallel.tp=3", 1, "[model] n_heads = 4: must be a multiple of parallel.tp (3)"},
+    {"[parallel]\ntp = 8\n", NULL, 0, "[model] n_heads = 4: must be a multiple of parallel.tp (8)"},
+    {"[parallel]\ntp = 2\n", "model.n_kv_heads=1", 1, "[model] n_kv_heads = 1: must be a multiple of parallel.tp (2)"},
+    {"[model]\nn_heads = 8\nn_kv_heads = 2\n", "parallel.tp=4", 0, "[model] n_kv_heads = 2: must be a multiple of parallel.tp (4)"},
+    {"[model]\nvocab_size = 255\n[parallel]\ntp = 2\n", NULL, 0, "[model] vocab_size = 255: must be a multiple of parallel.tp (2)"},
+    {"[model]\nvocab_size = 255\n", "parallel.tp=2", 0, "[model] vocab_size = 255: must be a multiple of parallel.tp (2)"},
+    {"[parallel]\ntp = 2\n", "model.ffn_hidden=127", 1, "[model] ffn_hidden = 127: must be a multiple of parallel.tp (2)"},
+    {"[model]\nn_kv_heads = 4\nffn_hidden = 130\n[parallel]\ntp = 4\n", NULL, 0, "[model] ffn_hidden = 130: must be a multiple of parallel.tp (4)"},
+    {"[parallel]\netp = 3\n", NULL, 0, "[moe] expert_hidden = 64: must be a multiple of parallel.etp (3)"},
+    {NULL, "parallel.etp=128", 1, "[moe] expert_hidden = 64: must be a multiple of parallel.etp (128)"},
+    {"[moe]\nexpert_hidden = 48\n", "parallel.etp=32", 0, "[moe] expert_hidden = 48: must be a multiple of parallel.etp (32)"},
+    {"[moe]\nshared_experts = 1\nshared_hidden = 63\n", "parallel.tp=2", 0,
+     "[moe] shared_hidden = 63: moe.shared_experts * shared_hidden = 63 must be a multiple of parallel.tp = 2"},
+    {"[moe]\nshared_experts = 3\n[parallel]\ntp = 2\n", "moe.shared_hidden=21", 1,
+     "[moe] shared_hidden = 21: moe.shared_experts * shared_hidden = 63 must be a multiple of parallel.tp = 2"},
+    /* shared_hidden = 0 takes expert_hidden (63 here; etp = 1, so expert_hidden itself is fine) */
+    {"[moe]\nshared_experts = 1\nexpert_hidden = 63\n", "parallel.tp=2", 1,
+     "moe.shared_experts * shared_hidden = 63 must be a multiple of parallel.tp = 2"},
+    {NULL, "parallel.cp=3", 1, "[model] seq_len = 64: must be a multiple of 2 * parallel.cp = 6"},
+    {"[model]\nseq_len = 66\n[parallel]\ncp = 2\n", NULL, 0, "[model] seq_len = 66: must be a multiple of 2 * parallel.cp = 4"},
+    /* a multiple of cp is not enough: 2*cp chunks */
+    {"[model]\nseq_len = 6\n", "parallel.cp=2", 0, "[model] seq_len = 6: must be a multiple of 2 * parallel.cp = 4"},
+    {"[model]\nseq_len = 63\n[train]\nmicro_batch_size = 1\n", "parallel.tp=2", 1,
+     "[parallel] tp = 2: must divide the tokens of a micro-batch on one context-parallel rank "
+     "(train.micro_batch_size * model.seq_len / parallel.cp = 1 * 63 / 1 = 63)"},
+    /* 1 * 4 tokens split over cp = 2 leave 2 per rank, fewer than tp = 4 (without cp it would fit) */
+    {"[model]\nn_kv_heads = 4\nseq_len = 4\n[parallel]\ntp = 4\ncp = 2\n[train]\nmicro_batch_size = 1\n", NULL, 0,
+     "[parallel] tp = 4: must divide the tokens of a micro-batch on one context-parallel rank "
+     "(train.micro_batch_size * model.seq_len / parallel.cp = 1 * 4 / 2 = 2)"},
 };
 
 START_TEST(t_rule_errors) { run_err_case(&RULE_ERRORS[_i]); }
+END_TEST
+
+/* The parallel rules accept what they should: each line is a set of overrides that loads, next to
+ * (in RULE_ERRORS) a neighbour that is refused. */
+typedef struct {
+    const char *sets[8];
+    int tp, cp, etp, shared_hidden; /* expected values after loading (shared_hidden resolved) */
+} OkCase;
+
+static const OkCase PARALLEL_OK[] = {
+    {{"parallel.tp=2"}, 2, 1, 1, 64},                        /* the defaults split over 2 */
+    {{"parallel.tp=4", "model.n_kv_heads=4"}, 4, 1, 1, 64},
+    {{"parallel.tp=2", "model.vocab_size=258", "model.ffn_hidden=126"}, 2, 1, 1, 64},
+    /* expert_hidden answers to etp only: 63 is fine with tp = 2, etp = 1 ... */
+    {{"parallel.tp=2", "moe.expert_hidden=63"}, 2, 1, 1, 63},
+    /* ... and etp = 8 needs no head or vocab multiple of 8 (tp = 1) */
+    {{"parallel.etp=8"}, 1, 1, 8, 64},
+    {{"parallel.tp=2", "parallel.etp=4", "moe.expert_hidden=48"}, 2, 1, 4, 48},
+    /* shared experts: the product shared_experts * shared_hidden is split, not each expert */
+    {{"parallel.tp=2", "moe.shared_experts=2", "moe.shared_hidden=63"}, 2, 1, 1, 63},
+    {{"parallel.tp=2", "moe.shared_experts=1"}, 2, 1, 1, 64},
+    /* seq_len a multiple of 2*cp; no rule at cp = 1 */
+    {{"parallel.cp=2", "model.seq_len=68"}, 1, 2, 1, 64},
+    {{"parallel.cp=4", "model.seq_len=8"}, 1, 4, 1, 64},
+    {{"model.seq_len=65"}, 1, 1, 1, 64},
+    /* micro_batch_size * seq_len / cp rows split over tp */
+    {{"parallel.tp=4", "parallel.cp=2", "model.n_kv_heads=4", "model.seq_len=4", "train.micro_batch_size=2"}, 4, 2, 1, 64},
+    {{"parallel.tp=4", "model.n_kv_heads=4", "model.seq_len=4", "train.micro_batch_size=1"}, 4, 1, 1, 64},
+    {{"parallel.tp=2", "model.seq_len=63", "train.micro_batch_size=2"}, 2, 1, 1, 64},
+    {{"parallel.tp=2", "parallel.cp=2", "parallel.etp=2", "parallel.ep=2"}, 2, 2, 2, 64},
+};
+
+START_TEST(t_parallel_rules_accept) {
+    const OkCase *k = &PARALLEL_OK[_i];
+    int n = 0;
+    while (n < 8 && k->sets[n]) n++;
+    Config c;
+    char err[MT_ERRLEN];
+    ck_assert_msg(load_text(NULL, k->sets, n, &c, err, NULL) == MT_OK, "case %d: %s", _i, err);
+    ck_assert_msg(c.tp == k->tp && c.cp == k->cp && c.etp == k->etp && c.shared_hidden == k->shared_hidden,
+                  "case %d: tp %d cp %d etp %d shared_hidden %d", _i, c.tp, c.cp, c.etp, c.shared_hidden);
+    /* the same keys from a file load too */
+    char text[1024] = "", *p = text;
+    const char *sections[] = {"model", "moe", "parallel", "train"};
+    for (int s = 0; s < 4; s++) {
+        p += sprintf(p, "[%s]\n", sections[s]);
+        for (int i = 0; i < n; i++) {
+            size_t sl = strlen(sections[s]);
+            if (!strncmp(k->sets[i], sections[s], sl) && k->sets[i][sl] == '.')
+                p += sprintf(p, "%s\n", k->sets[i] + sl + 1);
+        }
+    }
+    Config d;
+    ck_assert_msg(load_text(text, NULL, 0, &d, err, NULL) == MT_OK, "case %d: %s\n%s", _i, err, text);
+    ck_assert(d.tp == c.tp && d.cp == c.cp && d.etp == c.etp && d.ep == c.ep && d.seq_len == c.seq_len);
+}
 END_TEST
 
 START_TEST(t_resolution) {
@@ -389,7 +476,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(num_experts); EQ(top_k); EQ(expert_hidden); EQ(shared_experts); EQ(shared_hidden);
     EQ(renormalize); EQ(capacity_factor); EQ(pad_to_capacity); EQ(lbl_coeff); EQ(lbl_scope);
     EQ(z_coeff);
-    EQ(tp); EQ(cp); EQ(ep); EQ(pp);
+    EQ(tp); EQ(cp); EQ(etp); EQ(ep); EQ(pp);
     EQ(steps); EQ(seed); EQ(micro_batch_size); EQ(grad_accum_steps);
     EQ(lr); EQ(min_lr); EQ(warmup_steps); EQ(decay_steps); EQ(beta1); EQ(beta2); EQ(eps);
     EQ(weight_decay); EQ(grad_clip); EQ(shard);
@@ -425,14 +512,14 @@ START_TEST(t_round_trip_everything_changed) {
     memcpy(long_path, "/tmp/my data/", 13); /* inner spaces survive */
     snprintf(set_path, sizeof set_path, "data.path=%s", long_path);
     const char *sets[] = {
-        "model.vocab_size=1000", "model.d_model=96", "model.n_layers=6", "model.n_heads=6",
-        "model.n_kv_heads=3", "model.head_dim=32", "model.seq_len=128", "model.ffn_hidden=300",
+        "model.vocab_size=1000", "model.d_model=96", "model.n_layers=6", "model.n_heads=8",
+        "model.n_kv_heads=4", "model.head_dim=32", "model.seq_len=128", "model.ffn_hidden=300",
         "model.dense_layers=1", "model.tie_embeddings=yes", "model.rope_theta=500000",
         "model.norm_eps=1e-6", "model.init_std=0.0123456789", "moe.num_experts=8", "moe.top_k=3",
         "moe.expert_hidden=48", "moe.shared_experts=1", "moe.shared_hidden=80",
         "moe.renormalize=off", "moe.capacity_factor=1.25", "moe.pad_to_capacity=on",
         "moe.lbl_coeff=0.02", "moe.lbl_scope=global_batch", "moe.z_coeff=0.0001", "parallel.tp=2",
-        "parallel.cp=2", "parallel.ep=4", "parallel.pp=2", "train.steps=7",
+        "parallel.cp=2", "parallel.etp=4", "parallel.ep=4", "parallel.pp=2", "train.steps=7",
         "train.seed=18446744073709551615", "train.micro_batch_size=3", "train.grad_accum_steps=5",
         "optim.lr=0.1", "optim.min_lr=1e-5", "optim.warmup_steps=3", "optim.decay_steps=50",
         "optim.beta1=0.8", "optim.beta2=0.999", "optim.eps=1e-7", "optim.weight_decay=0",
@@ -455,6 +542,7 @@ START_TEST(t_round_trip_everything_changed) {
     ck_assert_str_eq(c.path, long_path);
     ck_assert_str_eq(c.ckpt_dir, "ck dir");
     ck_assert_float_eq(c.lr, 0.1f);
+    ck_assert(c.tp == 2 && c.cp == 2 && c.etp == 4 && c.ep == 4 && c.pp == 2);
 }
 END_TEST
 
@@ -519,6 +607,16 @@ START_TEST(t_help_and_markdown_cover_every_key) {
     assert_has(md, "| key | type | default | allowed | meaning |");
     assert_has(md, "| `top_k` | int | `2` | 1..4096 |");
     assert_has(md, "moe.top_k must be <= moe.num_experts");
+    const char *rules[] = {"model.n_heads must be a multiple of parallel.tp",
+                           "model.n_kv_heads must be a multiple of parallel.tp",
+                           "model.vocab_size must be a multiple of parallel.tp",
+                           "model.ffn_hidden must be a multiple of parallel.tp",
+                           "moe.expert_hidden must be a multiple of parallel.etp",
+                           "moe.shared_experts * moe.shared_hidden must be a multiple of parallel.tp",
+                           "model.seq_len must be a multiple of 2 * parallel.cp",
+                           "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"};
+    for (int i = 0; i < 8; i++) assert_has(help, rules[i]), assert_has(md, rules[i]);
+    assert_has(md, "| `etp` | int | `1` | 1..65536 |");
     free(ini), free(help), free(md);
 }
 END_TEST
@@ -558,6 +656,7 @@ static Suite *config_suite(void) {
     tcase_add_test(t, t_string_too_long);
     tcase_add_test(t, t_long_string_at_limit);
     tcase_add_loop_test(t, t_rule_errors, 0, (int)(sizeof RULE_ERRORS / sizeof RULE_ERRORS[0]));
+    tcase_add_loop_test(t, t_parallel_rules_accept, 0, (int)(sizeof PARALLEL_OK / sizeof PARALLEL_OK[0]));
     suite_add_tcase(s, t);
     t = tcase_create("output");
     tcase_add_test(t, t_round_trip_defaults);

@@ -1,6 +1,9 @@
 /* test_mesh.c — mesh_plan / mesh_coords / mesh_rank_of as pure arithmetic (single process, no
- * MPI): every factorisation of world = 8 into tp*cp*pp*dp with every valid ep, the rank order,
- * the MoE folding, the group sizes implied by the coordinates, and the refused layouts. */
+ * MPI): every factorisation of world = 8 into tp*cp*pp*dp with every etp and ep whose product
+ * divides the stage, the rank order, the MoE folding (etp independent of tp), hand-worked
+ * coordinate tables, the group sizes implied by the coordinates, the refused layouts and which
+ * layouts mesh_check_supported accepts. Shape rules (heads, widths, seq_len against tp/etp/cp)
+ * are config rules now and are tested in test_config. */
 #include <string.h>
 
 #include "common.h"
@@ -11,7 +14,7 @@
 #define WORLD 8
 
 /* A config that every layout of 8 ranks can satisfy (heads, layers, seq_len, widths). */
-static Config cfg_for(int tp, int cp, int pp, int ep) {
+static Config cfg_etp(int tp, int cp, int pp, int etp, int ep) {
     Config c;
     config_defaults(&c);
     c.num_experts = 8;
@@ -20,9 +23,10 @@ static Config cfg_for(int tp, int cp, int pp, int ep) {
     c.seq_len = 64;
     c.ffn_hidden = 128;
     c.expert_hidden = 64;
-    c.tp = tp, c.cp = cp, c.pp = pp, c.ep = ep;
+    c.tp = tp, c.cp = cp, c.pp = pp, c.etp = etp, c.ep = ep;
     return c;
 }
+static Config cfg_for(int tp, int cp, int pp, int ep) { return cfg_etp(tp, cp, pp, 1, ep); }
 
 /* Coordinates as an array, so groups can be described by which dimensions vary. */
 enum { TP, CP, DP, PP, ETP, EP, EDP, NDIM };
@@ -46,20 +50,22 @@ static const GroupDef GROUPS[] = {
     {"dp", B(DP), B(TP) | B(CP) | B(PP)},      {"pp", B(PP), B(TP) | B(CP) | B(DP)},
     {"dpcp", B(CP) | B(DP), B(TP) | B(PP)},    {"ep", B(EP), B(ETP) | B(EDP) | B(PP)},
     {"etp", B(ETP), B(EP) | B(EDP) | B(PP)},   {"edp", B(EDP), B(ETP) | B(EP) | B(PP)},
+    {"stage", B(TP) | B(CP) | B(DP), B(PP)},
 };
 
-/* All checks of one valid layout (tp, cp, pp, ep of 8 ranks). */
-static void check_layout(int tp, int cp, int pp, int ep) {
+/* All checks of one valid layout (tp, cp, pp, etp, ep of 8 ranks). */
+static void check_layout(int tp, int cp, int pp, int etp, int ep) {
     int dp = WORLD / (tp * cp * pp), stage = tp * cp * dp;
-    Config c = cfg_for(tp, cp, pp, ep);
+    Config c = cfg_etp(tp, cp, pp, etp, ep);
     char err[MT_ERRLEN] = "";
     Mesh m;
-    ck_assert_msg(mesh_plan(&m, &c, WORLD, 0, err) == MT_OK, "tp=%d cp=%d pp=%d ep=%d: %s", tp, cp, pp, ep, err);
+    ck_assert_msg(mesh_plan(&m, &c, WORLD, 0, err) == MT_OK, "tp=%d cp=%d pp=%d etp=%d ep=%d: %s", tp, cp, pp,
+                  etp, ep, err);
     ck_assert_msg(m.world == WORLD && m.tp == tp && m.cp == cp && m.pp == pp && m.dp == dp,
                   "sizes tp=%d cp=%d pp=%d dp=%d", m.tp, m.cp, m.pp, m.dp);
-    ck_assert_int_eq(m.etp, tp);
+    ck_assert_int_eq(m.etp, etp); /* from parallel.etp, not tp */
     ck_assert_int_eq(m.ep, ep);
-    ck_assert_int_eq(m.etp * m.ep * m.edp, stage);
+    ck_assert_int_eq(m.edp, stage / (etp * ep));
 
     int size[NDIM], seen[WORLD] = {0}; /* seen: stage-local MoE index already taken (per stage) */
     sizes_of(&m, size);
@@ -76,8 +82,9 @@ static void check_layout(int tp, int cp, int pp, int ep) {
             MeshCoords y = mesh_coords(&m, r + 1);
             ck_assert(y.tp == x.tp + 1 && y.cp == x.cp && y.dp == x.dp && y.pp == x.pp);
         }
-        /* MoE folding: etp == tp coordinate, stage-local index etp fastest, then ep, edp */
-        ck_assert_int_eq(x.etp, x.tp);
+        /* MoE folding: stage-local index etp fastest, then ep, edp (when etp == tp the etp
+         * coordinate is the tp coordinate; otherwise the two groups differ) */
+        if (etp == tp) ck_assert_int_eq(x.etp, x.tp);
         int i = x.etp + m.etp * (x.ep + m.ep * x.edp);
         ck_assert_int_eq(i, r % stage);
         ck_assert_msg(!seen[x.pp * stage + i], "rank %d: MoE coordinates taken twice in stage %d", r, x.pp);
@@ -105,22 +112,85 @@ static void check_layout(int tp, int cp, int pp, int ep) {
                     if ((g->keep & B(d)) && a[d] != b[d]) same = 0;
                 n += same;
             }
-            ck_assert_msg(n == want, "tp=%d cp=%d pp=%d ep=%d: group %s of rank %d has %d members, want %d",
-                          tp, cp, pp, ep, g->name, r, n, want);
+            ck_assert_msg(n == want, "tp=%d cp=%d pp=%d etp=%d ep=%d: group %s of rank %d has %d members, want %d",
+                          tp, cp, pp, etp, ep, g->name, r, n, want);
         }
     }
 }
 
 START_TEST(test_every_layout_of_8) {
-    int layouts = 0;
+    int layouts = 0, plans = 0;
     for (int tp = 1; tp <= WORLD; tp *= 2)
         for (int cp = 1; tp * cp <= WORLD; cp *= 2)
             for (int pp = 1; tp * cp * pp <= WORLD; pp *= 2) {
-                int cpdp = WORLD / (tp * pp); /* cp*dp ranks of a stage hold different tokens */
-                for (int ep = 1; ep <= cpdp; ep *= 2) check_layout(tp, cp, pp, ep);
+                int stage = WORLD / pp; /* tp*cp*dp ranks, folded as etp*ep*edp */
+                for (int etp = 1; etp <= stage; etp *= 2)
+                    for (int ep = 1; etp * ep <= stage; ep *= 2, plans++) check_layout(tp, cp, pp, etp, ep);
                 layouts++;
             }
     ck_assert_int_eq(layouts, 20); /* ordered factorisations of 2^3 into 4 factors */
+    /* (etp, ep) pairs with etp*ep | stage: 10 for 8 ranks, 6 for 4, 3 for 2, 1 for 1, times the
+     * 10, 6, 3, 1 (tp, cp) pairs of pp = 1, 2, 4, 8 */
+    ck_assert_int_eq(plans, 146);
+}
+END_TEST
+
+/* Hand-worked coordinates of folded layouts: for each world rank, {tp, cp, dp, pp, etp, ep, edp}. */
+static void expect_coords(int tp, int cp, int pp, int etp, int ep, const int want[WORLD][NDIM], int edp) {
+    Config c = cfg_etp(tp, cp, pp, etp, ep);
+    char err[MT_ERRLEN] = "";
+    Mesh m;
+    ck_assert_msg(mesh_plan(&m, &c, WORLD, 0, err) == MT_OK, "%s", err);
+    ck_assert_int_eq(m.edp, edp);
+    for (int r = 0; r < WORLD; r++) {
+        int a[NDIM];
+        as_array(mesh_coords(&m, r), a);
+        for (int d = 0; d < NDIM; d++)
+            ck_assert_msg(a[d] == want[r][d],
+                          "tp=%d cp=%d pp=%d etp=%d ep=%d: rank %d coordinate %d is %d, want %d", tp, cp, pp,
+                          etp, ep, r, d, a[d], want[r][d]);
+    }
+}
+
+START_TEST(test_folding_coordinates) {
+    /* tp2 dp4 with etp1 ep4: edp2. The expert groups cut across tp: ranks 0-3 are one ep group
+     * although they are two tp pairs; edp pairs rank r with r + 4. */
+    static const int tp2dp4_etp1ep4[WORLD][NDIM] = {
+        /*  tp cp dp pp etp ep edp */
+        {0, 0, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 0, 1, 0}, {0, 0, 1, 0, 0, 2, 0}, {1, 0, 1, 0, 0, 3, 0},
+        {0, 0, 2, 0, 0, 0, 1}, {1, 0, 2, 0, 0, 1, 1}, {0, 0, 3, 0, 0, 2, 1}, {1, 0, 3, 0, 0, 3, 1},
+    };
+    expect_coords(2, 1, 1, 1, 4, tp2dp4_etp1ep4, 2);
+    /* tp2 cp2 dp2 with etp2 ep2: edp2 (etp = tp, ep over cp, edp over dp) */
+    static const int tp2cp2dp2_etp2ep2[WORLD][NDIM] = {
+        {0, 0, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 1, 0, 0}, {0, 1, 0, 0, 0, 1, 0}, {1, 1, 0, 0, 1, 1, 0},
+        {0, 0, 1, 0, 0, 0, 1}, {1, 0, 1, 0, 1, 0, 1}, {0, 1, 1, 0, 0, 1, 1}, {1, 1, 1, 0, 1, 1, 1},
+    };
+    expect_coords(2, 2, 1, 2, 2, tp2cp2dp2_etp2ep2, 2);
+    /* tp2 dp4 with etp2 ep2: edp2 (ep pairs dp 0-1 and 2-3; edp over the dp halves) */
+    static const int tp2dp4_etp2ep2[WORLD][NDIM] = {
+        {0, 0, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 1, 0, 0}, {0, 0, 1, 0, 0, 1, 0}, {1, 0, 1, 0, 1, 1, 0},
+        {0, 0, 2, 0, 0, 0, 1}, {1, 0, 2, 0, 1, 0, 1}, {0, 0, 3, 0, 0, 1, 1}, {1, 0, 3, 0, 1, 1, 1},
+    };
+    expect_coords(2, 1, 1, 2, 2, tp2dp4_etp2ep2, 2);
+    /* etp wider than tp: tp1 dp8 with etp4 ep2: edp1 */
+    static const int dp8_etp4ep2[WORLD][NDIM] = {
+        {0, 0, 0, 0, 0, 0, 0}, {0, 0, 1, 0, 1, 0, 0}, {0, 0, 2, 0, 2, 0, 0}, {0, 0, 3, 0, 3, 0, 0},
+        {0, 0, 4, 0, 0, 1, 0}, {0, 0, 5, 0, 1, 1, 0}, {0, 0, 6, 0, 2, 1, 0}, {0, 0, 7, 0, 3, 1, 0},
+    };
+    expect_coords(1, 1, 1, 4, 2, dp8_etp4ep2, 1);
+    /* etp narrower than tp: tp4 dp2 with etp2 ep2: edp2 */
+    static const int tp4dp2_etp2ep2[WORLD][NDIM] = {
+        {0, 0, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 1, 0, 0}, {2, 0, 0, 0, 0, 1, 0}, {3, 0, 0, 0, 1, 1, 0},
+        {0, 0, 1, 0, 0, 0, 1}, {1, 0, 1, 0, 1, 0, 1}, {2, 0, 1, 0, 0, 1, 1}, {3, 0, 1, 0, 1, 1, 1},
+    };
+    expect_coords(4, 1, 1, 2, 2, tp4dp2_etp2ep2, 2);
+    /* two pipeline stages fold separately: tp2 dp2 pp2 with etp1 ep4: edp1 */
+    static const int tp2dp2pp2_etp1ep4[WORLD][NDIM] = {
+        {0, 0, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 0, 1, 0}, {0, 0, 1, 0, 0, 2, 0}, {1, 0, 1, 0, 0, 3, 0},
+        {0, 0, 0, 1, 0, 0, 0}, {1, 0, 0, 1, 0, 1, 0}, {0, 0, 1, 1, 0, 2, 0}, {1, 0, 1, 1, 0, 3, 0},
+    };
+    expect_coords(2, 1, 2, 1, 4, tp2dp2pp2_etp1ep4, 1);
 }
 END_TEST
 
@@ -140,48 +210,82 @@ START_TEST(test_refusals) {
     c = cfg_for(1, 1, 1, 8);
     c.num_experts = 4;
     expect_refused(&c, WORLD, "num_experts");
-    c = cfg_for(1, 1, 1, 16); /* more than the 8 token-holding ranks */
-    expect_refused(&c, WORLD, "parallel.ep");
-    c = cfg_for(2, 1, 1, 8); /* tp = 2 leaves 4 token-holding ranks per stage */
-    expect_refused(&c, WORLD, "parallel.ep");
-    c = cfg_for(1, 1, 2, 8); /* pp = 2 leaves 4 per stage */
-    expect_refused(&c, WORLD, "parallel.ep");
     c = cfg_for(1, 1, 1, 3); /* does not divide 8 */
     c.num_experts = 6;
-    expect_refused(&c, WORLD, "parallel.ep");
-    c = cfg_for(4, 1, 1, 1);
-    c.n_heads = c.n_kv_heads = 6;
-    expect_refused(&c, WORLD, "n_heads");
-    c = cfg_for(4, 1, 1, 1);
-    c.n_kv_heads = 2; /* n_heads = 8 is fine */
-    expect_refused(&c, WORLD, "n_kv_heads");
-    c = cfg_for(8, 1, 1, 1);
-    c.ffn_hidden = 100;
-    expect_refused(&c, WORLD, "ffn_hidden");
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 1 * 3 must divide the 8 ranks of a pipeline stage");
     c = cfg_for(1, 1, 4, 1);
     c.n_layers = 2;
     expect_refused(&c, WORLD, "n_layers");
-    c = cfg_for(1, 2, 1, 1);
-    c.seq_len = 6; /* not a multiple of 2*cp = 4 */
-    expect_refused(&c, WORLD, "seq_len");
+    /* degrees whose product overflows an int are refused, not divided by (tp*cp*pp = 2^32) */
+    c = cfg_for(65536, 65536, 1, 1);
+    expect_refused(&c, WORLD, "not divisible by tp*cp*pp = 65536*65536*1 = 4294967296");
+}
+END_TEST
+
+/* etp * ep must divide the tp*cp*dp ranks of a stage; the message names both degrees, their
+ * product's target (the stage size) and how the stage is made. */
+START_TEST(test_refusals_etp_ep) {
+    Config c = cfg_etp(1, 1, 1, 1, 16); /* more than the 8 ranks of the stage */
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 1 * 16 must divide the 8 ranks of a pipeline stage "
+                              "(tp*cp*dp = 1*1*8; world 8 / pp 1)");
+    c = cfg_etp(2, 1, 1, 2, 8); /* etp = tp = 2: 16 > 8 */
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 2 * 8 must divide the 8 ranks of a pipeline stage "
+                              "(tp*cp*dp = 2*1*4; world 8 / pp 1)");
+    c = cfg_etp(1, 1, 1, 3, 1); /* etp does not divide 8 */
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 3 * 1 must divide the 8 ranks");
+    c = cfg_etp(1, 1, 1, 16, 1);
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 16 * 1 must divide the 8 ranks");
+    c = cfg_etp(1, 1, 2, 1, 8); /* pp = 2 leaves 4 per stage */
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 1 * 8 must divide the 4 ranks of a pipeline stage "
+                              "(tp*cp*dp = 1*1*4; world 8 / pp 2)");
+    c = cfg_etp(2, 2, 2, 2, 2); /* stage of 4: etp*ep = 4 fits ... */
+    char err[MT_ERRLEN] = "";
+    Mesh m;
+    ck_assert_msg(mesh_plan(&m, &c, WORLD, 0, err) == MT_OK, "%s", err);
+    ck_assert_int_eq(m.edp, 1);
+    c.ep = 4; /* ... 8 does not */
+    expect_refused(&c, WORLD, "parallel.etp * parallel.ep = 2 * 4 must divide the 4 ranks of a pipeline stage "
+                              "(tp*cp*dp = 2*2*1; world 8 / pp 2)");
+    /* etp is independent of tp: the old rule (ep divides cp*dp, etp = tp) refused these */
+    c = cfg_etp(2, 1, 1, 1, 8);
+    ck_assert_msg(mesh_plan(&m, &c, WORLD, 0, err) == MT_OK, "%s", err);
+    ck_assert(m.etp == 1 && m.ep == 8 && m.edp == 1);
+    c = cfg_etp(1, 1, 1, 8, 1);
+    ck_assert_msg(mesh_plan(&m, &c, WORLD, 0, err) == MT_OK, "%s", err);
+    ck_assert(m.tp == 1 && m.etp == 8 && m.ep == 1 && m.edp == 1);
 }
 END_TEST
 
 static int supported(int tp, int cp, int pp, int ep, char *err) {
-    Config c = cfg_for(tp, cp, pp, ep);
+    Config c = cfg_etp(tp, cp, pp, tp, ep);
     Mesh m;
     ck_assert_int_eq(mesh_plan(&m, &c, WORLD, 0, err), MT_OK);
     return mesh_check_supported(&m, err);
 }
 
+/* Data, tensor, context and expert (tensor) parallelism run; pipeline parallelism is refused. */
 START_TEST(test_check_supported) {
     char err[MT_ERRLEN];
     for (int ep = 1; ep <= WORLD; ep *= 2) ck_assert_int_eq(supported(1, 1, 1, ep, err), MT_OK);
-    const int refused[][3] = {{2, 1, 1}, {1, 2, 1}, {1, 1, 2}, {2, 2, 2}};
+    const int accepted[][3] = {{2, 1, 1}, {1, 2, 1}, {2, 2, 1}, {2, 2, 2}, {4, 2, 1}, {8, 1, 1}, {1, 8, 1}};
+    for (int i = 0; i < 7; i++) {
+        err[0] = 0;
+        int rc = supported(accepted[i][0], accepted[i][1], 1, accepted[i][2], err);
+        ck_assert_msg(rc == MT_OK, "tp=%d cp=%d ep=%d refused: %s", accepted[i][0], accepted[i][1], accepted[i][2], err);
+    }
+    /* etp != tp is supported too */
+    Config c = cfg_etp(2, 1, 1, 1, 4);
+    Mesh m;
+    ck_assert_int_eq(mesh_plan(&m, &c, WORLD, 0, err), MT_OK);
+    ck_assert_int_eq(mesh_check_supported(&m, err), MT_OK);
+    const int refused[][3] = {{1, 1, 2}, {2, 2, 2}, {1, 1, 8}, {2, 1, 4}};
     for (int i = 0; i < 4; i++) {
         err[0] = 0;
         ck_assert_int_eq(supported(refused[i][0], refused[i][1], refused[i][2], 1, err), MT_ERR);
         ck_assert_msg(strstr(err, "not implemented"), "message: %s", err);
+        char pp[32];
+        snprintf(pp, sizeof pp, "[parallel] pp = %d:", refused[i][2]);
+        ck_assert_msg(strstr(err, pp), "message does not name %s: %s", pp, err);
     }
 }
 END_TEST
@@ -190,7 +294,9 @@ int main(void) {
     Suite *s = suite_create("mesh");
     TCase *tc = tcase_create("mesh");
     tcase_add_test(tc, test_every_layout_of_8);
+    tcase_add_test(tc, test_folding_coordinates);
     tcase_add_test(tc, test_refusals);
+    tcase_add_test(tc, test_refusals_etp_ep);
     tcase_add_test(tc, test_check_supported);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0) ? 1 : 0;

@@ -1,6 +1,7 @@
 /* test_mesh_mpi.c — mesh_build's communicators (run under mpirun -np 8): for every layout of the 8
- * ranks, each group has the planned size and exactly the ranks whose coordinates agree on every
- * other dimension, ordered by the group's own coordinate; mesh_free releases them.
+ * ranks (tp, cp, pp, and every etp and ep whose product divides the stage, etp independent of tp),
+ * each group has the planned size and exactly the ranks whose coordinates agree on every other
+ * dimension, ordered by the group's own coordinate; mesh_free releases them.
  * Failures are counted per rank and summed over the world before asserting, so no rank hangs. */
 #include <stddef.h>
 #include <stdio.h>
@@ -41,6 +42,7 @@ static const GroupDef GROUPS[] = {
     {"ep", offsetof(Mesh, g_ep), {EP, -1}, B(ETP) | B(EDP) | B(PP)},
     {"etp", offsetof(Mesh, g_etp), {ETP, -1}, B(EP) | B(EDP) | B(PP)},
     {"edp", offsetof(Mesh, g_edp), {EDP, -1}, B(ETP) | B(EP) | B(PP)},
+    {"stage", offsetof(Mesh, g_stage), {TP, CP, DP, -1}, B(PP)}, /* the tp*cp*dp ranks of one pp stage */
 };
 #define NGROUPS (int)(sizeof GROUPS / sizeof GROUPS[0])
 
@@ -58,20 +60,22 @@ static int position(const Mesh *m, const GroupDef *d, const int a[NDIM], int *si
     return pos;
 }
 
-static void check_layout(int tp, int cp, int pp, int ep) {
+static void check_layout(int tp, int cp, int pp, int etp, int ep) {
     Config c;
     config_defaults(&c);
     c.num_experts = 8;
     c.n_layers = 8;
     c.n_heads = c.n_kv_heads = 8;
     c.seq_len = 64;
-    c.tp = tp, c.cp = cp, c.pp = pp, c.ep = ep;
+    c.tp = tp, c.cp = cp, c.pp = pp, c.etp = etp, c.ep = ep;
     char err[MT_ERRLEN] = "";
     Mesh m;
     int rc = mesh_build(&m, &c, err);
-    EXPECT(rc == MT_OK, "tp=%d cp=%d pp=%d ep=%d: mesh_build: %s", tp, cp, pp, ep, err);
+    EXPECT(rc == MT_OK, "tp=%d cp=%d pp=%d etp=%d ep=%d: mesh_build: %s", tp, cp, pp, etp, ep, err);
     if (rc != MT_OK) return; /* deterministic: every rank returns here */
     EXPECT(m.rank == g_rank && m.world == WORLD, "mesh rank %d world %d", m.rank, m.world);
+    EXPECT(m.etp == etp && m.ep == ep && m.etp * m.ep * m.edp == WORLD / pp, "tp=%d cp=%d pp=%d etp=%d ep=%d: "
+           "planned etp %d ep %d edp %d", tp, cp, pp, etp, ep, m.etp, m.ep, m.edp);
     MeshCoords me = mesh_coords(&m, g_rank);
     EXPECT(memcmp(&me, &m.me, sizeof me) == 0, "m.me differs from mesh_coords");
 
@@ -82,7 +86,7 @@ static void check_layout(int tp, int cp, int pp, int ep) {
         Group *g = group_of(&m, d);
         int want_size, want_rank = position(&m, d, mine, &want_size);
         EXPECT(g->size == want_size && g->rank == want_rank,
-               "tp=%d cp=%d pp=%d ep=%d: group %s: size %d rank %d, want %d %d", tp, cp, pp, ep,
+               "tp=%d cp=%d pp=%d etp=%d ep=%d: group %s: size %d rank %d, want %d %d", tp, cp, pp, etp, ep,
                d->name, g->size, g->rank, want_size, want_rank);
         int csize = -1, crank = -1;
         MPI_Comm_size(g->comm, &csize);
@@ -102,8 +106,8 @@ static void check_layout(int tp, int cp, int pp, int ep) {
             if (same) want[position(&m, d, a, &n)] = s;
         }
         for (int i = 0; i < want_size; i++)
-            EXPECT(got[i] == want[i], "tp=%d cp=%d pp=%d ep=%d: group %s member %d is world rank %d, want %d",
-                   tp, cp, pp, ep, d->name, i, got[i], want[i]);
+            EXPECT(got[i] == want[i], "tp=%d cp=%d pp=%d etp=%d ep=%d: group %s member %d is world rank %d, want %d",
+                   tp, cp, pp, etp, ep, d->name, i, got[i], want[i]);
     }
     mesh_free(&m);
     for (int gi = 0; gi < NGROUPS; gi++)
@@ -115,14 +119,16 @@ START_TEST(test_groups_every_layout) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     ck_assert_int_eq(world, WORLD);
     g_fails = 0;
-    int layouts = 0;
+    int layouts = 0, builds = 0;
     for (int tp = 1; tp <= WORLD; tp *= 2)
         for (int cp = 1; tp * cp <= WORLD; cp *= 2)
             for (int pp = 1; tp * cp * pp <= WORLD; pp *= 2, layouts++)
-                for (int ep = 1; ep <= WORLD / (tp * pp); ep *= 2) check_layout(tp, cp, pp, ep);
+                for (int etp = 1; etp <= WORLD / pp; etp *= 2) /* the stage folds as etp*ep*edp */
+                    for (int ep = 1; etp * ep <= WORLD / pp; ep *= 2, builds++) check_layout(tp, cp, pp, etp, ep);
     int total = 0;
     MPI_Allreduce(&g_fails, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     ck_assert_int_eq(layouts, 20);
+    ck_assert_int_eq(builds, 146); /* see test_mesh.c */
     ck_assert_msg(total == 0, "%d mismatches over all ranks (details on stderr)", total);
 }
 END_TEST
@@ -137,6 +143,10 @@ START_TEST(test_build_refuses_on_all_ranks) {
     int bad = mesh_build(&m, &c, err) != MT_ERR || !strstr(err, "tp*cp*pp"), total = 0;
     MPI_Allreduce(&bad, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     ck_assert_msg(total == 0, "%d ranks did not refuse tp = 3 on 8 ranks (%s)", total, err);
+    c.tp = 2, c.etp = 2, c.ep = 8, c.num_experts = 8; /* etp*ep = 16 on a stage of 8 */
+    bad = mesh_build(&m, &c, err) != MT_ERR || !strstr(err, "parallel.etp * parallel.ep = 2 * 8"), total = 0;
+    MPI_Allreduce(&bad, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    ck_assert_msg(total == 0, "%d ranks did not refuse etp = 2, ep = 8 on 8 ranks (%s)", total, err);
 }
 END_TEST
 

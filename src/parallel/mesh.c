@@ -23,9 +23,9 @@ int mesh_rank_of(const Mesh *m, int tp, int cp, int dp, int pp) {
 }
 
 static int check_sizes(const Mesh *m, const Config *c, int world, char *err) {
-    int tcp = c->tp * c->cp * c->pp;
+    long long tcp = (long long)c->tp * c->cp * c->pp; /* up to 65536^3: no int overflow */
     if (world % tcp != 0)
-        return mt_fail(err, "world size %d is not divisible by tp*cp*pp = %d*%d*%d = %d", world,
+        return mt_fail(err, "world size %d is not divisible by tp*cp*pp = %d*%d*%d = %lld", world,
                        c->tp, c->cp, c->pp, tcp);
     int stage = world / c->pp; /* tp*cp*dp ranks, folded as etp*ep*edp for the MoE layers */
     if ((long long)c->etp * c->ep > stage || stage % (c->etp * c->ep) != 0)
@@ -46,7 +46,7 @@ int mesh_plan(Mesh *m, const Config *c, int world, int rank, char *err) {
     m->tp = c->tp;
     m->cp = c->cp;
     m->pp = c->pp;
-    m->dp = world / (c->tp * c->cp * c->pp);
+    m->dp = (int)(world / ((long long)c->tp * c->cp * c->pp)); /* 0 if too large: check_sizes refuses */
     if (check_sizes(m, c, world, err) != MT_OK) return MT_ERR;
     m->etp = c->etp;
     m->ep = c->ep;
