@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU benchmarks: training-step throughput of tiny and small against the BLAS peak;
 # expert-parallel dispatch+combine against a plain MPI_Alltoallv (4 ranks); checkpoint save/load
-# bandwidth against plain write()/read() (1 rank, and 4 ranks: dp4 x ep2, fully sharded).
+# bandwidth against plain write()/read() (1 rank, and 4 ranks: dp4 x ep2, fully sharded);
+# tp / cp layouts of small side by side with their communication share (2 ranks, 1 BLAS thread each).
 set -eu
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
@@ -12,3 +13,4 @@ OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np 4 --oversub
 MPI="env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none"
 $MPI -np 1 "$BUILD/bench/bench_checkpoint" configs/small.ini
 $MPI -np 4 "$BUILD/bench/bench_checkpoint" configs/small.ini --set parallel.ep=2 --set optim.shard=full --set train.micro_batch_size=2
+OPENBLAS_NUM_THREADS=1 $MPI -np 2 "$BUILD/bench/bench_tpcp" configs/small.ini --steps 10

@@ -3,8 +3,8 @@
 # -fsanitize=address,undefined -fno-sanitize-recover=all (any report aborts the program, so it
 # fails here) in BUILD_DIR-asan, then
 #   - every single-process Check program (config, data, kernels, model, moe, train, checkpoint, ...)
-#   - the MPI programs at 4 ranks: dispatch, comm, and the data/expert-parallel equivalence matrix
-#     (test_parallel with ep 1/2/4 and every shard mode)
+#   - the MPI programs at 4 ranks: dispatch, comm, and the equivalence matrix (test_parallel with
+#     ep 1/2/4 and every shard mode, tp2 x cp2, tp2 x etp2 x ep2)
 #   - the command line end to end: 4 ranks dp2 x ep2 with full sharding and a checkpoint, then a
 #     resume on 2 ranks (another mesh), then --verify-checkpoint
 # Leak reports are off (MPI and HDF5 keep allocations until exit by design).
@@ -46,6 +46,10 @@ for prog in test_dispatch test_comm; do
 done
 CK_FORK=no run "test_parallel np=4 (ep 1/2/4, every shard mode)" mpirun -np 4 --bind-to none \
   "$SAN/tests/test_parallel" parallel.ep=1 parallel.ep=4,optim.shard=optimizer parallel.ep=2,optim.shard=full
+G=moe.lbl_scope=global_batch
+CK_FORK=no run "test_parallel np=4 (tp2 x cp2, etp2 x ep2 x tp2)" mpirun -np 4 --bind-to none \
+  "$SAN/tests/test_parallel" parallel.tp=2,parallel.cp=2,$G,optim.shard=full \
+  parallel.tp=2,parallel.etp=2,parallel.ep=2,$G,optim.shard=optimizer
 A=(configs/tiny.ini --set log.metrics_file= --set "checkpoint.dir=$T/ck")
 run "moetrain np=4 dp2 x ep2, shard full, checkpoint every 3" mpirun -np 4 --bind-to none "$SAN/moetrain" \
   "${A[@]}" --set train.steps=6 --set checkpoint.every=3 --set parallel.ep=2 --set optim.shard=full

@@ -7,8 +7,9 @@
 #   3. configs/tiny.ini, 50 steps on cpu and on cuda (attention through cuDNN, then the own
 #      kernel): each cuda loss curve tracks the cpu one (every step within 5% relative, the last
 #      within 2%)
-#   4. runtime.comm = mpi, 2 and 4 ranks sharing the GPU (np=2: dp2; np=4: dp4 x ep2) with the
-#      same global batch (micro_batch_size 16 / dp) reproduce the single-rank cuda losses
+#   4. runtime.comm = mpi, 2 and 4 ranks sharing the GPU (np=2: dp2, tp2, cp2; np=4: dp4 x ep2,
+#      tp2 x cp2 x etp2: the vocab-parallel cross-entropy and the chunked attention on the GPU) with
+#      the same global batch (micro_batch_size 16 / dp) reproduce the single-rank cuda losses
 #      (10 steps, lbl_scope = global_batch: step 1 within 1e-4, every step within 2e-3; the
 #      tolerance is above the CPU's 1e-5 because a changed GEMM shape can flip bf16 roundings)
 #   5. runtime.comm = nccl at world size 1 reproduces the same single-rank run; 5 steps, then a
@@ -183,13 +184,16 @@ section "runtime.comm = mpi: 2 and 4 ranks on one GPU vs 1 rank"
 M=(--set train.steps=10 --set moe.lbl_scope=global_batch --set runtime.device=cuda)
 ref_ok=0
 run ref1 1 "${M[@]}" --set train.micro_batch_size=16 && ref_ok=1
-for layout in "2 dp2 --set train.micro_batch_size=8" "4 dp4xep2 --set train.micro_batch_size=4 --set parallel.ep=2"; do
+for layout in "2 dp2 --set train.micro_batch_size=8" "4 dp4xep2 --set train.micro_batch_size=4 --set parallel.ep=2" \
+              "2 tp2 --set train.micro_batch_size=16 --set parallel.tp=2" \
+              "2 cp2 --set train.micro_batch_size=16 --set parallel.cp=2" \
+              "4 tp2xcp2xetp2 --set train.micro_batch_size=16 --set parallel.tp=2 --set parallel.cp=2 --set parallel.etp=2"; do
   read -r np label rest <<<"$layout"
   name="mpi np=$np ($label) reproduces np=1 (cuda)"
   if [ $ref_ok -eq 0 ]; then record "$name" FAIL "the single-rank reference run failed"; continue; fi
   # shellcheck disable=SC2086
-  if run "np$np" "$np" "${M[@]}" --set runtime.comm=mpi $rest; then
-    d=$(compare "$T/np$np.jsonl" "$T/ref1.jsonl" 10 1e-4 2e-3 2e-3); rc=$?
+  if run "np$np-$label" "$np" "${M[@]}" --set runtime.comm=mpi $rest; then
+    d=$(compare "$T/np$np-$label.jsonl" "$T/ref1.jsonl" 10 1e-4 2e-3 2e-3); rc=$?
     verdict "$name" $rc "$d"
   else
     record "$name" FAIL "mpirun -np $np failed (log above)"
