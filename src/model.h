@@ -32,8 +32,8 @@
  * The LBL scope only changes the load fractions f: micro_batch uses this micro-batch's counts;
  * global_batch uses the counts all-reduced over the ranks holding other tokens (mp->tokens) and
  * accumulated over the step's micro-batches so far (model->lbl_acc).
- * Communicates only through moe.c (dispatch/combine over ep, the LBL counts over tokens) and the
- * parameter hooks.
+ * Communicates only in its tp_* / cp_* helpers (above), through moe.c (dispatch/combine over ep
+ * and etp, the LBL counts over tokens) and the parameter hooks.
  * Memory: model_activation_bytes reports the arena; model_activation_bytes_plan computes the same
  * number from the parameter layout alone, before anything is allocated.
  */

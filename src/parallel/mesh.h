@@ -3,9 +3,13 @@
  * Dense (attention) layers: world = tp * cp * dp * pp, rank order tp fastest, then cp, dp, pp:
  *     rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))
  * MoE layers fold the tp*cp*dp ranks of one pipeline stage as etp * ep * edp (MoE parallel
- * folding), etp fastest: stage-local index i = etp_r + etp * (ep_r + ep * edp_r). Here etp = tp.
- * Groups (each an MPI communicator): tp, cp, dp, pp, ep, etp, edp, dpcp (gradients of dense
- * parameters are reduced over dp*cp), and world.
+ * folding), etp fastest: stage-local index i = etp_r + etp * (ep_r + ep * edp_r); etp
+ * (parallel.etp) is independent of tp, so attention may use tp = 2 while the experts use etp = 1
+ * and a larger ep over the same ranks.
+ * Groups (each an MPI communicator): tp, cp, dp, pp, ep, etp, edp, dpcp (gradients of tensors
+ * split over tp are reduced over dp*cp), stage (the tp*cp*dp ranks of a pipeline stage: under
+ * sequence parallelism each holds other tokens, so it reduces the gradients of unsplit tensors and
+ * sums the LBL counts), and world.
  * mesh_plan is pure arithmetic (no MPI) so layouts can be validated and unit-tested for any world
  * size; mesh_build makes the communicators. Every other module asks the mesh for its groups and
  * never computes rank arithmetic itself.
