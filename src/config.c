@@ -760,7 +760,24 @@ int config_load(Config *c, const char *path, const char *const *sets, int n_sets
         if (set_assignment(c, sets[i], origin, err) != MT_OK) return MT_ERR;
     if (check_rules(c, origin, err) != MT_OK) return MT_ERR;
     resolve(c);
+    MT_CHECK(NKEYS <= (int)sizeof c->key_from, "config: %d keys, key_from holds %zu", NKEYS, sizeof c->key_from);
+    for (int i = 0; i < NKEYS; i++)
+        c->key_from[i] = !origin[i].text ? CONFIG_FROM_DEFAULT : origin[i].is_set ? CONFIG_FROM_SET : CONFIG_FROM_FILE;
     return MT_OK;
+}
+
+const char *config_describe(const Config *c, const char *section, const char *key, char *buf, size_t n) {
+    const KeySpec *k = must_key(section, key);
+    char val[VALLEN], tmp[96];
+    format_value(c, k, val, sizeof val);
+    int from = c->key_from[k - KEYS];
+    if (from == CONFIG_FROM_SET)
+        snprintf(buf, n, "[%s] %s = %s (from --set %s.%s)", section, key, shown(val, tmp, sizeof tmp), section, key);
+    else if (from == CONFIG_FROM_FILE)
+        snprintf(buf, n, "[%s] %s = %s (from %s)", section, key, shown(val, tmp, sizeof tmp),
+                 c->source_file[0] ? c->source_file : "the config file");
+    else snprintf(buf, n, "[%s] %s = %s (default)", section, key, shown(val, tmp, sizeof tmp));
+    return buf;
 }
 
 /* ---- output: --help, Markdown, INI, JSON --------------------------------------------------- */

@@ -90,7 +90,11 @@ typedef struct Config {
 
     /* the file this came from and its full text (for the metrics file / checkpoints) */
     char source_file[MT_PATH_MAX];
+    /* where each key's value came from, by key-table index: CONFIG_FROM_* (config_load sets it) */
+    unsigned char key_from[128];
 } Config;
+
+enum { CONFIG_FROM_DEFAULT = 0, CONFIG_FROM_FILE = 1, CONFIG_FROM_SET = 2 };
 
 /* Fill c with every key's default. */
 void config_defaults(Config *c);
@@ -108,6 +112,10 @@ void config_print_markdown(FILE *f);
 
 /* Write the effective config back out as INI text (every key, resolved values). */
 void config_write_ini(const Config *c, FILE *f);
+
+/* "[section] key = value (from FILE | from --set section.key | default)" into buf, for messages
+ * of checks made after loading (the mesh); returns buf. */
+const char *config_describe(const Config *c, const char *section, const char *key, char *buf, size_t n);
 
 /* The effective config as a cJSON object {"model": {...}, "moe": {...}, ...} (caller frees). */
 struct cJSON;

@@ -32,6 +32,8 @@ expect "out of range (--set)"   2 "moe.top_k=9.*must be <= moe.num_experts" -- $
 expect "bad type"               2 "d_model = 6x4: not an integer"         -- $BIN configs/tiny.ini --set model.d_model=6x4
 expect "impossible mesh"        2 "parallel.etp \\* parallel.ep = 1 \\* 2 must divide the 3 ranks" \
                                                                             -- mpirun -np 3 $BIN configs/tiny.ini --set parallel.ep=2
+expect "mesh error names sources" 2 "not divisible by tp\\*cp\\*pp = 2\\*1\\*1 = 2; \\[parallel\\] tp = 2 \\(from --set parallel.tp\\), \\[parallel\\] cp = 1 \\(default\\)" \
+                                                                            -- $BIN configs/tiny.ini --set parallel.tp=2
 expect "pp refused for now"     2 "pipeline-parallel compute is not implemented" -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2
 expect "kv heads vs tp"         2 "\\[model\\] n_kv_heads = 2: must be a multiple of parallel.tp \\(4\\)" \
                                                                             -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.tp=4

@@ -22,20 +22,41 @@ int mesh_rank_of(const Mesh *m, int tp, int cp, int dp, int pp) {
     return tp + m->tp * (cp + m->cp * (dp + m->dp * pp));
 }
 
+/* "; <key> = <value> (from <where>)" for each (section, key) pair in keys, into buf. */
+static const char *sources(const Config *c, const char *const *keys, int n, char *buf, size_t len) {
+    size_t at = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n && at < len; i++) {
+        char one[MT_PATH_MAX + 128];
+        config_describe(c, keys[2 * i], keys[2 * i + 1], one, sizeof one);
+        at += snprintf(buf + at, len - at, "%s%s", i ? ", " : "; ", one);
+    }
+    return buf;
+}
+
 static int check_sizes(const Mesh *m, const Config *c, int world, char *err) {
+    static const char *const TCP[] = {"parallel", "tp", "parallel", "cp", "parallel", "pp"};
+    static const char *const FOLD[] = {"parallel", "etp", "parallel", "ep", "parallel", "tp", "parallel", "cp"};
+    static const char *const EXP[] = {"moe", "num_experts", "parallel", "ep"};
+    static const char *const PPL[] = {"parallel", "pp", "model", "n_layers"};
+    char src[4 * (MT_PATH_MAX + 128)];
     long long tcp = (long long)c->tp * c->cp * c->pp; /* up to 65536^3: no int overflow */
     if (world % tcp != 0)
-        return mt_fail(err, "world size %d is not divisible by tp*cp*pp = %d*%d*%d = %lld", world,
-                       c->tp, c->cp, c->pp, tcp);
+        return mt_fail(err, "world size %d (the number of ranks started) is not divisible by tp*cp*pp = "
+                            "%d*%d*%d = %lld%s", world, c->tp, c->cp, c->pp, tcp,
+                       sources(c, TCP, 3, src, sizeof src));
     int stage = world / c->pp; /* tp*cp*dp ranks, folded as etp*ep*edp for the MoE layers */
     if ((long long)c->etp * c->ep > stage || stage % (c->etp * c->ep) != 0)
         return mt_fail(err, "parallel.etp * parallel.ep = %d * %d must divide the %d ranks of a pipeline "
                             "stage (tp*cp*dp = %d*%d*%d; world %d / pp %d): the experts fold over the same "
-                            "ranks as attention", c->etp, c->ep, stage, c->tp, c->cp, m->dp, world, c->pp);
+                            "ranks as attention%s", c->etp, c->ep, stage, c->tp, c->cp, m->dp, world, c->pp,
+                       sources(c, FOLD, 4, src, sizeof src));
     if (c->num_experts % c->ep != 0)
-        return mt_fail(err, "moe.num_experts = %d is not divisible by parallel.ep = %d", c->num_experts, c->ep);
+        return mt_fail(err, "moe.num_experts = %d is not divisible by parallel.ep = %d%s", c->num_experts,
+                       c->ep, sources(c, EXP, 2, src, sizeof src));
     if (c->n_layers < c->pp)
-        return mt_fail(err, "parallel.pp = %d is larger than model.n_layers = %d", c->pp, c->n_layers);
+        return mt_fail(err, "parallel.pp = %d is larger than model.n_layers = %d%s", c->pp, c->n_layers,
+                       sources(c, PPL, 2, src, sizeof src));
     return MT_OK;
 }
 
