@@ -121,5 +121,16 @@ if [ $rc -eq 0 ] && grep -q "Ctrl-C again" "$T/int.out" && grep -q "checkpoint s
    && [ -s "$T/int/latest" ]; then ok "Ctrl-C stops with a checkpoint"
 else bad "Ctrl-C: exit $rc, $(tail -c 300 "$T/int.out")"; fi
 
+# under mpirun, SIGUSR1 to mpirun itself (the documented signal: Open MPI forwards it to every rank)
+# stops the job with a checkpoint and mpirun exits 0
+mpirun -np 2 $BIN configs/tiny.ini --set train.steps=100000 --set log.metrics_file= --set checkpoint.dir=$T/usr1 \
+  > "$T/usr1.out" 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq 100); do [ -s "$T/usr1/.lock" ] && break; sleep 0.2; done
+sleep 1; kill -USR1 $pid; wait $pid; rc=$?
+if [ $rc -eq 0 ] && grep -q "checkpoint saved" "$T/usr1.out" && [ -s "$T/usr1/latest" ]; then
+  ok "SIGUSR1 to mpirun: checkpoint, exit 0"
+else bad "SIGUSR1 to mpirun: exit $rc, $(tail -c 300 "$T/usr1.out")"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
