@@ -45,7 +45,7 @@ typedef struct {
 
 _Static_assert(sizeof(LblScope) == sizeof(int) && sizeof(ShardMode) == sizeof(int) &&
                    sizeof(DataSource) == sizeof(int) && sizeof(DeviceKind) == sizeof(int) &&
-                   sizeof(CommKind) == sizeof(int),
+                   sizeof(CommKind) == sizeof(int) && sizeof(PpSchedule) == sizeof(int),
                "enum fields are stored as int");
 
 static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", NULL};
@@ -54,6 +54,7 @@ static const char *const SOURCE_NAMES[] = {"synthetic", "file", NULL};
 static const char *const DEVICE_NAMES[] = {"cpu", "cuda", NULL};
 static const char *const COMM_NAMES[] = {"mpi", "nccl", NULL};
 static const char *const ATTN_NAMES[] = {"auto", "cudnn", "own", NULL};
+static const char *const PP_SCHED_NAMES[] = {"1f1b", "interleaved", NULL};
 
 #define OFF(field) offsetof(Config, field)
 #define K_INT(s, k, f, d, lo, hi, h) {s, k, T_INT, OFF(f), d, lo, hi, 0, NULL, h}
@@ -95,11 +96,15 @@ static const KeySpec KEYS[] = {
     K_INT("parallel", "etp", etp, "1", 1, 65536, "tensor-parallel degree of the routed experts (each expert's hidden width split); independent of tp (MoE parallel folding)"),
     K_INT("parallel", "ep", ep, "1", 1, 65536, "expert-parallel degree (divides moe.num_experts)"),
     K_INT("parallel", "pp", pp, "1", 1, 65536, "pipeline-parallel degree"),
+    K_ENUM("parallel", "pp_schedule", pp_schedule, "1f1b", PP_SCHED_NAMES, "pipeline schedule: 1f1b, or interleaved 1F1B over pp_virtual model chunks per rank"),
+    K_INT("parallel", "pp_virtual", pp_virtual, "1", 1, 64, "model chunks per pipeline rank (virtual stages); > 1 only with pp_schedule = interleaved"),
+    K_STR("parallel", "pp_layers", pp_layers, "", "decoder layers of each model chunk in pipeline order, e.g. 3,4,4,3 (pp*pp_virtual numbers summing to model.n_layers); empty = even, counting the embedding and the lm_head as a layer each"),
 
     K_INT("train", "steps", steps, "100", 0, INT_MAX, "optimizer steps to run"),
     K_U64("train", "seed", seed, "1234", "random seed (initialisation and data)"),
     K_INT("train", "micro_batch_size", micro_batch_size, "8", 1, 1048576, "sequences per micro-batch per data-parallel rank"),
     K_INT("train", "grad_accum_steps", grad_accum_steps, "1", 1, 1048576, "micro-batches per step; global batch = micro_batch_size * grad_accum_steps * dp"),
+    K_INT("train", "max_skipped_steps", max_skipped_steps, "3", 0, INT_MAX, "a step whose loss (lm, lbl or z term) or gradient norm is non-finite on any rank is skipped on every rank (no parameter or AdamW update; its batch is still consumed and it counts toward train.steps); this many skipped steps in a row are tolerated, the next one stops the run with an error and no checkpoint; 0 = stop at the first"),
 
     K_FLT("optim", "lr", lr, "3e-3", F_GT0, "peak learning rate"),
     K_FLT("optim", "min_lr", min_lr, "3e-4", F_GE0, "learning rate at the end of the cosine decay (<= lr)"),
@@ -538,6 +543,50 @@ static int check_shared_tp(const Config *c, const Loc *o, char *err) {
                     "parallel.tp = %d (the shared experts' hidden width is split over tp)", fs, c->tp);
 }
 
+/* Parse parallel.pp_layers into out (up to max chunks); returns the count, or -1 if malformed. */
+int config_pp_layers(const Config *c, int *out, int max) {
+    int n = 0;
+    const char *p = c->pp_layers;
+    while (*p) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1 || v > 1000000 || n >= max) return -1;
+        out[n++] = (int)v;
+        p = end;
+        while (*p == ' ') p++;
+        if (*p == ',') p++;
+        else if (*p) return -1;
+    }
+    return n;
+}
+
+static int check_pipeline(const Config *c, const Loc *o, char *err) {
+    const KeySpec *sch = must_key("parallel", "pp_schedule"), *vir = must_key("parallel", "pp_virtual");
+    const KeySpec *lay = must_key("parallel", "pp_layers"), *nl = must_key("model", "n_layers");
+    int chunks = c->pp * c->pp_virtual;
+    if (c->pp_schedule == PP_1F1B && c->pp_virtual != 1)
+        return key_fail(c, o, vir, sch, err, "must be 1 with parallel.pp_schedule = 1f1b (virtual stages need "
+                        "pp_schedule = interleaved)");
+    if (c->pp_schedule == PP_INTERLEAVED && c->pp_virtual < 2)
+        return key_fail(c, o, sch, vir, err, "interleaved needs parallel.pp_virtual >= 2 model chunks per rank");
+    if (c->n_layers < chunks)
+        return key_fail(c, o, nl, NULL, err, "must be at least parallel.pp * parallel.pp_virtual = %d * %d = %d "
+                        "(every model chunk holds at least one layer)", c->pp, c->pp_virtual, chunks);
+    if (c->pp > 1 && c->tie_embeddings)
+        return key_fail(c, o, must_key("model", "tie_embeddings"), must_key("parallel", "pp"), err,
+                        "is not supported with parallel.pp > 1 yet (the embedding and the lm_head sit on "
+                        "different pipeline stages); set model.tie_embeddings = false");
+    if (!c->pp_layers[0]) return MT_OK;
+    int v[4096], n = config_pp_layers(c, v, 4096), sum = 0;
+    if (n < 0)
+        return key_fail(c, o, lay, NULL, err, "must be comma-separated positive layer counts, e.g. 3,4,4,3");
+    for (int i = 0; i < n; i++) sum += v[i];
+    if (n != chunks || sum != c->n_layers)
+        return key_fail(c, o, lay, NULL, err, "has %d numbers summing to %d; it needs parallel.pp * pp_virtual = %d "
+                        "numbers summing to model.n_layers = %d", n, sum, chunks, c->n_layers);
+    return MT_OK;
+}
+
 static const Rule RULES[] = {
     {"model", "n_heads", R_MULTIPLE_OF, "model", "n_kv_heads", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_head_dim,
@@ -556,6 +605,9 @@ static const Rule RULES[] = {
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_shared_tp,
      "moe.shared_experts * moe.shared_hidden must be a multiple of parallel.tp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_cp_len, "model.seq_len must be a multiple of 2 * parallel.cp"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_pipeline,
+     "parallel.pp_virtual = 1 with pp_schedule = 1f1b and >= 2 with interleaved; model.n_layers >= pp * "
+     "pp_virtual; parallel.pp_layers lists pp * pp_virtual positive counts summing to model.n_layers"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_sp_rows,
      "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},

@@ -21,6 +21,7 @@ typedef enum { DATA_SYNTHETIC = 0, DATA_FILE = 1 } DataSource;
 typedef enum { DEVICE_CPU = 0, DEVICE_CUDA = 1 } DeviceKind;
 typedef enum { COMM_MPI = 0, COMM_NCCL = 1 } CommKind;
 typedef enum { ATTN_AUTO = 0, ATTN_CUDNN = 1, ATTN_OWN = 2 } AttentionKind;
+typedef enum { PP_1F1B = 0, PP_INTERLEAVED = 1 } PpSchedule;
 
 typedef struct Config {
     /* [model] */
@@ -54,12 +55,16 @@ typedef struct Config {
     /* [parallel] (dp = world / (tp*cp*pp)) */
     int tp, cp, ep, pp;
     int etp; /* tensor-parallel degree of the routed experts */
+    PpSchedule pp_schedule;
+    int pp_virtual;       /* model chunks per pipeline rank (interleaved schedule) */
+    char pp_layers[256];  /* "" = even split; else decoder layers per chunk, comma-separated */
 
     /* [train] */
     int steps;
     unsigned long long seed;
     int micro_batch_size; /* sequences per micro-batch per data-parallel rank */
     int grad_accum_steps; /* micro-batches per step; global batch = mbs * accum * dp */
+    int max_skipped_steps; /* consecutive non-finite (skipped) steps tolerated; 0 = stop at the first */
 
     /* [optim] */
     float lr, min_lr;
@@ -112,6 +117,9 @@ void config_print_markdown(FILE *f);
 
 /* Write the effective config back out as INI text (every key, resolved values). */
 void config_write_ini(const Config *c, FILE *f);
+
+/* parallel.pp_layers as numbers (up to max); the count, or -1 when malformed. */
+int config_pp_layers(const Config *c, int *out, int max);
 
 /* "[section] key = value (from FILE | from --set section.key | default)" into buf, for messages
  * of checks made after loading (the mesh); returns buf. */

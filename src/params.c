@@ -9,7 +9,7 @@
 #include "common.h"
 
 ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
-    DimsSplit one = {1, 0, 1, 0, 1, 0, 1, 0};
+    DimsSplit one = {1, 0, 1, 0, 1, 0, 1, 0, 1, 0};
     if (!sp) sp = &one;
     ModelDims d = {
         .V = c->vocab_size, .C = c->d_model, .L = c->n_layers, .H = c->n_heads,
@@ -28,7 +28,37 @@ ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
     d.Fl = d.F / d.tp;
     d.Fsl = d.Fs / d.tp;
     d.Fel = d.Fe / d.etp;
+    d.pp = sp->pp > 0 ? sp->pp : 1; /* zero-initialised splits (tests) mean no pipeline */
+    d.pp_r = sp->pp > 0 ? sp->pp_r : 0;
+    d.vpp = sp->pp > 1 ? c->pp_virtual : 1;
+    int b[4097], n = pipeline_bounds(c, b, 4096);
+    MT_CHECK(n == d.pp * d.vpp && d.vpp <= 64, "pipeline: %d chunks for pp %d x %d", n, d.pp, d.vpp);
+    for (int k = 0; k < d.vpp; k++) {
+        d.clo[k] = b[d.pp_r + k * d.pp];
+        d.chi[k] = b[d.pp_r + k * d.pp + 1];
+    }
+    d.has_embed = d.pp_r == 0;
+    d.has_head = d.pp_r == d.pp - 1;
     return d;
+}
+
+int pipeline_bounds(const Config *c, int *b, int max) {
+    int chunks = c->pp > 1 ? c->pp * c->pp_virtual : 1, L = c->n_layers, v[4096];
+    MT_CHECK(chunks <= max && chunks <= L, "pipeline: %d chunks for %d layers", chunks, L);
+    b[0] = 0;
+    if (chunks > 1 && config_pp_layers(c, v, 4096) == chunks) {
+        for (int i = 0; i < chunks; i++) b[i + 1] = b[i] + v[i];
+        MT_CHECK(b[chunks] == L, "parallel.pp_layers sums to %d, not %d", b[chunks], L);
+        return chunks;
+    }
+    /* even in cost: L layers plus one layer's worth each for the embedding and the lm_head */
+    for (int i = 1; i < chunks; i++) {
+        int e = (int)((double)i * (L + 2) / chunks + 0.5) - 1;
+        int lo = b[i - 1] + 1, hi = L - (chunks - i); /* at least one layer per chunk */
+        b[i] = e < lo ? lo : e > hi ? hi : e;
+    }
+    b[chunks] = L;
+    return chunks;
 }
 
 typedef struct Builder {
@@ -137,6 +167,24 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     }
 }
 
+/* Unit 0: what this pipeline rank holds of the embedding (first chunk), final norm and lm_head
+ * (last chunk), split over tp by vocabulary rows. Offsets of absent tensors stay 0. (Tied
+ * embeddings need both on one rank: the config refuses tie_embeddings with pp > 1.) */
+static void add_head(Builder *b, const ModelDims *d, float init_std) {
+    ParamLayout *pl = b->pl;
+    Split vocab = tp_rows(d);
+    if (d->has_embed)
+        pl->embed = add(b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "model.embed_tokens.weight");
+    if (!d->has_head) return;
+    pl->final_norm = add(b, PBUF_DENSE, NOSPLIT, d->C, 0, INIT_ONES, 0, "model.norm.weight");
+    if (d->tie && d->has_embed) {
+        pl->lm_head = pl->embed;
+        return;
+    }
+    MT_CHECK(!d->tie, "tied embeddings with the lm_head on another pipeline stage");
+    pl->lm_head = add(b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
+}
+
 /* Close unit u: pad each buffer to its multiple and record the range. */
 static void end_unit(ParamLayout *pl, int u, const size_t start[PBUF_COUNT]) {
     for (int b = 0; b < PBUF_COUNT; b++) {
@@ -157,16 +205,15 @@ void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, con
     pl->units = mt_calloc(pl->n_units, sizeof *pl->units);
     Builder b = {.pl = pl, .std = init_std, .out_std = init_std / sqrtf(2.0f * d->L)};
     size_t start[PBUF_COUNT] = {0};
-    /* unit 0: the head (embedding and lm_head split over tp by vocabulary rows) */
-    Split vocab = tp_rows(d);
-    pl->embed = add(&b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "model.embed_tokens.weight");
-    pl->final_norm = add(&b, PBUF_DENSE, NOSPLIT, d->C, 0, INIT_ONES, 0, "model.norm.weight");
-    pl->lm_head = d->tie ? pl->embed
-                         : add(&b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
+    add_head(&b, d, init_std);
     end_unit(pl, 0, start);
+    pl->n_units = 1;
     for (int l = 0; l < d->L; l++) {
-        for (int x = 0; x < PBUF_COUNT; x++) start[x] = pl->size[x];
         LayerParams *lp = &pl->layers[l];
+        for (int k = 0; k < d->vpp; k++) lp->held |= l >= d->clo[k] && l < d->chi[k];
+        if (!lp->held) continue;
+        lp->unit = pl->n_units++;
+        for (int x = 0; x < PBUF_COUNT; x++) start[x] = pl->size[x];
         add_attention(&b, lp, d, l);
         lp->is_moe = l >= d->dense_layers;
         if (lp->is_moe) {
@@ -176,7 +223,7 @@ void params_layout_init(ParamLayout *pl, const ModelDims *d, float init_std, con
             snprintf(pre, sizeof pre, "model.layers.%d.mlp", l);
             add_swiglu(&b, d, &lp->mlp_w13, &lp->mlp_w2, d->C, d->F, pre);
         }
-        end_unit(pl, 1 + l, start);
+        end_unit(pl, lp->unit, start);
     }
 }
 

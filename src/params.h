@@ -53,6 +53,8 @@ typedef struct ParamInfo {
 
 /* Offsets (into the buffer named in the comment) of one decoder layer's tensors. */
 typedef struct LayerParams {
+    int held;                      /* this rank holds the layer (pipeline: its chunks' layers) */
+    int unit;                      /* its parameter unit */
     int is_moe;
     size_t ln1, q, k, v, o, ln2;   /* dense */
     size_t mlp_w13, mlp_w2;        /* dense FFN (dense layers): (2F, C), (C, F) */
@@ -72,15 +74,27 @@ typedef struct ModelDims {
     int tp, tp_r, etp, etp_r, cp, cp_r;
     int Vl, v0;                   /* vocabulary slice [v0, v0 + Vl) of the embedding / lm_head */
     int Hl, Hkvl, Fl, Fsl, Fel;   /* local heads, kv heads, FFN / shared / expert hidden widths */
+    /* pipeline: pp ranks x vpp chunks; this rank (pp_r) holds global chunks pp_r + k*pp, k < vpp,
+     * chunk k covering decoder layers [clo[k], chi[k]); the embedding lives with global chunk 0,
+     * the final norm and lm_head with the last one */
+    int pp, pp_r, vpp;
+    int clo[64], chi[64];
+    int has_embed, has_head;
 } ModelDims;
 
-/* Where a rank sits: tp, etp, ep and cp degree and index. */
+/* Where a rank sits: tp, etp, ep, cp and pp degree and index. */
 typedef struct DimsSplit {
-    int tp, tp_r, etp, etp_r, ep, ep_r, cp, cp_r;
+    int tp, tp_r, etp, etp_r, ep, ep_r, cp, cp_r, pp, pp_r;
 } DimsSplit;
 
+/* First layer of each of the pp * pp_virtual global chunks, and n_layers at the end (b[chunks]):
+ * parallel.pp_layers, or an even split that counts the embedding and the lm_head as one layer
+ * each. Returns the number of chunks. */
+int pipeline_bounds(const Config *c, int *b, int max);
+
 /* A unit is the set of parameters gathered together under full sharding: unit 0 is the head
- * (embedding, final norm, lm_head), unit 1 + l is decoder layer l. Each unit is a contiguous,
+ * (embedding, final norm, lm_head: whichever of them this pipeline rank holds), then one unit per
+ * decoder layer held (LayerParams.unit). Each unit is a contiguous,
  * padded range of each buffer: off[b] .. off[b] + len[b] (len a multiple of the buffer's pad). */
 typedef struct ParamUnit {
     size_t off[PBUF_COUNT], len[PBUF_COUNT];

@@ -23,7 +23,7 @@ ModelParallel trainer_model_parallel(const Config *c, const Mesh *mesh) {
     ModelParallel mp = {
         .ep = &mesh->g_ep, .etp = &mesh->g_etp, .tp = &mesh->g_tp, .cp = &mesh->g_cp,
         .tokens = &mesh->g_stage,
-        .split = {mesh->tp, x->tp, mesh->etp, x->etp, mesh->ep, x->ep, mesh->cp, x->cp},
+        .split = {mesh->tp, x->tp, mesh->etp, x->etp, mesh->ep, x->ep, mesh->cp, x->cp, mesh->pp, x->pp},
     };
     sharder_padding(c->shard, mesh, mp.pad);
     return mp;

@@ -476,8 +476,8 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(num_experts); EQ(top_k); EQ(expert_hidden); EQ(shared_experts); EQ(shared_hidden);
     EQ(renormalize); EQ(capacity_factor); EQ(pad_to_capacity); EQ(lbl_coeff); EQ(lbl_scope);
     EQ(z_coeff);
-    EQ(tp); EQ(cp); EQ(etp); EQ(ep); EQ(pp);
-    EQ(steps); EQ(seed); EQ(micro_batch_size); EQ(grad_accum_steps);
+    EQ(tp); EQ(cp); EQ(etp); EQ(ep); EQ(pp); EQ(pp_schedule); EQ(pp_virtual); EQS(pp_layers);
+    EQ(steps); EQ(seed); EQ(micro_batch_size); EQ(grad_accum_steps); EQ(max_skipped_steps);
     EQ(lr); EQ(min_lr); EQ(warmup_steps); EQ(decay_steps); EQ(beta1); EQ(beta2); EQ(eps);
     EQ(weight_decay); EQ(grad_clip); EQ(shard);
     EQ(source); EQS(path);
@@ -519,7 +519,7 @@ START_TEST(t_round_trip_everything_changed) {
         "moe.expert_hidden=48", "moe.shared_experts=1", "moe.shared_hidden=80",
         "moe.renormalize=off", "moe.capacity_factor=1.25", "moe.pad_to_capacity=on",
         "moe.lbl_coeff=0.02", "moe.lbl_scope=global_batch", "moe.z_coeff=0.0001", "parallel.tp=2",
-        "parallel.cp=2", "parallel.etp=4", "parallel.ep=4", "parallel.pp=2", "train.steps=7",
+        "parallel.cp=2", "parallel.etp=4", "parallel.ep=4", "parallel.pp=1", "train.steps=7",
         "train.seed=18446744073709551615", "train.micro_batch_size=3", "train.grad_accum_steps=5",
         "optim.lr=0.1", "optim.min_lr=1e-5", "optim.warmup_steps=3", "optim.decay_steps=50",
         "optim.beta1=0.8", "optim.beta2=0.999", "optim.eps=1e-7", "optim.weight_decay=0",
@@ -542,7 +542,7 @@ START_TEST(t_round_trip_everything_changed) {
     ck_assert_str_eq(c.path, long_path);
     ck_assert_str_eq(c.ckpt_dir, "ck dir");
     ck_assert_float_eq(c.lr, 0.1f);
-    ck_assert(c.tp == 2 && c.cp == 2 && c.etp == 4 && c.ep == 4 && c.pp == 2);
+    ck_assert(c.tp == 2 && c.cp == 2 && c.etp == 4 && c.ep == 4 && c.pp == 1);
 }
 END_TEST
 

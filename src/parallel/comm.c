@@ -373,6 +373,31 @@ void comm_recv(const Group *g, void *buf, size_t count, DType t, int peer, int t
     MPI_Recv(buf, (int)count, mpi_type(t), peer, tag, g->comm, MPI_STATUS_IGNORE);
 }
 
+void comm_isend(const Group *g, const void *buf, size_t count, DType t, int peer, int tag, CommRequest *r) {
+    MT_CHECK(!r->active, "comm_isend on a request still in flight");
+    MT_CHECK(count <= INT_MAX, "send too large");
+    const void *h = buf;
+    r->stage = NULL;
+#if MT_HAVE_CUDA
+    if (g->device_mode && count && cuda_comm_is_device(buf)) {
+        size_t bytes = count * dtype_size(t);
+        r->stage = mt_calloc(1, bytes);
+        cuda_comm_to_host(r->stage, buf, bytes);
+        h = r->stage;
+    }
+#endif
+    MPI_Isend(h, (int)count, mpi_type(t), peer, tag, g->comm, &r->req);
+    r->active = 1;
+}
+
+void comm_wait(CommRequest *r) {
+    if (!r->active) return;
+    MPI_Wait(&r->req, MPI_STATUS_IGNORE);
+    free(r->stage);
+    r->stage = NULL;
+    r->active = 0;
+}
+
 void comm_barrier(const Group *g) {
     if (g->size > 1) MPI_Barrier(g->comm);
 }

@@ -69,6 +69,19 @@ void comm_send(const Group *g, const void *buf, size_t count, DType t, int peer,
 void comm_recv(const Group *g, void *buf, size_t count, DType t, int peer, int tag);
 void comm_barrier(const Group *g);
 
+/* A send that returns at once (pipeline stages: a stage must not wait for its neighbour to receive
+ * before it goes on, or two stages sending to each other would both wait). buf must stay unchanged
+ * until comm_wait(r). Device buffers are copied to host memory the request owns and sent by MPI
+ * (the NCCL path has no matching non-blocking form here: the config refuses pp > 1 with
+ * runtime.comm = nccl). comm_wait on a request never started (zeroed) returns at once. */
+typedef struct CommRequest {
+    MPI_Request req;
+    void *stage;
+    int active;
+} CommRequest;
+void comm_isend(const Group *g, const void *buf, size_t count, DType t, int peer, int tag, CommRequest *r);
+void comm_wait(CommRequest *r);
+
 /* Agree on a failure: every rank passes its own status (MT_OK or MT_ERR); returns MT_ERR on all
  * ranks if any failed. The failing ranks keep their own message. */
 int comm_any_failed(const Group *g, int status);
