@@ -38,6 +38,9 @@
 
 #include <cuda_bf16.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "attention_cudnn.h"
 #include "convert.h"
 #include "cuda_check.h"
@@ -115,20 +118,55 @@ static __device__ __forceinline__ float sigmoid_f(float a) {
 
 /* ============================================================================== memory == */
 
+/* The allocator's bookkeeping (kernels.h: MemStats): the size asked for each live block, what they
+ * add up to and its peak. cudaMalloc commits the whole block, so resident is live. Only the
+ * table's alloc / free count; the backend's own scratch (g_scratch here, cuda/moe.cu's and
+ * cuda/attention*.c* buffers, pinned staging) is outside. */
+static std::mutex g_mem_mu;
+static std::unordered_map<void *, size_t> g_mem_blocks;
+static size_t g_mem_live, g_mem_peak;
+
 static void *cu_alloc(size_t bytes) {
     void *p = NULL;
     cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
-    if (e != cudaSuccess)
-        mt_check_failed(__FILE__, __LINE__, "cudaMalloc(&p, bytes)", "CUDA: %s (%zu bytes)",
-                        cudaGetErrorString(e), bytes);
+    if (e != cudaSuccess) {
+        size_t live;
+        {
+            std::lock_guard<std::mutex> lock(g_mem_mu);
+            live = g_mem_live;
+        }
+        mt_check_failed(__FILE__, __LINE__, "cudaMalloc(&p, bytes)",
+                        "CUDA: %s (%zu bytes, with %zu bytes already allocated through the table)",
+                        cudaGetErrorString(e), bytes, live);
+    }
     if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g_stream));
     CUDA_CHECK(cudaStreamSynchronize(g_stream));
+    std::lock_guard<std::mutex> lock(g_mem_mu);
+    g_mem_blocks[p] = bytes;
+    g_mem_live += bytes;
+    if (g_mem_live > g_mem_peak) g_mem_peak = g_mem_live;
     return p;
 }
 
 /* cudaFree waits for the device, so queued kernels still using p finish first. */
 static void cu_free(void *p) {
-    if (p) CUDA_CHECK(cudaFree(p));
+    if (!p) return;
+    {
+        std::lock_guard<std::mutex> lock(g_mem_mu);
+        auto it = g_mem_blocks.find(p);
+        MT_CHECK(it != g_mem_blocks.end(), "free of %p, which alloc did not return (or was freed already)", p);
+        g_mem_live -= it->second;
+        g_mem_blocks.erase(it);
+    }
+    CUDA_CHECK(cudaFree(p));
+}
+
+static void cu_mem_stats(MemStats *out, int reset) {
+    std::lock_guard<std::mutex> lock(g_mem_mu);
+    out->live = out->resident = g_mem_live;
+    out->peak = out->resident_peak = g_mem_peak;
+    out->release_frees = 0;
+    if (reset) g_mem_peak = g_mem_live;
 }
 
 static void cu_zero(void *p, size_t bytes) {
@@ -766,6 +804,7 @@ void cuda_fill_core(Kernels *k) {
     k->swiglu_bwd = cu_swiglu_bwd;
     k->adamw = cu_adamw;
     k->release = cu_release;
+    k->mem_stats = cu_mem_stats;
 }
 
 /* ======================================================================== backend setup == */
@@ -823,6 +862,7 @@ static void check_table(const Kernels *k) {
     NEED(k, router_stats); NEED(k, router_bwd); NEED(k, gather_rows); NEED(k, scatter_add_rows);
     NEED(k, combine); NEED(k, combine_bwd); NEED(k, cross_entropy); NEED(k, ce_rowmax);
     NEED(k, ce_sumexp); NEED(k, ce_vp_grad); NEED(k, adamw); NEED(k, release);
+    NEED(k, mem_stats);
 }
 
 static Kernels g_table;

@@ -26,6 +26,20 @@
 extern "C" {
 #endif
 
+/* What the backend's allocator has handed out (Kernels.mem_stats). Process-wide; bytes are the
+ * sizes callers asked alloc for (not rounded up to pages or to the device's granularity). */
+typedef struct MemStats {
+    size_t live;          /* bytes of the blocks alloc returned that free has not taken back */
+    size_t peak;          /* the most `live` has been since the last reset */
+    size_t resident;      /* bytes the system holds for those blocks: cuda: = live; cpu: a block
+                           * under one page counts whole, a larger one (a page-aligned mapping)
+                           * counts its pages in memory, clipped to its size: untouched pages and
+                           * pages release gave back (until touched again) do not count */
+    size_t resident_peak; /* the most `resident` has been since the last reset (exact: sampled
+                           * before every free and release, the only calls that lower it) */
+    int release_frees;    /* 1: release gives whole pages back (cpu); 0: it only zeroes (cuda) */
+} MemStats;
+
 typedef struct Kernels {
     const char *name; /* "cpu", "cuda" */
 
@@ -173,8 +187,16 @@ typedef struct Kernels {
     /* ---- memory, continued ----
      * Zero [p, p + bytes) and give the physical memory of the whole pages inside it back to the
      * system (they come back, zeroed, when touched). Used by full sharding to drop a gathered
-     * unit. */
+     * unit. The cuda backend only zeroes (the range stays allocated): MemStats.release_frees. */
     void (*release)(void *p, size_t bytes);
+    /* The allocator's statistics into *out: its own bookkeeping, kept by alloc, free and release
+     * themselves (like malloc's, not a caller's tally), over every block of the process, so a test
+     * can hold a memory plan against what a run really allocated (tests/test_train.c,
+     * tests/test_parallel.c). reset != 0: after filling *out, start new peaks from the current
+     * values (peak = live, resident_peak = resident). Thread-safe. Backend-internal scratch that
+     * does not come from alloc (cuda: bf16 copies, cuBLAS / cuDNN workspaces, pinned staging;
+     * cpu: per-call host scratch of the kernels) is not counted. */
+    void (*mem_stats)(MemStats *out, int reset);
 } Kernels;
 
 /* The CPU backend: BLAS for GEMMs, plain C loops elsewhere. */

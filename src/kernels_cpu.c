@@ -22,9 +22,11 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "common.h"
 
@@ -135,8 +137,145 @@ static void scale_f(float *restrict x, size_t n, float a) {
 
 /* ============================================================================== memory == */
 
-static void *cpu_alloc(size_t bytes) { return mt_calloc(1, bytes); }
-static void cpu_free(void *p) { free(p); }
+/* The allocator. A block of at least one page is a private anonymous mapping of its own:
+ * page-aligned (so release frees exactly the whole pages of a range and nothing else), zero pages
+ * that take no memory until touched, returned whole by free (munmap). Smaller blocks come from
+ * calloc. Every block is listed (address, size), which is the allocator's own bookkeeping for
+ * mem_stats (kernels.h: MemStats) and lets release find the block a range lies in. Resident bytes:
+ * calloc blocks whole, mappings by the pages mincore reports in memory (a mapping found wholly
+ * resident is remembered as such until release touches it, so steady state costs no syscall).
+ * Resident memory only grows between calls here (touching pages) and only shrinks in free and
+ * release, so sampling it before each of those gives its exact peak. A mapping that release has
+ * touched is kept off transparent huge pages, whose re-collapse would undo the release.
+ * Under AddressSanitizer a mapping gets a poisoned page in front and its tail slack poisoned. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define MEM_LEAD 1 /* pages in front of a mapping's data (poisoned) */
+#define MEM_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define MEM_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define MEM_LEAD 0
+#define MEM_POISON(p, n) ((void)(p), (void)(n))
+#define MEM_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
+typedef struct MemBlock {
+    char *p;
+    size_t bytes;
+    int mapped; /* a mapping of its own (bytes >= one page), else calloc */
+    int whole;  /* mapped: found wholly resident, and release has not touched it since */
+    int paged;  /* mapped: release has touched it (MADV_NOHUGEPAGE set) */
+} MemBlock;
+
+static struct {
+    pthread_mutex_t mu;
+    MemBlock *b;
+    size_t n, cap;
+    size_t live, peak;   /* requested bytes */
+    size_t small, mapped; /* of live: in calloc blocks, in mappings */
+    size_t resident_peak;
+} g_mem = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static size_t page_size(void) {
+    static size_t ps;
+    if (!ps) ps = (size_t)sysconf(_SC_PAGESIZE);
+    return ps;
+}
+
+static size_t map_bytes(size_t bytes) { return (MEM_LEAD + mt_ceil_div(bytes, page_size())) * page_size(); }
+
+/* Resident bytes of mapped block b (mincore), at most its size. Caller holds the lock. */
+static size_t block_resident(MemBlock *b) {
+    if (b->whole) return b->bytes;
+    size_t ps = page_size(), pages = mt_ceil_div(b->bytes, ps), in = 0;
+    unsigned char vec[4096];
+    for (size_t i = 0; i < pages; i += sizeof vec) {
+        size_t np = pages - i < sizeof vec ? pages - i : sizeof vec;
+        if (mincore(b->p + i * ps, np * ps, vec) != 0) return b->bytes; /* cannot tell: count it all */
+        for (size_t j = 0; j < np; j++) in += vec[j] & 1;
+    }
+    if (in == pages) b->whole = 1;
+    return in * ps < b->bytes ? in * ps : b->bytes;
+}
+
+/* Resident bytes now; raises the resident peak. Caller holds the lock. */
+static size_t mem_sample(int force) {
+    if (!force && g_mem.small + g_mem.mapped <= g_mem.resident_peak) return 0; /* cannot beat it */
+    size_t r = g_mem.small;
+    for (size_t i = 0; i < g_mem.n; i++)
+        if (g_mem.b[i].mapped) r += block_resident(&g_mem.b[i]);
+    if (r > g_mem.resident_peak) g_mem.resident_peak = r;
+    return r;
+}
+
+/* The listed block starting at p (exact) or containing [p, p + bytes) (!exact); -1 if none. */
+static long mem_find(const void *p, size_t bytes, int exact) {
+    const char *c = p;
+    for (size_t i = g_mem.n; i-- > 0;) {
+        const MemBlock *b = &g_mem.b[i];
+        if (exact ? b->p == c : c >= b->p && c + bytes <= b->p + b->bytes) return (long)i;
+    }
+    return -1;
+}
+
+static void *cpu_alloc(size_t bytes) {
+    MemBlock b = {.bytes = bytes, .mapped = bytes >= page_size()};
+    if (b.mapped) {
+        size_t len = map_bytes(bytes), lead = MEM_LEAD * page_size();
+        void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        MT_CHECK(m != MAP_FAILED, "out of memory mapping %zu bytes", bytes);
+        b.p = (char *)m + lead;
+        MEM_POISON(m, lead);
+        MEM_POISON(b.p + bytes, len - lead - bytes);
+    } else {
+        b.p = mt_calloc(1, bytes);
+    }
+    pthread_mutex_lock(&g_mem.mu);
+    if (g_mem.n == g_mem.cap) {
+        g_mem.cap = g_mem.cap ? 2 * g_mem.cap : 256;
+        g_mem.b = realloc(g_mem.b, g_mem.cap * sizeof *g_mem.b);
+        MT_CHECK(g_mem.b != NULL, "out of memory listing %zu blocks", g_mem.cap);
+    }
+    g_mem.b[g_mem.n++] = b;
+    g_mem.live += bytes;
+    if (g_mem.live > g_mem.peak) g_mem.peak = g_mem.live;
+    *(b.mapped ? &g_mem.mapped : &g_mem.small) += bytes;
+    pthread_mutex_unlock(&g_mem.mu);
+    return b.p;
+}
+
+static void cpu_free(void *p) {
+    if (!p) return;
+    pthread_mutex_lock(&g_mem.mu);
+    long i = mem_find(p, 0, 1);
+    MT_CHECK(i >= 0, "free of %p, which alloc did not return (or was freed already)", p);
+    MemBlock b = g_mem.b[i];
+    mem_sample(0); /* before resident memory drops */
+    g_mem.b[i] = g_mem.b[--g_mem.n];
+    g_mem.live -= b.bytes;
+    *(b.mapped ? &g_mem.mapped : &g_mem.small) -= b.bytes;
+    pthread_mutex_unlock(&g_mem.mu);
+    if (b.mapped) {
+        size_t len = map_bytes(b.bytes), lead = MEM_LEAD * page_size();
+        MEM_UNPOISON(b.p - lead, len);
+        MT_CHECK(munmap(b.p - lead, len) == 0, "munmap of %zu bytes failed", len);
+    } else {
+        free(p);
+    }
+}
+
+static void cpu_mem_stats(MemStats *out, int reset) {
+    pthread_mutex_lock(&g_mem.mu);
+    size_t r = mem_sample(1);
+    *out = (MemStats){.live = g_mem.live, .peak = g_mem.peak, .resident = r,
+                      .resident_peak = g_mem.resident_peak, .release_frees = 1};
+    if (reset) {
+        g_mem.peak = g_mem.live;
+        g_mem.resident_peak = r;
+    }
+    pthread_mutex_unlock(&g_mem.mu);
+}
+
 static void cpu_zero(void *p, size_t bytes) {
     if (bytes) memset(p, 0, bytes);
 }
@@ -741,14 +880,25 @@ static void cpu_adamw(float *p, const float *grad, float *m, float *v, size_t n,
 
 /* =============================================================================== table == */
 
-/* Zero [p, p+bytes); pages wholly inside go back to the OS (zero-filled on the next touch). */
+/* Zero [p, p+bytes); pages wholly inside go back to the OS (zero-filled on the next touch). The
+ * resident peak is sampled first (the release lowers resident memory). */
 static void cpu_release(void *p, size_t bytes) {
-    uintptr_t a = (uintptr_t)p, e = a + bytes, page = 4096;
+    uintptr_t a = (uintptr_t)p, e = a + bytes, page = page_size();
     uintptr_t pa = (a + page - 1) & ~(page - 1), pe = e & ~(page - 1);
     if (pe <= pa) {
         memset(p, 0, bytes);
         return;
     }
+    pthread_mutex_lock(&g_mem.mu);
+    mem_sample(0);
+    long i = mem_find(p, bytes, 0);
+    if (i >= 0 && g_mem.b[i].mapped) {
+        MemBlock *b = &g_mem.b[i];
+        if (!b->paged) (void)madvise(b->p, mt_ceil_div(b->bytes, page) * page, MADV_NOHUGEPAGE);
+        b->paged = 1;
+        b->whole = 0;
+    }
+    pthread_mutex_unlock(&g_mem.mu);
     memset(p, 0, pa - a);
     if (madvise((void *)pa, pe - pa, MADV_DONTNEED) != 0) memset((void *)pa, 0, pe - pa);
     memset((void *)pe, 0, e - pe);
@@ -791,6 +941,7 @@ static const Kernels g_cpu = {
     .ce_vp_grad = cpu_ce_vp_grad,
     .adamw = cpu_adamw,
     .release = cpu_release,
+    .mem_stats = cpu_mem_stats,
 };
 
 const Kernels *kernels_cpu(void) { return &g_cpu; }

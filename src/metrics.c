@@ -151,12 +151,32 @@ static double model_tflops_per_rank(const Trainer *t, const StepResult *r) {
     return r->seconds > 0 ? flops / r->seconds / t->mesh->world / 1e12 : 0;
 }
 
+/* The step line's tail about the non-finite guard: what a skipped step skipped, else the total. */
+static void guard_text(const Trainer *t, const StepResult *r, char *buf, size_t n) {
+    buf[0] = 0;
+    if (!r->skipped) {
+        if (t->skipped_steps) snprintf(buf, n, " | skipped %d so far", t->skipped_steps);
+        return;
+    }
+    char also[64] = "";
+    unsigned rest = r->nonfinite & ~(r->nonfinite & -r->nonfinite); /* all but the first */
+    for (int i = 0; i < NF_TERMS; i++)
+        if (rest & (1u << i))
+            snprintf(also + strlen(also), sizeof also - strlen(also), "%s%s", also[0] ? ", " : " (also ",
+                     train_nonfinite_term(i));
+    if (also[0]) snprintf(also + strlen(also), sizeof also - strlen(also), ")");
+    snprintf(buf, n, " | SKIPPED, no update: non-finite %s%s; %d in a row, %d so far",
+             train_nonfinite_first(r->nonfinite), also, t->skipped_in_a_row, t->skipped_steps);
+}
+
 void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     if (!mx->writer) return;
     double tflops = model_tflops_per_rank(t, r);
+    char guard[192];
+    guard_text(t, r, guard, sizeof guard);
     printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | "
-           "%.3g TFLOP/s/rank | drop %.3f\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
-           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac);
+           "%.3g TFLOP/s/rank | drop %.3f%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
+           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, guard);
     fflush(stdout);
     if (!mx->f) return;
     cJSON *o = cJSON_CreateObject();
@@ -173,6 +193,13 @@ void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     cJSON_AddNumberToObject(o, "model_tflops_per_rank", tflops);
     cJSON_AddNumberToObject(o, "dropped_frac", r->dropped_frac);
     cJSON_AddNumberToObject(o, "tokens_seen", (double)t->tokens_seen);
+    cJSON_AddBoolToObject(o, "skipped", r->skipped);
+    cJSON_AddNumberToObject(o, "skipped_steps", t->skipped_steps);
+    if (r->skipped) { /* the non-finite terms, in the guard's order: the first one first */
+        cJSON *nf = cJSON_AddArrayToObject(o, "nonfinite");
+        for (int i = 0; i < NF_TERMS; i++)
+            if (r->nonfinite & (1u << i)) cJSON_AddItemToArray(nf, cJSON_CreateString(train_nonfinite_term(i)));
+    }
     add_load(o, t);
     emit(mx, o);
 }

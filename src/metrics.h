@@ -4,9 +4,13 @@
  * Metrics file: first object {"event": "run", ...}: version, config, mesh, parameter counts,
  * tokens per step, BLAS, and per-rank memory in bytes by category (params, grads, optimizer,
  * activations). Then one {"event": "step", ...} object per logged step: step, loss, lm_loss, lbl,
- * z_loss, lr, grad_norm, tokens_per_s, dropped_frac, expert_load (per MoE layer: tokens routed
- * to each expert since the previous log line), load_imbalance (per MoE layer: max/mean load),
- * and domain_load (per data domain, per MoE layer, per expert).
+ * z_loss, lr, grad_norm, tokens_per_s, dropped_frac, skipped (the non-finite guard skipped this
+ * step's update; such a step is always logged), skipped_steps (skipped so far in this process),
+ * nonfinite (only on a skipped step: the non-finite terms among lm_loss, lbl, z_loss, grad_norm,
+ * in that order, so the first is the first that went non-finite; a non-finite number is written
+ * as null), expert_load (per MoE layer: tokens routed to each expert since the previous log line),
+ * load_imbalance (per MoE layer: max/mean load), and domain_load (per data domain, per MoE layer,
+ * per expert).
  * Only the rank given as writer writes. Does not communicate.
  */
 #ifndef MT_METRICS_H

@@ -176,28 +176,39 @@ void model_reset_stats(Model *m) {
 
 void model_reset_lbl(Model *m) { memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t)); }
 
-size_t model_activation_bytes(const Model *m) { return model_activation_bytes_plan(&m->pl, m->max_seqs); }
+size_t model_activation_bytes(const Model *m) {
+    return model_activation_bytes_plan(&m->pl, m->max_seqs, &m->mc);
+}
 
-/* Floats of the arena, mirroring model_init (layer_acts_alloc, scratch_alloc, moe_*_alloc). */
-size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs) {
+/* Bytes of everything model_init allocates besides the flat parameter and gradient buffers, item by
+ * item as model_init, layer_acts_alloc and scratch_alloc allocate it (tokens and targets are int32,
+ * the size of a float), plus the MoE layers' buffers at their planned bounds (moe.h: MoeRows; the
+ * ones that grow during the first steps included). */
+size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const MoeConfig *mc) {
     const ModelDims *d = &pl->dims;
-    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs), nk = n * d->K, per = 0;
+    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs), C = d->C, fl = 0, moe = 0;
     size_t qd = (size_t)d->Hl * d->D, kd = (size_t)d->Hkvl * d->D, f = max_ffn_width(d);
-    for (int l = 0; l < d->L; l++) {
+    size_t kvw = (size_t)max_seqs * d->T * kd;
+    fl += 2 * nc;                                            /* tokens, targets */
+    fl += (d->L + 1) * n * C + n * C + n + nc * d->Vl;       /* res, lnf, rstdf, logits */
+    for (int l = 0; l < d->L; l++) {                         /* layer_acts_alloc */
         const LayerParams *lp = &pl->layers[l];
-        per += n * (4 * d->C + 2) + nc * (2 * qd + 2 * kd + d->Hl) + nc * 3 * ffn_width(d, lp);
-        if (lp->is_moe) per += n * (2 * d->E + 2 * d->K) + nk * (2 * d->C + 3 * d->Fel);
+        size_t fw = ffn_width(d, lp);
+        fl += 3 * n * C + 2 * n;                             /* ln1, res_mid, ln2; rstd1, rstd2 */
+        fl += nc * (2 * qd + 2 * kd) + nc * d->Hl;           /* q, att, k, v; lse */
+        fl += nc * 3 * fw;                                   /* ab, h (dense FFN / shared experts) */
+        if (lp->is_moe) moe += moe_acts_bytes_plan(d, mc, (int)n);
     }
-    per += n * ((d->L + 1) * d->C + d->C + 1) + nc * (d->Vl + 2); /* res, lnf, rstdf, logits, tokens */
-    per += 2 * n * d->C + nc * (2 * qd + 2 * kd + 3 * (f ? f : 1));  /* backward scratch */
-    if (d->tp > 1) per += 3 * nc * d->C + n * d->C + 3 * nc;
-    if (d->cp > 1) per += 4 * (size_t)max_seqs * d->T * kd;
-    for (int l = 0; l < d->L; l++) /* MoE backward scratch, once (moe_scratch_alloc) */
+    fl += 2 * n * C + nc * (2 * qd + 2 * kd);                /* scratch_alloc: dres, dln, dq, datt, dk, dv */
+    fl += nc * 3 * (f ? f : 1);                              /* dh, dab */
+    if (d->tp > 1) fl += 3 * nc * C + n * C + 3 * nc;        /* gx, gy, gz, rs, ce */
+    if (d->cp > 1) fl += 4 * kvw;                            /* kall, vall, knat, vnat */
+    for (int l = 0; l < d->L; l++)                           /* MoE backward scratch, once */
         if (pl->layers[l].is_moe) {
-            per += 2 * nk * d->C + nk + n * d->E + d->E;
+            moe += moe_scratch_bytes_plan(d, mc, (int)n);
             break;
         }
-    return per * F32;
+    return fl * F32 + moe;
 }
 
 /* ---- parameter hooks (sharded parameters) ---- */

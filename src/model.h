@@ -35,7 +35,8 @@
  * Communicates only in its tp_* / cp_* helpers (above), through moe.c (dispatch/combine over ep
  * and etp, the LBL counts over tokens) and the parameter hooks.
  * Memory: model_activation_bytes reports the arena; model_activation_bytes_plan computes the same
- * number from the parameter layout alone, before anything is allocated.
+ * number from the parameter layout alone, before anything is allocated (what the arena grows to
+ * included: the MoE layers' expert-side buffers, moe.h MoeRows).
  */
 #ifndef MT_MODEL_H
 #define MT_MODEL_H
@@ -134,11 +135,15 @@ MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *doma
 /* Forward only: the loss terms, no gradient (used by tests, evaluation). */
 MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
 
-/* Bytes of the activation arena (for the memory report). */
+/* Bytes of the activation arena (for the memory report): model_activation_bytes_plan of m. */
 size_t model_activation_bytes(const Model *m);
 /* The same number before model_init: for the layout model_init builds (pl, its dims and split,
- * which layers are MoE) and max_seqs sequences. Arithmetic only: sizes a run before it allocates. */
-size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs);
+ * which layers are MoE), max_seqs sequences and the MoE settings mc (capacity, padding). Every
+ * backend buffer model_init allocates besides the flat parameter and gradient buffers, and the MoE
+ * buffers that grow during the first steps at their planned bounds (moe.h: MoeRows; exact with a
+ * capacity, an allowance for dropless routing at ep > 1). Arithmetic only: sizes a run before it
+ * allocates. */
+size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const MoeConfig *mc);
 
 /* Forward FLOPs (2 per multiply-add) of b sequences of the configured model, by kind. A training
  * step costs about 3x (the backward twice the forward); benchmarks use this to report achieved

@@ -2,6 +2,7 @@
 #include "moe.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,6 +10,7 @@
 
 static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m);
 static void comp_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m);
+static void red_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t rows);
 
 void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeConfig *mc, int n,
                     const Group *ep, const Group *etp) {
@@ -31,7 +33,13 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeC
     a->f = mt_calloc(d->E, sizeof(float));
     dispatcher_init(&a->disp, ep, k, d->E, d->C);
     etp_init(&a->etpx, etp, k, d->El);
-    if (ep->size == 1 && etp->size == 1) comp_reserve(a, k, d, rows);
+    a->rows = moe_rows_plan(d, mc, n);
+    MT_CHECK(a->rows.ep == ep->size && a->rows.etp == etp->size, "MoE layer: dims split ep %d etp %d, groups %d, %d",
+             a->rows.ep, a->rows.etp, ep->size, etp->size);
+    if (ep->size == 1) { /* exact bounds: allocate all they can need now */
+        comp_reserve(a, k, d, a->rows.comp);
+        red_reserve(a, k, d, a->rows.comp / a->rows.etp);
+    }
 }
 
 /* Make *p hold at least rows x width floats (contents not kept). */
@@ -40,51 +48,107 @@ static void grow(const Kernels *k, float **p, size_t rows, size_t width) {
     *p = k->alloc((rows ? rows : 1) * width * sizeof(float));
 }
 
+/* Rows to allocate for m rows (moe.h, MoeRows): m + 25% headroom (routing shifts from step to
+ * step), but not past the plan while m fits in it, and never past the hard bound. Past the plan
+ * (dropless routing more imbalanced than the plan allows) it says so, once per process. */
+static size_t grow_rows(size_t m, size_t plan, size_t most) {
+    size_t rows = m + m / 4;
+    if (m <= plan) return rows < plan ? rows : plan;
+    static int warned;
+    if (!warned++)
+        fprintf(stderr, "moetrain: warning: dropless routing (moe.capacity_factor = 0) sent %zu rows to "
+                "one MoE layer's experts on this rank, beyond the %zu the memory plan counts (%.1fx an "
+                "even share); its buffers grow past what the pre-flight memory check counted (a capacity "
+                "factor bounds them)\n", m, plan, MOE_DROPLESS_PLAN);
+    rows = rows < most ? rows : most;
+    return rows > m ? rows : m;
+}
+
 static int etp_on(const MoeActs *a) { return a->etpx.etp->size > 1; }
 
-/* Expert-side rows received by dispatch (xe and ye, only at ep > 1: at ep = 1 they alias xp, yp). */
+/* Bytes the growing buffers of every MoeActs / MoeScratch of the process hold beyond their planned
+ * rows (moe_beyond_plan_bytes), kept by the reserve and free functions. */
+static size_t g_beyond;
+
+/* Bytes of cap rows of `width` floats past the plan's rows. */
+static size_t beyond(size_t cap, size_t plan, size_t width) {
+    return cap > plan ? (cap - plan) * width * sizeof(float) : 0;
+}
+/* A struct's bytes beyond its plan went from `before` to `after` (caps only grow). */
+static void count_beyond(size_t *own, size_t before, size_t after) {
+    *own += after - before;
+    g_beyond += after - before;
+}
+/* Floats per row: expert side of MoeActs (xe, ye, the etp landing buffer's etp rows) and of
+ * MoeScratch (dye, dxe); computed rows (abe, he / dhe, dabe, and xg, yg / dyg, dxg at etp > 1). */
+static size_t acts_e_width(const ModelDims *d, int etp) { return 2 * (size_t)d->C + (etp > 1 ? (size_t)etp * d->C : 0); }
+static size_t comp_width(const ModelDims *d, int etp) { return 3 * (size_t)d->Fel + (etp > 1 ? 2 * (size_t)d->C : 0); }
+
+/* The etp exchange's landing buffer (dispatch.c, etp_reduce: etp blocks of this rank's expert-side
+ * rows), sized here for `rows` of them, so etp_reduce never has to grow it on its own. */
+static void red_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t rows) {
+    if (!etp_on(a)) return;
+    size_t need = (size_t)a->etpx.etp->size * rows * d->C;
+    if (need <= a->etpx.red_cap) return;
+    if (a->etpx.red) k->free(a->etpx.red);
+    a->etpx.red = k->alloc((need ? need : 1) * sizeof(float));
+    a->etpx.red_cap = need;
+}
+
+/* Expert-side rows received by dispatch (xe and ye, only at ep > 1: at ep = 1 they alias xp, yp),
+ * and the etp landing buffer for as many. */
 static void acts_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m) {
     if (m <= a->cap_e || a->disp.ep->size == 1) return;
-    size_t rows = m + m / 4; /* headroom: routing shifts from step to step */
+    size_t rows = grow_rows(m, a->rows.exp, a->rows.exp_max), w = acts_e_width(d, a->rows.etp);
     grow(k, &a->xe, rows, d->C);
     grow(k, &a->ye, rows, d->C);
+    red_reserve(a, k, d, rows);
+    count_beyond(&a->beyond, beyond(a->cap_e, a->rows.exp, w), beyond(rows, a->rows.exp, w));
     a->cap_e = rows;
 }
 
 /* Rows the experts compute here: abe, he (and the gathered xg, yg at etp > 1). */
 static void comp_reserve(MoeActs *a, const Kernels *k, const ModelDims *d, size_t m) {
     if (m <= a->cap_c) return;
-    size_t rows = m + m / 4;
+    size_t rows = grow_rows(m, a->rows.comp, a->rows.comp_max), w = comp_width(d, a->rows.etp);
     grow(k, &a->abe, rows, 2 * (size_t)d->Fel);
     grow(k, &a->he, rows, d->Fel);
     if (etp_on(a)) {
         grow(k, &a->xg, rows, d->C);
         grow(k, &a->yg, rows, d->C);
     }
+    count_beyond(&a->beyond, beyond(a->cap_c, a->rows.comp, w), beyond(rows, a->rows.comp, w));
     a->cap_c = rows;
 }
 
+/* The backward's expert-side rows (dye, dxe: only at ep > 1, where they are not the source-side
+ * dyp, dxp) and computed rows (dhe, dabe; dyg, dxg at etp > 1). */
 static void scratch_reserve(MoeScratch *s, const Kernels *k, const ModelDims *d, size_t me,
                             size_t mc, int etp) {
-    if (me > s->cap_e) {
-        size_t rows = me + me / 4;
+    if (me > s->cap_e && s->rows.ep > 1) {
+        size_t rows = grow_rows(me, s->rows.exp, s->rows.exp_max), w = 2 * (size_t)d->C;
         grow(k, &s->dye, rows, d->C);
         grow(k, &s->dxe, rows, d->C);
+        count_beyond(&s->beyond, beyond(s->cap_e, s->rows.exp, w), beyond(rows, s->rows.exp, w));
         s->cap_e = rows;
     }
     if (mc > s->cap_c) {
-        size_t rows = mc + mc / 4;
+        size_t rows = grow_rows(mc, s->rows.comp, s->rows.comp_max), w = comp_width(d, s->rows.etp);
         grow(k, &s->dhe, rows, d->Fel);
         grow(k, &s->dabe, rows, 2 * (size_t)d->Fel);
         if (etp) {
             grow(k, &s->dyg, rows, d->C);
             grow(k, &s->dxg, rows, d->C);
         }
+        count_beyond(&s->beyond, beyond(s->cap_c, s->rows.comp, w), beyond(rows, s->rows.comp, w));
         s->cap_c = rows;
     }
 }
 
+size_t moe_beyond_plan_bytes(void) { return g_beyond; }
+
 void moe_acts_free(MoeActs *a, const Kernels *k) {
+    g_beyond -= a->beyond;
     float *dev[] = {a->logits, a->probs, a->weights, a->xp, a->yp, a->psum, a->abe, a->he, a->xg, a->yg};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i]) k->free(dev[i]);
@@ -115,9 +179,59 @@ void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, cons
     s->dweights = k->alloc(nk * f);
     s->dlogits = k->alloc((size_t)n * d->E * f);
     s->dprob = k->alloc(d->E * f);
+    s->rows = moe_rows_plan(d, mc, n);
+}
+
+MoeRows moe_rows_plan(const ModelDims *d, const MoeConfig *mc, int n) {
+    MoeRows r = {.ep = d->E / d->El, .etp = d->etp};
+    size_t K = (size_t)d->K, El = (size_t)d->El, nk = (size_t)n * K;
+    int cap = moe_capacity(mc->capacity_factor, n, d->K, d->E);
+    r.src = moe_plan_rows(n, d->E, d->K, cap, mc->pad_to_capacity);
+    /* this rank's expert-side rows at ep = 1: the plan's kept rows, plan.m <= src, and with a
+     * capacity <= E * cap (the padding rows included) */
+    size_t mine = r.src, mine_max = r.src;
+    if (cap > 0 && (size_t)d->E * cap < mine) mine = mine_max = (size_t)d->E * cap;
+    if (r.ep > 1) {
+        size_t per_token = K < El ? K : El;         /* a token picks distinct experts */
+        size_t per_src = (size_t)n * per_token;     /* rows one ep rank can send this rank */
+        if (cap > 0) {
+            size_t capped = El * (size_t)cap;
+            per_src = mc->pad_to_capacity || capped < per_src ? capped : per_src;
+        }
+        r.exp_max = (size_t)r.ep * per_src;
+        size_t allow = (size_t)ceil(MOE_DROPLESS_PLAN * (double)nk);
+        r.exp = cap > 0 || allow > r.exp_max ? r.exp_max : allow;
+        mine = r.exp;
+        mine_max = r.exp_max;
+    }
+    r.comp = (size_t)r.etp * mine;
+    r.comp_max = (size_t)r.etp * mine_max;
+    if (r.etp > 1) r.red = (size_t)r.etp * mine * d->C; /* etp_reduce: etp blocks of this rank's rows */
+    return r;
+}
+
+size_t moe_acts_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n) {
+    MoeRows r = moe_rows_plan(d, mc, n);
+    size_t nk = (size_t)n * d->K, C = d->C, F = d->Fel;
+    size_t fl = 2 * (size_t)n * d->E + 2 * nk + 2 * r.src * C + d->E; /* logits probs, weights idx, xp yp, psum */
+    fl += 2 * r.exp * C;                                               /* xe ye (ep > 1) */
+    fl += r.comp * 3 * F;                                              /* abe he */
+    if (r.etp > 1) fl += 2 * r.comp * C + r.red;                       /* xg yg, the etp landing buffer */
+    return fl * sizeof(float);
+}
+
+size_t moe_scratch_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n) {
+    MoeRows r = moe_rows_plan(d, mc, n);
+    size_t nk = (size_t)n * d->K, C = d->C, F = d->Fel;
+    size_t fl = 2 * r.src * C + nk + (size_t)n * d->E + d->E; /* dyp dxp, dweights, dlogits, dprob */
+    fl += 2 * r.exp * C;                                      /* dye dxe (ep > 1) */
+    fl += r.comp * 3 * F;                                     /* dhe dabe */
+    if (r.etp > 1) fl += 2 * r.comp * C;                      /* dyg dxg */
+    return fl * sizeof(float);
 }
 
 void moe_scratch_free(MoeScratch *s, const Kernels *k) {
+    g_beyond -= s->beyond;
     float *p[] = {s->dyp, s->dxp, s->dye, s->dhe, s->dabe, s->dxe, s->dyg, s->dxg, s->dweights,
                   s->dlogits, s->dprob};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)

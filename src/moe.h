@@ -41,9 +41,36 @@ typedef struct RoutePlan {
     int dropped;    /* assignments dropped by capacity */
 } RoutePlan;
 
+/* Row bounds of one MoE layer's buffers for n residual rows on this rank (moe_rows_plan): what the
+ * memory plan counts and where the buffers that grow during the first steps stop growing.
+ *   src   source side (xp, yp, dyp, dxp): moe_plan_rows, exact, allocated up front.
+ *   exp   expert side at ep > 1 (xe, ye, dye, dxe; 0 at ep = 1, where they alias the source
+ *         side): the rows the ep group sends this rank's El experts. With a capacity (cap > 0)
+ *         exactly bounded: ep * El * cap when padding, else ep * min(El * cap, n * min(K, El)).
+ *         Dropless routing is bounded only by ep * n * min(K, El) (every token of the group
+ *         choosing this rank's experts), so the plan counts MOE_DROPLESS_PLAN x an even share
+ *         (n * K rows): a 2x load imbalance with the 25% growth headroom. More imbalance than that
+ *         grows the buffers past the plan (one warning on stderr per process); exp_max is the
+ *         hard bound they never pass.
+ *   comp  rows the experts compute here (abe, he, dhe, dabe; gathered xg, yg, dyg, dxg at
+ *         etp > 1): etp x this rank's expert-side rows (at ep = 1 src, or E * cap if less;
+ *         else exp).
+ *   red   floats of the etp exchange's landing buffer (dispatch.c etp_reduce: etp blocks of this
+ *         rank's expert-side rows, C wide), sized by moe.c with xe (so it grows with them).
+ * The growing buffers take the rows seen + 25%, never past the plan while the rows fit in it
+ * (so with a capacity they never pass it), and never past the hard bound. What they hold beyond
+ * the plan is counted (moe_beyond_plan_bytes). */
+#define MOE_DROPLESS_PLAN 2.5
+typedef struct MoeRows {
+    size_t src, exp, comp, red;
+    size_t exp_max, comp_max; /* hard bounds (== exp, comp with a capacity) */
+    int ep, etp;
+} MoeRows;
+
 /* Saved activations of one MoE layer for one micro-batch (backend memory unless noted).
  * Source side (this rank's tokens): M = plan.m rows. Expert side (rows dispatched to this rank's
- * experts): Me = disp.m_recv rows, capacity cap_e rows (grows to the largest seen). */
+ * experts): Me = disp.m_recv rows, capacity cap_e rows (grows to the largest seen, within rows:
+ * MoeRows). */
 typedef struct MoeActs {
     float *logits, *probs, *weights; /* (N,E) (N,E) (N,K) */
     int32_t *idx;                    /* (N,K) */
@@ -62,6 +89,8 @@ typedef struct MoeActs {
     float *psum;                     /* (E) backend: sum_n probs[n,e] */
     double zsum;                     /* sum_n lse_n^2 */
     float *f;                        /* (E) host: load fractions used by the LBL */
+    MoeRows rows;                    /* the planned row bounds (moe_rows_plan) */
+    size_t beyond;                   /* bytes its growing buffers hold beyond those rows */
 } MoeActs;
 
 /* Scratch shared by all layers' backward (backend). */
@@ -73,6 +102,8 @@ typedef struct MoeScratch {
     size_t cap_c;
     float *dweights, *dlogits;       /* (N,K) (N,E) */
     float *dprob;                    /* (E) */
+    MoeRows rows;                    /* the planned row bounds (moe_rows_plan) */
+    size_t beyond;                   /* bytes its growing buffers hold beyond those rows */
 } MoeScratch;
 
 typedef struct MoeConfig {
@@ -95,6 +126,16 @@ void moe_acts_free(MoeActs *a, const Kernels *k);
 void moe_scratch_alloc(MoeScratch *s, const Kernels *k, const ModelDims *d, const MoeConfig *mc,
                        int n);
 void moe_scratch_free(MoeScratch *s, const Kernels *k);
+/* The memory plan: row bounds (MoeRows), and the backend bytes one layer's MoeActs (moe_acts_alloc
+ * plus everything that grows during the steps, the etp landing buffer included) and the shared
+ * MoeScratch take at most, for n rows on this rank with the split of d (ep = E / El, etp). */
+MoeRows moe_rows_plan(const ModelDims *d, const MoeConfig *mc, int n);
+size_t moe_acts_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n);
+size_t moe_scratch_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n);
+/* Bytes the growing buffers of every MoeActs and MoeScratch of this process hold beyond their
+ * planned rows now: 0 unless dropless routing at ep > 1 outgrew MOE_DROPLESS_PLAN. Buffers only
+ * grow, so while a model lives this is also its peak. For tests and reports. */
+size_t moe_beyond_plan_bytes(void);
 
 /* Capacity per expert for n tokens (0 = unlimited / dropless). */
 int moe_capacity(float cf, int n, int k, int e);

@@ -1,6 +1,7 @@
 /* train.c — see train.h. */
 #include "train.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,8 +37,10 @@ MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh) {
     ParamLayout pl;
     params_layout_init(&pl, &d, c->init_std, mp.pad);
     MemoryBreakdown m;
-    sharder_memory_plan(&pl, c->shard, mesh, &m.params, &m.grads, &m.optimizer);
-    m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size);
+    /* cpu: release gives the pages of a used unit back; cuda: it only zeroes them (kernels.h) */
+    sharder_memory_plan(&pl, c->shard, mesh, c->device == DEVICE_CPU, &m.params, &m.grads, &m.optimizer);
+    MoeConfig mc = {.capacity_factor = c->capacity_factor, .pad_to_capacity = c->pad_to_capacity};
+    m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size, &mc);
     params_layout_free(&pl);
     return m;
 }
@@ -105,6 +108,35 @@ static MicroStats sync_micro_stats(const Trainer *t, MicroStats s) {
     return (MicroStats){v[0], (int64_t)v[1], v[2], v[3], (int64_t)v[4], (int64_t)v[5]};
 }
 
+static const char *const NF_NAMES[NF_TERMS] = {"lm_loss", "lbl", "z_loss", "grad_norm"};
+
+const char *train_nonfinite_term(int i) { return i >= 0 && i < NF_TERMS ? NF_NAMES[i] : "?"; }
+
+const char *train_nonfinite_first(unsigned mask) {
+    for (int i = 0; i < NF_TERMS; i++)
+        if (mask & (1u << i)) return NF_NAMES[i];
+    return NULL;
+}
+
+/* NF_LM | NF_LBL | NF_Z bits of the loss terms of s that are not finite. */
+static unsigned nonfinite_losses(const MicroStats *s) {
+    return (isfinite(s->lm_sum) ? 0u : NF_LM) | (isfinite(s->lbl) ? 0u : NF_LBL) | (isfinite(s->z) ? 0u : NF_Z);
+}
+
+/* The gradient norm, and which values of the step are not finite on any rank. Each rank flags the
+ * loss terms it saw non-finite (its own share or the stage sum); the flags travel in the gradient
+ * norm's world all-reduce, so every rank gets the same answer without another collective. */
+static double grad_norm_and_guard(Trainer *t, const MicroStats *mine, const MicroStats *sum, unsigned *nonfinite) {
+    unsigned seen = nonfinite_losses(mine) | nonfinite_losses(sum);
+    double flags[3];
+    for (int i = 0; i < 3; i++) flags[i] = seen & (1u << i) ? 1.0 : 0.0;
+    double norm = sharder_grad_norm_sum(&t->shard, flags, 3);
+    *nonfinite = isfinite(norm) ? 0u : NF_GRAD_NORM;
+    for (int i = 0; i < 3; i++)
+        if (flags[i] != 0) *nonfinite |= 1u << i;
+    return norm;
+}
+
 StepResult trainer_step(Trainer *t) {
     const Config *c = &t->cfg;
     double t0 = mt_now();
@@ -115,19 +147,32 @@ StepResult trainer_step(Trainer *t) {
 
     sharder_zero_grads(&t->shard);
     model_reset_lbl(&t->model);
-    MicroStats s = sync_micro_stats(t, run_micro_batches(t, lm_scale, aux_scale));
+    MicroStats mine = run_micro_batches(t, lm_scale, aux_scale);
+    MicroStats s = sync_micro_stats(t, mine);
     sharder_reduce_grads(&t->shard);
 
     StepResult r = {0};
-    r.grad_norm = sharder_grad_norm(&t->shard);
-    if (c->grad_clip > 0 && r.grad_norm > c->grad_clip)
-        sharder_scale_grads(&t->shard, (float)(c->grad_clip / (r.grad_norm + 1e-6)));
+    r.grad_norm = grad_norm_and_guard(t, &mine, &s, &r.nonfinite);
+    r.skipped = r.nonfinite != 0;
     r.lr = lr_at(c, t->step);
-    sharder_update(&t->shard, r.lr);
+    if (!r.skipped) { /* skipped: parameters, moments and AdamW's step counter stay as they are */
+        if (c->grad_clip > 0 && r.grad_norm > c->grad_clip)
+            sharder_scale_grads(&t->shard, (float)(c->grad_clip / (r.grad_norm + 1e-6)));
+        sharder_update(&t->shard, r.lr);
+    }
 
     t->step++;
     t->tokens_seen += global_tokens;
-    t->data_seq += trainer_global_batch(t);
+    t->data_seq += trainer_global_batch(t); /* a skipped step's batch is consumed, not retried */
+    if (r.skipped) {
+        if (t->skipped_in_a_row++ == 0) {
+            t->skip_run_start = t->step;
+            t->skip_run_nonfinite = r.nonfinite;
+        }
+        t->skipped_steps++;
+    } else {
+        t->skipped_in_a_row = 0;
+    }
     r.step = t->step;
     r.lm_loss = s.lm_sum / (double)global_tokens;
     r.lbl = s.lbl * aux_scale;
@@ -201,19 +246,45 @@ static int save_guarded(Trainer *t, char *err) {
     return rc;
 }
 
+/* The run stops: more than train.max_skipped_steps steps in a row were skipped. Every rank gets
+ * here at the same step (the guard's decision is agreed); rank 0 keeps the message. */
+static int too_many_skips(const Trainer *t, const StepResult *r, char *err) {
+    const Config *c = &t->cfg;
+    if (t->mesh->g_world.rank != 0) {
+        err[0] = 0;
+        return MT_ERR;
+    }
+    char run[256] = "";
+    if (t->skipped_in_a_row > 1)
+        snprintf(run, sizeof run, "; %d steps in a row were skipped (steps %d-%d; at step %d: %s first)",
+                 t->skipped_in_a_row, t->skip_run_start, r->step, t->skip_run_start,
+                 train_nonfinite_first(t->skip_run_nonfinite));
+    return mt_fail(err, "step %d: non-finite %s (the first of lm_loss, lbl, z_loss, grad_norm that was "
+                   "non-finite on some rank), so the step was skipped%s, and train.max_skipped_steps = %d "
+                   "allows no more. Stopped without writing a checkpoint (any checkpoint in checkpoint.dir "
+                   "predates the skipped steps). The run diverged or its data is bad: lower optim.lr, "
+                   "raise optim.warmup_steps, set a smaller optim.grad_clip, or check the data",
+                   r->step, train_nonfinite_first(r->nonfinite), run, c->max_skipped_steps);
+}
+
 static int run_steps(Trainer *t, Metrics *mx, char *err) {
     const Config *c = &t->cfg;
     const Group *world = &t->mesh->g_world;
+    int ckpt_pending = 0; /* a periodic checkpoint fell on a skipped step: it waits for an applied one */
     while (t->step < c->steps) {
         StepResult r = trainer_step(t);
-        if (r.step % c->log_every == 0 || r.step == c->steps) {
+        /* a skipped step is always logged; r.skipped is the same on every rank */
+        if (r.step % c->log_every == 0 || r.step == c->steps || r.skipped) {
             trainer_sync_stats(t);
             metrics_step(mx, t, &r);
             model_reset_stats(&t->model);
         }
+        if (t->skipped_in_a_row > c->max_skipped_steps) return too_many_skips(t, &r, err);
         int stop = agree_stop(world);
-        int due = (c->ckpt_every > 0 && r.step % c->ckpt_every == 0) || r.step == c->steps || stop;
+        ckpt_pending |= c->ckpt_every > 0 && r.step % c->ckpt_every == 0;
+        int due = (ckpt_pending && !r.skipped) || r.step == c->steps || stop;
         if (due && save_guarded(t, err) != MT_OK) return MT_ERR;
+        if (due) ckpt_pending = 0;
         if (stop) {
             if (world->rank == 0) printf("stopping after step %d on a signal; checkpoint saved\n", t->step);
             break;
@@ -254,8 +325,11 @@ static MemoryRoom memory_room(const Config *c, const Group *world) {
 /* Fail before anything large is allocated when the ranks sharing a memory need more than it has
  * left: the kernel (or cudaMalloc) would stop a rank during initialisation or the first step with
  * no word of why. The need is trainer_memory_plan (config and mesh only, so an absurd model is
- * refused in seconds; a cuda run's library workspaces and bf16 copies come on top). Collective;
- * the lowest failing rank says why, the others return MT_ERR with an empty err. */
+ * refused in seconds): every buffer the run allocates through the backend, the MoE buffers that
+ * grow during the first steps at their bounds (exact with a capacity; dropless routing at ep > 1
+ * is counted for 2.5x an even share of expert rows and may grow past it: moe.h MoeRows). Not
+ * counted: a cuda run's library workspaces and bf16 copies, and small host-side bookkeeping.
+ * Collective; the lowest failing rank says why, the others return MT_ERR with an empty err. */
 static int check_memory(const Config *c, const Mesh *mesh, const MemoryRoom *room, char *err) {
     const Group *world = &mesh->g_world;
     MemoryBreakdown m = trainer_memory_plan(c, mesh);
@@ -264,13 +338,19 @@ static int check_memory(const Config *c, const Mesh *mesh, const MemoryRoom *roo
     int32_t first = bad ? -world->rank : INT32_MIN; /* max of -rank: the lowest failing rank */
     comm_allreduce_max(world, &first, 1, DT_I32);
     if (first == INT32_MIN) return MT_OK;
+    const char *dropless = c->capacity_factor == 0 && c->ep > 1
+        ? " (dropless routing, moe.capacity_factor = 0: MoE expert-side buffers counted for 2.5x an "
+          "even share of rows; more imbalanced routing grows them further)" : "";
+    const char *cuda = c->device == DEVICE_CUDA && c->shard != SHARD_NONE
+        ? " (on cuda sharding keeps the full gradient buffer, and under full the full parameter "
+          "buffer, allocated: release only zeroes there)" : "";
     if (bad && -first == world->rank)
         return mt_fail(err, "this run needs about %.1f GiB of %s per rank (params %.1f, grads "
-                            "%.1f, AdamW state %.1f, activations %.1f) x %d rank(s) on %s = %.1f GiB, but "
+                            "%.1f, AdamW state %.1f, activations %.1f%s)%s x %d rank(s) on %s = %.1f GiB, but "
                             "only %.1f GiB are available there; use more ranks with optim.shard = full, a "
                             "smaller train.micro_batch_size, or a smaller model", need * gib, room->what,
-                       m.params * gib, m.grads * gib, m.optimizer * gib, m.activations * gib, room->ranks,
-                       room->where, need * room->ranks * gib, room->avail * gib);
+                       m.params * gib, m.grads * gib, m.optimizer * gib, m.activations * gib, dropless, cuda,
+                       room->ranks, room->where, need * room->ranks * gib, room->avail * gib);
     err[0] = 0;
     return MT_ERR;
 }

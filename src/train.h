@@ -14,6 +14,16 @@
  * trainer_init will take on this rank, by category; trainer_memory gives the same breakdown of an
  * initialised trainer. train_run uses the plan to refuse a run that its memory cannot hold
  * (host memory of the node for cpu, the GPU's free memory for cuda) before allocating anything.
+ * Non-finite guard: a step whose loss terms (lm, lbl, z: the sums over the stage) or gradient norm
+ * are not finite on any rank is skipped on every rank: parameters, AdamW moments and AdamW's step
+ * counter (bias correction) stay bit for bit as they were. The step still counts: the step number,
+ * the data position and tokens_seen advance (its batch is consumed, not retried) and the learning-
+ * rate schedule moves on. Ranks agree through per-term flags summed in the gradient norm's world
+ * all-reduce (sharder_grad_norm_sum), so no extra collective is made. run_steps logs every skipped
+ * step (whatever log.every says), writes no periodic checkpoint on a skipped step (it is written
+ * after the next applied one; the final and signal-requested checkpoints are written anyway: the
+ * model is the finite one from before the step), and stops the run with an error (MT_ERR, no
+ * checkpoint) when more than train.max_skipped_steps steps in a row were skipped.
  */
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H
@@ -27,6 +37,10 @@
 #include "optim/shard.h"
 #include "parallel/mesh.h"
 
+/* The values the non-finite guard checks, in the order it names them (StepResult.nonfinite). */
+enum { NF_LM = 1, NF_LBL = 2, NF_Z = 4, NF_GRAD_NORM = 8 };
+enum { NF_TERMS = 4 };
+
 typedef struct StepResult {
     int step;                  /* 1-based number of the step just completed */
     double loss, lm_loss;      /* total loss, LM cross-entropy (mean over the global tokens) */
@@ -35,6 +49,8 @@ typedef struct StepResult {
     float lr;
     double seconds, tokens_per_s;
     double dropped_frac;       /* assignments dropped by capacity / all assignments */
+    int skipped;               /* the update was not applied: nonfinite != 0 (same on every rank) */
+    unsigned nonfinite;        /* NF_* bits: the terms that were not finite on some rank */
 } StepResult;
 
 typedef struct Trainer {
@@ -51,6 +67,11 @@ typedef struct Trainer {
                           * unless a resume changed the global batch: then it goes on from the
                           * checkpoint's position, so no sequence is seen twice) */
     int32_t *tok_buf, *dom_buf; /* host (mbs, T+1), (mbs) */
+    /* the non-finite guard (counted since trainer_init; not stored in checkpoints) */
+    int skipped_steps;           /* steps skipped in all */
+    int skipped_in_a_row;        /* consecutive skipped steps up to the last one (0: it was applied) */
+    int skip_run_start;          /* the first step of that run of skipped steps */
+    unsigned skip_run_nonfinite; /* and its NF_* bits */
 } Trainer;
 
 /* Bytes one rank holds, by category (the host for a cpu run, the GPU for a cuda run). */
@@ -71,8 +92,14 @@ size_t memory_total(const MemoryBreakdown *m);
 /* Build everything (model initialised from train.seed) on this rank of mesh. MT_ERR with a message
  * on bad input (not collective: the caller agrees on failure with comm_any_failed). */
 int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh, char *err);
+/* One step; collective over the mesh. Skips the update when a value is non-finite (see above). */
 StepResult trainer_step(Trainer *t);
 void trainer_free(Trainer *t);
+
+/* The name of NF_* term i (0 = lm_loss, lbl, z_loss, grad_norm: the metrics record's keys). */
+const char *train_nonfinite_term(int i);
+/* The name of the first term set in mask, in that order; NULL when mask is 0. */
+const char *train_nonfinite_first(unsigned mask);
 
 /* Sequences per global step, tokens per global step. */
 int64_t trainer_global_batch(const Trainer *t);

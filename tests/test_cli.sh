@@ -132,5 +132,45 @@ if [ $rc -eq 0 ] && grep -q "checkpoint saved" "$T/usr1.out" && [ -s "$T/usr1/la
   ok "SIGUSR1 to mpirun: checkpoint, exit 0"
 else bad "SIGUSR1 to mpirun: exit $rc, $(tail -c 300 "$T/usr1.out")"; fi
 
+# the non-finite guard. model.init_std = 1e30 overflows the attention scores, so every step's loss
+# is NaN, and as skipped steps leave the model as it was, every step is skipped: with
+# train.max_skipped_steps = 2 the third one stops the run (exit non-zero, the step and the first
+# non-finite term named); each skipped step is logged although log.every = 5; no checkpoint is
+# written although checkpoint.every = 1
+NF=(configs/tiny.ini --set model.init_std=1e30 --set log.every=5 --set checkpoint.every=1)
+out=$(timeout 120 $BIN "${NF[@]}" --set train.max_skipped_steps=2 --set log.metrics_file=$T/nf.jsonl \
+      --set checkpoint.dir=$T/nf 2>&1 < /dev/null); rc=$?
+if [ $rc -ne 0 ] && grep -qE "error: step 3: non-finite lm_loss .*3 steps in a row were skipped \(steps 1-3; at step 1: lm_loss first\), and train.max_skipped_steps = 2 allows no more" <<<"$out"; then
+  ok "non-finite: stops after max_skipped_steps, naming step and term"
+else bad "non-finite stop: exit $rc, $(tail -c 400 <<<"$out")"; fi
+if [ "$(grep -c 'SKIPPED, no update: non-finite lm_loss' <<<"$out")" -eq 3 ] && ! grep -q "step +4/" <<<"$out"; then
+  ok "non-finite: every skipped step has its line"
+else bad "non-finite step lines: $(grep '^step' <<<"$out" | head -c 400)"; fi
+if [ "$(grep -c '"skipped":true' "$T/nf.jsonl")" -eq 3 ] \
+   && tail -1 "$T/nf.jsonl" | grep -q '"step":3,.*"skipped":true,"skipped_steps":3,"nonfinite":\["lm_loss"'; then
+  ok "non-finite: metrics records have skipped, skipped_steps, nonfinite"
+else bad "non-finite metrics: $(tail -1 "$T/nf.jsonl" | head -c 400)"; fi
+if ! ls "$T/nf"/step_*.h5 >/dev/null 2>&1 && [ ! -e "$T/nf/latest" ]; then ok "non-finite: no checkpoint written"
+else bad "non-finite run wrote checkpoints: $(ls "$T/nf")"; fi
+if grep -q '"skipped":false,"skipped_steps":0' "$T/m.jsonl"; then ok "a healthy run's records: skipped false, 0 so far"
+else bad "healthy metrics lack skipped fields: $(tail -1 "$T/m.jsonl" | head -c 300)"; fi
+
+# under mpirun with train.max_skipped_steps = 0 the first skipped step stops every rank; one message
+out=$(timeout 120 mpirun -np 2 $BIN "${NF[@]}" --set train.max_skipped_steps=0 --set log.metrics_file= \
+      --set checkpoint.dir=$T/nf2 2>&1 < /dev/null); rc=$?
+if [ $rc -ne 0 ] && [ "$(grep -c 'error (rank 0): step 1: non-finite lm_loss' <<<"$out")" -eq 1 ] \
+   && ! grep -q "error (rank 1)" <<<"$out" && ! ls "$T/nf2"/step_*.h5 >/dev/null 2>&1; then
+  ok "non-finite on 2 ranks: max_skipped_steps = 0 stops at the first, said once"
+else bad "non-finite on 2 ranks: exit $rc, $(tail -c 400 <<<"$out")"; fi
+
+# tolerated skips: the run goes on and exits 0; the periodic checkpoints of skipped steps 1-2 are
+# not written (they would wait for an applied step), the final one of step 3 is (the model is the
+# finite one from before the skipped steps)
+expect "non-finite within max_skipped_steps: exit 0" 0 "step +3/3 .*SKIPPED.*3 in a row, 3 so far" \
+  -- $BIN "${NF[@]}" --set train.max_skipped_steps=3 --set train.steps=3 --set log.metrics_file= --set checkpoint.dir=$T/nf3
+if [ "$(cd "$T/nf3" 2>/dev/null && ls step_*.h5 2>/dev/null)" = "step_00000003.h5" ]; then
+  ok "non-finite: only the final checkpoint after skipped steps"
+else bad "non-finite checkpoints: $(ls "$T/nf3" 2>&1)"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]

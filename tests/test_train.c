@@ -1,6 +1,8 @@
 /* test_train.c — the training loop end to end: bit-identical re-runs, gradient accumulation,
- * LBL scopes, the memory plan matching what trainer_init allocates, and configs/tiny.ini
- * reaching its loss threshold. */
+ * LBL scopes, the memory plan against what the allocator measured during init and steps,
+ * configs/tiny.ini reaching its loss threshold, and the non-finite guard (a step made non-finite
+ * by a NaN or Inf written into a parameter is skipped without a trace; counters; training
+ * recovers). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -150,45 +152,282 @@ START_TEST(test_tiny_reaches_threshold) {
 }
 END_TEST
 
-/* trainer_memory_plan (config + mesh, nothing allocated) == the trainer's own report after
- * trainer_init, category by category, for several model shapes and every shard mode. */
-static void expect_plan_matches(const Config *c, const char *what) {
-    MemoryBreakdown plan = trainer_memory_plan(c, &solo);
+/* The memory plan against what the backend's allocator measured (kernels.h: MemStats) while
+ * trainer_init and a few steps ran: the plan must cover the peak and not overshoot it by more than
+ * PLAN_SLACK. What the peak is: the allocated bytes (peak of live) where every buffer is counted
+ * whole (shard none); the resident bytes (pages the system holds) where the plan counts released
+ * buffers by what they hold (shard optimizer / full on cpu). The resident peak is covered in
+ * every mode. Shared with tests/test_parallel.c through the same rule. */
+#define PLAN_SLACK 1.3
+
+static void expect_plan_covers_measured(Config c, ShardMode shard, int steps, const char *what) {
+    c.shard = shard;
+    const Kernels *k = kernels_cpu();
+    MemoryBreakdown plan = trainer_memory_plan(&c, &solo);
+    size_t need = memory_total(&plan);
+    MemStats s0, s1;
+    k->mem_stats(&s0, 1);
     Trainer t;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, c, kernels_cpu(), &solo, err) == MT_OK, "%s: %s", what, err);
-    MemoryBreakdown got = trainer_memory(&t);
+    ck_assert_msg(trainer_init(&t, &c, k, &solo, err) == MT_OK, "%s: %s", what, err);
+    for (int s = 0; s < steps; s++) trainer_step(&t);
+    k->mem_stats(&s1, 0);
+    size_t beyond = moe_beyond_plan_bytes(); /* 0: one rank (ep = 1) has exact bounds */
+    MemoryBreakdown rep = trainer_memory(&t);
     trainer_free(&t);
-    const char *shard = c->shard == SHARD_NONE ? "none" : c->shard == SHARD_OPTIMIZER ? "optimizer" : "full";
-    ck_assert_msg(plan.params == got.params && plan.grads == got.grads && plan.optimizer == got.optimizer
-                      && plan.activations == got.activations,
-                  "%s, shard %s: plan %zu/%zu/%zu/%zu != after init %zu/%zu/%zu/%zu (params/grads/optimizer/activations)",
-                  what, shard, plan.params, plan.grads, plan.optimizer, plan.activations, got.params,
-                  got.grads, got.optimizer, got.activations);
-    ck_assert_msg(got.params > 0 && got.grads > 0 && got.optimizer > 0 && got.activations > 0, "%s: empty", what);
+    size_t live = s1.peak - s0.live, resident = s1.resident_peak - s0.resident;
+    size_t measured = shard == SHARD_NONE ? live : resident;
+    const char *mode = shard == SHARD_NONE ? "none" : shard == SHARD_OPTIMIZER ? "optimizer" : "full";
+    printf("memory %-34s shard %-9s plan %9zu  peak allocated %9zu  resident %9zu  plan/measured %.3f\n",
+           what, mode, need, live, resident, (double)need / measured);
+    ck_assert_msg(beyond == 0, "%s, shard %s: MoE buffers grew %zu bytes beyond the plan at ep = 1", what, mode, beyond);
+    ck_assert_msg(memcmp(&rep, &plan, sizeof rep) == 0, "%s, shard %s: trainer_memory differs from the plan", what, mode);
+    ck_assert_msg(need >= resident, "%s, shard %s: plan %zu bytes < resident peak %zu (params %zu grads %zu "
+                  "optimizer %zu activations %zu)", what, mode, need, resident, plan.params, plan.grads,
+                  plan.optimizer, plan.activations);
+    ck_assert_msg(need >= measured, "%s, shard %s: plan %zu bytes < measured peak %zu (params %zu grads %zu "
+                  "optimizer %zu activations %zu)", what, mode, need, measured, plan.params, plan.grads,
+                  plan.optimizer, plan.activations);
+    ck_assert_msg(need <= PLAN_SLACK * measured, "%s, shard %s: plan %zu bytes > %.1f x measured peak %zu",
+                  what, mode, need, PLAN_SLACK, measured);
 }
 
-START_TEST(test_memory_plan_matches_init) {
-    Config shapes[4];
-    const char *names[4] = {"small (1 dense layer)", "tied, 2 shared experts, mbs 3", "no dense layer, top-1",
-                            "configs/tiny.ini"};
-    shapes[0] = small_config();
-    shapes[1] = small_config();
+START_TEST(test_memory_plan_covers_measured) {
+    Config shapes[6];
+    const char *names[6] = {"small (1 dense layer)", "tied, 2 shared experts, mbs 3", "no dense layer, top-1",
+                            "capacity 1.25, padded", "capacity 0.5", "configs/tiny.ini"};
+    for (int i = 0; i < 5; i++) shapes[i] = small_config();
     shapes[1].tie_embeddings = 1;
     shapes[1].shared_experts = 2;
     shapes[1].micro_batch_size = 3;
-    shapes[2] = small_config();
     shapes[2].dense_layers = 0;
     shapes[2].top_k = 1;
+    shapes[3].capacity_factor = 1.25f;
+    shapes[3].pad_to_capacity = 1;
+    shapes[4].capacity_factor = 0.5f;
     char err[MT_ERRLEN];
-    ck_assert_msg(config_load(&shapes[3], "configs/tiny.ini", NULL, 0, err) == MT_OK, "%s", err);
+    ck_assert_msg(config_load(&shapes[5], "configs/tiny.ini", NULL, 0, err) == MT_OK, "%s", err);
     ShardMode modes[] = {SHARD_NONE, SHARD_OPTIMIZER, SHARD_FULL};
-    for (int i = 0; i < 4; i++)
-        for (int m = 0; m < 3; m++) {
-            Config c = shapes[i];
-            c.shard = modes[m];
-            expect_plan_matches(&c, names[i]);
+    for (int i = 0; i < 6; i++)
+        for (int m = 0; m < 3; m++) expect_plan_covers_measured(shapes[i], modes[m], 3, names[i]);
+}
+END_TEST
+
+/* On cuda release only zeroes, so sharding keeps the full gradient buffer (optimizer, full) and
+ * the full parameter buffer (full) allocated: the plan counts them whole there (no GPU needed:
+ * the plan is arithmetic; tests/test_cuda.c runs on a GPU). */
+START_TEST(test_memory_plan_cuda_counts_full_buffers) {
+    Config c = small_config();
+    c.n_layers = 8; /* many units, each larger than a page: releasing them matters on cpu */
+    c.d_model = 64;
+    c.head_dim = c.d_model / c.n_heads;
+    MemoryBreakdown none = trainer_memory_plan(&c, &solo);
+    c.device = DEVICE_CUDA;
+    for (ShardMode m = SHARD_OPTIMIZER; m <= SHARD_FULL; m++) {
+        c.shard = m;
+        MemoryBreakdown gpu = trainer_memory_plan(&c, &solo);
+        c.device = DEVICE_CPU;
+        MemoryBreakdown cpu = trainer_memory_plan(&c, &solo);
+        c.device = DEVICE_CUDA;
+        ck_assert_msg(gpu.grads > none.grads && gpu.grads > cpu.grads, "shard %d: cuda grads %zu, cpu %zu, "
+                      "unsharded %zu", m, gpu.grads, cpu.grads, none.grads);
+        if (m == SHARD_FULL)
+            ck_assert_msg(gpu.params > none.params && gpu.params > cpu.params, "cuda params %zu, cpu %zu, "
+                          "unsharded %zu", gpu.params, cpu.params, none.params);
+        ck_assert_uint_eq(gpu.activations, cpu.activations);
+    }
+}
+END_TEST
+
+/* ---- the non-finite guard ---------------------------------------------------------------- */
+
+/* Where this rank keeps the parameters of buffer b: the model's buffer, or under full sharding
+ * the persistent shard (the model's buffer only holds gathered copies then). */
+static float *param_storage(Trainer *t, int b, size_t *n) {
+    if (t->shard.mode == SHARD_FULL) {
+        *n = t->shard.shard_size[b];
+        return t->shard.pshard[b];
+    }
+    *n = t->model.pl.size[b];
+    return t->model.param[b];
+}
+
+/* The first element of tensor name that this rank holds, in its parameter storage. */
+static float *held_element(Trainer *t, const char *name) {
+    const ParamLayout *pl = &t->model.pl;
+    int j = params_find(pl, name);
+    ck_assert_msg(j >= 0, "no tensor %s", name);
+    const ParamInfo *pi = &pl->info[j];
+    for (int u = 0; u < pl->n_units; u++) {
+        size_t lo, hi;
+        float *p;
+        sharder_param_slice(&t->shard, u, pi->buf, 0, &lo, &hi, &p);
+        size_t a = pi->offset > lo ? pi->offset : lo;
+        if (a < hi && a < pi->offset + pi->numel) return p + (a - lo);
+    }
+    ck_abort_msg("this rank holds no element of %s", name);
+    return NULL;
+}
+
+/* Copies of everything an optimizer update writes: parameters, AdamW moments, AdamW's step. */
+typedef struct State {
+    float *p[PBUF_COUNT], *m[PBUF_COUNT], *v[PBUF_COUNT];
+    size_t np[PBUF_COUNT], ns[PBUF_COUNT];
+    int adam_step;
+} State;
+
+static void state_take(State *st, Trainer *t) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        float *p = param_storage(t, b, &st->np[b]);
+        st->ns[b] = t->shard.shard_size[b];
+        st->p[b] = tu_dup(p, st->np[b]);
+        st->m[b] = tu_dup(t->shard.mom[b], st->ns[b]);
+        st->v[b] = tu_dup(t->shard.var[b], st->ns[b]);
+    }
+    st->adam_step = t->shard.step;
+}
+
+/* NULL if t holds exactly st (bit for bit), else what differs. */
+static const char *state_diff(const State *st, Trainer *t) {
+    static char why[128];
+    if (t->shard.step != st->adam_step) return "AdamW's step counter";
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        size_t n;
+        float *p = param_storage(t, b, &n);
+        const char *what = n != st->np[b] || memcmp(p, st->p[b], n * sizeof(float)) ? "parameters"
+                           : memcmp(t->shard.mom[b], st->m[b], st->ns[b] * sizeof(float)) ? "first moments"
+                           : memcmp(t->shard.var[b], st->v[b], st->ns[b] * sizeof(float)) ? "second moments"
+                           : NULL;
+        if (what) {
+            snprintf(why, sizeof why, "%s of buffer %d", what, b);
+            return why;
         }
+    }
+    return NULL;
+}
+
+static void state_free(State *st) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        free(st->p[b]);
+        free(st->m[b]);
+        free(st->v[b]);
+    }
+}
+
+static const ShardMode GUARD_MODES[] = {SHARD_NONE, SHARD_OPTIMIZER, SHARD_FULL};
+
+/* A NaN in the final norm's weight makes the step's loss NaN: the step is skipped (parameters,
+ * moments and AdamW's step counter bit for bit unchanged), counted, and its batch consumed; the
+ * next step then trains exactly like a run that never drew that batch. Every shard mode. */
+START_TEST(test_nonfinite_step_skipped) {
+    Config c = small_config();
+    c.shard = GUARD_MODES[_i];
+    Trainer t, ref;
+    char err[MT_ERRLEN];
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    for (int s = 0; s < 2; s++) {
+        StepResult r = trainer_step(&t);
+        ck_assert_msg(!r.skipped && r.nonfinite == 0 && isfinite(r.loss), "step %d: skipped %d, nonfinite %#x",
+                      s + 1, r.skipped, r.nonfinite);
+    }
+    ck_assert_int_eq(t.shard.step, 2);
+    State before;
+    state_take(&before, &t);
+    int64_t seq = t.data_seq, seen = t.tokens_seen, gb = trainer_global_batch(&t);
+
+    float *x = held_element(&t, "model.norm.weight"), keep = *x;
+    *x = NAN;
+    StepResult r = trainer_step(&t);
+    *x = keep; /* the poison goes; everything else must be as it was */
+    ck_assert_msg(r.skipped && r.step == 3, "step %d: skipped %d with a NaN weight", r.step, r.skipped);
+    ck_assert_msg((r.nonfinite & NF_LM) && (r.nonfinite & NF_GRAD_NORM), "nonfinite %#x", r.nonfinite);
+    ck_assert_str_eq(train_nonfinite_first(r.nonfinite), "lm_loss");
+    ck_assert(isnan(r.loss) && isnan(r.grad_norm));
+    const char *diff = state_diff(&before, &t);
+    ck_assert_msg(!diff, "the skipped step changed the %s", diff);
+    ck_assert_int_eq(t.step, 3);
+    ck_assert_msg(t.data_seq == seq + gb && t.tokens_seen == seen + gb * c.seq_len,
+                  "the data position did not move past the skipped batch");
+    ck_assert_int_eq(t.skipped_steps, 1);
+    ck_assert_int_eq(t.skipped_in_a_row, 1);
+    ck_assert_int_eq(t.skip_run_start, 3);
+    ck_assert_uint_eq(t.skip_run_nonfinite, r.nonfinite);
+
+    r = trainer_step(&t);
+    ck_assert_msg(!r.skipped && isfinite(r.loss) && t.shard.step == 3, "step 4 after the skip: skipped %d, "
+                  "loss %g, AdamW step %d", r.skipped, r.loss, t.shard.step);
+    ck_assert_int_eq(t.skipped_in_a_row, 0);
+    ck_assert_int_eq(t.skipped_steps, 1);
+
+    /* the reference never runs the poisoned step: it only moves past its batch */
+    ck_assert_msg(trainer_init(&ref, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    trainer_step(&ref);
+    trainer_step(&ref);
+    ref.step++;
+    ref.data_seq += gb;
+    ref.tokens_seen += gb * c.seq_len;
+    StepResult rr = trainer_step(&ref);
+    ck_assert_msg(memcmp(&rr.loss, &r.loss, sizeof r.loss) == 0, "step 4: loss %.17g, without the skipped "
+                  "step %.17g", r.loss, rr.loss);
+    State want;
+    state_take(&want, &ref);
+    diff = state_diff(&want, &t);
+    ck_assert_msg(!diff, "after the skipped step, step 4 left different %s than a run without it", diff);
+    state_free(&want);
+    state_free(&before);
+    trainer_free(&ref);
+    trainer_free(&t);
+}
+END_TEST
+
+/* Skips in a run: consecutive ones are counted as a run with its first step and terms, an applied
+ * step ends the run, the total goes on; an Inf works like a NaN; training recovers afterwards. */
+START_TEST(test_nonfinite_runs_and_recovery) {
+    Config c = small_config();
+    c.steps = 12;
+    enum { N = 12 };
+    const int poisoned[N] = {0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0}; /* steps 3 and 5-7 */
+    const int want_in_a_row[N] = {0, 0, 1, 0, 1, 2, 3, 0, 0, 0, 0, 0};
+    const int want_total[N] = {0, 0, 1, 1, 2, 3, 4, 4, 4, 4, 4, 4};
+    Trainer t;
+    char err[MT_ERRLEN];
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    double first = 0, last = 0;
+    for (int s = 0; s < N; s++) {
+        float *x = held_element(&t, "model.layers.0.input_layernorm.weight"), keep = *x;
+        if (poisoned[s]) *x = s % 2 ? -INFINITY : INFINITY;
+        StepResult r = trainer_step(&t);
+        *x = keep;
+        ck_assert_msg(r.skipped == poisoned[s], "step %d: skipped %d, poisoned %d (nonfinite %#x)", s + 1,
+                      r.skipped, poisoned[s], r.nonfinite);
+        ck_assert_msg(t.skipped_in_a_row == want_in_a_row[s] && t.skipped_steps == want_total[s],
+                      "step %d: %d in a row, %d in all; want %d, %d", s + 1, t.skipped_in_a_row,
+                      t.skipped_steps, want_in_a_row[s], want_total[s]);
+        ck_assert_int_eq(t.shard.step, s + 1 - want_total[s]);
+        if (!poisoned[s]) ck_assert_msg(isfinite(r.loss) && isfinite(r.grad_norm), "step %d: loss %g", s + 1, r.loss);
+        if (s == 0) first = r.loss;
+        if (s == N - 1) last = r.loss;
+    }
+    ck_assert_int_eq(t.skip_run_start, 5); /* the last run of skips: steps 5-7 */
+    ck_assert_str_eq(train_nonfinite_first(t.skip_run_nonfinite), "lm_loss");
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        double sq = 0;
+        t.k->sumsq(&sq, t.model.param[b], t.model.pl.size[b]);
+        ck_assert_msg(isfinite(sq), "buffer %d has a non-finite parameter after the skips", b);
+    }
+    trainer_free(&t);
+    ck_assert_msg(last < first - 0.2, "no recovery: loss %.4f at step 1, %.4f at step %d", first, last, N);
+}
+END_TEST
+
+/* The guard names the first non-finite term in the order lm_loss, lbl, z_loss, grad_norm. */
+START_TEST(test_nonfinite_names) {
+    ck_assert_ptr_null(train_nonfinite_first(0));
+    ck_assert_str_eq(train_nonfinite_first(NF_GRAD_NORM), "grad_norm");
+    ck_assert_str_eq(train_nonfinite_first(NF_Z | NF_GRAD_NORM), "z_loss");
+    ck_assert_str_eq(train_nonfinite_first(NF_LBL | NF_Z), "lbl");
+    ck_assert_str_eq(train_nonfinite_first(NF_LM | NF_LBL | NF_Z | NF_GRAD_NORM), "lm_loss");
+    ck_assert_str_eq(train_nonfinite_term(3), "grad_norm");
 }
 END_TEST
 
@@ -201,8 +440,12 @@ int main(void) {
     tcase_add_test(tc, test_grad_accumulation_equivalence);
     tcase_add_test(tc, test_lbl_scope);
     tcase_add_test(tc, test_capacity_drop_fraction);
-    tcase_add_test(tc, test_memory_plan_matches_init);
+    tcase_add_test(tc, test_memory_plan_covers_measured);
+    tcase_add_test(tc, test_memory_plan_cuda_counts_full_buffers);
     tcase_add_test(tc, test_tiny_reaches_threshold);
+    tcase_add_loop_test(tc, test_nonfinite_step_skipped, 0, 3);
+    tcase_add_test(tc, test_nonfinite_runs_and_recovery);
+    tcase_add_test(tc, test_nonfinite_names);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0) ? 1 : 0;
 }

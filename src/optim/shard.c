@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common.h"
 
@@ -177,7 +178,11 @@ static void write_split(const Sharder *s, int u, int b, size_t *lo, size_t *hi);
 
 /* Every element once: each rank sums the squares of its slice of every unit (the owned shard, or
  * in mode none an even split of its replica group), then the world adds them up. */
-double sharder_grad_norm(Sharder *s) {
+double sharder_grad_norm(Sharder *s) { return sharder_grad_norm_sum(s, NULL, 0); }
+
+double sharder_grad_norm_sum(Sharder *s, double *extra, int n) {
+    enum { MAX_EXTRA = 7 };
+    MT_CHECK(n >= 0 && n <= MAX_EXTRA, "sharder_grad_norm_sum: %d extra values (at most %d)", n, MAX_EXTRA);
     double total = 0;
     for (int b = 0; b < PBUF_COUNT; b++) {
         double sq = 0;
@@ -193,8 +198,11 @@ double sharder_grad_norm(Sharder *s) {
             total += hi > lo ? sq : 0.0;
         }
     }
-    comm_allreduce_sum(s->world, &total, 1, DT_F64);
-    return sqrt(total);
+    double v[1 + MAX_EXTRA] = {total};
+    for (int i = 0; i < n; i++) v[1 + i] = extra[i];
+    comm_allreduce_sum(s->world, v, 1 + (size_t)n, DT_F64);
+    for (int i = 0; i < n; i++) extra[i] = v[1 + i];
+    return sqrt(v[0]);
 }
 
 void sharder_scale_grads(Sharder *s, float f) {
@@ -266,38 +274,60 @@ static size_t largest_unit(const ParamLayout *pl, int b) {
     return most;
 }
 
-/* Bytes per rank of mode over layout pl, this rank owning shard[b] elements of buffer b. */
+/* Bytes of n elements as allocated (an empty buffer still takes one element). */
+static size_t alloc_bytes(size_t n) { return (n ? n : 1) * F32; }
+
+/* Bytes held of a full-size buffer of `full` elements whose units are released after use (the
+ * gradients in modes optimizer and full, the parameters in full): all of it when release only
+ * zeroes (cuda); else the units in flight (`working` elements) plus, release giving back whole
+ * pages only, the page at each unit boundary (n_units + 1 of them), at most the whole buffer. */
+static size_t released_bytes(size_t full, size_t working, int n_units, int release_frees) {
+    size_t all = alloc_bytes(full);
+    if (!release_frees) return all;
+    size_t most = working * F32 + (size_t)(n_units + 1) * (size_t)sysconf(_SC_PAGESIZE);
+    return most < all ? most : all;
+}
+
+/* Bytes per rank of mode over layout pl, this rank owning shard[b] elements of buffer b (split
+ * S[b] ways): every buffer model_init and sharder_init allocate for parameters, gradients and
+ * AdamW state, the released ones at what they hold (released_bytes). */
 static void memory_bytes(const ParamLayout *pl, ShardMode mode, const size_t shard[PBUF_COUNT],
-                         size_t *params, size_t *grads, size_t *optimizer) {
+                         const int S[PBUF_COUNT], int release_frees, size_t *params, size_t *grads,
+                         size_t *optimizer) {
     *params = *grads = *optimizer = 0;
+    size_t most = 0; /* modes optimizer, full: the reduce-scatter landing buffer (the largest unit shard) */
     for (int b = 0; b < PBUF_COUNT; b++) {
-        size_t full = pl->size[b];
+        size_t full = pl->size[b], own = alloc_bytes(shard[b]);
         size_t working = pl->units[0].len[b] + largest_unit(pl, b); /* head + one layer */
-        *optimizer += 2 * shard[b] * F32;
+        *optimizer += 2 * own;                                      /* m, v */
         if (mode == SHARD_NONE) {
-            *params += full * F32;
-            *grads += full * F32;
-        } else if (mode == SHARD_OPTIMIZER) { /* ZeRO-2: the shard + one unit in flight */
-            *params += full * F32;
-            *grads += (shard[b] + working) * F32;
-        } else {
-            *params += (shard[b] + working) * F32;
-            *grads += (shard[b] + working) * F32;
+            *params += alloc_bytes(full);
+            *grads += alloc_bytes(full);
+            continue;
         }
+        for (int u = 0; u < pl->n_units; u++)
+            if (pl->units[u].len[b] / S[b] > most) most = pl->units[u].len[b] / S[b];
+        /* ZeRO-2 and full: the gradient shard + the full gradient buffer, one unit in flight */
+        *grads += own + released_bytes(full, working, pl->n_units, release_frees);
+        if (mode == SHARD_OPTIMIZER) *params += alloc_bytes(full);
+        else *params += own + released_bytes(full, working, pl->n_units, release_frees);
     }
+    if (mode != SHARD_NONE) *grads += alloc_bytes(most); /* tmp */
 }
 
 void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer) {
-    memory_bytes(&s->m->pl, s->mode, s->shard_size, params, grads, optimizer);
+    MemStats st = {.release_frees = 1};
+    if (s->k->mem_stats) s->k->mem_stats(&st, 0);
+    memory_bytes(&s->m->pl, s->mode, s->shard_size, s->S, st.release_frees, params, grads, optimizer);
 }
 
-void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, size_t *params,
-                         size_t *grads, size_t *optimizer) {
+void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, int release_frees,
+                         size_t *params, size_t *grads, size_t *optimizer) {
     const Group *rep[PBUF_COUNT];
     int S[PBUF_COUNT];
     size_t shard[PBUF_COUNT];
     replica_groups(mesh, rep);
     shard_ways(mode, rep, S);
     for (int b = 0; b < PBUF_COUNT; b++) shard[b] = shard_elems(pl, b, S[b]);
-    memory_bytes(pl, mode, shard, params, grads, optimizer);
+    memory_bytes(pl, mode, shard, S, release_frees, params, grads, optimizer);
 }

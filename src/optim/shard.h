@@ -63,6 +63,9 @@ void sharder_zero_grads(Sharder *s);
 void sharder_reduce_grads(Sharder *s);
 /* Global L2 norm of the (reduced) gradient. */
 double sharder_grad_norm(Sharder *s);
+/* The same norm, with n more values (extra, in place) summed over the world in the same
+ * all-reduce: a free way to agree on per-rank flags (the trainer's non-finite guard). */
+double sharder_grad_norm_sum(Sharder *s, double *extra, int n);
 /* Scale gradients by f (clipping). */
 void sharder_scale_grads(Sharder *s, float f);
 /* AdamW on the owned elements, then (optimizer mode) all-gather the parameters. */
@@ -78,12 +81,18 @@ void sharder_param_slice(const Sharder *s, int u, int b, int writing, size_t *lo
 void sharder_state_slice(const Sharder *s, int u, int b, int writing, size_t *lo, size_t *hi,
                          float **m, float **v);
 
-/* Bytes per rank: params, grads, optimizer state. */
+/* Bytes per rank: params, grads, optimizer state: every buffer model_init (the flat parameter and
+ * gradient buffers) and sharder_init allocate, the reduce-scatter landing buffer included. A
+ * full-size buffer whose units are released after use (grads in modes optimizer and full, params
+ * in full) counts what it can hold at once: the head unit and one layer unit plus one page per
+ * unit boundary where release gives pages back (cpu), all of it where release only zeroes
+ * (cuda: Kernels.mem_stats' release_frees). */
 void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer);
 /* The same bytes, before any Sharder or model exists, for layout pl (built with the padding of
- * sharder_padding(mode, mesh)) on this rank of mesh: equal to sharder_memory after model_init and
- * sharder_init with that layout, mode and mesh. Pure arithmetic: no allocation, no communication. */
-void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, size_t *params,
-                         size_t *grads, size_t *optimizer);
+ * sharder_padding(mode, mesh)) on this rank of mesh, with a backend whose release gives pages back
+ * (release_frees) or not: equal to sharder_memory after model_init and sharder_init with that
+ * layout, mode and mesh. Pure arithmetic: no allocation, no communication. */
+void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, int release_frees,
+                         size_t *params, size_t *grads, size_t *optimizer);
 
 #endif
