@@ -576,6 +576,13 @@ static int check_pipeline(const Config *c, const Loc *o, char *err) {
         return key_fail(c, o, must_key("model", "tie_embeddings"), must_key("parallel", "pp"), err,
                         "is not supported with parallel.pp > 1 yet (the embedding and the lm_head sit on "
                         "different pipeline stages); set model.tie_embeddings = false");
+    if (c->pp_schedule == PP_INTERLEAVED && c->grad_accum_steps % c->pp != 0)
+        return key_fail(c, o, must_key("train", "grad_accum_steps"), sch, err, "must be a multiple of parallel.pp "
+                        "= %d with pp_schedule = interleaved (it runs micro-batches in groups of pp)", c->pp);
+    if (c->pp > 1 && c->comm == COMM_NCCL)
+        return key_fail(c, o, must_key("runtime", "comm"), must_key("parallel", "pp"), err,
+                        "= nccl is not supported with parallel.pp > 1 yet (pipeline sends are non-blocking MPI "
+                        "sends); use runtime.comm = mpi");
     if (!c->pp_layers[0]) return MT_OK;
     int v[4096], n = config_pp_layers(c, v, 4096), sum = 0;
     if (n < 0)
@@ -607,7 +614,9 @@ static const Rule RULES[] = {
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_cp_len, "model.seq_len must be a multiple of 2 * parallel.cp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pipeline,
      "parallel.pp_virtual = 1 with pp_schedule = 1f1b and >= 2 with interleaved; model.n_layers >= pp * "
-     "pp_virtual; parallel.pp_layers lists pp * pp_virtual positive counts summing to model.n_layers"},
+     "pp_virtual; parallel.pp_layers lists pp * pp_virtual positive counts summing to model.n_layers; "
+     "interleaved needs train.grad_accum_steps to be a multiple of pp; pp > 1 needs runtime.comm = mpi and "
+     "model.tie_embeddings = false"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_sp_rows,
      "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},

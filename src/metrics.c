@@ -52,16 +52,27 @@ static const char *attention_name(AttentionKind a) {
 }
 
 /* gpu: cuda_describe's line for a cuda run, else NULL */
+/* Parameters of the whole model (a rank's own layout lacks other pipeline stages' layers). */
+static void model_params(const Config *c, size_t *total, size_t *active) {
+    ModelDims fd = dims_from_config(c, NULL);
+    ParamLayout full;
+    params_layout_init(&full, &fd, c->init_std, NULL);
+    *total = params_total(&full);
+    *active = params_active(&full);
+    params_layout_free(&full);
+}
+
 static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const char *blas, const char *gpu) {
     const Config *c = &t->cfg;
-    const ParamLayout *pl = &t->model.pl;
+    size_t total, active;
+    model_params(c, &total, &active);
     double mib = 1.0 / (1 << 20);
     printf("moetrain %s  config %s  backend %s\n", MOETRAIN_VERSION,
            c->source_file[0] ? c->source_file : "(defaults)", t->k->name);
     printf("  model   %d layers (%d dense), d_model %d, heads %d/%d, experts %d top-%d, vocab %d, seq %d\n",
            c->n_layers, c->dense_layers, c->d_model, c->n_heads, c->n_kv_heads, c->num_experts,
            c->top_k, c->vocab_size, c->seq_len);
-    printf("  params  %.3fM total, %.3fM active per token\n", params_total(pl) / 1e6, params_active(pl) / 1e6);
+    printf("  params  %.3fM total, %.3fM active per token\n", total / 1e6, active / 1e6);
     printf("  batch   %lld sequences x %d tokens = %lld tokens per step (micro %d x accum %d x dp %d)\n",
            (long long)trainer_global_batch(t), c->seq_len,
            (long long)(trainer_global_batch(t) * c->seq_len), c->micro_batch_size,
@@ -103,8 +114,10 @@ void metrics_run_record(Metrics *mx, const Trainer *t) {
     int vals[] = {ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp};
     for (int i = 0; i < 8; i++) cJSON_AddNumberToObject(mesh, keys[i], vals[i]);
     cJSON_AddStringToObject(mesh, "shard", c->shard == SHARD_NONE ? "none" : c->shard == SHARD_OPTIMIZER ? "optimizer" : "full");
-    cJSON_AddNumberToObject(o, "params_total", (double)params_total(&t->model.pl));
-    cJSON_AddNumberToObject(o, "params_active", (double)params_active(&t->model.pl));
+    size_t total, active;
+    model_params(c, &total, &active);
+    cJSON_AddNumberToObject(o, "params_total", (double)total);
+    cJSON_AddNumberToObject(o, "params_active", (double)active);
     cJSON_AddNumberToObject(o, "tokens_per_step", (double)(trainer_global_batch(t) * c->seq_len));
     cJSON *m = cJSON_AddObjectToObject(o, "memory_bytes_per_rank");
     cJSON_AddNumberToObject(m, "params", (double)mem.params);

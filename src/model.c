@@ -57,6 +57,13 @@ static void layer_acts_free(Model *m, LayerActs *a, const LayerParams *lp) {
     if (lp->is_moe) moe_acts_free(&a->moe, m->k);
 }
 
+/* Whether this rank holds an MoE layer (the MoE backward scratch is allocated only then). */
+static int holds_moe(const ParamLayout *pl) {
+    for (int l = 0; l < pl->dims.L; l++)
+        if (pl->layers[l].held && pl->layers[l].is_moe) return 1;
+    return 0;
+}
+
 static int max_ffn_width(const ModelDims *d) { return d->Fl > d->Fsl ? d->Fl : d->Fsl; }
 
 static void scratch_alloc(Model *m, int b) {
@@ -72,7 +79,7 @@ static void scratch_alloc(Model *m, int b) {
     m->datt = k->alloc(nc * d->Hl * d->D * F32);
     m->dh = k->alloc(nc * (f ? f : 1) * F32);
     m->dab = k->alloc(nc * 2 * (f ? f : 1) * F32);
-    moe_scratch_alloc(&m->ms, k, d, &m->mc, (int)n);
+    if (holds_moe(&m->pl)) moe_scratch_alloc(&m->ms, k, d, &m->mc, (int)n);
     if (d->tp > 1) {
         m->gx = k->alloc(nc * d->C * F32);
         m->gy = k->alloc(nc * d->C * F32);
@@ -86,6 +93,59 @@ static void scratch_alloc(Model *m, int b) {
         m->knat = k->alloc(kvw * F32);
         m->vnat = k->alloc(kvw * F32);
     }
+}
+
+/* Arena of chunk k [clo, chi) for max_seqs sequences: res[clo..chi], the chunk's layers, tokens. */
+static void arena_alloc(Model *m, Arena *a, int k, int max_seqs) {
+    const Kernels *k_ = m->k;
+    const ModelDims *d = &m->d;
+    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs);
+    a->res = mt_calloc(d->L + 1, sizeof *a->res);
+    a->la = mt_calloc(d->L, sizeof *a->la);
+    for (int l = d->clo[k]; l <= d->chi[k]; l++) a->res[l] = k_->alloc(n * d->C * F32);
+    for (int l = d->clo[k]; l < d->chi[k]; l++) layer_acts_alloc(m, &a->la[l], &m->pl.layers[l], max_seqs);
+    a->tokens = k_->alloc(nc * sizeof(int32_t));
+    a->targets = k_->alloc(nc * sizeof(int32_t));
+    a->row_dom = mt_calloc(n, sizeof(int32_t));
+}
+
+static void arena_free(Model *m, Arena *a) {
+    const ModelDims *d = &m->d;
+    for (int l = 0; l <= d->L; l++)
+        if (a->res[l]) m->k->free(a->res[l]);
+    for (int l = 0; l < d->L; l++)
+        if (m->pl.layers[l].held && a->la[l].ln1) layer_acts_free(m, &a->la[l], &m->pl.layers[l]);
+    m->k->free(a->tokens);
+    m->k->free(a->targets);
+    free(a->row_dom);
+    free(a->res);
+    free(a->la);
+}
+
+/* Make chunk k's arena of micro-batch mb the one the layer code works on. */
+static Arena *use_arena(Model *m, int k, int mb) {
+    MT_CHECK(k >= 0 && k < m->d.vpp && mb >= 0, "model chunk %d (of %d), micro-batch %d", k, m->d.vpp, mb);
+    Arena *a = &m->arenas[m->arena0[k] + mb % m->slots[k]];
+    m->res = a->res;
+    m->la = a->la;
+    m->tokens = a->tokens;
+    m->targets = a->targets;
+    m->row_dom = a->row_dom;
+    m->b = a->b;
+    return a;
+}
+
+static void arenas_alloc(Model *m, const int *slots, int max_seqs) {
+    m->n_arenas = 0;
+    for (int k = 0; k < m->d.vpp; k++) {
+        m->slots[k] = slots && slots[k] > 0 ? slots[k] : 1;
+        m->arena0[k] = m->n_arenas;
+        m->n_arenas += m->slots[k];
+    }
+    m->arenas = mt_calloc(m->n_arenas, sizeof *m->arenas);
+    for (int k = 0; k < m->d.vpp; k++)
+        for (int s = 0; s < m->slots[k]; s++) arena_alloc(m, &m->arenas[m->arena0[k] + s], k, max_seqs);
+    use_arena(m, 0, 0);
 }
 
 void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const ModelParallel *mp) {
@@ -112,16 +172,12 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     }
     const ModelDims *d = &m->d;
     size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs);
-    m->tokens = k->alloc(nc * sizeof(int32_t));
-    m->targets = k->alloc(nc * sizeof(int32_t));
-    m->row_dom = mt_calloc(n, sizeof(int32_t));
-    m->res = mt_calloc(d->L + 1, sizeof *m->res);
-    for (int l = 0; l <= d->L; l++) m->res[l] = k->alloc(n * d->C * F32);
-    m->la = mt_calloc(d->L, sizeof *m->la);
-    for (int l = 0; l < d->L; l++) layer_acts_alloc(m, &m->la[l], &m->pl.layers[l], max_seqs);
-    m->lnf = k->alloc(n * d->C * F32);
-    m->rstdf = k->alloc(n * F32);
-    m->logits = k->alloc(nc * d->Vl * F32);
+    arenas_alloc(m, mp ? mp->slots : NULL, max_seqs);
+    if (d->has_head) {
+        m->lnf = k->alloc(n * d->C * F32);
+        m->rstdf = k->alloc(n * F32);
+        m->logits = k->alloc(nc * d->Vl * F32);
+    }
     scratch_alloc(m, max_seqs);
     m->load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->lbl_acc = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
@@ -134,13 +190,8 @@ void model_free(Model *m) {
         k->free(m->param[b]);
         k->free(m->grad[b]);
     }
-    k->free(m->tokens);
-    k->free(m->targets);
-    free(m->row_dom);
-    for (int l = 0; l <= m->d.L; l++) k->free(m->res[l]);
-    for (int l = 0; l < m->d.L; l++) layer_acts_free(m, &m->la[l], &m->pl.layers[l]);
-    free(m->res);
-    free(m->la);
+    for (int i = 0; i < m->n_arenas; i++) arena_free(m, &m->arenas[i]);
+    free(m->arenas);
     float *p[] = {m->lnf, m->rstdf, m->logits, m->dres, m->dln, m->dq, m->dk, m->dv, m->datt, m->dh,
                   m->dab, m->gx, m->gy, m->gz, m->rs, m->ce, m->kall, m->vall, m->knat, m->vnat};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
@@ -177,37 +228,48 @@ void model_reset_stats(Model *m) {
 void model_reset_lbl(Model *m) { memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t)); }
 
 size_t model_activation_bytes(const Model *m) {
-    return model_activation_bytes_plan(&m->pl, m->max_seqs, &m->mc);
+    return model_activation_bytes_plan(&m->pl, m->max_seqs, &m->mc, m->slots);
 }
 
-/* Bytes of everything model_init allocates besides the flat parameter and gradient buffers, item by
- * item as model_init, layer_acts_alloc and scratch_alloc allocate it (tokens and targets are int32,
- * the size of a float), plus the MoE layers' buffers at their planned bounds (moe.h: MoeRows; the
- * ones that grow during the first steps included). */
-size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const MoeConfig *mc) {
+/* Floats (and MoE bytes) of one arena of chunk k: as arena_alloc and layer_acts_alloc allocate. */
+static size_t arena_floats_plan(const ParamLayout *pl, int k, int max_seqs, const MoeConfig *mc, size_t *moe) {
     const ModelDims *d = &pl->dims;
-    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs), C = d->C, fl = 0, moe = 0;
-    size_t qd = (size_t)d->Hl * d->D, kd = (size_t)d->Hkvl * d->D, f = max_ffn_width(d);
-    size_t kvw = (size_t)max_seqs * d->T * kd;
-    fl += 2 * nc;                                            /* tokens, targets */
-    fl += (d->L + 1) * n * C + n * C + n + nc * d->Vl;       /* res, lnf, rstdf, logits */
-    for (int l = 0; l < d->L; l++) {                         /* layer_acts_alloc */
+    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs), C = d->C;
+    size_t qd = (size_t)d->Hl * d->D, kd = (size_t)d->Hkvl * d->D;
+    size_t fl = 2 * nc + (size_t)(d->chi[k] - d->clo[k] + 1) * n * C; /* tokens, targets; res */
+    for (int l = d->clo[k]; l < d->chi[k]; l++) {
         const LayerParams *lp = &pl->layers[l];
         size_t fw = ffn_width(d, lp);
         fl += 3 * n * C + 2 * n;                             /* ln1, res_mid, ln2; rstd1, rstd2 */
         fl += nc * (2 * qd + 2 * kd) + nc * d->Hl;           /* q, att, k, v; lse */
         fl += nc * 3 * fw;                                   /* ab, h (dense FFN / shared experts) */
-        if (lp->is_moe) moe += moe_acts_bytes_plan(d, mc, (int)n);
+        if (lp->is_moe) *moe += moe_acts_bytes_plan(d, mc, (int)n);
     }
+    return fl;
+}
+
+/* Bytes of everything model_init allocates besides the flat parameter and gradient buffers, item by
+ * item as model_init, arena_alloc and scratch_alloc allocate it (tokens and targets are int32,
+ * the size of a float), plus the MoE layers' buffers at their planned bounds (moe.h: MoeRows; the
+ * ones that grow during the first steps included). */
+size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const MoeConfig *mc,
+                                   const int *slots) {
+    const ModelDims *d = &pl->dims;
+    size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs), C = d->C, fl = 0, moe = 0;
+    size_t qd = (size_t)d->Hl * d->D, kd = (size_t)d->Hkvl * d->D, f = max_ffn_width(d);
+    size_t kvw = (size_t)max_seqs * d->T * kd;
+    for (int k = 0; k < d->vpp; k++) {
+        size_t am = 0, af = arena_floats_plan(pl, k, max_seqs, mc, &am);
+        size_t ns = slots && slots[k] > 0 ? (size_t)slots[k] : 1;
+        fl += ns * af;
+        moe += ns * am;
+    }
+    if (d->has_head) fl += n * C + n + nc * d->Vl;           /* lnf, rstdf, logits */
     fl += 2 * n * C + nc * (2 * qd + 2 * kd);                /* scratch_alloc: dres, dln, dq, datt, dk, dv */
     fl += nc * 3 * (f ? f : 1);                              /* dh, dab */
     if (d->tp > 1) fl += 3 * nc * C + n * C + 3 * nc;        /* gx, gy, gz, rs, ce */
     if (d->cp > 1) fl += 4 * kvw;                            /* kall, vall, knat, vnat */
-    for (int l = 0; l < d->L; l++)                           /* MoE backward scratch, once */
-        if (pl->layers[l].is_moe) {
-            moe += moe_scratch_bytes_plan(d, mc, (int)n);
-            break;
-        }
+    if (holds_moe(pl)) moe += moe_scratch_bytes_plan(d, mc, (int)n); /* MoE backward scratch, once */
     return fl * F32 + moe;
 }
 
@@ -434,42 +496,92 @@ static double loss_forward(Model *m, int nc, float lm_scale) {
     return loss;
 }
 
-/* Forward through the loss; leaves dlogits (scaled by lm_scale) in m->logits. */
-static MicroStats forward(Model *m, const int32_t *tokens, const int32_t *domains, int b,
-                          float lm_scale, int collect) {
-    const Kernels *k = m->k;
+/* Embedding of this micro-batch's tokens into res[0]. */
+static void embed_forward(Model *m) {
     const ModelDims *d = &m->d;
-    MT_CHECK(b >= 1 && b <= m->max_seqs, "micro-batch of %d sequences, arena holds %d", b, m->max_seqs);
-    m->b = b;
-    int n = rows_res(d, b), nc = rows_cp(d, b);
-    MicroStats st = {0};
-    load_tokens(m, tokens, domains, b);
-    hook_gather(m, 0); /* the head unit stays gathered until the end of the backward */
+    int n = rows_res(d, m->b), nc = rows_cp(d, m->b);
     float beta, *e = tp_partial(m, m->res[0], &beta);
-    k->embedding_fwd(e, m->tokens, PT(m, m->pl.embed), nc, d->C);
+    m->k->embedding_fwd(e, m->tokens, PT(m, m->pl.embed), nc, d->C);
     if (m->tp->size > 1) {
-        k->zero(m->res[0], (size_t)n * d->C * F32);
+        m->k->zero(m->res[0], (size_t)n * d->C * F32);
         tp_reduce_add(m, m->res[0]);
     }
-    for (int l = 0; l < d->L; l++) {
-        LayerActs *a = &m->la[l];
-        hook_gather(m, 1 + l);
-        attention_forward(m, &m->pl.layers[l], a, m->res[l]);
-        k->rmsnorm_fwd(a->ln2, a->rstd2, a->res_mid, P(m, m->pl.layers[l].ln2), n, d->C, m->eps);
-        k->copy(m->res[l + 1], a->res_mid, (size_t)n * d->C * F32);
-        ffn_forward(m, l, a, m->res[l + 1], &st, collect);
-        hook_release(m, 1 + l);
-    }
-    k->rmsnorm_fwd(m->lnf, m->rstdf, m->res[d->L], P(m, m->pl.final_norm), n, d->C, m->eps);
+}
+
+/* Decoder layer l: res[l] -> res[l + 1]. */
+static void layer_forward(Model *m, int l, MicroStats *st, int collect) {
+    const LayerParams *lp = &m->pl.layers[l];
+    LayerActs *a = &m->la[l];
+    int n = rows_res(&m->d, m->b);
+    hook_gather(m, lp->unit);
+    attention_forward(m, lp, a, m->res[l]);
+    m->k->rmsnorm_fwd(a->ln2, a->rstd2, a->res_mid, P(m, lp->ln2), n, m->d.C, m->eps);
+    m->k->copy(m->res[l + 1], a->res_mid, (size_t)n * m->d.C * F32);
+    ffn_forward(m, l, a, m->res[l + 1], st, collect);
+    hook_release(m, lp->unit);
+}
+
+/* Final norm, lm_head and the loss of res[L]; leaves dlogits (scaled by lm_scale) in m->logits. */
+static void head_forward(Model *m, float lm_scale, MicroStats *st) {
+    const ModelDims *d = &m->d;
+    int n = rows_res(d, m->b), nc = rows_cp(d, m->b);
+    m->k->rmsnorm_fwd(m->lnf, m->rstdf, m->res[d->L], P(m, m->pl.final_norm), n, d->C, m->eps);
     const float *xg = tp_gather(m, m->lnf, m->gx);
-    k->matmul(m->logits, xg, PT(m, m->pl.lm_head), nc, d->Vl, d->C, 0, 1, 1.0f, 0.0f);
+    m->k->matmul(m->logits, xg, PT(m, m->pl.lm_head), nc, d->Vl, d->C, 0, 1, 1.0f, 0.0f);
     double loss = loss_forward(m, nc, lm_scale);
     if (m->tp->rank == 0) { /* every tp rank holds the same loss: count it once */
-        st.lm_sum = loss;
-        st.tokens = nc;
+        st->lm_sum = loss;
+        st->tokens = nc;
     }
+}
+
+static void head_backward(Model *m);
+
+int model_chunk_is_first(const Model *m, int k) { return m->d.has_embed && k == 0; }
+int model_chunk_is_last(const Model *m, int k) { return m->d.has_head && k == m->d.vpp - 1; }
+
+/* Chunk k of micro-batch mb forward (model.h); train: also the head's backward on the last chunk,
+ * leaving d res[L] in res[L]. The head unit (0) is gathered for the embedding and the head; on the
+ * model's last chunk its gradients are complete after the head's backward unless the embedding
+ * lives in the same chunk (pp = 1: then the unit stays gathered until the chunk's backward). */
+static MicroStats chunk_forward(Model *m, int k, int mb, const int32_t *tokens, const int32_t *domains,
+                                int b, float lm_scale, int train) {
+    const ModelDims *d = &m->d;
+    MT_CHECK(b >= 1 && b <= m->max_seqs, "micro-batch of %d sequences, arena holds %d", b, m->max_seqs);
+    Arena *ar = use_arena(m, k, mb);
+    ar->b = m->b = b;
+    int first = model_chunk_is_first(m, k), last = model_chunk_is_last(m, k);
+    MicroStats st = {0};
+    load_tokens(m, tokens, domains, b);
+    if (first || last) hook_gather(m, 0);
+    if (first) embed_forward(m);
+    for (int l = d->clo[k]; l < d->chi[k]; l++) layer_forward(m, l, &st, train);
+    if (last) head_forward(m, lm_scale, &st);
+    if (last && train) {
+        head_backward(m);
+        m->k->copy(m->res[d->L], m->dres, (size_t)rows_res(d, b) * d->C * F32);
+        if (!first) hook_grads_ready(m, 0);
+    }
+    if ((first || last) && !(first && last && train)) hook_release(m, 0);
     return st;
 }
+
+MicroStats model_chunk_forward(Model *m, int k, int mb, const int32_t *tokens, const int32_t *domains,
+                               int b, float lm_scale) {
+    return chunk_forward(m, k, mb, tokens, domains, b, lm_scale, 1);
+}
+
+float *model_chunk_input(Model *m, int k, int mb) {
+    use_arena(m, k, mb);
+    return m->res[m->d.clo[k]];
+}
+const float *model_chunk_output(Model *m, int k, int mb) {
+    use_arena(m, k, mb);
+    return m->res[m->d.chi[k]];
+}
+const float *model_chunk_dinput(Model *m, int k, int mb) { return model_chunk_input(m, k, mb); }
+float *model_chunk_dout(Model *m) { return m->dres; }
+size_t model_boundary_floats(const Model *m, int b) { return (size_t)rows_res(&m->d, b) * m->d.C; }
 
 /* ---- backward ---- */
 
@@ -557,11 +669,12 @@ static void ffn_backward(Model *m, int l, LayerActs *a, float aux_scale) {
     m->k->rmsnorm_bwd(m->dres, G(m, lp->ln2), m->dln, a->res_mid, P(m, lp->ln2), a->rstd2, n, d->C);
 }
 
-static void backward(Model *m, float aux_scale) {
+/* The head's backward: dlogits (in m->logits) -> lm_head and final-norm gradients, d res[L] in
+ * m->dres. */
+static void head_backward(Model *m) {
     const Kernels *k = m->k;
     const ModelDims *d = &m->d;
     int n = rows_res(d, m->b), nc = rows_cp(d, m->b), C = d->C;
-    /* m->logits holds dlogits */
     float *dxg = tp_dpartial(m, m->dln);
     k->matmul(dxg, m->logits, PT(m, m->pl.lm_head), nc, C, d->Vl, 0, 0, 1.0f, 0.0f);
     tp_reduce_into(m, m->dln);
@@ -570,29 +683,41 @@ static void backward(Model *m, float aux_scale) {
     k->zero(m->dres, (size_t)n * C * F32);
     k->rmsnorm_bwd(m->dres, G(m, m->pl.final_norm), m->dln, m->res[d->L], P(m, m->pl.final_norm),
                    m->rstdf, n, C);
-    for (int l = d->L - 1; l >= 0; l--) {
-        hook_gather(m, 1 + l);
+}
+
+void model_chunk_backward(Model *m, int k, int mb, float aux_scale) {
+    const ModelDims *d = &m->d;
+    use_arena(m, k, mb);
+    size_t nC = (size_t)rows_res(d, m->b) * d->C;
+    if (model_chunk_is_last(m, k)) m->k->copy(m->dres, m->res[d->L], nC * F32);
+    for (int l = d->chi[k] - 1; l >= d->clo[k]; l--) {
+        const LayerParams *lp = &m->pl.layers[l];
+        hook_gather(m, lp->unit);
         ffn_backward(m, l, &m->la[l], aux_scale);
-        attention_backward(m, &m->pl.layers[l], &m->la[l], m->res[l]);
-        hook_grads_ready(m, 1 + l);
-        hook_release(m, 1 + l);
+        attention_backward(m, lp, &m->la[l], m->res[l]);
+        hook_grads_ready(m, lp->unit);
+        hook_release(m, lp->unit);
     }
-    k->embedding_bwd(GT(m, m->pl.embed), tp_gather(m, m->dres, m->gy), m->tokens, nc, C);
+    if (!model_chunk_is_first(m, k)) { /* the input gradient, where the (dead) input was */
+        m->k->copy(m->res[d->clo[k]], m->dres, nC * F32);
+        return;
+    }
+    m->k->embedding_bwd(GT(m, m->pl.embed), tp_gather(m, m->dres, m->gy), m->tokens, rows_cp(d, m->b), d->C);
     hook_grads_ready(m, 0);
     hook_release(m, 0);
 }
 
 MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *domains, int b,
                             float lm_scale, float aux_scale) {
-    MicroStats st = forward(m, tokens, domains, b, lm_scale, 1);
-    backward(m, aux_scale);
+    MT_CHECK(m->d.pp == 1, "model_step_micro runs the whole model: pp = %d", m->d.pp);
+    MicroStats st = chunk_forward(m, 0, 0, tokens, domains, b, lm_scale, 1);
+    model_chunk_backward(m, 0, 0, aux_scale);
     return st;
 }
 
 MicroStats model_forward_only(Model *m, const int32_t *tokens, int b) {
-    MicroStats st = forward(m, tokens, NULL, b, 0.0f, 0);
-    hook_release(m, 0);
-    return st;
+    MT_CHECK(m->d.pp == 1, "model_forward_only runs the whole model: pp = %d", m->d.pp);
+    return chunk_forward(m, 0, 0, tokens, NULL, b, 0.0f, 0);
 }
 
 double model_forward_flops(const Config *c, int b, FlopsParts *parts) {

@@ -23,8 +23,19 @@
  *              full logits): per-row max, sum of exponentials and target logit all-reduced over tp;
  *   MoE: each rank routes its own n rows (the router and norms are replicated: params.h).
  * All of that communication happens in this file's tp_* / cp_* helpers, through comm.h.
- * model_step_micro runs forward, loss and backward for one micro-batch and ACCUMULATES gradients,
- * so gradient accumulation is calling it repeatedly between model_zero_grads calls.
+ * The stage seam (pipeline parallelism, pp = 1 included): this rank's layers form vpp model chunks
+ * (ModelDims clo/chi; one chunk of every layer at pp = 1). model_chunk_forward runs chunk k of one
+ * micro-batch from its input activations (the embedding when the chunk is the first of the model)
+ * to its output (model_chunk_output), and on the model's last chunk on through the loss and,
+ * eagerly, the lm_head's and final norm's backward (training). model_chunk_backward runs it back
+ * from the output gradient (left in model_chunk_dout by the caller; the last chunk has it from its
+ * forward) to the input gradient (model_chunk_dinput; the first chunk ends in the embedding's
+ * gradient instead). Gradients ACCUMULATE, so gradient accumulation is running micro-batches
+ * between model_zero_grads calls. Every chunk keeps the activations of up to slots[k] micro-
+ * batches in flight (ModelParallel.slots, from the pipeline schedule; 1 at pp = 1): micro-batch
+ * mb uses arena slot mb % slots[k], which is safe because a chunk's forwards and backwards both
+ * go in micro-batch order. The arenas are the only per-micro-batch memory; backward scratch is
+ * shared. model_step_micro is forward + backward of the one chunk (pp = 1 only).
  *
  * Loss scaling (so every mesh computes the same numbers as one rank):
  *   LM gradient scaled by lm_scale = 1 / (tokens in the global step);
@@ -64,7 +75,8 @@ typedef struct ModelParallel {
     const Group *etp;       /* expert tensor-parallel group (experts' hidden width split) */
     const Group *tp, *cp;   /* tensor (+ sequence) parallel, context parallel */
     const Group *tokens;    /* ranks holding other tokens of the step: global-batch LBL counts */
-    DimsSplit split;        /* this rank's tp, etp, ep, cp coordinates */
+    DimsSplit split;        /* this rank's tp, etp, ep, cp, pp coordinates */
+    int slots[64];          /* micro-batches in flight per model chunk (pipeline.h); 0 = 1 */
     size_t pad[PBUF_COUNT]; /* unit padding of the flat buffers (for sharding) */
 } ModelParallel;
 
@@ -76,6 +88,18 @@ typedef struct LayerActs {
     MoeActs moe;   /* MoE layers */
 } LayerActs;
 
+/* The activations of one micro-batch in one model chunk [clo, chi): its input and output
+ * residuals (res[clo], res[chi]; between them the layers' outputs), its layers' saved activations,
+ * and the micro-batch's tokens. Entries outside the chunk are NULL. After the chunk's backward,
+ * res[clo] holds the input gradient; after the last chunk's forward, res[L] holds d res[L]. */
+typedef struct Arena {
+    float **res;               /* (L+1) residual stream (n,C) */
+    LayerActs *la;             /* (L) */
+    int32_t *tokens, *targets; /* backend (Nc): inputs (vocabulary-slice ids, -1 outside), targets */
+    int32_t *row_dom;          /* host (n): data domain of each residual row */
+    int b;                     /* sequences of its micro-batch */
+} Arena;
+
 typedef struct Model {
     const Kernels *k;
     ModelDims d;
@@ -86,12 +110,14 @@ typedef struct Model {
     float *param[PBUF_COUNT], *grad[PBUF_COUNT]; /* backend */
 
     int max_seqs;          /* B capacity of the arena */
+    Arena *arenas;         /* slots[0] arenas of chunk 0, then those of chunk 1, ... */
+    int n_arenas, slots[64], arena0[64]; /* chunk k: arenas arena0[k] .. arena0[k] + slots[k] - 1 */
+    /* the arena in use (model_chunk_*): its fields, as the layer code reads them */
     int b;                 /* sequences of the current micro-batch */
-    int32_t *tokens, *targets; /* backend (Nc): inputs (vocabulary-slice ids, -1 outside), targets */
-    int32_t *row_dom;      /* host (n): data domain of each residual row */
-    float **res;           /* (L+1) residual stream (n,C) */
-    LayerActs *la;         /* (L) */
-    float *lnf, *rstdf, *logits; /* (n,C) (n) (Nc,Vl) */
+    int32_t *tokens, *targets, *row_dom;
+    float **res;
+    LayerActs *la;
+    float *lnf, *rstdf, *logits; /* (n,C) (n) (Nc,Vl): the model's last chunk only (else NULL) */
     /* backward scratch */
     float *dres, *dln, *dq, *dk, *dv, *datt, *dh, *dab;
     MoeScratch ms;
@@ -128,9 +154,27 @@ void model_reset_stats(Model *m);
 void model_reset_lbl(Model *m);
 
 /* tokens (B, T+1) host int32: inputs tokens[:, :T], targets tokens[:, 1:]. domains (B) host or NULL.
- * Runs forward + backward for B <= max_seqs sequences, accumulating gradients. */
+ * Runs forward + backward for B <= max_seqs sequences, accumulating gradients (pp = 1). */
 MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *domains, int b,
                             float lm_scale, float aux_scale);
+
+/* The stage seam (above). Chunk k (0 <= k < vpp) of micro-batch mb, b sequences: every chunk gets
+ * the micro-batch's tokens and domains (the MoE layers record load per domain). Before a forward
+ * that is not the model's first chunk, its input (n,C) must be in model_chunk_input; before a
+ * backward that is not the model's last chunk, the output gradient must be in model_chunk_dout.
+ * The returned stats cover the chunk (the LM loss on the model's last chunk only). */
+MicroStats model_chunk_forward(Model *m, int k, int mb, const int32_t *tokens, const int32_t *domains,
+                               int b, float lm_scale);
+void model_chunk_backward(Model *m, int k, int mb, float aux_scale);
+/* Boundary buffers of chunk k, micro-batch mb, and their length in floats (n*C for b sequences). */
+float *model_chunk_input(Model *m, int k, int mb);
+const float *model_chunk_output(Model *m, int k, int mb);
+const float *model_chunk_dinput(Model *m, int k, int mb);
+float *model_chunk_dout(Model *m);
+size_t model_boundary_floats(const Model *m, int b);
+/* Whether chunk k holds the model's first layer (embedding) / its last (final norm, lm_head). */
+int model_chunk_is_first(const Model *m, int k);
+int model_chunk_is_last(const Model *m, int k);
 
 /* Forward only: the loss terms, no gradient (used by tests, evaluation). */
 MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
@@ -141,9 +185,10 @@ size_t model_activation_bytes(const Model *m);
  * which layers are MoE), max_seqs sequences and the MoE settings mc (capacity, padding). Every
  * backend buffer model_init allocates besides the flat parameter and gradient buffers, and the MoE
  * buffers that grow during the first steps at their planned bounds (moe.h: MoeRows; exact with a
- * capacity, an allowance for dropless routing at ep > 1). Arithmetic only: sizes a run before it
- * allocates. */
-size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const MoeConfig *mc);
+ * capacity, an allowance for dropless routing at ep > 1), with slots[k] arenas for chunk k (NULL:
+ * one each). Arithmetic only: sizes a run before it allocates. */
+size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const MoeConfig *mc,
+                                   const int *slots);
 
 /* Forward FLOPs (2 per multiply-add) of b sequences of the configured model, by kind. A training
  * step costs about 3x (the backward twice the forward); benchmarks use this to report achieved

@@ -31,11 +31,16 @@ ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
     d.pp = sp->pp > 0 ? sp->pp : 1; /* zero-initialised splits (tests) mean no pipeline */
     d.pp_r = sp->pp > 0 ? sp->pp_r : 0;
     d.vpp = sp->pp > 1 ? c->pp_virtual : 1;
-    int b[4097], n = pipeline_bounds(c, b, 4096);
-    MT_CHECK(n == d.pp * d.vpp && d.vpp <= 64, "pipeline: %d chunks for pp %d x %d", n, d.pp, d.vpp);
-    for (int k = 0; k < d.vpp; k++) {
-        d.clo[k] = b[d.pp_r + k * d.pp];
-        d.chi[k] = b[d.pp_r + k * d.pp + 1];
+    if (d.pp == 1) { /* no pipeline (or the whole model, as a checkpoint's full layout) */
+        d.clo[0] = 0;
+        d.chi[0] = d.L;
+    } else {
+        int b[4097], n = pipeline_bounds(c, b, 4096);
+        MT_CHECK(n == d.pp * d.vpp && d.vpp <= 64, "pipeline: %d chunks for pp %d x %d", n, d.pp, d.vpp);
+        for (int k = 0; k < d.vpp; k++) {
+            d.clo[k] = b[d.pp_r + k * d.pp];
+            d.chi[k] = b[d.pp_r + k * d.pp + 1];
+        }
     }
     d.has_embed = d.pp_r == 0;
     d.has_head = d.pp_r == d.pp - 1;

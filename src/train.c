@@ -14,9 +14,18 @@
 #include "metrics.h"
 #include "stop.h"
 #include "optim/schedule.h"
+#include "pipeline.h"
 
 int64_t trainer_global_batch(const Trainer *t) {
     return (int64_t)t->cfg.micro_batch_size * t->cfg.grad_accum_steps * t->dp;
+}
+
+/* This rank's pipeline schedule for a step (pipeline.h; at pp = 1: F, B of each micro-batch in
+ * turn). Returns the number of operations, -1 if the schedule cannot run. */
+static int trainer_schedule(const Config *c, const Mesh *mesh, PipeOp **ops) {
+    int V = mesh->pp > 1 ? c->pp_virtual : 1, M = c->grad_accum_steps;
+    *ops = mt_calloc(2 * (size_t)M * V, sizeof **ops);
+    return pipeline_schedule(mesh->pp, mesh->me.pp, V, M, *ops);
 }
 
 ModelParallel trainer_model_parallel(const Config *c, const Mesh *mesh) {
@@ -27,6 +36,12 @@ ModelParallel trainer_model_parallel(const Config *c, const Mesh *mesh) {
         .split = {mesh->tp, x->tp, mesh->etp, x->etp, mesh->ep, x->ep, mesh->cp, x->cp, mesh->pp, x->pp},
     };
     sharder_padding(c->shard, mesh, mp.pad);
+    PipeOp *ops;
+    int n = trainer_schedule(c, mesh, &ops);
+    MT_CHECK(n > 0, "pipeline: no schedule for pp %d x %d chunks, %d micro-batches", mesh->pp,
+             c->pp_virtual, c->grad_accum_steps);
+    pipeline_slots(ops, n, mesh->pp > 1 ? c->pp_virtual : 1, mp.slots);
+    free(ops);
     return mp;
 }
 
@@ -40,7 +55,7 @@ MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh) {
     /* cpu: release gives the pages of a used unit back; cuda: it only zeroes them (kernels.h) */
     sharder_memory_plan(&pl, c->shard, mesh, c->device == DEVICE_CPU, &m.params, &m.grads, &m.optimizer);
     MoeConfig mc = {.capacity_factor = c->capacity_factor, .pad_to_capacity = c->pad_to_capacity};
-    m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size, &mc);
+    m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size, &mc, mp.slots);
     params_layout_free(&pl);
     return m;
 }
@@ -67,6 +82,7 @@ int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh
     model_init(&t->model, c, k, c->micro_batch_size, &mp);
     if (c->shard != SHARD_FULL) model_init_params(&t->model, c->seed);
     sharder_init(&t->shard, &t->model, mesh, c);
+    t->n_ops = trainer_schedule(c, mesh, &t->ops);
     t->tok_buf = mt_calloc((size_t)c->micro_batch_size * (c->seq_len + 1), sizeof(int32_t));
     t->dom_buf = mt_calloc(c->micro_batch_size, sizeof(int32_t));
     return MT_OK;
@@ -78,33 +94,33 @@ void trainer_free(Trainer *t) {
     data_close(t->data);
     free(t->tok_buf);
     free(t->dom_buf);
+    free(t->ops);
     memset(t, 0, sizeof *t);
 }
 
-/* Forward/backward over this rank's micro-batches of the step; returns the summed stats. */
-static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale) {
-    const Config *c = &t->cfg;
-    int mbs = c->micro_batch_size;
-    int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * c->grad_accum_steps;
-    MicroStats sum = {0};
-    for (int a = 0; a < c->grad_accum_steps; a++) {
-        data_get(t->data, first + (int64_t)a * mbs, mbs, t->tok_buf, t->dom_buf);
-        MicroStats s = model_step_micro(&t->model, t->tok_buf, t->dom_buf, mbs, lm_scale, aux_scale);
-        sum.lm_sum += s.lm_sum;
-        sum.tokens += s.tokens;
-        sum.lbl += s.lbl;
-        sum.z += s.z;
-        sum.dropped += s.dropped;
-        sum.assignments += s.assignments;
-    }
-    return sum;
+/* pipeline_step's source of micro-batches: micro-batch mb of this dp rank's share of the step. */
+static void fetch_micro_batch(void *ctx, int mb, const int32_t **tokens, const int32_t **domains) {
+    Trainer *t = ctx;
+    int mbs = t->cfg.micro_batch_size;
+    int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * t->cfg.grad_accum_steps;
+    data_get(t->data, first + (int64_t)mb * mbs, mbs, t->tok_buf, t->dom_buf);
+    *tokens = t->tok_buf;
+    *domains = t->dom_buf;
 }
 
-/* Sum this rank's loss terms over the token-holding ranks (every rank of the stage: under
- * sequence parallelism the tp ranks route different tokens; the LM loss is counted by tp rank 0). */
+/* Forward/backward over this rank's micro-batches of the step (through its pipeline schedule);
+ * returns the summed stats of its model chunks. */
+static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale) {
+    return pipeline_step(&t->model, &t->mesh->g_pp, t->ops, t->n_ops, t->cfg.micro_batch_size,
+                         fetch_micro_batch, t, lm_scale, aux_scale);
+}
+
+/* Sum this rank's loss terms over the world: every rank of a stage holds other tokens (under
+ * sequence parallelism the tp ranks route different tokens; the LM loss is counted by tp rank 0 of
+ * the last stage) and every stage adds its own layers' auxiliary losses. */
 static MicroStats sync_micro_stats(const Trainer *t, MicroStats s) {
     double v[6] = {s.lm_sum, (double)s.tokens, s.lbl, s.z, (double)s.dropped, (double)s.assignments};
-    comm_allreduce_sum(&t->mesh->g_stage, v, 6, DT_F64);
+    comm_allreduce_sum(&t->mesh->g_world, v, 6, DT_F64);
     return (MicroStats){v[0], (int64_t)v[1], v[2], v[3], (int64_t)v[4], (int64_t)v[5]};
 }
 
@@ -197,8 +213,9 @@ void trainer_materialize_params(Trainer *t) {
 
 void trainer_sync_stats(Trainer *t) {
     Model *m = &t->model;
-    comm_allreduce_sum(&t->mesh->g_stage, m->load, (size_t)m->d.L * m->d.E, DT_I64);
-    comm_allreduce_sum(&t->mesh->g_stage, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
+    /* over the world: a layer's counts live on its pipeline stage (zeros elsewhere) */
+    comm_allreduce_sum(&t->mesh->g_world, m->load, (size_t)m->d.L * m->d.E, DT_I64);
+    comm_allreduce_sum(&t->mesh->g_world, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
 }
 
 /* Load the best resumable checkpoint, if any. auto skips (with a warning) candidates that fail to

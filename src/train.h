@@ -36,6 +36,7 @@
 #include "model.h"
 #include "optim/shard.h"
 #include "parallel/mesh.h"
+#include "pipeline.h"
 
 /* The values the non-finite guard checks, in the order it names them (StepResult.nonfinite). */
 enum { NF_LM = 1, NF_LBL = 2, NF_Z = 4, NF_GRAD_NORM = 8 };
@@ -67,6 +68,8 @@ typedef struct Trainer {
                           * unless a resume changed the global batch: then it goes on from the
                           * checkpoint's position, so no sequence is seen twice) */
     int32_t *tok_buf, *dom_buf; /* host (mbs, T+1), (mbs) */
+    PipeOp *ops;                /* this rank's schedule of a step (pipeline.h) */
+    int n_ops;
     /* the non-finite guard (counted since trainer_init; not stored in checkpoints) */
     int skipped_steps;           /* steps skipped in all */
     int skipped_in_a_row;        /* consecutive skipped steps up to the last one (0: it was applied) */
