@@ -11,7 +11,8 @@
  *
  * The reference: micro_batch LBL scope -> one rank with grad_accum = dp x accum (the same
  * micro-batches, in the same order); global_batch scope (one micro-batch per rank) -> one rank
- * with the whole global batch as one micro-batch: the brute-force global LBL. Rank 0 computes
+ * with the whole global batch as one micro-batch: the brute-force global LBL; global_batch scope
+ * with dp = 1 (tp, cp and pp split the same sequences) -> one rank with the same micro-batches. Rank 0 computes
  * the reference on its own and broadcasts losses and parameters.
  * Every run also holds, on each rank, trainer_memory_plan (config + mesh only) against what the
  * backend's allocator measured while trainer_init and the 10 steps ran (kernels.h: MemStats): the
@@ -116,9 +117,11 @@ static void run_free(Run *r) {
  * other sequences; tp and cp split the same ones); rank 0 trains, everyone receives. */
 static void reference(const Config *c, int dp, const Group *world, Run *ref) {
     Config rc = *c;
-    rc.ep = rc.tp = rc.cp = rc.etp = 1;
+    rc.ep = rc.tp = rc.cp = rc.etp = rc.pp = rc.pp_virtual = 1;
+    rc.pp_schedule = PP_1F1B;
+    rc.pp_layers[0] = 0;
     rc.shard = SHARD_NONE;
-    if (c->lbl_scope == LBL_GLOBAL_BATCH) {
+    if (c->lbl_scope == LBL_GLOBAL_BATCH && dp > 1) {
         ck_assert_msg(c->grad_accum_steps == 1, "global-batch reference needs one micro-batch per rank");
         rc.micro_batch_size = c->micro_batch_size * dp;
     } else {
@@ -190,8 +193,8 @@ START_TEST(test_layout) {
     int32_t bad = compare(&got, &ref, layout, mesh.rank);
     comm_allreduce_sum(&mesh.g_world, &bad, 1, DT_I32);
     if (mesh.rank == 0)
-        printf("%-40s world %d (tp %d cp %d dp %d etp %d ep %d edp %d): loss %.6f -> %.6f, %s\n", layout,
-               mesh.world, mesh.tp, mesh.cp, mesh.dp, mesh.etp, mesh.ep, mesh.edp, got.loss[0],
+        printf("%-40s world %d (tp %d cp %d dp %d pp %d etp %d ep %d edp %d): loss %.6f -> %.6f, %s\n", layout,
+               mesh.world, mesh.tp, mesh.cp, mesh.dp, mesh.pp, mesh.etp, mesh.ep, mesh.edp, got.loss[0],
                got.loss[STEPS - 1], bad ? "MISMATCH" : "matches 1 rank");
     run_free(&got);
     run_free(&ref);

@@ -9,7 +9,9 @@
 #     checkpoint always verifies, no partial file is ever picked, and the run still completes;
 #  5. tensor / context / expert-tensor parallelism: tp2 x cp2 resumed on its own mesh is bit-exact;
 #     a tp2 checkpoint resumed at tp1, a tp1 checkpoint resumed at tp2 x cp2 and an etp2 x ep2 one
-#     resumed at etp1 finish within float tolerance of the uninterrupted np=1 run.
+#     resumed at etp1 finish within float tolerance of the uninterrupted np=1 run;
+#  6. pipeline parallelism: pp2 resumed on its own mesh is bit-exact; a pp2 checkpoint resumed at
+#     pp1 and a pp1 checkpoint resumed at pp2 x tp2 continue the np=1 run (close).
 set -u
 BUILD=${1:-build}
 BIN=$(cd "$BUILD" && pwd)/moetrain
@@ -129,6 +131,28 @@ for case in "p2 1 tp2 -> tp1|" "p1 4 tp1 -> tp2 x cp2|--set parallel.tp=2 --set 
   sets=${case#*|}
   read -r src np label <<<"${case%%|*}"
   d=$T/$src-$np; mkdir -p "$d"; cp "$T/$src/step_00000004.h5" "$d/"
+  # shellcheck disable=SC2086
+  out=$(run_to "$d" 8 "$np" $sets)
+  got=$(loss_at "$d.jsonl" 8); want=$(loss_at $T/r.jsonl 8)
+  if grep -q "resumed from $d/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
+    ok "$label: final loss $got vs uninterrupted np=1 $want"
+  else bad "$label: final loss '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
+done
+
+# ---- 6. pipeline meshes ------------------------------------------------------------------------
+PP=(--set parallel.pp=2)
+run_to $T/pa 8 2 "${PP[@]}" >/dev/null
+run_to $T/pb 4 2 "${PP[@]}" >/dev/null
+out=$(run_to $T/pb 8 2 "${PP[@]}")
+same=1
+for s in 5 6 7 8; do [ "$(loss_at $T/pa.jsonl $s)" = "$(loss_at $T/pb.jsonl $s)" ] && [ -n "$(loss_at $T/pa.jsonl $s)" ] || same=0; done
+grep -q "resumed from $T/pb/step_00000004.h5" <<<"$out" && [ $same = 1 ] \
+  && ok "pp2 same-mesh resume is bit-exact (steps 5-8: $(loss_at $T/pb.jsonl 8))" \
+  || bad "pp2 same-mesh resume: $(loss_at $T/pa.jsonl 8) vs $(loss_at $T/pb.jsonl 8) ($(tail -2 <<<"$out"))"
+for case in "pb 1 pp2 -> pp1|" "p1 4 pp1 -> pp2 x tp2|--set parallel.pp=2 --set parallel.tp=2"; do
+  sets=${case#*|}
+  read -r src np label <<<"${case%%|*}"
+  d=$T/$src-pp$np; mkdir -p "$d"; cp "$T/$src/step_00000004.h5" "$d/"
   # shellcheck disable=SC2086
   out=$(run_to "$d" 8 "$np" $sets)
   got=$(loss_at "$d.jsonl" 8); want=$(loss_at $T/r.jsonl 8)
