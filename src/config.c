@@ -581,7 +581,7 @@ static int check_pipeline(const Config *c, const Loc *o, char *err) {
                         "= %d with pp_schedule = interleaved (it runs micro-batches in groups of pp)", c->pp);
     if (c->pp > 1 && c->comm == COMM_NCCL)
         return key_fail(c, o, must_key("runtime", "comm"), must_key("parallel", "pp"), err,
-                        "= nccl is not supported with parallel.pp > 1 yet (pipeline sends are non-blocking MPI "
+                        "is not supported with parallel.pp > 1 yet (pipeline sends are non-blocking MPI "
                         "sends); use runtime.comm = mpi");
     if (!c->pp_layers[0]) return MT_OK;
     int v[4096], n = config_pp_layers(c, v, 4096), sum = 0;
