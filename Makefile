@@ -138,7 +138,7 @@ train: $(BUILD)/moetrain
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
 	  mpirun --oversubscribe --bind-to none -np $(NP) $(BUILD)/moetrain $(CONFIG) $(TRAIN_SETS)
 
-bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu $(BUILD)/bench/bench_tpcp
+bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu $(BUILD)/bench/bench_tpcp $(BUILD)/bench/bench_pipeline
 	bench/run.sh $(BUILD)
 
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)

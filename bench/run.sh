@@ -2,7 +2,8 @@
 # CPU benchmarks: training-step throughput of tiny and small against the BLAS peak;
 # expert-parallel dispatch+combine against a plain MPI_Alltoallv (4 ranks); checkpoint save/load
 # bandwidth against plain write()/read() (1 rank, and 4 ranks: dp4 x ep2, fully sharded);
-# tp / cp layouts of small side by side with their communication share (2 ranks, 1 BLAS thread each).
+# tp / cp layouts of small side by side with their communication share (2 ranks, 1 BLAS thread each);
+# the pipeline bubble of pp2 / pp4, 1f1b and interleaved, against theory.
 set -eu
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
@@ -14,3 +15,7 @@ MPI="env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --over
 $MPI -np 1 "$BUILD/bench/bench_checkpoint" configs/small.ini
 $MPI -np 4 "$BUILD/bench/bench_checkpoint" configs/small.ini --set parallel.ep=2 --set optim.shard=full --set train.micro_batch_size=2
 OPENBLAS_NUM_THREADS=1 $MPI -np 2 "$BUILD/bench/bench_tpcp" configs/small.ini --steps 10
+# pipeline bubble against the schedules' theory: pp2 at 2 ranks (one core each), then pp2 / pp4 at
+# 4 ranks (oversubscribed on a 2-core machine: read those as an upper bound)
+OPENBLAS_NUM_THREADS=1 $MPI -np 2 "$BUILD/bench/bench_pipeline" configs/small.ini --steps 5 --m 8 --set train.micro_batch_size=2
+OPENBLAS_NUM_THREADS=1 $MPI -np 4 "$BUILD/bench/bench_pipeline" configs/small.ini --steps 3 --m 8 --set train.micro_batch_size=2

@@ -121,6 +121,7 @@ typedef struct Step {
     int P, r, V, b;
     size_t count;       /* floats of a boundary buffer */
     CommRequest *sends; /* per arena: its forward output's and its input gradient's sends */
+    double compute;     /* seconds in model chunks */
 } Step;
 
 static int global_chunk(const Step *s, int k) { return s->r + k * s->P; }
@@ -143,7 +144,9 @@ static void run_forward(Step *s, PipeOp o, PipeFetch fetch, void *ctx, float lm_
     wait_arena(s, o.chunk, o.mb);
     fetch(ctx, o.mb, &tokens, &domains);
     if (g > 0) comm_recv(s->pp, model_chunk_input(m, o.chunk, o.mb), s->count, DT_F32, (g - 1) % s->P, g);
+    double t0 = mt_now();
     MicroStats st = model_chunk_forward(m, o.chunk, o.mb, tokens, domains, s->b, lm_scale);
+    s->compute += mt_now() - t0;
     if (g < G - 1)
         comm_isend(s->pp, model_chunk_output(m, o.chunk, o.mb), s->count, DT_F32, (g + 1) % s->P, g + 1,
                    send_slot(s, o.chunk, o.mb, PIPE_F));
@@ -159,14 +162,17 @@ static void run_backward(Step *s, PipeOp o, float aux_scale) {
     Model *m = s->m;
     int g = global_chunk(s, o.chunk), G = s->P * s->V;
     if (g < G - 1) comm_recv(s->pp, model_chunk_dout(m), s->count, DT_F32, (g + 1) % s->P, TAG_GRAD + g);
+    double t0 = mt_now();
     model_chunk_backward(m, o.chunk, o.mb, aux_scale);
+    s->compute += mt_now() - t0;
     if (g > 0)
         comm_isend(s->pp, model_chunk_dinput(m, o.chunk, o.mb), s->count, DT_F32, (g - 1) % s->P,
                    TAG_GRAD + g - 1, send_slot(s, o.chunk, o.mb, PIPE_B));
 }
 
 MicroStats pipeline_step(Model *m, const Group *pp, const PipeOp *ops, int n_ops, int b,
-                         PipeFetch fetch, void *ctx, float lm_scale, float aux_scale) {
+                         PipeFetch fetch, void *ctx, float lm_scale, float aux_scale, PipeTimes *times) {
+    double t0 = mt_now();
     Step s = {.m = m, .pp = pp, .P = pp->size, .r = pp->rank, .V = m->d.vpp, .b = b,
               .count = model_boundary_floats(m, b)};
     MT_CHECK(s.P == m->d.pp && s.r == m->d.pp_r, "pipeline group %d/%d, model %d/%d", s.r, s.P, m->d.pp_r, m->d.pp);
@@ -178,5 +184,6 @@ MicroStats pipeline_step(Model *m, const Group *pp, const PipeOp *ops, int n_ops
     }
     for (int a = 0; a < 2 * m->n_arenas; a++) comm_wait(&s.sends[a]);
     free(s.sends);
+    if (times) *times = (PipeTimes){mt_now() - t0, s.compute};
     return sum;
 }

@@ -55,11 +55,17 @@ int pipeline_simulate(int P, int V, int M, double tf, double tb, double *time, d
  * this rank's share of the step. */
 typedef void (*PipeFetch)(void *ctx, int mb, const int32_t **tokens, const int32_t **domains);
 
+/* Where a step's pipeline time went on this rank (seconds): all of pipeline_step, and the part
+ * spent computing model chunks (the rest is waiting for neighbours: the bubble, and transfers). */
+typedef struct PipeTimes {
+    double total, compute;
+} PipeTimes;
+
 /* One step's forwards and backwards (gradients accumulate in the model) over pp (the pipeline
  * group; size 1 without a pipeline), M micro-batches of b sequences, following ops. Returns the
- * summed stats of this rank's chunks. Collective over the pp group (and, inside the model, the
- * stage's groups). */
+ * summed stats of this rank's chunks; times (may be NULL) gets where the time went. Collective
+ * over the pp group (and, inside the model, the stage's groups). */
 MicroStats pipeline_step(Model *m, const Group *pp, const PipeOp *ops, int n_ops, int b,
-                         PipeFetch fetch, void *ctx, float lm_scale, float aux_scale);
+                         PipeFetch fetch, void *ctx, float lm_scale, float aux_scale, PipeTimes *times);
 
 #endif

@@ -112,7 +112,7 @@ static void fetch_micro_batch(void *ctx, int mb, const int32_t **tokens, const i
  * returns the summed stats of its model chunks. */
 static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale) {
     return pipeline_step(&t->model, &t->mesh->g_pp, t->ops, t->n_ops, t->cfg.micro_batch_size,
-                         fetch_micro_batch, t, lm_scale, aux_scale);
+                         fetch_micro_batch, t, lm_scale, aux_scale, &t->pipe_times);
 }
 
 /* Sum this rank's loss terms over the world: every rank of a stage holds other tokens (under

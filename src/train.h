@@ -70,6 +70,7 @@ typedef struct Trainer {
     int32_t *tok_buf, *dom_buf; /* host (mbs, T+1), (mbs) */
     PipeOp *ops;                /* this rank's schedule of a step (pipeline.h) */
     int n_ops;
+    PipeTimes pipe_times;       /* where the last step's forward/backward time went */
     /* the non-finite guard (counted since trainer_init; not stored in checkpoints) */
     int skipped_steps;           /* steps skipped in all */
     int skipped_in_a_row;        /* consecutive skipped steps up to the last one (0: it was applied) */
