@@ -19,7 +19,8 @@
  * Gradient norm: every rank sums the squares of its slice of each replica group's buffer (its
  * shard, or an even split in mode none), all-reduced over the world: each element once.
  * Gradient and parameter traffic happens only here (activations move in model.c's tp/cp
- * helpers and in dispatch/moe). Assumes pp = 1.
+ * helpers and in dispatch/moe). Per pipeline stage: replica groups lie within a stage, and the
+ * gradient norm sums every rank's slice over the world, so it covers all stages.
  * Memory: sharder_memory reports what a Sharder and its model's flat buffers take per rank;
  * sharder_memory_plan gives the same numbers from the layout alone (metadata, nothing allocated),
  * so a run can be sized, and refused, before it allocates anything large.
