@@ -150,7 +150,7 @@ int main(int argc, char **argv) {
     Trainer t;
     char err[MT_ERRLEN] = "";
     MT_CHECK(config_load(&c, path, sets, n_sets, err) == MT_OK, "%s", err);
-    MT_CHECK(mesh_build(&mesh, &c, err) == MT_OK && mesh_check_supported(&mesh, err) == MT_OK, "%s", err);
+    MT_CHECK(mesh_build(&mesh, &c, err) == MT_OK, "%s", err);
     c.metrics_file[0] = 0;
     MT_CHECK(comm_any_failed(&mesh.g_world, trainer_init(&t, &c, kernels_cpu(), &mesh, err)) == MT_OK,
              "trainer_init: %s", err);

@@ -294,7 +294,7 @@ int main(int argc, char **argv) {
         sets[n_sets] = mbs_set, sets[n_sets + 1] = tp_set, sets[n_sets + 2] = cp_set;
         MT_CHECK(config_load(&L->c, path, sets, n_sets + 3, err) == MT_OK, "tp%d cp%d: %s", tp, cp, err);
         L->c.metrics_file[0] = 0;
-        MT_CHECK(mesh_build(&L->mesh, &L->c, err) == MT_OK && mesh_check_supported(&L->mesh, err) == MT_OK,
+        MT_CHECK(mesh_build(&L->mesh, &L->c, err) == MT_OK,
                  "tp%d cp%d: %s", tp, cp, err);
         MT_CHECK(comm_any_failed(&L->mesh.g_world, trainer_init(&L->t, &L->c, kernels_cpu(), &L->mesh, err)) == MT_OK,
                  "tp%d cp%d trainer_init: %s", tp, cp, err);

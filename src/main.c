@@ -114,8 +114,7 @@ int main(int argc, char **argv) {
     int built = 0;
     rc = 0;
     if (config_load(&cfg, args.config, args.sets, args.n_sets, err) != MT_OK ||
-        (built = mesh_build(&mesh, &cfg, err) == MT_OK ? 1 : 0) == 0 ||
-        mesh_check_supported(&mesh, err) != MT_OK) {
+        (built = mesh_build(&mesh, &cfg, err) == MT_OK ? 1 : 0) == 0) {
         /* the same error on every rank: say it once */
         if (rank == 0) fprintf(stderr, "moetrain: error: %s\n", err);
         rc = 2;

@@ -34,7 +34,12 @@ expect "impossible mesh"        2 "parallel.etp \\* parallel.ep = 1 \\* 2 must d
                                                                             -- mpirun -np 3 $BIN configs/tiny.ini --set parallel.ep=2
 expect "mesh error names sources" 2 "not divisible by tp\\*cp\\*pp = 2\\*1\\*1 = 2; \\[parallel\\] tp = 2 \\(from --set parallel.tp\\), \\[parallel\\] cp = 1 \\(default\\)" \
                                                                             -- $BIN configs/tiny.ini --set parallel.tp=2
-expect "pp refused for now"     2 "pipeline-parallel compute is not implemented" -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2
+expect "interleaved needs M % pp" 2 "\\[train\\] grad_accum_steps = 3: must be a multiple of parallel.pp = 2 with pp_schedule = interleaved" \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2 --set parallel.pp_schedule=interleaved \
+     --set parallel.pp_virtual=2 --set model.n_layers=4 --set train.grad_accum_steps=3
+expect "pp2 trains"             0 "mesh    world 2 = tp 1 x cp 1 x dp 1 x pp 2" \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2 --set train.steps=2 --set train.grad_accum_steps=2 \
+     --set log.metrics_file= --set checkpoint.dir=$T/pp2
 expect "kv heads vs tp"         2 "\\[model\\] n_kv_heads = 2: must be a multiple of parallel.tp \\(4\\)" \
                                                                             -- mpirun -np 4 $BIN configs/tiny.ini --set parallel.tp=4
 expect "bad metrics path"       2 "metrics_file = /proc/nope/m.jsonl"     -- $BIN configs/tiny.ini --set log.metrics_file=/proc/nope/m.jsonl --set train.steps=1 \

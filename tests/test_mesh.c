@@ -1,8 +1,8 @@
 /* test_mesh.c — mesh_plan / mesh_coords / mesh_rank_of as pure arithmetic (single process, no
  * MPI): every factorisation of world = 8 into tp*cp*pp*dp with every etp and ep whose product
  * divides the stage, the rank order, the MoE folding (etp independent of tp), hand-worked
- * coordinate tables, the group sizes implied by the coordinates, the refused layouts and which
- * layouts mesh_check_supported accepts. Shape rules (heads, widths, seq_len against tp/etp/cp)
+ * coordinate tables, the group sizes implied by the coordinates, the refused layouts and that
+ * pipeline layouts plan. Shape rules (heads, widths, seq_len against tp/etp/cp)
  * are config rules now and are tested in test_config. */
 #include <string.h>
 
@@ -256,37 +256,25 @@ START_TEST(test_refusals_etp_ep) {
 }
 END_TEST
 
-static int supported(int tp, int cp, int pp, int ep, char *err) {
+static int planned(int tp, int cp, int pp, int ep, char *err) {
     Config c = cfg_etp(tp, cp, pp, tp, ep);
     Mesh m;
-    ck_assert_int_eq(mesh_plan(&m, &c, WORLD, 0, err), MT_OK);
-    return mesh_check_supported(&m, err);
+    return mesh_plan(&m, &c, WORLD, 0, err);
 }
 
-/* Data, tensor, context and expert (tensor) parallelism run; pipeline parallelism is refused. */
+/* Every dimension computes: layouts with pipeline parallelism plan like any other (the pipeline's
+ * own limits are config rules, tested in test_config). */
 START_TEST(test_check_supported) {
     char err[MT_ERRLEN];
-    for (int ep = 1; ep <= WORLD; ep *= 2) ck_assert_int_eq(supported(1, 1, 1, ep, err), MT_OK);
-    const int accepted[][3] = {{2, 1, 1}, {1, 2, 1}, {2, 2, 1}, {2, 2, 2}, {4, 2, 1}, {8, 1, 1}, {1, 8, 1}};
-    for (int i = 0; i < 7; i++) {
+    const int accepted[][4] = {{1, 1, 1, 8}, {2, 1, 1, 1}, {1, 2, 1, 1}, {2, 2, 1, 2}, {4, 2, 1, 1},
+                               {1, 1, 2, 1}, {2, 2, 2, 1}, {1, 1, 8, 1}, {2, 1, 4, 1}, {1, 1, 2, 4}};
+    for (int i = 0; i < 10; i++) {
         err[0] = 0;
-        int rc = supported(accepted[i][0], accepted[i][1], 1, accepted[i][2], err);
-        ck_assert_msg(rc == MT_OK, "tp=%d cp=%d ep=%d refused: %s", accepted[i][0], accepted[i][1], accepted[i][2], err);
+        int rc = planned(accepted[i][0], accepted[i][1], accepted[i][2], accepted[i][3], err);
+        ck_assert_msg(rc == MT_OK, "tp=%d cp=%d pp=%d ep=%d refused: %s", accepted[i][0], accepted[i][1],
+                      accepted[i][2], accepted[i][3], err);
     }
-    /* etp != tp is supported too */
-    Config c = cfg_etp(2, 1, 1, 1, 4);
-    Mesh m;
-    ck_assert_int_eq(mesh_plan(&m, &c, WORLD, 0, err), MT_OK);
-    ck_assert_int_eq(mesh_check_supported(&m, err), MT_OK);
-    const int refused[][3] = {{1, 1, 2}, {2, 2, 2}, {1, 1, 8}, {2, 1, 4}};
-    for (int i = 0; i < 4; i++) {
-        err[0] = 0;
-        ck_assert_int_eq(supported(refused[i][0], refused[i][1], refused[i][2], 1, err), MT_ERR);
-        ck_assert_msg(strstr(err, "not implemented"), "message: %s", err);
-        char pp[32];
-        snprintf(pp, sizeof pp, "[parallel] pp = %d:", refused[i][2]);
-        ck_assert_msg(strstr(err, pp), "message does not name %s: %s", pp, err);
-    }
+    ck_assert_int_eq(planned(1, 1, 16, 1, err), MT_ERR); /* more stages than ranks */
 }
 END_TEST
 

@@ -154,9 +154,7 @@ END_TEST
 START_TEST(test_single) {
     Mesh m;
     mesh_single(&m);
-    char err[MT_ERRLEN];
     ck_assert(m.world == 1 && m.tp * m.cp * m.dp * m.pp * m.etp * m.ep * m.edp == 1);
-    ck_assert_int_eq(mesh_check_supported(&m, err), MT_OK);
     for (int gi = 0; gi < NGROUPS; gi++) {
         Group *g = group_of(&m, &GROUPS[gi]);
         int size = 0;

@@ -124,9 +124,3 @@ void mesh_free(Mesh *m) {
     Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_pp, &m->g_dpcp, &m->g_stage, &m->g_ep, &m->g_etp, &m->g_edp};
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) group_free(g[i]);
 }
-
-int mesh_check_supported(const Mesh *m, char *err) {
-    (void)m;
-    (void)err;
-    return MT_OK; /* every dimension computes (pipeline limits are config rules: config.c) */
-}

@@ -46,8 +46,5 @@ int mesh_build(Mesh *m, const Config *c, char *err);
 void mesh_single(Mesh *m);
 void mesh_free(Mesh *m);
 
-/* Refuse layouts whose compute is not implemented (none at present: every dimension computes;
- * pipeline limits are config rules), with a message. */
-int mesh_check_supported(const Mesh *m, char *err);
 
 #endif
