@@ -354,6 +354,7 @@ static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, c
             snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
             hid_t ds = create_dataset(f, name, ft);
             int j = params_find(&v->shard->m->pl, ft->name);
+            if (j >= 0 && v->shard->m->pl.info[j].copy) j = -1; /* its owner (another stage) writes it */
             size_t a = 0, z = 0;
             float *ptr = NULL;
             Piece pc[3];

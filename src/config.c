@@ -572,10 +572,6 @@ static int check_pipeline(const Config *c, const Loc *o, char *err) {
     if (c->n_layers < chunks)
         return key_fail(c, o, nl, NULL, err, "must be at least parallel.pp * parallel.pp_virtual = %d * %d = %d "
                         "(every model chunk holds at least one layer)", c->pp, c->pp_virtual, chunks);
-    if (c->pp > 1 && c->tie_embeddings)
-        return key_fail(c, o, must_key("model", "tie_embeddings"), must_key("parallel", "pp"), err,
-                        "is not supported with parallel.pp > 1 yet (the embedding and the lm_head sit on "
-                        "different pipeline stages); set model.tie_embeddings = false");
     if (c->pp_schedule == PP_INTERLEAVED && c->grad_accum_steps % c->pp != 0)
         return key_fail(c, o, must_key("train", "grad_accum_steps"), sch, err, "must be a multiple of parallel.pp "
                         "= %d with pp_schedule = interleaved (it runs micro-batches in groups of pp)", c->pp);
@@ -615,8 +611,7 @@ static const Rule RULES[] = {
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pipeline,
      "parallel.pp_virtual = 1 with pp_schedule = 1f1b and >= 2 with interleaved; model.n_layers >= pp * "
      "pp_virtual; parallel.pp_layers lists pp * pp_virtual positive counts summing to model.n_layers; "
-     "interleaved needs train.grad_accum_steps to be a multiple of pp; pp > 1 needs runtime.comm = mpi and "
-     "model.tie_embeddings = false"},
+     "interleaved needs train.grad_accum_steps to be a multiple of pp; pp > 1 needs runtime.comm = mpi"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_sp_rows,
      "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},

@@ -173,8 +173,9 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
 }
 
 /* Unit 0: what this pipeline rank holds of the embedding (first chunk), final norm and lm_head
- * (last chunk), split over tp by vocabulary rows. Offsets of absent tensors stay 0. (Tied
- * embeddings need both on one rank: the config refuses tie_embeddings with pp > 1.) */
+ * (last chunk), split over tp by vocabulary rows. Offsets of absent tensors stay 0. Tied
+ * embeddings with the lm_head on another stage than the embedding: the last stage holds a copy of
+ * the embedding under its name (same initial values: initialisation goes by name), marked copy. */
 static void add_head(Builder *b, const ModelDims *d, float init_std) {
     ParamLayout *pl = b->pl;
     Split vocab = tp_rows(d);
@@ -186,8 +187,9 @@ static void add_head(Builder *b, const ModelDims *d, float init_std) {
         pl->lm_head = pl->embed;
         return;
     }
-    MT_CHECK(!d->tie, "tied embeddings with the lm_head on another pipeline stage");
-    pl->lm_head = add(b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "lm_head.weight");
+    const char *name = d->tie ? "model.embed_tokens.weight" : "lm_head.weight";
+    pl->lm_head = add(b, dense_buf(vocab), vocab, d->V, d->C, INIT_NORMAL, init_std, "%s", name);
+    pl->info[pl->n - 1].copy = d->tie;
 }
 
 /* Close unit u: pad each buffer to its multiple and record the range. */

@@ -47,6 +47,9 @@ typedef struct ParamInfo {
     int split_dim;         /* -1 not split, 0 rows, 1 columns */
     SplitGroup split;      /* the group it is split over */
     int decay; /* weight decay applies (matrices yes, norms no) */
+    int copy;  /* a replica of a tensor another pipeline stage owns (tied embeddings: the last
+                * stage's lm_head is a copy of the first stage's embedding, kept equal by summing
+                * their gradients; checkpoints and the gradient norm take the owner's) */
     InitKind init;
     float std;
 } ParamInfo;

@@ -166,6 +166,7 @@ StepResult trainer_step(Trainer *t) {
     MicroStats mine = run_micro_batches(t, lm_scale, aux_scale);
     MicroStats s = sync_micro_stats(t, mine);
     sharder_reduce_grads(&t->shard);
+    sharder_tie_grads(&t->shard);
 
     StepResult r = {0};
     r.grad_norm = grad_norm_and_guard(t, &mine, &s, &r.nonfinite);

@@ -379,7 +379,6 @@ static const ErrCase RULE_ERRORS[] = {
      "[train] grad_accum_steps = 3: must be a multiple of parallel.pp = 2 with pp_schedule = interleaved"},
     {"[parallel]\npp = 2\n[runtime]\ndevice = cuda\ncomm = nccl\n", NULL, 0,
      "[runtime] comm = nccl: is not supported with parallel.pp > 1 yet"},
-    {"[parallel]\npp = 2\n", "model.tie_embeddings=true", 1, "[model] tie_embeddings = true: is not supported with parallel.pp > 1"},
     {"[parallel]\npp = 2\npp_virtual = 2\n[model]\nn_layers = 4\n", NULL, 0, "[parallel] pp_virtual = 2: must be 1 with parallel.pp_schedule = 1f1b"},
     {"[parallel]\npp = 2\npp_layers = 1,2\n", NULL, 0, "[parallel] pp_layers = 1,2: has 2 numbers summing to 3"},
     /* 1 * 4 tokens split over cp = 2 leave 2 per rank, fewer than tp = 4 (without cp it would fit) */

@@ -134,6 +134,7 @@ void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c) {
     replica_groups(mesh, s->rep);
     s->world = &mesh->g_world;
     s->ep = &mesh->g_ep;
+    s->tie = mesh->pp > 1 && c->tie_embeddings && mesh->g_tie.size > 1 ? &mesh->g_tie : NULL;
     shard_ways(s->mode, s->rep, s->S);
     for (int b = 0; b < PBUF_COUNT; b++) s->r[b] = s->mode == SHARD_NONE ? 0 : s->rep[b]->rank;
     layout_shards(s);
@@ -176,6 +177,21 @@ void sharder_reduce_grads(Sharder *s) {
 
 static void write_split(const Sharder *s, int u, int b, size_t *lo, size_t *hi);
 
+/* Whether unit 0 of buffer b on this rank is the copy of a tied tensor (counted by its owner). */
+static int is_copy(const Sharder *s, int u, int b) {
+    const ParamLayout *pl = &s->m->pl;
+    return s->tie && u == 0 && b == PBUF_TP && pl->dims.has_head && !pl->dims.has_embed;
+}
+
+void sharder_tie_grads(Sharder *s) {
+    if (!s->tie) return;
+    const ParamUnit *u0 = &s->m->pl.units[0];
+    size_t len = u0->len[PBUF_TP] / (size_t)s->S[PBUF_TP];
+    float *g = s->mode == SHARD_NONE ? s->m->grad[PBUF_TP] + u0->off[PBUF_TP]
+                                     : s->gshard[PBUF_TP] + s->shard_off[PBUF_TP][0];
+    comm_allreduce_sum(s->tie, g, len, DT_F32);
+}
+
 /* Every element once: each rank sums the squares of its slice of every unit (the owned shard, or
  * in mode none an even split of its replica group), then the world adds them up. */
 double sharder_grad_norm(Sharder *s) { return sharder_grad_norm_sum(s, NULL, 0); }
@@ -187,12 +203,14 @@ double sharder_grad_norm_sum(Sharder *s, double *extra, int n) {
     for (int b = 0; b < PBUF_COUNT; b++) {
         double sq = 0;
         if (s->mode != SHARD_NONE) {
-            s->k->sumsq(&sq, s->gshard[b], s->shard_size[b]);
+            size_t from = is_copy(s, 0, b) ? (s->m->pl.n_units > 1 ? s->shard_off[b][1] : s->shard_size[b]) : 0;
+            s->k->sumsq(&sq, s->gshard[b] + from, s->shard_size[b] - from);
             total += sq;
             continue;
         }
         for (int u = 0; u < s->m->pl.n_units; u++) {
             size_t lo, hi;
+            if (is_copy(s, u, b)) continue;
             write_split(s, u, b, &lo, &hi);
             if (hi > lo) s->k->sumsq(&sq, s->m->grad[b] + lo, hi - lo);
             total += hi > lo ? sq : 0.0;

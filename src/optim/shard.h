@@ -39,6 +39,7 @@ typedef struct Sharder {
     Model *m;
     const Group *rep[PBUF_COUNT]; /* replica group per buffer */
     const Group *world, *ep;
+    const Group *tie;                 /* tied embeddings across pipeline stages (NULL: none) */
     int S[PBUF_COUNT], r[PBUF_COUNT]; /* ownership: (1, 0) in mode none */
     size_t *shard_off[PBUF_COUNT];    /* (n_units) offset of each unit's shard in shard storage */
     size_t shard_size[PBUF_COUNT];    /* elements this rank owns */
@@ -62,7 +63,11 @@ void sharder_zero_grads(Sharder *s);
 /* After the micro-batches: reduce gradients over the replica groups (none: all-reduce;
  * optimizer: reduce-scatter; full: already done by the hooks). */
 void sharder_reduce_grads(Sharder *s);
-/* Global L2 norm of the (reduced) gradient. */
+/* Tied embeddings across pipeline stages: sum the embedding's gradient (first stage) and its
+ * copy's (last stage: the lm_head) over the tie group, so both update alike. Both sit alone in unit
+ * 0 of PBUF_TP, so their shards line up. No-op without tied embeddings at pp > 1. */
+void sharder_tie_grads(Sharder *s);
+/* Global L2 norm of the (reduced) gradient (a copy of a tied tensor not counted twice). */
 double sharder_grad_norm(Sharder *s);
 /* The same norm, with n more values (extra, in place) summed over the world in the same
  * all-reduce: a free way to agree on per-rank flags (the trainer's non-finite guard). */

@@ -101,6 +101,8 @@ int mesh_build(Mesh *m, const Config *c, char *err) {
     m->g_ep = split("ep", x.etp + etp * (x.edp + edp * x.pp), x.ep);
     m->g_etp = split("etp", x.ep + ep * (x.edp + edp * x.pp), x.etp);
     m->g_edp = split("edp", x.etp + etp * (x.ep + ep * x.pp), x.edp);
+    int pos = x.tp + tp * (x.cp + cp * x.dp), ends = x.pp == 0 || x.pp == m->pp - 1;
+    m->g_tie = split("tie", ends && m->pp > 1 ? pos : tp * cp * dp + rank, x.pp); /* else alone */
     return MT_OK;
 }
 
@@ -118,9 +120,10 @@ void mesh_single(Mesh *m) {
     m->g_ep = group_self("ep");
     m->g_etp = group_self("etp");
     m->g_edp = group_self("edp");
+    m->g_tie = group_self("tie");
 }
 
 void mesh_free(Mesh *m) {
-    Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_pp, &m->g_dpcp, &m->g_stage, &m->g_ep, &m->g_etp, &m->g_edp};
+    Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_pp, &m->g_dpcp, &m->g_stage, &m->g_ep, &m->g_etp, &m->g_edp, &m->g_tie};
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) group_free(g[i]);
 }

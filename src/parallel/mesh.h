@@ -9,7 +9,8 @@
  * Groups (each an MPI communicator): tp, cp, dp, pp, ep, etp, edp, dpcp (gradients of tensors
  * split over tp are reduced over dp*cp), stage (the tp*cp*dp ranks of a pipeline stage: under
  * sequence parallelism each holds other tokens, so it reduces the gradients of unsplit tensors and
- * sums the LBL counts), and world.
+ * sums the LBL counts), tie (the first and the last pipeline stage of one tp/cp/dp position: the
+ * gradients of tied embeddings), and world.
  * mesh_plan is pure arithmetic (no MPI) so layouts can be validated and unit-tested for any world
  * size; mesh_build makes the communicators. Every other module asks the mesh for its groups and
  * never computes rank arithmetic itself.
@@ -31,6 +32,8 @@ typedef struct Mesh {
     int etp, ep, edp;
     MeshCoords me;
     Group g_world, g_tp, g_cp, g_dp, g_pp, g_ep, g_etp, g_edp, g_dpcp, g_stage;
+    Group g_tie; /* first and last pipeline stage of a (tp, cp, dp) position (tied embeddings);
+                  * one rank (itself) on the stages between and at pp = 1 */
 } Mesh;
 
 /* Sizes and this rank's coordinates from the config and world size, no MPI. Refuses impossible
