@@ -9,10 +9,17 @@
  *    sequence draws one domain, then concatenates samples of that domain (each ends in '\n')
  *    and is cut at T+1 tokens; the first sample always starts at token 0.
  *  - File source: one token file, or a directory whose *.tok files (name order) are the shards.
- *    Each is validated completely at open (header, exact size, length >= T+1, every token <
- *    vocab) and then read through a read-only shared mmap: no copy per rank, the ranks of a node
- *    share the page cache, and a corpus larger than RAM still works (windows are paged in on
- *    demand). Sequence g is a window of T+1 tokens drawn uniformly from all windows of all shards
+ *    Each must be a regular file (checked with stat before it is opened, so a FIFO, device or
+ *    directory is refused at once instead of blocking or having effects; non-*.tok entries of a
+ *    directory are ignored, non-regular *.tok entries refused). Each is validated completely at
+ *    open (header, exact size, length >= T+1, every token < the header's vocab, which must be
+ *    <= the model's) and stays open: windows are read with pread (one call per window), so the
+ *    ranks of a node share the page cache and a corpus larger than RAM still works. Every read
+ *    first checks that the file still has its size at open and that the read is complete, and
+ *    checks every token it returns against the header vocab: a file truncated or rewritten under
+ *    a running job is an error naming the file (never a SIGBUS, never silent garbage). A file
+ *    deleted or renamed over after open is still read whole (the open descriptor keeps it).
+ *    Sequence g is a window of T+1 tokens drawn uniformly from all windows of all shards
  *    (windows never cross a shard boundary); with one file, the start is drawn uniformly from
  *    [0, n_tokens - T). Domain 0.
  *  - Writing: a TokenWriter streams tokens into the little-endian format (header first, so the
@@ -27,10 +34,11 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,21 +50,24 @@
 const char *const data_domain_names[DATA_N_DOMAINS] = {"arithmetic", "sorted_lists", "copy_reverse",
                                                        "grammar"};
 
-/* One token file, mapped. */
+/* One token file, open read-only for pread. */
 typedef struct {
-    const unsigned char *map;
-    size_t len;
-    unsigned bpt; /* bytes per token (2 or 4) */
-    uint64_t n;   /* tokens */
+    int fd;         /* -1: not open */
+    char *path;     /* as opened, for messages */
+    long long size; /* bytes at open: a read checks the file still has them */
+    unsigned bpt;   /* bytes per token (2 or 4) */
+    uint32_t vocab; /* the header's vocab (<= the model's): every token is below it */
+    uint64_t n;     /* tokens */
 } Shard;
 
 struct Data {
     int vocab;
     int T;
     uint64_t seed;
-    Shard *shards; /* file source: the token files, mmap'ed read-only; NULL: synthetic */
+    Shard *shards; /* file source: the token files; NULL: synthetic */
     int n_shards;
-    uint64_t *win_end; /* (n_shards) windows of T+1 tokens in shards 0..i together */
+    uint64_t *win_end;  /* (n_shards) windows of T+1 tokens in shards 0..i together */
+    unsigned char *buf; /* (T+1) tokens of 4 bytes: one window as read from a file */
 };
 
 /* ---- random numbers ---------------------------------------------------------------------- */
@@ -261,17 +272,11 @@ static int fill_synthetic(const Data *d, uint64_t g, int32_t *row) {
     return domain;
 }
 
-static uint32_t get_le32(const unsigned char *p);
-
-/* Token i of a mapped file. */
-static uint32_t shard_token(const Shard *sh, uint64_t i) {
-    const unsigned char *p = sh->map + HEADER_BYTES + i * sh->bpt;
-    return sh->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
-}
+static int shard_window(Data *d, const Shard *sh, uint64_t start, int32_t *row, char *err);
 
 /* One draw picks a window among all shards' windows (a shard weighs by its length; windows never
  * cross shards); with one file that is the position in it. */
-static int fill_file(const Data *d, uint64_t g, int32_t *row) {
+static int fill_file(Data *d, uint64_t g, int32_t *row, char *err) {
     Rng r;
     rng_for_sequence(&r, d->seed, g);
     uint64_t u = rng_below(&r, d->win_end[d->n_shards - 1]);
@@ -282,19 +287,21 @@ static int fill_file(const Data *d, uint64_t g, int32_t *row) {
         else lo = mid + 1;
     }
     uint64_t start = u - (lo ? d->win_end[lo - 1] : 0);
-    for (int i = 0; i <= d->T; i++) row[i] = (int32_t)shard_token(&d->shards[lo], start + (uint64_t)i);
-    return 0;
+    return shard_window(d, &d->shards[lo], start, row, err);
 }
 
-void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains) {
+int data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains, char *err) {
     MT_CHECK(d && tokens && first >= 0 && count >= 0, "first=%lld count=%d", (long long)first,
              count);
     for (int i = 0; i < count; i++) {
         uint64_t g = (uint64_t)first + (uint64_t)i;
         int32_t *row = tokens + (size_t)i * (size_t)(d->T + 1);
-        int dom = d->shards ? fill_file(d, g, row) : fill_synthetic(d, g, row);
+        int dom = 0;
+        if (d->shards && fill_file(d, g, row, err) != MT_OK) return MT_ERR;
+        if (!d->shards) dom = fill_synthetic(d, g, row);
         if (domains) domains[i] = dom;
     }
+    return MT_OK;
 }
 
 /* ---- reading token files ----------------------------------------------------------------- */
@@ -307,24 +314,102 @@ static uint64_t get_le64(const unsigned char *p) {
     return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
 }
 
+/* What a non-regular file is, for messages. */
+static const char *file_kind(mode_t m) {
+    return S_ISDIR(m)    ? "a directory"
+           : S_ISFIFO(m) ? "a FIFO (named pipe)"
+           : S_ISCHR(m)  ? "a character device"
+           : S_ISBLK(m)  ? "a block device"
+           : S_ISSOCK(m) ? "a socket"
+                         : "not a regular file";
+}
+
+static int not_regular(const char *path, mode_t m, char *err) {
+    return mt_fail(err, "%s: is %s; a token file must be a regular file (made by mt-tokenize)", path,
+                   file_kind(m));
+}
+
+/* The file's size now, or -1 when fstat fails. */
+static long long fd_size(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 ? (long long)st.st_size : -1;
+}
+
+/* The file no longer has the size it had at open: it was truncated or rewritten under the run. */
+static int changed(const Shard *sh, long long now, char *err) {
+    return mt_fail(err, "%s: the token file is now %lld bytes but was %lld when the run opened it: it "
+                   "was truncated or rewritten while training (a token file must not change under "
+                   "a running job: write a new file and rename it over the old one)",
+                   sh->path, now, sh->size);
+}
+
+/* len bytes at byte offset off, in full: a read error or an early end of file (the file shrank
+ * since it was opened) is an error naming the file and the bytes asked for. */
+static int read_at(const Shard *sh, void *buf, size_t len, uint64_t off, char *err) {
+    for (size_t got = 0; got < len;) {
+        ssize_t r = pread(sh->fd, (char *)buf + got, len - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0)
+            return mt_fail(err, "%s: cannot read bytes %llu..%llu of the token file: %s", sh->path,
+                           (unsigned long long)off, (unsigned long long)(off + len), strerror(errno));
+        if (r == 0) {
+            long long now = fd_size(sh->fd);
+            if (now >= 0 && now != sh->size) return changed(sh, now, err);
+            return mt_fail(err, "%s: the token file ended at byte %llu, reading bytes %llu..%llu "
+                           "(%lld bytes at open)", sh->path, (unsigned long long)(off + got),
+                           (unsigned long long)off, (unsigned long long)(off + len), sh->size);
+        }
+        got += (size_t)r;
+    }
+    return MT_OK;
+}
+
+/* Token first + i, i < k, from the raw bytes b of tokens [first, first + k) into out (may be NULL),
+ * each checked against the file's header vocab, which is <= the model's (check_header). */
+static int decode(const Shard *sh, const unsigned char *b, uint64_t first, size_t k, int model_vocab,
+                  int32_t *out, char *err) {
+    for (size_t i = 0; i < k; i++) {
+        const unsigned char *p = b + i * sh->bpt;
+        uint32_t t = sh->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
+        if (t >= sh->vocab) {
+            unsigned long long idx = first + i, off = HEADER_BYTES + idx * sh->bpt;
+            if (t >= (uint32_t)model_vocab)
+                return mt_fail(err, "%s: token %u at token index %llu (byte offset %llu) is >= the "
+                               "model vocab_size %d", sh->path, t, idx, off, model_vocab);
+            return mt_fail(err, "%s: token %u at token index %llu (byte offset %llu) is >= the vocab "
+                           "%u its header declares (the file is corrupt or its header is wrong)",
+                           sh->path, t, idx, off, sh->vocab);
+        }
+        if (out) out[i] = (int32_t)t;
+    }
+    return MT_OK;
+}
+
+/* The window of T+1 tokens at start: one pread, after checking that the file still has the size
+ * it had at open (so a truncation is reported even when this window still lies before the cut). */
+static int shard_window(Data *d, const Shard *sh, uint64_t start, int32_t *row, char *err) {
+    long long now = fd_size(sh->fd);
+    if (now != sh->size)
+        return now < 0 ? mt_fail(err, "%s: cannot stat the open token file: %s", sh->path, strerror(errno))
+                       : changed(sh, now, err);
+    size_t k = (size_t)d->T + 1;
+    if (read_at(sh, d->buf, k * sh->bpt, HEADER_BYTES + start * sh->bpt, err) != MT_OK) return MT_ERR;
+    return decode(sh, d->buf, start, k, d->vocab, row, err);
+}
+
 typedef struct {
     uint32_t version, bpt, vocab;
     uint64_t n;
 } Header;
 
-static int read_header(FILE *f, const char *path, Header *h, long long *fsize, char *err) {
-    struct stat st;
+static int read_header(const Shard *sh, Header *h, char *err) {
     unsigned char b[HEADER_BYTES];
-    if (fstat(fileno(f), &st) != 0)
-        return mt_fail(err, "%s: cannot stat: %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode)) return mt_fail(err, "%s: not a regular file (token file)", path);
-    *fsize = (long long)st.st_size;
-    if (*fsize < HEADER_BYTES || fread(b, 1, HEADER_BYTES, f) != HEADER_BYTES)
-        return mt_fail(err,
-                       "%s: truncated: shorter than the %d-byte token file header (%lld bytes)",
-                       path, HEADER_BYTES, *fsize);
+    if (sh->size < HEADER_BYTES)
+        return mt_fail(err, "%s: truncated: shorter than the %d-byte token file header (%lld bytes)",
+                       sh->path, HEADER_BYTES, sh->size);
+    if (read_at(sh, b, HEADER_BYTES, 0, err) != MT_OK) return MT_ERR;
     if (memcmp(b, MAGIC, 8) != 0)
-        return mt_fail(err, "%s: bad magic: not a moetrain token file (expected \"%s\")", path,
+        return mt_fail(err, "%s: bad magic: not a moetrain token file (expected \"%s\")", sh->path,
                        MAGIC);
     h->version = get_le32(b + 8);
     h->bpt = get_le32(b + 12);
@@ -361,40 +446,54 @@ static int check_header(const Header *h, const char *path, int vocab, int T, lon
     return MT_OK;
 }
 
-/* Every token of a mapped file < vocab (one sequential pass, before any training). */
-static int validate_tokens(const Shard *sh, int vocab, const char *path, char *err) {
-    madvise((void *)sh->map, sh->len, MADV_SEQUENTIAL);
-    for (uint64_t i = 0; i < sh->n; i++) {
-        uint32_t t = shard_token(sh, i);
-        if (t >= (uint32_t)vocab)
-            return mt_fail(err, "%s: token %u at position %llu is >= the model vocab_size %d", path,
-                           t, (unsigned long long)i, vocab);
+/* Every token of the file below its header vocab (one sequential pass, before any training). */
+static int validate_tokens(const Shard *sh, int vocab, char *err) {
+    unsigned char *buf = mt_calloc(IO_CHUNK, sh->bpt);
+    int rc = MT_OK;
+    posix_fadvise(sh->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    for (uint64_t i = 0; i < sh->n && rc == MT_OK; i += IO_CHUNK) {
+        size_t k = sh->n - i < IO_CHUNK ? (size_t)(sh->n - i) : IO_CHUNK;
+        rc = read_at(sh, buf, k * sh->bpt, HEADER_BYTES + i * sh->bpt, err);
+        if (rc == MT_OK) rc = decode(sh, buf, i, k, vocab, NULL, err);
     }
-    madvise((void *)sh->map, sh->len, MADV_RANDOM); /* training reads short random windows */
-    return MT_OK;
+    posix_fadvise(sh->fd, 0, 0, POSIX_FADV_RANDOM); /* training reads short random windows */
+    free(buf);
+    return rc;
 }
 
-/* Check, map and validate one token file into sh. */
-static int open_shard(Shard *sh, const char *path, int vocab, int T, char *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno));
-    Header h = {0};
-    long long fsize = 0;
-    int rc = read_header(f, path, &h, &fsize, err);
-    if (rc == MT_OK) rc = check_header(&h, path, vocab, T, fsize, err);
-    if (rc == MT_OK && (unsigned long long)fsize > SIZE_MAX)
-        rc = mt_fail(err, "%s: %lld bytes cannot be mapped on this machine", path, fsize);
-    if (rc == MT_OK) {
-        void *m = mmap(NULL, (size_t)fsize, PROT_READ, MAP_SHARED, fileno(f), 0);
-        if (m == MAP_FAILED) {
-            rc = mt_fail(err, "%s: cannot map the token file: %s", path, strerror(errno));
-        } else {
-            *sh = (Shard){m, (size_t)fsize, h.bpt, h.n};
-        }
+/* Open path read-only without blocking (a FIFO would wait for a writer) and make sure it is a
+ * regular file. Returns the descriptor, or -1 with a message. */
+static int open_regular(const char *path, long long *size, char *err) {
+    struct stat st;
+    if (stat(path, &st) != 0) /* before open: opening a device or FIFO may have effects */
+        return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno)), -1;
+    if (!S_ISREG(st.st_mode)) return not_regular(path, st.st_mode, err), -1;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return mt_fail(err, "%s: cannot open token file: %s%s", path, strerror(errno),
+                       errno == EMFILE ? " (every shard stays open while training: raise ulimit -n)" : ""), -1;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { /* replaced since the stat */
+        int e = errno;
+        close(fd);
+        return S_ISREG(st.st_mode) ? mt_fail(err, "%s: cannot stat: %s", path, strerror(e)), -1
+                                   : not_regular(path, st.st_mode, err), -1;
     }
-    fclose(f); /* the mapping stays valid */
-    if (rc == MT_OK) rc = validate_tokens(sh, vocab, path, err);
-    return rc;
+    *size = (long long)st.st_size;
+    return fd;
+}
+
+/* Open, check and validate one token file into sh (which owns path from here on). */
+static int open_shard(Shard *sh, char *path, int vocab, int T, char *err) {
+    *sh = (Shard){.fd = -1, .path = path};
+    sh->fd = open_regular(path, &sh->size, err);
+    if (sh->fd < 0) return MT_ERR;
+    Header h = {0};
+    if (read_header(sh, &h, err) != MT_OK || check_header(&h, path, vocab, T, sh->size, err) != MT_OK)
+        return MT_ERR;
+    sh->bpt = h.bpt;
+    sh->vocab = h.vocab;
+    sh->n = h.n;
+    return validate_tokens(sh, vocab, err);
 }
 
 static int is_tok_file(const struct dirent *e) {
@@ -407,7 +506,8 @@ static char **shard_paths(const char *path, int *n, char *err) {
     struct stat st;
     *n = 0;
     if (stat(path, &st) != 0) return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno)), NULL;
-    if (!S_ISDIR(st.st_mode)) {
+    if (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) return not_regular(path, st.st_mode, err), NULL;
+    if (S_ISREG(st.st_mode)) {
         char **one = mt_calloc(1, sizeof *one);
         one[0] = strdup(path);
         MT_CHECK(one[0], "out of memory");
@@ -433,19 +533,40 @@ static char **shard_paths(const char *path, int *n, char *err) {
     return paths;
 }
 
+/* Every shard stays open while training: raise the soft open-file limit toward the hard one when
+ * n shards need it, and say so when even the hard limit is too low. */
+static int ensure_open_files(const char *path, int n, char *err) {
+    struct rlimit rl;
+    rlim_t need = (rlim_t)n + 64; /* MPI, HDF5, metrics and checkpoints need some too */
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
+        return MT_OK;
+    rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need ? rl.rlim_max : need;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < need)
+        return mt_fail(err, "%s: %d token files stay open while training, but this process may open "
+                       "only %llu files (ulimit -n): raise the limit or merge shards", path, n,
+                       (unsigned long long)rl.rlim_cur);
+    return MT_OK;
+}
+
 static int open_files(Data *d, const char *path, char *err) {
     int n = 0, rc = MT_OK;
     char **paths = shard_paths(path, &n, err);
     if (!paths) return MT_ERR;
     d->shards = mt_calloc((size_t)n, sizeof *d->shards);
     d->win_end = mt_calloc((size_t)n, sizeof *d->win_end);
+    for (int i = 0; i < n; i++) d->shards[i].fd = -1;
     d->n_shards = n;
-    for (int i = 0; i < n && rc == MT_OK; i++) {
+    d->buf = mt_calloc((size_t)d->T + 1, 4);
+    rc = ensure_open_files(path, n, err);
+    for (int i = 0; i < n; i++) {
+        if (rc != MT_OK) { /* not opened: free its path */
+            free(paths[i]);
+            continue;
+        }
         rc = open_shard(&d->shards[i], paths[i], d->vocab, d->T, err);
         if (rc == MT_OK)
             d->win_end[i] = (i ? d->win_end[i - 1] : 0) + d->shards[i].n - (uint64_t)d->T;
     }
-    for (int i = 0; i < n; i++) free(paths[i]);
     free(paths);
     return rc;
 }
@@ -482,9 +603,12 @@ Data *data_open(const char *path, int vocab, int seq_len, unsigned long long see
 
 void data_close(Data *d) {
     if (!d) return;
-    for (int i = 0; i < d->n_shards; i++)
-        if (d->shards[i].map) munmap((void *)d->shards[i].map, d->shards[i].len);
+    for (int i = 0; i < d->n_shards; i++) {
+        if (d->shards[i].fd >= 0) close(d->shards[i].fd);
+        free(d->shards[i].path);
+    }
     free(d->shards);
+    free(d->buf);
     free(d->win_end);
     free(d);
 }

@@ -12,9 +12,11 @@
 #include "testutil.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -29,7 +31,8 @@ static Data *open_synth(unsigned long long seed, int T) {
 static int32_t *get_rows(Data *d, int64_t first, int count, int T, int32_t *domains) {
     int32_t *t = calloc((size_t)count * (size_t)(T + 1), sizeof *t);
     ck_assert_ptr_nonnull(t);
-    data_get(d, first, count, t, domains);
+    char err[MT_ERRLEN] = "";
+    ck_assert_msg(data_get(d, first, count, t, domains, err) == MT_OK, "data_get: %s", err);
     return t;
 }
 
@@ -396,8 +399,11 @@ START_TEST(test_bad_files) {
         {"trunc_huge.tok", "MTTOKENS", 1, 4, 256, 1ull << 62, 10, 0, 32, -1, 0, "truncated"},
         {"trailing.tok", "MTTOKENS", 1, 2, 256, 100, 100, 1, 32, -1, 0, "trailing"},
         {"few.tok", "MTTOKENS", 1, 2, 256, 16, 16, 0, 32, -1, 0, "seq_len"},
-        {"token.tok", "MTTOKENS", 1, 2, 256, 100, 100, 0, 32, 50, 256, "position 50"},
+        {"token.tok", "MTTOKENS", 1, 2, 256, 100, 100, 0, 32, 50, 256, "token 256 at token index 50 (byte offset 132) is >= the model vocab_size 256"},
         {"token4.tok", "MTTOKENS", 1, 4, 256, 100, 100, 0, 32, 99, 1u << 31, "vocab_size"},
+        /* the header says vocab 100 but token 150 is there: refused although the model's is 256 */
+        {"hdrvocab.tok", "MTTOKENS", 1, 2, 100, 100, 100, 0, 32, 40, 150, "token 150 at token index 40 (byte offset 112) is >= the vocab 100 its header declares"},
+        {"hdrvocab4.tok", "MTTOKENS", 1, 4, 100, 100, 100, 0, 32, 7, 99, NULL}, /* 99 < 100: fine */
     };
     char *dir = make_tmpdir(), path[160], err[MT_ERRLEN];
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -517,6 +523,125 @@ START_TEST(test_shards) {
 }
 END_TEST
 
+/* ---- token files that change under a running job ---------------------------------------- */
+
+/* A file of n tokens (i % 200, vocab 256, 2 bytes each) opened for windows of T+1 tokens. */
+static Data *open_fresh(const char *path, uint64_t n, int T) {
+    char err[MT_ERRLEN] = "";
+    uint32_t *tok = calloc(n, sizeof *tok);
+    ck_assert_ptr_nonnull(tok);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(i % 200);
+    ck_assert_msg(data_write_tokens(path, tok, n, 2, 256, err) == MT_OK, "%s", err);
+    free(tok);
+    Data *d = data_open(path, 256, T, 4, err);
+    ck_assert_msg(d, "open %s: %s", path, err);
+    return d;
+}
+
+/* data_get over 64 sequences must fail with a message holding path and each of the keywords. */
+static void expect_get_error(Data *d, int T, const char *path, const char *k1, const char *k2) {
+    char err[MT_ERRLEN] = "";
+    int32_t *rows = calloc((size_t)64 * (T + 1), sizeof *rows);
+    ck_assert_int_eq(data_get(d, 0, 64, rows, NULL, err), MT_ERR);
+    ck_assert_msg(strstr(err, path) && strstr(err, k1) && (!k2 || strstr(err, k2)),
+                  "message lacks %s / \"%s\" / \"%s\": %s", path, k1, k2 ? k2 : "", err);
+    free(rows);
+}
+
+/* Truncating a file between reads (to half, to its header, to nothing) is an error naming the
+ * file and both sizes, not a SIGBUS; so is a file that grew. A file deleted after open is still
+ * read in full (the open descriptor keeps it), identically. */
+START_TEST(test_file_changes_under_reader) {
+    enum { N = 4000, T = 32 };
+    char *dir = make_tmpdir(), path[160];
+    snprintf(path, sizeof path, "%s/shrink.tok", dir);
+    const long long full = 32 + 2 * N;
+    static const long long cuts[] = {32 + N, 32, 0};
+    for (int c = 0; c < 3; c++) {
+        Data *d = open_fresh(path, N, T);
+        int32_t *before = get_rows(d, 0, 8, T, NULL); /* reads fine first */
+        free(before);
+        ck_assert_int_eq(truncate(path, cuts[c]), 0);
+        char now[64], was[64];
+        snprintf(now, sizeof now, "now %lld bytes", cuts[c]);
+        snprintf(was, sizeof was, "was %lld when the run opened it", full);
+        expect_get_error(d, T, path, now, was);
+        data_close(d);
+    }
+    Data *d = open_fresh(path, N, T);
+    FILE *f = fopen(path, "ab");
+    ck_assert_ptr_nonnull(f);
+    fputs("more", f);
+    fclose(f);
+    expect_get_error(d, T, path, "truncated or rewritten while training", NULL);
+    data_close(d);
+    d = open_fresh(path, N, T);
+    int32_t *a = get_rows(d, 100, 50, T, NULL);
+    ck_assert_int_eq(unlink(path), 0);
+    int32_t *b = get_rows(d, 100, 50, T, NULL);
+    ck_assert_msg(memcmp(a, b, sizeof(int32_t) * 50 * (T + 1)) == 0, "a deleted file reads differently");
+    free(a), free(b);
+    data_close(d);
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* A token overwritten in place (same size) with an id >= the vocab after open: the read that
+ * returns it fails, naming the file, the token index and the byte offset. Every window of a file
+ * of T + 5 tokens covers index T / 2. */
+START_TEST(test_bad_token_written_after_open) {
+    enum { T = 40, N = T + 5 };
+    char *dir = make_tmpdir(), path[160];
+    snprintf(path, sizeof path, "%s/poke.tok", dir);
+    Data *d = open_fresh(path, N, T);
+    free(get_rows(d, 0, 4, T, NULL));
+    int fd = open(path, O_WRONLY);
+    ck_assert_int_ge(fd, 0);
+    unsigned char bad[2] = {0x2c, 0x01}; /* 300 */
+    ck_assert_int_eq(pwrite(fd, bad, 2, 32 + 2 * (T / 2)), 2);
+    close(fd);
+    expect_get_error(d, T, path, "token 300 at token index 20 (byte offset 72)", "model vocab_size 256");
+    data_close(d);
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* A FIFO, a device or a directory where a token file is expected is refused at once (a FIFO
+ * would block the open forever: the alarm turns a hang into a failure), also as a *.tok entry of
+ * a shard directory; other entries of a directory are ignored. */
+START_TEST(test_not_regular_refused) {
+    const int T = 16;
+    char dir[64], path[160], err[MT_ERRLEN] = "";
+    snprintf(dir, sizeof dir, "%s", make_tmpdir());
+    alarm(20);
+    snprintf(path, sizeof path, "%s/pipe.tok", dir);
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    ck_assert_ptr_null(data_open(path, 256, T, 1, err));
+    ck_assert_msg(strstr(err, path) && strstr(err, "is a FIFO (named pipe)") && strstr(err, "regular file"),
+                  "message: %s", err);
+    ck_assert_ptr_null(data_open(dir, 256, T, 1, err)); /* the FIFO as a shard */
+    ck_assert_msg(strstr(err, path) && strstr(err, "FIFO"), "message: %s", err);
+    ck_assert_ptr_null(data_open("/dev/null", 256, T, 1, err));
+    ck_assert_msg(strstr(err, "/dev/null") && strstr(err, "character device"), "message: %s", err);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/sub.tok", dir); /* a directory named like a shard */
+    ck_assert_int_eq(mkdir(path, 0700), 0);
+    ck_assert_ptr_null(data_open(dir, 256, T, 1, err));
+    ck_assert_msg(strstr(err, path) && strstr(err, "is a directory"), "message: %s", err);
+    rmdir(path);
+    snprintf(path, sizeof path, "%s/notes", dir); /* not *.tok: ignored */
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    snprintf(path, sizeof path, "%s/ok.tok", dir);
+    Data *d = open_fresh(path, 100, T);
+    data_close(d);
+    Data *e = data_open(dir, 256, T, 1, err);
+    ck_assert_msg(e, "a directory with one good shard and a FIFO that is not *.tok: %s", err);
+    data_close(e);
+    alarm(0);
+    remove_tmpdir(dir);
+}
+END_TEST
+
 /* ---- suite ------------------------------------------------------------------------------- */
 
 static Suite *data_suite(void) {
@@ -533,6 +658,9 @@ static Suite *data_suite(void) {
     tcase_add_test(tc, test_stream_writer);
     tcase_add_test(tc, test_shards);
     tcase_add_test(tc, test_bad_files);
+    tcase_add_test(tc, test_file_changes_under_reader);
+    tcase_add_test(tc, test_bad_token_written_after_open);
+    tcase_add_test(tc, test_not_regular_refused);
     suite_add_tcase(s, tc);
     return s;
 }
