@@ -25,8 +25,11 @@
  *  - Writing: a TokenWriter streams tokens into the little-endian format (header first, so the
  *    token count is given up front), validates every token before writing it, and checks every
  *    write, the final count and the close; data_write_tokens validates a whole array before it
- *    creates the file. A failed write may leave a partial file behind; data_open refuses it (its
- *    size does not match the header).
+ *    creates anything. The tokens go to a new temporary file ".<name>.tmp.<pid>.<k>" next to the
+ *    output; close fsyncs it, renames it over the output and fsyncs the directory, so the output
+ *    is either the complete new file or what it was before. On any failure the temporary file is
+ *    removed. An output that exists and is not a regular file is refused (renaming would replace
+ *    a device or FIFO); one reached through a symlink is written at the link's target.
  */
 #include "data.h"
 
@@ -652,27 +655,76 @@ static int write_header(FILE *f, uint64_t n, int bpt, int vocab, const char *pat
 
 struct TokenWriter {
     FILE *f;
-    char *path;
+    char *path;  /* the output as given (messages) */
+    char *final; /* where close renames the temporary file: path, or a symlink's target */
+    char *tmp;   /* the temporary file the tokens go to, next to final */
     uint64_t n, written;
     int bpt, vocab;
     unsigned char *buf; /* IO_CHUNK tokens, encoded */
 };
+
+/* Where the output really goes: path, or the file a symlink path points to (so writing through a
+ * link updates its target, as a plain write would). Refuses an existing output that is not a
+ * regular file: renaming over a device or FIFO would replace it. */
+static char *output_target(const char *path, char *err) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        return mt_fail(err, "%s: exists and is %s; a token file is written to a temporary file and "
+                       "renamed over the output, which must be a regular file or not exist", path,
+                       file_kind(st.st_mode)), NULL;
+    char *t = NULL;
+    if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode)) t = realpath(path, NULL);
+    if (!t) t = strdup(path);
+    MT_CHECK(t, "out of memory");
+    return t;
+}
+
+/* A new file "<dir of final>/.<name>.tmp.<pid>.<k>", created exclusively (nothing existing is
+ * touched; the umask applies as for any new file). */
+static FILE *create_temp(const char *final, const char *path, char **tmp, char *err) {
+    const char *slash = strrchr(final, '/');
+    int dlen = slash ? (int)(slash - final) + 1 : 0;
+    size_t len = strlen(final) + 64;
+    *tmp = mt_calloc(len, 1);
+    FILE *f = NULL;
+    int k = 0, fd = -1;
+    for (; k < 100 && fd < 0; k++) {
+        snprintf(*tmp, len, "%.*s.%s.tmp.%ld.%d", dlen, final, final + dlen, (long)getpid(), k);
+        fd = open(*tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST) break;
+    }
+    if (fd >= 0 && !(f = fdopen(fd, "wb"))) close(fd), unlink(*tmp);
+    if (f) return f;
+    if (fd < 0 && k == 100) mt_fail(err, "%s: cannot create token file: no free temporary name like %s", path, *tmp);
+    else mt_fail(err, "%s: cannot create token file (temporary %s): %s", path, *tmp, strerror(errno));
+    free(*tmp);
+    *tmp = NULL;
+    return NULL;
+}
+
+static void writer_free(TokenWriter *w) {
+    free(w->buf);
+    free(w->path);
+    free(w->final);
+    free(w->tmp);
+    free(w);
+}
 
 TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token, int vocab,
                               char *err) {
     if (bytes_per_token != 2 && bytes_per_token != 4)
         return mt_fail(err, "%s: bytes per token must be 2 or 4 (got %d)", path, bytes_per_token), NULL;
     if (vocab < 1) return mt_fail(err, "%s: vocab_size must be >= 1 (got %d)", path, vocab), NULL;
-    FILE *f = fopen(path, "wb");
-    if (!f) return mt_fail(err, "%s: cannot create token file: %s", path, strerror(errno)), NULL;
-    if (write_header(f, n, bytes_per_token, vocab, path, err) != MT_OK) {
-        fclose(f);
-        return NULL;
-    }
     TokenWriter *w = mt_calloc(1, sizeof *w);
-    w->f = f;
     w->path = strdup(path);
     MT_CHECK(w->path, "out of memory");
+    err[0] = 0;
+    if (!(w->final = output_target(path, err)) || !(w->f = create_temp(w->final, path, &w->tmp, err)) ||
+        write_header(w->f, n, bytes_per_token, vocab, path, err) != MT_OK) {
+        if (w->f) fclose(w->f), unlink(w->tmp);
+        writer_free(w);
+        return NULL;
+    }
     w->n = n;
     w->bpt = bytes_per_token;
     w->vocab = vocab;
@@ -701,16 +753,33 @@ int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err)
     return MT_OK;
 }
 
+/* fsync the directory holding final, so the rename survives a crash. */
+static int sync_dir(const char *final, const char *path, char *err) {
+    const char *slash = strrchr(final, '/');
+    char dir[MT_ERRLEN];
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - final) + (slash == final) : 1, slash ? final : ".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = MT_OK;
+    if (fd < 0 || fsync(fd) != 0)
+        rc = mt_fail(err, "%s: written, but syncing its directory %s failed: %s", path, dir, strerror(errno));
+    if (fd >= 0) close(fd);
+    return rc;
+}
+
 int data_writer_close(TokenWriter *w, char *err) {
     int rc = MT_OK;
     if (w->written != w->n)
         rc = mt_fail(err, "%s: %llu tokens written but the header announces %llu", w->path,
                      (unsigned long long)w->written, (unsigned long long)w->n);
+    if (rc == MT_OK && (fflush(w->f) != 0 || fsync(fileno(w->f)) != 0))
+        rc = mt_fail(err, "%s: write failed on close: %s", w->path, strerror(errno));
     if (fclose(w->f) != 0 && rc == MT_OK)
         rc = mt_fail(err, "%s: write failed on close: %s", w->path, strerror(errno));
-    free(w->buf);
-    free(w->path);
-    free(w);
+    if (rc == MT_OK && rename(w->tmp, w->final) != 0)
+        rc = mt_fail(err, "%s: cannot rename the temporary %s to %s: %s", w->path, w->tmp, w->final,
+                     strerror(errno));
+    if (rc != MT_OK) unlink(w->tmp); /* the output, if any, is as it was */
+    else rc = sync_dir(w->final, w->path, err);
+    writer_free(w);
     return rc;
 }
 
@@ -729,6 +798,7 @@ int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int 
         rc = data_writer_put(w, tokens + done, k, err);
         done += k;
     }
-    int rc2 = data_writer_close(w, err);
+    char ignored[MT_ERRLEN];
+    int rc2 = data_writer_close(w, rc == MT_OK ? err : ignored); /* keep the first message */
     return rc == MT_OK ? rc2 : rc;
 }

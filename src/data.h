@@ -57,7 +57,9 @@ int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int 
 /* The same, streamed (for inputs larger than memory): open with the final token count n, put
  * tokens in pieces, close. put refuses tokens >= vocab (or > 65535 at 2 bytes) and more than n in
  * all; close refuses fewer than n. Every call returns NULL / MT_ERR with a message in err; close
- * frees the writer in every case. */
+ * frees the writer in every case. Atomic: the tokens go to a temporary file next to path, which
+ * a successful close fsyncs and renames over path; a failed one (or any earlier failure) removes
+ * it, leaving path as it was. An existing path that is not a regular file is refused. */
 typedef struct TokenWriter TokenWriter;
 TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token, int vocab,
                               char *err);

@@ -13,9 +13,11 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -341,10 +343,67 @@ START_TEST(test_write_refusals) {
     ck_assert_msg(strstr(err, "2 or 4"), "message: %s", err);
     ck_assert_int_eq(data_write_tokens("/nonexistent-dir/x.tok", tok, 4, 4, 100000, err), MT_ERR);
     ck_assert_msg(strstr(err, "/nonexistent-dir/x.tok"), "message: %s", err);
-    if (access("/dev/full", W_OK) == 0) { /* every write fails: must be reported */
-        ck_assert_int_eq(data_write_tokens("/dev/full", tok, 4, 4, 100000, err), MT_ERR);
-        ck_assert_msg(strstr(err, "write"), "message: %s", err);
+    /* an existing output that is not a regular file is refused, not renamed over */
+    ck_assert_int_eq(data_write_tokens("/dev/full", tok, 4, 4, 100000, err), MT_ERR);
+    ck_assert_msg(strstr(err, "/dev/full") && strstr(err, "character device"), "message: %s", err);
+    struct stat st;
+    ck_assert(stat("/dev/full", &st) == 0 && S_ISCHR(st.st_mode));
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* Names in dir other than "." and ".."; the first such name in *first (may be NULL). */
+static int count_entries(const char *dir, char *first, size_t len) {
+    DIR *dp = opendir(dir);
+    ck_assert_ptr_nonnull(dp);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(dp));) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        if (n++ == 0 && first) snprintf(first, len, "%s", e->d_name);
     }
+    closedir(dp);
+    return n;
+}
+
+/* Writing is atomic: a write that fails part-way (here: the file size limit, EFBIG) reports the
+ * failure, leaves the previous output byte for byte as it was and no temporary file behind; a
+ * writer closed early (too few tokens) leaves nothing either; a write through a symlink replaces
+ * the link's target and keeps the link. */
+START_TEST(test_write_atomic) {
+    enum { N = 5000 };
+    char *dir = make_tmpdir(), path[128], link[128], err[MT_ERRLEN] = "", name[256];
+    snprintf(path, sizeof path, "%s/out.tok", dir);
+    static uint32_t tok[N];
+    for (int i = 0; i < N; i++) tok[i] = (uint32_t)(i % 250);
+    ck_assert_msg(data_write_tokens(path, tok, 100, 2, 256, err) == MT_OK, "%s", err);
+    ck_assert_int_eq(count_entries(dir, name, sizeof name), 1);
+    struct rlimit old;
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    struct rlimit small = {4096, old.rlim_max};
+    void (*prev)(int) = signal(SIGXFSZ, SIG_IGN); /* a write past the limit fails with EFBIG */
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    int rc = data_write_tokens(path, tok, N, 2, 256, err);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, prev);
+    ck_assert_int_eq(rc, MT_ERR);
+    ck_assert_msg(strstr(err, path) && strstr(err, "write failed"), "message: %s", err);
+    check_layout(path, tok, 100, 2, 256); /* the previous file, intact */
+    ck_assert_msg(count_entries(dir, name, sizeof name) == 1 && strcmp(name, "out.tok") == 0,
+                  "a failed write left %s behind", name);
+    TokenWriter *w = data_writer_open(path, 10, 2, 256, err);
+    ck_assert_msg(w, "%s", err);
+    ck_assert_int_eq(count_entries(dir, NULL, 0), 2); /* the temporary file, until close */
+    ck_assert_int_eq(data_writer_put(w, tok, 5, err), MT_OK);
+    ck_assert_int_eq(data_writer_close(w, err), MT_ERR);
+    check_layout(path, tok, 100, 2, 256);
+    ck_assert_int_eq(count_entries(dir, NULL, 0), 1);
+    snprintf(link, sizeof link, "%s/link.tok", dir);
+    ck_assert_int_eq(symlink("out.tok", link), 0);
+    ck_assert_msg(data_write_tokens(link, tok + 1, 50, 4, 256, err) == MT_OK, "%s", err);
+    check_layout(path, tok + 1, 50, 4, 256);
+    struct stat st;
+    ck_assert(lstat(link, &st) == 0 && S_ISLNK(st.st_mode));
+    ck_assert_int_eq(count_entries(dir, NULL, 0), 2);
     remove_tmpdir(dir);
 }
 END_TEST
@@ -431,7 +490,8 @@ START_TEST(test_bad_files) {
 END_TEST
 
 /* The streaming writer: pieces of any size give the same file as one data_write_tokens call;
- * too many or too few tokens against the announced count, and a token out of range, are refused. */
+ * too many or too few tokens against the announced count, and a token out of range, are refused
+ * and leave the earlier file in place. */
 START_TEST(test_stream_writer) {
     enum { N = 1000 };
     char *dir = make_tmpdir(), a[128], b[128], err[MT_ERRLEN] = "";
@@ -459,7 +519,7 @@ START_TEST(test_stream_writer) {
     ck_assert_int_eq(data_writer_put(w, tok, 2, err), MT_OK);
     ck_assert_int_eq(data_writer_close(w, err), MT_ERR);
     ck_assert_msg(strstr(err, "2 tokens written but the header announces 3"), "%s", err);
-    ck_assert_ptr_null(data_open(b, 500, 1, 1, err)); /* the short file is refused on open */
+    check_layout(b, tok, N, 2, 500); /* nothing of the failed writes replaced the complete file */
     /* out of range */
     uint32_t bad[2] = {1, 500};
     w = data_writer_open(b, 2, 2, 500, err);
@@ -655,6 +715,7 @@ static Suite *data_suite(void) {
     tcase_add_test(tc, test_roundtrip_2_bytes);
     tcase_add_test(tc, test_roundtrip_4_bytes);
     tcase_add_test(tc, test_write_refusals);
+    tcase_add_test(tc, test_write_atomic);
     tcase_add_test(tc, test_stream_writer);
     tcase_add_test(tc, test_shards);
     tcase_add_test(tc, test_bad_files);

@@ -3,9 +3,14 @@
  *   mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]
  *
  * Contract: every byte 0..255 of INPUT (a regular file) becomes one token (vocab 256), streamed
- * to OUTPUT with a TokenWriter (default 2 bytes per token; memory use does not grow with INPUT). On success prints "wrote N tokens to OUTPUT"
- * and exits 0; any error (bad usage, unreadable input, failed write) prints one line to stderr
- * and exits 1. --help / -h prints the usage to stdout and exits 0. Uses no MPI.
+ * to OUTPUT with a TokenWriter (default 2 bytes per token; memory use does not grow with INPUT).
+ * OUTPUT is written atomically (TokenWriter: a temporary file next to it, fsynced and renamed
+ * over it on success, removed on failure), so it is either the complete new file or what it was.
+ * OUTPUT that is INPUT itself (the same device and inode, however named: another path, a
+ * symlink, a hard link) is refused before anything is written. On success prints "wrote N tokens
+ * to OUTPUT" and exits 0; any error (bad usage, unreadable input, OUTPUT = INPUT, failed write)
+ * prints one line to stderr and exits 1. --help / -h prints the usage to stdout and exits 0.
+ * Uses no MPI.
  */
 #include "common.h"
 #include "data.h"
@@ -21,7 +26,8 @@
 static const char *USAGE =
     "usage: mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]\n"
     "  Turns any file into byte-level tokens (each byte 0..255 is one token, vocab 256)\n"
-    "  and writes them as a moetrain token file (format in src/data.h).\n"
+    "  and writes them as a moetrain token file (format in src/data.h). OUTPUT is replaced\n"
+    "  atomically (temporary file, fsync, rename) and must not be INPUT itself.\n"
     "  --bytes-per-token N   2 (default) or 4 bytes per token in OUTPUT\n"
     "  -h, --help            print this help\n";
 
@@ -84,6 +90,13 @@ static int tokenize(const Args *a, uint64_t *n) {
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(f);
         return fail("input %s must be a regular file (its size is the token count)", a->in);
+    }
+    struct stat ost;
+    if (stat(a->out, &ost) == 0 && ost.st_dev == st.st_dev && ost.st_ino == st.st_ino) {
+        fclose(f);
+        return fail("output %s is the input %s (the same file: device %llu, inode %llu); writing it "
+                    "would destroy the input: choose another output", a->out, a->in,
+                    (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
     }
     *n = (uint64_t)st.st_size;
     char err[MT_ERRLEN];
