@@ -109,6 +109,20 @@ if [ -n "$n" ] && [ "$(cat "$T/ckt/latest" 2>/dev/null)" = "$(basename "$ck")" ]
 else bad "no checkpoint of step $((n - 1)): $(ls "$T/ckt")"; fi
 $BUILD/mt-tokenize "$D/big" "$D/t.tok" >/dev/null
 expect "resumes once the file is back" 0 "resumed from $ck at step $((n - 1))" -- mpirun -np 2 $BIN "${TR[@]}" --set train.steps=$((n + 1))
+# only rank 1's file is truncated (each rank reads u.tok in its own working directory): rank 0,
+# whose reads are fine, does not wait forever in a collective; the job stops with rank 1's message
+mkdir -p "$D/r0" "$D/r1"; cp "$D/t.tok" "$D/r0/u.tok"; cp "$D/t.tok" "$D/r1/u.tok"
+U=("$PWD/configs/tiny.ini" --set data.source=file --set data.path=u.tok --set train.steps=100000 --set log.every=1
+   --set log.metrics_file= --set checkpoint.dir="$T/cku")
+timeout 120 mpirun -np 1 -wdir "$D/r0" "$BIN" "${U[@]}" : -np 1 -wdir "$D/r1" "$BIN" "${U[@]}" > "$T/u.out" 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq 300); do grep -q "^step" "$T/u.out" && break; sleep 0.1; done
+truncate -s 1000 "$D/r1/u.tok"; wait $pid; rc=$?
+if [ $rc -eq 2 ] && grep -qE "error \(rank 1\): step [0-9]+: u.tok: the token file is now 1000 bytes" "$T/u.out" \
+   && ! grep -q "error (rank 0)" "$T/u.out" && grep -q "a data read failed on 1 rank(s)" "$T/u.out"; then
+  ok "one rank's file truncated: no hang, exit 2, that rank's message only"
+else bad "one rank's file truncated: exit $rc: $(grep -v '^step' "$T/u.out" | tail -c 500)"; fi
+
 # a token rewritten in place (same size) with an id >= the model vocab while training: every window
 # of a 70-token file covers index 35, so the next read reports it
 head -c 70 README.md > "$D/s.txt"; $BUILD/mt-tokenize "$D/s.txt" "$D/s.tok" >/dev/null
