@@ -19,7 +19,7 @@ BIN=$(cd "$BUILD" && pwd)/moetrain
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 SEED=${CHAOS_SEED:-20261202}
 RANDOM=$SEED
-STEPS=24
+STEPS=30
 T=$(mktemp -d)
 pid=""
 # the child processes of pid $1 (from /proc/*/stat: "pid (comm) state ppid ..."; no procps needed)
@@ -45,7 +45,7 @@ ok()  { checks=$((checks+1)); echo "ok   $1"; }
 bad() { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL $1"; }
 field_at() { grep "\"step\":$3," "$1" | tail -1 | sed -E "s/.*\"$2\":([^,]*),.*/\1/"; }
 latest_step() { local l; l=$(cat "$1/latest" 2>/dev/null) || { echo 0; return; }; l=${l#step_}; echo $((10#${l%.h5})); }
-tmps() { compgen -G "$1/*.tmp"; } # a builtin: polls fast
+tmps() { compgen -G "$1/*.tmp"; }
 
 ARGS=(configs/tiny.ini --set train.steps=$STEPS --set log.every=1 --set checkpoint.every=1 --set checkpoint.keep=2)
 
@@ -91,33 +91,39 @@ reach() {
   return 1
 }
 
-# inject FAULT DIR: hit the job $pid with FAULT at a seeded moment past the newest checkpoint
-# of DIR; sets $moment, and $before (the *.tmp files of DIR just before)
+# inject FAULT DIR: hit the job $pid with FAULT at a seeded moment 1-2 steps past the newest
+# checkpoint of DIR; sets $moment, and $before (the *.tmp files of DIR just before)
 inject() {
   local fault=$1 d=$2 i
-  local target=$(( $(latest_step "$d") + 1 + RANDOM % 3 ))
+  local target=$(( $(latest_step "$d") + 1 + RANDOM % 2 ))
   reach "$d" "$target" || true
   before=$(tmps "$d")
+  local victims; victims=$(ranks) # before the wait: the kill follows the trigger at once
   case $fault in
-    kill9-ckpt*)
-      for ((i = 0; i < 100000; i++)); do
-        [ "$(tmps "$d")" != "$before" ] && break
+    kill9-ckpt*) # poll without forking (a glob and builtins), so a short write is caught
+      local -a now
+      local f hit=0
+      shopt -s nullglob
+      for ((i = 0; i < 2000000 && !hit; i++)); do # until a .tmp appears that was not there before
+        now=("$d"/*.tmp)
+        for f in "${now[@]}"; do [[ " ${before//$'\n'/ } " == *" $f "* ]] || hit=1; done
         kill -0 "$pid" 2>/dev/null || break
       done
-      moment="write after step $(latest_step "$d")" ;;
+      shopt -u nullglob
+      moment="write after step" ;;
     *)
       local jitter=$((RANDOM % 40))
       sleep "0.0$(printf '%02d' $jitter)"
-      moment="step $(latest_step "$d") +${jitter}ms" ;;
+      moment="+${jitter}ms after step" ;;
   esac
   case $fault in
-    kill9-job*|kill9-ckpt*)
-      for p in $(ranks) $pid; do kill -9 "$p" 2>/dev/null; done ;;
-    kill9-rank) kill -9 "$(ranks | tail -1)" 2>/dev/null ;;
-    sigterm) for p in $(ranks); do kill -TERM "$p" 2>/dev/null; done ;;
+    kill9-job*|kill9-ckpt*) for p in $victims $pid; do kill -9 "$p" 2>/dev/null; done ;;
+    kill9-rank) kill -9 "$(tail -1 <<<"$victims")" 2>/dev/null ;;
+    sigterm) for p in $victims; do kill -TERM "$p" 2>/dev/null; done ;;
     sigusr1-mpirun) kill -USR1 "$pid" 2>/dev/null ;;
-    sigusr1-rank) kill -USR1 "$(ranks | tail -1)" 2>/dev/null ;;
+    sigusr1-rank) kill -USR1 "$(tail -1 <<<"$victims")" 2>/dev/null ;;
   esac
+  moment="$moment $(latest_step "$d")"
 }
 
 rows=(); in_write=0
