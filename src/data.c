@@ -16,9 +16,12 @@
  *    <= the model's) and stays open: windows are read with pread (one call per window), so the
  *    ranks of a node share the page cache and a corpus larger than RAM still works. Every read
  *    first checks that the file still has its size at open and that the read is complete, and
- *    checks every token it returns against the header vocab: a file truncated or rewritten under
- *    a running job is an error naming the file (never a SIGBUS, never silent garbage). A file
- *    deleted or renamed over after open is still read whole (the open descriptor keeps it).
+ *    checks every token it returns against the header vocab: a file truncated or extended under
+ *    a running job, or rewritten in place with an id out of range, is an error naming the file
+ *    and offset (never a SIGBUS); a same-size rewrite with valid ids cannot be told from the
+ *    original. A file deleted or renamed over after open is still read whole (the open
+ *    descriptor keeps it). As every shard stays open, the soft open-file limit is raised toward
+ *    the hard one when the shards need it (an error says so when even that is too low).
  *    Sequence g is a window of T+1 tokens drawn uniformly from all windows of all shards
  *    (windows never cross a shard boundary); with one file, the start is drawn uniformly from
  *    [0, n_tokens - T). Domain 0.
