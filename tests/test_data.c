@@ -4,8 +4,13 @@
  * slices concatenate to the whole batch); the synthetic corpus covers its four domains fairly
  * and every complete sample in each domain is correct (arithmetic results, sorted lists,
  * copies/reversals, grammar alphabet); tokens are ASCII and vocab < 128 is refused; token files
- * round-trip with 2 and 4 bytes per token in the exact little-endian layout; and each malformed
- * file is refused with a message naming the file and the rule it breaks.
+ * round-trip with 2 and 4 bytes per token in the exact little-endian layout; each malformed
+ * file is refused with a message naming the file and the rule it breaks (an id at or above the
+ * header's vocab, or the model's, with its token index and byte offset); a file truncated,
+ * extended or poked with a bad id after open makes data_get fail naming it (no SIGBUS) while a
+ * deleted one still reads; FIFOs, devices and directories are refused without blocking; writes
+ * are atomic (a failed one leaves the old file and no temporary); the open-file limit is raised
+ * for many shards or the error says why not.
  */
 #include "common.h"
 #include "data.h"
@@ -19,6 +24,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -702,6 +708,43 @@ START_TEST(test_not_regular_refused) {
 }
 END_TEST
 
+/* Every shard stays open: a soft open-file limit too low for the shards is raised toward the
+ * hard one; when the hard one is too low too, one error names the path, the count and ulimit -n.
+ * Runs in a child process (the limits are process-wide). */
+START_TEST(test_open_file_limit) {
+    enum { T = 8, SHARDS = 3 };
+    char dir[64], path[160], err[MT_ERRLEN] = "";
+    snprintf(dir, sizeof dir, "%s", make_tmpdir());
+    for (int i = 0; i < SHARDS; i++) {
+        snprintf(path, sizeof path, "%s/s%d.tok", dir, i);
+        data_close(open_fresh(path, 50, T));
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        struct rlimit rl = {40, 1000}, now;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(10);
+        Data *d = data_open(dir, 256, T, 1, err); /* needs 3 + 64: the soft limit goes to 67 */
+        if (!d || getrlimit(RLIMIT_NOFILE, &now) != 0 || now.rlim_cur != 67) _exit(11);
+        data_close(d);
+        rl = (struct rlimit){40, 40};
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(12);
+        d = data_open(dir, 256, T, 1, err);
+        if (d || !strstr(err, dir) || !strstr(err, "3 token files stay open") || !strstr(err, "only 40 files (ulimit -n)")) {
+            fprintf(stderr, "message: %s\n", err);
+            _exit(13);
+        }
+        _exit(0);
+    }
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: status %d (10-13: the step that failed)",
+                  status);
+    remove_tmpdir(dir);
+}
+END_TEST
+
 /* ---- suite ------------------------------------------------------------------------------- */
 
 static Suite *data_suite(void) {
@@ -722,6 +765,7 @@ static Suite *data_suite(void) {
     tcase_add_test(tc, test_file_changes_under_reader);
     tcase_add_test(tc, test_bad_token_written_after_open);
     tcase_add_test(tc, test_not_regular_refused);
+    tcase_add_test(tc, test_open_file_limit);
     suite_add_tcase(s, tc);
     return s;
 }
