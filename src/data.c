@@ -756,6 +756,8 @@ int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err)
     return MT_OK;
 }
 
+const char *data_writer_temp(const TokenWriter *w) { return w->tmp; }
+
 /* fsync the directory holding final, so the rename survives a crash. */
 static int sync_dir(const char *final, const char *path, char *err) {
     const char *slash = strrchr(final, '/');

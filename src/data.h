@@ -65,5 +65,7 @@ TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token,
                               char *err);
 int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err);
 int data_writer_close(TokenWriter *w, char *err);
+/* The temporary file w writes to until close (for a signal handler that removes it). */
+const char *data_writer_temp(const TokenWriter *w);
 
 #endif
