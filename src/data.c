@@ -64,6 +64,7 @@ typedef struct {
     unsigned bpt;   /* bytes per token (2 or 4) */
     uint32_t vocab; /* the header's vocab (<= the model's): every token is below it */
     uint64_t n;     /* tokens */
+    uint64_t checked; /* the data_get call that last checked the size (Data.calls) */
 } Shard;
 
 struct Data {
@@ -74,6 +75,7 @@ struct Data {
     int n_shards;
     uint64_t *win_end;  /* (n_shards) windows of T+1 tokens in shards 0..i together */
     unsigned char *buf; /* (T+1) tokens of 4 bytes: one window as read from a file */
+    uint64_t calls;     /* data_get calls so far: a shard's size is checked once per call */
 };
 
 /* ---- random numbers ---------------------------------------------------------------------- */
@@ -278,7 +280,7 @@ static int fill_synthetic(const Data *d, uint64_t g, int32_t *row) {
     return domain;
 }
 
-static int shard_window(Data *d, const Shard *sh, uint64_t start, int32_t *row, char *err);
+static int shard_window(Data *d, Shard *sh, uint64_t start, int32_t *row, char *err);
 
 /* One draw picks a window among all shards' windows (a shard weighs by its length; windows never
  * cross shards); with one file that is the position in it. */
@@ -299,6 +301,7 @@ static int fill_file(Data *d, uint64_t g, int32_t *row, char *err) {
 int data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains, char *err) {
     MT_CHECK(d && tokens && first >= 0 && count >= 0, "first=%lld count=%d", (long long)first,
              count);
+    d->calls++;
     for (int i = 0; i < count; i++) {
         uint64_t g = (uint64_t)first + (uint64_t)i;
         int32_t *row = tokens + (size_t)i * (size_t)(d->T + 1);
@@ -391,13 +394,15 @@ static int decode(const Shard *sh, const unsigned char *b, uint64_t first, size_
     return MT_OK;
 }
 
-/* The window of T+1 tokens at start: one pread, after checking that the file still has the size
- * it had at open (so a truncation is reported even when this window still lies before the cut). */
-static int shard_window(Data *d, const Shard *sh, uint64_t start, int32_t *row, char *err) {
-    long long now = fd_size(sh->fd);
+/* The window of T+1 tokens at start: one pread, after checking (once per data_get call) that
+ * the file still has the size it had at open, so a truncation is reported even when this window
+ * still lies before the cut. */
+static int shard_window(Data *d, Shard *sh, uint64_t start, int32_t *row, char *err) {
+    long long now = sh->checked == d->calls ? sh->size : fd_size(sh->fd);
     if (now != sh->size)
         return now < 0 ? mt_fail(err, "%s: cannot stat the open token file: %s", sh->path, strerror(errno))
                        : changed(sh, now, err);
+    sh->checked = d->calls;
     size_t k = (size_t)d->T + 1;
     if (read_at(sh, d->buf, k * sh->bpt, HEADER_BYTES + start * sh->bpt, err) != MT_OK) return MT_ERR;
     return decode(sh, d->buf, start, k, d->vocab, row, err);
