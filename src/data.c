@@ -14,9 +14,9 @@
  *    directory are ignored, non-regular *.tok entries refused). Each is validated completely at
  *    open (header, exact size, length >= T+1, every token < the header's vocab, which must be
  *    <= the model's) and stays open: windows are read with pread (one call per window), so the
- *    ranks of a node share the page cache and a corpus larger than RAM still works. Every read
- *    first checks that the file still has its size at open and that the read is complete, and
- *    checks every token it returns against the header vocab: a file truncated or extended under
+ *    ranks of a node share the page cache and a corpus larger than RAM still works. Each
+ *    data_get call checks that every file it reads still has its size at open (one fstat per
+ *    file and call), every read that it is complete, and every token against the header vocab: a file truncated or extended under
  *    a running job, or rewritten in place with an id out of range, is an error naming the file
  *    and offset (never a SIGBUS); a same-size rewrite with valid ids cannot be told from the
  *    original. A file deleted or renamed over after open is still read whole (the open
