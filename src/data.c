@@ -9,17 +9,30 @@
  *    sequence draws one domain, then concatenates samples of that domain (each ends in '\n')
  *    and is cut at T+1 tokens; the first sample always starts at token 0.
  *  - File source: one token file, or a directory whose *.tok files (name order) are the shards.
- *    Each is validated completely at open (header, exact size, length >= T+1, every token <
- *    vocab) and then read through a read-only shared mmap: no copy per rank, the ranks of a node
- *    share the page cache, and a corpus larger than RAM still works (windows are paged in on
- *    demand). Sequence g is a window of T+1 tokens drawn uniformly from all windows of all shards
+ *    Each must be a regular file (checked with stat before it is opened, so a FIFO, device or
+ *    directory is refused at once instead of blocking or having effects; non-*.tok entries of a
+ *    directory are ignored, non-regular *.tok entries refused). Each is validated completely at
+ *    open (header, exact size, length >= T+1, every token < the header's vocab, which must be
+ *    <= the model's) and stays open: windows are read with pread (one call per window), so the
+ *    ranks of a node share the page cache and a corpus larger than RAM still works. Each
+ *    data_get call checks that every file it reads still has its size at open (one fstat per
+ *    file and call), every read that it is complete, and every token against the header vocab: a file truncated or extended under
+ *    a running job, or rewritten in place with an id out of range, is an error naming the file
+ *    and offset (never a SIGBUS); a same-size rewrite with valid ids cannot be told from the
+ *    original. A file deleted or renamed over after open is still read whole (the open
+ *    descriptor keeps it). As every shard stays open, the soft open-file limit is raised toward
+ *    the hard one when the shards need it (an error says so when even that is too low).
+ *    Sequence g is a window of T+1 tokens drawn uniformly from all windows of all shards
  *    (windows never cross a shard boundary); with one file, the start is drawn uniformly from
  *    [0, n_tokens - T). Domain 0.
  *  - Writing: a TokenWriter streams tokens into the little-endian format (header first, so the
  *    token count is given up front), validates every token before writing it, and checks every
  *    write, the final count and the close; data_write_tokens validates a whole array before it
- *    creates the file. A failed write may leave a partial file behind; data_open refuses it (its
- *    size does not match the header).
+ *    creates anything. The tokens go to a new temporary file ".<name>.tmp.<pid>.<k>" next to the
+ *    output; close fsyncs it, renames it over the output and fsyncs the directory, so the output
+ *    is either the complete new file or what it was before. On any failure the temporary file is
+ *    removed. An output that exists and is not a regular file is refused (renaming would replace
+ *    a device or FIFO); one reached through a symlink is written at the link's target.
  */
 #include "data.h"
 
@@ -27,10 +40,11 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,21 +56,26 @@
 const char *const data_domain_names[DATA_N_DOMAINS] = {"arithmetic", "sorted_lists", "copy_reverse",
                                                        "grammar"};
 
-/* One token file, mapped. */
+/* One token file, open read-only for pread. */
 typedef struct {
-    const unsigned char *map;
-    size_t len;
-    unsigned bpt; /* bytes per token (2 or 4) */
-    uint64_t n;   /* tokens */
+    int fd;         /* -1: not open */
+    char *path;     /* as opened, for messages */
+    long long size; /* bytes at open: a read checks the file still has them */
+    unsigned bpt;   /* bytes per token (2 or 4) */
+    uint32_t vocab; /* the header's vocab (<= the model's): every token is below it */
+    uint64_t n;     /* tokens */
+    uint64_t checked; /* the data_get call that last checked the size (Data.calls) */
 } Shard;
 
 struct Data {
     int vocab;
     int T;
     uint64_t seed;
-    Shard *shards; /* file source: the token files, mmap'ed read-only; NULL: synthetic */
+    Shard *shards; /* file source: the token files; NULL: synthetic */
     int n_shards;
-    uint64_t *win_end; /* (n_shards) windows of T+1 tokens in shards 0..i together */
+    uint64_t *win_end;  /* (n_shards) windows of T+1 tokens in shards 0..i together */
+    unsigned char *buf; /* (T+1) tokens of 4 bytes: one window as read from a file */
+    uint64_t calls;     /* data_get calls so far: a shard's size is checked once per call */
 };
 
 /* ---- random numbers ---------------------------------------------------------------------- */
@@ -261,17 +280,11 @@ static int fill_synthetic(const Data *d, uint64_t g, int32_t *row) {
     return domain;
 }
 
-static uint32_t get_le32(const unsigned char *p);
-
-/* Token i of a mapped file. */
-static uint32_t shard_token(const Shard *sh, uint64_t i) {
-    const unsigned char *p = sh->map + HEADER_BYTES + i * sh->bpt;
-    return sh->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
-}
+static int shard_window(Data *d, Shard *sh, uint64_t start, int32_t *row, char *err);
 
 /* One draw picks a window among all shards' windows (a shard weighs by its length; windows never
  * cross shards); with one file that is the position in it. */
-static int fill_file(const Data *d, uint64_t g, int32_t *row) {
+static int fill_file(Data *d, uint64_t g, int32_t *row, char *err) {
     Rng r;
     rng_for_sequence(&r, d->seed, g);
     uint64_t u = rng_below(&r, d->win_end[d->n_shards - 1]);
@@ -282,19 +295,22 @@ static int fill_file(const Data *d, uint64_t g, int32_t *row) {
         else lo = mid + 1;
     }
     uint64_t start = u - (lo ? d->win_end[lo - 1] : 0);
-    for (int i = 0; i <= d->T; i++) row[i] = (int32_t)shard_token(&d->shards[lo], start + (uint64_t)i);
-    return 0;
+    return shard_window(d, &d->shards[lo], start, row, err);
 }
 
-void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains) {
+int data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains, char *err) {
     MT_CHECK(d && tokens && first >= 0 && count >= 0, "first=%lld count=%d", (long long)first,
              count);
+    d->calls++;
     for (int i = 0; i < count; i++) {
         uint64_t g = (uint64_t)first + (uint64_t)i;
         int32_t *row = tokens + (size_t)i * (size_t)(d->T + 1);
-        int dom = d->shards ? fill_file(d, g, row) : fill_synthetic(d, g, row);
+        int dom = 0;
+        if (d->shards && fill_file(d, g, row, err) != MT_OK) return MT_ERR;
+        if (!d->shards) dom = fill_synthetic(d, g, row);
         if (domains) domains[i] = dom;
     }
+    return MT_OK;
 }
 
 /* ---- reading token files ----------------------------------------------------------------- */
@@ -307,24 +323,104 @@ static uint64_t get_le64(const unsigned char *p) {
     return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
 }
 
+/* What a non-regular file is, for messages. */
+static const char *file_kind(mode_t m) {
+    return S_ISDIR(m)    ? "a directory"
+           : S_ISFIFO(m) ? "a FIFO (named pipe)"
+           : S_ISCHR(m)  ? "a character device"
+           : S_ISBLK(m)  ? "a block device"
+           : S_ISSOCK(m) ? "a socket"
+                         : "not a regular file";
+}
+
+static int not_regular(const char *path, mode_t m, char *err) {
+    return mt_fail(err, "%s: is %s; a token file must be a regular file (made by mt-tokenize)", path,
+                   file_kind(m));
+}
+
+/* The file's size now, or -1 when fstat fails. */
+static long long fd_size(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 ? (long long)st.st_size : -1;
+}
+
+/* The file no longer has the size it had at open: it was truncated or rewritten under the run. */
+static int changed(const Shard *sh, long long now, char *err) {
+    return mt_fail(err, "%s: the token file is now %lld bytes but was %lld when the run opened it: it "
+                   "was truncated or rewritten while training (a token file must not change under "
+                   "a running job: write a new file and rename it over the old one)",
+                   sh->path, now, sh->size);
+}
+
+/* len bytes at byte offset off, in full: a read error or an early end of file (the file shrank
+ * since it was opened) is an error naming the file and the bytes asked for. */
+static int read_at(const Shard *sh, void *buf, size_t len, uint64_t off, char *err) {
+    for (size_t got = 0; got < len;) {
+        ssize_t r = pread(sh->fd, (char *)buf + got, len - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0)
+            return mt_fail(err, "%s: cannot read bytes %llu..%llu of the token file: %s", sh->path,
+                           (unsigned long long)off, (unsigned long long)(off + len), strerror(errno));
+        if (r == 0) {
+            long long now = fd_size(sh->fd);
+            if (now >= 0 && now != sh->size) return changed(sh, now, err);
+            return mt_fail(err, "%s: the token file ended at byte %llu, reading bytes %llu..%llu "
+                           "(%lld bytes at open)", sh->path, (unsigned long long)(off + got),
+                           (unsigned long long)off, (unsigned long long)(off + len), sh->size);
+        }
+        got += (size_t)r;
+    }
+    return MT_OK;
+}
+
+/* Token first + i, i < k, from the raw bytes b of tokens [first, first + k) into out (may be NULL),
+ * each checked against the file's header vocab, which is <= the model's (check_header). */
+static int decode(const Shard *sh, const unsigned char *b, uint64_t first, size_t k, int model_vocab,
+                  int32_t *out, char *err) {
+    for (size_t i = 0; i < k; i++) {
+        const unsigned char *p = b + i * sh->bpt;
+        uint32_t t = sh->bpt == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : get_le32(p);
+        if (t >= sh->vocab) {
+            unsigned long long idx = first + i, off = HEADER_BYTES + idx * sh->bpt;
+            if (t >= (uint32_t)model_vocab)
+                return mt_fail(err, "%s: token %u at token index %llu (byte offset %llu) is >= the "
+                               "model vocab_size %d", sh->path, t, idx, off, model_vocab);
+            return mt_fail(err, "%s: token %u at token index %llu (byte offset %llu) is >= the vocab "
+                           "%u its header declares (the file is corrupt or its header is wrong)",
+                           sh->path, t, idx, off, sh->vocab);
+        }
+        if (out) out[i] = (int32_t)t;
+    }
+    return MT_OK;
+}
+
+/* The window of T+1 tokens at start: one pread, after checking (once per data_get call) that
+ * the file still has the size it had at open, so a truncation is reported even when this window
+ * still lies before the cut. */
+static int shard_window(Data *d, Shard *sh, uint64_t start, int32_t *row, char *err) {
+    long long now = sh->checked == d->calls ? sh->size : fd_size(sh->fd);
+    if (now != sh->size)
+        return now < 0 ? mt_fail(err, "%s: cannot stat the open token file: %s", sh->path, strerror(errno))
+                       : changed(sh, now, err);
+    sh->checked = d->calls;
+    size_t k = (size_t)d->T + 1;
+    if (read_at(sh, d->buf, k * sh->bpt, HEADER_BYTES + start * sh->bpt, err) != MT_OK) return MT_ERR;
+    return decode(sh, d->buf, start, k, d->vocab, row, err);
+}
+
 typedef struct {
     uint32_t version, bpt, vocab;
     uint64_t n;
 } Header;
 
-static int read_header(FILE *f, const char *path, Header *h, long long *fsize, char *err) {
-    struct stat st;
+static int read_header(const Shard *sh, Header *h, char *err) {
     unsigned char b[HEADER_BYTES];
-    if (fstat(fileno(f), &st) != 0)
-        return mt_fail(err, "%s: cannot stat: %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode)) return mt_fail(err, "%s: not a regular file (token file)", path);
-    *fsize = (long long)st.st_size;
-    if (*fsize < HEADER_BYTES || fread(b, 1, HEADER_BYTES, f) != HEADER_BYTES)
-        return mt_fail(err,
-                       "%s: truncated: shorter than the %d-byte token file header (%lld bytes)",
-                       path, HEADER_BYTES, *fsize);
+    if (sh->size < HEADER_BYTES)
+        return mt_fail(err, "%s: truncated: shorter than the %d-byte token file header (%lld bytes)",
+                       sh->path, HEADER_BYTES, sh->size);
+    if (read_at(sh, b, HEADER_BYTES, 0, err) != MT_OK) return MT_ERR;
     if (memcmp(b, MAGIC, 8) != 0)
-        return mt_fail(err, "%s: bad magic: not a moetrain token file (expected \"%s\")", path,
+        return mt_fail(err, "%s: bad magic: not a moetrain token file (expected \"%s\")", sh->path,
                        MAGIC);
     h->version = get_le32(b + 8);
     h->bpt = get_le32(b + 12);
@@ -361,40 +457,54 @@ static int check_header(const Header *h, const char *path, int vocab, int T, lon
     return MT_OK;
 }
 
-/* Every token of a mapped file < vocab (one sequential pass, before any training). */
-static int validate_tokens(const Shard *sh, int vocab, const char *path, char *err) {
-    madvise((void *)sh->map, sh->len, MADV_SEQUENTIAL);
-    for (uint64_t i = 0; i < sh->n; i++) {
-        uint32_t t = shard_token(sh, i);
-        if (t >= (uint32_t)vocab)
-            return mt_fail(err, "%s: token %u at position %llu is >= the model vocab_size %d", path,
-                           t, (unsigned long long)i, vocab);
+/* Every token of the file below its header vocab (one sequential pass, before any training). */
+static int validate_tokens(const Shard *sh, int vocab, char *err) {
+    unsigned char *buf = mt_calloc(IO_CHUNK, sh->bpt);
+    int rc = MT_OK;
+    posix_fadvise(sh->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    for (uint64_t i = 0; i < sh->n && rc == MT_OK; i += IO_CHUNK) {
+        size_t k = sh->n - i < IO_CHUNK ? (size_t)(sh->n - i) : IO_CHUNK;
+        rc = read_at(sh, buf, k * sh->bpt, HEADER_BYTES + i * sh->bpt, err);
+        if (rc == MT_OK) rc = decode(sh, buf, i, k, vocab, NULL, err);
     }
-    madvise((void *)sh->map, sh->len, MADV_RANDOM); /* training reads short random windows */
-    return MT_OK;
+    posix_fadvise(sh->fd, 0, 0, POSIX_FADV_RANDOM); /* training reads short random windows */
+    free(buf);
+    return rc;
 }
 
-/* Check, map and validate one token file into sh. */
-static int open_shard(Shard *sh, const char *path, int vocab, int T, char *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno));
-    Header h = {0};
-    long long fsize = 0;
-    int rc = read_header(f, path, &h, &fsize, err);
-    if (rc == MT_OK) rc = check_header(&h, path, vocab, T, fsize, err);
-    if (rc == MT_OK && (unsigned long long)fsize > SIZE_MAX)
-        rc = mt_fail(err, "%s: %lld bytes cannot be mapped on this machine", path, fsize);
-    if (rc == MT_OK) {
-        void *m = mmap(NULL, (size_t)fsize, PROT_READ, MAP_SHARED, fileno(f), 0);
-        if (m == MAP_FAILED) {
-            rc = mt_fail(err, "%s: cannot map the token file: %s", path, strerror(errno));
-        } else {
-            *sh = (Shard){m, (size_t)fsize, h.bpt, h.n};
-        }
+/* Open path read-only without blocking (a FIFO would wait for a writer) and make sure it is a
+ * regular file. Returns the descriptor, or -1 with a message. */
+static int open_regular(const char *path, long long *size, char *err) {
+    struct stat st;
+    if (stat(path, &st) != 0) /* before open: opening a device or FIFO may have effects */
+        return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno)), -1;
+    if (!S_ISREG(st.st_mode)) return not_regular(path, st.st_mode, err), -1;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return mt_fail(err, "%s: cannot open token file: %s%s", path, strerror(errno),
+                       errno == EMFILE ? " (every shard stays open while training: raise ulimit -n)" : ""), -1;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { /* replaced since the stat */
+        int e = errno;
+        close(fd);
+        return S_ISREG(st.st_mode) ? mt_fail(err, "%s: cannot stat: %s", path, strerror(e)), -1
+                                   : not_regular(path, st.st_mode, err), -1;
     }
-    fclose(f); /* the mapping stays valid */
-    if (rc == MT_OK) rc = validate_tokens(sh, vocab, path, err);
-    return rc;
+    *size = (long long)st.st_size;
+    return fd;
+}
+
+/* Open, check and validate one token file into sh (which owns path from here on). */
+static int open_shard(Shard *sh, char *path, int vocab, int T, char *err) {
+    *sh = (Shard){.fd = -1, .path = path};
+    sh->fd = open_regular(path, &sh->size, err);
+    if (sh->fd < 0) return MT_ERR;
+    Header h = {0};
+    if (read_header(sh, &h, err) != MT_OK || check_header(&h, path, vocab, T, sh->size, err) != MT_OK)
+        return MT_ERR;
+    sh->bpt = h.bpt;
+    sh->vocab = h.vocab;
+    sh->n = h.n;
+    return validate_tokens(sh, vocab, err);
 }
 
 static int is_tok_file(const struct dirent *e) {
@@ -407,7 +517,8 @@ static char **shard_paths(const char *path, int *n, char *err) {
     struct stat st;
     *n = 0;
     if (stat(path, &st) != 0) return mt_fail(err, "%s: cannot open token file: %s", path, strerror(errno)), NULL;
-    if (!S_ISDIR(st.st_mode)) {
+    if (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) return not_regular(path, st.st_mode, err), NULL;
+    if (S_ISREG(st.st_mode)) {
         char **one = mt_calloc(1, sizeof *one);
         one[0] = strdup(path);
         MT_CHECK(one[0], "out of memory");
@@ -433,19 +544,40 @@ static char **shard_paths(const char *path, int *n, char *err) {
     return paths;
 }
 
+/* Every shard stays open while training: raise the soft open-file limit toward the hard one when
+ * n shards need it, and say so when even the hard limit is too low. */
+static int ensure_open_files(const char *path, int n, char *err) {
+    struct rlimit rl;
+    rlim_t need = (rlim_t)n + 64; /* MPI, HDF5, metrics and checkpoints need some too */
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
+        return MT_OK;
+    rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need ? rl.rlim_max : need;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < need)
+        return mt_fail(err, "%s: %d token files stay open while training, but this process may open "
+                       "only %llu files (ulimit -n): raise the limit or merge shards", path, n,
+                       (unsigned long long)rl.rlim_cur);
+    return MT_OK;
+}
+
 static int open_files(Data *d, const char *path, char *err) {
     int n = 0, rc = MT_OK;
     char **paths = shard_paths(path, &n, err);
     if (!paths) return MT_ERR;
     d->shards = mt_calloc((size_t)n, sizeof *d->shards);
     d->win_end = mt_calloc((size_t)n, sizeof *d->win_end);
+    for (int i = 0; i < n; i++) d->shards[i].fd = -1;
     d->n_shards = n;
-    for (int i = 0; i < n && rc == MT_OK; i++) {
+    d->buf = mt_calloc((size_t)d->T + 1, 4);
+    rc = ensure_open_files(path, n, err);
+    for (int i = 0; i < n; i++) {
+        if (rc != MT_OK) { /* not opened: free its path */
+            free(paths[i]);
+            continue;
+        }
         rc = open_shard(&d->shards[i], paths[i], d->vocab, d->T, err);
         if (rc == MT_OK)
             d->win_end[i] = (i ? d->win_end[i - 1] : 0) + d->shards[i].n - (uint64_t)d->T;
     }
-    for (int i = 0; i < n; i++) free(paths[i]);
     free(paths);
     return rc;
 }
@@ -482,9 +614,12 @@ Data *data_open(const char *path, int vocab, int seq_len, unsigned long long see
 
 void data_close(Data *d) {
     if (!d) return;
-    for (int i = 0; i < d->n_shards; i++)
-        if (d->shards[i].map) munmap((void *)d->shards[i].map, d->shards[i].len);
+    for (int i = 0; i < d->n_shards; i++) {
+        if (d->shards[i].fd >= 0) close(d->shards[i].fd);
+        free(d->shards[i].path);
+    }
     free(d->shards);
+    free(d->buf);
     free(d->win_end);
     free(d);
 }
@@ -528,27 +663,76 @@ static int write_header(FILE *f, uint64_t n, int bpt, int vocab, const char *pat
 
 struct TokenWriter {
     FILE *f;
-    char *path;
+    char *path;  /* the output as given (messages) */
+    char *final; /* where close renames the temporary file: path, or a symlink's target */
+    char *tmp;   /* the temporary file the tokens go to, next to final */
     uint64_t n, written;
     int bpt, vocab;
     unsigned char *buf; /* IO_CHUNK tokens, encoded */
 };
+
+/* Where the output really goes: path, or the file a symlink path points to (so writing through a
+ * link updates its target, as a plain write would). Refuses an existing output that is not a
+ * regular file: renaming over a device or FIFO would replace it. */
+static char *output_target(const char *path, char *err) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        return mt_fail(err, "%s: exists and is %s; a token file is written to a temporary file and "
+                       "renamed over the output, which must be a regular file or not exist", path,
+                       file_kind(st.st_mode)), NULL;
+    char *t = NULL;
+    if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode)) t = realpath(path, NULL);
+    if (!t) t = strdup(path);
+    MT_CHECK(t, "out of memory");
+    return t;
+}
+
+/* A new file "<dir of final>/.<name>.tmp.<pid>.<k>", created exclusively (nothing existing is
+ * touched; the umask applies as for any new file). */
+static FILE *create_temp(const char *final, const char *path, char **tmp, char *err) {
+    const char *slash = strrchr(final, '/');
+    int dlen = slash ? (int)(slash - final) + 1 : 0;
+    size_t len = strlen(final) + 64;
+    *tmp = mt_calloc(len, 1);
+    FILE *f = NULL;
+    int k = 0, fd = -1;
+    for (; k < 100 && fd < 0; k++) {
+        snprintf(*tmp, len, "%.*s.%s.tmp.%ld.%d", dlen, final, final + dlen, (long)getpid(), k);
+        fd = open(*tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST) break;
+    }
+    if (fd >= 0 && !(f = fdopen(fd, "wb"))) close(fd), unlink(*tmp);
+    if (f) return f;
+    if (fd < 0 && k == 100) mt_fail(err, "%s: cannot create token file: no free temporary name like %s", path, *tmp);
+    else mt_fail(err, "%s: cannot create token file (temporary %s): %s", path, *tmp, strerror(errno));
+    free(*tmp);
+    *tmp = NULL;
+    return NULL;
+}
+
+static void writer_free(TokenWriter *w) {
+    free(w->buf);
+    free(w->path);
+    free(w->final);
+    free(w->tmp);
+    free(w);
+}
 
 TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token, int vocab,
                               char *err) {
     if (bytes_per_token != 2 && bytes_per_token != 4)
         return mt_fail(err, "%s: bytes per token must be 2 or 4 (got %d)", path, bytes_per_token), NULL;
     if (vocab < 1) return mt_fail(err, "%s: vocab_size must be >= 1 (got %d)", path, vocab), NULL;
-    FILE *f = fopen(path, "wb");
-    if (!f) return mt_fail(err, "%s: cannot create token file: %s", path, strerror(errno)), NULL;
-    if (write_header(f, n, bytes_per_token, vocab, path, err) != MT_OK) {
-        fclose(f);
-        return NULL;
-    }
     TokenWriter *w = mt_calloc(1, sizeof *w);
-    w->f = f;
     w->path = strdup(path);
     MT_CHECK(w->path, "out of memory");
+    err[0] = 0;
+    if (!(w->final = output_target(path, err)) || !(w->f = create_temp(w->final, path, &w->tmp, err)) ||
+        write_header(w->f, n, bytes_per_token, vocab, path, err) != MT_OK) {
+        if (w->f) fclose(w->f), unlink(w->tmp);
+        writer_free(w);
+        return NULL;
+    }
     w->n = n;
     w->bpt = bytes_per_token;
     w->vocab = vocab;
@@ -577,16 +761,35 @@ int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err)
     return MT_OK;
 }
 
+const char *data_writer_temp(const TokenWriter *w) { return w->tmp; }
+
+/* fsync the directory holding final, so the rename survives a crash. */
+static int sync_dir(const char *final, const char *path, char *err) {
+    const char *slash = strrchr(final, '/');
+    char dir[MT_ERRLEN];
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - final) + (slash == final) : 1, slash ? final : ".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = MT_OK;
+    if (fd < 0 || fsync(fd) != 0)
+        rc = mt_fail(err, "%s: written, but syncing its directory %s failed: %s", path, dir, strerror(errno));
+    if (fd >= 0) close(fd);
+    return rc;
+}
+
 int data_writer_close(TokenWriter *w, char *err) {
     int rc = MT_OK;
     if (w->written != w->n)
         rc = mt_fail(err, "%s: %llu tokens written but the header announces %llu", w->path,
                      (unsigned long long)w->written, (unsigned long long)w->n);
+    if (rc == MT_OK && (fflush(w->f) != 0 || fsync(fileno(w->f)) != 0))
+        rc = mt_fail(err, "%s: write failed on close: %s", w->path, strerror(errno));
     if (fclose(w->f) != 0 && rc == MT_OK)
         rc = mt_fail(err, "%s: write failed on close: %s", w->path, strerror(errno));
-    free(w->buf);
-    free(w->path);
-    free(w);
+    if (rc == MT_OK && rename(w->tmp, w->final) != 0)
+        rc = mt_fail(err, "%s: cannot rename the temporary %s to %s: %s", w->path, w->tmp, w->final,
+                     strerror(errno));
+    if (rc != MT_OK) unlink(w->tmp); /* the output, if any, is as it was */
+    else rc = sync_dir(w->final, w->path, err);
+    writer_free(w);
     return rc;
 }
 
@@ -605,6 +808,7 @@ int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int 
         rc = data_writer_put(w, tokens + done, k, err);
         done += k;
     }
-    int rc2 = data_writer_close(w, err);
+    char ignored[MT_ERRLEN];
+    int rc2 = data_writer_close(w, rc == MT_OK ? err : ignored); /* keep the first message */
     return rc == MT_OK ? rc2 : rc;
 }

@@ -11,6 +11,10 @@
  *    from a small grammar. Each sequence is drawn from one domain.
  *  - file: a token file on disk (format below), or a directory whose *.tok files are shards;
  *    sequence g is a window drawn from (seed, g) among all windows of all shards. Domain is 0.
+ *    Token files must be regular files (a FIFO, device or directory is refused at open) whose
+ *    every token is below the vocab in their header, itself <= the model's vocab. They are read
+ *    with pread and must not change while a run reads them: a file that shrinks or changes size,
+ *    a short read or a token out of range makes data_get fail with the file and offset named.
  *
  * Token file format (little-endian):
  *   bytes 0-7   magic "MTTOKENS"
@@ -39,8 +43,12 @@ typedef struct Data Data;
 Data *data_open(const char *path, int vocab, int seq_len, unsigned long long seed, char *err);
 void data_close(Data *d);
 
-/* Fill tokens(count, T+1) and domains(count) with global sequences [first, first + count). */
-void data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains);
+/* Fill tokens(count, T+1) and domains(count, may be NULL) with global sequences
+ * [first, first + count). MT_OK, or MT_ERR with a message in err naming the file and the token
+ * index / byte offset when a token file cannot be read as it was at open (it shrank or changed
+ * size, a read failed or came back short, a token is >= the vocab); tokens are then partly
+ * filled. The synthetic source never fails. Not collective: the trainer agrees on failure. */
+int data_get(Data *d, int64_t first, int count, int32_t *tokens, int32_t *domains, char *err);
 
 /* Write a token file. Returns MT_OK or MT_ERR (message in err). */
 int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int bytes_per_token,
@@ -49,11 +57,15 @@ int data_write_tokens(const char *path, const uint32_t *tokens, uint64_t n, int 
 /* The same, streamed (for inputs larger than memory): open with the final token count n, put
  * tokens in pieces, close. put refuses tokens >= vocab (or > 65535 at 2 bytes) and more than n in
  * all; close refuses fewer than n. Every call returns NULL / MT_ERR with a message in err; close
- * frees the writer in every case. */
+ * frees the writer in every case. Atomic: the tokens go to a temporary file next to path, which
+ * a successful close fsyncs and renames over path; a failed one (or any earlier failure) removes
+ * it, leaving path as it was. An existing path that is not a regular file is refused. */
 typedef struct TokenWriter TokenWriter;
 TokenWriter *data_writer_open(const char *path, uint64_t n, int bytes_per_token, int vocab,
                               char *err);
 int data_writer_put(TokenWriter *w, const uint32_t *tokens, size_t k, char *err);
 int data_writer_close(TokenWriter *w, char *err);
+/* The temporary file w writes to until close (for a signal handler that removes it). */
+const char *data_writer_temp(const TokenWriter *w);
 
 #endif

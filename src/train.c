@@ -98,12 +98,21 @@ void trainer_free(Trainer *t) {
     memset(t, 0, sizeof *t);
 }
 
-/* pipeline_step's source of micro-batches: micro-batch mb of this dp rank's share of the step. */
+/* pipeline_step's source of micro-batches: micro-batch mb of this dp rank's share of the step. A
+ * read that fails marks the step failed (trainer_step does not apply it); token 0 is in every
+ * vocab, so the micro-batch still runs and this rank meets every collective. */
 static void fetch_micro_batch(void *ctx, int mb, const int32_t **tokens, const int32_t **domains) {
     Trainer *t = ctx;
-    int mbs = t->cfg.micro_batch_size;
-    int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * t->cfg.grad_accum_steps;
-    data_get(t->data, first + (int64_t)mb * mbs, mbs, t->tok_buf, t->dom_buf);
+    const Config *c = &t->cfg;
+    int mbs = c->micro_batch_size;
+    int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * c->grad_accum_steps;
+    if (!t->data_failed &&
+        data_get(t->data, first + (int64_t)mb * mbs, mbs, t->tok_buf, t->dom_buf, t->data_err) != MT_OK)
+        t->data_failed = 1;
+    if (t->data_failed) {
+        memset(t->tok_buf, 0, (size_t)mbs * (c->seq_len + 1) * sizeof *t->tok_buf);
+        memset(t->dom_buf, 0, (size_t)mbs * sizeof *t->dom_buf);
+    }
     *tokens = t->tok_buf;
     *domains = t->dom_buf;
 }
@@ -139,14 +148,18 @@ static unsigned nonfinite_losses(const MicroStats *s) {
     return (isfinite(s->lm_sum) ? 0u : NF_LM) | (isfinite(s->lbl) ? 0u : NF_LBL) | (isfinite(s->z) ? 0u : NF_Z);
 }
 
-/* The gradient norm, and which values of the step are not finite on any rank. Each rank flags the
- * loss terms it saw non-finite (its own share or the stage sum); the flags travel in the gradient
- * norm's world all-reduce, so every rank gets the same answer without another collective. */
-static double grad_norm_and_guard(Trainer *t, const MicroStats *mine, const MicroStats *sum, unsigned *nonfinite) {
+/* The gradient norm, which values of the step are not finite on any rank, and on how many ranks
+ * a data read failed. Each rank flags the loss terms it saw non-finite (its own share or the
+ * stage sum) and its data failure; the flags travel in the gradient norm's world all-reduce, so
+ * every rank gets the same answer without another collective. */
+static double grad_norm_and_guard(Trainer *t, const MicroStats *mine, const MicroStats *sum, unsigned *nonfinite,
+                                  int *data_failed) {
     unsigned seen = nonfinite_losses(mine) | nonfinite_losses(sum);
-    double flags[3];
+    double flags[4];
     for (int i = 0; i < 3; i++) flags[i] = seen & (1u << i) ? 1.0 : 0.0;
-    double norm = sharder_grad_norm_sum(&t->shard, flags, 3);
+    flags[3] = t->data_failed;
+    double norm = sharder_grad_norm_sum(&t->shard, flags, 4);
+    *data_failed = (int)flags[3];
     *nonfinite = isfinite(norm) ? 0u : NF_GRAD_NORM;
     for (int i = 0; i < 3; i++)
         if (flags[i] != 0) *nonfinite |= 1u << i;
@@ -163,13 +176,18 @@ StepResult trainer_step(Trainer *t) {
 
     sharder_zero_grads(&t->shard);
     model_reset_lbl(&t->model);
+    t->data_failed = 0;
     MicroStats mine = run_micro_batches(t, lm_scale, aux_scale);
     MicroStats s = sync_micro_stats(t, mine);
     sharder_reduce_grads(&t->shard);
     sharder_tie_grads(&t->shard);
 
     StepResult r = {0};
-    r.grad_norm = grad_norm_and_guard(t, &mine, &s, &r.nonfinite);
+    r.grad_norm = grad_norm_and_guard(t, &mine, &s, &r.nonfinite, &r.data_failed);
+    if (r.data_failed) { /* nothing applied, nothing advanced: the state is the one before the step */
+        r.step = t->step + 1;
+        return r;
+    }
     r.skipped = r.nonfinite != 0;
     r.lr = lr_at(c, t->step);
     if (!r.skipped) { /* skipped: parameters, moments and AdamW's step counter stay as they are */
@@ -285,12 +303,37 @@ static int too_many_skips(const Trainer *t, const StepResult *r, char *err) {
                    r->step, train_nonfinite_first(r->nonfinite), run, c->max_skipped_steps);
 }
 
+/* A data read failed on r->data_failed ranks during step r->step, which was not applied. The
+ * state before it is saved unless a checkpoint of it exists (saved_step), so no trained step is
+ * lost; then the run stops on every rank, with the lowest failing rank's message. */
+static int data_failure(Trainer *t, const StepResult *r, int saved_step, char *err) {
+    const Group *world = &t->mesh->g_world;
+    int32_t first = t->data_failed ? -world->rank : INT32_MIN; /* max of -rank: the lowest */
+    comm_allreduce_max(world, &first, 1, DT_I32);
+    char ck[MT_ERRLEN] = "", saved[MT_ERRLEN + 200];
+    if (t->step > saved_step && save_guarded(t, ck) != MT_OK)
+        snprintf(saved, sizeof saved, "saving a checkpoint of step %d failed too: %s", t->step, ck);
+    else if (t->step > 0)
+        snprintf(saved, sizeof saved, "the checkpoint of step %d in %s holds the state before it: fix the "
+                 "data and run again to resume", t->step, t->cfg.ckpt_dir);
+    else
+        snprintf(saved, sizeof saved, "no step was trained");
+    if (!t->data_failed || -first != world->rank) {
+        err[0] = 0;
+        return MT_ERR;
+    }
+    return mt_fail(err, "step %d: %s. Stopped before applying step %d (a data read failed on %d rank(s)); %s",
+                   r->step, t->data_err, r->step, r->data_failed, saved);
+}
+
 static int run_steps(Trainer *t, Metrics *mx, char *err) {
     const Config *c = &t->cfg;
     const Group *world = &t->mesh->g_world;
     int ckpt_pending = 0; /* a periodic checkpoint fell on a skipped step: it waits for an applied one */
+    int saved_step = t->step; /* the step of the newest checkpoint (resumed from, or 0: none) */
     while (t->step < c->steps) {
         StepResult r = trainer_step(t);
+        if (r.data_failed) return data_failure(t, &r, saved_step, err);
         /* a skipped step is always logged; r.skipped is the same on every rank */
         if (r.step % c->log_every == 0 || r.step == c->steps || r.skipped) {
             trainer_sync_stats(t);
@@ -302,7 +345,7 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
         ckpt_pending |= c->ckpt_every > 0 && r.step % c->ckpt_every == 0;
         int due = (ckpt_pending && !r.skipped) || r.step == c->steps || stop;
         if (due && save_guarded(t, err) != MT_OK) return MT_ERR;
-        if (due) ckpt_pending = 0;
+        if (due) ckpt_pending = 0, saved_step = t->step;
         if (stop) {
             if (world->rank == 0) printf("stopping after step %d on a signal; checkpoint saved\n", t->step);
             break;

@@ -24,6 +24,12 @@
  * after the next applied one; the final and signal-requested checkpoints are written anyway: the
  * model is the finite one from before the step), and stops the run with an error (MT_ERR, no
  * checkpoint) when more than train.max_skipped_steps steps in a row were skipped.
+ * Data failures: a data read that fails on a rank (a token file truncated or corrupted under the
+ * run: data.h) does not leave the others hanging. That rank trains the step on token-0 batches
+ * so every collective still matches, its flag rides the same all-reduce, and every rank then
+ * leaves the step unapplied (nothing advances); run_steps saves the state before the step if no
+ * checkpoint holds it yet and stops every rank with MT_ERR, the lowest failing rank naming the
+ * file and offset.
  */
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H
@@ -31,6 +37,7 @@
 #include <stdint.h>
 
 #include "checkpoint.h"
+#include "common.h"
 #include "config.h"
 #include "data.h"
 #include "model.h"
@@ -52,6 +59,8 @@ typedef struct StepResult {
     double dropped_frac;       /* assignments dropped by capacity / all assignments */
     int skipped;               /* the update was not applied: nonfinite != 0 (same on every rank) */
     unsigned nonfinite;        /* NF_* bits: the terms that were not finite on some rank */
+    int data_failed;           /* ranks whose data read failed (Trainer.data_err); > 0: the step was
+                                * not applied and nothing advanced, the run must stop (every rank) */
 } StepResult;
 
 typedef struct Trainer {
@@ -76,6 +85,8 @@ typedef struct Trainer {
     int skipped_in_a_row;        /* consecutive skipped steps up to the last one (0: it was applied) */
     int skip_run_start;          /* the first step of that run of skipped steps */
     unsigned skip_run_nonfinite; /* and its NF_* bits */
+    int data_failed;             /* this rank's data read failed in the current step */
+    char data_err[MT_ERRLEN];    /* and why (data_get's message) */
 } Trainer;
 
 /* Bytes one rank holds, by category (the host for a cpu run, the GPU for a cuda run). */

@@ -2,7 +2,8 @@
 # Run the whole test suite from the repo root; print a summary; exit non-zero if any test fails.
 #   build/tests/test_*        Check programs run as they are (single process)
 #   tests/test_*.sh           shell tests (command line, launchers), given the build directory
-#                             (exit 77 = SKIP: cannot run here, e.g. no SLURM; not a failure)
+#                             (exit 77 = SKIP: cannot run here, e.g. no SLURM; not a failure);
+#                             test_chaos.sh takes CHAOS_SEED from the environment (fault moments)
 #   tests/mpi_tests.txt       lines "PROGRAM NP [ARGS...]": run under mpirun -np NP (oversubscribed)
 # Every program runs under `timeout`, so a hung collective fails the suite instead of stalling it.
 set -u

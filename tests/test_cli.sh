@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Command-line behaviour of build/moetrain: help, version, bad input (one clear error, exit 2,
-# nothing hangs), a rank-local failure under mpirun, and a short distributed training run.
+# nothing hangs), a rank-local failure under mpirun, token files (mt-tokenize's own input refused,
+# atomic output; FIFO, bad ids, a file truncated or rewritten under a run), and a short
+# distributed training run.
 set -u
 BUILD=${1:-build}
 BIN=$(cd "$BUILD" && pwd)/moetrain   # absolute: some runs change directory
@@ -59,6 +61,85 @@ ARGS=("$PWD/configs/tiny.ini" --set data.source=file --set data.path=c.tok --set
 expect "one rank fails"         2 "error \(rank 1\): c.tok: cannot open" \
   -- mpirun -np 1 -wdir "$T/a" "$BIN" "${ARGS[@]}" --set checkpoint.dir="$T/ck2" \
      : -np 1 -wdir "$T/b" "$BIN" "${ARGS[@]}" --set checkpoint.dir="$T/ck2"
+
+# ---- token files: mt-tokenize never destroys its input and replaces its output atomically; a
+# token file that is not a regular file, that changes under a running job or holds an id at or
+# above its vocab stops the run with the file and offset named (never a hang, never a SIGBUS)
+D=$T/data; mkdir -p "$D"
+head -c 6000 README.md > "$D/F"; cp "$D/F" "$D/F.orig"; ln -s F "$D/L"; ln "$D/F" "$D/H"
+expect "mt-tokenize F F refused"      1 "output $D/F is the input $D/F \(the same file: device [0-9]+, inode [0-9]+\); writing it would destroy the input" \
+  -- $BUILD/mt-tokenize "$D/F" "$D/F"
+expect "mt-tokenize F ./F refused"    1 "is the input" -- bash -c "cd '$D' && '$PWD/$BUILD/mt-tokenize' F ./F"
+expect "mt-tokenize via symlink"      1 "output $D/L is the input $D/F" -- $BUILD/mt-tokenize "$D/F" "$D/L"
+expect "mt-tokenize via hard link"    1 "output $D/H is the input $D/L" -- $BUILD/mt-tokenize "$D/L" "$D/H" --bytes-per-token 4
+if cmp -s "$D/F" "$D/F.orig" && [ -L "$D/L" ] && [ "$(ls -A "$D" | wc -l)" -eq 4 ]; then ok "input intact, nothing left behind"
+else bad "after the refusals: $(ls -lA "$D")"; fi
+head -c 300000 /dev/urandom > "$D/big"
+$BUILD/mt-tokenize "$D/F" "$D/out.tok" >/dev/null; cp "$D/out.tok" "$D/out.before"
+# killed mid-write (the file size limit: SIGXFSZ after 100 KiB of the 600 KiB output)
+{ ( ulimit -f 100; exec $BUILD/mt-tokenize "$D/big" "$D/out.tok" ) >/dev/null 2>&1; rc=$?; } 2>/dev/null
+if [ $rc -gt 128 ] && cmp -s "$D/out.tok" "$D/out.before" && ! ls "$D"/.out.tok.tmp.* >/dev/null 2>&1; then
+  ok "mt-tokenize killed mid-write (SIGXFSZ): output as it was, temporary removed (exit $rc)"
+else bad "mt-tokenize killed mid-write: exit $rc, output $(cmp "$D/out.tok" "$D/out.before" 2>&1), $(ls -a "$D")"; fi
+rm -f "$D"/.out.tok.tmp.*
+mkfifo "$D/fifo.tok"
+LIMIT=20 expect "FIFO as data.path refused" 2 "error \(rank 0\): $D/fifo.tok: is a FIFO \(named pipe\); a token file must be a regular file" \
+  -- mpirun -np 2 $BIN configs/tiny.ini --set data.source=file --set data.path="$D/fifo.tok" \
+     --set log.metrics_file= --set checkpoint.dir=$T/ckf
+# a header vocab (patched to 100) below the ids present: the first id >= 100 named with its offset
+$BUILD/mt-tokenize "$D/F" "$D/v.tok" >/dev/null
+printf 'd\0\0\0' | dd of="$D/v.tok" bs=1 seek=16 conv=notrunc status=none
+out=$(timeout 60 $BIN configs/tiny.ini --set data.source=file --set data.path="$D/v.tok" --set log.metrics_file= \
+      --set checkpoint.dir=$T/ckv 2>&1 </dev/null); rc=$?
+idx=$(sed -nE 's/.*token [0-9]+ at token index ([0-9]+) \(byte offset ([0-9]+)\) is >= the vocab 100 its header declares.*/\1/p' <<<"$out")
+want=$(od -An -v -tu1 "$D/F" | tr -s ' ' '\n' | grep -v '^$' | awk '$1 >= 100 { print NR - 1; exit }')
+if [ $rc -eq 2 ] && [ -n "$idx" ] && [ "$idx" = "$want" ] && grep -q "$D/v.tok: token" <<<"$out" \
+   && grep -q "byte offset $((32 + 2 * idx))" <<<"$out"; then ok "id >= header vocab: file, token index $idx and byte offset named"
+else bad "id >= header vocab: exit $rc, index '$idx' want '$want': $(tail -c 300 <<<"$out")"; fi
+# truncated while 2 ranks train on it: every rank stops, rank 0 names the file, the state before the
+# failed step is checkpointed; with the file restored the run resumes from there
+TR=(configs/tiny.ini --set data.source=file --set data.path="$D/t.tok" --set log.every=1 --set checkpoint.every=1000
+    --set log.metrics_file= --set checkpoint.dir=$T/ckt)
+$BUILD/mt-tokenize "$D/big" "$D/t.tok" >/dev/null
+timeout 120 mpirun -np 2 $BIN "${TR[@]}" --set train.steps=100000 > "$T/tr.out" 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq 300); do grep -q "^step" "$T/tr.out" && break; sleep 0.1; done
+truncate -s 1000 "$D/t.tok"; wait $pid; rc=$?
+n=$(sed -nE 's/.*error \(rank 0\): step ([0-9]+): .*/\1/p' "$T/tr.out")
+if [ $rc -eq 2 ] && [ -n "$n" ] && grep -q "step $n: $D/t.tok: the token file is now 1000 bytes but was 600032 when the run opened it" "$T/tr.out" \
+   && ! grep -qiE "bus error|SIGBUS|signal 7" "$T/tr.out"; then ok "truncated under 2 ranks: exit 2 at step $n, file named, no SIGBUS"
+else bad "truncated under 2 ranks: exit $rc: $(grep -v '^step' "$T/tr.out" | tail -c 500)"; fi
+ck=$T/ckt/$(printf 'step_%08d.h5' $((n - 1)))
+if [ -n "$n" ] && [ "$(cat "$T/ckt/latest" 2>/dev/null)" = "$(basename "$ck")" ] && $BIN --verify-checkpoint "$ck" >/dev/null 2>&1 \
+   && grep -q "the checkpoint of step $((n - 1)) in $T/ckt holds the state before it" "$T/tr.out"; then ok "the state before step $n is checkpointed"
+else bad "no checkpoint of step $((n - 1)): $(ls "$T/ckt")"; fi
+$BUILD/mt-tokenize "$D/big" "$D/t.tok" >/dev/null
+expect "resumes once the file is back" 0 "resumed from $ck at step $((n - 1))" -- mpirun -np 2 $BIN "${TR[@]}" --set train.steps=$((n + 1))
+# only rank 1's file is truncated (each rank reads u.tok in its own working directory): rank 0,
+# whose reads are fine, does not wait forever in a collective; the job stops with rank 1's message
+mkdir -p "$D/r0" "$D/r1"; cp "$D/t.tok" "$D/r0/u.tok"; cp "$D/t.tok" "$D/r1/u.tok"
+U=("$PWD/configs/tiny.ini" --set data.source=file --set data.path=u.tok --set train.steps=100000 --set log.every=1
+   --set log.metrics_file= --set checkpoint.dir="$T/cku")
+timeout 120 mpirun -np 1 -wdir "$D/r0" "$BIN" "${U[@]}" : -np 1 -wdir "$D/r1" "$BIN" "${U[@]}" > "$T/u.out" 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq 300); do grep -q "^step" "$T/u.out" && break; sleep 0.1; done
+truncate -s 1000 "$D/r1/u.tok"; wait $pid; rc=$?
+if [ $rc -eq 2 ] && grep -qE "error \(rank 1\): step [0-9]+: u.tok: the token file is now 1000 bytes" "$T/u.out" \
+   && ! grep -q "error (rank 0)" "$T/u.out" && grep -q "a data read failed on 1 rank(s)" "$T/u.out"; then
+  ok "one rank's file truncated: no hang, exit 2, that rank's message only"
+else bad "one rank's file truncated: exit $rc: $(grep -v '^step' "$T/u.out" | tail -c 500)"; fi
+
+# a token rewritten in place (same size) with an id >= the model vocab while training: every window
+# of a 70-token file covers index 35, so the next read reports it
+head -c 70 README.md > "$D/s.txt"; $BUILD/mt-tokenize "$D/s.txt" "$D/s.tok" >/dev/null
+timeout 120 $BIN configs/tiny.ini --set data.source=file --set data.path="$D/s.tok" --set train.steps=100000 \
+  --set log.every=1 --set log.metrics_file= --set checkpoint.dir=$T/cks > "$T/s.out" 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq 300); do grep -q "^step" "$T/s.out" && break; sleep 0.1; done
+printf '\377\377' | dd of="$D/s.tok" bs=1 seek=$((32 + 2 * 35)) conv=notrunc status=none; wait $pid; rc=$?
+if [ $rc -eq 2 ] && grep -qE "error: step [0-9]+: $D/s.tok: token 65535 at token index 35 \(byte offset 102\) is >= the model vocab_size 256" "$T/s.out"
+then ok "id >= model vocab written under a run: token index and byte offset named"
+else bad "in-place corruption: exit $rc: $(grep -v '^step' "$T/s.out" | tail -c 400)"; fi
 
 # a checkpoint.dir that is not the same directory for every rank (what a node-local path is on a
 # cluster; here a relative path from two working directories) is refused before training

@@ -4,17 +4,27 @@
  * slices concatenate to the whole batch); the synthetic corpus covers its four domains fairly
  * and every complete sample in each domain is correct (arithmetic results, sorted lists,
  * copies/reversals, grammar alphabet); tokens are ASCII and vocab < 128 is refused; token files
- * round-trip with 2 and 4 bytes per token in the exact little-endian layout; and each malformed
- * file is refused with a message naming the file and the rule it breaks.
+ * round-trip with 2 and 4 bytes per token in the exact little-endian layout; each malformed
+ * file is refused with a message naming the file and the rule it breaks (an id at or above the
+ * header's vocab, or the model's, with its token index and byte offset); a file truncated,
+ * extended or poked with a bad id after open makes data_get fail naming it (no SIGBUS) while a
+ * deleted one still reads; FIFOs, devices and directories are refused without blocking; writes
+ * are atomic (a failed one leaves the old file and no temporary); the open-file limit is raised
+ * for many shards or the error says why not.
  */
 #include "common.h"
 #include "data.h"
 #include "testutil.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -29,7 +39,8 @@ static Data *open_synth(unsigned long long seed, int T) {
 static int32_t *get_rows(Data *d, int64_t first, int count, int T, int32_t *domains) {
     int32_t *t = calloc((size_t)count * (size_t)(T + 1), sizeof *t);
     ck_assert_ptr_nonnull(t);
-    data_get(d, first, count, t, domains);
+    char err[MT_ERRLEN] = "";
+    ck_assert_msg(data_get(d, first, count, t, domains, err) == MT_OK, "data_get: %s", err);
     return t;
 }
 
@@ -338,10 +349,67 @@ START_TEST(test_write_refusals) {
     ck_assert_msg(strstr(err, "2 or 4"), "message: %s", err);
     ck_assert_int_eq(data_write_tokens("/nonexistent-dir/x.tok", tok, 4, 4, 100000, err), MT_ERR);
     ck_assert_msg(strstr(err, "/nonexistent-dir/x.tok"), "message: %s", err);
-    if (access("/dev/full", W_OK) == 0) { /* every write fails: must be reported */
-        ck_assert_int_eq(data_write_tokens("/dev/full", tok, 4, 4, 100000, err), MT_ERR);
-        ck_assert_msg(strstr(err, "write"), "message: %s", err);
+    /* an existing output that is not a regular file is refused, not renamed over */
+    ck_assert_int_eq(data_write_tokens("/dev/full", tok, 4, 4, 100000, err), MT_ERR);
+    ck_assert_msg(strstr(err, "/dev/full") && strstr(err, "character device"), "message: %s", err);
+    struct stat st;
+    ck_assert(stat("/dev/full", &st) == 0 && S_ISCHR(st.st_mode));
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* Names in dir other than "." and ".."; the first such name in *first (may be NULL). */
+static int count_entries(const char *dir, char *first, size_t len) {
+    DIR *dp = opendir(dir);
+    ck_assert_ptr_nonnull(dp);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(dp));) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        if (n++ == 0 && first) snprintf(first, len, "%s", e->d_name);
     }
+    closedir(dp);
+    return n;
+}
+
+/* Writing is atomic: a write that fails part-way (here: the file size limit, EFBIG) reports the
+ * failure, leaves the previous output byte for byte as it was and no temporary file behind; a
+ * writer closed early (too few tokens) leaves nothing either; a write through a symlink replaces
+ * the link's target and keeps the link. */
+START_TEST(test_write_atomic) {
+    enum { N = 5000 };
+    char *dir = make_tmpdir(), path[128], link[128], err[MT_ERRLEN] = "", name[256];
+    snprintf(path, sizeof path, "%s/out.tok", dir);
+    static uint32_t tok[N];
+    for (int i = 0; i < N; i++) tok[i] = (uint32_t)(i % 250);
+    ck_assert_msg(data_write_tokens(path, tok, 100, 2, 256, err) == MT_OK, "%s", err);
+    ck_assert_int_eq(count_entries(dir, name, sizeof name), 1);
+    struct rlimit old;
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    struct rlimit small = {4096, old.rlim_max};
+    void (*prev)(int) = signal(SIGXFSZ, SIG_IGN); /* a write past the limit fails with EFBIG */
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    int rc = data_write_tokens(path, tok, N, 2, 256, err);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, prev);
+    ck_assert_int_eq(rc, MT_ERR);
+    ck_assert_msg(strstr(err, path) && strstr(err, "write failed"), "message: %s", err);
+    check_layout(path, tok, 100, 2, 256); /* the previous file, intact */
+    ck_assert_msg(count_entries(dir, name, sizeof name) == 1 && strcmp(name, "out.tok") == 0,
+                  "a failed write left %s behind", name);
+    TokenWriter *w = data_writer_open(path, 10, 2, 256, err);
+    ck_assert_msg(w, "%s", err);
+    ck_assert_int_eq(count_entries(dir, NULL, 0), 2); /* the temporary file, until close */
+    ck_assert_int_eq(data_writer_put(w, tok, 5, err), MT_OK);
+    ck_assert_int_eq(data_writer_close(w, err), MT_ERR);
+    check_layout(path, tok, 100, 2, 256);
+    ck_assert_int_eq(count_entries(dir, NULL, 0), 1);
+    snprintf(link, sizeof link, "%s/link.tok", dir);
+    ck_assert_int_eq(symlink("out.tok", link), 0);
+    ck_assert_msg(data_write_tokens(link, tok + 1, 50, 4, 256, err) == MT_OK, "%s", err);
+    check_layout(path, tok + 1, 50, 4, 256);
+    struct stat st;
+    ck_assert(lstat(link, &st) == 0 && S_ISLNK(st.st_mode));
+    ck_assert_int_eq(count_entries(dir, NULL, 0), 2);
     remove_tmpdir(dir);
 }
 END_TEST
@@ -396,8 +464,11 @@ START_TEST(test_bad_files) {
         {"trunc_huge.tok", "MTTOKENS", 1, 4, 256, 1ull << 62, 10, 0, 32, -1, 0, "truncated"},
         {"trailing.tok", "MTTOKENS", 1, 2, 256, 100, 100, 1, 32, -1, 0, "trailing"},
         {"few.tok", "MTTOKENS", 1, 2, 256, 16, 16, 0, 32, -1, 0, "seq_len"},
-        {"token.tok", "MTTOKENS", 1, 2, 256, 100, 100, 0, 32, 50, 256, "position 50"},
+        {"token.tok", "MTTOKENS", 1, 2, 256, 100, 100, 0, 32, 50, 256, "token 256 at token index 50 (byte offset 132) is >= the model vocab_size 256"},
         {"token4.tok", "MTTOKENS", 1, 4, 256, 100, 100, 0, 32, 99, 1u << 31, "vocab_size"},
+        /* the header says vocab 100 but token 150 is there: refused although the model's is 256 */
+        {"hdrvocab.tok", "MTTOKENS", 1, 2, 100, 100, 100, 0, 32, 40, 150, "token 150 at token index 40 (byte offset 112) is >= the vocab 100 its header declares"},
+        {"hdrvocab4.tok", "MTTOKENS", 1, 4, 100, 100, 100, 0, 32, 7, 99, NULL}, /* 99 < 100: fine */
     };
     char *dir = make_tmpdir(), path[160], err[MT_ERRLEN];
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -425,7 +496,8 @@ START_TEST(test_bad_files) {
 END_TEST
 
 /* The streaming writer: pieces of any size give the same file as one data_write_tokens call;
- * too many or too few tokens against the announced count, and a token out of range, are refused. */
+ * too many or too few tokens against the announced count, and a token out of range, are refused
+ * and leave the earlier file in place. */
 START_TEST(test_stream_writer) {
     enum { N = 1000 };
     char *dir = make_tmpdir(), a[128], b[128], err[MT_ERRLEN] = "";
@@ -453,7 +525,7 @@ START_TEST(test_stream_writer) {
     ck_assert_int_eq(data_writer_put(w, tok, 2, err), MT_OK);
     ck_assert_int_eq(data_writer_close(w, err), MT_ERR);
     ck_assert_msg(strstr(err, "2 tokens written but the header announces 3"), "%s", err);
-    ck_assert_ptr_null(data_open(b, 500, 1, 1, err)); /* the short file is refused on open */
+    check_layout(b, tok, N, 2, 500); /* nothing of the failed writes replaced the complete file */
     /* out of range */
     uint32_t bad[2] = {1, 500};
     w = data_writer_open(b, 2, 2, 500, err);
@@ -517,6 +589,162 @@ START_TEST(test_shards) {
 }
 END_TEST
 
+/* ---- token files that change under a running job ---------------------------------------- */
+
+/* A file of n tokens (i % 200, vocab 256, 2 bytes each) opened for windows of T+1 tokens. */
+static Data *open_fresh(const char *path, uint64_t n, int T) {
+    char err[MT_ERRLEN] = "";
+    uint32_t *tok = calloc(n, sizeof *tok);
+    ck_assert_ptr_nonnull(tok);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(i % 200);
+    ck_assert_msg(data_write_tokens(path, tok, n, 2, 256, err) == MT_OK, "%s", err);
+    free(tok);
+    Data *d = data_open(path, 256, T, 4, err);
+    ck_assert_msg(d, "open %s: %s", path, err);
+    return d;
+}
+
+/* data_get over 64 sequences must fail with a message holding path and each of the keywords. */
+static void expect_get_error(Data *d, int T, const char *path, const char *k1, const char *k2) {
+    char err[MT_ERRLEN] = "";
+    int32_t *rows = calloc((size_t)64 * (T + 1), sizeof *rows);
+    ck_assert_int_eq(data_get(d, 0, 64, rows, NULL, err), MT_ERR);
+    ck_assert_msg(strstr(err, path) && strstr(err, k1) && (!k2 || strstr(err, k2)),
+                  "message lacks %s / \"%s\" / \"%s\": %s", path, k1, k2 ? k2 : "", err);
+    free(rows);
+}
+
+/* Truncating a file between reads (to half, to its header, to nothing) is an error naming the
+ * file and both sizes, not a SIGBUS; so is a file that grew. A file deleted after open is still
+ * read in full (the open descriptor keeps it), identically. */
+START_TEST(test_file_changes_under_reader) {
+    enum { N = 4000, T = 32 };
+    char *dir = make_tmpdir(), path[160];
+    snprintf(path, sizeof path, "%s/shrink.tok", dir);
+    const long long full = 32 + 2 * N;
+    static const long long cuts[] = {32 + N, 32, 0};
+    for (int c = 0; c < 3; c++) {
+        Data *d = open_fresh(path, N, T);
+        int32_t *before = get_rows(d, 0, 8, T, NULL); /* reads fine first */
+        free(before);
+        ck_assert_int_eq(truncate(path, cuts[c]), 0);
+        char now[64], was[64];
+        snprintf(now, sizeof now, "now %lld bytes", cuts[c]);
+        snprintf(was, sizeof was, "was %lld when the run opened it", full);
+        expect_get_error(d, T, path, now, was);
+        data_close(d);
+    }
+    Data *d = open_fresh(path, N, T);
+    FILE *f = fopen(path, "ab");
+    ck_assert_ptr_nonnull(f);
+    fputs("more", f);
+    fclose(f);
+    expect_get_error(d, T, path, "truncated or rewritten while training", NULL);
+    data_close(d);
+    d = open_fresh(path, N, T);
+    int32_t *a = get_rows(d, 100, 50, T, NULL);
+    ck_assert_int_eq(unlink(path), 0);
+    int32_t *b = get_rows(d, 100, 50, T, NULL);
+    ck_assert_msg(memcmp(a, b, sizeof(int32_t) * 50 * (T + 1)) == 0, "a deleted file reads differently");
+    free(a), free(b);
+    data_close(d);
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* A token overwritten in place (same size) with an id >= the vocab after open: the read that
+ * returns it fails, naming the file, the token index and the byte offset. Every window of a file
+ * of T + 5 tokens covers index T / 2. */
+START_TEST(test_bad_token_written_after_open) {
+    enum { T = 40, N = T + 5 };
+    char *dir = make_tmpdir(), path[160];
+    snprintf(path, sizeof path, "%s/poke.tok", dir);
+    Data *d = open_fresh(path, N, T);
+    free(get_rows(d, 0, 4, T, NULL));
+    int fd = open(path, O_WRONLY);
+    ck_assert_int_ge(fd, 0);
+    unsigned char bad[2] = {0x2c, 0x01}; /* 300 */
+    ck_assert_int_eq(pwrite(fd, bad, 2, 32 + 2 * (T / 2)), 2);
+    close(fd);
+    expect_get_error(d, T, path, "token 300 at token index 20 (byte offset 72)", "model vocab_size 256");
+    data_close(d);
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* A FIFO, a device or a directory where a token file is expected is refused at once (a FIFO
+ * would block the open forever: the alarm turns a hang into a failure), also as a *.tok entry of
+ * a shard directory; other entries of a directory are ignored. */
+START_TEST(test_not_regular_refused) {
+    const int T = 16;
+    char dir[64], path[160], err[MT_ERRLEN] = "";
+    snprintf(dir, sizeof dir, "%s", make_tmpdir());
+    alarm(20);
+    snprintf(path, sizeof path, "%s/pipe.tok", dir);
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    ck_assert_ptr_null(data_open(path, 256, T, 1, err));
+    ck_assert_msg(strstr(err, path) && strstr(err, "is a FIFO (named pipe)") && strstr(err, "regular file"),
+                  "message: %s", err);
+    ck_assert_ptr_null(data_open(dir, 256, T, 1, err)); /* the FIFO as a shard */
+    ck_assert_msg(strstr(err, path) && strstr(err, "FIFO"), "message: %s", err);
+    ck_assert_ptr_null(data_open("/dev/null", 256, T, 1, err));
+    ck_assert_msg(strstr(err, "/dev/null") && strstr(err, "character device"), "message: %s", err);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/sub.tok", dir); /* a directory named like a shard */
+    ck_assert_int_eq(mkdir(path, 0700), 0);
+    ck_assert_ptr_null(data_open(dir, 256, T, 1, err));
+    ck_assert_msg(strstr(err, path) && strstr(err, "is a directory"), "message: %s", err);
+    rmdir(path);
+    snprintf(path, sizeof path, "%s/notes", dir); /* not *.tok: ignored */
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    snprintf(path, sizeof path, "%s/ok.tok", dir);
+    Data *d = open_fresh(path, 100, T);
+    data_close(d);
+    Data *e = data_open(dir, 256, T, 1, err);
+    ck_assert_msg(e, "a directory with one good shard and a FIFO that is not *.tok: %s", err);
+    data_close(e);
+    alarm(0);
+    remove_tmpdir(dir);
+}
+END_TEST
+
+/* Every shard stays open: a soft open-file limit too low for the shards is raised toward the
+ * hard one; when the hard one is too low too, one error names the path, the count and ulimit -n.
+ * Runs in a child process (the limits are process-wide). */
+START_TEST(test_open_file_limit) {
+    enum { T = 8, SHARDS = 3 };
+    char dir[64], path[160], err[MT_ERRLEN] = "";
+    snprintf(dir, sizeof dir, "%s", make_tmpdir());
+    for (int i = 0; i < SHARDS; i++) {
+        snprintf(path, sizeof path, "%s/s%d.tok", dir, i);
+        data_close(open_fresh(path, 50, T));
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        struct rlimit rl = {40, 1000}, now;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(10);
+        Data *d = data_open(dir, 256, T, 1, err); /* needs 3 + 64: the soft limit goes to 67 */
+        if (!d || getrlimit(RLIMIT_NOFILE, &now) != 0 || now.rlim_cur != 67) _exit(11);
+        data_close(d);
+        rl = (struct rlimit){40, 40};
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(12);
+        d = data_open(dir, 256, T, 1, err);
+        if (d || !strstr(err, dir) || !strstr(err, "3 token files stay open") || !strstr(err, "only 40 files (ulimit -n)")) {
+            fprintf(stderr, "message: %s\n", err);
+            _exit(13);
+        }
+        _exit(0);
+    }
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: status %d (10-13: the step that failed)",
+                  status);
+    remove_tmpdir(dir);
+}
+END_TEST
+
 /* ---- suite ------------------------------------------------------------------------------- */
 
 static Suite *data_suite(void) {
@@ -530,9 +758,14 @@ static Suite *data_suite(void) {
     tcase_add_test(tc, test_roundtrip_2_bytes);
     tcase_add_test(tc, test_roundtrip_4_bytes);
     tcase_add_test(tc, test_write_refusals);
+    tcase_add_test(tc, test_write_atomic);
     tcase_add_test(tc, test_stream_writer);
     tcase_add_test(tc, test_shards);
     tcase_add_test(tc, test_bad_files);
+    tcase_add_test(tc, test_file_changes_under_reader);
+    tcase_add_test(tc, test_bad_token_written_after_open);
+    tcase_add_test(tc, test_not_regular_refused);
+    tcase_add_test(tc, test_open_file_limit);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -3,25 +3,35 @@
  *   mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]
  *
  * Contract: every byte 0..255 of INPUT (a regular file) becomes one token (vocab 256), streamed
- * to OUTPUT with a TokenWriter (default 2 bytes per token; memory use does not grow with INPUT). On success prints "wrote N tokens to OUTPUT"
- * and exits 0; any error (bad usage, unreadable input, failed write) prints one line to stderr
- * and exits 1. --help / -h prints the usage to stdout and exits 0. Uses no MPI.
+ * to OUTPUT with a TokenWriter (default 2 bytes per token; memory use does not grow with INPUT).
+ * OUTPUT is written atomically (TokenWriter: a temporary file next to it, fsynced and renamed
+ * over it on success, removed on failure or when SIGINT, SIGTERM, SIGHUP or SIGXFSZ ends the
+ * program), so it is either the complete new file or what it was (SIGKILL can leave the hidden
+ * temporary behind, never a damaged OUTPUT).
+ * OUTPUT that is INPUT itself (the same device and inode, however named: another path, a
+ * symlink, a hard link) is refused before anything is written. On success prints "wrote N tokens
+ * to OUTPUT" and exits 0; any error (bad usage, unreadable input, OUTPUT = INPUT, failed write)
+ * prints one line to stderr and exits 1. --help / -h prints the usage to stdout and exits 0.
+ * Uses no MPI.
  */
 #include "common.h"
 #include "data.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define BYTE_VOCAB 256
 
 static const char *USAGE =
     "usage: mt-tokenize INPUT OUTPUT [--bytes-per-token 2|4]\n"
     "  Turns any file into byte-level tokens (each byte 0..255 is one token, vocab 256)\n"
-    "  and writes them as a moetrain token file (format in src/data.h).\n"
+    "  and writes them as a moetrain token file (format in src/data.h). OUTPUT is replaced\n"
+    "  atomically (temporary file, fsync, rename) and must not be INPUT itself.\n"
     "  --bytes-per-token N   2 (default) or 4 bytes per token in OUTPUT\n"
     "  -h, --help            print this help\n";
 
@@ -39,6 +49,25 @@ __attribute__((format(printf, 1, 2))) static int fail(const char *fmt, ...) {
     fputc('\n', stderr);
     va_end(ap);
     return 1;
+}
+
+/* The temporary output, removed by a signal that ends the program mid-write (Ctrl-C, SIGTERM,
+ * SIGHUP, the file size limit): a handler can only reach it through these two, the one piece of
+ * global state of this program. */
+static char temp_path[4096];
+static volatile sig_atomic_t temp_armed;
+
+static void on_fatal_signal(int sig) { /* async-signal-safe: unlink, signal, raise */
+    if (temp_armed) unlink(temp_path);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void arm_temp_cleanup(const char *path) {
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGXFSZ};
+    snprintf(temp_path, sizeof temp_path, "%s", path);
+    temp_armed = strlen(path) < sizeof temp_path;
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) signal(sigs[i], on_fatal_signal);
 }
 
 static int parse_bpt(const char *s, int *bpt) {
@@ -85,6 +114,13 @@ static int tokenize(const Args *a, uint64_t *n) {
         fclose(f);
         return fail("input %s must be a regular file (its size is the token count)", a->in);
     }
+    struct stat ost;
+    if (stat(a->out, &ost) == 0 && ost.st_dev == st.st_dev && ost.st_ino == st.st_ino) {
+        fclose(f);
+        return fail("output %s is the input %s (the same file: device %llu, inode %llu); writing it "
+                    "would destroy the input: choose another output", a->out, a->in,
+                    (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+    }
     *n = (uint64_t)st.st_size;
     char err[MT_ERRLEN];
     TokenWriter *w = data_writer_open(a->out, *n, a->bpt, BYTE_VOCAB, err);
@@ -92,6 +128,7 @@ static int tokenize(const Args *a, uint64_t *n) {
         fclose(f);
         return fail("%s", err);
     }
+    arm_temp_cleanup(data_writer_temp(w));
     static unsigned char buf[1 << 16];
     static uint32_t tok[1 << 16];
     int rc = MT_OK;
@@ -102,6 +139,7 @@ static int tokenize(const Args *a, uint64_t *n) {
     if (rc == MT_OK && ferror(f)) rc = mt_fail(err, "cannot read input %s: %s", a->in, strerror(errno));
     fclose(f);
     int rc2 = data_writer_close(w, rc == MT_OK ? err : (char[MT_ERRLEN]){0});
+    temp_armed = 0; /* renamed or removed by close */
     if (rc == MT_OK && rc2 != MT_OK) rc = rc2; /* e.g. the input shrank while it was read */
     return rc == MT_OK ? 0 : fail("%s", err);
 }
