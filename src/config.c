@@ -126,6 +126,10 @@ static const KeySpec KEYS[] = {
     K_INT("checkpoint", "keep", keep, "3", 1, 1000000, "how many of the newest checkpoints to keep"),
     K_FLT("checkpoint", "timeout", ckpt_timeout, "1800", F_GE0, "seconds one checkpoint write may take before the job ends with an error instead of waiting on a stuck file system forever (the previous checkpoint stays); 0 = no limit"),
 
+    K_INT("eval", "every", eval_every, "0", 0, INT_MAX, "evaluate the held-out set every N steps (and after the last step); 0 = never"),
+    K_INT("eval", "sequences", eval_sequences, "64", 1, 1048576, "held-out sequences per evaluation, rounded up to whole micro-batches on every data-parallel rank (synthetic: split evenly over the data domains, each rounded up)"),
+    K_STR("eval", "path", eval_path, "", "held-out token file (mt-tokenize) for data.source = file; never trained on. The synthetic source draws its held-out set from a separate seed stream"),
+
     K_STR("log", "metrics_file", metrics_file, "", "metrics output file; empty = none"),
     K_INT("log", "every", log_every, "1", 1, INT_MAX, "print and record metrics every N steps"),
 
@@ -145,6 +149,7 @@ static const struct {
     {"optim", "AdamW and the warmup + cosine learning-rate schedule."},
     {"data", "Training data."},
     {"checkpoint", "Saving and resuming."},
+    {"eval", "Held-out evaluation: forward only, on every rank, deterministic."},
     {"log", "Metrics output."},
     {"runtime", "Compute backend and communication library."},
 };
@@ -499,6 +504,13 @@ static int check_data_path(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, src, path, err, "requires a non-empty data.path (the token file)");
 }
 
+static int check_eval_path(const Config *c, const Loc *o, char *err) {
+    if (c->source != DATA_FILE || c->eval_every == 0 || c->eval_path[0]) return MT_OK;
+    const KeySpec *every = must_key("eval", "every"), *path = must_key("eval", "path");
+    return key_fail(c, o, every, path, err, "with data.source = file requires eval.path (a held-out token file "
+                    "that training never reads)");
+}
+
 static int check_pad(const Config *c, const Loc *o, char *err) {
     if (!c->pad_to_capacity || c->capacity_factor > 0) return MT_OK;
     const KeySpec *pad = must_key("moe", "pad_to_capacity"), *cf = must_key("moe", "capacity_factor");
@@ -599,6 +611,7 @@ static const Rule RULES[] = {
     {"model", "dense_layers", R_LE, "model", "n_layers", NULL, NULL},
     {"optim", "min_lr", R_LE, "optim", "lr", NULL, NULL},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_data_path, "data.source = file requires a non-empty data.path"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_eval_path, "eval.every > 0 with data.source = file requires eval.path"},
     {"moe", "num_experts", R_MULTIPLE_OF, "parallel", "ep", NULL, NULL},
     {"model", "n_heads", R_MULTIPLE_OF, "parallel", "tp", NULL, NULL},
     {"model", "n_kv_heads", R_MULTIPLE_OF, "parallel", "tp", NULL, NULL},

@@ -84,6 +84,11 @@ typedef struct Config {
     int keep;
     float ckpt_timeout; /* seconds a checkpoint write may take; 0 = no limit */
 
+    /* [eval] */
+    int eval_every;     /* 0 = never */
+    int eval_sequences;
+    char eval_path[MT_PATH_MAX]; /* held-out token file (source = file) */
+
     /* [log] */
     char metrics_file[MT_PATH_MAX]; /* "" = none */
     int log_every;

@@ -182,14 +182,30 @@ static void guard_text(const Trainer *t, const StepResult *r, char *buf, size_t 
              train_nonfinite_first(r->nonfinite), also, t->skipped_in_a_row, t->skipped_steps);
 }
 
+void metrics_eval(Metrics *mx, const Trainer *t, const StepResult *r) {
+    if (!mx->writer || !mx->f) return;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "eval");
+    cJSON_AddNumberToObject(o, "step", r->step);
+    cJSON_AddNumberToObject(o, "loss", r->eval.loss);
+    cJSON_AddNumberToObject(o, "tokens", (double)r->eval.tokens);
+    cJSON_AddNumberToObject(o, "sequences", (double)r->eval.sequences);
+    if (t->eval.per_domain) {
+        cJSON *d = cJSON_AddObjectToObject(o, "domain_loss");
+        for (int x = 0; x < DATA_N_DOMAINS; x++) cJSON_AddNumberToObject(d, data_domain_names[x], r->eval.domain_loss[x]);
+    }
+    emit(mx, o);
+}
+
 void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     if (!mx->writer) return;
     double tflops = model_tflops_per_rank(t, r);
-    char guard[192];
+    char guard[192], ev[48] = "";
     guard_text(t, r, guard, sizeof guard);
+    if (r->has_eval) snprintf(ev, sizeof ev, " | eval %.4f", r->eval.loss);
     printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | "
-           "%.3g TFLOP/s/rank | drop %.3f%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
-           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, guard);
+           "%.3g TFLOP/s/rank | drop %.3f%s%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
+           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, ev, guard);
     fflush(stdout);
     if (!mx->f) return;
     cJSON *o = cJSON_CreateObject();

@@ -34,5 +34,8 @@ void metrics_close(Metrics *mx);
 void metrics_run_record(Metrics *mx, const Trainer *t);
 /* Step line on stdout + a "step" record. */
 void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r);
+/* The {"event": "eval", ...} record of r->eval: step, loss, tokens, sequences and (synthetic
+ * source) domain_loss per data domain. The step line shows the loss as "| eval X". */
+void metrics_eval(Metrics *mx, const Trainer *t, const StepResult *r);
 
 #endif

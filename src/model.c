@@ -571,6 +571,10 @@ MicroStats model_chunk_forward(Model *m, int k, int mb, const int32_t *tokens, c
     return chunk_forward(m, k, mb, tokens, domains, b, lm_scale, 1);
 }
 
+MicroStats model_chunk_forward_eval(Model *m, int k, int mb, const int32_t *tokens, int b) {
+    return chunk_forward(m, k, mb, tokens, NULL, b, 0.0f, 0);
+}
+
 float *model_chunk_input(Model *m, int k, int mb) {
     use_arena(m, k, mb);
     return m->res[m->d.clo[k]];

@@ -166,6 +166,8 @@ MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *doma
 MicroStats model_chunk_forward(Model *m, int k, int mb, const int32_t *tokens, const int32_t *domains,
                                int b, float lm_scale);
 void model_chunk_backward(Model *m, int k, int mb, float aux_scale);
+/* Forward only (evaluation): no gradient, no load statistics; the last chunk computes the loss. */
+MicroStats model_chunk_forward_eval(Model *m, int k, int mb, const int32_t *tokens, int b);
 /* Boundary buffers of chunk k, micro-batch mb, and their length in floats (n*C for b sequences). */
 float *model_chunk_input(Model *m, int k, int mb);
 const float *model_chunk_output(Model *m, int k, int mb);

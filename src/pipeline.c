@@ -170,6 +170,24 @@ static void run_backward(Step *s, PipeOp o, float aux_scale) {
                    TAG_GRAD + g - 1, send_slot(s, o.chunk, o.mb, PIPE_B));
 }
 
+MicroStats pipeline_forward(Model *m, const Group *pp, const int32_t *tokens, int b) {
+    int P = pp->size, r = pp->rank, V = m->d.vpp, G = P * V;
+    size_t count = model_boundary_floats(m, b);
+    CommRequest *sends = mt_calloc(V, sizeof *sends);
+    MicroStats sum = {0};
+    for (int k = 0; k < V; k++) {
+        int g = r + k * P;
+        if (g > 0) comm_recv(pp, model_chunk_input(m, k, 0), count, DT_F32, (g - 1) % P, g);
+        MicroStats st = model_chunk_forward_eval(m, k, 0, tokens, b);
+        sum.lm_sum += st.lm_sum;
+        sum.tokens += st.tokens;
+        if (g < G - 1) comm_isend(pp, model_chunk_output(m, k, 0), count, DT_F32, (g + 1) % P, g + 1, &sends[k]);
+    }
+    for (int k = 0; k < V; k++) comm_wait(&sends[k]);
+    free(sends);
+    return sum;
+}
+
 MicroStats pipeline_step(Model *m, const Group *pp, const PipeOp *ops, int n_ops, int b,
                          PipeFetch fetch, void *ctx, float lm_scale, float aux_scale, PipeTimes *times) {
     double t0 = mt_now();

@@ -68,4 +68,9 @@ typedef struct PipeTimes {
 MicroStats pipeline_step(Model *m, const Group *pp, const PipeOp *ops, int n_ops, int b,
                          PipeFetch fetch, void *ctx, float lm_scale, float aux_scale, PipeTimes *times);
 
+/* Forward only, one micro-batch of b sequences through every chunk of the model (evaluation): its
+ * stats (the LM loss on the last stage's tp rank 0). Chunks run in order, each after receiving its
+ * input; no overlap between micro-batches. Collective over pp like pipeline_step. */
+MicroStats pipeline_forward(Model *m, const Group *pp, const int32_t *tokens, int b);
+
 #endif

@@ -78,6 +78,10 @@ int trainer_init(Trainer *t, const Config *c, const Kernels *k, const Mesh *mesh
     t->dp_rank = mesh->g_dp.rank;
     t->data = data_open(c->source == DATA_FILE ? c->path : NULL, c->vocab_size, c->seq_len, c->seed, err);
     if (!t->data) return MT_ERR;
+    if (c->eval_every > 0 && eval_init(&t->eval, c, t->dp, err) != MT_OK) {
+        data_close(t->data);
+        return MT_ERR;
+    }
     ModelParallel mp = trainer_model_parallel(c, mesh);
     model_init(&t->model, c, k, c->micro_batch_size, &mp);
     if (c->shard != SHARD_FULL) model_init_params(&t->model, c->seed);
@@ -95,6 +99,7 @@ void trainer_free(Trainer *t) {
     free(t->tok_buf);
     free(t->dom_buf);
     free(t->ops);
+    eval_free(&t->eval);
     memset(t, 0, sizeof *t);
 }
 
@@ -334,8 +339,13 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
     while (t->step < c->steps) {
         StepResult r = trainer_step(t);
         if (r.data_failed) return data_failure(t, &r, saved_step, err);
-        /* a skipped step is always logged; r.skipped is the same on every rank */
-        if (r.step % c->log_every == 0 || r.step == c->steps || r.skipped) {
+        r.has_eval = c->eval_every > 0 && (r.step % c->eval_every == 0 || r.step == c->steps);
+        if (r.has_eval) {
+            r.eval = eval_run(&t->eval, &t->model, t->mesh);
+            metrics_eval(mx, t, &r);
+        }
+        /* a skipped step is always logged, and one with an evaluation; r.skipped is the same on every rank */
+        if (r.step % c->log_every == 0 || r.step == c->steps || r.skipped || r.has_eval) {
             trainer_sync_stats(t);
             metrics_step(mx, t, &r);
             model_reset_stats(&t->model);

@@ -43,6 +43,7 @@
 #include "model.h"
 #include "optim/shard.h"
 #include "parallel/mesh.h"
+#include "eval.h"
 #include "pipeline.h"
 
 /* The values the non-finite guard checks, in the order it names them (StepResult.nonfinite). */
@@ -59,6 +60,8 @@ typedef struct StepResult {
     double dropped_frac;       /* assignments dropped by capacity / all assignments */
     int skipped;               /* the update was not applied: nonfinite != 0 (same on every rank) */
     unsigned nonfinite;        /* NF_* bits: the terms that were not finite on some rank */
+    int has_eval;              /* the held-out set was evaluated after this step (eval.every) */
+    EvalResult eval;
     int data_failed;           /* ranks whose data read failed (Trainer.data_err); > 0: the step was
                                 * not applied and nothing advanced, the run must stop (every rank) */
 } StepResult;
@@ -80,6 +83,7 @@ typedef struct Trainer {
     PipeOp *ops;                /* this rank's schedule of a step (pipeline.h) */
     int n_ops;
     PipeTimes pipe_times;       /* where the last step's forward/backward time went */
+    Evaluator eval;             /* the held-out set (eval.every > 0) */
     /* the non-finite guard (counted since trainer_init; not stored in checkpoints) */
     int skipped_steps;           /* steps skipped in all */
     int skipped_in_a_row;        /* consecutive skipped steps up to the last one (0: it was applied) */

@@ -258,5 +258,29 @@ if [ "$(cd "$T/nf3" 2>/dev/null && ls step_*.h5 2>/dev/null)" = "step_00000003.h
   ok "non-finite: only the final checkpoint after skipped steps"
 else bad "non-finite checkpoints: $(ls "$T/nf3" 2>&1)"; fi
 
+# ---- held-out evaluation: logged every eval.every steps (step line and an eval record with the loss
+# per domain), the same number on 1 rank and on pp2 x ep2 x dp2, and training is not touched by it
+EV=(configs/tiny.ini --set train.steps=4 --set log.every=4 --set eval.every=2 --set checkpoint.resume=never)
+out=$(timeout 120 $BIN "${EV[@]}" --set checkpoint.dir=$T/ev1 --set log.metrics_file=$T/ev1.jsonl 2>&1 </dev/null)
+e1=$(grep '"event":"eval","step":4' $T/ev1.jsonl | grep -o '"loss":[0-9.e+-]*' | cut -d: -f2)
+if grep -q "^step     2/4 .*| eval [0-9.]*$" <<<"$out" && [ "$(grep -c '"event":"eval"' $T/ev1.jsonl)" -eq 2 ] \
+   && grep '"event":"eval","step":4' $T/ev1.jsonl | grep -q '"domain_loss":{"arithmetic":'; then
+  ok "eval every 2 steps: step line and eval records with domain losses ($e1)"
+else bad "eval logging: $(grep '^step' <<<"$out" | head -c 300) $(grep eval $T/ev1.jsonl | head -c 300)"; fi
+timeout 120 mpirun -np 4 $BIN "${EV[@]}" --set parallel.pp=2 --set parallel.ep=2 --set train.micro_batch_size=8 \
+  --set checkpoint.dir=$T/ev2 --set log.metrics_file=$T/ev2.jsonl >/dev/null 2>&1 </dev/null
+e2=$(grep '"event":"eval","step":4' $T/ev2.jsonl | grep -o '"loss":[0-9.e+-]*' | cut -d: -f2)
+if [ -n "$e1" ] && [ -n "$e2" ] && awk -v a="$e1" -v b="$e2" 'BEGIN{d=a-b; if(d<0)d=-d; exit !(d<=1e-5*a)}'; then
+  ok "eval on pp2 x ep2 x dp2 equals one rank ($e2 vs $e1)"
+else bad "eval differs across meshes: '$e2' vs '$e1'"; fi
+timeout 120 $BIN "${EV[@]}" --set eval.every=0 --set checkpoint.dir=$T/ev0 --set log.metrics_file=$T/ev0.jsonl >/dev/null 2>&1 </dev/null
+l0=$(grep '"event":"step","step":4' $T/ev0.jsonl | grep -o '"loss":[0-9.e+-]*'); l1=$(grep '"event":"step","step":4' $T/ev1.jsonl | grep -o '"loss":[0-9.e+-]*')
+[ -n "$l0" ] && [ "$l0" = "$l1" ] && ok "evaluation does not change training ($l1)" || bad "eval changed training: $l0 vs $l1"
+expect "file source needs eval.path" 2 "\\[eval\\] every = 2: with data.source = file requires eval.path" \
+  -- $BIN configs/tiny.ini --set data.source=file --set data.path=$T/a/c.tok --set eval.every=2
+expect "eval.path file evaluates" 0 "eval [0-9.]+" -- $BIN configs/tiny.ini --set data.source=file --set data.path=$T/a/c.tok \
+  --set eval.every=1 --set eval.path=$T/a/c.tok --set train.steps=1 --set log.metrics_file= --set checkpoint.dir=$T/evf \
+  --set eval.sequences=4 --set train.micro_batch_size=2
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
