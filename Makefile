@@ -17,11 +17,11 @@ NP        ?= 4
 TRAIN_SETS ?= --set parallel.ep=2 --set train.micro_batch_size=4
 BUILD     := build
 
-PKGS := inih check libcjson openblas hdf5-openmpi
+PKGS := inih check libcjson openblas hdf5-openmpi libcrypto
 
 # Lazily evaluated (=): read after the deps stamp has been made.
-DEP_CFLAGS = $(shell pkg-config --cflags inih libcjson openblas hdf5-openmpi)
-DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi) -lm $(CUDA_LIBS)
+DEP_CFLAGS = $(shell pkg-config --cflags inih libcjson openblas hdf5-openmpi libcrypto)
+DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi libcrypto) -lm $(CUDA_LIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 

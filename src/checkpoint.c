@@ -5,6 +5,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <limits.h>
+#include <math.h>
+#include <openssl/evp.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
@@ -15,6 +19,7 @@
 #include "common.h"
 
 #define SHAPE_KEYS 13
+#define DIGEST_ATTR "manifest_sha256"
 
 /* The config keys that fix tensor shapes: a checkpoint only resumes a model that agrees on them. */
 static void shape_keys(const Config *c, const char *names[SHAPE_KEYS], long long vals[SHAPE_KEYS]) {
@@ -173,7 +178,13 @@ void ckpt_unlock_dir(int fd) {
 
 /* ---- HDF5 helpers ---- */
 
-static void attr_i64(hid_t obj, const char *name, long long v) {
+struct Text;
+static void line_attr_i64(struct Text *t, const char *name, long long v);
+static void line_attr_str(struct Text *t, const char *name, const char *s, size_t size);
+
+/* Write a root attribute; expect (may be NULL) gets its manifest line. */
+static void attr_i64(hid_t obj, const char *name, long long v, struct Text *expect) {
+    if (expect) line_attr_i64(expect, name, v);
     hid_t sp = H5Screate(H5S_SCALAR);
     hid_t a = H5Acreate2(obj, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
     H5Awrite(a, H5T_NATIVE_LLONG, &v);
@@ -181,7 +192,8 @@ static void attr_i64(hid_t obj, const char *name, long long v) {
     H5Sclose(sp);
 }
 
-static void attr_str(hid_t obj, const char *name, const char *s) {
+static void attr_str(hid_t obj, const char *name, const char *s, struct Text *expect) {
+    if (expect) line_attr_str(expect, name, s, strlen(s) + 1);
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, strlen(s) + 1);
     hid_t sp = H5Screate(H5S_SCALAR);
@@ -198,6 +210,336 @@ static int read_attr_i64(hid_t obj, const char *name, long long *v) {
     herr_t rc = a < 0 ? -1 : H5Aread(a, H5T_NATIVE_LLONG, v);
     if (a >= 0) H5Aclose(a);
     return rc < 0 ? -1 : 0;
+}
+
+/* ---- the manifest: a canonical text of everything a load relies on, and its SHA-256 ---- */
+
+/* A growing string. */
+typedef struct Text {
+    char *s;
+    size_t len, cap;
+} Text;
+
+__attribute__((format(printf, 2, 3))) static void text_add(Text *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (t->len + (size_t)n + 1 > t->cap) {
+        t->cap = (t->len + (size_t)n + 1) * 2;
+        t->s = realloc(t->s, t->cap);
+        MT_CHECK(t->s, "out of memory (%zu bytes)", t->cap);
+    }
+    va_start(ap, fmt);
+    vsnprintf(t->s + t->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    t->len += (size_t)n;
+}
+
+static void text_free(Text *t) {
+    free(t->s);
+    *t = (Text){0};
+}
+
+/* The lines of the two attribute types a checkpoint holds (writer and reader format the same way). */
+static void line_attr_i64(Text *t, const char *name, long long v) { text_add(t, "attr %s int64le %lld\n", name, v); }
+
+static void line_attr_str(Text *t, const char *name, const char *s, size_t size) {
+    text_add(t, "attr %s string-ascii-nullterm size=%zu \"", name, size);
+    for (size_t i = 0; i < size; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c > 0x7e || c == '%' || c == '"') text_add(t, "%%%02x", c);
+        else text_add(t, "%c", c);
+    }
+    text_add(t, "\"\n");
+}
+
+static void sha256_hex(const char *data, size_t len, char hex[65]) {
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    MT_CHECK(EVP_Digest(data, len, md, &n, EVP_sha256(), NULL) == 1 && n == 32, "SHA-256 (libcrypto) failed");
+    for (unsigned i = 0; i < n; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+}
+
+typedef struct ManifestCtx {
+    Text *attrs;
+    char **lines; /* one per object, sorted at the end */
+    int n, cap, bad;
+    int fd;       /* the file, for the chunk checksums */
+    char why[256];
+} ManifestCtx;
+
+static herr_t manifest_attr(hid_t loc, const char *name, const H5A_info_t *info, void *data) {
+    ManifestCtx *m = data;
+    if (!strcmp(name, DIGEST_ATTR)) return 0;
+    hid_t a = H5Aopen(loc, name, H5P_DEFAULT), ty = a < 0 ? -1 : H5Aget_type(a), sp = a < 0 ? -1 : H5Aget_space(a);
+    int scalar = sp >= 0 && H5Sget_simple_extent_type(sp) == H5S_SCALAR, ok = 1;
+    if (scalar && H5Tequal(ty, H5T_STD_I64LE) > 0) {
+        long long v = 0;
+        ok = H5Aread(a, H5T_NATIVE_LLONG, &v) >= 0;
+        line_attr_i64(m->attrs, name, v);
+    } else if (scalar && H5Tget_class(ty) == H5T_STRING && H5Tis_variable_str(ty) == 0 &&
+               H5Tget_cset(ty) == H5T_CSET_ASCII && H5Tget_strpad(ty) == H5T_STR_NULLTERM) {
+        size_t size = H5Tget_size(ty);
+        char *buf = mt_calloc(size + 1, 1);
+        ok = H5Aread(a, ty, buf) >= 0;
+        line_attr_str(m->attrs, name, buf, size);
+        free(buf);
+    } else { /* not a type we write: recorded with what it is, so it can never match a good file */
+        text_add(m->attrs, "attr %s class=%d size=%zu order=%d scalar=%d\n", name, (int)H5Tget_class(ty),
+                 H5Tget_size(ty), (int)H5Tget_order(ty), scalar);
+    }
+    if (!ok || a < 0) {
+        m->bad = 1;
+        snprintf(m->why, sizeof m->why, "attribute %s cannot be read", name);
+    }
+    if (sp >= 0) H5Sclose(sp);
+    if (ty >= 0) H5Tclose(ty);
+    if (a >= 0) H5Aclose(a);
+    return m->bad ? -1 : 0;
+}
+
+/* " type=..." of a dataset: class, size, byte order, precision, offset, and for floats the
+ * exponent/mantissa layout, bias, normalisation and padding: every field of the on-disk type. */
+static void type_text(Text *t, hid_t ty) {
+    H5T_pad_t lsb = H5T_PAD_ERROR, msb = H5T_PAD_ERROR;
+    H5Tget_pad(ty, &lsb, &msb);
+    text_add(t, " type=class%d,size%zu,order%d,prec%zu,off%d,pad%d:%d", (int)H5Tget_class(ty), H5Tget_size(ty),
+             (int)H5Tget_order(ty), H5Tget_precision(ty), H5Tget_offset(ty), (int)lsb, (int)msb);
+    if (H5Tget_class(ty) == H5T_FLOAT) {
+        size_t spos = 0, epos = 0, esize = 0, mpos = 0, msize = 0;
+        H5Tget_fields(ty, &spos, &epos, &esize, &mpos, &msize);
+        text_add(t, ",fields%zu:%zu:%zu:%zu:%zu,ebias%zu,norm%d,inpad%d", spos, epos, esize, mpos, msize,
+                 H5Tget_ebias(ty), (int)H5Tget_norm(ty), (int)H5Tget_inpad(ty));
+    }
+}
+
+/* " chunk=(..) filters=.." of a dataset's creation properties. */
+static void layout_text(Text *t, hid_t dcpl, int nd) {
+    hsize_t cd[H5S_MAX_RANK] = {0};
+    H5D_layout_t lay = H5Pget_layout(dcpl);
+    text_add(t, " layout=%d", (int)lay);
+    if (lay == H5D_CHUNKED && H5Pget_chunk(dcpl, nd, cd) == nd)
+        for (int i = 0; i < nd; i++) text_add(t, "%s%llu", i ? "," : " chunk=", (unsigned long long)cd[i]);
+    int nf = H5Pget_nfilters(dcpl);
+    text_add(t, " filters=");
+    for (int i = 0; i < nf; i++) {
+        unsigned flags = 0, conf = 0;
+        size_t ncd = 0;
+        H5Z_filter_t id = H5Pget_filter2(dcpl, (unsigned)i, &flags, &ncd, NULL, 0, NULL, &conf);
+        text_add(t, "%s%d", i ? "," : "", (int)id);
+    }
+}
+
+/* " | chunks=N c0 c1 ..": each chunk's filter mask, size and the Fletcher32 checksum HDF5 stored
+ * in its last 4 bytes, read from the file (the data's own checksums, bound into the digest). */
+static int chunk_text(Text *t, hid_t ds, hid_t sp, hid_t dcpl, int nd, int fd) {
+    hsize_t dims[2] = {1, 1}, cd[2] = {1, 1};
+    if (nd < 1 || nd > 2 || H5Pget_layout(dcpl) != H5D_CHUNKED || H5Pget_chunk(dcpl, nd, cd) != nd) return 0;
+    H5Sget_simple_extent_dims(sp, dims, NULL);
+    hsize_t nr = (dims[0] + cd[0] - 1) / cd[0], nc = nd == 2 ? (dims[1] + cd[1] - 1) / cd[1] : 1;
+    text_add(t, " | chunks=%llu", (unsigned long long)(nr * nc));
+    for (hsize_t r = 0; r < nr; r++)
+        for (hsize_t c = 0; c < nc; c++) {
+            hsize_t off[2] = {r * cd[0], c * cd[1]}, size = 0;
+            haddr_t addr = HADDR_UNDEF;
+            unsigned mask = 0;
+            unsigned char sum[4] = {0};
+            if (H5Dget_chunk_info_by_coord(ds, off, &mask, &addr, &size) < 0 || addr == HADDR_UNDEF || size < 4 ||
+                pread(fd, sum, 4, (off_t)(addr + size - 4)) != 4) {
+                text_add(t, " missing");
+                continue;
+            }
+            text_add(t, " %x:%llu:%02x%02x%02x%02x", mask, (unsigned long long)size, sum[0], sum[1], sum[2], sum[3]);
+        }
+    return 0;
+}
+
+static void dataset_line(Text *t, hid_t f, const char *name, int fd, int nattr) {
+    hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+    if (ds < 0) {
+        text_add(t, "dataset /%s unreadable", name);
+        return;
+    }
+    hid_t ty = H5Dget_type(ds), sp = H5Dget_space(ds), dcpl = H5Dget_create_plist(ds);
+    hsize_t dims[H5S_MAX_RANK] = {0};
+    int nd = H5Sget_simple_extent_dims(sp, dims, NULL);
+    text_add(t, "dataset /%s attrs=%d shape=(", name, nattr);
+    for (int i = 0; i < nd; i++) text_add(t, "%s%llu", i ? "," : "", (unsigned long long)dims[i]);
+    text_add(t, ")");
+    type_text(t, ty);
+    layout_text(t, dcpl, nd);
+    chunk_text(t, ds, sp, dcpl, nd, fd);
+    H5Pclose(dcpl);
+    H5Sclose(sp);
+    H5Tclose(ty);
+    H5Dclose(ds);
+}
+
+static herr_t manifest_object(hid_t f, const char *name, const H5O_info_t *info, void *data) {
+    ManifestCtx *m = data;
+    Text line = {0};
+    int root = !strcmp(name, ".");
+    if (info->type == H5O_TYPE_GROUP) text_add(&line, "group /%s attrs=%d", root ? "" : name, root ? 0 : (int)info->num_attrs);
+    else if (info->type == H5O_TYPE_DATASET) dataset_line(&line, f, name, m->fd, (int)info->num_attrs);
+    else text_add(&line, "object /%s type=%d", name, (int)info->type);
+    if (m->n == m->cap) {
+        m->cap = m->cap ? 2 * m->cap : 64;
+        m->lines = realloc(m->lines, (size_t)m->cap * sizeof *m->lines);
+        MT_CHECK(m->lines, "out of memory");
+    }
+    m->lines[m->n++] = line.s;
+    return 0;
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* The manifest of an open file: a header line, the root attributes (but the digest) by name, then
+ * every object (groups, datasets with shape, type, layout, filters and chunk checksums) sorted by
+ * name. attrs gets the attribute lines alone (for the writer's comparison; may be NULL). */
+static int build_manifest(hid_t f, int fd, Text *out, Text *attrs, char *why) {
+    Text at = {0};
+    ManifestCtx m = {.attrs = &at, .fd = fd};
+    hsize_t idx = 0;
+    int rc = MT_OK;
+    if (H5Aiterate2(f, H5_INDEX_NAME, H5_ITER_INC, &idx, manifest_attr, &m) < 0 || m.bad)
+        rc = MT_ERR, snprintf(why, 256, "%s", m.bad ? m.why : "the root attributes cannot be listed");
+    else if (H5Ovisit(f, H5_INDEX_NAME, H5_ITER_INC, manifest_object, &m) < 0)
+        rc = MT_ERR, snprintf(why, 256, "the file's objects cannot be listed");
+    qsort(m.lines, (size_t)m.n, sizeof *m.lines, cmp_str);
+    text_add(out, "moetrain checkpoint manifest %d\n%s", CKPT_FORMAT_VERSION, at.s ? at.s : "");
+    for (int i = 0; i < m.n; i++) {
+        text_add(out, "%s\n", m.lines[i]);
+        free(m.lines[i]);
+    }
+    free(m.lines);
+    if (attrs) text_add(attrs, "%s", at.s ? at.s : "");
+    text_free(&at);
+    return rc;
+}
+
+int ckpt_manifest(const char *path, char **text, char hex[65], char *err) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    int fd = open(path, O_RDONLY);
+    if (f < 0 || fd < 0) {
+        if (f >= 0) H5Fclose(f);
+        if (fd >= 0) close(fd);
+        return mt_fail(err, "%s: cannot open checkpoint", path);
+    }
+    Text t = {0};
+    char why[256] = "";
+    int rc = build_manifest(f, fd, &t, NULL, why);
+    H5Fclose(f);
+    close(fd);
+    if (rc != MT_OK) {
+        text_free(&t);
+        return mt_fail(err, "%s: %s", path, why);
+    }
+    sha256_hex(t.s, t.len, hex);
+    *text = t.s;
+    return MT_OK;
+}
+
+/* ---- integrity: the digest and the ranges of the counters ---- */
+
+static int read_attr_str(hid_t obj, const char *name, char *buf, size_t len) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT), ty = a < 0 ? -1 : H5Aget_type(a);
+    int rc = -1;
+    if (ty >= 0 && H5Tget_class(ty) == H5T_STRING && H5Tis_variable_str(ty) == 0 && H5Tget_size(ty) <= len) {
+        memset(buf, 0, len);
+        rc = H5Aread(a, ty, buf) < 0 ? -1 : 0;
+        buf[len - 1] = 0;
+    }
+    if (ty >= 0) H5Tclose(ty);
+    if (a >= 0) H5Aclose(a);
+    return rc;
+}
+
+/* The stored digest equals the SHA-256 of the manifest rebuilt from the file. */
+static int check_digest(hid_t f, const char *path, char *err) {
+    char stored[80] = "", hex[65], why[256] = "";
+    if (read_attr_str(f, DIGEST_ATTR, stored, sizeof stored) != 0 || strlen(stored) != 64)
+        return mt_fail(err, "%s: the integrity digest (attribute %s) is missing or malformed", path, DIGEST_ATTR);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno));
+    Text t = {0};
+    int rc = build_manifest(f, fd, &t, NULL, why);
+    close(fd);
+    if (rc == MT_OK) sha256_hex(t.s, t.len, hex);
+    text_free(&t);
+    if (rc != MT_OK) return mt_fail(err, "%s: %s", path, why);
+    if (strcmp(hex, stored) != 0)
+        return mt_fail(err, "%s: integrity digest mismatch: an attribute, a dataset's name, shape or type, "
+                            "or a chunk checksum changed after the file was written (stored sha256 %.16s..., "
+                            "the file now gives %.16s...)", path, stored, hex);
+    return MT_OK;
+}
+
+/* The counters a resume takes from the file, within what training can produce. */
+static int check_ranges(const CkptInfo *h, const char *path, char *err) {
+    if (h->step < 0 || h->step > INT_MAX) return mt_fail(err, "%s: step = %lld is out of range", path, h->step);
+    if (h->adam_step < 0 || h->adam_step > h->step)
+        return mt_fail(err, "%s: adam_step = %lld is inconsistent with step = %lld (AdamW's counter advances once "
+                            "per applied step and skipped steps leave it, so 0 <= adam_step <= step)",
+                       path, h->adam_step, h->step);
+    if (h->tokens_seen < 0) return mt_fail(err, "%s: tokens_seen = %lld is negative", path, h->tokens_seen);
+    if (h->data_seq == -1 && h->version < 2) return MT_OK; /* format 1 files may lack it */
+    if (h->data_seq < 0) return mt_fail(err, "%s: data_sequences = %lld is negative", path, h->data_seq);
+    if (h->data_seq > h->tokens_seen)
+        return mt_fail(err, "%s: data_sequences = %lld exceeds tokens_seen = %lld (every sequence has at "
+                            "least one token)", path, h->data_seq, h->tokens_seen);
+    if (h->step > 0 && h->global_batch >= 0 && h->global_batch < 1)
+        return mt_fail(err, "%s: global_batch = %lld is out of range", path, h->global_batch);
+    /* every step consumes at least one sequence, and the last one the writer's global batch */
+    long long least = h->step > 0 ? h->step - 1 + (h->global_batch > 0 ? h->global_batch : 1) : 0;
+    if (h->data_seq < least)
+        return mt_fail(err, "%s: data_sequences = %lld is inconsistent with step = %lld and global_batch = %lld "
+                            "(at least %lld sequences were consumed)", path, h->data_seq, h->step,
+                       h->global_batch, least);
+    return MT_OK;
+}
+
+/* Open path on this rank alone and check what a load relies on before any tensor is read: a
+ * supported format version, the digest (format 2), the counters present and in range. */
+static int check_file(const char *path, CkptInfo *h, char *err) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    memset(h, 0, sizeof *h);
+    h->data_seq = h->global_batch = -1;
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0)
+        return access(path, R_OK) != 0 ? mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno))
+                                        : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
+    int rc = MT_OK;
+    if (read_attr_i64(f, "format_version", &h->version) != 0)
+        rc = mt_fail(err, "%s: not a moetrain checkpoint (no format_version attribute)", path);
+    else if (h->version != 1 && h->version != CKPT_FORMAT_VERSION)
+        rc = mt_fail(err, "%s: checkpoint format version %lld; this moetrain reads versions 1 and %d", path,
+                     h->version, CKPT_FORMAT_VERSION);
+    else if (h->version >= 2)
+        rc = check_digest(f, path, err);
+    h->digest = rc == MT_OK && h->version >= 2;
+    if (rc == MT_OK && (read_attr_i64(f, "step", &h->step) != 0 || read_attr_i64(f, "tokens_seen", &h->tokens_seen) != 0 ||
+                        read_attr_i64(f, "adam_step", &h->adam_step) != 0))
+        rc = mt_fail(err, "%s: step / tokens_seen / adam_step attribute missing", path);
+    if (rc == MT_OK && h->version >= 2 &&
+        (read_attr_i64(f, "data_sequences", &h->data_seq) != 0 || read_attr_i64(f, "global_batch", &h->global_batch) != 0))
+        rc = mt_fail(err, "%s: data_sequences / global_batch attribute missing", path);
+    if (rc == MT_OK && h->version < 2) {
+        if (read_attr_i64(f, "data_sequences", &h->data_seq) != 0) h->data_seq = -1;
+        if (read_attr_i64(f, "global_batch", &h->global_batch) != 0) h->global_batch = -1;
+    }
+    if (rc == MT_OK) rc = check_ranges(h, path, err);
+    H5Fclose(f);
+    return rc;
+}
+
+/* Index of the first NaN or inf among x[0..n), or -1. */
+static long first_nonfinite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return (long)i;
+    return -1;
 }
 
 /* Flat elements [a, z) of a row-major (rows, cols) tensor (cols = 0: 1-D) as at most three
@@ -309,36 +651,85 @@ static void tensor_slice(const Sharder *s, const ParamInfo *t, What what, int wr
     *ptr = p + (ta - lo);
 }
 
+/* Read elements [a, z) of t's piece from dataset `name` into host: the dataset must exist with
+ * t's full shape and exactly the type written (IEEE float32 little-endian); HDF5 checks the
+ * chunks' Fletcher32 on the way. */
+static int read_piece(hid_t f, const char *path, const char *name, const ParamInfo *t, size_t a, size_t z,
+                      float *host, char *err) {
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0) return mt_fail(err, "%s: dataset %s is missing", path, name);
+    hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+    if (ds < 0) return mt_fail(err, "%s: dataset %s cannot be opened", path, name);
+    hid_t fs = H5Dget_space(ds), ty = H5Dget_type(ds);
+    hsize_t dims[2] = {0, 0};
+    int nd = H5Sget_simple_extent_dims(fs, dims, NULL);
+    int rc = MT_OK;
+    if (nd != t->ndim || dims[0] != (hsize_t)t->full[0] || (nd == 2 && dims[1] != (hsize_t)t->full[1])) {
+        rc = mt_fail(err, "%s: dataset %s has the wrong shape", path, name);
+    } else if (H5Tequal(ty, H5T_IEEE_F32LE) <= 0) {
+        rc = mt_fail(err, "%s: dataset %s is not stored as IEEE float32 little-endian", path, name);
+    } else {
+        Piece pc[3];
+        tensor_pieces(t, a, z, pc);
+        for (int q = 0; q < 3 && rc == MT_OK; q++) {
+            if (!pc[q].count[0] || !pc[q].count[1]) continue;
+            hid_t ms = select_piece(fs, nd, &pc[q]);
+            if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, host + pc[q].off) < 0)
+                rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
+                                  "corrupted data", path, name);
+            H5Sclose(ms);
+        }
+    }
+    H5Tclose(ty);
+    H5Sclose(fs);
+    H5Dclose(ds);
+    return rc;
+}
+
+static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *name,
+                       const ParamInfo *t, size_t a, size_t z, float *ptr, char *err) {
+    if (z <= a) return MT_OK;
+    float *host = mt_calloc(z - a, sizeof(float));
+    int rc = read_piece(f, path, name, t, a, z, host, err);
+    long bad = rc == MT_OK ? first_nonfinite(host, z - a) : -1;
+    if (bad >= 0)
+        rc = mt_fail(err, "%s: dataset %s holds a non-finite value (%g) at element %ld of this rank's part",
+                     path, name, host[bad], (long)a + bad);
+    if (rc == MT_OK) k->from_host(ptr, host, (z - a) * sizeof(float));
+    free(host);
+    return rc;
+}
+
 /* ---- save ---- */
 
-static void write_attrs(hid_t f, const CkptView *v) {
+/* The root attributes; expect gets their manifest lines (what the file must read back as). */
+static void write_attrs(hid_t f, const CkptView *v, Text *expect) {
     const Config *c = v->cfg;
-    attr_i64(f, "format_version", CKPT_FORMAT_VERSION);
-    attr_i64(f, "step", *v->step);
-    attr_i64(f, "tokens_seen", *v->tokens_seen);
-    attr_i64(f, "adam_step", v->shard->step);
-    attr_i64(f, "seed", (long long)c->seed);
-    attr_i64(f, "data_sequences", (long long)*v->data_seq);
-    attr_i64(f, "global_batch", (long long)v->global_batch);
+    attr_i64(f, "format_version", CKPT_FORMAT_VERSION, expect);
+    attr_i64(f, "step", *v->step, expect);
+    attr_i64(f, "tokens_seen", *v->tokens_seen, expect);
+    attr_i64(f, "adam_step", v->shard->step, expect);
+    attr_i64(f, "seed", (long long)c->seed, expect);
+    attr_i64(f, "data_sequences", (long long)*v->data_seq, expect);
+    attr_i64(f, "global_batch", (long long)v->global_batch, expect);
     const char *names[SHAPE_KEYS];
     long long vals[SHAPE_KEYS];
     shape_keys(c, names, vals);
-    for (int i = 0; i < SHAPE_KEYS; i++) attr_i64(f, names[i], vals[i]);
+    for (int i = 0; i < SHAPE_KEYS; i++) attr_i64(f, names[i], vals[i], expect);
     char *ini = NULL;
     size_t len = 0;
     FILE *mf = open_memstream(&ini, &len);
     config_write_ini(c, mf);
     fclose(mf);
-    attr_str(f, "config", ini);
+    attr_str(f, "config", ini, expect);
     free(ini);
     const Mesh *ms = v->mesh;
     char mesh[256];
     snprintf(mesh, sizeof mesh, "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"etp\":%d,\"ep\":%d,\"edp\":%d,\"shard\":%d}",
              ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp, (int)c->shard);
-    attr_str(f, "mesh", mesh);
+    attr_str(f, "mesh", mesh, expect);
     attr_str(f, "router_state", "none: the global-batch LBL counters restart every step and are empty "
-                                "at a step boundary; no expert bias is used");
-    attr_str(f, "writer", "moetrain " MOETRAIN_VERSION);
+                                "at a step boundary; no expert bias is used", expect);
+    attr_str(f, "writer", "moetrain " MOETRAIN_VERSION, expect);
 }
 
 /* Every tensor of the full model, created on every rank (collective); each rank writes its part. */
@@ -365,6 +756,10 @@ static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, c
             hid_t fs = tensor_space(ft);
             float *host = mt_calloc(z > a ? z - a : 1, sizeof(float)); /* staged: may be device memory */
             if (z > a) v->k->to_host(host, ptr, (z - a) * sizeof(float));
+            long bad = z > a ? first_nonfinite(host, z - a) : -1;
+            if (bad >= 0 && rc == MT_OK) /* never written: a checkpoint with it could not resume */
+                rc = mt_fail(err, "dataset %s: non-finite value (%g) at element %ld of this rank's part; "
+                                  "refusing to write a checkpoint that holds it", name, host[bad], (long)a + bad);
             /* which pieces any rank writes (the others are skipped by all ranks: a collective
              * write of nothing still costs a round of HDF5/MPI-IO synchronisation), and whether
              * the create failed anywhere */
@@ -372,14 +767,16 @@ static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, c
                               pc[1].count[0] > 0 && pc[1].count[1] > 0,
                               pc[2].count[0] > 0 && pc[2].count[1] > 0};
             comm_allreduce_max(world, any, 4, DT_I32);
-            if (any[0] && ds >= 0) rc = mt_fail(err, "creating dataset %s failed on another rank", name);
+            if (any[0] && ds >= 0 && rc == MT_OK) rc = mt_fail(err, "creating dataset %s failed on another rank", name);
+            int skip = bad >= 0; /* this rank's part is not written; the agreement below stops all */
             for (int q = 0; q < 3 && !any[0]; q++) { /* collective: the same calls on every rank */
                 if (!any[q + 1]) continue;
                 hid_t ms = select_piece(fs, ft->ndim, &pc[q]);
-                if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0) rc = MT_ERR;
+                if (skip) H5Sselect_none(ms), H5Sselect_none(fs);
+                if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0 && rc == MT_OK) rc = MT_ERR;
                 H5Sclose(ms);
             }
-            if (ds < 0 || (rc != MT_OK && !any[0])) rc = mt_fail(err, "writing dataset %s failed", name);
+            if (ds < 0 || (rc == MT_ERR && !any[0] && !skip)) rc = mt_fail(err, "writing dataset %s failed", name);
             free(host);
             H5Sclose(fs);
             if (ds >= 0) H5Dclose(ds);
@@ -393,28 +790,33 @@ static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, c
     return rc;
 }
 
-/* Rank 0, after the file is complete: fsync, rename into place, update latest, prune. */
+/* Rank 0, after the file is verified (and fsynced): rename into place, update latest, prune. */
 static int publish(const char *dir, const char *tmp, int step, int keep, char *err) {
     char final[MT_PATH_MAX + 32], name[64], lt[MT_PATH_MAX + 32], lf[MT_PATH_MAX + 32];
     step_name(name, sizeof name, step);
     snprintf(final, sizeof final, "%s/%s", dir, name);
     snprintf(lt, sizeof lt, "%s/latest.tmp", dir);
     snprintf(lf, sizeof lf, "%s/latest", dir);
-    if (fsync_path(tmp) != 0 || rename(tmp, final) != 0 || fsync_path(dir) != 0)
-        return mt_fail(err, "%s: could not be moved into place: %s", final, strerror(errno));
+    if (rename(tmp, final) != 0 || fsync_path(dir) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return mt_fail(err, "%s: could not be moved into place: %s", final, strerror(e));
+    }
     FILE *f = fopen(lt, "w");
     if (!f || fprintf(f, "%s\n", name) < 0 || fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0)
         return mt_fail(err, "%s: cannot write the latest pointer: %s", lt, strerror(errno));
     if (rename(lt, lf) != 0 || fsync_path(dir) != 0)
         return mt_fail(err, "%s: cannot update the latest pointer: %s", lf, strerror(errno));
-    /* prune: keep the newest `keep` complete checkpoints; drop leftovers of crashed writes */
+    /* prune: keep the newest `keep` complete checkpoints, never the one just verified and published
+     * (after a fallback, older-named than unverified newer files); drop leftovers of crashed writes */
     struct dirent **list;
     int n = scandir(dir, &list, NULL, alphasort), kept = 0;
     for (int i = n - 1; i >= 0; i--) {
         const char *e = list[i]->d_name;
         size_t l = strlen(e);
         int stale_tmp = strncmp(e, "step_", 5) == 0 && l > 7 && strcmp(e + l - 7, ".h5.tmp") == 0;
-        if ((is_step_file(e) && ++kept > keep) || stale_tmp) {
+        int mine = strcmp(e, name) == 0;
+        if ((is_step_file(e) && ++kept > keep && !mine) || stale_tmp) {
             char p[MT_PATH_MAX + 300];
             snprintf(p, sizeof p, "%s/%s", dir, e);
             unlink(p);
@@ -436,6 +838,164 @@ __attribute__((noreturn)) static void close_failed(const char *tmp, const char *
     mt_abort(2);
 }
 
+/* ---- verification of a written file, before it is published ---- */
+
+/* Every rank: what it wrote (its slice of every tensor, each element written once over the world)
+ * reads back from the closed file bit for bit, through HDF5's checksums. */
+static int read_back(const CkptView *v, const char *tmp, const ParamLayout *full, char *err) {
+    hid_t f = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return mt_fail(err, "%s: the written file cannot be opened again (truncated or corrupted)", tmp);
+    const ParamLayout *pl = &v->shard->m->pl;
+    int rc = MT_OK;
+    for (int w = 0; w < 3 && rc == MT_OK; w++) {
+        for (int n = 0; n < full->n && rc == MT_OK; n++) {
+            int j = params_find(pl, full->info[n].name);
+            size_t a = 0, z = 0;
+            float *ptr = NULL;
+            if (j < 0) continue;
+            tensor_slice(v->shard, &pl->info[j], (What)w, 1, &a, &z, &ptr);
+            if (z <= a) continue;
+            char name[200];
+            snprintf(name, sizeof name, "%s%s", what_group[w], full->info[n].name);
+            float *disk = mt_calloc(z - a, sizeof(float)), *mem = mt_calloc(z - a, sizeof(float));
+            v->k->to_host(mem, ptr, (z - a) * sizeof(float));
+            rc = read_piece(f, tmp, name, &pl->info[j], a, z, disk, err);
+            for (size_t i = 0; rc == MT_OK && i < z - a; i++)
+                if (memcmp(&disk[i], &mem[i], sizeof(float)) != 0)
+                    rc = mt_fail(err, "%s: dataset %s does not read back as written (element %zu: wrote %g, "
+                                      "read %g): the write was lost or damaged", tmp, name, a + i, mem[i], disk[i]);
+            free(disk);
+            free(mem);
+        }
+    }
+    H5Fclose(f);
+    return rc;
+}
+
+/* Split a text into its lines, sorted (a multiset to compare). */
+static int sorted_lines(const Text *t, char ***out) {
+    int n = 0, cap = 16;
+    char **l = mt_calloc((size_t)cap, sizeof *l);
+    for (const char *p = t->s ? t->s : ""; *p;) {
+        const char *e = strchr(p, '\n');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (n == cap) l = realloc(l, (size_t)(cap *= 2) * sizeof *l);
+        l[n++] = strndup(p, len);
+        p += len + (e ? 1 : 0);
+    }
+    qsort(l, (size_t)n, sizeof *l, cmp_str);
+    *out = l;
+    return n;
+}
+
+/* The root attributes read back equal what was written: the first difference, or MT_OK. */
+static int attrs_match(const Text *file, const Text *expect, const char *tmp, char *err) {
+    char **a, **b;
+    int na = sorted_lines(file, &a), nb = sorted_lines(expect, &b), rc = MT_OK;
+    for (int i = 0; rc == MT_OK && (i < na || i < nb); i++)
+        if (i >= na || i >= nb || strcmp(a[i], b[i]) != 0)
+            rc = mt_fail(err, "%s: the root attributes do not read back as written (wrote '%.100s', read '%.100s')",
+                         tmp, i < nb ? b[i] : "(nothing)", i < na ? a[i] : "(nothing)");
+    for (int i = 0; i < na; i++) free(a[i]);
+    for (int i = 0; i < nb; i++) free(b[i]);
+    free(a);
+    free(b);
+    return rc;
+}
+
+/* Every tensor of the full model is there with its shape, IEEE float32 LE and the Fletcher32
+ * filter, and nothing else is (n_objects: objects the manifest lists). */
+static int datasets_match(hid_t f, const ParamLayout *full, int n_objects, const char *tmp, char *err) {
+    for (int w = 0; w < 3; w++) {
+        for (int n = 0; n < full->n; n++) {
+            const ParamInfo *ft = &full->info[n];
+            char name[200];
+            snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
+            hid_t ds = H5Lexists(f, name, H5P_DEFAULT) > 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
+            if (ds < 0) return mt_fail(err, "%s: dataset %s is missing after writing", tmp, name);
+            hid_t sp = H5Dget_space(ds), ty = H5Dget_type(ds), dcpl = H5Dget_create_plist(ds);
+            hsize_t dims[2] = {0, 0};
+            unsigned flags = 0;
+            int nd = H5Sget_simple_extent_dims(sp, dims, NULL);
+            int ok = nd == ft->ndim && dims[0] == (hsize_t)ft->full[0] && (nd == 1 || dims[1] == (hsize_t)ft->full[1]) &&
+                     H5Tequal(ty, H5T_IEEE_F32LE) > 0 &&
+                     H5Pget_filter_by_id2(dcpl, H5Z_FILTER_FLETCHER32, &flags, NULL, NULL, 0, NULL, NULL) >= 0;
+            H5Pclose(dcpl);
+            H5Tclose(ty);
+            H5Sclose(sp);
+            H5Dclose(ds);
+            if (!ok) return mt_fail(err, "%s: dataset %s does not read back with its shape, type and checksum filter", tmp, name);
+        }
+    }
+    int want = 3 * full->n + 5; /* + the groups /, /optim, /optim/m, /optim/v, /params */
+    if (n_objects != want)
+        return mt_fail(err, "%s: holds %d objects after writing, expected %d", tmp, n_objects, want);
+    return MT_OK;
+}
+
+static int count_lines(const Text *t) {
+    int n = 0;
+    for (const char *p = t->s ? t->s : ""; (p = strchr(p, '\n')); p++) n++;
+    return n;
+}
+
+/* Rank 0: the file's structure and attributes read back as written; then its manifest digest
+ * is stored, and the whole file is checked again as a load would (digest, counters). */
+static int seal(const char *tmp, const ParamLayout *full, const Text *expect, char *err) {
+    hid_t f = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
+    int fd = open(tmp, O_RDONLY);
+    if (f < 0 || fd < 0) {
+        if (f >= 0) H5Fclose(f);
+        if (fd >= 0) close(fd);
+        return mt_fail(err, "%s: the written file cannot be opened again (truncated or corrupted)", tmp);
+    }
+    Text man = {0}, attrs = {0};
+    char why[256] = "", hex[65];
+    int rc = build_manifest(f, fd, &man, &attrs, why) == MT_OK ? MT_OK : mt_fail(err, "%s: %s", tmp, why);
+    if (rc == MT_OK) rc = attrs_match(&attrs, expect, tmp, err);
+    if (rc == MT_OK) rc = datasets_match(f, full, count_lines(&man) - 1 - count_lines(&attrs), tmp, err);
+    if (rc == MT_OK) sha256_hex(man.s, man.len, hex);
+    text_free(&man);
+    text_free(&attrs);
+    H5Fclose(f);
+    close(fd);
+    if (rc != MT_OK) return rc;
+    f = H5Fopen(tmp, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (f < 0) return mt_fail(err, "%s: cannot be opened to store its digest", tmp);
+    attr_str(f, DIGEST_ATTR, hex, NULL);
+    if (H5Fclose(f) < 0) close_failed(tmp, "storing the integrity digest failed");
+    CkptInfo h;
+    return check_file(tmp, &h, err);
+}
+
+/* Collective: the closed .tmp file is fsynced, read back on the ranks that wrote it and sealed
+ * with its digest; all agree. On failure it is removed; err holds the reason on the rank that saw
+ * it (empty on the others). */
+static int verify_written(const CkptView *v, const char *tmp, const ParamLayout *full, const Text *expect, char *err) {
+    const Group *world = &v->mesh->g_world;
+    int rc = MT_OK;
+    /* first onto storage: a delayed-allocation ENOSPC or an I/O error shows here */
+    if (world->rank == 0 && fsync_path(tmp) != 0)
+        rc = mt_fail(err, "%s: fsync failed: %s", tmp, strerror(errno));
+    if (comm_any_failed(world, rc) == MT_OK) {
+        rc = read_back(v, tmp, full, err);
+        if (comm_any_failed(world, rc) == MT_OK) {
+            rc = world->rank == 0 ? seal(tmp, full, expect, err) : MT_OK;
+            if (comm_any_failed(world, rc) == MT_OK) return MT_OK;
+        }
+    }
+    if (world->rank == 0) unlink(tmp);
+    if (rc == MT_OK) {
+        err[0] = 0; /* the rank that saw it says why */
+    } else {
+        char why[MT_ERRLEN];
+        snprintf(why, sizeof why, "%s", err);
+        mt_fail(err, "checkpoint verification failed: %s; the file was removed, the previous checkpoint and "
+                     "latest are kept", why);
+    }
+    return MT_ERR;
+}
+
 int ckpt_save(const CkptView *v, const char *dir, int keep, char *err) {
     const Group *world = &v->mesh->g_world;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
@@ -446,6 +1006,7 @@ int ckpt_save(const CkptView *v, const char *dir, int keep, char *err) {
      * collective HDF5 call can leave the other ranks waiting, and a failed close leaves the
      * library unusable) */
     if (ckpt_check_dir(dir, ckpt_size_estimate(v->cfg), world, err) != MT_OK) return MT_ERR;
+    double t0 = mt_now();
     ModelDims fd = dims_from_config(v->cfg, NULL);
     ParamLayout full;
     params_layout_init(&full, &fd, v->cfg->init_std, NULL);
@@ -454,34 +1015,37 @@ int ckpt_save(const CkptView *v, const char *dir, int keep, char *err) {
     H5Pset_coll_metadata_write(fapl, 1);
     hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     H5Pclose(fapl);
+    Text expect = {0};
     int rc = f < 0 ? mt_fail(err, "%s: cannot create checkpoint file", tmp) : MT_OK;
     if (rc == MT_OK) {
-        write_attrs(f, v);
+        write_attrs(f, v, &expect);
         rc = write_datasets(f, v, &full, err);
         if (H5Fclose(f) < 0) close_failed(tmp, rc == MT_OK ? "" : err);
     }
-    params_layout_free(&full);
     if (comm_any_failed(world, rc) != MT_OK) {
         if (world->rank == 0) unlink(tmp);
         if (rc == MT_OK) mt_fail(err, "checkpoint %s failed on another rank", tmp);
+        params_layout_free(&full);
+        text_free(&expect);
         return MT_ERR;
     }
+    double t1 = mt_now();
+    rc = verify_written(v, tmp, &full, &expect, err);
+    params_layout_free(&full);
+    text_free(&expect);
+    if (rc != MT_OK) return MT_ERR;
+    double t2 = mt_now();
     rc = world->rank == 0 ? publish(dir, tmp, *v->step, keep, err) : MT_OK;
+    if (v->timing) *v->timing = (CkptTiming){t1 - t0, t2 - t1};
     return comm_any_failed(world, rc) != MT_OK ? (rc == MT_OK ? mt_fail(err, "publishing the checkpoint failed on rank 0") : MT_ERR) : MT_OK;
 }
 
 /* ---- load ---- */
 
-static int check_header(hid_t f, const char *path, const Config *c, long long *step, long long *tokens,
-                        long long *adam, char *err) {
-    long long v;
-    if (read_attr_i64(f, "format_version", &v) != 0)
-        return mt_fail(err, "%s: not a moetrain checkpoint (no format_version attribute)", path);
-    if (v != CKPT_FORMAT_VERSION)
-        return mt_fail(err, "%s: checkpoint format version %lld; this moetrain reads version %d", path, v,
-                       CKPT_FORMAT_VERSION);
+/* Every rank: the shape keys equal the config's. */
+static int check_shape(hid_t f, const char *path, const Config *c, char *err) {
     const char *names[SHAPE_KEYS];
-    long long vals[SHAPE_KEYS];
+    long long vals[SHAPE_KEYS], v;
     shape_keys(c, names, vals);
     for (int i = 0; i < SHAPE_KEYS; i++) {
         if (read_attr_i64(f, names[i], &v) != 0) return mt_fail(err, "%s: attribute %s is missing", path, names[i]);
@@ -489,42 +1053,7 @@ static int check_header(hid_t f, const char *path, const Config *c, long long *s
             return mt_fail(err, "%s: written for %s = %lld but the config has %lld; a checkpoint only "
                                 "resumes a model of the same shape", path, names[i], v, vals[i]);
     }
-    if (read_attr_i64(f, "step", step) != 0 || read_attr_i64(f, "tokens_seen", tokens) != 0 ||
-        read_attr_i64(f, "adam_step", adam) != 0)
-        return mt_fail(err, "%s: step / tokens_seen / adam_step attribute missing", path);
     return MT_OK;
-}
-
-static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *name,
-                       const ParamInfo *t, size_t a, size_t z, float *ptr, char *err) {
-    if (z <= a) return MT_OK;
-    if (H5Lexists(f, name, H5P_DEFAULT) <= 0) return mt_fail(err, "%s: dataset %s is missing", path, name);
-    hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
-    if (ds < 0) return mt_fail(err, "%s: dataset %s cannot be opened", path, name);
-    hid_t fs = H5Dget_space(ds);
-    hsize_t dims[2] = {0, 0};
-    int nd = H5Sget_simple_extent_dims(fs, dims, NULL);
-    int rc = MT_OK;
-    if (nd != t->ndim || dims[0] != (hsize_t)t->full[0] || (nd == 2 && dims[1] != (hsize_t)t->full[1])) {
-        rc = mt_fail(err, "%s: dataset %s has the wrong shape", path, name);
-    } else {
-        Piece pc[3];
-        tensor_pieces(t, a, z, pc);
-        float *host = mt_calloc(z - a, sizeof(float));
-        for (int q = 0; q < 3 && rc == MT_OK; q++) {
-            if (!pc[q].count[0] || !pc[q].count[1]) continue;
-            hid_t ms = select_piece(fs, nd, &pc[q]);
-            if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, host + pc[q].off) < 0)
-                rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
-                                  "corrupted data", path, name);
-            H5Sclose(ms);
-        }
-        if (rc == MT_OK) k->from_host(ptr, host, (z - a) * sizeof(float));
-        free(host);
-    }
-    H5Sclose(fs);
-    H5Dclose(ds);
-    return rc;
 }
 
 static int read_all(hid_t f, const char *path, const CkptView *v, char *err) {
@@ -563,14 +1092,26 @@ static void warn_batch_change(const CkptView *v, const char *path, long long gb)
 int ckpt_load(const CkptView *v, const char *path, char *err) {
     const Group *world = &v->mesh->g_world;
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    /* rank 0 checks the digest and the counters (metadata only), then every rank reads its part */
+    CkptInfo h;
+    int rc = world->rank == 0 ? check_file(path, &h, err) : MT_OK;
+    if (comm_any_failed(world, rc) != MT_OK) {
+        if (rc == MT_OK) err[0] = 0;
+        return MT_ERR;
+    }
+    if (world->rank == 0 && !h.digest)
+        fprintf(stderr, "moetrain: warning: %s is format version %lld, without an integrity digest: its "
+                        "attributes and dataset types are not verified (the next checkpoint will have one)\n",
+                path, h.version);
     long long step = 0, tokens = 0, adam = 0, data_seq = -1, gb = 0;
-    int rc = MT_OK;
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0) {
-        rc = access(path, R_OK) != 0 ? mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno))
-                                     : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
+        rc = mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
     } else {
-        rc = check_header(f, path, v->cfg, &step, &tokens, &adam, err);
+        rc = check_shape(f, path, v->cfg, err);
+        if (rc == MT_OK && (read_attr_i64(f, "step", &step) != 0 || read_attr_i64(f, "tokens_seen", &tokens) != 0 ||
+                            read_attr_i64(f, "adam_step", &adam) != 0))
+            rc = mt_fail(err, "%s: step / tokens_seen / adam_step attribute missing", path);
         if (rc == MT_OK && read_attr_i64(f, "data_sequences", &data_seq) != 0) data_seq = -1;
         if (rc == MT_OK && read_attr_i64(f, "global_batch", &gb) != 0) gb = 0; /* older files */
         if (rc == MT_OK) rc = read_all(f, path, v, err);
@@ -593,51 +1134,52 @@ int ckpt_load(const CkptView *v, const char *path, char *err) {
 typedef struct VerifyCtx {
     const char *path;
     char *err;
-    int datasets, failed;
+    int datasets, failed, nonfinite;
+    Text bad; /* names of the datasets holding NaN or inf */
 } VerifyCtx;
 
 static herr_t verify_object(hid_t obj, const char *name, const H5O_info_t *info, void *data) {
     VerifyCtx *v = data;
     if (info->type != H5O_TYPE_DATASET) return 0;
     hid_t ds = H5Dopen2(obj, name, H5P_DEFAULT);
-    hid_t sp = ds < 0 ? -1 : H5Dget_space(ds);
+    hid_t sp = ds < 0 ? -1 : H5Dget_space(ds), ty = ds < 0 ? -1 : H5Dget_type(ds);
     hssize_t n = sp < 0 ? -1 : H5Sget_simple_extent_npoints(sp);
-    float *buf = n >= 0 ? malloc((size_t)(n ? n : 1) * sizeof(float)) : NULL;
-    int bad = !buf || H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0;
-    free(buf);
-    if (sp >= 0) H5Sclose(sp);
-    if (ds >= 0) H5Dclose(ds);
-    if (bad) {
+    if (ty < 0 || H5Tequal(ty, H5T_IEEE_F32LE) <= 0) {
+        mt_fail(v->err, "%s: dataset /%s is not stored as IEEE float32 little-endian", v->path, name);
+        v->failed = 1;
+    }
+    float *buf = n >= 0 && !v->failed ? malloc((size_t)(n ? n : 1) * sizeof(float)) : NULL;
+    if (!v->failed && (!buf || H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)) {
         mt_fail(v->err, "%s: dataset /%s cannot be read: checksum mismatch (Fletcher32) or corrupted data",
                 v->path, name);
         v->failed = 1;
-        return 1; /* stop at the first bad dataset */
     }
+    if (!v->failed && first_nonfinite(buf, (size_t)n) >= 0)
+        text_add(&v->bad, "%s/%s", v->nonfinite++ ? ", " : "", name);
+    free(buf);
+    if (ty >= 0) H5Tclose(ty);
+    if (sp >= 0) H5Sclose(sp);
+    if (ds >= 0) H5Dclose(ds);
+    if (v->failed) return 1; /* stop at the first unreadable dataset */
     v->datasets++;
     return 0;
 }
 
-int ckpt_verify(const char *path, long long *step, int *datasets, char *err) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+int ckpt_verify(const char *path, CkptInfo *info, char *err) {
+    int rc = check_file(path, info, err);
+    info->datasets = 0;
+    if (rc != MT_OK) return rc;
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0)
-        return access(path, R_OK) != 0 ? mt_fail(err, "%s: cannot open checkpoint: %s", path, strerror(errno))
-                                        : mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
-    long long v = 0;
-    int rc = MT_OK;
-    if (read_attr_i64(f, "format_version", &v) != 0)
-        rc = mt_fail(err, "%s: not a moetrain checkpoint (no format_version attribute)", path);
-    else if (v != CKPT_FORMAT_VERSION)
-        rc = mt_fail(err, "%s: checkpoint format version %lld; this moetrain reads version %d", path, v,
-                     CKPT_FORMAT_VERSION);
-    else if (read_attr_i64(f, "step", step) != 0)
-        rc = mt_fail(err, "%s: attribute step is missing", path);
-    VerifyCtx ctx = {path, err, 0, 0};
-    if (rc == MT_OK && (H5Ovisit(f, H5_INDEX_NAME, H5_ITER_NATIVE, verify_object, &ctx) < 0 || ctx.failed))
+    if (f < 0) return mt_fail(err, "%s: not a readable HDF5 file (truncated or corrupted)", path);
+    VerifyCtx ctx = {path, err, 0, 0, 0, {0}};
+    if (H5Ovisit(f, H5_INDEX_NAME, H5_ITER_NATIVE, verify_object, &ctx) < 0 || ctx.failed)
         rc = ctx.failed ? MT_ERR : mt_fail(err, "%s: the file's objects cannot be listed (corrupted)", path);
+    if (rc == MT_OK && ctx.nonfinite)
+        rc = mt_fail(err, "%s: non-finite values (NaN or inf) in %d dataset(s): %.700s", path, ctx.nonfinite, ctx.bad.s);
     if (rc == MT_OK && ctx.datasets == 0) rc = mt_fail(err, "%s: holds no datasets", path);
+    text_free(&ctx.bad);
     H5Fclose(f);
-    *datasets = ctx.datasets;
+    info->datasets = ctx.datasets;
     return rc;
 }
 
