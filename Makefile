@@ -75,7 +75,7 @@ $(shell mkdir -p $(BUILD) && (echo '$(FLAGS_NOW)' | cmp -s - $(FLAGS_STAMP) || e
 
 .PHONY: all test train bench clean deps docs
 .SECONDARY:
-all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN)
+all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN) $(BUILD)/tests/fault_write.so
 
 # ---- dependencies ------------------------------------------------------------------------
 DEPS_STAMP := $(BUILD)/.deps-ok
@@ -129,6 +129,12 @@ $(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS) $(wildcard
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
 	@$(MPICC) $(ALLC) $(CHECK_CFLAGS) -c $< -o $@
+
+# LD_PRELOAD shim that damages one write to a chosen file (tests/test_faults.sh)
+$(BUILD)/tests/fault_write.so: tests/fault_write.c
+	@mkdir -p $(dir $@)
+	@echo "  CC  $<"
+	@$(CC) -std=gnu11 -O2 -Wall -Wextra -fPIC -shared $< -o $@ -ldl
 
 # ---- commands ----------------------------------------------------------------------------
 test: all

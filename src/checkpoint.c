@@ -732,8 +732,22 @@ static void write_attrs(hid_t f, const CkptView *v, Text *expect) {
     attr_str(f, "writer", "moetrain " MOETRAIN_VERSION, expect);
 }
 
-/* Every tensor of the full model, created on every rank (collective); each rank writes its part. */
-static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, char *err) {
+/* An HDF5 create or write failed on this rank while others may be inside the same collective
+ * call (HDF5 does not make its ranks agree on errors there): waiting for them could hang the job.
+ * Say why, drop the partial file and end the job now; the last good checkpoint and latest are
+ * untouched. */
+__attribute__((noreturn)) static void write_failed(const char *tmp, const char *what, const char *name, int rank) {
+    fprintf(stderr, "moetrain: error (rank %d): %s: %s dataset %s failed (an I/O error such as a full disk; "
+                    "see above); the partial file is removed and the previous checkpoint and latest are kept; "
+                    "ending the job, since the other ranks may be waiting inside the same collective write\n",
+            rank, tmp, what, name);
+    unlink(tmp);
+    mt_abort(2);
+}
+
+/* Every tensor of the full model, created on every rank (collective); each rank writes its part.
+ * With several ranks an HDF5 error ends the job (write_failed); alone, it is returned. */
+static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, const char *tmp, char *err) {
     hid_t dxpl = H5Pcreate(H5P_DATASET_XFER);
     H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
     int rc = MT_OK;
@@ -744,6 +758,7 @@ static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, c
             char name[200];
             snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
             hid_t ds = create_dataset(f, name, ft);
+            if (ds < 0 && world->size > 1) write_failed(tmp, "creating", name, world->rank);
             int j = params_find(&v->shard->m->pl, ft->name);
             size_t a = 0, z = 0;
             float *ptr = NULL;
@@ -773,10 +788,16 @@ static int write_datasets(hid_t f, const CkptView *v, const ParamLayout *full, c
                 if (!any[q + 1]) continue;
                 hid_t ms = select_piece(fs, ft->ndim, &pc[q]);
                 if (skip) H5Sselect_none(ms), H5Sselect_none(fs);
-                if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0 && rc == MT_OK) rc = MT_ERR;
+                if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0) {
+                    if (world->size > 1) write_failed(tmp, "writing", name, world->rank);
+                    if (rc == MT_OK) rc = MT_ERR;
+                }
                 H5Sclose(ms);
             }
-            if (ds < 0 || (rc == MT_ERR && !any[0] && !skip)) rc = mt_fail(err, "writing dataset %s failed", name);
+            if (ds < 0 || (rc == MT_ERR && !any[0] && !skip))
+                rc = mt_fail(err, "%s: writing dataset %s failed (an I/O error such as a full disk; see above); "
+                                  "the partial file is removed and the previous checkpoint and latest are kept",
+                             tmp, name);
             free(host);
             H5Sclose(fs);
             if (ds >= 0) H5Dclose(ds);
@@ -1019,7 +1040,7 @@ int ckpt_save(const CkptView *v, const char *dir, int keep, char *err) {
     int rc = f < 0 ? mt_fail(err, "%s: cannot create checkpoint file", tmp) : MT_OK;
     if (rc == MT_OK) {
         write_attrs(f, v, &expect);
-        rc = write_datasets(f, v, &full, err);
+        rc = write_datasets(f, v, &full, tmp, err);
         if (H5Fclose(f) < 0) close_failed(tmp, rc == MT_OK ? "" : err);
     }
     if (comm_any_failed(world, rc) != MT_OK) {
