@@ -602,13 +602,17 @@ static hid_t tensor_space(const ParamInfo *t) {
     return H5Screate_simple(t->ndim, dims, NULL);
 }
 
+/* Rows of the full tensor per chunk (about 4 MiB; a chunk always spans whole rows). */
+static hsize_t chunk_rows(const ParamInfo *t) {
+    hsize_t row = t->ndim == 2 ? (hsize_t)t->full[1] : 1, rows = (1u << 20) / row;
+    if (rows < 1) rows = 1;
+    return rows < (hsize_t)t->full[0] ? rows : (hsize_t)t->full[0];
+}
+
 /* Chunked, Fletcher32-checksummed dataset of t's shape (chunks of about 4 MiB). */
 static hid_t create_dataset(hid_t file, const char *name, const ParamInfo *t) {
     hid_t sp = tensor_space(t), dcpl = H5Pcreate(H5P_DATASET_CREATE), lcpl = H5Pcreate(H5P_LINK_CREATE);
-    hsize_t chunk[2] = {(hsize_t)t->full[0], (hsize_t)t->full[1]};
-    hsize_t row = t->ndim == 2 ? (hsize_t)t->full[1] : 1, rows = (1u << 20) / row;
-    if (rows < 1) rows = 1;
-    if (chunk[0] > rows) chunk[0] = rows;
+    hsize_t chunk[2] = {chunk_rows(t), (hsize_t)t->full[1]};
     H5Pset_chunk(dcpl, t->ndim, chunk);
     H5Pset_fletcher32(dcpl);
     H5Pset_create_intermediate_group(lcpl, 1);
@@ -654,8 +658,8 @@ static void tensor_slice(const Sharder *s, const ParamInfo *t, What what, int wr
 /* Read elements [a, z) of t's piece from dataset `name` into host: the dataset must exist with
  * t's full shape and exactly the type written (IEEE float32 little-endian); HDF5 checks the
  * chunks' Fletcher32 on the way. */
-static int read_piece(hid_t f, const char *path, const char *name, const ParamInfo *t, size_t a, size_t z,
-                      float *host, char *err) {
+static int read_piece(hid_t f, hid_t dxpl, const char *path, const char *name, const ParamInfo *t, size_t a,
+                      size_t z, float *host, char *err) {
     if (H5Lexists(f, name, H5P_DEFAULT) <= 0) return mt_fail(err, "%s: dataset %s is missing", path, name);
     hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
     if (ds < 0) return mt_fail(err, "%s: dataset %s cannot be opened", path, name);
@@ -673,7 +677,7 @@ static int read_piece(hid_t f, const char *path, const char *name, const ParamIn
         for (int q = 0; q < 3 && rc == MT_OK; q++) {
             if (!pc[q].count[0] || !pc[q].count[1]) continue;
             hid_t ms = select_piece(fs, nd, &pc[q]);
-            if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, host + pc[q].off) < 0)
+            if (H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, dxpl, host + pc[q].off) < 0)
                 rc = mt_fail(err, "%s: dataset %s cannot be read: checksum mismatch (Fletcher32) or "
                                   "corrupted data", path, name);
             H5Sclose(ms);
@@ -689,7 +693,7 @@ static int read_tensor(const Kernels *k, hid_t f, const char *path, const char *
                        const ParamInfo *t, size_t a, size_t z, float *ptr, char *err) {
     if (z <= a) return MT_OK;
     float *host = mt_calloc(z - a, sizeof(float));
-    int rc = read_piece(f, path, name, t, a, z, host, err);
+    int rc = read_piece(f, H5P_DEFAULT, path, name, t, a, z, host, err);
     long bad = rc == MT_OK ? first_nonfinite(host, z - a) : -1;
     if (bad >= 0)
         rc = mt_fail(err, "%s: dataset %s holds a non-finite value (%g) at element %ld of this rank's part",
@@ -861,36 +865,202 @@ __attribute__((noreturn)) static void close_failed(const char *tmp, const char *
 
 /* ---- verification of a written file, before it is published ---- */
 
+/* ---- Fletcher32 of the chunks, from the ranks' memory ----
+ * HDF5's Fletcher32 of a chunk of n 16-bit words w_1..w_n (big-endian pairs of the stored bytes)
+ * is s1 = sum w_j and s2 = sum (n - j + 1) w_j, both mod 65535, stored as s1 | s2 << 16 (LE) after
+ * the chunk. Both are sums over elements, so every rank adds what its own written elements
+ * contribute, one all-reduce completes them, and rank 0 compares each chunk's stored checksum
+ * with them: the checksums are verified without a second pass of HDF5's (slow) Fletcher32 over
+ * the file, while the read-back (checksum check off) compares every byte with memory. */
+
+typedef struct ChunkSums {
+    int *first;     /* [3 * n_tensors + 1]: index of each dataset's first chunk */
+    int64_t *sums;  /* [2 * total chunks]: s1, s2 per chunk (mod 65535) */
+    int total;
+} ChunkSums;
+
+static void chunk_sums_init(ChunkSums *cs, const ParamLayout *full) {
+    cs->first = mt_calloc((size_t)3 * full->n + 1, sizeof(int));
+    int k = 0;
+    for (int d = 0; d < 3 * full->n; d++) {
+        const ParamInfo *ft = &full->info[d % full->n];
+        cs->first[d] = k;
+        hsize_t r = chunk_rows(ft);
+        k += (int)(((hsize_t)ft->full[0] + r - 1) / r);
+    }
+    cs->first[3 * full->n] = cs->total = k;
+    cs->sums = mt_calloc((size_t)2 * k, sizeof(int64_t));
+}
+
+static void chunk_sums_free(ChunkSums *cs) {
+    free(cs->first);
+    free(cs->sums);
+}
+
+/* Add count floats at element e0 of a chunk of n16 words to its sums. Blocks of 4096 floats keep
+ * the weighted products in 32 bits (word index in block < 2^13, word < 2^16), which vectorizes. */
+static void fletcher_add(const float *x, size_t count, uint64_t e0, uint64_t n16, int64_t *sums) {
+    uint64_t s1 = 0, t = 0; /* t = sum j * w_j (0-based word index j in the chunk) */
+    for (size_t bs = 0; bs < count; bs += 4096) {
+        size_t m = count - bs < 4096 ? count - bs : 4096;
+        const uint32_t *u = (const uint32_t *)(x + bs); /* little-endian floats: the stored bytes */
+        uint64_t bw = 0, bt = 0;
+        for (size_t i = 0; i < m; i++) {
+            uint32_t v = u[i], li = 2 * (uint32_t)i;
+            uint32_t wa = (v & 0xff) << 8 | (v >> 8 & 0xff), wb = (v >> 16 & 0xff) << 8 | v >> 24;
+            bw += wa + wb;
+            bt += (uint64_t)(li * wa + (li + 1) * wb); /* < 2^30 */
+        }
+        s1 += bw;
+        t += bt + 2 * (e0 + bs) * bw;
+    }
+    /* s2 = sum (n - j) w_j = n * s1 - t, all mod 65535 */
+    uint64_t m1 = s1 % 65535, s2 = ((n16 % 65535) * m1 % 65535 + 65535 - t % 65535) % 65535;
+    sums[0] = (sums[0] + (int64_t)m1) % 65535;
+    sums[1] = (sums[1] + (int64_t)s2) % 65535;
+}
+
+/* Calls fn(ctx, k, e, n, h) for every run of elements [a, z) of t's piece that is contiguous in
+ * one chunk of the full tensor ft: chunk k, element e in it, n elements, from element h of the
+ * piece's host copy. Chunks span whole rows, so a row of a piece never leaves its chunk. */
+typedef void (*RunFn)(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h);
+
+static void for_runs(const ParamInfo *t, const ParamInfo *ft, size_t a, size_t z, RunFn fn, void *ctx) {
+    Piece pc[3];
+    tensor_pieces(t, a, z, pc);
+    int two = ft->ndim == 2;
+    hsize_t cols = two ? (hsize_t)ft->full[1] : 1, per = chunk_rows(ft) * cols;
+    for (int q = 0; q < 3; q++) {
+        if (!pc[q].count[0] || !pc[q].count[1]) continue;
+        hsize_t nr = two ? pc[q].count[0] : 1, nc = two ? pc[q].count[1] : pc[q].count[0];
+        for (hsize_t r = 0; r < nr; r++) {
+            hsize_t flat = (pc[q].start[0] + r) * cols + (two ? pc[q].start[1] : 0);
+            for (hsize_t e = 0; e < nc;) {
+                hsize_t at = flat + e, k = at / per, n = (k + 1) * per - at;
+                if (n > nc - e) n = nc - e;
+                fn(ctx, k, at - k * per, (size_t)n, pc[q].off + (size_t)(r * nc + e));
+                e += n;
+            }
+        }
+    }
+}
+
+typedef struct SumCtx {
+    int64_t *sums; /* this dataset's chunks */
+    uint64_t n16;  /* 16-bit words per chunk */
+    const float *host;
+} SumCtx;
+
+static void sum_run(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h) {
+    SumCtx *c = ctx;
+    fletcher_add(c->host + h, n, e, c->n16, c->sums + 2 * k);
+}
+
+/* Read-back of one tensor: each chunk holding part of what this rank wrote is read raw (one
+ * read, no filter pipeline or chunk cache) and that part compared with memory byte for byte. */
+typedef struct BackCtx {
+    hid_t ds;
+    hsize_t rows;        /* rows per chunk */
+    size_t chunk_bytes;  /* the data of one chunk (it is stored with 4 checksum bytes after it) */
+    unsigned char *buf;  /* one raw chunk */
+    hsize_t have;        /* the chunk in buf, or (hsize_t)-1 */
+    const float *mem;
+    int bad;             /* 0 ok, 1 chunk unreadable, 2 differs */
+    size_t at;           /* element of the piece where it differs */
+} BackCtx;
+
+static void back_run(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h) {
+    BackCtx *c = ctx;
+    if (c->bad) return;
+    if (c->have != k) {
+        hsize_t off[2] = {k * c->rows, 0}, size = 0;
+        uint32_t mask = 0;
+        if (H5Dget_chunk_storage_size(c->ds, off, &size) < 0 || size != c->chunk_bytes + 4 ||
+            H5Dread_chunk(c->ds, H5P_DEFAULT, off, &mask, c->buf) < 0 || mask != 0) {
+            c->bad = 1;
+            return;
+        }
+        c->have = k;
+    }
+    const unsigned char *disk = c->buf + e * sizeof(float);
+    if (memcmp(disk, c->mem + h, n * sizeof(float)) == 0) return;
+    for (size_t i = 0; i < n && !c->bad; i++)
+        if (memcmp(disk + i * sizeof(float), c->mem + h + i, sizeof(float)) != 0) c->bad = 2, c->at = h + i;
+}
+
 /* Every rank: what it wrote (its slice of every tensor, each element written once over the world)
- * reads back from the closed file bit for bit, through HDF5's checksums. */
-static int read_back(const CkptView *v, const char *tmp, const ParamLayout *full, char *err) {
+ * reads back from the closed file bit for bit; its contribution to every chunk's Fletcher32 goes
+ * into cs. Each dataset's shape and type are checked on rank 0 (seal). */
+static int read_back(const CkptView *v, const char *tmp, const ParamLayout *full, ChunkSums *cs, char *err) {
     hid_t f = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0) return mt_fail(err, "%s: the written file cannot be opened again (truncated or corrupted)", tmp);
     const ParamLayout *pl = &v->shard->m->pl;
     int rc = MT_OK;
+    float *mem = NULL;
+    unsigned char *buf = NULL;
+    size_t cap = 0, bcap = 0;
     for (int w = 0; w < 3 && rc == MT_OK; w++) {
         for (int n = 0; n < full->n && rc == MT_OK; n++) {
-            int j = params_find(pl, full->info[n].name);
+            const ParamInfo *ft = &full->info[n];
+            int j = params_find(pl, ft->name);
             size_t a = 0, z = 0;
             float *ptr = NULL;
             if (j < 0) continue;
             tensor_slice(v->shard, &pl->info[j], (What)w, 1, &a, &z, &ptr);
             if (z <= a) continue;
             char name[200];
-            snprintf(name, sizeof name, "%s%s", what_group[w], full->info[n].name);
-            float *disk = mt_calloc(z - a, sizeof(float)), *mem = mt_calloc(z - a, sizeof(float));
+            snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
+            hsize_t rows = chunk_rows(ft);
+            size_t chunk_bytes = (size_t)rows * (ft->ndim == 2 ? (size_t)ft->full[1] : 1) * sizeof(float);
+            if (z - a > cap) { /* reused across tensors: fresh pages each time would cost more than the reads */
+                free(mem);
+                mem = mt_calloc(cap = z - a, sizeof(float));
+            }
+            if (chunk_bytes + 4 > bcap) {
+                free(buf);
+                buf = mt_calloc(bcap = chunk_bytes + 4, 1);
+            }
             v->k->to_host(mem, ptr, (z - a) * sizeof(float));
-            rc = read_piece(f, tmp, name, &pl->info[j], a, z, disk, err);
-            for (size_t i = 0; rc == MT_OK && i < z - a; i++)
-                if (memcmp(&disk[i], &mem[i], sizeof(float)) != 0)
-                    rc = mt_fail(err, "%s: dataset %s does not read back as written (element %zu: wrote %g, "
-                                      "read %g): the write was lost or damaged", tmp, name, a + i, mem[i], disk[i]);
-            free(disk);
-            free(mem);
+            hid_t ds = H5Lexists(f, name, H5P_DEFAULT) > 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
+            if (ds < 0) {
+                rc = mt_fail(err, "%s: dataset %s is missing after writing", tmp, name);
+                break;
+            }
+            BackCtx bc = {ds, rows, chunk_bytes, buf, (hsize_t)-1, mem, 0, 0};
+            for_runs(&pl->info[j], ft, a, z, back_run, &bc);
+            H5Dclose(ds);
+            if (bc.bad == 1)
+                rc = mt_fail(err, "%s: dataset %s: a chunk cannot be read back (missing, wrong size or filter "
+                                  "skipped): the write was lost or damaged", tmp, name);
+            else if (bc.bad == 2)
+                rc = mt_fail(err, "%s: dataset %s does not read back as written (element %zu: wrote %g, read "
+                                  "otherwise): the write was lost or damaged", tmp, name, a + bc.at, mem[bc.at]);
+            SumCtx sc = {cs->sums + 2 * cs->first[w * full->n + n], 2 * (uint64_t)chunk_bytes / sizeof(float), mem};
+            if (rc == MT_OK) for_runs(&pl->info[j], ft, a, z, sum_run, &sc);
         }
     }
+    free(mem);
+    free(buf);
     H5Fclose(f);
     return rc;
+}
+
+/* Rank 0: every chunk of dataset d (open as ds) has its stored Fletcher32 equal to the one of the
+ * data the ranks wrote; the first that does not, or -1. */
+static int bad_chunk(hid_t ds, int fd, const ParamInfo *ft, const ChunkSums *cs, int d) {
+    hsize_t R = chunk_rows(ft);
+    for (int k = 0; k < cs->first[d + 1] - cs->first[d]; k++) {
+        hsize_t off[2] = {(hsize_t)k * R, 0}, size = 0;
+        haddr_t addr = HADDR_UNDEF;
+        unsigned mask = 0;
+        unsigned char b[4];
+        const int64_t *want = cs->sums + 2 * (cs->first[d] + k);
+        if (H5Dget_chunk_info_by_coord(ds, off, &mask, &addr, &size) < 0 || addr == HADDR_UNDEF || mask != 0 ||
+            size < 4 || pread(fd, b, 4, (off_t)(addr + size - 4)) != 4 ||
+            (b[0] | b[1] << 8) % 65535 != want[0] || (b[2] | b[3] << 8) % 65535 != want[1])
+            return k;
+    }
+    return -1;
 }
 
 /* Split a text into its lines, sorted (a multiset to compare). */
@@ -924,29 +1094,33 @@ static int attrs_match(const Text *file, const Text *expect, const char *tmp, ch
     return rc;
 }
 
-/* Every tensor of the full model is there with its shape, IEEE float32 LE and the Fletcher32
- * filter, and nothing else is (n_objects: objects the manifest lists). */
-static int datasets_match(hid_t f, const ParamLayout *full, int n_objects, const char *tmp, char *err) {
-    for (int w = 0; w < 3; w++) {
-        for (int n = 0; n < full->n; n++) {
-            const ParamInfo *ft = &full->info[n];
-            char name[200];
-            snprintf(name, sizeof name, "%s%s", what_group[w], ft->name);
-            hid_t ds = H5Lexists(f, name, H5P_DEFAULT) > 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
-            if (ds < 0) return mt_fail(err, "%s: dataset %s is missing after writing", tmp, name);
-            hid_t sp = H5Dget_space(ds), ty = H5Dget_type(ds), dcpl = H5Dget_create_plist(ds);
-            hsize_t dims[2] = {0, 0};
-            unsigned flags = 0;
-            int nd = H5Sget_simple_extent_dims(sp, dims, NULL);
-            int ok = nd == ft->ndim && dims[0] == (hsize_t)ft->full[0] && (nd == 1 || dims[1] == (hsize_t)ft->full[1]) &&
-                     H5Tequal(ty, H5T_IEEE_F32LE) > 0 &&
-                     H5Pget_filter_by_id2(dcpl, H5Z_FILTER_FLETCHER32, &flags, NULL, NULL, 0, NULL, NULL) >= 0;
-            H5Pclose(dcpl);
-            H5Tclose(ty);
-            H5Sclose(sp);
-            H5Dclose(ds);
-            if (!ok) return mt_fail(err, "%s: dataset %s does not read back with its shape, type and checksum filter", tmp, name);
-        }
+/* Every tensor of the full model is there with its shape, IEEE float32 LE, the Fletcher32 filter
+ * and every chunk's checksum that of the data written (cs), and nothing else is (n_objects:
+ * objects the manifest lists). */
+static int datasets_match(hid_t f, int fd, const ParamLayout *full, const ChunkSums *cs, int n_objects,
+                          const char *tmp, char *err) {
+    for (int d = 0; d < 3 * full->n; d++) {
+        const ParamInfo *ft = &full->info[d % full->n];
+        char name[200];
+        snprintf(name, sizeof name, "%s%s", what_group[d / full->n], ft->name);
+        hid_t ds = H5Lexists(f, name, H5P_DEFAULT) > 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
+        if (ds < 0) return mt_fail(err, "%s: dataset %s is missing after writing", tmp, name);
+        hid_t sp = H5Dget_space(ds), ty = H5Dget_type(ds), dcpl = H5Dget_create_plist(ds);
+        hsize_t dims[2] = {0, 0};
+        unsigned flags = 0;
+        int nd = H5Sget_simple_extent_dims(sp, dims, NULL);
+        int ok = nd == ft->ndim && dims[0] == (hsize_t)ft->full[0] && (nd == 1 || dims[1] == (hsize_t)ft->full[1]) &&
+                 H5Tequal(ty, H5T_IEEE_F32LE) > 0 &&
+                 H5Pget_filter_by_id2(dcpl, H5Z_FILTER_FLETCHER32, &flags, NULL, NULL, 0, NULL, NULL) >= 0;
+        int bad = ok ? bad_chunk(ds, fd, ft, cs, d) : -1;
+        H5Pclose(dcpl);
+        H5Tclose(ty);
+        H5Sclose(sp);
+        H5Dclose(ds);
+        if (!ok) return mt_fail(err, "%s: dataset %s does not read back with its shape, type and checksum filter", tmp, name);
+        if (bad >= 0)
+            return mt_fail(err, "%s: dataset %s, chunk %d: the stored Fletcher32 checksum does not match the data "
+                                "written (the write was damaged)", tmp, name, bad);
     }
     int want = 3 * full->n + 5; /* + the groups /, /optim, /optim/m, /optim/v, /params */
     if (n_objects != want)
@@ -962,7 +1136,7 @@ static int count_lines(const Text *t) {
 
 /* Rank 0: the file's structure and attributes read back as written; then its manifest digest
  * is stored, and the whole file is checked again as a load would (digest, counters). */
-static int seal(const char *tmp, const ParamLayout *full, const Text *expect, char *err) {
+static int seal(const char *tmp, const ParamLayout *full, const Text *expect, const ChunkSums *cs, char *err) {
     hid_t f = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
     int fd = open(tmp, O_RDONLY);
     if (f < 0 || fd < 0) {
@@ -974,7 +1148,7 @@ static int seal(const char *tmp, const ParamLayout *full, const Text *expect, ch
     char why[256] = "", hex[65];
     int rc = build_manifest(f, fd, &man, &attrs, why) == MT_OK ? MT_OK : mt_fail(err, "%s: %s", tmp, why);
     if (rc == MT_OK) rc = attrs_match(&attrs, expect, tmp, err);
-    if (rc == MT_OK) rc = datasets_match(f, full, count_lines(&man) - 1 - count_lines(&attrs), tmp, err);
+    if (rc == MT_OK) rc = datasets_match(f, fd, full, cs, count_lines(&man) - 1 - count_lines(&attrs), tmp, err);
     if (rc == MT_OK) sha256_hex(man.s, man.len, hex);
     text_free(&man);
     text_free(&attrs);
@@ -995,16 +1169,26 @@ static int seal(const char *tmp, const ParamLayout *full, const Text *expect, ch
 static int verify_written(const CkptView *v, const char *tmp, const ParamLayout *full, const Text *expect, char *err) {
     const Group *world = &v->mesh->g_world;
     int rc = MT_OK;
+    double t0 = mt_now();
     /* first onto storage: a delayed-allocation ENOSPC or an I/O error shows here */
     if (world->rank == 0 && fsync_path(tmp) != 0)
         rc = mt_fail(err, "%s: fsync failed: %s", tmp, strerror(errno));
+    if (v->timing) v->timing->fsync_s = mt_now() - t0;
+    ChunkSums cs;
+    chunk_sums_init(&cs, full);
     if (comm_any_failed(world, rc) == MT_OK) {
-        rc = read_back(v, tmp, full, err);
+        rc = read_back(v, tmp, full, &cs, err);
         if (comm_any_failed(world, rc) == MT_OK) {
-            rc = world->rank == 0 ? seal(tmp, full, expect, err) : MT_OK;
-            if (comm_any_failed(world, rc) == MT_OK) return MT_OK;
+            comm_allreduce_sum(world, cs.sums, (size_t)2 * cs.total, DT_I64);
+            for (int i = 0; i < 2 * cs.total; i++) cs.sums[i] %= 65535;
+            rc = world->rank == 0 ? seal(tmp, full, expect, &cs, err) : MT_OK;
+            if (comm_any_failed(world, rc) == MT_OK) {
+                chunk_sums_free(&cs);
+                return MT_OK;
+            }
         }
     }
+    chunk_sums_free(&cs);
     if (world->rank == 0) unlink(tmp);
     if (rc == MT_OK) {
         err[0] = 0; /* the rank that saw it says why */
@@ -1057,7 +1241,7 @@ int ckpt_save(const CkptView *v, const char *dir, int keep, char *err) {
     if (rc != MT_OK) return MT_ERR;
     double t2 = mt_now();
     rc = world->rank == 0 ? publish(dir, tmp, *v->step, keep, err) : MT_OK;
-    if (v->timing) *v->timing = (CkptTiming){t1 - t0, t2 - t1};
+    if (v->timing) v->timing->write_s = t1 - t0, v->timing->verify_s = t2 - t1;
     return comm_any_failed(world, rc) != MT_OK ? (rc == MT_OK ? mt_fail(err, "publishing the checkpoint failed on rank 0") : MT_ERR) : MT_OK;
 }
 

@@ -4,6 +4,7 @@
  *   MT_FAULT_MODE   enospc:  the call fails with ENOSPC (nothing written)
  *                   short:   half the bytes are written and the call says so (a short write)
  *                   corrupt: the bytes are written with one bit flipped and the call reports success
+ *                   tail:    the same, the bit flipped in the last byte (a chunk's stored checksum)
  *                   lie:     nothing is written, but the call reports success (a lost write)
  *   MT_FAULT_MIN    only writes of at least this many bytes count (default 4096: data, not metadata)
  *   MT_FAULT_SKIP   let this many candidate writes through first (default 0)
@@ -64,10 +65,10 @@ static ssize_t faulty(int f, int fd, const void *buf, size_t n, off_t off, pwrit
     }
     if (f == 'l') return (ssize_t)n;
     if (f == 's') n /= 2;
-    if (f == 'c') {
+    if (f == 'c' || f == 't') {
         char *copy = malloc(n);
         memcpy(copy, buf, n);
-        copy[n / 2] ^= 0x10;
+        copy[f == 'c' ? n / 2 : n - 1] ^= 0x10;
         ssize_t r = off >= 0 ? pw(fd, copy, n, off) : w(fd, copy, n);
         free(copy);
         return r;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Write faults injected into a real run (build/tests/fault_write.so, LD_PRELOAD): one write to the
-# checkpoint of step 2 fails with ENOSPC, is short, is silently corrupted, or is silently lost (the
+# checkpoint of step 2 fails with ENOSPC, is short, is silently corrupted (in the data, or in the
+# last byte: a chunk's stored checksum), or is silently lost (the
 # call reports success: what an MPI-IO layer that logs an error but returns success looks like to
 # HDF5). Each time: the shim fired exactly once, the run exits non-zero naming the file, step 2 is
 # not published, latest still names step 1, step 1 verifies, and a resume from it completes.
@@ -49,6 +50,7 @@ fault_case enospc-1 1 enospc 0
 fault_case short-1 1 short 0
 fault_case corrupt-1 1 corrupt 1
 fault_case lost-1 1 lie 1
+fault_case checksum-1 1 tail 1
 fault_case lost-late-1 1 lie 7
 fault_case lost-2 2 lie 1 "${M2[@]}"
 fault_case enospc-2 2 enospc 0 "${M2[@]}"
