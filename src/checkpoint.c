@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -870,8 +871,9 @@ __attribute__((noreturn)) static void close_failed(const char *tmp, const char *
  * is s1 = sum w_j and s2 = sum (n - j + 1) w_j, both mod 65535, stored as s1 | s2 << 16 (LE) after
  * the chunk. Both are sums over elements, so every rank adds what its own written elements
  * contribute, one all-reduce completes them, and rank 0 compares each chunk's stored checksum
- * with them: the checksums are verified without a second pass of HDF5's (slow) Fletcher32 over
- * the file, while the read-back (checksum check off) compares every byte with memory. */
+ * with them. The read-back compares every byte of the file with memory and adds these shares in
+ * the same pass (block by block, in L1), so the checksums are verified without HDF5's own (slow)
+ * Fletcher32 pass over the file. */
 
 typedef struct ChunkSums {
     int *first;     /* [3 * n_tensors + 1]: index of each dataset's first chunk */
@@ -945,28 +947,22 @@ static void for_runs(const ParamInfo *t, const ParamInfo *ft, size_t a, size_t z
     }
 }
 
-typedef struct SumCtx {
-    int64_t *sums; /* this dataset's chunks */
-    uint64_t n16;  /* 16-bit words per chunk */
-    const float *host;
-} SumCtx;
-
-static void sum_run(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h) {
-    SumCtx *c = ctx;
-    fletcher_add(c->host + h, n, e, c->n16, c->sums + 2 * k);
-}
-
-/* Read-back of one tensor: each chunk holding part of what this rank wrote is read raw (one
- * read, no filter pipeline or chunk cache) and that part compared with memory byte for byte. */
+/* Read-back of one tensor: each chunk holding part of what this rank wrote is located in the
+ * file (mapped read-only: no copy, no filter pipeline, no chunk cache), that part compared with
+ * memory byte for byte and its share of the chunk's Fletcher32 added to the chunk's sums. */
 typedef struct BackCtx {
     hid_t ds;
-    hsize_t rows;        /* rows per chunk */
-    size_t chunk_bytes;  /* the data of one chunk (it is stored with 4 checksum bytes after it) */
-    unsigned char *buf;  /* one raw chunk */
-    hsize_t have;        /* the chunk in buf, or (hsize_t)-1 */
+    hsize_t rows;              /* rows per chunk */
+    size_t chunk_bytes;        /* the data of one chunk (stored with 4 checksum bytes after it) */
+    const unsigned char *map;  /* the file */
+    size_t map_len;
+    const unsigned char *chunk; /* chunk `have` in map */
+    hsize_t have;              /* or (hsize_t)-1 */
     const float *mem;
-    int bad;             /* 0 ok, 1 chunk unreadable, 2 differs */
-    size_t at;           /* element of the piece where it differs */
+    int64_t *sums;             /* this dataset's chunk sums (ChunkSums) */
+    uint64_t n16;              /* 16-bit words per chunk */
+    int bad;                   /* 0 ok, 1 chunk missing or of the wrong size, 2 differs */
+    size_t at;                 /* element of the piece where it differs */
 } BackCtx;
 
 static void back_run(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h) {
@@ -974,18 +970,28 @@ static void back_run(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h) {
     if (c->bad) return;
     if (c->have != k) {
         hsize_t off[2] = {k * c->rows, 0}, size = 0;
-        uint32_t mask = 0;
-        if (H5Dget_chunk_storage_size(c->ds, off, &size) < 0 || size != c->chunk_bytes + 4 ||
-            H5Dread_chunk(c->ds, H5P_DEFAULT, off, &mask, c->buf) < 0 || mask != 0) {
+        haddr_t addr = HADDR_UNDEF;
+        unsigned mask = 0;
+        if (H5Dget_chunk_info_by_coord(c->ds, off, &mask, &addr, &size) < 0 || addr == HADDR_UNDEF || mask != 0 ||
+            size != c->chunk_bytes + 4 || addr + size > c->map_len) {
             c->bad = 1;
             return;
         }
+        c->chunk = c->map + addr;
         c->have = k;
     }
-    const unsigned char *disk = c->buf + e * sizeof(float);
-    if (memcmp(disk, c->mem + h, n * sizeof(float)) == 0) return;
-    for (size_t i = 0; i < n && !c->bad; i++)
-        if (memcmp(disk + i * sizeof(float), c->mem + h + i, sizeof(float)) != 0) c->bad = 2, c->at = h + i;
+    /* in blocks that stay in L1: compare, then add the block's share of the chunk's Fletcher32 */
+    for (size_t b = 0; b < n; b += 4096) {
+        size_t m = n - b < 4096 ? n - b : 4096;
+        const unsigned char *disk = c->chunk + (e + b) * sizeof(float);
+        const float *mine = c->mem + h + b;
+        if (memcmp(disk, mine, m * sizeof(float)) != 0) {
+            for (size_t i = 0; i < m && !c->bad; i++)
+                if (memcmp(disk + i * sizeof(float), mine + i, sizeof(float)) != 0) c->bad = 2, c->at = h + b + i;
+            return;
+        }
+        fletcher_add(mine, m, e + b, c->n16, c->sums + 2 * k);
+    }
 }
 
 /* Every rank: what it wrote (its slice of every tensor, each element written once over the world)
@@ -993,13 +999,20 @@ static void back_run(void *ctx, hsize_t k, hsize_t e, size_t n, size_t h) {
  * into cs. Each dataset's shape and type are checked on rank 0 (seal). */
 static int read_back(const CkptView *v, const char *tmp, const ParamLayout *full, ChunkSums *cs, char *err) {
     hid_t f = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return mt_fail(err, "%s: the written file cannot be opened again (truncated or corrupted)", tmp);
+    int fd = open(tmp, O_RDONLY);
+    struct stat st;
+    void *map = fd >= 0 && fstat(fd, &st) == 0 && st.st_size > 0
+                    ? mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    if (fd >= 0) close(fd);
+    if (f < 0 || map == MAP_FAILED) {
+        if (f >= 0) H5Fclose(f);
+        if (map != MAP_FAILED) munmap(map, (size_t)st.st_size);
+        return mt_fail(err, "%s: the written file cannot be opened again (truncated or corrupted)", tmp);
+    }
     const ParamLayout *pl = &v->shard->m->pl;
-    int rc = MT_OK;
+    int rc = MT_OK, on_host = strcmp(v->k->name, "cpu") == 0;
     float *mem = NULL;
-    unsigned char *buf = NULL;
-    size_t cap = 0, bcap = 0;
-    int on_host = strcmp(v->k->name, "cpu") == 0;
+    size_t cap = 0;
     for (int w = 0; w < 3 && rc == MT_OK; w++) {
         for (int n = 0; n < full->n && rc == MT_OK; n++) {
             const ParamInfo *ft = &full->info[n];
@@ -1014,15 +1027,11 @@ static int read_back(const CkptView *v, const char *tmp, const ParamLayout *full
             hsize_t rows = chunk_rows(ft);
             size_t chunk_bytes = (size_t)rows * (ft->ndim == 2 ? (size_t)ft->full[1] : 1) * sizeof(float);
             const float *host = ptr; /* the CPU backend's memory is host memory: no copy */
-            if (!on_host && z - a > cap) { /* reused across tensors: fresh pages would cost more than the reads */
-                free(mem);
-                mem = mt_calloc(cap = z - a, sizeof(float));
-            }
-            if (chunk_bytes + 4 > bcap) {
-                free(buf);
-                buf = mt_calloc(bcap = chunk_bytes + 4, 1);
-            }
             if (!on_host) {
+                if (z - a > cap) { /* reused across tensors: fresh pages would cost more than the reads */
+                    free(mem);
+                    mem = mt_calloc(cap = z - a, sizeof(float));
+                }
                 v->k->to_host(mem, ptr, (z - a) * sizeof(float));
                 host = mem;
             }
@@ -1031,21 +1040,20 @@ static int read_back(const CkptView *v, const char *tmp, const ParamLayout *full
                 rc = mt_fail(err, "%s: dataset %s is missing after writing", tmp, name);
                 break;
             }
-            BackCtx bc = {ds, rows, chunk_bytes, buf, (hsize_t)-1, host, 0, 0};
+            BackCtx bc = {ds, rows, chunk_bytes, map, (size_t)st.st_size, NULL, (hsize_t)-1, host,
+                          cs->sums + 2 * cs->first[w * full->n + n], 2 * (uint64_t)chunk_bytes / sizeof(float), 0, 0};
             for_runs(&pl->info[j], ft, a, z, back_run, &bc);
             H5Dclose(ds);
             if (bc.bad == 1)
-                rc = mt_fail(err, "%s: dataset %s: a chunk cannot be read back (missing, wrong size or filter "
-                                  "skipped): the write was lost or damaged", tmp, name);
+                rc = mt_fail(err, "%s: dataset %s: a chunk is missing, of the wrong size or was not checksummed: "
+                                  "the write was lost or damaged", tmp, name);
             else if (bc.bad == 2)
                 rc = mt_fail(err, "%s: dataset %s does not read back as written (element %zu: wrote %g, read "
                                   "otherwise): the write was lost or damaged", tmp, name, a + bc.at, host[bc.at]);
-            SumCtx sc = {cs->sums + 2 * cs->first[w * full->n + n], 2 * (uint64_t)chunk_bytes / sizeof(float), host};
-            if (rc == MT_OK) for_runs(&pl->info[j], ft, a, z, sum_run, &sc);
         }
     }
     free(mem);
-    free(buf);
+    munmap(map, (size_t)st.st_size);
     H5Fclose(f);
     return rc;
 }
