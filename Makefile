@@ -17,11 +17,11 @@ NP        ?= 4
 TRAIN_SETS ?= --set parallel.ep=2 --set train.micro_batch_size=4
 BUILD     := build
 
-PKGS := inih check libcjson openblas hdf5-openmpi
+PKGS := inih check libcjson openblas hdf5-openmpi libcrypto
 
 # Lazily evaluated (=): read after the deps stamp has been made.
-DEP_CFLAGS = $(shell pkg-config --cflags inih libcjson openblas hdf5-openmpi)
-DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi) -lm $(CUDA_LIBS)
+DEP_CFLAGS = $(shell pkg-config --cflags inih libcjson openblas hdf5-openmpi libcrypto)
+DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi libcrypto) -lm $(CUDA_LIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -75,7 +75,7 @@ $(shell mkdir -p $(BUILD) && (echo '$(FLAGS_NOW)' | cmp -s - $(FLAGS_STAMP) || e
 
 .PHONY: all test train bench clean deps docs
 .SECONDARY:
-all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN)
+all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN) $(BUILD)/tests/fault_write.so
 
 # ---- dependencies ------------------------------------------------------------------------
 DEPS_STAMP := $(BUILD)/.deps-ok
@@ -129,6 +129,12 @@ $(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS) $(wildcard
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
 	@$(MPICC) $(ALLC) $(CHECK_CFLAGS) -c $< -o $@
+
+# LD_PRELOAD shim that damages one write to a chosen file (tests/test_faults.sh)
+$(BUILD)/tests/fault_write.so: tests/fault_write.c
+	@mkdir -p $(dir $@)
+	@echo "  CC  $<"
+	@$(CC) -std=gnu11 -O2 -Wall -Wextra -fPIC -shared $< -o $@ -ldl
 
 # ---- commands ----------------------------------------------------------------------------
 test: all

@@ -9,6 +9,9 @@
  *   baseline  rank 0 alone: open + write() of `payload` bytes + fsync + close (and without the
  *             fsync), then read() back (cold and warm): the storage's plain sequential speed;
  *             ours is printed as a fraction of it;
+ *   verify    the save's split: writing (create, write, close) vs verifying before it is published
+ *             (fsync of the .tmp, each rank reading back what it wrote bit for bit, rank 0's
+ *             manifest digest and final check), side by side with the ratio;
  *   overhead  mean step time over a few steps without checkpoints, and for a checkpoint every k
  *             steps (k = 1, 10, 100) save_time / (k * step_time), save_time the mean of the 3.
  * Every timing sits between two MPI_Barriers, so it includes the slowest rank.
@@ -111,12 +114,14 @@ static double fletcher_pass(const char *buf, size_t n) {
 
 typedef enum { OP_SAVE, OP_LOAD_COLD, OP_LOAD_WARM } Op;
 
-/* One collective ckpt_save / ckpt_load between barriers; seconds. */
-static double timed(Trainer *t, Op op, const char *dir, const char *file) {
+/* One collective ckpt_save / ckpt_load between barriers; seconds. A save's split into writing and
+ * verifying (fsync, read-back, digest) goes to *split when given. */
+static double timed(Trainer *t, Op op, const char *dir, const char *file, CkptTiming *split) {
     char err[MT_ERRLEN] = "";
     if (op == OP_LOAD_COLD && t->mesh->rank == 0) drop_cache(file);
     MPI_Barrier(MPI_COMM_WORLD);
     CkptView v = trainer_checkpoint_view(t);
+    v.timing = split;
     double t0 = mt_now();
     int rc = op == OP_SAVE ? ckpt_save(&v, dir, 1, err) : ckpt_load(&v, file, err);
     MPI_Barrier(MPI_COMM_WORLD);
@@ -184,9 +189,10 @@ int main(int argc, char **argv) {
     /* seconds per repetition of each thing timed; ours on every rank, the baseline on rank 0 */
     enum { SAVE, LOAD_COLD, LOAD_WARM, B_SYNC, B_NOSYNC, B_COLD, B_WARM, FLETCHER, N_TIMED };
     double x[N_TIMED][REPS], best[N_TIMED];
-    for (int r = 0; r < REPS; r++) x[SAVE][r] = timed(&t, OP_SAVE, dir, file);
-    for (int r = 0; r < REPS; r++) x[LOAD_COLD][r] = timed(&t, OP_LOAD_COLD, dir, file);
-    for (int r = 0; r < REPS; r++) x[LOAD_WARM][r] = timed(&t, OP_LOAD_WARM, dir, file);
+    CkptTiming split[REPS];
+    for (int r = 0; r < REPS; r++) x[SAVE][r] = timed(&t, OP_SAVE, dir, file, &split[r]);
+    for (int r = 0; r < REPS; r++) x[LOAD_COLD][r] = timed(&t, OP_LOAD_COLD, dir, file, NULL);
+    for (int r = 0; r < REPS; r++) x[LOAD_WARM][r] = timed(&t, OP_LOAD_WARM, dir, file, NULL);
 
     if (rank == 0) {
         struct stat st;
@@ -232,6 +238,15 @@ int main(int argc, char **argv) {
         printf("save %.3f s = bytes %.3f + fsync %.3f + Fletcher32 2 x %.3f (%.2f GB/s) + HDF5 per-dataset work %.3f"
                " (%d datasets, %d collective calls at most: create + up to 3 piece writes each)\n", best[SAVE], best[B_NOSYNC], fsync_s,
                best[FLETCHER], gb / best[FLETCHER], rest, n_datasets, 4 * n_datasets);
+        /* verification: fsync of the .tmp, every rank reading back what it wrote, rank 0's digest */
+        double w_mean = 0, v_mean = 0, f_mean = 0;
+        for (int r = 0; r < REPS; r++)
+            w_mean += split[r].write_s / REPS, v_mean += split[r].verify_s / REPS, f_mean += split[r].fsync_s / REPS;
+        double check = v_mean - f_mean; /* what verification adds: read-back and digest */
+        printf("save split (rank 0, mean of %d): write %.1f ms | verify %.1f ms = fsync %.1f (done before "
+               "publishing anyway) + read-back and digest %.1f | verify / save = %.1f%%, read-back and "
+               "digest / save = %.1f%%\n", REPS, 1e3 * w_mean, 1e3 * v_mean, 1e3 * f_mean, 1e3 * check,
+               100 * v_mean / (w_mean + v_mean), 100 * check / (w_mean + v_mean));
         printf("load %.3f s (warm) = bytes %.3f + Fletcher32 %.3f + HDF5 per-dataset work %.3f\n", best[LOAD_WARM],
                best[B_WARM], best[FLETCHER], best[LOAD_WARM] - best[B_WARM] - best[FLETCHER]);
         unlink(plain);

@@ -5,12 +5,12 @@
 #   scripts/install-deps.sh --slurm   also what the whole test suite needs: a local SLURM (slurmctld slurmd
 #                                     munge) and xz (tests/test_gpu_bundle.sh)
 set -u
-PKGS="libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools check libopenblas-dev pkg-config libinih-dev libcjson-dev"
+PKGS="libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools check libopenblas-dev pkg-config libinih-dev libcjson-dev libssl-dev"
 SLURM_PKGS="slurmctld slurmd slurm-client munge xz-utils"
 
 check() {
   local ok=0
-  for pc in inih check libcjson openblas hdf5-openmpi; do
+  for pc in inih check libcjson openblas hdf5-openmpi libcrypto; do
     if pkg-config --exists "$pc" 2>/dev/null; then echo "  ✓ $pc $(pkg-config --modversion "$pc")"
     else echo "  ✗ $pc (pkg-config)"; ok=1; fi
   done

@@ -11,11 +11,22 @@
  * mesh that wrote it (JSON) and the router state. The layout does not depend on the mesh, so any
  * mesh the config accepts can resume it. docs/checkpoint-format.md has the details.
  *
- * Writing: DIR/step_NNNNNNNN.h5.tmp is written and closed, fsynced, renamed to step_NNNNNNNN.h5,
- * the directory fsynced, then DIR/latest (one line: the file name) is replaced the same way, and
- * only then are checkpoints beyond checkpoint.keep deleted. A crash or kill -9 at any moment
- * leaves the previous checkpoint and pointer intact; a partial file only ever has a .tmp name,
- * which resume never reads (and the next write removes).
+ * Integrity (format 2): a canonical manifest (every root attribute with its value; every object
+ * sorted by name, each dataset with shape, exact on-disk type, layout, filters and the Fletcher32
+ * checksum of every chunk) is hashed with SHA-256 (libcrypto) into the root attribute
+ * manifest_sha256. A load checks it, the counters' ranges (0 <= adam_step <= step, data position
+ * consistent with step) and that every tensor is finite; format 1 files (no digest) load with a
+ * warning.
+ *
+ * Writing: DIR/step_NNNNNNNN.h5.tmp is written and closed, fsynced, then verified before anything
+ * moves: every rank reads back the slices it wrote and compares them bit for bit, rank 0 checks
+ * the attributes and every dataset's shape and type, stores the digest and checks the file again as
+ * a load would. Only then is it renamed to step_NNNNNNNN.h5, the directory fsynced, DIR/latest (one
+ * line: the file name) replaced the same way, and checkpoints beyond checkpoint.keep deleted (never
+ * the one just published). A failed verification removes the .tmp file and keeps the previous
+ * checkpoint and pointer. A crash or kill -9 at any moment leaves the previous checkpoint and
+ * pointer intact; a partial file only ever has a .tmp name, which resume never reads (and the next
+ * write removes). A tensor holding NaN or inf is never written.
  * All functions here are collective over the trainer's world group.
  */
 #ifndef MT_CHECKPOINT_H
@@ -23,7 +34,7 @@
 
 #include "optim/shard.h"
 
-#define CKPT_FORMAT_VERSION 1
+#define CKPT_FORMAT_VERSION 2 /* 2: manifest_sha256; version 1 files still load, with a warning */
 
 /* What a checkpoint writes and restores: views of the caller's state (train.h builds one from a
  * Trainer with trainer_checkpoint_view), so checkpoint I/O depends on the tensors and counters,
@@ -39,7 +50,22 @@ typedef struct CkptView {
     int64_t *data_seq;       /* the data position: global sequences consumed */
     int64_t global_batch;    /* sequences per step on this mesh (attribute; resume warnings) */
     int dp;                  /* data-parallel ranks (resume warnings) */
+    struct CkptTiming *timing; /* NULL, or ckpt_save's time split (bench) */
 } CkptView;
+
+/* Seconds of one ckpt_save: writing (create, write, close) and verifying (fsync, read-back, digest);
+ * fsync_s, part of verify_s, is the fsync of the file that every save did before publishing anyway. */
+typedef struct CkptTiming {
+    double write_s, verify_s, fsync_s;
+} CkptTiming;
+
+/* What a checkpoint file says about itself (ckpt_verify). */
+typedef struct CkptInfo {
+    long long version, step, tokens_seen, adam_step;
+    long long data_seq, global_batch; /* -1: absent (format 1 files may lack them) */
+    int digest;                       /* 1: the integrity digest is present and matches */
+    int datasets;                     /* datasets read back (ckpt_verify) */
+} CkptInfo;
 
 /* Bytes one checkpoint of this config takes on disk, about (every parameter, AdamW m and v in
  * fp32, plus chunk and metadata overhead). */
@@ -55,17 +81,26 @@ int ckpt_check_dir(const char *dir, double need, const Group *world, char *err);
 int ckpt_lock_dir(const char *dir, const Group *world, int *fd, char *err);
 void ckpt_unlock_dir(int fd);
 
-/* Write v's state as the checkpoint of step *v->step. Collective. */
+/* Write v's state as the checkpoint of step *v->step, verify it (above), then publish it. On a
+ * failed verification or a non-finite tensor: MT_ERR, nothing published, the .tmp removed; err
+ * names the file and the reason on the rank that saw it (empty on the others). Collective. */
 int ckpt_save(const CkptView *v, const char *dir, int keep, char *err);
 
-/* Restore v's state (a model built from the same config) from path. Refuses (with what differs) a file
- * whose model shape does not match the config, a wrong format version, a missing dataset or a
- * checksum mismatch; on error the trainer is unusable. Collective. */
+/* Restore v's state (a model built from the same config) from path. Refuses (with the file and the
+ * reason) a digest mismatch, counters out of range, a file whose model shape does not match the
+ * config, a wrong format version, a missing dataset, a wrong dataset type, a checksum mismatch or a
+ * non-finite value; on error the trainer is unusable. Collective. */
 int ckpt_load(const CkptView *v, const char *path, char *err);
 
 /* Check a checkpoint file on its own (no config, not collective): it opens, has a supported
- * format version, and every dataset reads back with a valid checksum. Prints nothing. */
-int ckpt_verify(const char *path, long long *step, int *datasets, char *err);
+ * format version, its digest matches (format 2), its counters are in range, every dataset is
+ * IEEE float32 LE and reads back with a valid checksum, and none holds NaN or inf (the message
+ * names every such dataset). info is filled as far as it got. Prints nothing. */
+int ckpt_verify(const char *path, CkptInfo *info, char *err);
+
+/* The manifest of a checkpoint file as text (caller frees *text) and its SHA-256 in hex: what
+ * manifest_sha256 must equal. Not collective. */
+int ckpt_manifest(const char *path, char **text, char hex[65], char *err);
 
 /* The checkpoints checkpoint.resume points at, best first: "never" -> none; "auto" -> DIR/latest's
  * file, then every complete DIR/step_*.h5 newest first (none: a fresh start); anything else -> that

@@ -26,20 +26,22 @@ static void usage(FILE *f) {
                "Every config key (also settable with --set):\n\n");
 }
 
-/* --verify-checkpoint: every dataset read back through its checksum. */
+/* --verify-checkpoint: the integrity digest, the counters' ranges, every dataset read back through
+ * its checksum and checked finite. */
 static int verify(const char *path) {
     if (!path) {
         fprintf(stderr, "moetrain: error: --verify-checkpoint needs a file\n");
         return 2;
     }
     char err[MT_ERRLEN];
-    long long step = 0;
-    int n = 0;
-    if (ckpt_verify(path, &step, &n, err) != MT_OK) {
+    CkptInfo info;
+    if (ckpt_verify(path, &info, err) != MT_OK) {
         fprintf(stderr, "moetrain: error: %s\n", err);
         return 2;
     }
-    printf("%s: ok: step %lld, %d datasets, all checksums valid\n", path, step, n);
+    printf("%s: ok: step %lld, %d datasets, all checksums valid, all values finite, %s\n", path, info.step,
+           info.datasets, info.digest ? "integrity digest (sha256 manifest) matches"
+                                      : "format 1: no integrity digest, metadata not verified");
     return 0;
 }
 

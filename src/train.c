@@ -242,8 +242,9 @@ void trainer_sync_stats(Trainer *t) {
     comm_allreduce_sum(&t->mesh->g_world, m->domain_load, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E, DT_I64);
 }
 
-/* Load the best resumable checkpoint, if any. auto skips (with a warning) candidates that fail to
- * load; an explicit path must load. */
+/* Load the best resumable checkpoint, if any. auto skips (with a warning naming the file, the
+ * reason and the next candidate) candidates that fail to load, including a digest, range or
+ * non-finite failure; an explicit path (checkpoint.resume = PATH) must load. */
 static int resume(Trainer *t, char *err) {
     const Config *c = &t->cfg;
     const Group *world = &t->mesh->g_world;
@@ -259,7 +260,8 @@ static int resume(Trainer *t, char *err) {
         }
         int is_auto = strcmp(c->resume, "auto") == 0;
         if (!is_auto || i == n - 1) rc = MT_ERR; /* err holds this rank's reason (or is empty) */
-        else if (err[0]) fprintf(stderr, "moetrain: warning: skipping checkpoint: %s\n", err);
+        else if (err[0])
+            fprintf(stderr, "moetrain: warning: skipping checkpoint: %s; falling back to %s\n", err, paths[i + 1]);
     }
     free(paths);
     return rc;

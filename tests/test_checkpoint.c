@@ -1,7 +1,9 @@
 /* test_checkpoint.c — HDF5 checkpoints: bit-exact resume, the latest pointer and keep, resume
  * candidates, the stop signal, and every corruption case giving one clear error with nothing
  * overwritten. Single process (MPI singleton: parallel HDF5 over MPI_COMM_SELF). */
+#include <fcntl.h>
 #include <hdf5.h>
+#include <math.h>
 #include <mpi.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -157,7 +159,7 @@ END_TEST
 /* ---- corruption: each case is one clear error, and the good checkpoint is untouched ---- */
 
 static void copy_file(const char *from, const char *to) {
-    char cmd[2 * MT_PATH_MAX + 32];
+    char cmd[2 * MT_PATH_MAX + 256];
     snprintf(cmd, sizeof cmd, "cp '%s' '%s'", from, to);
     ck_assert_int_eq(system(cmd), 0);
 }
@@ -184,10 +186,9 @@ static void expect_load_error(const Config *c, const char *path, const char *wan
     trainer_free(&t);
     ck_assert_msg(rc == MT_ERR, "loading %s should fail (%s)", path, want);
     ck_assert_msg(strstr(err, want) && strstr(err, path), "message '%s' should name the file and say '%s'", err, want);
-    long long step;
-    int n;
+    CkptInfo info;
     char e2[MT_ERRLEN];
-    ck_assert_msg(ckpt_verify(path_of(c, 2), &step, &n, e2) == MT_OK, "the good checkpoint was damaged: %s", e2);
+    ck_assert_msg(ckpt_verify(path_of(c, 2), &info, e2) == MT_OK, "the good checkpoint was damaged: %s", e2);
 }
 
 START_TEST(test_truncated) {
@@ -225,10 +226,9 @@ START_TEST(test_bit_flip_in_dataset) {
     fputc(byte ^ 0x10, fp);
     fclose(fp);
     expect_load_error(&c, bad, "checksum mismatch");
-    long long step;
-    int n;
+    CkptInfo info;
     char err[MT_ERRLEN];
-    ck_assert(ckpt_verify(bad, &step, &n, err) == MT_ERR);
+    ck_assert(ckpt_verify(bad, &info, err) == MT_ERR);
     ck_assert_msg(strstr(err, "q_proj") && strstr(err, "checksum"), "%s", err);
 }
 END_TEST
@@ -242,7 +242,7 @@ START_TEST(test_missing_dataset) {
     hid_t f = H5Fopen(bad, H5F_ACC_RDWR, H5P_DEFAULT);
     ck_assert(H5Ldelete(f, "/optim/v/model.norm.weight", H5P_DEFAULT) >= 0);
     H5Fclose(f);
-    expect_load_error(&c, bad, "dataset /optim/v/model.norm.weight is missing");
+    expect_load_error(&c, bad, "integrity digest mismatch"); /* the manifest lists every dataset */
 }
 END_TEST
 
@@ -279,6 +279,257 @@ START_TEST(test_config_mismatch) {
 }
 END_TEST
 
+/* ---- metadata integrity: the digest, the counters' ranges, dataset types, non-finite values ---- */
+
+/* A copy of the good checkpoint under g_dir/label.h5. */
+static const char *tamper_copy(Config *c, const char *label) {
+    static char bad[MT_PATH_MAX + 64];
+    const char *good = good_checkpoint(c);
+    snprintf(bad, sizeof bad, "%s/%s.h5", g_dir, label);
+    copy_file(good, bad);
+    return bad;
+}
+
+static void set_attr_i64(const char *path, const char *name, long long v) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    ck_assert(f >= 0);
+    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
+    ck_assert_msg(a >= 0 && H5Awrite(a, H5T_NATIVE_LLONG, &v) >= 0, "cannot set %s", name);
+    H5Aclose(a);
+    H5Fclose(f);
+}
+
+/* Store the digest of the file as it is now: the tamper then has to pass the digest, so the
+ * checks behind it (ranges, types, finiteness) are what must catch it. */
+static void restamp(const char *path) {
+    char *text = NULL, hex[65], err[MT_ERRLEN];
+    ck_assert_msg(ckpt_manifest(path, &text, hex, err) == MT_OK, "%s", err);
+    free(text);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t a = H5Aopen(f, "manifest_sha256", H5P_DEFAULT), t = H5Aget_type(a);
+    ck_assert(a >= 0 && H5Awrite(a, t, hex) >= 0);
+    H5Tclose(t);
+    H5Aclose(a);
+    H5Fclose(f);
+}
+
+/* --verify-checkpoint's check must fail too, with want in the message and the file named. */
+static void expect_verify_error(const char *path, const char *want) {
+    CkptInfo info;
+    char err[MT_ERRLEN] = "";
+    ck_assert_msg(ckpt_verify(path, &info, err) == MT_ERR, "verifying %s should fail (%s)", path, want);
+    ck_assert_msg(strstr(err, want) && strstr(err, path), "verify message '%s' should name the file and say '%s'", err, want);
+}
+
+/* One changed attribute value (step, adam_step, data_sequences), plausible or not, fails the digest. */
+START_TEST(test_tamper_attrs_digest) {
+    struct { const char *attr; long long v; } cases[] = {
+        {"step", 1}, {"adam_step", 1}, {"data_sequences", 9}, {"tokens_seen", 1}, {"seed", 7}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        Config c;
+        char label[64];
+        snprintf(label, sizeof label, "attr-%s", cases[i].attr);
+        const char *bad = tamper_copy(&c, label);
+        set_attr_i64(bad, cases[i].attr, cases[i].v);
+        expect_load_error(&c, bad, "integrity digest mismatch");
+        expect_verify_error(bad, "integrity digest mismatch");
+    }
+    Config c; /* the digest itself removed */
+    const char *bad = tamper_copy(&c, "no-digest");
+    hid_t f = H5Fopen(bad, H5F_ACC_RDWR, H5P_DEFAULT);
+    ck_assert(H5Adelete(f, "manifest_sha256") >= 0);
+    H5Fclose(f);
+    expect_load_error(&c, bad, "integrity digest (attribute manifest_sha256) is missing");
+    expect_verify_error(bad, "integrity digest (attribute manifest_sha256) is missing");
+}
+END_TEST
+
+/* Counters out of range behind a valid digest: refused by load and verify (never a CHECK abort). */
+START_TEST(test_tamper_ranges) {
+    struct { const char *attr; long long v; const char *want; } cases[] = {
+        {"adam_step", 3, "adam_step = 3 is inconsistent with step = 2"},
+        {"adam_step", -1, "adam_step = -1 is inconsistent"},
+        {"step", -4, "step = -4 is out of range"},
+        {"data_sequences", -1, "data_sequences = -1 is negative"},
+        {"data_sequences", 3, "data_sequences = 3 is inconsistent with step = 2"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        Config c;
+        char label[64];
+        snprintf(label, sizeof label, "range-%zu", i);
+        const char *bad = tamper_copy(&c, label);
+        set_attr_i64(bad, cases[i].attr, cases[i].v);
+        restamp(bad);
+        expect_load_error(&c, bad, cases[i].want);
+        expect_verify_error(bad, cases[i].want);
+    }
+}
+END_TEST
+
+/* One byte of HDF5 metadata: a dataset's float type turned big-endian in its object header. The
+ * chunk checksums still match (the data bytes are unchanged), so only the digest sees it; behind
+ * a restamped digest the type check refuses it. */
+START_TEST(test_tamper_dataset_type) {
+    Config c;
+    const char *bad = tamper_copy(&c, "type");
+    const char *ds = "/params/model.layers.1.self_attn.q_proj.weight";
+    hid_t f = H5Fopen(bad, H5F_ACC_RDONLY, H5P_DEFAULT);
+    H5O_info_t info;
+    ck_assert(H5Oget_info_by_name(f, ds, &info, H5P_DEFAULT) >= 0);
+    H5Fclose(f);
+    /* datatype message of IEEE float32 LE: version 1 class float, bit fields, size 4 */
+    const unsigned char pat[] = {0x11, 0x20, 0x1f, 0x00, 0x04, 0x00, 0x00, 0x00};
+    unsigned char buf[4096];
+    FILE *fp = fopen(bad, "r+b");
+    fseek(fp, (long)info.addr, SEEK_SET);
+    size_t n = fread(buf, 1, sizeof buf, fp);
+    long at = -1;
+    for (size_t i = 0; i + sizeof pat <= n && at < 0; i++)
+        if (!memcmp(buf + i, pat, sizeof pat)) at = (long)i;
+    ck_assert_msg(at >= 0, "no float32 LE type message found in the object header of %s", ds);
+    fseek(fp, (long)info.addr + at + 1, SEEK_SET);
+    fputc(0x21, fp); /* byte order bit: big-endian */
+    fclose(fp);
+    f = H5Fopen(bad, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t d = H5Dopen2(f, ds, H5P_DEFAULT), t = H5Dget_type(d);
+    ck_assert_int_eq(H5Tget_order(t), H5T_ORDER_BE); /* the tamper took: HDF5 now reads it BE */
+    H5Tclose(t);
+    H5Dclose(d);
+    H5Fclose(f);
+    expect_load_error(&c, bad, "integrity digest mismatch");
+    expect_verify_error(bad, "integrity digest mismatch");
+    restamp(bad);
+    expect_load_error(&c, bad, "q_proj.weight is not stored as IEEE float32 little-endian");
+    expect_verify_error(bad, "q_proj.weight is not stored as IEEE float32 little-endian");
+}
+END_TEST
+
+/* A NaN written into a tensor (HDF5 recomputes the chunk checksum): the digest sees the new chunk
+ * checksum; behind a restamped digest, load and verify name the tensor. */
+START_TEST(test_nonfinite_in_file) {
+    Config c;
+    const char *bad = tamper_copy(&c, "nan");
+    hid_t f = H5Fopen(bad, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t d = H5Dopen2(f, "/optim/v/model.norm.weight", H5P_DEFAULT), fs = H5Dget_space(d);
+    hsize_t start = 3, count = 1;
+    H5Sselect_hyperslab(fs, H5S_SELECT_SET, &start, NULL, &count, NULL);
+    hid_t ms = H5Screate_simple(1, &count, NULL);
+    float nan = NAN;
+    ck_assert(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, &nan) >= 0);
+    H5Sclose(ms);
+    H5Sclose(fs);
+    H5Dclose(d);
+    H5Fclose(f);
+    expect_load_error(&c, bad, "integrity digest mismatch");
+    restamp(bad);
+    expect_load_error(&c, bad, "dataset /optim/v/model.norm.weight holds a non-finite value");
+    expect_verify_error(bad, "non-finite values (NaN or inf) in 1 dataset(s): /optim/v/model.norm.weight");
+}
+END_TEST
+
+/* A trainer holding NaN is never checkpointed: the save fails naming the tensor, nothing is
+ * published and no partial file is left. */
+START_TEST(test_nonfinite_not_saved) {
+    Config c = small("nansave");
+    Trainer t;
+    init(&t, &c);
+    trainer_step(&t);
+    char err[MT_ERRLEN] = "";
+    ck_assert_msg(ckpt_check_dir(c.ckpt_dir, 0, &g_mesh.g_world, err) == MT_OK, "%s", err);
+    t.model.param[0][5] = INFINITY;
+    ck_assert(save_view(&t, c.ckpt_dir, 3, err) == MT_ERR);
+    trainer_free(&t);
+    ck_assert_msg(strstr(err, "non-finite") && strstr(err, "refusing"), "%s", err);
+    char tmp[MT_PATH_MAX + 128];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path_of(&c, 1));
+    ck_assert_int_ne(access(path_of(&c, 1), F_OK), 0);
+    ck_assert_int_ne(access(tmp, F_OK), 0);
+}
+END_TEST
+
+/* A format 1 file (no digest) still loads and verifies, flagged as unverified. */
+START_TEST(test_format1_loads) {
+    Config c;
+    const char *old = tamper_copy(&c, "format1");
+    hid_t f = H5Fopen(old, H5F_ACC_RDWR, H5P_DEFAULT);
+    ck_assert(H5Adelete(f, "manifest_sha256") >= 0);
+    H5Fclose(f);
+    set_attr_i64(old, "format_version", 1);
+    Trainer t;
+    init(&t, &c);
+    char err[MT_ERRLEN];
+    ck_assert_msg(load_view(&t, old, err) == MT_OK, "%s", err);
+    ck_assert_int_eq(t.step, 2);
+    trainer_free(&t);
+    CkptInfo info;
+    ck_assert_msg(ckpt_verify(old, &info, err) == MT_OK, "%s", err);
+    ck_assert_int_eq(info.digest, 0);
+    ck_assert_int_eq(info.version, 1);
+}
+END_TEST
+
+/* Run train_run with stderr captured into buf. */
+static int train_captured(const Config *c, char *err, char *buf, size_t len) {
+    char log[MT_PATH_MAX + 32];
+    snprintf(log, sizeof log, "%s/stderr.log", g_dir);
+    fflush(stderr);
+    int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(fd, 2);
+    close(fd);
+    int rc = train_run(c, &g_mesh, err);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    FILE *f = fopen(log, "r");
+    size_t n = f ? fread(buf, 1, len - 1, f) : 0;
+    buf[n] = 0;
+    if (f) fclose(f);
+    return rc;
+}
+
+/* auto resume: latest names a tampered checkpoint (newer-named than the good one): the run falls
+ * back to the older one saying which file failed and why, trains on, and keep = 1 still keeps
+ * the checkpoint it just published. The same file named explicitly is an error. */
+START_TEST(test_fallback_and_keep) {
+    Config c = small("fallback");
+    Trainer t;
+    init(&t, &c);
+    for (int s = 0; s < 2; s++) {
+        trainer_step(&t);
+        save(&t, 3);
+    }
+    trainer_free(&t);
+    char latest[MT_PATH_MAX + 16], bad5[MT_PATH_MAX], good2[MT_PATH_MAX];
+    snprintf(latest, sizeof latest, "%s/latest", c.ckpt_dir);
+    snprintf(bad5, sizeof bad5, "%.400s/step_00000005.h5", c.ckpt_dir);
+    snprintf(good2, sizeof good2, "%.400s/step_00000002.h5", c.ckpt_dir);
+    copy_file(good2, bad5);
+    set_attr_i64(bad5, "adam_step", 1);
+    FILE *f = fopen(latest, "w");
+    fputs("step_00000005.h5\n", f);
+    fclose(f);
+    Config x = c; /* explicitly named: an error, never a fallback */
+    snprintf(x.resume, sizeof x.resume, "%s", bad5);
+    char err[MT_ERRLEN] = "", log[8192];
+    ck_assert(train_captured(&x, err, log, sizeof log) == MT_ERR);
+    ck_assert_msg(strstr(err, bad5) && strstr(err, "integrity digest mismatch"), "%s", err);
+    ck_assert_msg(!strstr(log, "resumed from"), "%s", log);
+    c.steps = 3;
+    c.keep = 1;
+    ck_assert_msg(train_captured(&c, err, log, sizeof log) == MT_OK, "%s", err);
+    ck_assert_msg(strstr(log, "skipping checkpoint") && strstr(log, bad5) && strstr(log, "integrity digest mismatch") &&
+                  strstr(log, "falling back to") && strstr(log, good2), "stderr: %s", log);
+    CkptInfo info;
+    ck_assert_msg(ckpt_verify(path_of(&c, 3), &info, err) == MT_OK, "the checkpoint just published is gone: %s", err);
+    ck_assert_int_eq(info.step, 3);
+    f = fopen(latest, "r");
+    char name[64] = "";
+    ck_assert(fscanf(f, "%63s", name) == 1);
+    fclose(f);
+    ck_assert_str_eq(name, "step_00000003.h5");
+}
+END_TEST
+
 START_TEST(test_unwritable_dir) {
     char err[MT_ERRLEN];
     ck_assert(ckpt_check_dir("/proc/moetrain-nope", 0, &g_mesh.g_world, err) == MT_ERR);
@@ -312,6 +563,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_resume_other_batch);
     tcase_add_test(tc, test_no_space);
     tcase_add_test(tc, test_latest_keep_candidates);
+    tcase_add_test(tc, test_fallback_and_keep);
     tcase_add_test(tc, test_signal_stops_with_checkpoint);
     tcase_add_test(tc, test_truncated);
     tcase_add_test(tc, test_bit_flip_in_dataset);
@@ -319,6 +571,12 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_wrong_format_version);
     tcase_add_test(tc, test_config_mismatch);
     tcase_add_test(tc, test_unwritable_dir);
+    tcase_add_test(tc, test_tamper_attrs_digest);
+    tcase_add_test(tc, test_tamper_ranges);
+    tcase_add_test(tc, test_tamper_dataset_type);
+    tcase_add_test(tc, test_nonfinite_in_file);
+    tcase_add_test(tc, test_nonfinite_not_saved);
+    tcase_add_test(tc, test_format1_loads);
     suite_add_tcase(s, tc);
     int failed = tu_run_suite(s, 1);
     char cmd[300];
