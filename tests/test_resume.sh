@@ -161,5 +161,16 @@ for case in "pb 1 pp2 -> pp1|" "p1 4 pp1 -> pp2 x tp2|--set parallel.pp=2 --set 
   else bad "$label: final loss '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
 done
 
+# tied embeddings across the pipeline: the first stage writes the one logical tensor
+TIE=(--set model.tie_embeddings=true)
+run_to $T/tie1 8 1 "${TIE[@]}" >/dev/null
+run_to $T/tie2 4 2 "${TIE[@]}" "${PP[@]}" >/dev/null
+mkdir -p $T/tie21; cp $T/tie2/step_00000004.h5 $T/tie21/
+out=$(run_to $T/tie21 8 1 "${TIE[@]}")
+got=$(loss_at $T/tie21.jsonl 8); want=$(loss_at $T/tie1.jsonl 8)
+if "$BIN" --verify-checkpoint $T/tie2/step_00000004.h5 >/dev/null 2>&1 && grep -q "resumed from $T/tie21/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
+  ok "tied embeddings pp2 -> pp1: final loss $got vs uninterrupted np=1 $want"
+else bad "tied pp2 -> pp1: '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
