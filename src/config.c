@@ -84,7 +84,7 @@ static const KeySpec KEYS[] = {
     K_INT("moe", "expert_hidden", expert_hidden, "64", 1, 1048576, "hidden width of each routed expert (SwiGLU)"),
     K_INT("moe", "shared_experts", shared_experts, "0", 0, 64, "always-active shared experts (0 = none)"),
     K_INT("moe", "shared_hidden", shared_hidden, "0", 0, 1048576, "hidden width of each shared expert; 0 = expert_hidden"),
-    K_BOOL("moe", "renormalize", renormalize, "true", "renormalise the top-k router weights to sum to 1"),
+    K_BOOL("moe", "renormalize", renormalize, "true", "renormalise the top-k router weights to sum to 1 (Mixtral); must be false with top_k = 1, where the one weight would always be 1 and the LM loss would train no router (false: Switch Transformer, the expert output scaled by its router probability)"),
     K_FLT("moe", "capacity_factor", capacity_factor, "0", F_GE0, "expert capacity = factor * tokens * top_k / num_experts; 0 = dropless"),
     K_BOOL("moe", "pad_to_capacity", pad_to_capacity, "false", "pad every expert's token batch to its capacity"),
     K_FLT("moe", "lbl_coeff", lbl_coeff, "0.01", F_GE0, "load-balancing loss coefficient"),
@@ -505,6 +505,17 @@ static int check_pad(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, pad, cf, err, "requires moe.capacity_factor > 0 (dropless routing has no capacity to pad to)");
 }
 
+/* top_k = 1 renormalised: the single weight is p / p = 1 whatever the router says, so the LM loss
+ * sends no gradient to the router (only the aux losses would train it). */
+static int check_top1_renorm(const Config *c, const Loc *o, char *err) {
+    if (c->top_k != 1 || !c->renormalize) return MT_OK;
+    const KeySpec *rn = must_key("moe", "renormalize"), *k = must_key("moe", "top_k");
+    return key_fail(c, o, rn, k, err, "must be false with moe.top_k = 1: the renormalised weight of a "
+                    "single expert is always 1, so the LM loss would train no router; set "
+                    "moe.renormalize = false (Switch Transformer: the expert output scaled by its router "
+                    "probability)");
+}
+
 static int check_comm(const Config *c, const Loc *o, char *err) {
     if (c->comm != COMM_NCCL || c->device == DEVICE_CUDA) return MT_OK;
     const KeySpec *comm = must_key("runtime", "comm"), *dev = must_key("runtime", "device");
@@ -610,6 +621,8 @@ static const Rule RULES[] = {
      "pp_virtual; parallel.pp_layers lists pp * pp_virtual positive counts summing to model.n_layers"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_sp_rows,
      "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_top1_renorm,
+     "moe.top_k = 1 requires moe.renormalize = false (a renormalised single weight is always 1: no router gradient from the LM loss)"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_comm, "runtime.comm = nccl requires runtime.device = cuda"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_attention, "runtime.attention = cudnn requires runtime.device = cuda"},

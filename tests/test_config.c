@@ -346,6 +346,9 @@ static const ErrCase RULE_ERRORS[] = {
     {"[moe]\nnum_experts = 8\n", "moe.top_k=9", 1, "[moe] top_k = 9: must be <= moe.num_experts (8)"},
     {NULL, "parallel.ep=3", 1, "[moe] num_experts = 4: must be a multiple of parallel.ep (3)"},
     {"[runtime]\ncomm = nccl\n", NULL, 0, "[runtime] comm = nccl: requires runtime.device = cuda"},
+    {"[moe]\ntop_k = 1\n", NULL, 0, "[moe] renormalize = true: must be false with moe.top_k = 1: the renormalised "
+     "weight of a single expert is always 1, so the LM loss would train no router; set moe.renormalize = false"},
+    {NULL, "moe.top_k=1", 1, "--set moe.top_k=1: [moe] renormalize = true: must be false with moe.top_k = 1"},
     {"[runtime]\nattention = cudnn\n", NULL, 0, "[runtime] attention = cudnn: requires runtime.device = cuda"},
     /* tensor / context / expert-tensor parallelism. A rule's error is located where its first key
      * was set (file or --set), else where the parallel degree was set. */

@@ -244,6 +244,32 @@ START_TEST(test_pad_matches_unpadded) {
 }
 END_TEST
 
+/* top_k = 1: with renormalisation the one weight is p/p = 1 and the LM loss leaves the router
+ * untrained (the config refuses it); without it (Switch Transformer) the gate gets a gradient. */
+static double router_grad_norm_top1(int renorm) {
+    enum { N = 10, C = 6, E = 4 };
+    float x[N * C], r[N * C], y[N * C] = {0}, dx[N * C] = {0};
+    tu_fill_uniform(x, N * C, -1, 1, 51);
+    tu_fill_uniform(r, N * C, -1, 1, 52);
+    Fixture f;
+    fixture_init(&f, N, C, E, 1, 0, 0.0f);
+    f.mc.renorm = renorm;
+    f.mc.lbl_coeff = f.mc.z_coeff = 0; /* the LM-loss path only */
+    moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
+    moe_backward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, &f.s, x, r, dx, N, 1.0f);
+    double g = 0;
+    for (int i = 0; i < E * C; i++) g += (double)f.g_router[i] * f.g_router[i];
+    fixture_free(&f);
+    return sqrt(g);
+}
+
+START_TEST(test_top1_router_gradient) {
+    ck_assert_msg(router_grad_norm_top1(1) == 0.0, "renormalised top-1: expected no router gradient");
+    double g = router_grad_norm_top1(0);
+    ck_assert_msg(g > 1e-3, "top-1 without renormalisation: router gradient norm %g", g);
+}
+END_TEST
+
 START_TEST(test_layer_gradcheck_dropless) { gradcheck_layer(0.0f, 0); }
 END_TEST
 START_TEST(test_layer_gradcheck_shared) { gradcheck_layer(0.0f, 5); }
@@ -260,6 +286,7 @@ int main(void) {
     tcase_add_test(tc, test_plan_pad_to_capacity);
     tcase_add_test(tc, test_pad_matches_unpadded);
     tcase_add_test(tc, test_lbl_and_z_hand_values);
+    tcase_add_test(tc, test_top1_router_gradient);
     tcase_add_test(tc, test_layer_gradcheck_dropless);
     tcase_add_test(tc, test_layer_gradcheck_shared);
     tcase_add_test(tc, test_layer_gradcheck_capacity);

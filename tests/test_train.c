@@ -202,6 +202,7 @@ START_TEST(test_memory_plan_covers_measured) {
     shapes[1].micro_batch_size = 3;
     shapes[2].dense_layers = 0;
     shapes[2].top_k = 1;
+    shapes[2].renormalize = 0;
     shapes[3].capacity_factor = 1.25f;
     shapes[3].pad_to_capacity = 1;
     shapes[4].capacity_factor = 0.5f;
