@@ -45,10 +45,12 @@ typedef struct {
 
 _Static_assert(sizeof(LblScope) == sizeof(int) && sizeof(ShardMode) == sizeof(int) &&
                    sizeof(DataSource) == sizeof(int) && sizeof(DeviceKind) == sizeof(int) &&
-                   sizeof(CommKind) == sizeof(int) && sizeof(PpSchedule) == sizeof(int),
+                   sizeof(CommKind) == sizeof(int) && sizeof(PpSchedule) == sizeof(int) &&
+                   sizeof(DropPolicy) == sizeof(int),
                "enum fields are stored as int");
 
 static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", NULL};
+static const char *const DROP_NAMES[] = {"probs", "position", NULL};
 static const char *const SHARD_NAMES[] = {"none", "optimizer", "full", NULL};
 static const char *const SOURCE_NAMES[] = {"synthetic", "file", NULL};
 static const char *const DEVICE_NAMES[] = {"cpu", "cuda", NULL};
@@ -87,6 +89,7 @@ static const KeySpec KEYS[] = {
     K_BOOL("moe", "renormalize", renormalize, "true", "renormalise the top-k router weights to sum to 1 (Mixtral); must be false with top_k = 1, where the one weight would always be 1 and the LM loss would train no router (false: Switch Transformer, the expert output scaled by its router probability)"),
     K_FLT("moe", "capacity_factor", capacity_factor, "0", F_GE0, "expert capacity = factor * tokens * top_k / num_experts; 0 = dropless"),
     K_BOOL("moe", "pad_to_capacity", pad_to_capacity, "false", "pad every expert's token batch to its capacity"),
+    K_ENUM("moe", "drop_policy", drop_policy, "probs", DROP_NAMES, "which assignments an expert over capacity drops: probs = the lowest router weight first (the weight the token actually uses: after renormalisation, without the expert bias), position = the latest tokens of the micro-batch first (GShard)"),
     K_FLT("moe", "lbl_coeff", lbl_coeff, "0.01", F_GE0, "load-balancing loss coefficient"),
     K_ENUM("moe", "lbl_scope", lbl_scope, "micro_batch", LBL_NAMES, "token statistics of the load-balancing loss: per micro-batch or per global batch"),
     K_FLT("moe", "z_coeff", z_coeff, "0.001", F_GE0, "router z-loss coefficient"),

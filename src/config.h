@@ -16,6 +16,7 @@
 #define MT_PATH_MAX 512
 
 typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1 } LblScope;
+typedef enum { DROP_PROBS = 0, DROP_POSITION = 1 } DropPolicy;
 typedef enum { SHARD_NONE = 0, SHARD_OPTIMIZER = 1, SHARD_FULL = 2 } ShardMode;
 typedef enum { DATA_SYNTHETIC = 0, DATA_FILE = 1 } DataSource;
 typedef enum { DEVICE_CPU = 0, DEVICE_CUDA = 1 } DeviceKind;
@@ -48,6 +49,7 @@ typedef struct Config {
     int renormalize;       /* renormalise the top-k weights to sum to 1 */
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
+    DropPolicy drop_policy;
     float lbl_coeff;
     LblScope lbl_scope;
     float z_coeff;

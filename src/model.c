@@ -98,7 +98,7 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->cp = mp && mp->cp ? mp->cp : &m->solo;
     m->tok_group = mp ? mp->tokens : &m->solo;
     m->d = dims_from_config(c, mp ? &mp->split : NULL);
-    m->mc = (MoeConfig){.renorm = c->renormalize, .capacity_factor = c->capacity_factor,
+    m->mc = (MoeConfig){.renorm = c->renormalize, .drop_policy = c->drop_policy, .capacity_factor = c->capacity_factor,
                         .pad_to_capacity = c->pad_to_capacity, .lbl_coeff = c->lbl_coeff,
                         .z_coeff = c->z_coeff};
     m->eps = c->norm_eps;

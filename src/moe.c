@@ -29,7 +29,7 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeC
     a->plan.offs = mt_calloc(d->E + 1, sizeof(int));
     a->plan.count = mt_calloc(d->E, sizeof(int64_t));
     a->idx_host = mt_calloc(nk, sizeof(int32_t));
-    a->probs_host = mt_calloc((size_t)n * d->E, sizeof(float));
+    a->w_host = mt_calloc(nk, sizeof(float));
     a->f = mt_calloc(d->E, sizeof(float));
     dispatcher_init(&a->disp, ep, k, d->E, d->C);
     etp_init(&a->etpx, etp, k, d->El);
@@ -163,7 +163,7 @@ void moe_acts_free(MoeActs *a, const Kernels *k) {
     free(a->plan.offs);
     free(a->plan.count);
     free(a->idx_host);
-    free(a->probs_host);
+    free(a->w_host);
     free(a->f);
     memset(a, 0, sizeof *a);
 }
@@ -259,10 +259,11 @@ static int cand_by_prob(const void *a, const void *b) {
 
 static int int_cmp(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
 
-/* Keep the `capacity` highest-probability slots of one expert's candidates, in token order. */
-static int keep_top(Cand *c, int nc, int capacity, int *out) {
+/* Keep `capacity` of one expert's candidates (given in token order), returned in token order:
+ * the highest-weight ones (DROP_PROBS) or the first ones (DROP_POSITION). */
+static int keep_top(Cand *c, int nc, int capacity, int policy, int *out) {
     if (capacity > 0 && nc > capacity) {
-        qsort(c, nc, sizeof *c, cand_by_prob);
+        if (policy == DROP_PROBS) qsort(c, nc, sizeof *c, cand_by_prob);
         nc = capacity;
     }
     for (int i = 0; i < nc; i++) out[i] = c[i].slot;
@@ -275,8 +276,8 @@ size_t moe_plan_rows(int n, int e, int k, int capacity, int pad) {
     return pad && capacity > 0 && padded > kept ? padded : kept;
 }
 
-void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
-                    int capacity, int pad) {
+void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *weights, int n, int e, int k,
+                    int capacity, int pad, int policy) {
     memset(p->count, 0, e * sizeof *p->count);
     for (int s = 0; s < n * k; s++) p->count[idx[s]]++;
     Cand *cand = mt_calloc((size_t)n * k, sizeof *cand);
@@ -285,13 +286,13 @@ void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n,
     int *fill = mt_calloc(e, sizeof *fill);
     for (int s = 0; s < n * k; s++) { /* bucket by expert, ascending slot */
         int x = idx[s];
-        cand[start[x] + fill[x]++] = (Cand){s, probs[(size_t)(s / k) * e + x]};
+        cand[start[x] + fill[x]++] = (Cand){s, weights[s]};
     }
     p->m = 0;
     p->offs[0] = 0;
     int kept = 0;
     for (int x = 0; x < e; x++) {
-        int got = keep_top(cand + start[x], (int)p->count[x], capacity, p->slots + p->m);
+        int got = keep_top(cand + start[x], (int)p->count[x], capacity, policy, p->slots + p->m);
         kept += got;
         p->m += got;
         for (; pad && capacity > 0 && got < capacity; got++) p->slots[p->m++] = -1;
@@ -331,9 +332,9 @@ static void route(const Kernels *k, const ModelDims *d, const MoeConfig *mc, con
     k->router_topk_fwd(a->probs, a->idx, a->weights, a->logits, n, d->E, d->K, mc->renorm);
     k->router_stats(a->psum, &a->zsum, a->probs, a->logits, n, d->E);
     k->to_host(a->idx_host, a->idx, (size_t)n * d->K * sizeof(int32_t));
-    k->to_host(a->probs_host, a->probs, (size_t)n * d->E * sizeof(float));
-    moe_plan_build(&a->plan, a->idx_host, a->probs_host, n, d->E, d->K,
-                   moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity);
+    k->to_host(a->w_host, a->weights, (size_t)n * d->K * sizeof(float));
+    moe_plan_build(&a->plan, a->idx_host, a->w_host, n, d->E, d->K,
+                   moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity, mc->drop_policy);
 }
 
 /* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */

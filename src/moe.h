@@ -3,7 +3,10 @@
  *
  * Forward, for N tokens x (N, C) (the post-attention RMSNorm output):
  *   logits = x Wg^T (N,E) fp32 -> softmax -> top-k (idx, weights (N,K), optional renorm)
- *   plan   = assignments sorted by expert (then token), capacity applied (dropped: lowest prob first)
+ *   plan   = assignments sorted by expert (then token), capacity applied (moe.drop_policy: probs
+ *            drops the lowest combine weight first, the weight the token actually uses, after
+ *            renormalisation and never the bias-adjusted selection score; position drops the
+ *            latest tokens of the batch first, as GShard)
  *   xp     = gather(x) (M,C)                                  permute: no communication
  *   xe     = dispatch(xp) (Me,C), grouped by this rank's experts      [dispatch.h: all-to-all]
  *   ab = grouped(xe, w13) (Me,2Fe) -> h = silu(a)*b (Me,Fe) -> ye = grouped(h, w2) (Me,C)
@@ -85,7 +88,7 @@ typedef struct MoeActs {
     Dispatcher disp;                 /* this layer's exchange (counts kept for the backward) */
     const int *eoffs;                /* (El+1) host: expert-side offsets (disp.recv_offs or plan.offs) */
     int32_t *idx_host;               /* (N,K) host copy for the plan */
-    float *probs_host;               /* (N,E) host copy, for capacity ordering */
+    float *w_host;                   /* (N,K) host copy of the weights, for capacity ordering */
     float *psum;                     /* (E) backend: sum_n probs[n,e] */
     double zsum;                     /* sum_n lse_n^2 */
     float *f;                        /* (E) host: load fractions used by the LBL */
@@ -108,6 +111,7 @@ typedef struct MoeScratch {
 
 typedef struct MoeConfig {
     int renorm;
+    int drop_policy;       /* DropPolicy (config.h) */
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
     float lbl_coeff, z_coeff;
@@ -139,11 +143,12 @@ size_t moe_beyond_plan_bytes(void);
 
 /* Capacity per expert for n tokens (0 = unlimited / dropless). */
 int moe_capacity(float cf, int n, int k, int e);
-/* Build the plan from idx/probs (host) for n tokens. Dropping keeps the highest-probability
- * assignments of an overfull expert (ties: lower token first). pad: give every expert exactly
- * `capacity` rows, the unused ones padding (static shapes; needs capacity > 0). */
-void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
-                    int capacity, int pad);
+/* Build the plan from idx and weights (host, (n,k) each: the combine weight of every slot) for n
+ * tokens. An overfull expert keeps, by policy (DropPolicy), its highest-weight assignments (ties:
+ * lower token first) or its first ones in token order. pad: give every expert exactly `capacity`
+ * rows, the unused ones padding (static shapes; needs capacity > 0). */
+void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *weights, int n, int e, int k,
+                    int capacity, int pad, int policy);
 /* Rows a plan can need for n tokens: n*k, or e*capacity when padding. */
 size_t moe_plan_rows(int n, int e, int k, int capacity, int pad);
 

@@ -17,7 +17,7 @@ START_TEST(test_plan_dropless_keeps_all) {
     int slots[8], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0);
+    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 8);
     ck_assert_int_eq(p.dropped, 0);
     ck_assert_int_eq(count[0], 3);
@@ -30,16 +30,16 @@ START_TEST(test_plan_dropless_keeps_all) {
 }
 END_TEST
 
-/* Every token picks expert 0 (K=1, E=2, N=4): capacity ceil(1.0*4*1/2) = 2 keeps the two most
- * probable tokens; the other two are dropped. Equal probabilities keep the lower token. */
+/* Every token picks expert 0 (K=1, E=2, N=4): capacity ceil(1.0*4*1/2) = 2 keeps the two
+ * highest-weight tokens; the other two are dropped. Equal weights keep the lower token. */
 START_TEST(test_plan_capacity_drops_lowest_prob) {
     int32_t idx[] = {0, 0, 0, 0};
-    float probs[] = {0.6f, 0.4f, 0.9f, 0.1f, 0.55f, 0.45f, 0.9f, 0.1f};
+    float probs[] = {0.6f, 0.9f, 0.55f, 0.9f}; /* the weight of each slot */
     int slots[4], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_capacity(1.0f, 4, 1, 2), 2);
-    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0);
+    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 1); /* p=0.9, token 1 */
@@ -53,12 +53,12 @@ END_TEST
 /* Padding to capacity: every expert gets exactly `capacity` rows; unused ones are -1. */
 START_TEST(test_plan_pad_to_capacity) {
     int32_t idx[] = {0, 0, 0, 1}; /* N=4, K=1, E=3, capacity 2: expert 0 overflows, 2 is empty */
-    float probs[] = {0.5f, 0.3f, 0.2f, 0.6f, 0.2f, 0.2f, 0.7f, 0.2f, 0.1f, 0.1f, 0.8f, 0.1f};
+    float probs[] = {0.5f, 0.6f, 0.7f, 0.8f};
     int slots[6], offs[4];
     int64_t count[3];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_plan_rows(4, 3, 1, 2, 1), 6);
-    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1);
+    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1, DROP_PROBS);
     ck_assert_int_eq(p.m, 6);
     ck_assert_int_eq(p.dropped, 1); /* token 0 (p = 0.5) loses to tokens 1 and 2 */
     int want[] = {1, 2, 3, -1, -1, -1};
@@ -71,14 +71,32 @@ END_TEST
 
 START_TEST(test_plan_capacity_tie_lower_token) {
     int32_t idx[] = {1, 1, 1};
-    float probs[] = {0.3f, 0.7f, 0.3f, 0.7f, 0.3f, 0.7f};
+    float probs[] = {0.7f, 0.7f, 0.7f};
     int slots[3], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0);
+    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
+}
+END_TEST
+
+/* GShard's position policy: the first tokens keep their place, whatever the weights say. */
+START_TEST(test_plan_position_drops_latest) {
+    int32_t idx[] = {0, 0, 0, 0};
+    float w[] = {0.1f, 0.2f, 0.9f, 0.8f};
+    int slots[4], offs[3];
+    int64_t count[2];
+    RoutePlan p = {.slots = slots, .offs = offs, .count = count};
+    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_POSITION);
+    ck_assert_int_eq(p.m, 2);
+    ck_assert_int_eq(p.dropped, 2);
+    ck_assert_int_eq(slots[0], 0);
+    ck_assert_int_eq(slots[1], 1);
+    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_PROBS); /* the same input by weight */
+    ck_assert_int_eq(slots[0], 2);
+    ck_assert_int_eq(slots[1], 3);
 }
 END_TEST
 
@@ -270,6 +288,29 @@ START_TEST(test_top1_router_gradient) {
 }
 END_TEST
 
+/* Dropping ranks by the weight a token uses, not its raw probability. E=3, K=2, capacity 1,
+ * identity router (logits = x = log p): token 0 p = (0.3, 0.2, 0.5) picks {2, 0}, renormalised
+ * weight of expert 0 = 0.3/0.8 = 0.375; token 1 p = (0.35, 0.65, ~0) picks {1, 0}, weight 0.35.
+ * By raw probability token 1 (0.35 > 0.3) would win expert 0; by the weight used, token 0 does. */
+START_TEST(test_drop_by_used_weight) {
+    enum { N = 2, C = 3, E = 3 };
+    float x[N * C] = {logf(0.3f), logf(0.2f), logf(0.5f), logf(0.35f), logf(0.65f), -20.0f};
+    float y[N * C] = {0};
+    Fixture f;
+    fixture_init(&f, N, C, E, 2, 0, 0.7f);
+    ck_assert_int_eq(moe_capacity(0.7f, N, 2, E), 1);
+    memset(f.router, 0, sizeof(float) * E * C);
+    for (int i = 0; i < E; i++) f.router[i * C + i] = 1.0f;
+    moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
+    const RoutePlan *p = &f.a.plan;
+    ck_assert_int_eq(p->count[0], 2);
+    ck_assert_int_eq(p->offs[1] - p->offs[0], 1);
+    ck_assert_int_eq(p->slots[p->offs[0]] / 2, 0); /* token 0 keeps expert 0 */
+    ck_assert_int_eq(p->dropped, 1);
+    fixture_free(&f);
+}
+END_TEST
+
 START_TEST(test_layer_gradcheck_dropless) { gradcheck_layer(0.0f, 0); }
 END_TEST
 START_TEST(test_layer_gradcheck_shared) { gradcheck_layer(0.0f, 5); }
@@ -284,6 +325,8 @@ int main(void) {
     tcase_add_test(tc, test_plan_capacity_drops_lowest_prob);
     tcase_add_test(tc, test_plan_capacity_tie_lower_token);
     tcase_add_test(tc, test_plan_pad_to_capacity);
+    tcase_add_test(tc, test_plan_position_drops_latest);
+    tcase_add_test(tc, test_drop_by_used_weight);
     tcase_add_test(tc, test_pad_matches_unpadded);
     tcase_add_test(tc, test_lbl_and_z_hand_values);
     tcase_add_test(tc, test_top1_router_gradient);
