@@ -478,7 +478,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(norm_eps); EQ(init_std);
     EQ(num_experts); EQ(top_k); EQ(expert_hidden); EQ(shared_experts); EQ(shared_hidden);
     EQ(renormalize); EQ(capacity_factor); EQ(pad_to_capacity); EQ(lbl_coeff); EQ(lbl_scope);
-    EQ(z_coeff);
+    EQ(z_coeff); EQ(drop_policy);
     EQ(tp); EQ(cp); EQ(etp); EQ(ep); EQ(pp); EQ(pp_schedule); EQ(pp_virtual); EQS(pp_layers);
     EQ(steps); EQ(seed); EQ(micro_batch_size); EQ(grad_accum_steps); EQ(max_skipped_steps);
     EQ(lr); EQ(min_lr); EQ(warmup_steps); EQ(decay_steps); EQ(beta1); EQ(beta2); EQ(eps);
@@ -520,7 +520,7 @@ START_TEST(t_round_trip_everything_changed) {
         "model.dense_layers=1", "model.tie_embeddings=yes", "model.rope_theta=500000",
         "model.norm_eps=1e-6", "model.init_std=0.0123456789", "moe.num_experts=8", "moe.top_k=3",
         "moe.expert_hidden=48", "moe.shared_experts=1", "moe.shared_hidden=80",
-        "moe.renormalize=off", "moe.capacity_factor=1.25", "moe.pad_to_capacity=on",
+        "moe.renormalize=off", "moe.capacity_factor=1.25", "moe.pad_to_capacity=on", "moe.drop_policy=position",
         "moe.lbl_coeff=0.02", "moe.lbl_scope=global_batch", "moe.z_coeff=0.0001", "parallel.tp=2",
         "parallel.cp=2", "parallel.etp=4", "parallel.ep=4", "parallel.pp=1", "train.steps=7",
         "train.seed=18446744073709551615", "train.micro_batch_size=3", "train.grad_accum_steps=5",
