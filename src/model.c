@@ -47,14 +47,23 @@ static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int 
         a->ab = k->alloc(nc * 2 * f * F32);
         a->h = k->alloc(nc * f * F32);
     }
-    if (lp->is_moe) moe_acts_alloc(&a->moe, k, d, &m->mc, (int)n, m->ep, m->etp);
+    if (lp->is_moe) {
+        moe_acts_alloc(&a->moe, k, d, &m->mc, (int)n, m->ep, m->etp);
+        if (m->mc.seq_aux_coeff > 0) {
+            a->moe.fseq = mt_calloc((size_t)b * d->E, sizeof(float));
+            a->moe.row_seq = m->row_seq;
+        }
+    }
 }
 
 static void layer_acts_free(Model *m, LayerActs *a, const LayerParams *lp) {
     float *p[] = {a->ln1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->res_mid, a->ln2, a->rstd2, a->ab, a->h};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) m->k->free(p[i]);
-    if (lp->is_moe) moe_acts_free(&a->moe, m->k);
+    if (lp->is_moe) {
+        free(a->moe.fseq);
+        moe_acts_free(&a->moe, m->k);
+    }
 }
 
 static int max_ffn_width(const ModelDims *d) { return d->Fl > d->Fsl ? d->Fl : d->Fsl; }
@@ -98,7 +107,11 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->cp = mp && mp->cp ? mp->cp : &m->solo;
     m->tok_group = mp ? mp->tokens : &m->solo;
     m->d = dims_from_config(c, mp ? &mp->split : NULL);
-    m->mc = (MoeConfig){.renorm = c->renormalize, .drop_policy = c->drop_policy, .capacity_factor = c->capacity_factor,
+    m->mc = (MoeConfig){.renorm = c->renormalize, .drop_policy = c->drop_policy,
+                        .score = c->score, .routed_scale = c->routed_scale, .bias = c->expert_bias_rate > 0,
+                        .seq_aux_coeff = c->seq_aux_coeff, .groups = c->groups,
+                        .groups_per_token = c->groups_per_token, .group_select = c->group_select,
+                        .capacity_factor = c->capacity_factor,
                         .pad_to_capacity = c->pad_to_capacity, .lbl_coeff = c->lbl_coeff,
                         .z_coeff = c->z_coeff};
     m->eps = c->norm_eps;
@@ -115,6 +128,7 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->tokens = k->alloc(nc * sizeof(int32_t));
     m->targets = k->alloc(nc * sizeof(int32_t));
     m->row_dom = mt_calloc(n, sizeof(int32_t));
+    m->row_seq = mt_calloc(n, sizeof(int32_t));
     m->res = mt_calloc(d->L + 1, sizeof *m->res);
     for (int l = 0; l <= d->L; l++) m->res[l] = k->alloc(n * d->C * F32);
     m->la = mt_calloc(d->L, sizeof *m->la);
@@ -125,6 +139,7 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     scratch_alloc(m, max_seqs);
     m->load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->lbl_acc = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
+    m->step_load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->domain_load = mt_calloc((size_t)d->L * DATA_N_DOMAINS * d->E, sizeof(int64_t));
 }
 
@@ -137,6 +152,8 @@ void model_free(Model *m) {
     k->free(m->tokens);
     k->free(m->targets);
     free(m->row_dom);
+    free(m->row_seq);
+    free(m->step_load);
     for (int l = 0; l <= m->d.L; l++) k->free(m->res[l]);
     for (int l = 0; l < m->d.L; l++) layer_acts_free(m, &m->la[l], &m->pl.layers[l]);
     free(m->res);
@@ -174,7 +191,17 @@ void model_reset_stats(Model *m) {
     memset(m->domain_load, 0, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E * sizeof(int64_t));
 }
 
-void model_reset_lbl(Model *m) { memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t)); }
+void model_reset_lbl(Model *m) {
+    memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
+    memset(m->step_load, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
+}
+
+void model_bias_deltas(Model *m, const Group *g, float rate, float *delta) {
+    const ModelDims *d = &m->d;
+    comm_allreduce_sum(g, m->step_load, (size_t)d->L * d->E, DT_I64);
+    for (int l = 0; l < d->L; l++)
+        moe_bias_delta(delta + (size_t)l * d->E, m->step_load + (size_t)l * d->E, d->E, rate);
+}
 
 size_t model_activation_bytes(const Model *m) {
     return model_activation_bytes_plan(&m->pl, m->max_seqs, &m->mc);
@@ -292,6 +319,7 @@ static MoeWeights moe_weights(Model *m, const LayerParams *lp) {
     MoeWeights w = {
         .router = P(m, lp->router), .ex_w13 = pe + lp->ex_w13, .ex_w2 = pe + lp->ex_w2,
         .d_router = G(m, lp->router), .d_ex_w13 = ge + lp->ex_w13, .d_ex_w2 = ge + lp->ex_w2,
+        .bias = m->d.ebias ? P(m, lp->ebias) : NULL,
     };
     return w;
 }
@@ -346,9 +374,26 @@ static void lbl_fractions(Model *m, int l, MoeActs *a) {
     } /* micro_batch: moe_forward already set f from this micro-batch's counts */
 }
 
+/* DeepSeek-V3's f of the sequence-wise balance loss, over whole sequences: this rank's rows'
+ * choices per sequence, summed over the tp and cp ranks holding the other pieces. */
+static void seq_fractions(Model *m, MoeActs *a, int n) {
+    const ModelDims *d = &m->d;
+    int b = m->b, E = d->E, K = d->K;
+    int64_t *cnt = mt_calloc((size_t)b * E, sizeof *cnt);
+    for (int s = 0; s < n * K; s++) cnt[(size_t)m->row_seq[s / K] * E + a->idx_host[s]]++;
+    comm_allreduce_sum(m->tp, cnt, (size_t)b * E, DT_I64);
+    comm_allreduce_sum(m->cp, cnt, (size_t)b * E, DT_I64);
+    for (size_t i = 0; i < (size_t)b * E; i++) a->fseq[i] = (float)((double)E * cnt[i] / ((double)K * d->T));
+    a->nseq = b;
+    free(cnt);
+}
+
 static void record_load(Model *m, int l, const MoeActs *a, int n) {
     const ModelDims *d = &m->d;
-    for (int x = 0; x < d->E; x++) m->load[(size_t)l * d->E + x] += a->plan.count[x];
+    for (int x = 0; x < d->E; x++) {
+        m->load[(size_t)l * d->E + x] += a->plan.count[x];
+        m->step_load[(size_t)l * d->E + x] += a->plan.count[x];
+    }
     for (int s = 0; s < n * d->K; s++) {
         int dom = m->row_dom[s / d->K];
         if (dom < 0 || dom >= DATA_N_DOMAINS) continue;
@@ -385,6 +430,10 @@ static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st,
     moe_aux_losses(m->k, d, &a->moe, n, &lbl, &z);
     st->lbl += lbl;
     st->z += z;
+    if (m->mc.seq_aux_coeff > 0) {
+        seq_fractions(m, &a->moe, n);
+        st->seq += moe_seq_aux(d, &a->moe, n);
+    }
     st->dropped += a->moe.plan.dropped;
     st->assignments += (int64_t)n * d->K;
 }
@@ -408,6 +457,7 @@ static void load_tokens(Model *m, const int32_t *tokens, const int32_t *domains,
     for (int r = 0; r < n; r++) { /* residual row r is local token tp_r*n + r */
         int row = d->tp_r * n + r;
         m->row_dom[r] = domains ? domains[(row / Tc) % b] : -1;
+        m->row_seq[r] = (row / Tc) % b;
     }
     m->k->from_host(m->tokens, in, nc * sizeof *in);
     m->k->from_host(m->targets, tg, nc * sizeof *tg);

@@ -89,6 +89,7 @@ typedef struct Model {
     int b;                 /* sequences of the current micro-batch */
     int32_t *tokens, *targets; /* backend (Nc): inputs (vocabulary-slice ids, -1 outside), targets */
     int32_t *row_dom;      /* host (n): data domain of each residual row */
+    int32_t *row_seq;      /* host (n): sequence of the micro-batch of each residual row */
     float **res;           /* (L+1) residual stream (n,C) */
     LayerActs *la;         /* (L) */
     float *lnf, *rstdf, *logits; /* (n,C) (n) (Nc,Vl) */
@@ -106,6 +107,7 @@ typedef struct Model {
 
     int64_t *load;     /* (L,E) host: tokens routed per expert, accumulated since model_reset_stats */
     int64_t *lbl_acc;  /* (L,E) host: counts for the global_batch LBL scope in the current step */
+    int64_t *step_load; /* (L,E) host: this rank's routed counts in the current step (expert bias) */
     int64_t *domain_load; /* (L,DATA_N_DOMAINS,E) host */
 } Model;
 
@@ -114,6 +116,7 @@ typedef struct MicroStats {
     double lm_sum;   /* sum of per-token cross-entropy */
     int64_t tokens;  /* tokens with a target */
     double lbl, z;   /* sum over MoE layers of this micro-batch's LBL and z-loss (unscaled) */
+    double seq;      /* and of the sequence-wise balance loss (moe.seq_aux_coeff > 0; moe.h) */
     int64_t dropped, assignments;
 } MicroStats;
 
@@ -126,6 +129,10 @@ void model_zero_grads(Model *m);
 /* Reset load statistics (start of a log interval) and the LBL accumulation (start of a step). */
 void model_reset_stats(Model *m);
 void model_reset_lbl(Model *m);
+/* Aux-loss-free balancing (moe.expert_bias_rate): sum this step's routed counts over g (the ranks
+ * holding the step's other tokens: collective), then delta (L,E) = each layer's bias step
+ * (moe_bias_delta). Every rank gets the same delta; the caller adds it to the bias tensors. */
+void model_bias_deltas(Model *m, const Group *g, float rate, float *delta);
 
 /* tokens (B, T+1) host int32: inputs tokens[:, :T], targets tokens[:, 1:]. domains (B) host or NULL.
  * Runs forward + backward for B <= max_seqs sequences, accumulating gradients. */

@@ -89,6 +89,16 @@ typedef struct MoeActs {
     const int *eoffs;                /* (El+1) host: expert-side offsets (disp.recv_offs or plan.offs) */
     int32_t *idx_host;               /* (N,K) host copy for the plan */
     float *w_host;                   /* (N,K) host copy of the weights, for capacity ordering */
+    /* the host router (moe_host_router: sigmoid scores, expert bias, groups, routed scale,
+     * sequence-wise aux loss), host (N,E) each, NULL otherwise: logits, scores s (softmax or
+     * sigmoid), probs p (s normalised over all experts: what the balance losses see) */
+    float *lg_host, *s_host, *p_host;
+    /* sequence-wise aux loss (seq_aux_coeff > 0): set by the caller after moe_forward (model.c,
+     * which knows the sequences): row_seq (N) sequence of each row, fseq (nseq,E) the
+     * DeepSeek-V3 f_{s,e} = E/(K T) * tokens of sequence s that chose e (whole sequences) */
+    const int32_t *row_seq;
+    float *fseq;
+    int nseq;
     float *psum;                     /* (E) backend: sum_n probs[n,e] */
     double zsum;                     /* sum_n lse_n^2 */
     float *f;                        /* (E) host: load fractions used by the LBL */
@@ -112,15 +122,22 @@ typedef struct MoeScratch {
 typedef struct MoeConfig {
     int renorm;
     int drop_policy;       /* DropPolicy (config.h) */
+    int score;             /* ScoreFunc (config.h): softmax or sigmoid (DeepSeek-V3) */
+    float routed_scale;    /* routed output scale (DeepSeek-V3 routed_scaling_factor); 1 = none (set it) */
+    int bias;              /* an expert bias is added to the selection scores (aux-loss-free balancing) */
+    float seq_aux_coeff;   /* DeepSeek-V3 sequence-wise balance loss; 0 = off */
+    int groups, groups_per_token, group_select; /* group-limited routing (GroupSelect, config.h) */
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
     float lbl_coeff, z_coeff;
 } MoeConfig;
 
-/* Weight pointers of one layer (views into the flat buffers). */
+/* Weight pointers of one layer (views into the flat buffers). bias: (E) expert bias of the
+ * selection scores, or NULL (non-trainable: no gradient). */
 typedef struct MoeWeights {
     const float *router, *ex_w13, *ex_w2;
     float *d_router, *d_ex_w13, *d_ex_w2;
+    const float *bias;
 } MoeWeights;
 
 /* ep: the expert-parallel group (size 1: no dispatch); etp: the expert tensor-parallel group. */
@@ -155,6 +172,21 @@ size_t moe_plan_rows(int n, int e, int k, int capacity, int pad);
 /* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). Collective over ep. */
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n);
+/* Whether this configuration routes on the host (any of the DeepSeek-V3 / group options): the
+ * Kernels router ops cover softmax top-k only. */
+int moe_host_router(const MoeConfig *mc);
+/* Sequence-wise balance loss value of a forward (unscaled; needs a->fseq):
+ * sum_rows sum_e fseq[seq(row), e] * p[row, e] / n. Summed over the ranks holding pieces of the
+ * sequences (and averaged like the LBL) it is DeepSeek-V3's mean over sequences of sum_e f_e P_e. */
+double moe_seq_aux(const ModelDims *d, const MoeActs *a, int n);
+/* The expert-bias step (DeepSeek-V3): bias_e += rate * sign(mean load - load_e), given the loads
+ * (E) of the whole global batch (identical on every rank, so the update is too). delta (E) out. */
+void moe_bias_delta(float *delta, const int64_t *load, int e, float rate);
+/* Selection (host, one token): top-k of sel (E) into idx (K, descending), optionally limited to
+ * the token's groups_per_token best groups (by the sum of each group's top-2 scores), or, with
+ * group_select = balanced, exactly k/groups experts in every group (Pangu MoGE). */
+void moe_select(int32_t *idx, const float *sel, int e, int k, const MoeConfig *mc);
+
 /* LBL fractions f (E) from counts: f_e = count_e / sum(count). */
 void moe_lbl_fractions(float *f, const int64_t *count, int e);
 /* Sum per-expert counts (E) over the ranks that hold other tokens of the step (collective). */

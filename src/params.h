@@ -32,7 +32,7 @@
 #include "config.h"
 
 typedef enum { PBUF_DENSE = 0, PBUF_EXPERT = 1, PBUF_TP = 2, PBUF_COUNT = 3 } ParamBuf;
-typedef enum { INIT_NORMAL = 0, INIT_ONES = 1 } InitKind;
+typedef enum { INIT_NORMAL = 0, INIT_ONES = 1, INIT_ZEROS = 2 } InitKind;
 /* The group a tensor is split over. */
 typedef enum { SPLIT_NONE = 0, SPLIT_TP = 1, SPLIT_ETP = 2 } SplitGroup;
 
@@ -47,6 +47,7 @@ typedef struct ParamInfo {
     int split_dim;         /* -1 not split, 0 rows, 1 columns */
     SplitGroup split;      /* the group it is split over */
     int decay; /* weight decay applies (matrices yes, norms no) */
+    int frozen; /* model state, not trained (the expert bias): AdamW skips it, its gradient stays 0 */
     InitKind init;
     float std;
 } ParamInfo;
@@ -59,6 +60,7 @@ typedef struct LayerParams {
     size_t ln1, q, k, v, o, ln2;   /* dense */
     size_t mlp_w13, mlp_w2;        /* dense FFN (dense layers): (2F, C), (C, F) */
     size_t router;                 /* dense: (E, C) */
+    size_t ebias;                  /* dense, frozen: (E) expert bias (d.ebias; else 0) */
     size_t ex_w13, ex_w2;          /* expert buffer: (E, 2Fe, C), (E, C, Fe) */
     size_t sh_w13, sh_w2;          /* dense: shared experts fused: (2*S*Fs, C), (C, S*Fs) */
 } LayerParams;
@@ -69,6 +71,7 @@ typedef struct ModelDims {
     int E, K, Fe, Fs;             /* Fs: total shared width = shared_experts * shared_hidden */
     int El, e0;                   /* experts held by this rank: [e0, e0 + El) (El = E / ep) */
     int dense_layers, tie;
+    int ebias;                    /* MoE layers hold an expert bias (moe.expert_bias_rate > 0) */
     /* tensor parallelism: tp, this rank's tp index; expert tensor parallelism: etp, its index;
      * context parallelism: cp, its index (tokens only: no parameter is split over cp) */
     int tp, tp_r, etp, etp_r, cp, cp_r;

@@ -131,6 +131,47 @@ START_TEST(test_capacity_drop_fraction) {
 }
 END_TEST
 
+/* Aux-loss-free balancing: after a step each expert's bias moved by rate * sign(mean load - load)
+ * of that step's loads; the bias sits in the layout frozen (AdamW leaves it, no gradient), and
+ * skews the next selection toward the under-loaded experts. */
+START_TEST(test_expert_bias_step) {
+    Config c = small_config();
+    c.expert_bias_rate = 0.01f;
+    Trainer t;
+    char err[MT_ERRLEN];
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    int l = c.dense_layers, E = c.num_experts;
+    int ti = params_find(&t.model.pl, "model.layers.1.block_sparse_moe.gate.e_score_correction_bias");
+    ck_assert_int_ge(ti, 0);
+    const ParamInfo *pi = &t.model.pl.info[ti];
+    ck_assert(pi->frozen && !pi->decay);
+    ck_assert_int_eq(pi->numel, E);
+    float bias[64], prev[64];
+    memcpy(prev, t.model.param[pi->buf] + pi->offset, E * sizeof(float));
+    for (int x = 0; x < E; x++) ck_assert_float_eq(prev[x], 0.0f);
+    int moved = 0;
+    for (int s = 0; s < 3; s++) {
+        model_reset_stats(&t.model);
+        trainer_step(&t);
+        trainer_sync_stats(&t);
+        memcpy(bias, t.model.param[pi->buf] + pi->offset, E * sizeof(float));
+        const int64_t *load = t.model.load + (size_t)l * E;
+        double mean = 0;
+        for (int x = 0; x < E; x++) mean += (double)load[x] / E;
+        for (int x = 0; x < E; x++) {
+            float want = prev[x] + (load[x] < mean ? 0.01f : load[x] > mean ? -0.01f : 0.0f);
+            ck_assert_msg(bias[x] == want, "step %d expert %d: bias %g, want %g (load %lld, mean %g)", s + 1, x,
+                          bias[x], want, (long long)load[x], mean);
+            moved += bias[x] != prev[x];
+        }
+        ck_assert_float_eq(t.model.grad[pi->buf][pi->offset], 0.0f);
+        memcpy(prev, bias, sizeof prev);
+    }
+    ck_assert_int_gt(moved, 0);
+    trainer_free(&t);
+}
+END_TEST
+
 /* configs/tiny.ini: the loss must fall from ~ln(256) to below the threshold. */
 START_TEST(test_tiny_reaches_threshold) {
     Config c;
@@ -441,6 +482,7 @@ int main(void) {
     tcase_add_test(tc, test_grad_accumulation_equivalence);
     tcase_add_test(tc, test_lbl_scope);
     tcase_add_test(tc, test_capacity_drop_fraction);
+    tcase_add_test(tc, test_expert_bias_step);
     tcase_add_test(tc, test_memory_plan_covers_measured);
     tcase_add_test(tc, test_memory_plan_cuda_counts_full_buffers);
     tcase_add_test(tc, test_tiny_reaches_threshold);
