@@ -23,6 +23,11 @@
  * Where f comes from is the only thing the LBL scope changes (model.c decides; moe_sync_counts
  * all-reduces the counts for the global_batch scope: the one other communicating call here).
  * Backward accumulates into dx and into the weight gradients (experts: only this rank's El).
+ * The host router (moe_host_router: sigmoid scores, expert bias, routed scale, groups, the
+ * sequence-wise loss) replaces the Kernels router ops by host loops on host copies of the logits:
+ * scores s (softmax or sigmoid), probs p = s normalised over all experts (what the LBL, the
+ * sequence-wise loss and router_stats see), selection by s + bias (moe_select), weights from s only
+ * (renormalised over the selected, times routed_scale); its backward forms dlogits on the host.
  */
 #ifndef MT_MOE_H
 #define MT_MOE_H

@@ -298,7 +298,7 @@ size_t params_total(const ParamLayout *pl) {
     const ModelDims *d = &pl->dims;
     size_t total = 0, per_expert = (size_t)3 * d->Fe * d->C;
     for (int n = 0; n < pl->n; n++)
-        if (pl->info[n].buf != PBUF_EXPERT) total += full_numel(&pl->info[n]);
+        if (pl->info[n].buf != PBUF_EXPERT && !pl->info[n].frozen) total += full_numel(&pl->info[n]);
     for (int l = 0; l < d->L; l++)
         if (pl->layers[l].is_moe) total += (size_t)d->E * per_expert;
     return total;

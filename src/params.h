@@ -132,7 +132,8 @@ void params_init_range(const ParamLayout *pl, ParamBuf buf, size_t lo, size_t hi
 float params_init_value(const ParamInfo *t, uint64_t seed, size_t i);
 
 /* Parameter counts of the whole model (all experts, whichever rank holds them): total, and active
- * per token (embedding + dense + shared + K of E experts). */
+ * per token (embedding + dense + shared + K of E experts). Frozen state (the expert bias) is not
+ * counted. */
 size_t params_total(const ParamLayout *pl);
 size_t params_active(const ParamLayout *pl);
 
