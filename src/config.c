@@ -89,6 +89,7 @@ static const KeySpec KEYS[] = {
     K_INT("moe", "expert_hidden", expert_hidden, "64", 1, 1048576, "hidden width of each routed expert (SwiGLU)"),
     K_INT("moe", "shared_experts", shared_experts, "0", 0, 64, "always-active shared experts (0 = none)"),
     K_INT("moe", "shared_hidden", shared_hidden, "0", 0, 1048576, "hidden width of each shared expert; 0 = expert_hidden"),
+    K_BOOL("moe", "shared_expert_gate", shared_expert_gate, "false", "scale the shared experts' output per token by sigmoid(x . w) (Qwen2-MoE; tensor ...shared_expert_gate.weight, shape (1, d_model)); needs shared_experts > 0"),
     K_BOOL("moe", "renormalize", renormalize, "true", "renormalise the top-k router weights to sum to 1 (Mixtral); must be false with top_k = 1, where the one weight would always be 1 and the LM loss would train no router (false: Switch Transformer, the expert output scaled by its router probability)"),
     K_FLT("moe", "capacity_factor", capacity_factor, "0", F_GE0, "expert capacity = factor * tokens * top_k / num_experts; 0 = dropless"),
     K_BOOL("moe", "pad_to_capacity", pad_to_capacity, "false", "pad every expert's token batch to its capacity"),
@@ -529,6 +530,12 @@ static int check_top1_renorm(const Config *c, const Loc *o, char *err) {
                     "probability)");
 }
 
+static int check_shared_gate(const Config *c, const Loc *o, char *err) {
+    if (!c->shared_expert_gate || c->shared_experts > 0) return MT_OK;
+    return key_fail(c, o, must_key("moe", "shared_expert_gate"), must_key("moe", "shared_experts"), err,
+                    "requires moe.shared_experts > 0 (there is no shared expert output to gate)");
+}
+
 static int check_groups(const Config *c, const Loc *o, char *err) {
     const KeySpec *g = must_key("moe", "groups"), *gpt = must_key("moe", "groups_per_token");
     const KeySpec *k = must_key("moe", "top_k"), *sel = must_key("moe", "group_select");
@@ -557,11 +564,12 @@ static int check_router_device(const Config *c, const Loc *o, char *err) {
                        : c->seq_aux_coeff > 0    ? "seq_aux_coeff > 0"
                        : c->routed_scale != 1.0f ? "routed_scale != 1"
                        : c->groups > 1           ? "groups > 1"
+                       : c->shared_expert_gate   ? "shared_expert_gate = true"
                                                  : NULL;
     if (!what) return MT_OK;
     return key_fail(c, o, must_key("runtime", "device"), NULL, err, "cuda cannot run moe.%s yet: the CUDA "
-                    "router kernels implement softmax top-k only; run it with runtime.device = cpu, or "
-                    "use the softmax router without these options", what);
+                    "backend implements the softmax top-k router (and ungated shared experts) only; run it "
+                    "with runtime.device = cpu, or without these options", what);
 }
 
 static int check_comm(const Config *c, const Loc *o, char *err) {
@@ -671,12 +679,13 @@ static const Rule RULES[] = {
      "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_top1_renorm,
      "moe.top_k = 1 requires moe.renormalize = false (a renormalised single weight is always 1: no router gradient from the LM loss)"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_shared_gate, "moe.shared_expert_gate = true requires moe.shared_experts > 0"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_groups,
      "moe.groups > 1 must divide moe.num_experts; balanced: moe.top_k a multiple of groups; limited: "
      "groups_per_token <= groups and top_k <= groups_per_token * num_experts / groups"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_router_device,
      "runtime.device = cuda supports the softmax router only (moe.score = softmax, expert_bias_rate = 0, "
-     "seq_aux_coeff = 0, routed_scale = 1, groups = 1)"},
+     "seq_aux_coeff = 0, routed_scale = 1, groups = 1) and no shared_expert_gate"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_comm, "runtime.comm = nccl requires runtime.device = cuda"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_attention, "runtime.attention = cudnn requires runtime.device = cuda"},

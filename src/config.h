@@ -48,6 +48,7 @@ typedef struct Config {
     int expert_hidden;     /* F of each routed expert */
     int shared_experts;    /* number of shared experts (0 = none) */
     int shared_hidden;     /* F of each shared expert; 0 means expert_hidden */
+    int shared_expert_gate; /* sigmoid gate on the shared experts' output (Qwen2-MoE) */
     int renormalize;       /* renormalise the top-k weights to sum to 1 */
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;

@@ -1,6 +1,7 @@
 /* model.c — see model.h. */
 #include "model.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,6 +48,10 @@ static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int 
         a->ab = k->alloc(nc * 2 * f * F32);
         a->h = k->alloc(nc * f * F32);
     }
+    if (lp->is_moe && d->shgate) {
+        a->shout = k->alloc(n * d->C * F32);
+        a->shg = k->alloc(n * F32);
+    }
     if (lp->is_moe) {
         moe_acts_alloc(&a->moe, k, d, &m->mc, (int)n, m->ep, m->etp);
         if (m->mc.seq_aux_coeff > 0) {
@@ -57,7 +62,8 @@ static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int 
 }
 
 static void layer_acts_free(Model *m, LayerActs *a, const LayerParams *lp) {
-    float *p[] = {a->ln1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->res_mid, a->ln2, a->rstd2, a->ab, a->h};
+    float *p[] = {a->ln1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->res_mid, a->ln2, a->rstd2, a->ab, a->h,
+                  a->shout, a->shg};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) m->k->free(p[i]);
     if (lp->is_moe) {
@@ -82,6 +88,7 @@ static void scratch_alloc(Model *m, int b) {
     m->dh = k->alloc(nc * (f ? f : 1) * F32);
     m->dab = k->alloc(nc * 2 * (f ? f : 1) * F32);
     moe_scratch_alloc(&m->ms, k, d, &m->mc, (int)n);
+    if (d->shgate) m->dsh = k->alloc(n * d->C * F32);
     if (d->tp > 1) {
         m->gx = k->alloc(nc * d->C * F32);
         m->gy = k->alloc(nc * d->C * F32);
@@ -159,7 +166,7 @@ void model_free(Model *m) {
     free(m->res);
     free(m->la);
     float *p[] = {m->lnf, m->rstdf, m->logits, m->dres, m->dln, m->dq, m->dk, m->dv, m->datt, m->dh,
-                  m->dab, m->gx, m->gy, m->gz, m->rs, m->ce, m->kall, m->vall, m->knat, m->vnat};
+                  m->dab, m->gx, m->gy, m->gz, m->rs, m->ce, m->kall, m->vall, m->knat, m->vnat, m->dsh};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) k->free(p[i]);
     moe_scratch_free(&m->ms, k);
@@ -225,7 +232,9 @@ size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const Mo
         fl += nc * (2 * qd + 2 * kd) + nc * d->Hl;           /* q, att, k, v; lse */
         fl += nc * 3 * fw;                                   /* ab, h (dense FFN / shared experts) */
         if (lp->is_moe) moe += moe_acts_bytes_plan(d, mc, (int)n);
+        if (lp->is_moe && d->shgate) fl += n * C + n;       /* shout, shg */
     }
+    if (d->shgate) fl += n * C;                              /* dsh */
     fl += 2 * n * C + nc * (2 * qd + 2 * kd);                /* scratch_alloc: dres, dln, dq, datt, dk, dv */
     fl += nc * 3 * (f ? f : 1);                              /* dh, dab */
     if (d->tp > 1) fl += 3 * nc * C + n * C + 3 * nc;        /* gx, gy, gz, rs, ce */
@@ -411,6 +420,62 @@ static void tp_swiglu_forward(Model *m, LayerActs *a, size_t w13, size_t w2, int
     tp_reduce_add(m, y);
 }
 
+/* Qwen2-MoE's shared-expert gate: y (n,C) += g * shout, g_r = sigmoid(ln2_r . w) (host loops on
+ * host copies: the cuda backend refuses the gate at config check). */
+static void shared_gate_forward(Model *m, const LayerParams *lp, LayerActs *a, float *y, int n) {
+    const Kernels *k = m->k;
+    int C = m->d.C;
+    size_t nc = (size_t)n * C;
+    float *x = mt_calloc(nc, F32), *o = mt_calloc(nc, F32), *yy = mt_calloc(nc, F32), *g = mt_calloc(n, F32);
+    float *w = mt_calloc(C, F32);
+    k->to_host(x, a->ln2, nc * F32);
+    k->to_host(o, a->shout, nc * F32);
+    k->to_host(yy, y, nc * F32);
+    k->to_host(w, P(m, lp->sh_gate), C * F32);
+    for (int r = 0; r < n; r++) {
+        double t = 0;
+        for (int c = 0; c < C; c++) t += (double)x[(size_t)r * C + c] * w[c];
+        g[r] = (float)(1.0 / (1.0 + exp(-t)));
+        for (int c = 0; c < C; c++) yy[(size_t)r * C + c] += g[r] * o[(size_t)r * C + c];
+    }
+    k->from_host(y, yy, nc * F32);
+    k->from_host(a->shg, g, n * F32);
+    free(x), free(o), free(yy), free(g), free(w);
+}
+
+/* The gate's backward for upstream dy (n,C): dsh = g * dy (the shared experts' upstream), and
+ * through the gate dx (n,C) += dz_r w, dw += sum_r dz_r x_r with dz_r = g'(.) sum_c dy o. */
+static void shared_gate_backward(Model *m, const LayerParams *lp, LayerActs *a, const float *dy_dev,
+                                 float *dx_dev, int n) {
+    const Kernels *k = m->k;
+    int C = m->d.C;
+    size_t nc = (size_t)n * C;
+    float *x = mt_calloc(nc, F32), *o = mt_calloc(nc, F32), *dy = mt_calloc(nc, F32), *dx = mt_calloc(nc, F32);
+    float *g = mt_calloc(n, F32), *w = mt_calloc(C, F32), *dw = mt_calloc(C, F32);
+    k->to_host(x, a->ln2, nc * F32);
+    k->to_host(o, a->shout, nc * F32);
+    k->to_host(dy, dy_dev, nc * F32);
+    k->to_host(dx, dx_dev, nc * F32);
+    k->to_host(g, a->shg, n * F32);
+    k->to_host(w, P(m, lp->sh_gate), C * F32);
+    k->to_host(dw, G(m, lp->sh_gate), C * F32);
+    for (int r = 0; r < n; r++) {
+        float *dyr = dy + (size_t)r * C;
+        double dg = 0;
+        for (int c = 0; c < C; c++) dg += (double)dyr[c] * o[(size_t)r * C + c];
+        double dz = dg * g[r] * (1.0 - g[r]);
+        for (int c = 0; c < C; c++) {
+            dx[(size_t)r * C + c] += (float)(dz * w[c]);
+            dw[c] += (float)(dz * x[(size_t)r * C + c]);
+            dyr[c] *= g[r];
+        }
+    }
+    k->from_host(m->dsh, dy, nc * F32);
+    k->from_host(dx_dev, dx, nc * F32);
+    k->from_host(G(m, lp->sh_gate), dw, C * F32);
+    free(x), free(o), free(dy), free(dx), free(g), free(w), free(dw);
+}
+
 static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st, int collect) {
     const LayerParams *lp = &m->pl.layers[l];
     const ModelDims *d = &m->d;
@@ -421,7 +486,13 @@ static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st,
     }
     MoeWeights w = moe_weights(m, lp);
     moe_forward(m->k, d, &m->mc, &w, &a->moe, a->ln2, y, n);
-    if (d->Fs) tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, y);
+    if (d->Fs && d->shgate) {
+        m->k->zero(a->shout, (size_t)n * d->C * F32);
+        tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, a->shout);
+        shared_gate_forward(m, lp, a, y, n);
+    } else if (d->Fs) {
+        tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, y);
+    }
     if (collect) {
         lbl_fractions(m, l, &a->moe);
         record_load(m, l, &a->moe, n);
@@ -580,12 +651,12 @@ static void attention_backward(Model *m, const LayerParams *lp, LayerActs *a, co
     k->rmsnorm_bwd(m->dres, G(m, lp->ln1), m->dln, x, P(m, lp->ln1), a->rstd1, n, C);
 }
 
-/* dx (n,C) += d SwiGLU / dx for upstream dy (n,C) (m->dres), with tp-split weights of width f. */
+/* dx (n,C) += d SwiGLU / dx for upstream dy_res (n,C), with tp-split weights of width f. */
 static void tp_swiglu_backward(Model *m, LayerActs *a, size_t w13, size_t w2, int f, const float *x,
-                               float *dx) {
+                               const float *dy_res, float *dx) {
     const ModelDims *d = &m->d;
     int nc = rows_cp(d, m->b);
-    const float *dy = tp_gather(m, m->dres, m->gy), *xg = tp_gather(m, x, m->gx);
+    const float *dy = tp_gather(m, dy_res, m->gy), *xg = tp_gather(m, x, m->gx);
     float beta, *dxg = tp_partial(m, dx, &beta);
     swiglu_ffn_backward(m->k, PT(m, w13), PT(m, w2), GT(m, w13), GT(m, w2), a->ab, a->h, xg, dy, dxg,
                         m->dh, m->dab, nc, d->C, f);
@@ -599,10 +670,15 @@ static void ffn_backward(Model *m, int l, LayerActs *a, float aux_scale) {
     m->k->zero(m->dln, (size_t)n * d->C * F32);
     if (lp->is_moe) {
         MoeWeights w = moe_weights(m, lp);
-        if (d->Fs) tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dln);
+        if (d->Fs && d->shgate) {
+            shared_gate_backward(m, lp, a, m->dres, m->dln, n);
+            tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dsh, m->dln);
+        } else if (d->Fs) {
+            tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dres, m->dln);
+        }
         moe_backward(m->k, d, &m->mc, &w, &a->moe, &m->ms, a->ln2, m->dres, m->dln, n, aux_scale);
     } else {
-        tp_swiglu_backward(m, a, lp->mlp_w13, lp->mlp_w2, d->Fl, a->ln2, m->dln);
+        tp_swiglu_backward(m, a, lp->mlp_w13, lp->mlp_w2, d->Fl, a->ln2, m->dres, m->dln);
     }
     m->k->rmsnorm_bwd(m->dres, G(m, lp->ln2), m->dln, a->res_mid, P(m, lp->ln2), a->rstd2, n, d->C);
 }

@@ -74,6 +74,7 @@ typedef struct LayerActs {
     float *q, *k, *v, *att, *lse;                /* (Nc,Hl*D) (Nc,Hkvl*D) x2 (Nc,Hl*D) (Nc*Hl) */
     float *ab, *h; /* dense FFN or shared experts: (Nc,2Fl) (Nc,Fl), Fl its hidden width / tp */
     MoeActs moe;   /* MoE layers */
+    float *shout, *shg; /* gated shared experts (Qwen2-MoE): their output (n,C), the gate (n) */
 } LayerActs;
 
 typedef struct Model {
@@ -96,6 +97,7 @@ typedef struct Model {
     /* backward scratch */
     float *dres, *dln, *dq, *dk, *dv, *datt, *dh, *dab;
     MoeScratch ms;
+    float *dsh;            /* (n,C) gated shared experts: the gated upstream gradient */
     /* tp > 1: gathered rows gx, gy, gz (Nc,C), a reduce-scatter landing rs (n,C), the
      * cross-entropy row statistics ce (3,Nc); cp > 1: K/V of whole sequences (B,T,Hkvl,D) in
      * arrival order (kall, vall) and in sequence order (knat, vnat) */

@@ -16,7 +16,8 @@ ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
         .Hkv = c->n_kv_heads, .D = c->head_dim, .T = c->seq_len, .F = c->ffn_hidden,
         .E = c->num_experts, .K = c->top_k, .Fe = c->expert_hidden,
         .Fs = c->shared_experts * c->shared_hidden, .dense_layers = c->dense_layers,
-        .tie = c->tie_embeddings, .ebias = c->expert_bias_rate > 0, .tp = sp->tp, .tp_r = sp->tp_r, .etp = sp->etp, .etp_r = sp->etp_r,
+        .tie = c->tie_embeddings, .ebias = c->expert_bias_rate > 0,
+        .shgate = c->shared_expert_gate && c->shared_experts > 0, .tp = sp->tp, .tp_r = sp->tp_r, .etp = sp->etp, .etp_r = sp->etp_r,
         .cp = sp->cp, .cp_r = sp->cp_r,
     };
     d.El = d.E / sp->ep;
@@ -168,6 +169,8 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
         char sh[200];
         snprintf(sh, sizeof sh, "%s.shared_experts", pre);
         add_swiglu(b, d, &lp->sh_w13, &lp->sh_w2, d->C, d->Fs, sh);
+        if (d->shgate) /* Qwen2-MoE's name, under this layer's prefix */
+            lp->sh_gate = add(b, PBUF_DENSE, NOSPLIT, 1, d->C, INIT_NORMAL, b->std, "%s.shared_expert_gate.weight", pre);
     }
 }
 

@@ -63,6 +63,7 @@ typedef struct LayerParams {
     size_t ebias;                  /* dense, frozen: (E) expert bias (d.ebias; else 0) */
     size_t ex_w13, ex_w2;          /* expert buffer: (E, 2Fe, C), (E, C, Fe) */
     size_t sh_w13, sh_w2;          /* dense: shared experts fused: (2*S*Fs, C), (C, S*Fs) */
+    size_t sh_gate;                /* dense: (1, C) shared-expert gate (d.shgate; else 0) */
 } LayerParams;
 
 /* Resolved model dimensions (from Config): full sizes, and this rank's share of them. */
@@ -72,6 +73,7 @@ typedef struct ModelDims {
     int El, e0;                   /* experts held by this rank: [e0, e0 + El) (El = E / ep) */
     int dense_layers, tie;
     int ebias;                    /* MoE layers hold an expert bias (moe.expert_bias_rate > 0) */
+    int shgate;                   /* the shared experts are gated (moe.shared_expert_gate, Fs > 0) */
     /* tensor parallelism: tp, this rank's tp index; expert tensor parallelism: etp, its index;
      * context parallelism: cp, its index (tokens only: no parameter is split over cp) */
     int tp, tp_r, etp, etp_r, cp, cp_r;

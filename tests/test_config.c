@@ -349,6 +349,9 @@ static const ErrCase RULE_ERRORS[] = {
     {"[moe]\ntop_k = 1\n", NULL, 0, "[moe] renormalize = true: must be false with moe.top_k = 1: the renormalised "
      "weight of a single expert is always 1, so the LM loss would train no router; set moe.renormalize = false"},
     {NULL, "moe.top_k=1", 1, "--set moe.top_k=1: [moe] renormalize = true: must be false with moe.top_k = 1"},
+    {"[moe]\nshared_expert_gate = true\n", NULL, 0, "[moe] shared_expert_gate = true: requires moe.shared_experts > 0"},
+    {"[moe]\nshared_experts = 1\nshared_expert_gate = true\n", "runtime.device=cuda", 1,
+     "[runtime] device = cuda: cuda cannot run moe.shared_expert_gate = true yet"},
     {"[moe]\ngroups = 3\n", NULL, 0, "[moe] groups = 3: must divide moe.num_experts (4)"},
     {"[moe]\ngroups = 2\ngroup_select = balanced\ntop_k = 3\n", NULL, 0,
      "[moe] top_k = 3: must be a multiple of moe.groups (2) with moe.group_select = balanced"},
@@ -488,7 +491,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(num_experts); EQ(top_k); EQ(expert_hidden); EQ(shared_experts); EQ(shared_hidden);
     EQ(renormalize); EQ(capacity_factor); EQ(pad_to_capacity); EQ(lbl_coeff); EQ(lbl_scope);
     EQ(z_coeff); EQ(drop_policy); EQ(expert_bias_rate); EQ(seq_aux_coeff); EQ(score); EQ(routed_scale);
-    EQ(groups); EQ(groups_per_token); EQ(group_select);
+    EQ(groups); EQ(groups_per_token); EQ(group_select); EQ(shared_expert_gate);
     EQ(tp); EQ(cp); EQ(etp); EQ(ep); EQ(pp); EQ(pp_schedule); EQ(pp_virtual); EQS(pp_layers);
     EQ(steps); EQ(seed); EQ(micro_batch_size); EQ(grad_accum_steps); EQ(max_skipped_steps);
     EQ(lr); EQ(min_lr); EQ(warmup_steps); EQ(decay_steps); EQ(beta1); EQ(beta2); EQ(eps);
@@ -522,11 +525,13 @@ END_TEST
 START_TEST(t_round_trip_router) {
     const char *sets[] = {"moe.num_experts=8", "moe.top_k=3", "moe.expert_bias_rate=0.001",
                           "moe.seq_aux_coeff=0.0001", "moe.score=sigmoid", "moe.routed_scale=2.5",
-                          "moe.groups=4", "moe.groups_per_token=2", "moe.group_select=limited"};
-    round_trip(sets, 9);
+                          "moe.groups=4", "moe.groups_per_token=2", "moe.group_select=limited",
+                          "moe.shared_experts=1", "moe.shared_expert_gate=true"};
+    round_trip(sets, 11);
     Config c;
     char err[MT_ERRLEN];
-    ck_assert_msg(load_text(NULL, sets, 9, &c, err, NULL) == MT_OK, "%s", err);
+    ck_assert_msg(load_text(NULL, sets, 11, &c, err, NULL) == MT_OK, "%s", err);
+    ck_assert_int_eq(c.shared_expert_gate, 1);
     ck_assert_int_eq(c.score, SCORE_SIGMOID);
     ck_assert_int_eq(c.groups, 4);
     ck_assert_float_eq(c.routed_scale, 2.5f);

@@ -194,6 +194,8 @@ static const Variant variants[] = {
     {"sigmoid bias seq aux capacity", 0, 1, 2, 0, 1, 0, 0.6f,
      "moe.score=sigmoid,moe.expert_bias_rate=0.01,moe.seq_aux_coeff=0.7,moe.routed_scale=1.5"},
     {"groups limited", 0, 1, 2, 0, 1, 0, 0.0f, "moe.groups=2,moe.groups_per_token=1,moe.seq_aux_coeff=0.3"},
+    {"shared expert gate (Qwen2-MoE)", 1, 2, 2, 2, 1, 0, 0.0f, "moe.shared_expert_gate=true"},
+    {"shared gate top1 sigmoid", 0, 1, 1, 1, 0, 1, 0.0f, "moe.shared_expert_gate=true,moe.score=sigmoid"},
     {"groups balanced (MoGE)", 0, 1, 2, 0, 1, 0, 0.0f, "moe.groups=2,moe.group_select=balanced,moe.expert_bias_rate=0.01"},
 };
 
@@ -202,7 +204,7 @@ END_TEST
 
 /* The registry names tensors the way Mixtral / Qwen-MoE checkpoints do. */
 START_TEST(test_tensor_names) {
-    Variant v = {"names", 1, 2, 2, 1, 1, 0, 0.0f, NULL};
+    Variant v = {"names", 1, 2, 2, 1, 1, 0, 0.0f, "moe.shared_expert_gate=on"};
     Config c = variant_config(&v);
     Model m;
     model_init(&m, &c, kernels_cpu(), 1, NULL);
@@ -217,6 +219,7 @@ START_TEST(test_tensor_names) {
         "model.layers.1.block_sparse_moe.experts.3.w2.weight",
         "model.layers.1.block_sparse_moe.experts.3.w3.weight",
         "model.layers.1.block_sparse_moe.shared_experts.gate_proj.weight",
+        "model.layers.1.block_sparse_moe.shared_expert_gate.weight",
         "model.norm.weight", "lm_head.weight"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         ck_assert_msg(params_find(&m.pl, names[i]) >= 0, "missing tensor %s", names[i]);
@@ -224,6 +227,9 @@ START_TEST(test_tensor_names) {
     ck_assert_int_eq(m.pl.info[w1].shape[0], 12);
     ck_assert_int_eq(m.pl.info[w1].shape[1], 16);
     ck_assert_int_eq(m.pl.info[w1].buf, PBUF_EXPERT);
+    int sg = params_find(&m.pl, "model.layers.1.block_sparse_moe.shared_expert_gate.weight");
+    ck_assert_int_eq(m.pl.info[sg].full[0], 1);
+    ck_assert_int_eq(m.pl.info[sg].full[1], 16);
     model_free(&m);
 }
 END_TEST
