@@ -50,7 +50,7 @@ _Static_assert(sizeof(LblScope) == sizeof(int) && sizeof(ShardMode) == sizeof(in
                    sizeof(GroupSelect) == sizeof(int),
                "enum fields are stored as int");
 
-static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", NULL};
+static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", "global_batch_exact", NULL};
 static const char *const DROP_NAMES[] = {"probs", "position", NULL};
 static const char *const SCORE_NAMES[] = {"softmax", "sigmoid", NULL};
 static const char *const GROUP_NAMES[] = {"limited", "balanced", NULL};
@@ -95,7 +95,7 @@ static const KeySpec KEYS[] = {
     K_BOOL("moe", "pad_to_capacity", pad_to_capacity, "false", "pad every expert's token batch to its capacity"),
     K_ENUM("moe", "drop_policy", drop_policy, "probs", DROP_NAMES, "which assignments an expert over capacity drops: probs = the lowest router weight first (the weight the token actually uses: after renormalisation, without the expert bias), position = the latest tokens of the micro-batch first (GShard)"),
     K_FLT("moe", "lbl_coeff", lbl_coeff, "0.01", F_GE0, "load-balancing loss coefficient"),
-    K_ENUM("moe", "lbl_scope", lbl_scope, "micro_batch", LBL_NAMES, "token statistics of the load-balancing loss: per micro-batch or per global batch"),
+    K_ENUM("moe", "lbl_scope", lbl_scope, "micro_batch", LBL_NAMES, "token statistics (load fractions f) of the load-balancing loss: micro_batch = this micro-batch's; global_batch = the step's counts so far (all ranks, the micro-batches up to this one); global_batch_exact = the whole step's counts, known before any backward (a forward-only pass over the step's micro-batches first: about one more forward per step), so every split of the global batch over ranks and micro-batches gives the same losses"),
     K_FLT("moe", "z_coeff", z_coeff, "0.001", F_GE0, "router z-loss coefficient"),
     K_FLT("moe", "expert_bias_rate", expert_bias_rate, "0", F_GE0, "aux-loss-free load balancing (DeepSeek-V3): a per-expert bias added to the router scores for the top-k selection only (never to the combine weights), moved after every step by rate * sign(mean load - expert load) over the global batch; model state, not trained (tensor ...gate.e_score_correction_bias); 0 = off"),
     K_FLT("moe", "seq_aux_coeff", seq_aux_coeff, "0", F_GE0, "coefficient of DeepSeek-V3's sequence-wise balance loss, sum_e f_e P_e per sequence (f_e = E/(K T) x the sequence's tokens choosing e, P_e = mean normalised score), averaged over sequences; beside lbl_coeff; 0 = off"),

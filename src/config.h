@@ -15,7 +15,7 @@
 
 #define MT_PATH_MAX 512
 
-typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1 } LblScope;
+typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1, LBL_GLOBAL_BATCH_EXACT = 2 } LblScope;
 typedef enum { DROP_PROBS = 0, DROP_POSITION = 1 } DropPolicy;
 typedef enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 } ScoreFunc;
 typedef enum { GROUP_LIMITED = 0, GROUP_BALANCED = 1 } GroupSelect;

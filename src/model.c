@@ -147,6 +147,7 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->lbl_acc = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->step_load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
+    m->lbl_exact = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->domain_load = mt_calloc((size_t)d->L * DATA_N_DOMAINS * d->E, sizeof(int64_t));
 }
 
@@ -161,6 +162,7 @@ void model_free(Model *m) {
     free(m->row_dom);
     free(m->row_seq);
     free(m->step_load);
+    free(m->lbl_exact);
     for (int l = 0; l <= m->d.L; l++) k->free(m->res[l]);
     for (int l = 0; l < m->d.L; l++) layer_acts_free(m, &m->la[l], &m->pl.layers[l]);
     free(m->res);
@@ -201,6 +203,7 @@ void model_reset_stats(Model *m) {
 void model_reset_lbl(Model *m) {
     memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
     memset(m->step_load, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
+    memset(m->lbl_exact, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
 }
 
 void model_bias_deltas(Model *m, const Group *g, float rate, float *delta) {
@@ -373,7 +376,9 @@ static void attention_forward(Model *m, const LayerParams *lp, LayerActs *a, con
 /* Load fractions for the LBL per the configured scope. */
 static void lbl_fractions(Model *m, int l, MoeActs *a) {
     int E = m->d.E;
-    if (m->lbl_scope == LBL_GLOBAL_BATCH) {
+    if (m->lbl_scope == LBL_GLOBAL_BATCH_EXACT) {
+        moe_lbl_fractions(a->f, m->lbl_exact + (size_t)l * E, E);
+    } else if (m->lbl_scope == LBL_GLOBAL_BATCH) {
         int64_t *acc = m->lbl_acc + (size_t)l * E, count[4096];
         MT_CHECK(E <= 4096, "too many experts (%d)", E);
         memcpy(count, a->plan.count, E * sizeof *count);
@@ -714,6 +719,16 @@ MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *doma
     backward(m, aux_scale);
     return st;
 }
+
+void model_count_routes(Model *m, const int32_t *tokens, int b) {
+    const ModelDims *d = &m->d;
+    model_forward_only(m, tokens, b);
+    for (int l = 0; l < d->L; l++)
+        if (m->pl.layers[l].is_moe)
+            for (int x = 0; x < d->E; x++) m->lbl_exact[(size_t)l * d->E + x] += m->la[l].moe.plan.count[x];
+}
+
+void model_sync_routes(Model *m) { moe_sync_counts(m->tok_group, m->lbl_exact, m->d.L * m->d.E); }
 
 MicroStats model_forward_only(Model *m, const int32_t *tokens, int b) {
     MicroStats st = forward(m, tokens, NULL, b, 0.0f, 0);

@@ -31,7 +31,8 @@
  *   aux-loss gradients scaled by aux_scale = 1 / (micro-batches in the global step).
  * The LBL scope only changes the load fractions f: micro_batch uses this micro-batch's counts;
  * global_batch uses the counts all-reduced over the ranks holding other tokens (mp->tokens) and
- * accumulated over the step's micro-batches so far (model->lbl_acc).
+ * accumulated over the step's micro-batches so far (model->lbl_acc); global_batch_exact uses the
+ * whole step's counts, gathered beforehand by model_count_routes / model_sync_routes.
  * Communicates only in its tp_* / cp_* helpers (above), through moe.c (dispatch/combine over ep
  * and etp, the LBL counts over tokens) and the parameter hooks.
  * Memory: model_activation_bytes reports the arena; model_activation_bytes_plan computes the same
@@ -109,6 +110,7 @@ typedef struct Model {
 
     int64_t *load;     /* (L,E) host: tokens routed per expert, accumulated since model_reset_stats */
     int64_t *lbl_acc;  /* (L,E) host: counts for the global_batch LBL scope in the current step */
+    int64_t *lbl_exact; /* (L,E) host: the whole step's counts (global_batch_exact; model_count_routes) */
     int64_t *step_load; /* (L,E) host: this rank's routed counts in the current step (expert bias) */
     int64_t *domain_load; /* (L,DATA_N_DOMAINS,E) host */
 } Model;
@@ -131,6 +133,12 @@ void model_zero_grads(Model *m);
 /* Reset load statistics (start of a log interval) and the LBL accumulation (start of a step). */
 void model_reset_stats(Model *m);
 void model_reset_lbl(Model *m);
+/* lbl_scope = global_batch_exact: before the step's first backward, call model_count_routes for
+ * every micro-batch of this rank's slice (a forward pass without backward or statistics: the
+ * routing is the one the step will use, the parameters being the same), then model_sync_routes
+ * (collective over the ranks holding the step's other tokens). */
+void model_count_routes(Model *m, const int32_t *tokens, int b);
+void model_sync_routes(Model *m);
 /* Aux-loss-free balancing (moe.expert_bias_rate): sum this step's routed counts over g (the ranks
  * holding the step's other tokens: collective), then delta (L,E) = each layer's bias step
  * (moe_bias_delta). Every rank gets the same delta; the caller adds it to the bias tensors. */

@@ -87,6 +87,13 @@ static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale)
     int mbs = c->micro_batch_size;
     int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * c->grad_accum_steps;
     MicroStats sum = {0};
+    if (c->lbl_scope == LBL_GLOBAL_BATCH_EXACT) { /* the whole step's routing first (model.h) */
+        for (int a = 0; a < c->grad_accum_steps; a++) {
+            data_get(t->data, first + (int64_t)a * mbs, mbs, t->tok_buf, t->dom_buf);
+            model_count_routes(&t->model, t->tok_buf, mbs);
+        }
+        model_sync_routes(&t->model);
+    }
     for (int a = 0; a < c->grad_accum_steps; a++) {
         data_get(t->data, first + (int64_t)a * mbs, mbs, t->tok_buf, t->dom_buf);
         MicroStats s = model_step_micro(&t->model, t->tok_buf, t->dom_buf, mbs, lm_scale, aux_scale);

@@ -118,7 +118,10 @@ static void reference(const Config *c, int dp, const Group *world, Run *ref) {
     Config rc = *c;
     rc.ep = rc.tp = rc.cp = rc.etp = 1;
     rc.shard = SHARD_NONE;
-    if (c->lbl_scope == LBL_GLOBAL_BATCH) {
+    if (c->lbl_scope == LBL_GLOBAL_BATCH_EXACT) { /* any split equals the whole batch at once */
+        rc.micro_batch_size = c->micro_batch_size * c->grad_accum_steps * dp;
+        rc.grad_accum_steps = 1;
+    } else if (c->lbl_scope == LBL_GLOBAL_BATCH) {
         ck_assert_msg(c->grad_accum_steps == 1, "global-batch reference needs one micro-batch per rank");
         rc.micro_batch_size = c->micro_batch_size * dp;
     } else {

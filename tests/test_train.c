@@ -115,6 +115,36 @@ START_TEST(test_lbl_scope) {
 }
 END_TEST
 
+/* global_batch_exact: the whole step's load fractions before any backward, so 1 micro-batch of 8
+ * and 4 of 2 give the same losses (to 1e-6; global_batch does not: its f grows micro-batch by
+ * micro-batch). Prints the cost of the extra forward pass. */
+START_TEST(test_lbl_scope_exact) {
+    Config c = small_config();
+    c.lbl_coeff = 0.5f;
+    c.lbl_scope = LBL_GLOBAL_BATCH_EXACT;
+    c.micro_batch_size = 8;
+    double whole[3], split[3], inexact[3];
+    run_steps(&c, 3, whole, NULL, 0);
+    c.micro_batch_size = 2;
+    c.grad_accum_steps = 4;
+    run_steps(&c, 3, split, NULL, 0);
+    for (int s = 0; s < 3; s++)
+        ck_assert_msg(fabs(split[s] - whole[s]) <= 1e-6 * fabs(whole[s]), "step %d: 4 x 2 %.12g vs 1 x 8 %.12g",
+                      s + 1, split[s], whole[s]);
+    c.lbl_scope = LBL_GLOBAL_BATCH;
+    run_steps(&c, 3, inexact, NULL, 0);
+    ck_assert_msg(fabs(inexact[0] - whole[0]) > 1e-6 * fabs(whole[0]), "global_batch should differ at accum 4");
+    double t0 = mt_now();
+    run_steps(&c, 3, inexact, NULL, 0);
+    double t1 = mt_now();
+    c.lbl_scope = LBL_GLOBAL_BATCH_EXACT;
+    run_steps(&c, 3, split, NULL, 0);
+    double t2 = mt_now();
+    printf("global_batch_exact: %.1f ms per step vs %.1f ms (global_batch), x%.2f (4 micro-batches of 2 x 32 tokens)\n",
+           (t2 - t1) / 3 * 1e3, (t1 - t0) / 3 * 1e3, (t2 - t1) / (t1 - t0));
+}
+END_TEST
+
 /* Capacity: cf = 0 drops nothing; a tight cf drops a fraction that the step reports. */
 START_TEST(test_capacity_drop_fraction) {
     Config c = small_config();
@@ -481,6 +511,7 @@ int main(void) {
     tcase_add_test(tc, test_rerun_bit_identical);
     tcase_add_test(tc, test_grad_accumulation_equivalence);
     tcase_add_test(tc, test_lbl_scope);
+    tcase_add_test(tc, test_lbl_scope_exact);
     tcase_add_test(tc, test_capacity_drop_fraction);
     tcase_add_test(tc, test_expert_bias_step);
     tcase_add_test(tc, test_memory_plan_covers_measured);
