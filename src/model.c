@@ -208,9 +208,13 @@ void model_reset_lbl(Model *m) {
 
 void model_bias_deltas(Model *m, const Group *g, float rate, float *delta) {
     const ModelDims *d = &m->d;
-    comm_allreduce_sum(g, m->step_load, (size_t)d->L * d->E, DT_I64);
+    /* the global-batch LBL scopes hold the step's counts summed over g already: no collective */
+    const int64_t *load = m->lbl_scope == LBL_GLOBAL_BATCH_EXACT ? m->lbl_exact
+                          : m->lbl_scope == LBL_GLOBAL_BATCH     ? m->lbl_acc
+                                                                 : m->step_load;
+    if (load == m->step_load) comm_allreduce_sum(g, m->step_load, (size_t)d->L * d->E, DT_I64);
     for (int l = 0; l < d->L; l++)
-        moe_bias_delta(delta + (size_t)l * d->E, m->step_load + (size_t)l * d->E, d->E, rate);
+        moe_bias_delta(delta + (size_t)l * d->E, load + (size_t)l * d->E, d->E, rate);
 }
 
 size_t model_activation_bytes(const Model *m) {

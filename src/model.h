@@ -139,9 +139,11 @@ void model_reset_lbl(Model *m);
  * (collective over the ranks holding the step's other tokens). */
 void model_count_routes(Model *m, const int32_t *tokens, int b);
 void model_sync_routes(Model *m);
-/* Aux-loss-free balancing (moe.expert_bias_rate): sum this step's routed counts over g (the ranks
- * holding the step's other tokens: collective), then delta (L,E) = each layer's bias step
- * (moe_bias_delta). Every rank gets the same delta; the caller adds it to the bias tensors. */
+/* Aux-loss-free balancing (moe.expert_bias_rate): the step's routed counts summed over g (the
+ * ranks holding the step's other tokens), then delta (L,E) = each layer's bias step
+ * (moe_bias_delta). With lbl_scope global_batch or global_batch_exact those counts are synced
+ * already (lbl_acc, lbl_exact); otherwise one all-reduce over g (collective). Every rank gets the
+ * same delta; the caller adds it to the bias tensors. */
 void model_bias_deltas(Model *m, const Group *g, float rate, float *delta);
 
 /* tokens (B, T+1) host int32: inputs tokens[:, :T], targets tokens[:, 1:]. domains (B) host or NULL.

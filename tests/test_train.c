@@ -164,9 +164,12 @@ END_TEST
 /* Aux-loss-free balancing: after a step each expert's bias moved by rate * sign(mean load - load)
  * of that step's loads; the bias sits in the layout frozen (AdamW leaves it, no gradient), and
  * skews the next selection toward the under-loaded experts. */
-START_TEST(test_expert_bias_step) {
+START_TEST(test_expert_bias_step) { /* loop: the LBL scope (where the step's counts come from) */
     Config c = small_config();
     c.expert_bias_rate = 0.01f;
+    c.lbl_scope = (LblScope)_i;
+    c.micro_batch_size = 2;
+    c.grad_accum_steps = 2;
     Trainer t;
     char err[MT_ERRLEN];
     ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
@@ -513,7 +516,7 @@ int main(void) {
     tcase_add_test(tc, test_lbl_scope);
     tcase_add_test(tc, test_lbl_scope_exact);
     tcase_add_test(tc, test_capacity_drop_fraction);
-    tcase_add_test(tc, test_expert_bias_step);
+    tcase_add_loop_test(tc, test_expert_bias_step, LBL_MICRO_BATCH, LBL_GLOBAL_BATCH_EXACT + 1);
     tcase_add_test(tc, test_memory_plan_covers_measured);
     tcase_add_test(tc, test_memory_plan_cuda_counts_full_buffers);
     tcase_add_test(tc, test_tiny_reaches_threshold);
