@@ -732,8 +732,9 @@ static void write_attrs(hid_t f, const CkptView *v, Text *expect) {
     snprintf(mesh, sizeof mesh, "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"etp\":%d,\"ep\":%d,\"edp\":%d,\"shard\":%d}",
              ms->world, ms->tp, ms->cp, ms->dp, ms->pp, ms->etp, ms->ep, ms->edp, (int)c->shard);
     attr_str(f, "mesh", mesh, expect);
-    attr_str(f, "router_state", "none: the global-batch LBL counters restart every step and are empty "
-                                "at a step boundary; no expert bias is used", expect);
+    attr_str(f, "router_state", "none beyond the tensors: the global-batch LBL counters restart every "
+                                "step and are empty at a step boundary; the expert bias (moe.expert_bias_rate) "
+                                "is the tensor ...gate.e_score_correction_bias under /params", expect);
     attr_str(f, "writer", "moetrain " MOETRAIN_VERSION, expect);
 }
 

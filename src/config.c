@@ -45,10 +45,15 @@ typedef struct {
 
 _Static_assert(sizeof(LblScope) == sizeof(int) && sizeof(ShardMode) == sizeof(int) &&
                    sizeof(DataSource) == sizeof(int) && sizeof(DeviceKind) == sizeof(int) &&
-                   sizeof(CommKind) == sizeof(int) && sizeof(PpSchedule) == sizeof(int),
+                   sizeof(CommKind) == sizeof(int) && sizeof(PpSchedule) == sizeof(int) &&
+                   sizeof(DropPolicy) == sizeof(int) && sizeof(ScoreFunc) == sizeof(int) &&
+                   sizeof(GroupSelect) == sizeof(int),
                "enum fields are stored as int");
 
-static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", NULL};
+static const char *const LBL_NAMES[] = {"micro_batch", "global_batch", "global_batch_exact", NULL};
+static const char *const DROP_NAMES[] = {"probs", "position", NULL};
+static const char *const SCORE_NAMES[] = {"softmax", "sigmoid", NULL};
+static const char *const GROUP_NAMES[] = {"limited", "balanced", NULL};
 static const char *const SHARD_NAMES[] = {"none", "optimizer", "full", NULL};
 static const char *const SOURCE_NAMES[] = {"synthetic", "file", NULL};
 static const char *const DEVICE_NAMES[] = {"cpu", "cuda", NULL};
@@ -84,12 +89,21 @@ static const KeySpec KEYS[] = {
     K_INT("moe", "expert_hidden", expert_hidden, "64", 1, 1048576, "hidden width of each routed expert (SwiGLU)"),
     K_INT("moe", "shared_experts", shared_experts, "0", 0, 64, "always-active shared experts (0 = none)"),
     K_INT("moe", "shared_hidden", shared_hidden, "0", 0, 1048576, "hidden width of each shared expert; 0 = expert_hidden"),
-    K_BOOL("moe", "renormalize", renormalize, "true", "renormalise the top-k router weights to sum to 1"),
+    K_BOOL("moe", "shared_expert_gate", shared_expert_gate, "false", "scale the shared experts' output per token by sigmoid(x . w) (Qwen2-MoE; tensor ...shared_expert_gate.weight, shape (1, d_model)); needs shared_experts > 0"),
+    K_BOOL("moe", "renormalize", renormalize, "true", "renormalise the top-k router weights to sum to 1 (Mixtral); must be false with top_k = 1, where the one weight would always be 1 and the LM loss would train no router (false: Switch Transformer, the expert output scaled by its router probability)"),
     K_FLT("moe", "capacity_factor", capacity_factor, "0", F_GE0, "expert capacity = factor * tokens * top_k / num_experts; 0 = dropless"),
     K_BOOL("moe", "pad_to_capacity", pad_to_capacity, "false", "pad every expert's token batch to its capacity"),
+    K_ENUM("moe", "drop_policy", drop_policy, "probs", DROP_NAMES, "which assignments an expert over capacity drops: probs = the lowest router weight first (the weight the token actually uses: after renormalisation, without the expert bias), position = the latest tokens of the micro-batch first (GShard)"),
     K_FLT("moe", "lbl_coeff", lbl_coeff, "0.01", F_GE0, "load-balancing loss coefficient"),
-    K_ENUM("moe", "lbl_scope", lbl_scope, "micro_batch", LBL_NAMES, "token statistics of the load-balancing loss: per micro-batch or per global batch"),
+    K_ENUM("moe", "lbl_scope", lbl_scope, "micro_batch", LBL_NAMES, "token statistics (load fractions f) of the load-balancing loss: micro_batch = this micro-batch's; global_batch = the step's counts so far (all ranks, the micro-batches up to this one); global_batch_exact = the whole step's counts, known before any backward (a forward-only pass over the step's micro-batches first: about one more forward per step), so every split of the global batch over ranks and micro-batches gives the same losses"),
     K_FLT("moe", "z_coeff", z_coeff, "0.001", F_GE0, "router z-loss coefficient"),
+    K_FLT("moe", "expert_bias_rate", expert_bias_rate, "0", F_GE0, "aux-loss-free load balancing (DeepSeek-V3): a per-expert bias added to the router scores for the top-k selection only (never to the combine weights), moved after every step by rate * sign(mean load - expert load) over the global batch; model state, not trained (tensor ...gate.e_score_correction_bias); 0 = off"),
+    K_FLT("moe", "seq_aux_coeff", seq_aux_coeff, "0", F_GE0, "coefficient of DeepSeek-V3's sequence-wise balance loss, sum_e f_e P_e per sequence (f_e = E/(K T) x the sequence's tokens choosing e, P_e = mean normalised score), averaged over sequences; beside lbl_coeff; 0 = off"),
+    K_ENUM("moe", "score", score, "softmax", SCORE_NAMES, "router score function: softmax over the experts (Mixtral), or sigmoid per expert (DeepSeek-V3; with renormalize = true the weights are the selected sigmoid scores normalised to sum to 1)"),
+    K_FLT("moe", "routed_scale", routed_scale, "1", F_GT0, "factor on the routed experts' output (DeepSeek-V3 routed_scaling_factor): combine weights x routed_scale"),
+    K_INT("moe", "groups", groups, "1", 1, 4096, "expert groups for group-limited routing (DeepSeek-V3 node-limited routing, Pangu MoGE); divides num_experts; 1 = off"),
+    K_INT("moe", "groups_per_token", groups_per_token, "1", 1, 4096, "group_select = limited: the groups a token may use, its best by the sum of its top-2 scores in each group (<= groups)"),
+    K_ENUM("moe", "group_select", group_select, "limited", GROUP_NAMES, "with groups > 1: limited = top_k experts inside the token's groups_per_token best groups (DeepSeek-V3); balanced = exactly top_k/groups experts in every group (Pangu MoGE: with groups = parallel.ep every rank gets the same number of tokens)"),
 
     K_INT("parallel", "tp", tp, "1", 1, 65536, "tensor-parallel degree of attention, dense FFNs, shared experts, embedding and lm_head (with sequence parallelism)"),
     K_INT("parallel", "cp", cp, "1", 1, 65536, "context-parallel degree: each sequence split over cp ranks in 2*cp load-balanced chunks"),
@@ -517,6 +531,59 @@ static int check_pad(const Config *c, const Loc *o, char *err) {
     return key_fail(c, o, pad, cf, err, "requires moe.capacity_factor > 0 (dropless routing has no capacity to pad to)");
 }
 
+/* top_k = 1 renormalised: the single weight is p / p = 1 whatever the router says, so the LM loss
+ * sends no gradient to the router (only the aux losses would train it). */
+static int check_top1_renorm(const Config *c, const Loc *o, char *err) {
+    if (c->top_k != 1 || !c->renormalize) return MT_OK;
+    const KeySpec *rn = must_key("moe", "renormalize"), *k = must_key("moe", "top_k");
+    return key_fail(c, o, rn, k, err, "must be false with moe.top_k = 1: the renormalised weight of a "
+                    "single expert is always 1, so the LM loss would train no router; set "
+                    "moe.renormalize = false (Switch Transformer: the expert output scaled by its router "
+                    "probability)");
+}
+
+static int check_shared_gate(const Config *c, const Loc *o, char *err) {
+    if (!c->shared_expert_gate || c->shared_experts > 0) return MT_OK;
+    return key_fail(c, o, must_key("moe", "shared_expert_gate"), must_key("moe", "shared_experts"), err,
+                    "requires moe.shared_experts > 0 (there is no shared expert output to gate)");
+}
+
+static int check_groups(const Config *c, const Loc *o, char *err) {
+    const KeySpec *g = must_key("moe", "groups"), *gpt = must_key("moe", "groups_per_token");
+    const KeySpec *k = must_key("moe", "top_k"), *sel = must_key("moe", "group_select");
+    if (c->groups == 1) return MT_OK;
+    if (c->num_experts % c->groups)
+        return key_fail(c, o, g, NULL, err, "must divide moe.num_experts (%d)", c->num_experts);
+    if (c->group_select == GROUP_BALANCED) {
+        if (c->top_k % c->groups == 0) return MT_OK;
+        return key_fail(c, o, k, sel, err, "must be a multiple of moe.groups (%d) with moe.group_select = "
+                        "balanced (top_k / groups experts in every group)", c->groups);
+    }
+    if (c->groups_per_token > c->groups)
+        return key_fail(c, o, gpt, g, err, "must be <= moe.groups (%d)", c->groups);
+    int room = c->groups_per_token * (c->num_experts / c->groups);
+    if (c->top_k <= room) return MT_OK;
+    return key_fail(c, o, k, gpt, err, "must be <= moe.groups_per_token * num_experts / groups = %d (the experts "
+                    "of a token's groups)", room);
+}
+
+/* The Kernels router ops cover softmax top-k; the DeepSeek-V3 / group options run on the host
+ * (moe.c), which a GPU run does not do. */
+static int check_router_device(const Config *c, const Loc *o, char *err) {
+    if (c->device != DEVICE_CUDA) return MT_OK;
+    const char *what = c->score == SCORE_SIGMOID ? "score = sigmoid"
+                       : c->expert_bias_rate > 0 ? "expert_bias_rate > 0"
+                       : c->seq_aux_coeff > 0    ? "seq_aux_coeff > 0"
+                       : c->routed_scale != 1.0f ? "routed_scale != 1"
+                       : c->groups > 1           ? "groups > 1"
+                       : c->shared_expert_gate   ? "shared_expert_gate = true"
+                                                 : NULL;
+    if (!what) return MT_OK;
+    return key_fail(c, o, must_key("runtime", "device"), NULL, err, "cuda cannot run moe.%s yet: the CUDA "
+                    "backend implements the softmax top-k router (and ungated shared experts) only; run it "
+                    "with runtime.device = cpu, or without these options", what);
+}
+
 static int check_comm(const Config *c, const Loc *o, char *err) {
     if (c->comm != COMM_NCCL || c->device == DEVICE_CUDA) return MT_OK;
     const KeySpec *comm = must_key("runtime", "comm"), *dev = must_key("runtime", "device");
@@ -627,6 +694,15 @@ static const Rule RULES[] = {
      "interleaved needs train.grad_accum_steps to be a multiple of pp; pp > 1 needs runtime.comm = mpi"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_sp_rows,
      "train.micro_batch_size * model.seq_len / parallel.cp must be a multiple of parallel.tp"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_top1_renorm,
+     "moe.top_k = 1 requires moe.renormalize = false (a renormalised single weight is always 1: no router gradient from the LM loss)"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_shared_gate, "moe.shared_expert_gate = true requires moe.shared_experts > 0"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_groups,
+     "moe.groups > 1 must divide moe.num_experts; balanced: moe.top_k a multiple of groups; limited: "
+     "groups_per_token <= groups and top_k <= groups_per_token * num_experts / groups"},
+    {NULL, NULL, R_CUSTOM, NULL, NULL, check_router_device,
+     "runtime.device = cuda supports the softmax router only (moe.score = softmax, expert_bias_rate = 0, "
+     "seq_aux_coeff = 0, routed_scale = 1, groups = 1) and no shared_expert_gate"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_pad, "moe.pad_to_capacity = true requires moe.capacity_factor > 0"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_comm, "runtime.comm = nccl requires runtime.device = cuda"},
     {NULL, NULL, R_CUSTOM, NULL, NULL, check_attention, "runtime.attention = cudnn requires runtime.device = cuda"},

@@ -15,7 +15,10 @@
 
 #define MT_PATH_MAX 512
 
-typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1 } LblScope;
+typedef enum { LBL_MICRO_BATCH = 0, LBL_GLOBAL_BATCH = 1, LBL_GLOBAL_BATCH_EXACT = 2 } LblScope;
+typedef enum { DROP_PROBS = 0, DROP_POSITION = 1 } DropPolicy;
+typedef enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 } ScoreFunc;
+typedef enum { GROUP_LIMITED = 0, GROUP_BALANCED = 1 } GroupSelect;
 typedef enum { SHARD_NONE = 0, SHARD_OPTIMIZER = 1, SHARD_FULL = 2 } ShardMode;
 typedef enum { DATA_SYNTHETIC = 0, DATA_FILE = 1 } DataSource;
 typedef enum { DEVICE_CPU = 0, DEVICE_CUDA = 1 } DeviceKind;
@@ -45,12 +48,20 @@ typedef struct Config {
     int expert_hidden;     /* F of each routed expert */
     int shared_experts;    /* number of shared experts (0 = none) */
     int shared_hidden;     /* F of each shared expert; 0 means expert_hidden */
+    int shared_expert_gate; /* sigmoid gate on the shared experts' output (Qwen2-MoE) */
     int renormalize;       /* renormalise the top-k weights to sum to 1 */
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
+    DropPolicy drop_policy;
     float lbl_coeff;
     LblScope lbl_scope;
     float z_coeff;
+    float expert_bias_rate; /* aux-loss-free balancing (DeepSeek-V3); 0 = off */
+    float seq_aux_coeff;    /* sequence-wise balance loss (DeepSeek-V3); 0 = off */
+    ScoreFunc score;
+    float routed_scale;
+    int groups, groups_per_token;
+    GroupSelect group_select;
 
     /* [parallel] (dp = world / (tp*cp*pp)) */
     int tp, cp, ep, pp;

@@ -214,6 +214,7 @@ void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     cJSON_AddNumberToObject(o, "loss", r->loss);
     cJSON_AddNumberToObject(o, "lm_loss", r->lm_loss);
     cJSON_AddNumberToObject(o, "lbl", r->lbl);
+    if (t->cfg.seq_aux_coeff > 0) cJSON_AddNumberToObject(o, "seq_aux", r->seq_aux);
     cJSON_AddNumberToObject(o, "z_loss", r->z_loss);
     cJSON_AddNumberToObject(o, "lr", r->lr);
     cJSON_AddNumberToObject(o, "grad_norm", r->grad_norm);

@@ -1,6 +1,7 @@
 /* model.c — see model.h. */
 #include "model.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,14 +48,28 @@ static void layer_acts_alloc(Model *m, LayerActs *a, const LayerParams *lp, int 
         a->ab = k->alloc(nc * 2 * f * F32);
         a->h = k->alloc(nc * f * F32);
     }
-    if (lp->is_moe) moe_acts_alloc(&a->moe, k, d, &m->mc, (int)n, m->ep, m->etp);
+    if (lp->is_moe && d->shgate) {
+        a->shout = k->alloc(n * d->C * F32);
+        a->shg = k->alloc(n * F32);
+    }
+    if (lp->is_moe) {
+        moe_acts_alloc(&a->moe, k, d, &m->mc, (int)n, m->ep, m->etp);
+        if (m->mc.seq_aux_coeff > 0) {
+            a->moe.fseq = mt_calloc((size_t)b * d->E, sizeof(float));
+            a->moe.row_seq = m->row_seq;
+        }
+    }
 }
 
 static void layer_acts_free(Model *m, LayerActs *a, const LayerParams *lp) {
-    float *p[] = {a->ln1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->res_mid, a->ln2, a->rstd2, a->ab, a->h};
+    float *p[] = {a->ln1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->res_mid, a->ln2, a->rstd2, a->ab, a->h,
+                  a->shout, a->shg};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) m->k->free(p[i]);
-    if (lp->is_moe) moe_acts_free(&a->moe, m->k);
+    if (lp->is_moe) {
+        free(a->moe.fseq);
+        moe_acts_free(&a->moe, m->k);
+    }
 }
 
 /* Whether this rank holds an MoE layer (the MoE backward scratch is allocated only then). */
@@ -80,6 +95,7 @@ static void scratch_alloc(Model *m, int b) {
     m->dh = k->alloc(nc * (f ? f : 1) * F32);
     m->dab = k->alloc(nc * 2 * (f ? f : 1) * F32);
     if (holds_moe(&m->pl)) moe_scratch_alloc(&m->ms, k, d, &m->mc, (int)n);
+    if (d->shgate) m->dsh = k->alloc(n * d->C * F32);
     if (d->tp > 1) {
         m->gx = k->alloc(nc * d->C * F32);
         m->gy = k->alloc(nc * d->C * F32);
@@ -102,6 +118,7 @@ static void arena_alloc(Model *m, Arena *a, int k, int max_seqs) {
     size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs);
     a->res = mt_calloc(d->L + 1, sizeof *a->res);
     a->la = mt_calloc(d->L, sizeof *a->la);
+    a->row_seq = m->row_seq = mt_calloc(n, sizeof(int32_t)); /* layer_acts_alloc points the MoE at it */
     for (int l = d->clo[k]; l <= d->chi[k]; l++) a->res[l] = k_->alloc(n * d->C * F32);
     for (int l = d->clo[k]; l < d->chi[k]; l++) layer_acts_alloc(m, &a->la[l], &m->pl.layers[l], max_seqs);
     a->tokens = k_->alloc(nc * sizeof(int32_t));
@@ -118,6 +135,7 @@ static void arena_free(Model *m, Arena *a) {
     m->k->free(a->tokens);
     m->k->free(a->targets);
     free(a->row_dom);
+    free(a->row_seq);
     free(a->res);
     free(a->la);
 }
@@ -131,6 +149,7 @@ static Arena *use_arena(Model *m, int k, int mb) {
     m->tokens = a->tokens;
     m->targets = a->targets;
     m->row_dom = a->row_dom;
+    m->row_seq = a->row_seq;
     m->b = a->b;
     return a;
 }
@@ -158,7 +177,11 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->cp = mp && mp->cp ? mp->cp : &m->solo;
     m->tok_group = mp ? mp->tokens : &m->solo;
     m->d = dims_from_config(c, mp ? &mp->split : NULL);
-    m->mc = (MoeConfig){.renorm = c->renormalize, .capacity_factor = c->capacity_factor,
+    m->mc = (MoeConfig){.renorm = c->renormalize, .drop_policy = c->drop_policy,
+                        .score = c->score, .routed_scale = c->routed_scale, .bias = c->expert_bias_rate > 0,
+                        .seq_aux_coeff = c->seq_aux_coeff, .groups = c->groups,
+                        .groups_per_token = c->groups_per_token, .group_select = c->group_select,
+                        .capacity_factor = c->capacity_factor,
                         .pad_to_capacity = c->pad_to_capacity, .lbl_coeff = c->lbl_coeff,
                         .z_coeff = c->z_coeff};
     m->eps = c->norm_eps;
@@ -181,6 +204,8 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     scratch_alloc(m, max_seqs);
     m->load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->lbl_acc = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
+    m->step_load = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
+    m->lbl_exact = mt_calloc((size_t)d->L * d->E, sizeof(int64_t));
     m->domain_load = mt_calloc((size_t)d->L * DATA_N_DOMAINS * d->E, sizeof(int64_t));
 }
 
@@ -193,13 +218,15 @@ void model_free(Model *m) {
     for (int i = 0; i < m->n_arenas; i++) arena_free(m, &m->arenas[i]);
     free(m->arenas);
     float *p[] = {m->lnf, m->rstdf, m->logits, m->dres, m->dln, m->dq, m->dk, m->dv, m->datt, m->dh,
-                  m->dab, m->gx, m->gy, m->gz, m->rs, m->ce, m->kall, m->vall, m->knat, m->vnat};
+                  m->dab, m->gx, m->gy, m->gz, m->rs, m->ce, m->kall, m->vall, m->knat, m->vnat, m->dsh};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
         if (p[i]) k->free(p[i]);
     moe_scratch_free(&m->ms, k);
     free(m->load);
     free(m->lbl_acc);
     free(m->domain_load);
+    free(m->step_load);
+    free(m->lbl_exact);
     params_layout_free(&m->pl);
     memset(m, 0, sizeof *m);
 }
@@ -225,7 +252,22 @@ void model_reset_stats(Model *m) {
     memset(m->domain_load, 0, (size_t)m->d.L * DATA_N_DOMAINS * m->d.E * sizeof(int64_t));
 }
 
-void model_reset_lbl(Model *m) { memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t)); }
+void model_reset_lbl(Model *m) {
+    memset(m->lbl_acc, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
+    memset(m->step_load, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
+    memset(m->lbl_exact, 0, (size_t)m->d.L * m->d.E * sizeof(int64_t));
+}
+
+void model_bias_deltas(Model *m, const Group *g, float rate, float *delta) {
+    const ModelDims *d = &m->d;
+    /* the global-batch LBL scopes hold the step's counts summed over g already: no collective */
+    const int64_t *load = m->lbl_scope == LBL_GLOBAL_BATCH_EXACT ? m->lbl_exact
+                          : m->lbl_scope == LBL_GLOBAL_BATCH     ? m->lbl_acc
+                                                                 : m->step_load;
+    if (load == m->step_load) comm_allreduce_sum(g, m->step_load, (size_t)d->L * d->E, DT_I64);
+    for (int l = 0; l < d->L; l++)
+        moe_bias_delta(delta + (size_t)l * d->E, load + (size_t)l * d->E, d->E, rate);
+}
 
 size_t model_activation_bytes(const Model *m) {
     return model_activation_bytes_plan(&m->pl, m->max_seqs, &m->mc, m->slots);
@@ -244,6 +286,7 @@ static size_t arena_floats_plan(const ParamLayout *pl, int k, int max_seqs, cons
         fl += nc * (2 * qd + 2 * kd) + nc * d->Hl;           /* q, att, k, v; lse */
         fl += nc * 3 * fw;                                   /* ab, h (dense FFN / shared experts) */
         if (lp->is_moe) *moe += moe_acts_bytes_plan(d, mc, (int)n);
+        if (lp->is_moe && d->shgate) fl += n * C + n;       /* shout, shg */
     }
     return fl;
 }
@@ -265,6 +308,7 @@ size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const Mo
         moe += ns * am;
     }
     if (d->has_head) fl += n * C + n + nc * d->Vl;           /* lnf, rstdf, logits */
+    if (d->shgate) fl += n * C;                              /* dsh */
     fl += 2 * n * C + nc * (2 * qd + 2 * kd);                /* scratch_alloc: dres, dln, dq, datt, dk, dv */
     fl += nc * 3 * (f ? f : 1);                              /* dh, dab */
     if (d->tp > 1) fl += 3 * nc * C + n * C + 3 * nc;        /* gx, gy, gz, rs, ce */
@@ -354,6 +398,7 @@ static MoeWeights moe_weights(Model *m, const LayerParams *lp) {
     MoeWeights w = {
         .router = P(m, lp->router), .ex_w13 = pe + lp->ex_w13, .ex_w2 = pe + lp->ex_w2,
         .d_router = G(m, lp->router), .d_ex_w13 = ge + lp->ex_w13, .d_ex_w2 = ge + lp->ex_w2,
+        .bias = m->d.ebias ? P(m, lp->ebias) : NULL,
     };
     return w;
 }
@@ -398,7 +443,9 @@ static void attention_forward(Model *m, const LayerParams *lp, LayerActs *a, con
 /* Load fractions for the LBL per the configured scope. */
 static void lbl_fractions(Model *m, int l, MoeActs *a) {
     int E = m->d.E;
-    if (m->lbl_scope == LBL_GLOBAL_BATCH) {
+    if (m->lbl_scope == LBL_GLOBAL_BATCH_EXACT) {
+        moe_lbl_fractions(a->f, m->lbl_exact + (size_t)l * E, E);
+    } else if (m->lbl_scope == LBL_GLOBAL_BATCH) {
         int64_t *acc = m->lbl_acc + (size_t)l * E, count[4096];
         MT_CHECK(E <= 4096, "too many experts (%d)", E);
         memcpy(count, a->plan.count, E * sizeof *count);
@@ -408,9 +455,26 @@ static void lbl_fractions(Model *m, int l, MoeActs *a) {
     } /* micro_batch: moe_forward already set f from this micro-batch's counts */
 }
 
+/* DeepSeek-V3's f of the sequence-wise balance loss, over whole sequences: this rank's rows'
+ * choices per sequence, summed over the tp and cp ranks holding the other pieces. */
+static void seq_fractions(Model *m, MoeActs *a, int n) {
+    const ModelDims *d = &m->d;
+    int b = m->b, E = d->E, K = d->K;
+    int64_t *cnt = mt_calloc((size_t)b * E, sizeof *cnt);
+    for (int s = 0; s < n * K; s++) cnt[(size_t)m->row_seq[s / K] * E + a->idx_host[s]]++;
+    comm_allreduce_sum(m->tp, cnt, (size_t)b * E, DT_I64);
+    comm_allreduce_sum(m->cp, cnt, (size_t)b * E, DT_I64);
+    for (size_t i = 0; i < (size_t)b * E; i++) a->fseq[i] = (float)((double)E * cnt[i] / ((double)K * d->T));
+    a->nseq = b;
+    free(cnt);
+}
+
 static void record_load(Model *m, int l, const MoeActs *a, int n) {
     const ModelDims *d = &m->d;
-    for (int x = 0; x < d->E; x++) m->load[(size_t)l * d->E + x] += a->plan.count[x];
+    for (int x = 0; x < d->E; x++) {
+        m->load[(size_t)l * d->E + x] += a->plan.count[x];
+        m->step_load[(size_t)l * d->E + x] += a->plan.count[x];
+    }
     for (int s = 0; s < n * d->K; s++) {
         int dom = m->row_dom[s / d->K];
         if (dom < 0 || dom >= DATA_N_DOMAINS) continue;
@@ -428,6 +492,62 @@ static void tp_swiglu_forward(Model *m, LayerActs *a, size_t w13, size_t w2, int
     tp_reduce_add(m, y);
 }
 
+/* Qwen2-MoE's shared-expert gate: y (n,C) += g * shout, g_r = sigmoid(ln2_r . w) (host loops on
+ * host copies: the cuda backend refuses the gate at config check). */
+static void shared_gate_forward(Model *m, const LayerParams *lp, LayerActs *a, float *y, int n) {
+    const Kernels *k = m->k;
+    int C = m->d.C;
+    size_t nc = (size_t)n * C;
+    float *x = mt_calloc(nc, F32), *o = mt_calloc(nc, F32), *yy = mt_calloc(nc, F32), *g = mt_calloc(n, F32);
+    float *w = mt_calloc(C, F32);
+    k->to_host(x, a->ln2, nc * F32);
+    k->to_host(o, a->shout, nc * F32);
+    k->to_host(yy, y, nc * F32);
+    k->to_host(w, P(m, lp->sh_gate), C * F32);
+    for (int r = 0; r < n; r++) {
+        double t = 0;
+        for (int c = 0; c < C; c++) t += (double)x[(size_t)r * C + c] * w[c];
+        g[r] = (float)(1.0 / (1.0 + exp(-t)));
+        for (int c = 0; c < C; c++) yy[(size_t)r * C + c] += g[r] * o[(size_t)r * C + c];
+    }
+    k->from_host(y, yy, nc * F32);
+    k->from_host(a->shg, g, n * F32);
+    free(x), free(o), free(yy), free(g), free(w);
+}
+
+/* The gate's backward for upstream dy (n,C): dsh = g * dy (the shared experts' upstream), and
+ * through the gate dx (n,C) += dz_r w, dw += sum_r dz_r x_r with dz_r = g'(.) sum_c dy o. */
+static void shared_gate_backward(Model *m, const LayerParams *lp, LayerActs *a, const float *dy_dev,
+                                 float *dx_dev, int n) {
+    const Kernels *k = m->k;
+    int C = m->d.C;
+    size_t nc = (size_t)n * C;
+    float *x = mt_calloc(nc, F32), *o = mt_calloc(nc, F32), *dy = mt_calloc(nc, F32), *dx = mt_calloc(nc, F32);
+    float *g = mt_calloc(n, F32), *w = mt_calloc(C, F32), *dw = mt_calloc(C, F32);
+    k->to_host(x, a->ln2, nc * F32);
+    k->to_host(o, a->shout, nc * F32);
+    k->to_host(dy, dy_dev, nc * F32);
+    k->to_host(dx, dx_dev, nc * F32);
+    k->to_host(g, a->shg, n * F32);
+    k->to_host(w, P(m, lp->sh_gate), C * F32);
+    k->to_host(dw, G(m, lp->sh_gate), C * F32);
+    for (int r = 0; r < n; r++) {
+        float *dyr = dy + (size_t)r * C;
+        double dg = 0;
+        for (int c = 0; c < C; c++) dg += (double)dyr[c] * o[(size_t)r * C + c];
+        double dz = dg * g[r] * (1.0 - g[r]);
+        for (int c = 0; c < C; c++) {
+            dx[(size_t)r * C + c] += (float)(dz * w[c]);
+            dw[c] += (float)(dz * x[(size_t)r * C + c]);
+            dyr[c] *= g[r];
+        }
+    }
+    k->from_host(m->dsh, dy, nc * F32);
+    k->from_host(dx_dev, dx, nc * F32);
+    k->from_host(G(m, lp->sh_gate), dw, C * F32);
+    free(x), free(o), free(dy), free(dx), free(g), free(w), free(dw);
+}
+
 static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st, int collect) {
     const LayerParams *lp = &m->pl.layers[l];
     const ModelDims *d = &m->d;
@@ -438,7 +558,13 @@ static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st,
     }
     MoeWeights w = moe_weights(m, lp);
     moe_forward(m->k, d, &m->mc, &w, &a->moe, a->ln2, y, n);
-    if (d->Fs) tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, y);
+    if (d->Fs && d->shgate) {
+        m->k->zero(a->shout, (size_t)n * d->C * F32);
+        tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, a->shout);
+        shared_gate_forward(m, lp, a, y, n);
+    } else if (d->Fs) {
+        tp_swiglu_forward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, y);
+    }
     if (collect) {
         lbl_fractions(m, l, &a->moe);
         record_load(m, l, &a->moe, n);
@@ -447,6 +573,10 @@ static void ffn_forward(Model *m, int l, LayerActs *a, float *y, MicroStats *st,
     moe_aux_losses(m->k, d, &a->moe, n, &lbl, &z);
     st->lbl += lbl;
     st->z += z;
+    if (m->mc.seq_aux_coeff > 0) {
+        seq_fractions(m, &a->moe, n);
+        st->seq += moe_seq_aux(d, &a->moe, n);
+    }
     st->dropped += a->moe.plan.dropped;
     st->assignments += (int64_t)n * d->K;
 }
@@ -470,6 +600,7 @@ static void load_tokens(Model *m, const int32_t *tokens, const int32_t *domains,
     for (int r = 0; r < n; r++) { /* residual row r is local token tp_r*n + r */
         int row = d->tp_r * n + r;
         m->row_dom[r] = domains ? domains[(row / Tc) % b] : -1;
+        m->row_seq[r] = (row / Tc) % b;
     }
     m->k->from_host(m->tokens, in, nc * sizeof *in);
     m->k->from_host(m->targets, tg, nc * sizeof *tg);
@@ -646,12 +777,12 @@ static void attention_backward(Model *m, const LayerParams *lp, LayerActs *a, co
     k->rmsnorm_bwd(m->dres, G(m, lp->ln1), m->dln, x, P(m, lp->ln1), a->rstd1, n, C);
 }
 
-/* dx (n,C) += d SwiGLU / dx for upstream dy (n,C) (m->dres), with tp-split weights of width f. */
+/* dx (n,C) += d SwiGLU / dx for upstream dy_res (n,C), with tp-split weights of width f. */
 static void tp_swiglu_backward(Model *m, LayerActs *a, size_t w13, size_t w2, int f, const float *x,
-                               float *dx) {
+                               const float *dy_res, float *dx) {
     const ModelDims *d = &m->d;
     int nc = rows_cp(d, m->b);
-    const float *dy = tp_gather(m, m->dres, m->gy), *xg = tp_gather(m, x, m->gx);
+    const float *dy = tp_gather(m, dy_res, m->gy), *xg = tp_gather(m, x, m->gx);
     float beta, *dxg = tp_partial(m, dx, &beta);
     swiglu_ffn_backward(m->k, PT(m, w13), PT(m, w2), GT(m, w13), GT(m, w2), a->ab, a->h, xg, dy, dxg,
                         m->dh, m->dab, nc, d->C, f);
@@ -665,10 +796,15 @@ static void ffn_backward(Model *m, int l, LayerActs *a, float aux_scale) {
     m->k->zero(m->dln, (size_t)n * d->C * F32);
     if (lp->is_moe) {
         MoeWeights w = moe_weights(m, lp);
-        if (d->Fs) tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dln);
+        if (d->Fs && d->shgate) {
+            shared_gate_backward(m, lp, a, m->dres, m->dln, n);
+            tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dsh, m->dln);
+        } else if (d->Fs) {
+            tp_swiglu_backward(m, a, lp->sh_w13, lp->sh_w2, d->Fsl, a->ln2, m->dres, m->dln);
+        }
         moe_backward(m->k, d, &m->mc, &w, &a->moe, &m->ms, a->ln2, m->dres, m->dln, n, aux_scale);
     } else {
-        tp_swiglu_backward(m, a, lp->mlp_w13, lp->mlp_w2, d->Fl, a->ln2, m->dln);
+        tp_swiglu_backward(m, a, lp->mlp_w13, lp->mlp_w2, d->Fl, a->ln2, m->dres, m->dln);
     }
     m->k->rmsnorm_bwd(m->dres, G(m, lp->ln2), m->dln, a->res_mid, P(m, lp->ln2), a->rstd2, n, d->C);
 }
@@ -718,6 +854,18 @@ MicroStats model_step_micro(Model *m, const int32_t *tokens, const int32_t *doma
     model_chunk_backward(m, 0, 0, aux_scale);
     return st;
 }
+
+void model_count_routes(Model *m) {
+    const ModelDims *d = &m->d;
+    for (int k = 0; k < d->vpp; k++) {
+        use_arena(m, k, 0);
+        for (int l = d->clo[k]; l < d->chi[k]; l++)
+            if (m->pl.layers[l].is_moe)
+                for (int x = 0; x < d->E; x++) m->lbl_exact[(size_t)l * d->E + x] += m->la[l].moe.plan.count[x];
+    }
+}
+
+void model_sync_routes(Model *m) { moe_sync_counts(m->tok_group, m->lbl_exact, m->d.L * m->d.E); }
 
 MicroStats model_forward_only(Model *m, const int32_t *tokens, int b) {
     MT_CHECK(m->d.pp == 1, "model_forward_only runs the whole model: pp = %d", m->d.pp);

@@ -42,7 +42,8 @@
  *   aux-loss gradients scaled by aux_scale = 1 / (micro-batches in the global step).
  * The LBL scope only changes the load fractions f: micro_batch uses this micro-batch's counts;
  * global_batch uses the counts all-reduced over the ranks holding other tokens (mp->tokens) and
- * accumulated over the step's micro-batches so far (model->lbl_acc).
+ * accumulated over the step's micro-batches so far (model->lbl_acc); global_batch_exact uses the
+ * whole step's counts, gathered beforehand by model_count_routes / model_sync_routes.
  * Communicates only in its tp_* / cp_* helpers (above), through moe.c (dispatch/combine over ep
  * and etp, the LBL counts over tokens) and the parameter hooks.
  * Memory: model_activation_bytes reports the arena; model_activation_bytes_plan computes the same
@@ -86,6 +87,7 @@ typedef struct LayerActs {
     float *q, *k, *v, *att, *lse;                /* (Nc,Hl*D) (Nc,Hkvl*D) x2 (Nc,Hl*D) (Nc*Hl) */
     float *ab, *h; /* dense FFN or shared experts: (Nc,2Fl) (Nc,Fl), Fl its hidden width / tp */
     MoeActs moe;   /* MoE layers */
+    float *shout, *shg; /* gated shared experts (Qwen2-MoE): their output (n,C), the gate (n) */
 } LayerActs;
 
 /* The activations of one micro-batch in one model chunk [clo, chi): its input and output
@@ -97,6 +99,7 @@ typedef struct Arena {
     LayerActs *la;             /* (L) */
     int32_t *tokens, *targets; /* backend (Nc): inputs (vocabulary-slice ids, -1 outside), targets */
     int32_t *row_dom;          /* host (n): data domain of each residual row */
+    int32_t *row_seq;          /* host (n): sequence of the micro-batch of each residual row */
     int b;                     /* sequences of its micro-batch */
 } Arena;
 
@@ -114,13 +117,14 @@ typedef struct Model {
     int n_arenas, slots[64], arena0[64]; /* chunk k: arenas arena0[k] .. arena0[k] + slots[k] - 1 */
     /* the arena in use (model_chunk_*): its fields, as the layer code reads them */
     int b;                 /* sequences of the current micro-batch */
-    int32_t *tokens, *targets, *row_dom;
+    int32_t *tokens, *targets, *row_dom, *row_seq;
     float **res;
     LayerActs *la;
     float *lnf, *rstdf, *logits; /* (n,C) (n) (Nc,Vl): the model's last chunk only (else NULL) */
     /* backward scratch */
     float *dres, *dln, *dq, *dk, *dv, *datt, *dh, *dab;
     MoeScratch ms;
+    float *dsh;            /* (n,C) gated shared experts: the gated upstream gradient */
     /* tp > 1: gathered rows gx, gy, gz (Nc,C), a reduce-scatter landing rs (n,C), the
      * cross-entropy row statistics ce (3,Nc); cp > 1: K/V of whole sequences (B,T,Hkvl,D) in
      * arrival order (kall, vall) and in sequence order (knat, vnat) */
@@ -132,6 +136,8 @@ typedef struct Model {
 
     int64_t *load;     /* (L,E) host: tokens routed per expert, accumulated since model_reset_stats */
     int64_t *lbl_acc;  /* (L,E) host: counts for the global_batch LBL scope in the current step */
+    int64_t *lbl_exact; /* (L,E) host: the whole step's counts (global_batch_exact; model_count_routes) */
+    int64_t *step_load; /* (L,E) host: this rank's routed counts in the current step (expert bias) */
     int64_t *domain_load; /* (L,DATA_N_DOMAINS,E) host */
 } Model;
 
@@ -140,6 +146,7 @@ typedef struct MicroStats {
     double lm_sum;   /* sum of per-token cross-entropy */
     int64_t tokens;  /* tokens with a target */
     double lbl, z;   /* sum over MoE layers of this micro-batch's LBL and z-loss (unscaled) */
+    double seq;      /* and of the sequence-wise balance loss (moe.seq_aux_coeff > 0; moe.h) */
     int64_t dropped, assignments;
 } MicroStats;
 
@@ -152,6 +159,19 @@ void model_zero_grads(Model *m);
 /* Reset load statistics (start of a log interval) and the LBL accumulation (start of a step). */
 void model_reset_stats(Model *m);
 void model_reset_lbl(Model *m);
+/* lbl_scope = global_batch_exact: before the step's first backward, run every micro-batch of this
+ * rank's slice forward (pipeline_forward: no backward, no statistics; the routing is the one the
+ * step will use, the parameters being the same) and call model_count_routes after each (it adds
+ * the routed counts of the last forward of this rank's chunks), then model_sync_routes
+ * (collective over the ranks holding the step's other tokens). */
+void model_count_routes(Model *m);
+void model_sync_routes(Model *m);
+/* Aux-loss-free balancing (moe.expert_bias_rate): the step's routed counts summed over g (the
+ * ranks holding the step's other tokens), then delta (L,E) = each layer's bias step
+ * (moe_bias_delta). With lbl_scope global_batch or global_batch_exact those counts are synced
+ * already (lbl_acc, lbl_exact); otherwise one all-reduce over g (collective). Every rank gets the
+ * same delta; the caller adds it to the bias tensors. */
+void model_bias_deltas(Model *m, const Group *g, float rate, float *delta);
 
 /* tokens (B, T+1) host int32: inputs tokens[:, :T], targets tokens[:, 1:]. domains (B) host or NULL.
  * Runs forward + backward for B <= max_seqs sequences, accumulating gradients (pp = 1). */

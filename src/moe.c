@@ -29,7 +29,12 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeC
     a->plan.offs = mt_calloc(d->E + 1, sizeof(int));
     a->plan.count = mt_calloc(d->E, sizeof(int64_t));
     a->idx_host = mt_calloc(nk, sizeof(int32_t));
-    a->probs_host = mt_calloc((size_t)n * d->E, sizeof(float));
+    a->w_host = mt_calloc(nk, sizeof(float));
+    if (moe_host_router(mc)) {
+        a->lg_host = mt_calloc((size_t)n * d->E, sizeof(float));
+        a->s_host = mt_calloc((size_t)n * d->E, sizeof(float));
+        a->p_host = mt_calloc((size_t)n * d->E, sizeof(float));
+    }
     a->f = mt_calloc(d->E, sizeof(float));
     dispatcher_init(&a->disp, ep, k, d->E, d->C);
     etp_init(&a->etpx, etp, k, d->El);
@@ -163,7 +168,10 @@ void moe_acts_free(MoeActs *a, const Kernels *k) {
     free(a->plan.offs);
     free(a->plan.count);
     free(a->idx_host);
-    free(a->probs_host);
+    free(a->w_host);
+    free(a->lg_host);
+    free(a->s_host);
+    free(a->p_host);
     free(a->f);
     memset(a, 0, sizeof *a);
 }
@@ -259,10 +267,11 @@ static int cand_by_prob(const void *a, const void *b) {
 
 static int int_cmp(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
 
-/* Keep the `capacity` highest-probability slots of one expert's candidates, in token order. */
-static int keep_top(Cand *c, int nc, int capacity, int *out) {
+/* Keep `capacity` of one expert's candidates (given in token order), returned in token order:
+ * the highest-weight ones (DROP_PROBS) or the first ones (DROP_POSITION). */
+static int keep_top(Cand *c, int nc, int capacity, int policy, int *out) {
     if (capacity > 0 && nc > capacity) {
-        qsort(c, nc, sizeof *c, cand_by_prob);
+        if (policy == DROP_PROBS) qsort(c, nc, sizeof *c, cand_by_prob);
         nc = capacity;
     }
     for (int i = 0; i < nc; i++) out[i] = c[i].slot;
@@ -275,8 +284,8 @@ size_t moe_plan_rows(int n, int e, int k, int capacity, int pad) {
     return pad && capacity > 0 && padded > kept ? padded : kept;
 }
 
-void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
-                    int capacity, int pad) {
+void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *weights, int n, int e, int k,
+                    int capacity, int pad, int policy) {
     memset(p->count, 0, e * sizeof *p->count);
     for (int s = 0; s < n * k; s++) p->count[idx[s]]++;
     Cand *cand = mt_calloc((size_t)n * k, sizeof *cand);
@@ -285,13 +294,13 @@ void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n,
     int *fill = mt_calloc(e, sizeof *fill);
     for (int s = 0; s < n * k; s++) { /* bucket by expert, ascending slot */
         int x = idx[s];
-        cand[start[x] + fill[x]++] = (Cand){s, probs[(size_t)(s / k) * e + x]};
+        cand[start[x] + fill[x]++] = (Cand){s, weights[s]};
     }
     p->m = 0;
     p->offs[0] = 0;
     int kept = 0;
     for (int x = 0; x < e; x++) {
-        int got = keep_top(cand + start[x], (int)p->count[x], capacity, p->slots + p->m);
+        int got = keep_top(cand + start[x], (int)p->count[x], capacity, policy, p->slots + p->m);
         kept += got;
         p->m += got;
         for (; pad && capacity > 0 && got < capacity; got++) p->slots[p->m++] = -1;
@@ -325,15 +334,173 @@ void swiglu_ffn_backward(const Kernels *k, const float *w13, const float *w2, fl
 
 /* ---- MoE forward / backward ---- */
 
+/* ---- the host router ---- */
+
+int moe_host_router(const MoeConfig *mc) {
+    return mc->score == SCORE_SIGMOID || mc->bias || mc->routed_scale != 1.0f || mc->seq_aux_coeff > 0 ||
+           mc->groups > 1;
+}
+
+/* Insert expert c with value v into the descending list idx (cnt of k used); ties keep the lower id. */
+static void topk_insert(int32_t *idx, int *cnt, int k, const float *v, int c) {
+    if (*cnt == k && !(v[c] > v[idx[k - 1]])) return;
+    int pos = *cnt < k ? (*cnt)++ : k - 1;
+    for (; pos > 0 && v[c] > v[idx[pos - 1]]; pos--) idx[pos] = idx[pos - 1];
+    idx[pos] = c;
+}
+
+/* Sum of the top-2 values of v[lo..lo+g) (the one value when g = 1). */
+static float group_score(const float *v, int lo, int g) {
+    float a = -INFINITY, b = -INFINITY;
+    for (int c = lo; c < lo + g; c++) {
+        if (v[c] > a) b = a, a = v[c];
+        else if (v[c] > b) b = v[c];
+    }
+    return g > 1 ? a + b : a;
+}
+
+void moe_select(int32_t *idx, const float *sel, int e, int k, const MoeConfig *mc) {
+    int G = mc->groups > 1 ? mc->groups : 1, g = e / G, cnt = 0;
+    if (G > 1 && mc->group_select == GROUP_BALANCED) { /* k/G in every group */
+        int per = k / G;
+        int32_t tmp[4096];
+        for (int x = 0; x < G; x++) {
+            int c2 = 0;
+            for (int c = x * g; c < (x + 1) * g; c++) topk_insert(tmp, &c2, per, sel, c);
+            for (int j = 0; j < per; j++) topk_insert(idx, &cnt, k, sel, tmp[j]);
+        }
+        return;
+    }
+    unsigned char on[4096];
+    memset(on, 1, (size_t)G);
+    if (G > 1 && mc->groups_per_token < G) {
+        float gs[4096];
+        int32_t best[4096];
+        int nb = 0;
+        for (int x = 0; x < G; x++) gs[x] = group_score(sel, x * g, g);
+        for (int x = 0; x < G; x++) topk_insert(best, &nb, mc->groups_per_token, gs, x);
+        memset(on, 0, (size_t)G);
+        for (int j = 0; j < nb; j++) on[best[j]] = 1;
+    }
+    for (int c = 0; c < e; c++)
+        if (on[c / g]) topk_insert(idx, &cnt, k, sel, c);
+}
+
+/* One token: scores s and probs p from logits l; selection by s + bias; weights from s. */
+static void host_route_row(const MoeConfig *mc, const float *l, const float *bias, int e, int k,
+                           float *s, float *p, int32_t *ix, float *w) {
+    double t = 0;
+    if (mc->score == SCORE_SIGMOID) {
+        for (int c = 0; c < e; c++) t += s[c] = 1.0f / (1.0f + expf(-l[c]));
+        for (int c = 0; c < e; c++) p[c] = (float)(s[c] / t);
+    } else {
+        float mx = l[0];
+        for (int c = 1; c < e; c++) mx = l[c] > mx ? l[c] : mx;
+        for (int c = 0; c < e; c++) t += s[c] = expf(l[c] - mx);
+        for (int c = 0; c < e; c++) p[c] = s[c] = (float)(s[c] / t);
+    }
+    float sel[4096];
+    for (int c = 0; c < e; c++) sel[c] = s[c] + (bias ? bias[c] : 0.0f);
+    moe_select(ix, sel, e, k, mc);
+    double sum = 0;
+    for (int j = 0; j < k; j++) sum += s[ix[j]];
+    for (int j = 0; j < k; j++) w[j] = mc->routed_scale * (mc->renorm ? (float)(s[ix[j]] / sum) : s[ix[j]]);
+}
+
+static void host_route(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
+                       MoeActs *a, int n) {
+    int E = d->E, K = d->K;
+    MT_CHECK(E <= 4096, "too many experts (%d)", E);
+    MT_CHECK(a->lg_host, "MoE layer: host router buffers missing (moe_acts_alloc with another MoeConfig)");
+    float bias[4096];
+    if (w->bias) k->to_host(bias, w->bias, E * sizeof(float));
+    k->to_host(a->lg_host, a->logits, (size_t)n * E * sizeof(float));
+    for (int r = 0; r < n; r++)
+        host_route_row(mc, a->lg_host + (size_t)r * E, w->bias ? bias : NULL, E, K, a->s_host + (size_t)r * E,
+                       a->p_host + (size_t)r * E, a->idx_host + (size_t)r * K, a->w_host + (size_t)r * K);
+    k->from_host(a->probs, a->p_host, (size_t)n * E * sizeof(float));
+    k->from_host(a->idx, a->idx_host, (size_t)n * K * sizeof(int32_t));
+    k->from_host(a->weights, a->w_host, (size_t)n * K * sizeof(float));
+}
+
+/* One token's dlogits (E, +=) from dw (K), dp (E: gradient w.r.t. the probs) and the z term. */
+static void host_route_row_bwd(const MoeConfig *mc, const float *l, const float *s, const float *p,
+                               const int32_t *ix, const float *w, const float *dw, const double *dp,
+                               float zgrad, int e, int k, float *dl) {
+    double ds[4096] = {0}, sum = 0, dot = 0;
+    for (int j = 0; j < k; j++) {
+        sum += s[ix[j]];
+        dot += (double)dw[j] * w[j];
+    }
+    for (int j = 0; j < k; j++)
+        ds[ix[j]] += mc->renorm ? (mc->routed_scale * dw[j] - dot) / sum : mc->routed_scale * dw[j];
+    double pdp = 0, t = 0;
+    for (int c = 0; c < e; c++) pdp += p[c] * dp[c];
+    if (mc->score == SCORE_SIGMOID) {
+        for (int c = 0; c < e; c++) t += s[c];
+        for (int c = 0; c < e; c++) dl[c] += (float)((ds[c] + (dp[c] - pdp) / t) * s[c] * (1.0 - s[c]));
+    } else {
+        double sds = 0;
+        for (int c = 0; c < e; c++) sds += s[c] * (ds[c] + dp[c]);
+        for (int c = 0; c < e; c++) dl[c] += (float)(s[c] * (ds[c] + dp[c] - sds));
+    }
+    if (zgrad == 0.0f) return;
+    float mx = l[0];
+    double z = 0;
+    for (int c = 1; c < e; c++) mx = l[c] > mx ? l[c] : mx;
+    for (int c = 0; c < e; c++) z += exp((double)l[c] - mx);
+    double lse = mx + log(z);
+    for (int c = 0; c < e; c++) dl[c] += (float)(2.0 * zgrad * lse * exp((double)l[c] - lse));
+}
+
+/* dlogits of the host router: LBL (dprob), sequence-wise loss (fseq), z-loss and the weights. */
+static void host_route_bwd(const Kernels *k, const ModelDims *d, const MoeConfig *mc, MoeActs *a,
+                           MoeScratch *s, const double *dprob, float zgrad, float seq_scale, int n) {
+    int E = d->E, K = d->K;
+    float *dw = mt_calloc((size_t)n * K, sizeof(float)), *dl = mt_calloc((size_t)n * E, sizeof(float));
+    k->to_host(dw, s->dweights, (size_t)n * K * sizeof(float));
+    double dp[4096];
+    for (int r = 0; r < n; r++) {
+        const float *fs = a->fseq && mc->seq_aux_coeff > 0 ? a->fseq + (size_t)a->row_seq[r] * E : NULL;
+        for (int c = 0; c < E; c++) dp[c] = dprob[c] + (fs ? (double)seq_scale * fs[c] : 0.0);
+        size_t re = (size_t)r * E, rk = (size_t)r * K;
+        host_route_row_bwd(mc, a->lg_host + re, a->s_host + re, a->p_host + re, a->idx_host + rk,
+                           a->w_host + rk, dw + rk, dp, zgrad, E, K, dl + re);
+    }
+    k->from_host(s->dlogits, dl, (size_t)n * E * sizeof(float));
+    free(dw);
+    free(dl);
+}
+
+double moe_seq_aux(const ModelDims *d, const MoeActs *a, int n) {
+    if (!a->fseq || !a->p_host) return 0.0;
+    double s = 0;
+    for (int r = 0; r < n; r++) {
+        const float *f = a->fseq + (size_t)a->row_seq[r] * d->E, *p = a->p_host + (size_t)r * d->E;
+        for (int c = 0; c < d->E; c++) s += (double)f[c] * p[c];
+    }
+    return s / n;
+}
+
+void moe_bias_delta(float *delta, const int64_t *load, int e, float rate) {
+    double mean = 0;
+    for (int x = 0; x < e; x++) mean += (double)load[x];
+    mean /= e;
+    for (int x = 0; x < e; x++) delta[x] = load[x] < mean ? rate : load[x] > mean ? -rate : 0.0f;
+}
+
 static void route(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                   MoeActs *a, const float *x, int n) {
     k->matmul(a->logits, x, w->router, n, d->E, d->C, 0, 1, 1.0f, 0.0f);
-    k->router_topk_fwd(a->probs, a->idx, a->weights, a->logits, n, d->E, d->K, mc->renorm);
+    if (moe_host_router(mc)) host_route(k, d, mc, w, a, n);
+    else k->router_topk_fwd(a->probs, a->idx, a->weights, a->logits, n, d->E, d->K, mc->renorm);
     k->router_stats(a->psum, &a->zsum, a->probs, a->logits, n, d->E);
-    k->to_host(a->idx_host, a->idx, (size_t)n * d->K * sizeof(int32_t));
-    k->to_host(a->probs_host, a->probs, (size_t)n * d->E * sizeof(float));
-    moe_plan_build(&a->plan, a->idx_host, a->probs_host, n, d->E, d->K,
-                   moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity);
+    if (!moe_host_router(mc)) { /* the host router has them already */
+        k->to_host(a->idx_host, a->idx, (size_t)n * d->K * sizeof(int32_t));
+        k->to_host(a->w_host, a->weights, (size_t)n * d->K * sizeof(float));
+    }
+    moe_plan_build(&a->plan, a->idx_host, a->w_host, n, d->E, d->K,
+                   moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity, mc->drop_policy);
 }
 
 /* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */
@@ -427,11 +594,17 @@ static void router_backward(const Kernels *k, const ModelDims *d, const MoeConfi
                             float *dx, int n, float aux_scale) {
     float dprob[4096];
     for (int x = 0; x < d->E; x++) dprob[x] = mc->lbl_coeff * aux_scale * d->E * a->f[x] / n;
-    k->from_host(s->dprob, dprob, d->E * sizeof(float));
     float zgrad = mc->z_coeff * aux_scale / n;
-    k->zero(s->dlogits, (size_t)n * d->E * sizeof(float));
-    k->router_bwd(s->dlogits, s->dweights, s->dprob, zgrad, a->probs, a->logits, a->idx,
-                  a->weights, n, d->E, d->K, mc->renorm);
+    if (moe_host_router(mc)) {
+        double dpd[4096];
+        for (int x = 0; x < d->E; x++) dpd[x] = dprob[x];
+        host_route_bwd(k, d, mc, a, s, dpd, zgrad, mc->seq_aux_coeff * aux_scale / n, n);
+    } else {
+        k->from_host(s->dprob, dprob, d->E * sizeof(float));
+        k->zero(s->dlogits, (size_t)n * d->E * sizeof(float));
+        k->router_bwd(s->dlogits, s->dweights, s->dprob, zgrad, a->probs, a->logits, a->idx,
+                      a->weights, n, d->E, d->K, mc->renorm);
+    }
     k->matmul(dx, s->dlogits, w->router, n, d->C, d->E, 0, 0, 1.0f, 1.0f);      /* dx += dl Wg */
     k->matmul(w->d_router, s->dlogits, x, d->E, d->C, n, 1, 0, 1.0f, 1.0f);     /* dWg += dl^T x */
 }

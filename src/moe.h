@@ -3,7 +3,10 @@
  *
  * Forward, for N tokens x (N, C) (the post-attention RMSNorm output):
  *   logits = x Wg^T (N,E) fp32 -> softmax -> top-k (idx, weights (N,K), optional renorm)
- *   plan   = assignments sorted by expert (then token), capacity applied (dropped: lowest prob first)
+ *   plan   = assignments sorted by expert (then token), capacity applied (moe.drop_policy: probs
+ *            drops the lowest combine weight first, the weight the token actually uses, after
+ *            renormalisation and never the bias-adjusted selection score; position drops the
+ *            latest tokens of the batch first, as GShard)
  *   xp     = gather(x) (M,C)                                  permute: no communication
  *   xe     = dispatch(xp) (Me,C), grouped by this rank's experts      [dispatch.h: all-to-all]
  *   ab = grouped(xe, w13) (Me,2Fe) -> h = silu(a)*b (Me,Fe) -> ye = grouped(h, w2) (Me,C)
@@ -20,6 +23,11 @@
  * Where f comes from is the only thing the LBL scope changes (model.c decides; moe_sync_counts
  * all-reduces the counts for the global_batch scope: the one other communicating call here).
  * Backward accumulates into dx and into the weight gradients (experts: only this rank's El).
+ * The host router (moe_host_router: sigmoid scores, expert bias, routed scale, groups, the
+ * sequence-wise loss) replaces the Kernels router ops by host loops on host copies of the logits:
+ * scores s (softmax or sigmoid), probs p = s normalised over all experts (what the LBL, the
+ * sequence-wise loss and router_stats see), selection by s + bias (moe_select), weights from s only
+ * (renormalised over the selected, times routed_scale); its backward forms dlogits on the host.
  */
 #ifndef MT_MOE_H
 #define MT_MOE_H
@@ -85,7 +93,17 @@ typedef struct MoeActs {
     Dispatcher disp;                 /* this layer's exchange (counts kept for the backward) */
     const int *eoffs;                /* (El+1) host: expert-side offsets (disp.recv_offs or plan.offs) */
     int32_t *idx_host;               /* (N,K) host copy for the plan */
-    float *probs_host;               /* (N,E) host copy, for capacity ordering */
+    float *w_host;                   /* (N,K) host copy of the weights, for capacity ordering */
+    /* the host router (moe_host_router: sigmoid scores, expert bias, groups, routed scale,
+     * sequence-wise aux loss), host (N,E) each, NULL otherwise: logits, scores s (softmax or
+     * sigmoid), probs p (s normalised over all experts: what the balance losses see) */
+    float *lg_host, *s_host, *p_host;
+    /* sequence-wise aux loss (seq_aux_coeff > 0): set by the caller after moe_forward (model.c,
+     * which knows the sequences): row_seq (N) sequence of each row, fseq (nseq,E) the
+     * DeepSeek-V3 f_{s,e} = E/(K T) * tokens of sequence s that chose e (whole sequences) */
+    const int32_t *row_seq;
+    float *fseq;
+    int nseq;
     float *psum;                     /* (E) backend: sum_n probs[n,e] */
     double zsum;                     /* sum_n lse_n^2 */
     float *f;                        /* (E) host: load fractions used by the LBL */
@@ -108,15 +126,23 @@ typedef struct MoeScratch {
 
 typedef struct MoeConfig {
     int renorm;
+    int drop_policy;       /* DropPolicy (config.h) */
+    int score;             /* ScoreFunc (config.h): softmax or sigmoid (DeepSeek-V3) */
+    float routed_scale;    /* routed output scale (DeepSeek-V3 routed_scaling_factor); 1 = none (set it) */
+    int bias;              /* an expert bias is added to the selection scores (aux-loss-free balancing) */
+    float seq_aux_coeff;   /* DeepSeek-V3 sequence-wise balance loss; 0 = off */
+    int groups, groups_per_token, group_select; /* group-limited routing (GroupSelect, config.h) */
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
     float lbl_coeff, z_coeff;
 } MoeConfig;
 
-/* Weight pointers of one layer (views into the flat buffers). */
+/* Weight pointers of one layer (views into the flat buffers). bias: (E) expert bias of the
+ * selection scores, or NULL (non-trainable: no gradient). */
 typedef struct MoeWeights {
     const float *router, *ex_w13, *ex_w2;
     float *d_router, *d_ex_w13, *d_ex_w2;
+    const float *bias;
 } MoeWeights;
 
 /* ep: the expert-parallel group (size 1: no dispatch); etp: the expert tensor-parallel group. */
@@ -139,17 +165,33 @@ size_t moe_beyond_plan_bytes(void);
 
 /* Capacity per expert for n tokens (0 = unlimited / dropless). */
 int moe_capacity(float cf, int n, int k, int e);
-/* Build the plan from idx/probs (host) for n tokens. Dropping keeps the highest-probability
- * assignments of an overfull expert (ties: lower token first). pad: give every expert exactly
- * `capacity` rows, the unused ones padding (static shapes; needs capacity > 0). */
-void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *probs, int n, int e, int k,
-                    int capacity, int pad);
+/* Build the plan from idx and weights (host, (n,k) each: the combine weight of every slot) for n
+ * tokens. An overfull expert keeps, by policy (DropPolicy), its highest-weight assignments (ties:
+ * lower token first) or its first ones in token order. pad: give every expert exactly `capacity`
+ * rows, the unused ones padding (static shapes; needs capacity > 0). */
+void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *weights, int n, int e, int k,
+                    int capacity, int pad, int policy);
 /* Rows a plan can need for n tokens: n*k, or e*capacity when padding. */
 size_t moe_plan_rows(int n, int e, int k, int capacity, int pad);
 
 /* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). Collective over ep. */
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n);
+/* Whether this configuration routes on the host (any of the DeepSeek-V3 / group options): the
+ * Kernels router ops cover softmax top-k only. */
+int moe_host_router(const MoeConfig *mc);
+/* Sequence-wise balance loss value of a forward (unscaled; needs a->fseq):
+ * sum_rows sum_e fseq[seq(row), e] * p[row, e] / n. Summed over the ranks holding pieces of the
+ * sequences (and averaged like the LBL) it is DeepSeek-V3's mean over sequences of sum_e f_e P_e. */
+double moe_seq_aux(const ModelDims *d, const MoeActs *a, int n);
+/* The expert-bias step (DeepSeek-V3): bias_e += rate * sign(mean load - load_e), given the loads
+ * (E) of the whole global batch (identical on every rank, so the update is too). delta (E) out. */
+void moe_bias_delta(float *delta, const int64_t *load, int e, float rate);
+/* Selection (host, one token): top-k of sel (E) into idx (K, descending), optionally limited to
+ * the token's groups_per_token best groups (by the sum of each group's top-2 scores), or, with
+ * group_select = balanced, exactly k/groups experts in every group (Pangu MoGE). */
+void moe_select(int32_t *idx, const float *sel, int e, int k, const MoeConfig *mc);
+
 /* LBL fractions f (E) from counts: f_e = count_e / sum(count). */
 void moe_lbl_fractions(float *f, const int64_t *count, int e);
 /* Sum per-expert counts (E) over the ranks that hold other tokens of the step (collective). */

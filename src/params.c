@@ -16,7 +16,8 @@ ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
         .Hkv = c->n_kv_heads, .D = c->head_dim, .T = c->seq_len, .F = c->ffn_hidden,
         .E = c->num_experts, .K = c->top_k, .Fe = c->expert_hidden,
         .Fs = c->shared_experts * c->shared_hidden, .dense_layers = c->dense_layers,
-        .tie = c->tie_embeddings, .tp = sp->tp, .tp_r = sp->tp_r, .etp = sp->etp, .etp_r = sp->etp_r,
+        .tie = c->tie_embeddings, .ebias = c->expert_bias_rate > 0,
+        .shgate = c->shared_expert_gate && c->shared_experts > 0, .tp = sp->tp, .tp_r = sp->tp_r, .etp = sp->etp, .etp_r = sp->etp_r,
         .cp = sp->cp, .cp_r = sp->cp_r,
     };
     d.El = d.E / sp->ep;
@@ -155,6 +156,10 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     char pre[160];
     snprintf(pre, sizeof pre, "model.layers.%d.block_sparse_moe", l);
     lp->router = add(b, PBUF_DENSE, NOSPLIT, d->E, d->C, INIT_NORMAL, b->std, "%s.gate.weight", pre);
+    if (d->ebias) { /* DeepSeek-V3's name for it */
+        lp->ebias = add(b, PBUF_DENSE, NOSPLIT, d->E, 0, INIT_ZEROS, 0, "%s.gate.e_score_correction_bias", pre);
+        b->pl->info[b->pl->n - 1].frozen = 1;
+    }
     Split r = etp_rows(d), c = etp_cols(d);
     for (int j = d->e0; j < d->e0 + d->El; j++) { /* this rank's experts, global names */
         size_t o = add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w1.weight", pre, j);
@@ -169,6 +174,8 @@ static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
         char sh[200];
         snprintf(sh, sizeof sh, "%s.shared_experts", pre);
         add_swiglu(b, d, &lp->sh_w13, &lp->sh_w2, d->C, d->Fs, sh);
+        if (d->shgate) /* Qwen2-MoE's name, under this layer's prefix */
+            lp->sh_gate = add(b, PBUF_DENSE, NOSPLIT, 1, d->C, INIT_NORMAL, b->std, "%s.shared_expert_gate.weight", pre);
     }
 }
 
@@ -268,6 +275,7 @@ void params_full_index(const ParamInfo *t, size_t i, int64_t *row, int64_t *col)
 
 float params_init_value(const ParamInfo *t, uint64_t seed, size_t i) {
     if (t->init == INIT_ONES) return 1.0f;
+    if (t->init == INIT_ZEROS) return 0.0f;
     int64_t row, col;
     params_full_index(t, i, &row, &col);
     i = (size_t)(row * (t->ndim == 2 ? t->full[1] : 1) + col); /* index in the full tensor */
@@ -300,7 +308,7 @@ size_t params_total(const ParamLayout *pl) {
     const ModelDims *d = &pl->dims;
     size_t total = 0, per_expert = (size_t)3 * d->Fe * d->C;
     for (int n = 0; n < pl->n; n++)
-        if (pl->info[n].buf != PBUF_EXPERT) total += full_numel(&pl->info[n]);
+        if (pl->info[n].buf != PBUF_EXPERT && !pl->info[n].frozen) total += full_numel(&pl->info[n]);
     for (int l = 0; l < d->L; l++)
         if (pl->layers[l].is_moe) total += (size_t)d->E * per_expert;
     return total;

@@ -32,7 +32,7 @@
 #include "config.h"
 
 typedef enum { PBUF_DENSE = 0, PBUF_EXPERT = 1, PBUF_TP = 2, PBUF_COUNT = 3 } ParamBuf;
-typedef enum { INIT_NORMAL = 0, INIT_ONES = 1 } InitKind;
+typedef enum { INIT_NORMAL = 0, INIT_ONES = 1, INIT_ZEROS = 2 } InitKind;
 /* The group a tensor is split over. */
 typedef enum { SPLIT_NONE = 0, SPLIT_TP = 1, SPLIT_ETP = 2 } SplitGroup;
 
@@ -50,6 +50,7 @@ typedef struct ParamInfo {
     int copy;  /* a replica of a tensor another pipeline stage owns (tied embeddings: the last
                 * stage's lm_head is a copy of the first stage's embedding, kept equal by summing
                 * their gradients; checkpoints and the gradient norm take the owner's) */
+    int frozen; /* model state, not trained (the expert bias): AdamW skips it, its gradient stays 0 */
     InitKind init;
     float std;
 } ParamInfo;
@@ -62,8 +63,10 @@ typedef struct LayerParams {
     size_t ln1, q, k, v, o, ln2;   /* dense */
     size_t mlp_w13, mlp_w2;        /* dense FFN (dense layers): (2F, C), (C, F) */
     size_t router;                 /* dense: (E, C) */
+    size_t ebias;                  /* dense, frozen: (E) expert bias (d.ebias; else 0) */
     size_t ex_w13, ex_w2;          /* expert buffer: (E, 2Fe, C), (E, C, Fe) */
     size_t sh_w13, sh_w2;          /* dense: shared experts fused: (2*S*Fs, C), (C, S*Fs) */
+    size_t sh_gate;                /* dense: (1, C) shared-expert gate (d.shgate; else 0) */
 } LayerParams;
 
 /* Resolved model dimensions (from Config): full sizes, and this rank's share of them. */
@@ -72,6 +75,8 @@ typedef struct ModelDims {
     int E, K, Fe, Fs;             /* Fs: total shared width = shared_experts * shared_hidden */
     int El, e0;                   /* experts held by this rank: [e0, e0 + El) (El = E / ep) */
     int dense_layers, tie;
+    int ebias;                    /* MoE layers hold an expert bias (moe.expert_bias_rate > 0) */
+    int shgate;                   /* the shared experts are gated (moe.shared_expert_gate, Fs > 0) */
     /* tensor parallelism: tp, this rank's tp index; expert tensor parallelism: etp, its index;
      * context parallelism: cp, its index (tokens only: no parameter is split over cp) */
     int tp, tp_r, etp, etp_r, cp, cp_r;
@@ -132,7 +137,8 @@ void params_init_range(const ParamLayout *pl, ParamBuf buf, size_t lo, size_t hi
 float params_init_value(const ParamInfo *t, uint64_t seed, size_t i);
 
 /* Parameter counts of the whole model (all experts, whichever rank holds them): total, and active
- * per token (embedding + dense + shared + K of E experts). */
+ * per token (embedding + dense + shared + K of E experts). Frozen state (the expert bias) is not
+ * counted. */
 size_t params_total(const ParamLayout *pl);
 size_t params_active(const ParamLayout *pl);
 

@@ -154,6 +154,7 @@ static void run_forward(Step *s, PipeOp o, PipeFetch fetch, void *ctx, float lm_
     sum->tokens += st.tokens;
     sum->lbl += st.lbl;
     sum->z += st.z;
+    sum->seq += st.seq;
     sum->dropped += st.dropped;
     sum->assignments += st.assignments;
 }

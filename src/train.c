@@ -122,9 +122,22 @@ static void fetch_micro_batch(void *ctx, int mb, const int32_t **tokens, const i
     *domains = t->dom_buf;
 }
 
+/* lbl_scope = global_batch_exact: the whole step's routing before any backward (model.h), by a
+ * forward pass over the step's micro-batches through the pipeline. */
+static void count_step_routes(Trainer *t) {
+    for (int a = 0; a < t->cfg.grad_accum_steps; a++) {
+        const int32_t *tokens, *domains;
+        fetch_micro_batch(t, a, &tokens, &domains);
+        pipeline_forward(&t->model, &t->mesh->g_pp, tokens, t->cfg.micro_batch_size);
+        model_count_routes(&t->model);
+    }
+    model_sync_routes(&t->model);
+}
+
 /* Forward/backward over this rank's micro-batches of the step (through its pipeline schedule);
  * returns the summed stats of its model chunks. */
 static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale) {
+    if (t->cfg.lbl_scope == LBL_GLOBAL_BATCH_EXACT) count_step_routes(t);
     return pipeline_step(&t->model, &t->mesh->g_pp, t->ops, t->n_ops, t->cfg.micro_batch_size,
                          fetch_micro_batch, t, lm_scale, aux_scale, &t->pipe_times);
 }
@@ -133,9 +146,10 @@ static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale)
  * sequence parallelism the tp ranks route different tokens; the LM loss is counted by tp rank 0 of
  * the last stage) and every stage adds its own layers' auxiliary losses. */
 static MicroStats sync_micro_stats(const Trainer *t, MicroStats s) {
-    double v[6] = {s.lm_sum, (double)s.tokens, s.lbl, s.z, (double)s.dropped, (double)s.assignments};
-    comm_allreduce_sum(&t->mesh->g_world, v, 6, DT_F64);
-    return (MicroStats){v[0], (int64_t)v[1], v[2], v[3], (int64_t)v[4], (int64_t)v[5]};
+    double v[7] = {s.lm_sum, (double)s.tokens, s.lbl, s.z, (double)s.dropped, (double)s.assignments, s.seq};
+    comm_allreduce_sum(&t->mesh->g_world, v, 7, DT_F64);
+    return (MicroStats){.lm_sum = v[0], .tokens = (int64_t)v[1], .lbl = v[2], .z = v[3],
+                        .dropped = (int64_t)v[4], .assignments = (int64_t)v[5], .seq = v[6]};
 }
 
 static const char *const NF_NAMES[NF_TERMS] = {"lm_loss", "lbl", "z_loss", "grad_norm"};
@@ -150,7 +164,7 @@ const char *train_nonfinite_first(unsigned mask) {
 
 /* NF_LM | NF_LBL | NF_Z bits of the loss terms of s that are not finite. */
 static unsigned nonfinite_losses(const MicroStats *s) {
-    return (isfinite(s->lm_sum) ? 0u : NF_LM) | (isfinite(s->lbl) ? 0u : NF_LBL) | (isfinite(s->z) ? 0u : NF_Z);
+    return (isfinite(s->lm_sum) ? 0u : NF_LM) | (isfinite(s->lbl) && isfinite(s->seq) ? 0u : NF_LBL) | (isfinite(s->z) ? 0u : NF_Z);
 }
 
 /* The gradient norm, which values of the step are not finite on any rank, and on how many ranks
@@ -169,6 +183,25 @@ static double grad_norm_and_guard(Trainer *t, const MicroStats *mine, const Micr
     for (int i = 0; i < 3; i++)
         if (flags[i] != 0) *nonfinite |= 1u << i;
     return norm;
+}
+
+/* Aux-loss-free balancing (moe.expert_bias_rate): every rank moves the expert biases by the same
+ * step, from the routed counts of the whole global batch. */
+static void update_expert_bias(Trainer *t) {
+    Model *m = &t->model;
+    if (t->cfg.expert_bias_rate <= 0) return;
+    float *delta = mt_calloc((size_t)m->d.L * m->d.E, sizeof(float));
+    model_bias_deltas(m, &t->mesh->g_stage, t->cfg.expert_bias_rate, delta);
+    for (int l = 0; l < m->d.L; l++) {
+        const LayerParams *lp = &m->pl.layers[l];
+        if (!lp->held || !lp->is_moe) continue;
+        char name[160];
+        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.e_score_correction_bias", l);
+        int ti = params_find(&m->pl, name);
+        MT_CHECK(ti >= 0, "no tensor %s", name);
+        sharder_add_tensor(&t->shard, ti, delta + (size_t)l * m->d.E);
+    }
+    free(delta);
 }
 
 StepResult trainer_step(Trainer *t) {
@@ -199,6 +232,7 @@ StepResult trainer_step(Trainer *t) {
         if (c->grad_clip > 0 && r.grad_norm > c->grad_clip)
             sharder_scale_grads(&t->shard, (float)(c->grad_clip / (r.grad_norm + 1e-6)));
         sharder_update(&t->shard, r.lr);
+        update_expert_bias(t);
     }
 
     t->step++;
@@ -217,7 +251,8 @@ StepResult trainer_step(Trainer *t) {
     r.lm_loss = s.lm_sum / (double)global_tokens;
     r.lbl = s.lbl * aux_scale;
     r.z_loss = s.z * aux_scale;
-    r.loss = r.lm_loss + c->lbl_coeff * r.lbl + c->z_coeff * r.z_loss;
+    r.seq_aux = s.seq * aux_scale;
+    r.loss = r.lm_loss + c->lbl_coeff * r.lbl + c->z_coeff * r.z_loss + c->seq_aux_coeff * r.seq_aux;
     r.dropped_frac = s.assignments ? (double)s.dropped / s.assignments : 0.0;
     r.seconds = mt_now() - t0;
     r.tokens_per_s = global_tokens / r.seconds;

@@ -54,6 +54,7 @@ typedef struct StepResult {
     int step;                  /* 1-based number of the step just completed */
     double loss, lm_loss;      /* total loss, LM cross-entropy (mean over the global tokens) */
     double lbl, z_loss;        /* sums over MoE layers, averaged over micro-batches */
+    double seq_aux;            /* the sequence-wise balance loss, likewise (moe.seq_aux_coeff) */
     double grad_norm;          /* before clipping */
     float lr;
     double seconds, tokens_per_s;

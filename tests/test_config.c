@@ -346,6 +346,21 @@ static const ErrCase RULE_ERRORS[] = {
     {"[moe]\nnum_experts = 8\n", "moe.top_k=9", 1, "[moe] top_k = 9: must be <= moe.num_experts (8)"},
     {NULL, "parallel.ep=3", 1, "[moe] num_experts = 4: must be a multiple of parallel.ep (3)"},
     {"[runtime]\ncomm = nccl\n", NULL, 0, "[runtime] comm = nccl: requires runtime.device = cuda"},
+    {"[moe]\ntop_k = 1\n", NULL, 0, "[moe] renormalize = true: must be false with moe.top_k = 1: the renormalised "
+     "weight of a single expert is always 1, so the LM loss would train no router; set moe.renormalize = false"},
+    {NULL, "moe.top_k=1", 1, "--set moe.top_k=1: [moe] renormalize = true: must be false with moe.top_k = 1"},
+    {"[moe]\nshared_expert_gate = true\n", NULL, 0, "[moe] shared_expert_gate = true: requires moe.shared_experts > 0"},
+    {"[moe]\nshared_experts = 1\nshared_expert_gate = true\n", "runtime.device=cuda", 1,
+     "[runtime] device = cuda: cuda cannot run moe.shared_expert_gate = true yet"},
+    {"[moe]\ngroups = 3\n", NULL, 0, "[moe] groups = 3: must divide moe.num_experts (4)"},
+    {"[moe]\ngroups = 2\ngroup_select = balanced\ntop_k = 3\n", NULL, 0,
+     "[moe] top_k = 3: must be a multiple of moe.groups (2) with moe.group_select = balanced"},
+    {"[moe]\ngroups = 2\ngroups_per_token = 3\n", NULL, 0, "[moe] groups_per_token = 3: must be <= moe.groups (2)"},
+    {"[moe]\nnum_experts = 8\ntop_k = 5\ngroups = 4\ngroups_per_token = 2\n", NULL, 0,
+     "[moe] top_k = 5: must be <= moe.groups_per_token * num_experts / groups = 4"},
+    {"[moe]\nscore = sigmoid\n", "runtime.device=cuda", 1, "[runtime] device = cuda: cuda cannot run moe.score = sigmoid yet"},
+    {"[moe]\nexpert_bias_rate = 0.001\n[runtime]\ndevice = cuda\n", NULL, 0,
+     "[runtime] device = cuda: cuda cannot run moe.expert_bias_rate > 0 yet"},
     {"[runtime]\nattention = cudnn\n", NULL, 0, "[runtime] attention = cudnn: requires runtime.device = cuda"},
     /* tensor / context / expert-tensor parallelism. A rule's error is located where its first key
      * was set (file or --set), else where the parallel degree was set. */
@@ -482,7 +497,8 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(norm_eps); EQ(init_std);
     EQ(num_experts); EQ(top_k); EQ(expert_hidden); EQ(shared_experts); EQ(shared_hidden);
     EQ(renormalize); EQ(capacity_factor); EQ(pad_to_capacity); EQ(lbl_coeff); EQ(lbl_scope);
-    EQ(z_coeff);
+    EQ(z_coeff); EQ(drop_policy); EQ(expert_bias_rate); EQ(seq_aux_coeff); EQ(score); EQ(routed_scale);
+    EQ(groups); EQ(groups_per_token); EQ(group_select); EQ(shared_expert_gate);
     EQ(tp); EQ(cp); EQ(etp); EQ(ep); EQ(pp); EQ(pp_schedule); EQ(pp_virtual); EQS(pp_layers);
     EQ(steps); EQ(seed); EQ(micro_batch_size); EQ(grad_accum_steps); EQ(max_skipped_steps);
     EQ(lr); EQ(min_lr); EQ(warmup_steps); EQ(decay_steps); EQ(beta1); EQ(beta2); EQ(eps);
@@ -513,6 +529,23 @@ static void round_trip(const char *const *sets, int n_sets) {
 START_TEST(t_round_trip_defaults) { round_trip(NULL, 0); }
 END_TEST
 
+/* The router options (a cpu run: cuda refuses them). */
+START_TEST(t_round_trip_router) {
+    const char *sets[] = {"moe.num_experts=8", "moe.top_k=3", "moe.expert_bias_rate=0.001",
+                          "moe.seq_aux_coeff=0.0001", "moe.score=sigmoid", "moe.routed_scale=2.5",
+                          "moe.groups=4", "moe.groups_per_token=2", "moe.group_select=limited",
+                          "moe.shared_experts=1", "moe.shared_expert_gate=true"};
+    round_trip(sets, 11);
+    Config c;
+    char err[MT_ERRLEN];
+    ck_assert_msg(load_text(NULL, sets, 11, &c, err, NULL) == MT_OK, "%s", err);
+    ck_assert_int_eq(c.shared_expert_gate, 1);
+    ck_assert_int_eq(c.score, SCORE_SIGMOID);
+    ck_assert_int_eq(c.groups, 4);
+    ck_assert_float_eq(c.routed_scale, 2.5f);
+}
+END_TEST
+
 START_TEST(t_round_trip_everything_changed) {
     char long_path[400], set_path[450];
     memset(long_path, 'd', sizeof long_path - 1);
@@ -525,7 +558,7 @@ START_TEST(t_round_trip_everything_changed) {
         "model.dense_layers=1", "model.tie_embeddings=yes", "model.rope_theta=500000",
         "model.norm_eps=1e-6", "model.init_std=0.0123456789", "moe.num_experts=8", "moe.top_k=3",
         "moe.expert_hidden=48", "moe.shared_experts=1", "moe.shared_hidden=80",
-        "moe.renormalize=off", "moe.capacity_factor=1.25", "moe.pad_to_capacity=on",
+        "moe.renormalize=off", "moe.capacity_factor=1.25", "moe.pad_to_capacity=on", "moe.drop_policy=position",
         "moe.lbl_coeff=0.02", "moe.lbl_scope=global_batch", "moe.z_coeff=0.0001", "parallel.tp=2",
         "parallel.cp=2", "parallel.etp=4", "parallel.ep=4", "parallel.pp=1", "train.steps=7",
         "train.seed=18446744073709551615", "train.micro_batch_size=3", "train.grad_accum_steps=5",
@@ -670,6 +703,7 @@ static Suite *config_suite(void) {
     t = tcase_create("output");
     tcase_add_test(t, t_round_trip_defaults);
     tcase_add_test(t, t_round_trip_everything_changed);
+    tcase_add_test(t, t_round_trip_router);
     tcase_add_test(t, t_json);
     tcase_add_test(t, t_help_and_markdown_cover_every_key);
     tcase_add_test(t, t_docs_file_matches);

@@ -23,7 +23,16 @@ typedef struct Variant {
     const char *name;
     int dense_layers, n_layers, top_k, shared, renorm, tie;
     float cf;
+    const char *sets; /* more settings, "section.key=value,..." (NULL: none) */
 } Variant;
+
+static void apply_sets(Config *c, const char *sets) {
+    char buf[512], err[MT_ERRLEN];
+    if (!sets) return;
+    snprintf(buf, sizeof buf, "%s", sets);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
+        ck_assert_msg(config_set(c, tok, err) == MT_OK, "%s", err);
+}
 
 static Config variant_config(const Variant *v) {
     Config c;
@@ -48,12 +57,14 @@ static Config variant_config(const Variant *v) {
     c.capacity_factor = v->cf;
     c.lbl_coeff = 0.5f;
     c.z_coeff = 0.1f;
+    apply_sets(&c, v->sets);
     return c;
 }
 
 static double loss_of(Model *m, const int32_t *tok, const Config *c) {
     MicroStats s = model_forward_only(m, tok, B);
-    return s.lm_sum / (double)(B * c->seq_len) + c->lbl_coeff * s.lbl + c->z_coeff * s.z;
+    return s.lm_sum / (double)(B * c->seq_len) + c->lbl_coeff * s.lbl + c->z_coeff * s.z +
+           c->seq_aux_coeff * s.seq;
 }
 
 /* Hash of every MoE layer's routing (selected experts and kept slots). */
@@ -118,6 +129,11 @@ static void check_tensor(Model *m, const ParamInfo *t, const int32_t *tok, const
     float *p = m->param[t->buf] + t->offset;
     const float *g = m->grad[t->buf] + t->offset;
     size_t n = t->numel;
+    if (t->frozen) { /* the expert bias: model state, no gradient (the loss is flat in it but for
+                        routing jumps) */
+        for (size_t i = 0; i < n; i++) ck_assert_msg(g[i] == 0.0f, "%s: gradient %g", t->name, g[i]);
+        return;
+    }
     float *dir = mt_calloc(n, sizeof(float));
     double gnorm = 0;
     for (size_t i = 0; i < n; i++) gnorm += (double)g[i] * g[i];
@@ -148,6 +164,13 @@ static void run_variant(const Variant *v) {
     Model m;
     model_init(&m, &c, kernels_cpu(), B, NULL);
     model_init_params(&m, 7);
+    int biased = 0;
+    for (int i = 0; i < m.pl.n; i++) /* a bias that changes the selection (it starts at 0) */
+        if (m.pl.info[i].frozen) {
+            tu_fill_uniform(m.param[m.pl.info[i].buf] + m.pl.info[i].offset, m.pl.info[i].numel, -0.3f, 0.3f, 60 + i);
+            biased++;
+        }
+    ck_assert_int_eq(biased, c.expert_bias_rate > 0 ? c.n_layers - c.dense_layers : 0);
     int32_t tok[B * 9];
     for (int i = 0; i < B * (c.seq_len + 1); i++) tok[i] = (i * 37 + 11) % c.vocab_size;
     model_zero_grads(&m);
@@ -161,10 +184,19 @@ static void run_variant(const Variant *v) {
 }
 
 static const Variant variants[] = {
-    {"dense+moe top2 renorm", 1, 2, 2, 0, 1, 0, 0.0f},
-    {"moe top1 shared tied", 0, 1, 1, 1, 0, 1, 0.0f},
-    {"moe top2 shared2 no-renorm", 0, 2, 2, 2, 0, 0, 0.0f},
-    {"moe top2 capacity drops", 1, 2, 2, 1, 1, 0, 0.5f},
+    {"dense+moe top2 renorm", 1, 2, 2, 0, 1, 0, 0.0f, NULL},
+    {"moe top1 shared tied", 0, 1, 1, 1, 0, 1, 0.0f, NULL},
+    {"moe top2 shared2 no-renorm", 0, 2, 2, 2, 0, 0, 0.0f, NULL},
+    {"moe top2 capacity drops", 1, 2, 2, 1, 1, 0, 0.5f, NULL},
+    {"sigmoid renorm routed_scale", 0, 1, 2, 1, 1, 0, 0.0f, "moe.score=sigmoid,moe.routed_scale=2.5"},
+    {"sigmoid top1 no-renorm", 0, 1, 1, 0, 0, 0, 0.0f, "moe.score=sigmoid"},
+    {"expert bias + seq aux", 1, 2, 2, 0, 1, 0, 0.0f, "moe.expert_bias_rate=0.01,moe.seq_aux_coeff=0.7"},
+    {"sigmoid bias seq aux capacity", 0, 1, 2, 0, 1, 0, 0.6f,
+     "moe.score=sigmoid,moe.expert_bias_rate=0.01,moe.seq_aux_coeff=0.7,moe.routed_scale=1.5"},
+    {"groups limited", 0, 1, 2, 0, 1, 0, 0.0f, "moe.groups=2,moe.groups_per_token=1,moe.seq_aux_coeff=0.3"},
+    {"shared expert gate (Qwen2-MoE)", 1, 2, 2, 2, 1, 0, 0.0f, "moe.shared_expert_gate=true"},
+    {"shared gate top1 sigmoid", 0, 1, 1, 1, 0, 1, 0.0f, "moe.shared_expert_gate=true,moe.score=sigmoid"},
+    {"groups balanced (MoGE)", 0, 1, 2, 0, 1, 0, 0.0f, "moe.groups=2,moe.group_select=balanced,moe.expert_bias_rate=0.01"},
 };
 
 START_TEST(test_gradcheck_variant) { run_variant(&variants[_i]); }
@@ -172,7 +204,7 @@ END_TEST
 
 /* The registry names tensors the way Mixtral / Qwen-MoE checkpoints do. */
 START_TEST(test_tensor_names) {
-    Variant v = {"names", 1, 2, 2, 1, 1, 0, 0.0f};
+    Variant v = {"names", 1, 2, 2, 1, 1, 0, 0.0f, "moe.shared_expert_gate=on"};
     Config c = variant_config(&v);
     Model m;
     model_init(&m, &c, kernels_cpu(), 1, NULL);
@@ -187,6 +219,7 @@ START_TEST(test_tensor_names) {
         "model.layers.1.block_sparse_moe.experts.3.w2.weight",
         "model.layers.1.block_sparse_moe.experts.3.w3.weight",
         "model.layers.1.block_sparse_moe.shared_experts.gate_proj.weight",
+        "model.layers.1.block_sparse_moe.shared_expert_gate.weight",
         "model.norm.weight", "lm_head.weight"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         ck_assert_msg(params_find(&m.pl, names[i]) >= 0, "missing tensor %s", names[i]);
@@ -194,13 +227,16 @@ START_TEST(test_tensor_names) {
     ck_assert_int_eq(m.pl.info[w1].shape[0], 12);
     ck_assert_int_eq(m.pl.info[w1].shape[1], 16);
     ck_assert_int_eq(m.pl.info[w1].buf, PBUF_EXPERT);
+    int sg = params_find(&m.pl, "model.layers.1.block_sparse_moe.shared_expert_gate.weight");
+    ck_assert_int_eq(m.pl.info[sg].full[0], 1);
+    ck_assert_int_eq(m.pl.info[sg].full[1], 16);
     model_free(&m);
 }
 END_TEST
 
 /* Counter-based init: a value depends on (seed, name, index) only, not on the layout. */
 START_TEST(test_init_counter_based) {
-    Variant v1 = {"a", 0, 1, 2, 0, 1, 0, 0.0f}, v2 = {"b", 1, 3, 2, 1, 1, 1, 0.0f};
+    Variant v1 = {"a", 0, 1, 2, 0, 1, 0, 0.0f, NULL}, v2 = {"b", 1, 3, 2, 1, 1, 1, 0.0f, NULL};
     Config c1 = variant_config(&v1), c2 = variant_config(&v2);
     c2.dense_layers = 0;
     Model a, b;

@@ -17,7 +17,7 @@ START_TEST(test_plan_dropless_keeps_all) {
     int slots[8], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0);
+    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 8);
     ck_assert_int_eq(p.dropped, 0);
     ck_assert_int_eq(count[0], 3);
@@ -30,16 +30,16 @@ START_TEST(test_plan_dropless_keeps_all) {
 }
 END_TEST
 
-/* Every token picks expert 0 (K=1, E=2, N=4): capacity ceil(1.0*4*1/2) = 2 keeps the two most
- * probable tokens; the other two are dropped. Equal probabilities keep the lower token. */
+/* Every token picks expert 0 (K=1, E=2, N=4): capacity ceil(1.0*4*1/2) = 2 keeps the two
+ * highest-weight tokens; the other two are dropped. Equal weights keep the lower token. */
 START_TEST(test_plan_capacity_drops_lowest_prob) {
     int32_t idx[] = {0, 0, 0, 0};
-    float probs[] = {0.6f, 0.4f, 0.9f, 0.1f, 0.55f, 0.45f, 0.9f, 0.1f};
+    float probs[] = {0.6f, 0.9f, 0.55f, 0.9f}; /* the weight of each slot */
     int slots[4], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_capacity(1.0f, 4, 1, 2), 2);
-    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0);
+    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 1); /* p=0.9, token 1 */
@@ -53,12 +53,12 @@ END_TEST
 /* Padding to capacity: every expert gets exactly `capacity` rows; unused ones are -1. */
 START_TEST(test_plan_pad_to_capacity) {
     int32_t idx[] = {0, 0, 0, 1}; /* N=4, K=1, E=3, capacity 2: expert 0 overflows, 2 is empty */
-    float probs[] = {0.5f, 0.3f, 0.2f, 0.6f, 0.2f, 0.2f, 0.7f, 0.2f, 0.1f, 0.1f, 0.8f, 0.1f};
+    float probs[] = {0.5f, 0.6f, 0.7f, 0.8f};
     int slots[6], offs[4];
     int64_t count[3];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_plan_rows(4, 3, 1, 2, 1), 6);
-    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1);
+    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1, DROP_PROBS);
     ck_assert_int_eq(p.m, 6);
     ck_assert_int_eq(p.dropped, 1); /* token 0 (p = 0.5) loses to tokens 1 and 2 */
     int want[] = {1, 2, 3, -1, -1, -1};
@@ -71,14 +71,32 @@ END_TEST
 
 START_TEST(test_plan_capacity_tie_lower_token) {
     int32_t idx[] = {1, 1, 1};
-    float probs[] = {0.3f, 0.7f, 0.3f, 0.7f, 0.3f, 0.7f};
+    float probs[] = {0.7f, 0.7f, 0.7f};
     int slots[3], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0);
+    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
+}
+END_TEST
+
+/* GShard's position policy: the first tokens keep their place, whatever the weights say. */
+START_TEST(test_plan_position_drops_latest) {
+    int32_t idx[] = {0, 0, 0, 0};
+    float w[] = {0.1f, 0.2f, 0.9f, 0.8f};
+    int slots[4], offs[3];
+    int64_t count[2];
+    RoutePlan p = {.slots = slots, .offs = offs, .count = count};
+    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_POSITION);
+    ck_assert_int_eq(p.m, 2);
+    ck_assert_int_eq(p.dropped, 2);
+    ck_assert_int_eq(slots[0], 0);
+    ck_assert_int_eq(slots[1], 1);
+    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_PROBS); /* the same input by weight */
+    ck_assert_int_eq(slots[0], 2);
+    ck_assert_int_eq(slots[1], 3);
 }
 END_TEST
 
@@ -100,7 +118,7 @@ static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float c
     f->d = (ModelDims){.C = c, .E = e, .K = k, .Fe = 6, .Fel = 6, .Fs = fs, .Fsl = fs, .El = e, .e0 = 0,
                        .tp = 1, .etp = 1, .cp = 1};
     f->solo = group_self("solo");
-    f->mc = (MoeConfig){.renorm = 1, .capacity_factor = cf, .lbl_coeff = 0.3f, .z_coeff = 0.2f};
+    f->mc = (MoeConfig){.renorm = 1, .routed_scale = 1.0f, .capacity_factor = cf, .lbl_coeff = 0.3f, .z_coeff = 0.2f};
     const Kernels *K = kernels_cpu();
     f->router = calloc((size_t)e * c, 4);
     f->g_router = calloc((size_t)e * c, 4);
@@ -117,7 +135,7 @@ static void fixture_init(Fixture *f, int n, int c, int e, int k, int fs, float c
     f->gsh2 = calloc((size_t)(fs + 1) * c, 4);
     tu_fill_uniform(f->sh13, (size_t)2 * fs * c, -0.5f, 0.5f, 14);
     tu_fill_uniform(f->sh2, (size_t)fs * c, -0.5f, 0.5f, 15);
-    f->w = (MoeWeights){f->router, f->w13, f->w2, f->g_router, f->g13, f->g2};
+    f->w = (MoeWeights){f->router, f->w13, f->w2, f->g_router, f->g13, f->g2, NULL};
     size_t sh = (size_t)n * (fs + 1);
     f->sh_ab = calloc(2 * sh, 4);
     f->sh_h = calloc(sh, 4);
@@ -244,6 +262,151 @@ START_TEST(test_pad_matches_unpadded) {
 }
 END_TEST
 
+/* top_k = 1: with renormalisation the one weight is p/p = 1 and the LM loss leaves the router
+ * untrained (the config refuses it); without it (Switch Transformer) the gate gets a gradient. */
+static double router_grad_norm_top1(int renorm) {
+    enum { N = 10, C = 6, E = 4 };
+    float x[N * C], r[N * C], y[N * C] = {0}, dx[N * C] = {0};
+    tu_fill_uniform(x, N * C, -1, 1, 51);
+    tu_fill_uniform(r, N * C, -1, 1, 52);
+    Fixture f;
+    fixture_init(&f, N, C, E, 1, 0, 0.0f);
+    f.mc.renorm = renorm;
+    f.mc.lbl_coeff = f.mc.z_coeff = 0; /* the LM-loss path only */
+    moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
+    moe_backward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, &f.s, x, r, dx, N, 1.0f);
+    double g = 0;
+    for (int i = 0; i < E * C; i++) g += (double)f.g_router[i] * f.g_router[i];
+    fixture_free(&f);
+    return sqrt(g);
+}
+
+START_TEST(test_top1_router_gradient) {
+    ck_assert_msg(router_grad_norm_top1(1) == 0.0, "renormalised top-1: expected no router gradient");
+    double g = router_grad_norm_top1(0);
+    ck_assert_msg(g > 1e-3, "top-1 without renormalisation: router gradient norm %g", g);
+}
+END_TEST
+
+/* Dropping ranks by the weight a token uses, not its raw probability. E=3, K=2, capacity 1,
+ * identity router (logits = x = log p): token 0 p = (0.3, 0.2, 0.5) picks {2, 0}, renormalised
+ * weight of expert 0 = 0.3/0.8 = 0.375; token 1 p = (0.35, 0.65, ~0) picks {1, 0}, weight 0.35.
+ * By raw probability token 1 (0.35 > 0.3) would win expert 0; by the weight used, token 0 does. */
+START_TEST(test_drop_by_used_weight) {
+    enum { N = 2, C = 3, E = 3 };
+    float x[N * C] = {logf(0.3f), logf(0.2f), logf(0.5f), logf(0.35f), logf(0.65f), -20.0f};
+    float y[N * C] = {0};
+    Fixture f;
+    fixture_init(&f, N, C, E, 2, 0, 0.7f);
+    ck_assert_int_eq(moe_capacity(0.7f, N, 2, E), 1);
+    memset(f.router, 0, sizeof(float) * E * C);
+    for (int i = 0; i < E; i++) f.router[i * C + i] = 1.0f;
+    moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
+    const RoutePlan *p = &f.a.plan;
+    ck_assert_int_eq(p->count[0], 2);
+    ck_assert_int_eq(p->offs[1] - p->offs[0], 1);
+    ck_assert_int_eq(p->slots[p->offs[0]] / 2, 0); /* token 0 keeps expert 0 */
+    ck_assert_int_eq(p->dropped, 1);
+    fixture_free(&f);
+}
+END_TEST
+
+/* Selection: plain top-k; group-limited (the token's best group by its top-2 sum); balanced
+ * (k/G per group, Pangu MoGE). */
+START_TEST(test_select_groups) {
+    MoeConfig mc = {.routed_scale = 1.0f};
+    /* E = 8 in G = 2 groups of 4: group 0 holds the single best expert (0.9) but group 1 the best
+     * top-2 sum (0.8 + 0.7 > 0.9 + 0.1) */
+    float sel[8] = {0.9f, 0.1f, 0.05f, 0.0f, 0.8f, 0.7f, 0.2f, 0.3f};
+    int32_t idx[4];
+    moe_select(idx, sel, 8, 2, &mc);
+    ck_assert_int_eq(idx[0], 0);
+    ck_assert_int_eq(idx[1], 4);
+    mc.groups = 2;
+    mc.groups_per_token = 1;
+    moe_select(idx, sel, 8, 2, &mc);
+    ck_assert_int_eq(idx[0], 4); /* group 1 only */
+    ck_assert_int_eq(idx[1], 5);
+    mc.groups_per_token = 2; /* both groups: plain top-k */
+    moe_select(idx, sel, 8, 2, &mc);
+    ck_assert_int_eq(idx[0], 0);
+    ck_assert_int_eq(idx[1], 4);
+    mc.group_select = GROUP_BALANCED; /* k = 4: 2 per group */
+    moe_select(idx, sel, 8, 4, &mc);
+    int per[2] = {0, 0};
+    for (int j = 0; j < 4; j++) per[idx[j] / 4]++;
+    ck_assert_int_eq(per[0], 2);
+    ck_assert_int_eq(per[1], 2);
+    ck_assert_int_eq(idx[0], 0); /* sorted by score: 0.9, 0.8, 0.7, 0.1 */
+    ck_assert_int_eq(idx[3], 1);
+}
+END_TEST
+
+/* The expert bias steers the selection but not the combine weights; moe_bias_delta's sign rule. */
+START_TEST(test_bias_selects_not_weights) {
+    enum { N = 1, C = 4, E = 4 };
+    float x[N * C] = {2.0f, 1.0f, 0.5f, 0.0f}, y[N * C] = {0}, bias[E] = {0, 0, 0, 5.0f};
+    Fixture f;
+    fixture_init(&f, N, C, E, 2, 0, 0.0f);
+    memset(f.router, 0, sizeof(float) * E * C);
+    for (int i = 0; i < E; i++) f.router[i * C + i] = 1.0f;
+    f.mc.bias = 1;
+    f.w.bias = bias;
+    moe_acts_free(&f.a, kernels_cpu()); /* re-allocate for the host router */
+    moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo, &f.solo);
+    moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
+    ck_assert_int_eq(f.a.idx_host[0], 3); /* the bias lifts expert 3 to the top */
+    ck_assert_int_eq(f.a.idx_host[1], 0);
+    double p0 = exp(2.0) / (exp(2.0) + exp(1.0) + exp(0.5) + 1.0), p3 = 1.0 / (exp(2.0) + exp(1.0) + exp(0.5) + 1.0);
+    ck_assert_msg(fabs(f.a.w_host[0] - p3 / (p0 + p3)) < 1e-6, "weight %g, want %g", f.a.w_host[0], p3 / (p0 + p3));
+    ck_assert_msg(fabs(f.a.w_host[1] - p0 / (p0 + p3)) < 1e-6, "weight %g", f.a.w_host[1]);
+    fixture_free(&f);
+    int64_t load[4] = {10, 30, 20, 20};
+    float delta[4];
+    moe_bias_delta(delta, load, 4, 0.5f);
+    ck_assert_float_eq(delta[0], 0.5f);
+    ck_assert_float_eq(delta[1], -0.5f);
+    ck_assert_float_eq(delta[2], 0.0f);
+    ck_assert_float_eq(delta[3], 0.0f);
+}
+END_TEST
+
+/* Pangu MoGE with groups = ep: experts [r*E/G, (r+1)*E/G) live on ep rank r, so every rank
+ * receives exactly n*K/G rows from every source rank, whatever the router says. Limited
+ * routing (DeepSeek-V3) keeps each token inside groups_per_token groups (ranks, or nodes). */
+START_TEST(test_groups_equal_dispatch) {
+    enum { N = 40, C = 8, E = 8, K = 4, G = 4 };
+    float x[N * C], y[N * C] = {0};
+    tu_fill_uniform(x, N * C, -2, 2, 61);
+    for (int mode = 0; mode < 2; mode++) {
+        Fixture f;
+        fixture_init(&f, N, C, E, K, 0, 0.0f);
+        f.mc.groups = G;
+        f.mc.group_select = mode ? GROUP_BALANCED : GROUP_LIMITED;
+        f.mc.groups_per_token = 2; /* limited: 2 groups of 2 experts hold the token's K = 4 */
+        moe_acts_free(&f.a, kernels_cpu());
+        moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo, &f.solo);
+        moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
+        int64_t per[G] = {0};
+        for (int e = 0; e < E; e++) per[e / (E / G)] += f.a.plan.count[e];
+        for (int g = 0; g < G; g++)
+            if (mode) ck_assert_msg(per[g] == N * K / G, "balanced: group %d got %lld rows, want %d", g, (long long)per[g], N * K / G);
+        for (int r = 0; mode == 0 && r < N; r++) { /* limited: a token's K experts in its 2 groups */
+            int used[G] = {0}, n_used = 0;
+            for (int j = 0; j < K; j++) used[f.a.idx_host[r * K + j] / (E / G)] = 1;
+            for (int g = 0; g < G; g++) n_used += used[g];
+            ck_assert_int_eq(n_used, 2);
+        }
+        if (!mode) { /* and the load is not balanced by construction (the test would mean nothing) */
+            int uneven = 0;
+            for (int g = 0; g < G; g++) uneven |= per[g] != N * K / G;
+            ck_assert_msg(uneven, "limited routing came out balanced: pick another seed");
+        }
+        fixture_free(&f);
+    }
+}
+END_TEST
+
 START_TEST(test_layer_gradcheck_dropless) { gradcheck_layer(0.0f, 0); }
 END_TEST
 START_TEST(test_layer_gradcheck_shared) { gradcheck_layer(0.0f, 5); }
@@ -258,8 +421,14 @@ int main(void) {
     tcase_add_test(tc, test_plan_capacity_drops_lowest_prob);
     tcase_add_test(tc, test_plan_capacity_tie_lower_token);
     tcase_add_test(tc, test_plan_pad_to_capacity);
+    tcase_add_test(tc, test_plan_position_drops_latest);
+    tcase_add_test(tc, test_drop_by_used_weight);
     tcase_add_test(tc, test_pad_matches_unpadded);
     tcase_add_test(tc, test_lbl_and_z_hand_values);
+    tcase_add_test(tc, test_top1_router_gradient);
+    tcase_add_test(tc, test_select_groups);
+    tcase_add_test(tc, test_groups_equal_dispatch);
+    tcase_add_test(tc, test_bias_selects_not_weights);
     tcase_add_test(tc, test_layer_gradcheck_dropless);
     tcase_add_test(tc, test_layer_gradcheck_shared);
     tcase_add_test(tc, test_layer_gradcheck_capacity);

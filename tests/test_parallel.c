@@ -121,7 +121,10 @@ static void reference(const Config *c, int dp, const Group *world, Run *ref) {
     rc.pp_schedule = PP_1F1B;
     rc.pp_layers[0] = 0;
     rc.shard = SHARD_NONE;
-    if (c->lbl_scope == LBL_GLOBAL_BATCH && dp > 1) {
+    if (c->lbl_scope == LBL_GLOBAL_BATCH_EXACT) { /* any split equals the whole batch at once */
+        rc.micro_batch_size = c->micro_batch_size * c->grad_accum_steps * dp;
+        rc.grad_accum_steps = 1;
+    } else if (c->lbl_scope == LBL_GLOBAL_BATCH && dp > 1) {
         ck_assert_msg(c->grad_accum_steps == 1, "global-batch reference needs one micro-batch per rank");
         rc.micro_batch_size = c->micro_batch_size * dp;
     } else {

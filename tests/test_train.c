@@ -115,6 +115,36 @@ START_TEST(test_lbl_scope) {
 }
 END_TEST
 
+/* global_batch_exact: the whole step's load fractions before any backward, so 1 micro-batch of 8
+ * and 4 of 2 give the same losses (to 1e-6; global_batch does not: its f grows micro-batch by
+ * micro-batch). Prints the cost of the extra forward pass. */
+START_TEST(test_lbl_scope_exact) {
+    Config c = small_config();
+    c.lbl_coeff = 0.5f;
+    c.lbl_scope = LBL_GLOBAL_BATCH_EXACT;
+    c.micro_batch_size = 8;
+    double whole[3], split[3], inexact[3];
+    run_steps(&c, 3, whole, NULL, 0);
+    c.micro_batch_size = 2;
+    c.grad_accum_steps = 4;
+    run_steps(&c, 3, split, NULL, 0);
+    for (int s = 0; s < 3; s++)
+        ck_assert_msg(fabs(split[s] - whole[s]) <= 1e-6 * fabs(whole[s]), "step %d: 4 x 2 %.12g vs 1 x 8 %.12g",
+                      s + 1, split[s], whole[s]);
+    c.lbl_scope = LBL_GLOBAL_BATCH;
+    run_steps(&c, 3, inexact, NULL, 0);
+    ck_assert_msg(fabs(inexact[0] - whole[0]) > 1e-6 * fabs(whole[0]), "global_batch should differ at accum 4");
+    double t0 = mt_now();
+    run_steps(&c, 3, inexact, NULL, 0);
+    double t1 = mt_now();
+    c.lbl_scope = LBL_GLOBAL_BATCH_EXACT;
+    run_steps(&c, 3, split, NULL, 0);
+    double t2 = mt_now();
+    printf("global_batch_exact: %.1f ms per step vs %.1f ms (global_batch), x%.2f (4 micro-batches of 2 x 32 tokens)\n",
+           (t2 - t1) / 3 * 1e3, (t1 - t0) / 3 * 1e3, (t2 - t1) / (t1 - t0));
+}
+END_TEST
+
 /* Capacity: cf = 0 drops nothing; a tight cf drops a fraction that the step reports. */
 START_TEST(test_capacity_drop_fraction) {
     Config c = small_config();
@@ -128,6 +158,50 @@ START_TEST(test_capacity_drop_fraction) {
     double f = trainer_step(&t).dropped_frac;
     trainer_free(&t);
     ck_assert_msg(f >= 0.5 - 1e-9 && f < 1.0, "dropped fraction %g with capacity factor 0.5", f);
+}
+END_TEST
+
+/* Aux-loss-free balancing: after a step each expert's bias moved by rate * sign(mean load - load)
+ * of that step's loads; the bias sits in the layout frozen (AdamW leaves it, no gradient), and
+ * skews the next selection toward the under-loaded experts. */
+START_TEST(test_expert_bias_step) { /* loop: the LBL scope (where the step's counts come from) */
+    Config c = small_config();
+    c.expert_bias_rate = 0.01f;
+    c.lbl_scope = (LblScope)_i;
+    c.micro_batch_size = 2;
+    c.grad_accum_steps = 2;
+    Trainer t;
+    char err[MT_ERRLEN];
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    int l = c.dense_layers, E = c.num_experts;
+    int ti = params_find(&t.model.pl, "model.layers.1.block_sparse_moe.gate.e_score_correction_bias");
+    ck_assert_int_ge(ti, 0);
+    const ParamInfo *pi = &t.model.pl.info[ti];
+    ck_assert(pi->frozen && !pi->decay);
+    ck_assert_int_eq(pi->numel, E);
+    float bias[64], prev[64];
+    memcpy(prev, t.model.param[pi->buf] + pi->offset, E * sizeof(float));
+    for (int x = 0; x < E; x++) ck_assert_float_eq(prev[x], 0.0f);
+    int moved = 0;
+    for (int s = 0; s < 3; s++) {
+        model_reset_stats(&t.model);
+        trainer_step(&t);
+        trainer_sync_stats(&t);
+        memcpy(bias, t.model.param[pi->buf] + pi->offset, E * sizeof(float));
+        const int64_t *load = t.model.load + (size_t)l * E;
+        double mean = 0;
+        for (int x = 0; x < E; x++) mean += (double)load[x] / E;
+        for (int x = 0; x < E; x++) {
+            float want = prev[x] + (load[x] < mean ? 0.01f : load[x] > mean ? -0.01f : 0.0f);
+            ck_assert_msg(bias[x] == want, "step %d expert %d: bias %g, want %g (load %lld, mean %g)", s + 1, x,
+                          bias[x], want, (long long)load[x], mean);
+            moved += bias[x] != prev[x];
+        }
+        ck_assert_float_eq(t.model.grad[pi->buf][pi->offset], 0.0f);
+        memcpy(prev, bias, sizeof prev);
+    }
+    ck_assert_int_gt(moved, 0);
+    trainer_free(&t);
 }
 END_TEST
 
@@ -202,6 +276,7 @@ START_TEST(test_memory_plan_covers_measured) {
     shapes[1].micro_batch_size = 3;
     shapes[2].dense_layers = 0;
     shapes[2].top_k = 1;
+    shapes[2].renormalize = 0;
     shapes[3].capacity_factor = 1.25f;
     shapes[3].pad_to_capacity = 1;
     shapes[4].capacity_factor = 0.5f;
@@ -439,7 +514,9 @@ int main(void) {
     tcase_add_test(tc, test_rerun_bit_identical);
     tcase_add_test(tc, test_grad_accumulation_equivalence);
     tcase_add_test(tc, test_lbl_scope);
+    tcase_add_test(tc, test_lbl_scope_exact);
     tcase_add_test(tc, test_capacity_drop_fraction);
+    tcase_add_loop_test(tc, test_expert_bias_step, LBL_MICRO_BATCH, LBL_GLOBAL_BATCH_EXACT + 1);
     tcase_add_test(tc, test_memory_plan_covers_measured);
     tcase_add_test(tc, test_memory_plan_cuda_counts_full_buffers);
     tcase_add_test(tc, test_tiny_reaches_threshold);

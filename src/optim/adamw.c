@@ -10,7 +10,7 @@ void adamw_update_region(const Kernels *k, const ParamLayout *pl, ParamBuf buf, 
                          const AdamWHyper *h, int step) {
     for (int n = 0; n < pl->n; n++) {
         const ParamInfo *t = &pl->info[n];
-        if (t->buf != buf || t->offset >= hi || t->offset + t->numel <= lo) continue;
+        if (t->frozen || t->buf != buf || t->offset >= hi || t->offset + t->numel <= lo) continue;
         size_t a = t->offset > lo ? t->offset : lo;
         size_t z = t->offset + t->numel < hi ? t->offset + t->numel : hi;
         size_t i = a - lo;

@@ -1,7 +1,8 @@
 /* adamw.h — AdamW over a region of a flat parameter buffer, with per-tensor weight decay.
  *
  * Weight decay is decoupled and applies only to tensors marked decay in the registry (matrices;
- * norms are not decayed). The caller (optim/shard.c) owns the state buffers and decides which
+ * norms are not decayed). Tensors marked frozen (model state such as the expert bias) are
+ * skipped: no update, no decay. The caller (optim/shard.c) owns the state buffers and decides which
  * region of the flat buffer this rank updates; this module walks the tensors that intersect the
  * region so each element gets its tensor's decay. Padding between units is never touched.
  * Does not communicate.

@@ -255,6 +255,31 @@ void sharder_update(Sharder *s, float lr) {
     }
 }
 
+/* elements [a, z) of buffer b at p (backend memory) += delta (host, from element a) */
+static void add_range(const Kernels *k, float *p, const float *delta, size_t n) {
+    float *h = mt_calloc(n, sizeof(float));
+    k->to_host(h, p, n * sizeof(float));
+    for (size_t i = 0; i < n; i++) h[i] += delta[i];
+    k->from_host(p, h, n * sizeof(float));
+    free(h);
+}
+
+void sharder_add_tensor(Sharder *s, int t, const float *delta) {
+    const ParamLayout *pl = &s->m->pl;
+    const ParamInfo *ti = &pl->info[t];
+    int b = ti->buf;
+    if (s->mode != SHARD_FULL) {
+        add_range(s->k, s->m->param[b] + ti->offset, delta, ti->numel);
+        return;
+    }
+    for (int u = 0; u < pl->n_units; u++) {
+        size_t lo, hi;
+        owned(s, u, b, &lo, &hi);
+        size_t a = ti->offset > lo ? ti->offset : lo, z = ti->offset + ti->numel < hi ? ti->offset + ti->numel : hi;
+        if (a < z) add_range(s->k, param_at(s, u, b, a), delta + (a - ti->offset), z - a);
+    }
+}
+
 /* Even split of unit u over the replica group (equals ownership when sharded: units are padded). */
 static void write_split(const Sharder *s, int u, int b, size_t *lo, size_t *hi) {
     const ParamUnit *pu = &s->m->pl.units[u];

@@ -77,6 +77,13 @@ void sharder_scale_grads(Sharder *s, float f);
 /* AdamW on the owned elements, then (optimizer mode) all-gather the parameters. */
 void sharder_update(Sharder *s, float lr);
 
+/* Add delta (t's numel values, host) to parameter tensor t (index into the layout) wherever its
+ * values live on this rank: the model's buffer (modes none and optimizer, where every rank holds
+ * the unit), or this rank's owned part of the parameter shard (full). For model state that is not
+ * trained (the expert bias, params.h frozen): every rank must pass the same delta. No
+ * communication. */
+void sharder_add_tensor(Sharder *s, int t, const float *delta);
+
 /* Checkpoint I/O views of unit u of buffer b. Writing: every element of the buffer is covered by
  * exactly one rank of the replica group (the owner under sharding, an even split otherwise).
  * Reading: everything this rank holds (parameters: the whole unit unless fully sharded; state:
