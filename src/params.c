@@ -20,6 +20,7 @@ ModelDims dims_from_config(const Config *c, const DimsSplit *sp) {
         .shgate = c->shared_expert_gate && c->shared_experts > 0, .tp = sp->tp, .tp_r = sp->tp_r, .etp = sp->etp, .etp_r = sp->etp_r,
         .cp = sp->cp, .cp_r = sp->cp_r,
     };
+    d.qwen = c->shared_experts > 0 || c->dense_layers > 0 || !c->renormalize;
     d.El = d.E / sp->ep;
     d.e0 = sp->ep_r * d.El;
     d.Vl = d.V / d.tp;
@@ -152,29 +153,35 @@ static void add_swiglu(Builder *b, const ModelDims *d, size_t *w13, size_t *w2, 
     *w2 = add(b, PBUF_TP, c, C, F, INIT_NORMAL, b->out_std, "%s.down_proj.weight", prefix);
 }
 
+/* The Hugging Face family's names (params.h: ModelDims.qwen): Mixtral's block_sparse_moe with
+ * experts.j.w1 (gate) / w3 (up) / w2 (down), or Qwen2-MoE's mlp with experts.j.gate_proj / up_proj /
+ * down_proj, shared_expert.* and shared_expert_gate; the expert bias has DeepSeek-V3's name. */
 static void add_moe(Builder *b, LayerParams *lp, const ModelDims *d, int l) {
     char pre[160];
-    snprintf(pre, sizeof pre, "model.layers.%d.block_sparse_moe", l);
+    snprintf(pre, sizeof pre, "model.layers.%d.%s", l, d->qwen ? "mlp" : "block_sparse_moe");
+    const char *w1 = d->qwen ? "gate_proj" : "w1", *w3 = d->qwen ? "up_proj" : "w3", *w2 = d->qwen ? "down_proj" : "w2";
     lp->router = add(b, PBUF_DENSE, NOSPLIT, d->E, d->C, INIT_NORMAL, b->std, "%s.gate.weight", pre);
-    if (d->ebias) { /* DeepSeek-V3's name for it */
+    lp->ebias_t = -1;
+    if (d->ebias) {
         lp->ebias = add(b, PBUF_DENSE, NOSPLIT, d->E, 0, INIT_ZEROS, 0, "%s.gate.e_score_correction_bias", pre);
+        lp->ebias_t = b->pl->n - 1;
         b->pl->info[b->pl->n - 1].frozen = 1;
     }
     Split r = etp_rows(d), c = etp_cols(d);
     for (int j = d->e0; j < d->e0 + d->El; j++) { /* this rank's experts, global names */
-        size_t o = add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w1.weight", pre, j);
-        add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.w3.weight", pre, j);
+        size_t o = add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.%s.weight", pre, j, w1);
+        add(b, PBUF_EXPERT, r, d->Fe, d->C, INIT_NORMAL, b->std, "%s.experts.%d.%s.weight", pre, j, w3);
         if (j == d->e0) lp->ex_w13 = o;
     }
     for (int j = d->e0; j < d->e0 + d->El; j++) {
-        size_t o = add(b, PBUF_EXPERT, c, d->C, d->Fe, INIT_NORMAL, b->out_std, "%s.experts.%d.w2.weight", pre, j);
+        size_t o = add(b, PBUF_EXPERT, c, d->C, d->Fe, INIT_NORMAL, b->out_std, "%s.experts.%d.%s.weight", pre, j, w2);
         if (j == d->e0) lp->ex_w2 = o;
     }
-    if (d->Fs > 0) {
+    if (d->Fs > 0) { /* shared_experts experts of width shared_hidden: one SwiGLU of their total width */
         char sh[200];
-        snprintf(sh, sizeof sh, "%s.shared_experts", pre);
+        snprintf(sh, sizeof sh, "%s.shared_expert", pre);
         add_swiglu(b, d, &lp->sh_w13, &lp->sh_w2, d->C, d->Fs, sh);
-        if (d->shgate) /* Qwen2-MoE's name, under this layer's prefix */
+        if (d->shgate)
             lp->sh_gate = add(b, PBUF_DENSE, NOSPLIT, 1, d->C, INIT_NORMAL, b->std, "%s.shared_expert_gate.weight", pre);
     }
 }

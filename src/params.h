@@ -64,6 +64,7 @@ typedef struct LayerParams {
     size_t mlp_w13, mlp_w2;        /* dense FFN (dense layers): (2F, C), (C, F) */
     size_t router;                 /* dense: (E, C) */
     size_t ebias;                  /* dense, frozen: (E) expert bias (d.ebias; else 0) */
+    int ebias_t;                   /* its index in ParamLayout.info (-1: none) */
     size_t ex_w13, ex_w2;          /* expert buffer: (E, 2Fe, C), (E, C, Fe) */
     size_t sh_w13, sh_w2;          /* dense: shared experts fused: (2*S*Fs, C), (C, S*Fs) */
     size_t sh_gate;                /* dense: (1, C) shared-expert gate (d.shgate; else 0) */
@@ -77,6 +78,8 @@ typedef struct ModelDims {
     int dense_layers, tie;
     int ebias;                    /* MoE layers hold an expert bias (moe.expert_bias_rate > 0) */
     int shgate;                   /* the shared experts are gated (moe.shared_expert_gate, Fs > 0) */
+    int qwen;                     /* tensor names follow Qwen2-MoE (the model has shared experts,
+                                   * dense layers or renormalize off), else Mixtral (params_family) */
     /* tensor parallelism: tp, this rank's tp index; expert tensor parallelism: etp, its index;
      * context parallelism: cp, its index (tokens only: no parameter is split over cp) */
     int tp, tp_r, etp, etp_r, cp, cp_r;

@@ -195,11 +195,8 @@ static void update_expert_bias(Trainer *t) {
     for (int l = 0; l < m->d.L; l++) {
         const LayerParams *lp = &m->pl.layers[l];
         if (!lp->held || !lp->is_moe) continue;
-        char name[160];
-        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.e_score_correction_bias", l);
-        int ti = params_find(&m->pl, name);
-        MT_CHECK(ti >= 0, "no tensor %s", name);
-        sharder_add_tensor(&t->shard, ti, delta + (size_t)l * m->d.E);
+        MT_CHECK(lp->ebias_t >= 0, "layer %d has no expert bias tensor", l);
+        sharder_add_tensor(&t->shard, lp->ebias_t, delta + (size_t)l * m->d.E);
     }
     free(delta);
 }

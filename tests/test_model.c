@@ -202,7 +202,8 @@ static const Variant variants[] = {
 START_TEST(test_gradcheck_variant) { run_variant(&variants[_i]); }
 END_TEST
 
-/* The registry names tensors the way Mixtral / Qwen-MoE checkpoints do. */
+/* The registry names tensors the way Mixtral / Qwen2-MoE checkpoints do: a model with a dense
+ * layer and gated shared experts is a Qwen2-MoE; one with neither (renormalised top-k) a Mixtral. */
 START_TEST(test_tensor_names) {
     Variant v = {"names", 1, 2, 2, 1, 1, 0, 0.0f, "moe.shared_expert_gate=on"};
     Config c = variant_config(&v);
@@ -214,22 +215,33 @@ START_TEST(test_tensor_names) {
         "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
         "model.layers.0.post_attention_layernorm.weight", "model.layers.0.mlp.gate_proj.weight",
         "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
-        "model.layers.1.block_sparse_moe.gate.weight",
-        "model.layers.1.block_sparse_moe.experts.3.w1.weight",
-        "model.layers.1.block_sparse_moe.experts.3.w2.weight",
-        "model.layers.1.block_sparse_moe.experts.3.w3.weight",
-        "model.layers.1.block_sparse_moe.shared_experts.gate_proj.weight",
-        "model.layers.1.block_sparse_moe.shared_expert_gate.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.experts.3.gate_proj.weight",
+        "model.layers.1.mlp.experts.3.down_proj.weight",
+        "model.layers.1.mlp.experts.3.up_proj.weight",
+        "model.layers.1.mlp.shared_expert.gate_proj.weight",
+        "model.layers.1.mlp.shared_expert.up_proj.weight",
+        "model.layers.1.mlp.shared_expert.down_proj.weight",
+        "model.layers.1.mlp.shared_expert_gate.weight",
         "model.norm.weight", "lm_head.weight"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         ck_assert_msg(params_find(&m.pl, names[i]) >= 0, "missing tensor %s", names[i]);
-    int w1 = params_find(&m.pl, "model.layers.1.block_sparse_moe.experts.3.w1.weight");
+    int w1 = params_find(&m.pl, "model.layers.1.mlp.experts.3.gate_proj.weight");
     ck_assert_int_eq(m.pl.info[w1].shape[0], 12);
     ck_assert_int_eq(m.pl.info[w1].shape[1], 16);
     ck_assert_int_eq(m.pl.info[w1].buf, PBUF_EXPERT);
-    int sg = params_find(&m.pl, "model.layers.1.block_sparse_moe.shared_expert_gate.weight");
+    int sg = params_find(&m.pl, "model.layers.1.mlp.shared_expert_gate.weight");
     ck_assert_int_eq(m.pl.info[sg].full[0], 1);
     ck_assert_int_eq(m.pl.info[sg].full[1], 16);
+    model_free(&m);
+    Variant mx = {"mixtral", 0, 2, 2, 0, 1, 0, 0.0f, NULL};
+    c = variant_config(&mx);
+    model_init(&m, &c, kernels_cpu(), 1, NULL);
+    const char *mixtral[] = {"model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.3.w1.weight",
+                             "model.layers.1.block_sparse_moe.experts.3.w2.weight", "model.layers.1.block_sparse_moe.experts.3.w3.weight"};
+    for (size_t i = 0; i < sizeof mixtral / sizeof mixtral[0]; i++)
+        ck_assert_msg(params_find(&m.pl, mixtral[i]) >= 0, "missing tensor %s", mixtral[i]);
+    ck_assert_int_lt(params_find(&m.pl, "model.layers.0.mlp.gate.weight"), 0);
     model_free(&m);
 }
 END_TEST
@@ -244,7 +256,7 @@ START_TEST(test_init_counter_based) {
     model_init(&b, &c2, kernels_cpu(), 1, NULL);
     model_init_params(&a, 42);
     model_init_params(&b, 42);
-    const char *name = "model.layers.0.block_sparse_moe.experts.2.w3.weight";
+    const char *name = "model.layers.0.self_attn.k_proj.weight"; /* a name both families share */
     const ParamInfo *ta = &a.pl.info[params_find(&a.pl, name)];
     const ParamInfo *tb = &b.pl.info[params_find(&b.pl, name)];
     ck_assert_msg(ta->offset != tb->offset || a.pl.size[0] != b.pl.size[0], "layouts should differ");

@@ -174,7 +174,7 @@ START_TEST(test_expert_bias_step) { /* loop: the LBL scope (where the step's cou
     char err[MT_ERRLEN];
     ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
     int l = c.dense_layers, E = c.num_experts;
-    int ti = params_find(&t.model.pl, "model.layers.1.block_sparse_moe.gate.e_score_correction_bias");
+    int ti = params_find(&t.model.pl, "model.layers.1.mlp.gate.e_score_correction_bias");
     ck_assert_int_ge(ti, 0);
     const ParamInfo *pi = &t.model.pl.info[ti];
     ck_assert(pi->frozen && !pi->decay);
