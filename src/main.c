@@ -13,6 +13,7 @@
 #include "checkpoint.h"
 #include "common.h"
 #include "config.h"
+#include "hf.h"
 #include "metrics.h"
 #include "parallel/mesh.h"
 #include "stop.h"
@@ -21,6 +22,8 @@
 static void usage(FILE *f) {
     fprintf(f, "usage: moetrain CONFIG.ini [--set section.key=value ...]\n"
                "       moetrain --verify-checkpoint FILE.h5\n"
+               "       moetrain --export-hf FILE.h5 OUTDIR [--max-shard-gb N]   (Mixtral / Qwen2-MoE safetensors)\n"
+               "       moetrain --score FILE.h5 TOKENS.bin   (per-sequence loss; TOKENS: int32 (n, seq_len+1))\n"
                "       moetrain --help | --help-markdown | --version\n\n"
                "Trains a Mixture-of-Experts decoder. Launch with mpirun -np N for several ranks.\n"
                "Every config key (also settable with --set):\n\n");
@@ -45,6 +48,41 @@ static int verify(const char *path) {
     return 0;
 }
 
+/* --export-hf CKPT OUTDIR [--max-shard-gb N] */
+static int export_hf(int argc, char **argv, int i) {
+    if (i + 2 >= argc) {
+        fprintf(stderr, "moetrain: error: --export-hf needs a checkpoint file and an output directory\n");
+        return 2;
+    }
+    double gb = 5;
+    if (i + 4 < argc && !strcmp(argv[i + 3], "--max-shard-gb")) gb = atof(argv[i + 4]);
+    if (!(gb > 0)) {
+        fprintf(stderr, "moetrain: error: --max-shard-gb must be a positive number of GB\n");
+        return 2;
+    }
+    char err[MT_ERRLEN];
+    if (hf_export(argv[i + 1], argv[i + 2], (size_t)(gb * 1e9), err) != MT_OK) {
+        fprintf(stderr, "moetrain: error: %s\n", err);
+        return 2;
+    }
+    printf("exported %s to %s\n", argv[i + 1], argv[i + 2]);
+    return 0;
+}
+
+/* --score CKPT TOKENS: needs MPI (the checkpoint is read through parallel HDF5 on one rank). */
+static int score(int argc, char **argv, int i) {
+    if (i + 2 >= argc) {
+        fprintf(stderr, "moetrain: error: --score needs a checkpoint file and a token file\n");
+        return 2;
+    }
+    MPI_Init(NULL, NULL);
+    char err[MT_ERRLEN];
+    int rc = hf_score(argv[i + 1], argv[i + 2], err) == MT_OK ? 0 : 2;
+    if (rc) fprintf(stderr, "moetrain: error: %s\n", err);
+    MPI_Finalize();
+    return rc;
+}
+
 typedef struct Args {
     const char *config;
     const char **sets;
@@ -63,6 +101,10 @@ static int parse_args(int argc, char **argv, Args *a) {
         } else if (!strcmp(s, "--help-markdown")) {
             config_print_markdown(stdout);
             return 0;
+        } else if (!strcmp(s, "--export-hf")) {
+            return export_hf(argc, argv, i);
+        } else if (!strcmp(s, "--score")) {
+            return score(argc, argv, i);
         } else if (!strcmp(s, "--verify-checkpoint")) {
             return verify(i + 1 < argc ? argv[i + 1] : NULL);
         } else if (!strcmp(s, "--version")) {
