@@ -182,14 +182,45 @@ static void guard_text(const Trainer *t, const StepResult *r, char *buf, size_t 
              train_nonfinite_first(r->nonfinite), also, t->skipped_in_a_row, t->skipped_steps);
 }
 
+/* A duration for the step line: "42s", "7m05s", "1h02m", "3d04h". */
+static void format_duration(double s, char *buf, size_t n) {
+    long v = s > 0 ? (long)(s + 0.5) : 0;
+    if (v < 60) snprintf(buf, n, "%lds", v);
+    else if (v < 3600) snprintf(buf, n, "%ldm%02lds", v / 60, v % 60);
+    else if (v < 86400) snprintf(buf, n, "%ldh%02ldm", v / 3600, v % 3600 / 60);
+    else snprintf(buf, n, "%ldd%02ldh", v / 86400, v % 86400 / 3600);
+}
+
+/* The step line's progress field: " | 45% ETA 1h02m". The mean step time is the wall time between
+ * the first step line of this process and this one over the steps in between (checkpoint writes
+ * and logging included), so the first step of the process (warm-up) and any resume do not count;
+ * until there is such an interval it is the time of this step alone. */
+static void eta_text(const Trainer *t, const StepResult *r, char *buf, size_t n) {
+    static int first_step = -1; /* the step of this process's first step line, and its time */
+    static double first_time;
+    double now = mt_now(), per_step = r->seconds;
+    if (first_step < 0 || r->step <= first_step) {
+        first_step = r->step;
+        first_time = now;
+    } else {
+        per_step = (now - first_time) / (r->step - first_step);
+    }
+    int total = t->cfg.steps, left = total > r->step ? total - r->step : 0;
+    int pct = total > 0 ? (int)((long long)r->step * 100 / total) : 100;
+    char eta[32];
+    format_duration(left * per_step, eta, sizeof eta);
+    snprintf(buf, n, " | %d%% ETA %s", pct > 100 ? 100 : pct, eta);
+}
+
 void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     if (!mx->writer) return;
     double tflops = model_tflops_per_rank(t, r);
-    char guard[192];
+    char guard[192], eta[64];
     guard_text(t, r, guard, sizeof guard);
+    eta_text(t, r, eta, sizeof eta);
     printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | "
-           "%.3g TFLOP/s/rank | drop %.3f%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
-           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, guard);
+           "%.3g TFLOP/s/rank | drop %.3f%s%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
+           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, eta, guard);
     fflush(stdout);
     if (!mx->f) return;
     cJSON *o = cJSON_CreateObject();
