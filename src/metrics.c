@@ -47,6 +47,10 @@ static void emit(Metrics *mx, cJSON *o) {
     cJSON_Delete(o);
 }
 
+/* The ETA on the step line (eta_text): the step of this run's first step line, and its time. */
+static int eta_first_step = -1;
+static double eta_first_time;
+
 static const char *attention_name(AttentionKind a) {
     return a == ATTN_OWN ? "own" : a == ATTN_CUDNN ? "cudnn" : "auto (cuDNN where it runs the shape)";
 }
@@ -89,6 +93,7 @@ static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const cha
 }
 
 void metrics_run_record(Metrics *mx, const Trainer *t) {
+    eta_first_step = -1; /* a new run (a process may run several: the tests do) */
     if (!mx->writer) return;
     MemoryBreakdown mem = trainer_memory(t);
     char blas[256], gpu[512] = "";
@@ -184,7 +189,7 @@ static void guard_text(const Trainer *t, const StepResult *r, char *buf, size_t 
 
 /* A duration for the step line: "42s", "7m05s", "1h02m", "3d04h". */
 static void format_duration(double s, char *buf, size_t n) {
-    long v = s > 0 ? (long)(s + 0.5) : 0;
+    long v = s > 0 ? (long)((s < 1e12 ? s : 1e12) + 0.5) : 0; /* NaN: 0; inf: capped */
     if (v < 60) snprintf(buf, n, "%lds", v);
     else if (v < 3600) snprintf(buf, n, "%ldm%02lds", v / 60, v % 60);
     else if (v < 86400) snprintf(buf, n, "%ldh%02ldm", v / 3600, v % 3600 / 60);
@@ -192,16 +197,16 @@ static void format_duration(double s, char *buf, size_t n) {
 }
 
 /* The step line's progress field: " | 45% ETA 1h02m". The mean step time is the wall time between
- * the first step line of this process and this one over the steps in between (checkpoint writes
- * and logging included), so the first step of the process (warm-up) and any resume do not count;
+ * the first step line of this run (process) and this one over the steps in between (checkpoint
+ * writes and logging included), so its first step (warm-up) and anything before a resume do not count;
  * until there is such an interval it is the time of this step alone. */
 static void eta_text(const Trainer *t, const StepResult *r, char *buf, size_t n) {
-    static int first_step = -1; /* the step of this process's first step line, and its time */
-    static double first_time;
+    int first_step = eta_first_step;
+    double first_time = eta_first_time;
     double now = mt_now(), per_step = r->seconds;
     if (first_step < 0 || r->step <= first_step) {
-        first_step = r->step;
-        first_time = now;
+        eta_first_step = r->step;
+        eta_first_time = now;
     } else {
         per_step = (now - first_time) / (r->step - first_step);
     }
