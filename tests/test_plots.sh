@@ -11,7 +11,7 @@
 # it is missing, the step-line checks still run and the test then exits 77 (SKIP) saying so.
 set -u
 BUILD=${1:-build}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 BIN=$(cd "$BUILD" && pwd)/moetrain
 PLOT=scripts/plot-metrics
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
