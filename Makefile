@@ -3,6 +3,8 @@
 #   make test       build and run the whole test suite (what CI runs)
 #   make train      train configs/tiny.ini on 4 ranks (dp4 x ep2); NP=1 TRAIN_SETS= for one
 #   make bench      run the CPU benchmarks (not part of the tests)
+#   make plots      PNGs of a metrics file (scripts/plot-metrics): METRICS (default: CONFIG's
+#                   log.metrics_file, what make train writes) into OUT (default plots/)
 # Overrides: CC, MPICC, CUDA_HOME, OPT (e.g. OPT="-O2 -g"), CONFIG (for make train), NVCC (NVCC= :
 # a CPU-only build even where nvcc exists).
 # Missing Debian packages are installed by scripts/install-deps.sh (run automatically).
@@ -73,7 +75,7 @@ FLAGS_STAMP := $(BUILD)/.flags
 FLAGS_NOW   := $(MPICC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS) | $(CXX) $(CXXFLAGS)
 $(shell mkdir -p $(BUILD) && (echo '$(FLAGS_NOW)' | cmp -s - $(FLAGS_STAMP) || echo '$(FLAGS_NOW)' > $(FLAGS_STAMP)))
 
-.PHONY: all test train bench clean deps docs
+.PHONY: all test train bench clean deps docs plots
 .SECONDARY:
 all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN) $(BUILD)/tests/fault_write.so
 
@@ -143,6 +145,14 @@ test: all
 train: $(BUILD)/moetrain
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
 	  mpirun --oversubscribe --bind-to none -np $(NP) $(BUILD)/moetrain $(CONFIG) $(TRAIN_SETS)
+
+# make plots: the metrics file named by CONFIG's [log] metrics_file, unless METRICS= is given.
+METRICS ?= $(shell awk -F= '/^[ \t]*\[/ {s = $$0; gsub(/[ \t]/, "", s)} s == "[log]" && $$1 ~ /^[ \t]*metrics_file[ \t]*$$/ {v = $$2; gsub(/^[ \t]+|[ \t]+$$/, "", v); print v}' $(CONFIG) 2>/dev/null)
+OUT     ?= plots
+plots:
+	@if [ -z "$(METRICS)" ]; then echo "make plots: $(CONFIG) sets no [log] metrics_file; give METRICS=FILE" >&2; exit 2; fi
+	@scripts/plot-metrics --check >/dev/null 2>&1 || scripts/install-deps.sh --plots >/dev/null || scripts/install-deps.sh --check --plots
+	scripts/plot-metrics $(METRICS) $(OUT)
 
 bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu $(BUILD)/bench/bench_tpcp $(BUILD)/bench/bench_pipeline
 	bench/run.sh $(BUILD)

@@ -26,6 +26,7 @@ static int mkdir_parents(const char *path) {
 int metrics_open(Metrics *mx, const char *path, int writer, int append, char *err) {
     memset(mx, 0, sizeof *mx);
     mx->writer = writer;
+    mx->eta_step = -1;
     if (!writer || !path[0]) return MT_OK;
     if (mkdir_parents(path) != 0 || !(mx->f = fopen(path, append ? "a" : "w")))
         return mt_fail(err, "[log] metrics_file = %s: cannot open for writing: %s", path, strerror(errno));
@@ -46,6 +47,7 @@ static void emit(Metrics *mx, cJSON *o) {
     }
     cJSON_Delete(o);
 }
+
 
 static const char *attention_name(AttentionKind a) {
     return a == ATTN_OWN ? "own" : a == ATTN_CUDNN ? "cudnn" : "auto (cuDNN where it runs the shape)";
@@ -89,6 +91,7 @@ static void print_banner(const Trainer *t, const MemoryBreakdown *mem, const cha
 }
 
 void metrics_run_record(Metrics *mx, const Trainer *t) {
+    mx->eta_step = -1; /* a new run (a process may run several: the tests do) */
     if (!mx->writer) return;
     MemoryBreakdown mem = trainer_memory(t);
     char blas[256], gpu[512] = "";
@@ -197,15 +200,44 @@ void metrics_eval(Metrics *mx, const Trainer *t, const StepResult *r) {
     emit(mx, o);
 }
 
+/* A duration for the step line: "42s", "7m05s", "1h02m", "3d04h". */
+static void format_duration(double s, char *buf, size_t n) {
+    long v = s > 0 ? (long)((s < 1e12 ? s : 1e12) + 0.5) : 0; /* NaN: 0; inf: capped */
+    if (v < 60) snprintf(buf, n, "%lds", v);
+    else if (v < 3600) snprintf(buf, n, "%ldm%02lds", v / 60, v % 60);
+    else if (v < 86400) snprintf(buf, n, "%ldh%02ldm", v / 3600, v % 3600 / 60);
+    else snprintf(buf, n, "%ldd%02ldh", v / 86400, v % 86400 / 3600);
+}
+
+/* The step line's progress field: " | 45% ETA 1h02m". The mean step time is the wall time between
+ * the first step line of this run (process) and this one over the steps in between (checkpoint
+ * writes and logging included), so its first step (warm-up) and anything before a resume do not count;
+ * until there is such an interval it is the time of this step alone. */
+static void eta_text(Metrics *mx, const Trainer *t, const StepResult *r, char *buf, size_t n) {
+    double now = mt_now(), per_step = r->seconds;
+    if (mx->eta_step < 0 || r->step <= mx->eta_step) {
+        mx->eta_step = r->step;
+        mx->eta_time = now;
+    } else {
+        per_step = (now - mx->eta_time) / (r->step - mx->eta_step);
+    }
+    int total = t->cfg.steps, left = total > r->step ? total - r->step : 0;
+    int pct = total > 0 ? (int)((long long)r->step * 100 / total) : 100;
+    char eta[32];
+    format_duration(left * per_step, eta, sizeof eta);
+    snprintf(buf, n, " | %d%% ETA %s", pct > 100 ? 100 : pct, eta);
+}
+
 void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     if (!mx->writer) return;
     double tflops = model_tflops_per_rank(t, r);
-    char guard[192], ev[48] = "";
+    char guard[192], eta[64], ev[48] = "";
     guard_text(t, r, guard, sizeof guard);
+    eta_text(mx, t, r, eta, sizeof eta);
     if (r->has_eval) snprintf(ev, sizeof ev, " | eval %.4f", r->eval.loss);
     printf("step %5d/%d | loss %.4f (lm %.4f lbl %.4f z %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | "
-           "%.3g TFLOP/s/rank | drop %.3f%s%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
-           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, ev, guard);
+           "%.3g TFLOP/s/rank | drop %.3f%s%s%s\n", r->step, t->cfg.steps, r->loss, r->lm_loss, r->lbl,
+           r->z_loss, r->lr, r->grad_norm, r->tokens_per_s, tflops, r->dropped_frac, ev, eta, guard);
     fflush(stdout);
     if (!mx->f) return;
     cJSON *o = cJSON_CreateObject();

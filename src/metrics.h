@@ -24,6 +24,8 @@
 typedef struct Metrics {
     FILE *f;    /* metrics file or NULL */
     int writer; /* this rank prints and writes */
+    int eta_step;       /* the ETA on the step line: this run's first logged step (-1: none yet) */
+    double eta_time;    /* and when it was logged */
 } Metrics;
 
 /* path "" = no file. Creates parent directories; appends when resuming (append = 1), else

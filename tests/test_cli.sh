@@ -263,7 +263,7 @@ else bad "non-finite checkpoints: $(ls "$T/nf3" 2>&1)"; fi
 EV=(configs/tiny.ini --set train.steps=4 --set log.every=4 --set eval.every=2 --set checkpoint.resume=never)
 out=$(timeout 120 $BIN "${EV[@]}" --set checkpoint.dir=$T/ev1 --set log.metrics_file=$T/ev1.jsonl 2>&1 </dev/null)
 e1=$(grep '"event":"eval","step":4' $T/ev1.jsonl | grep -o '"loss":[0-9.e+-]*' | cut -d: -f2)
-if grep -q "^step     2/4 .*| eval [0-9.]*$" <<<"$out" && [ "$(grep -c '"event":"eval"' $T/ev1.jsonl)" -eq 2 ] \
+if grep -q "^step     2/4 .*| eval [0-9.]* |" <<<"$out" && [ "$(grep -c '"event":"eval"' $T/ev1.jsonl)" -eq 2 ] \
    && grep '"event":"eval","step":4' $T/ev1.jsonl | grep -q '"domain_loss":{"arithmetic":'; then
   ok "eval every 2 steps: step line and eval records with domain losses ($e1)"
 else bad "eval logging: $(grep '^step' <<<"$out" | head -c 300) $(grep eval $T/ev1.jsonl | head -c 300)"; fi
