@@ -483,7 +483,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(source); EQS(path);
     EQS(ckpt_dir); EQ(ckpt_every); EQS(resume); EQ(keep); EQ(ckpt_timeout);
     EQS(metrics_file); EQ(log_every);
-    EQ(device); EQ(comm); EQ(attention);
+    EQ(device); EQ(comm); EQ(attention); EQ(threads);
 #undef EQ
 #undef EQS
     return n;
@@ -526,7 +526,7 @@ START_TEST(t_round_trip_everything_changed) {
         "optim.grad_clip=0.5", "optim.shard=full", "data.source=file", set_path,
         "checkpoint.dir=ck dir", "checkpoint.every=5", "checkpoint.resume=never",
         "checkpoint.keep=2", "checkpoint.timeout=60.5", "log.metrics_file=m.jsonl", "log.every=10", "runtime.device=cuda",
-        "runtime.comm=nccl", "runtime.attention=own",
+        "runtime.comm=nccl", "runtime.attention=own", "runtime.threads=3",
     };
     int n = (int)(sizeof sets / sizeof sets[0]);
     round_trip(sets, n);
