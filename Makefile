@@ -86,7 +86,7 @@ NVCC_ARCHS := $(shell $(NVCC) --list-gpu-arch 2>/dev/null)
 CUDA_OK    := $(foreach a,$(CUDA_ARCHS),$(if $(filter compute_$(a),$(NVCC_ARCHS)),$(a)))
 CUDA_PTX_OK := $(if $(filter compute_$(CUDA_PTX),$(NVCC_ARCHS)),$(CUDA_PTX),$(lastword $(CUDA_OK)))
 GENCODE    := $(foreach a,$(CUDA_OK),-gencode arch=compute_$(a),code=sm_$(a)) \
-              $(if $(CUDA_PTX_OK),-gencode arch=compute_$(CUDA_PTX_OK),code=compute_$(CUDA_PTX_OK))
+              $(if $(CUDA_PTX_OK),-gencode arch=compute_$(CUDA_PTX_OK)$(comma)code=compute_$(CUDA_PTX_OK))
 NVCCFLAGS := -O3 -std=c++17 -Isrc -Icuda -Xcompiler -Wall,-Wextra,-Wno-unused-parameter \
              $(GENCODE) -DMT_HAVE_NCCL=$(HAVE_NCCL)
 # cuda/*.cpp: host-only C++ (the cuDNN frontend graph code); the frontend headers are vendored.
