@@ -358,9 +358,34 @@ static void cpu_sumsq(double *out_host, const float *x, size_t n) {
 #ifndef GEMM_KMAX
 #define GEMM_KMAX 384
 #endif
+/* A GEMM under GEMM_PAR_MIN multiply-adds (about 0.1 ms on one core; tiny.ini's projections,
+ * 1024 x 64 x 64) runs on one thread: waking the other threads costs about what they would save,
+ * and far more on a busy node (measured on the shared 2-core build machine at load 7: a
+ * 1024 x 64 x 64 sgemm took 80 us on one thread, 208 us on two; holding OpenBLAS at one thread
+ * around the call costs nothing measurable). */
+#ifndef GEMM_PAR_MIN
+#define GEMM_PAR_MIN (8.0 * 1024 * 1024)
+#endif
+static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
+                         int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                         int ldb, float beta, float *c, int ldc);
 static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m,
                     int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
                     float beta, float *c, int ldc) {
+    int nb;
+    if ((double)m * n * k < GEMM_PAR_MIN && !omp_in_parallel() &&
+        (nb = openblas_get_num_threads()) > 1) {
+        openblas_set_num_threads(1);
+        sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
+        return;
+    }
+    sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
+                         int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                         int ldb, float beta, float *c, int ldc) {
     int panels = (k + GEMM_KMAX - 1) / GEMM_KMAX;
     if (panels <= 1) {
         cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
