@@ -5,12 +5,24 @@
 #   make bench      run the CPU benchmarks (not part of the tests)
 #   make plots      PNGs of a metrics file (scripts/plot-metrics): METRICS (default: CONFIG's
 #                   log.metrics_file, what make train writes) into OUT (default plots/)
-# Overrides: CC, MPICC, CUDA_HOME, OPT (e.g. OPT="-O2 -g"), CONFIG (for make train), NVCC (NVCC= :
-# a CPU-only build even where nvcc exists).
-# Missing Debian packages are installed by scripts/install-deps.sh (run automatically).
+# Overrides: OPT (e.g. OPT="-O2 -g"), CONFIG (for make train), NVCC (NVCC= : a CPU-only build even
+# where nvcc exists), CUDA_ARCHS / CUDA_PTX, and where the libraries are (next section).
+# Missing Debian packages are installed by scripts/install-deps.sh (run automatically, only when
+# something is missing); NO_INSTALL=1 never installs: a missing library is an error naming it.
 
-MPICC     ?= mpicc
+# ---- where the libraries are (override on a cluster without Debian's packages) ---------------
+#   MPI_HOME=/opt/openmpi          MPICC = $(MPI_HOME)/bin/mpicc (or set MPICC itself)
+#   HDF5_HOME=/opt/hdf5-parallel   -I$(HDF5_HOME)/include, -L$(HDF5_HOME)/lib -lhdf5 (MPI build)
+#   BLAS_CFLAGS=... BLAS_LIBS=...  the CBLAS to link (e.g. BLAS_LIBS="-L/opt/openblas/lib -lopenblas")
+#   CUDA_HOME=/usr/local/cuda      nvcc, CUDA libraries, NCCL and cuDNN headers
+# Defaults: mpicc from PATH, pkg-config hdf5-openmpi, and OpenBLAS's OpenMP build when installed
+# (Debian's libopenblas-openmp-dev: its threads are the kernels' OpenMP threads, one pool), else
+# pkg-config openblas.
+MPI_HOME  ?=
+MPICC     ?= $(if $(MPI_HOME),$(MPI_HOME)/bin/mpicc,mpicc)
+HDF5_HOME ?=
 CUDA_HOME ?= /usr/local/cuda
+NO_INSTALL ?=
 OPT       ?= -O3 -march=native
 CONFIG    ?= configs/tiny.ini
 # make train: tiny on 4 ranks, data x expert parallel (dp4 x ep2), the same 16-sequence global
@@ -21,14 +33,35 @@ BUILD     := build
 
 PKGS := inih check libcjson openblas hdf5-openmpi libcrypto
 
-# Lazily evaluated (=): read after the deps stamp has been made.
-DEP_CFLAGS = $(shell pkg-config --cflags inih libcjson openblas hdf5-openmpi libcrypto)
-DEP_LIBS   = $(shell pkg-config --libs inih libcjson openblas hdf5-openmpi libcrypto) -lm $(CUDA_LIBS)
+# Lazily evaluated (=): read after the deps stamp has been made. openblas and hdf5-openmpi come
+# from BLAS_* and HDF5_* (overridable); the other PKGS from pkg-config.
+PC_PKGS     = $(filter-out check openblas hdf5-openmpi,$(PKGS))
+ifeq ($(origin HDF5_CFLAGS)$(HDF5_HOME),undefined)
+HDF5_CFLAGS = $(shell pkg-config --cflags hdf5-openmpi)
+HDF5_LIBS   = $(shell pkg-config --libs hdf5-openmpi)
+else ifneq ($(HDF5_HOME),)
+HDF5_CFLAGS ?= -I$(HDF5_HOME)/include
+HDF5_LIBS   ?= -L$(HDF5_HOME)/lib -Wl,-rpath,$(HDF5_HOME)/lib -lhdf5
+endif
+comma := ,
+BLAS_USER := $(if $(filter undefined,$(origin BLAS_LIBS)),,1)
+OPENBLAS_OMP = $(patsubst %/pkgconfig/openblas.pc,%,$(firstword $(wildcard /usr/lib/*/openblas-openmp/pkgconfig/openblas.pc)))
+ifeq ($(origin BLAS_LIBS),undefined)
+BLAS_CFLAGS = $(if $(OPENBLAS_OMP),$(shell PKG_CONFIG_PATH=$(OPENBLAS_OMP)/pkgconfig pkg-config --cflags openblas),$(shell pkg-config --cflags openblas))
+BLAS_LIBS   = $(if $(OPENBLAS_OMP),-L$(OPENBLAS_OMP) -Wl$(comma)-rpath$(comma)$(OPENBLAS_OMP) -lopenblas,$(shell pkg-config --libs openblas))
+endif
+DEP_CFLAGS = $(shell pkg-config --cflags $(PC_PKGS)) $(BLAS_CFLAGS) $(HDF5_CFLAGS)
+DEP_LIBS   = $(shell pkg-config --libs $(PC_PKGS)) $(BLAS_LIBS) $(HDF5_LIBS) -lm $(CUDA_LIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
 WARN   := -Wall -Wextra -Werror=implicit-function-declaration -Wno-unused-parameter
-CFLAGS := -std=gnu11 $(OPT) $(WARN) -Isrc -D_GNU_SOURCE
+# OpenMP (libgomp): the CPU kernels outside GEMMs run on runtime.threads threads.
+OPENMP ?= -fopenmp
+CFLAGS := -std=gnu11 $(OPT) $(WARN) $(OPENMP) -Isrc -D_GNU_SOURCE
+# Every object depends on the headers it includes: the compilers write build/**/*.d (included at
+# the end of this file).
+DEPFLAGS := -MMD -MP
 ALLC    = $(CFLAGS) $(DEP_CFLAGS)
 
 LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src/params.c \
@@ -47,9 +80,17 @@ HAVE_NCCL := $(if $(NCCL_H),1,0)
 HAVE_CUDNN := $(if $(CUDNN_H),1,0)
 CUDA_SRC  := $(wildcard cuda/*.cu cuda/*.cpp)
 CUDA_OBJ  := $(patsubst %.cpp,$(BUILD)/%.o,$(CUDA_SRC:%.cu=$(BUILD)/%.o))
+# GPU code: SASS for each of CUDA_ARCHS (A100, H100/H200, B200) this nvcc supports, plus PTX of
+# CUDA_PTX, which the driver compiles for any newer GPU.
+CUDA_ARCHS ?= 80 90 100
+CUDA_PTX   ?= 100
+NVCC_ARCHS := $(shell $(NVCC) --list-gpu-arch 2>/dev/null)
+CUDA_OK    := $(foreach a,$(CUDA_ARCHS),$(if $(filter compute_$(a),$(NVCC_ARCHS)),$(a)))
+CUDA_PTX_OK := $(if $(filter compute_$(CUDA_PTX),$(NVCC_ARCHS)),$(CUDA_PTX),$(lastword $(CUDA_OK)))
+GENCODE    := $(foreach a,$(CUDA_OK),-gencode arch=compute_$(a),code=sm_$(a)) \
+              $(if $(CUDA_PTX_OK),-gencode arch=compute_$(CUDA_PTX_OK)$(comma)code=compute_$(CUDA_PTX_OK))
 NVCCFLAGS := -O3 -std=c++17 -Isrc -Icuda -Xcompiler -Wall,-Wextra,-Wno-unused-parameter \
-             -gencode arch=compute_80,code=sm_80 \
-             -gencode arch=compute_90,code=sm_90 -DMT_HAVE_NCCL=$(HAVE_NCCL)
+             $(GENCODE) -DMT_HAVE_NCCL=$(HAVE_NCCL)
 # cuda/*.cpp: host-only C++ (the cuDNN frontend graph code); the frontend headers are vendored.
 CXX       ?= g++
 CXXFLAGS  := -O2 -std=c++17 -Wall -Wextra -Wno-unused-parameter -Isrc -Icuda \
@@ -64,7 +105,6 @@ endif
 
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o) $(CUDA_OBJ)
 LIB     := $(BUILD)/libmoetrain.a
-HEADERS  = $(wildcard src/*.h src/*/*.h cuda/*.h)
 
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
@@ -72,7 +112,7 @@ TEST_COMMON := $(BUILD)/tests/testutil.o
 
 # Objects are rebuilt when the compile flags change (CPU <-> CUDA build, OPT, CC).
 FLAGS_STAMP := $(BUILD)/.flags
-FLAGS_NOW   := $(MPICC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS) | $(CXX) $(CXXFLAGS)
+FLAGS_NOW   := $(MPICC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS) | $(CXX) $(CXXFLAGS) | $(HDF5_HOME) $(BLAS_LIBS)
 $(shell mkdir -p $(BUILD) && (echo '$(FLAGS_NOW)' | cmp -s - $(FLAGS_STAMP) || echo '$(FLAGS_NOW)' > $(FLAGS_STAMP)))
 
 .PHONY: all test train bench clean deps docs plots
@@ -81,10 +121,18 @@ all: $(BUILD)/moetrain $(BUILD)/mt-tokenize $(TEST_BIN) $(BUILD)/tests/fault_wri
 
 # ---- dependencies ------------------------------------------------------------------------
 DEPS_STAMP := $(BUILD)/.deps-ok
+# Installs (apt-get) only when the check finds something missing, never with NO_INSTALL=1. The
+# check honours MPI_HOME / MPICC, HDF5_HOME and BLAS_LIBS (exported to it).
+DEPS_ENV := MT_MPICC='$(MPICC)' MT_HDF5_HOME='$(HDF5_HOME)' MT_BLAS_LIBS='$(BLAS_USER)'
 $(DEPS_STAMP): scripts/install-deps.sh
 	@mkdir -p $(BUILD)
-	@scripts/install-deps.sh --check >/dev/null 2>&1 || scripts/install-deps.sh
-	@scripts/install-deps.sh --check
+	@if [ -n "$(filter-out 0,$(NO_INSTALL))" ]; then \
+	  $(DEPS_ENV) scripts/install-deps.sh --check || { echo "make: NO_INSTALL=$(NO_INSTALL): nothing is installed; install what is marked ✗, or point MPI_HOME, HDF5_HOME, BLAS_LIBS at it (README: Build)" >&2; exit 1; }; \
+	else \
+	  $(DEPS_ENV) scripts/install-deps.sh --check --all >/dev/null 2>&1 || $(DEPS_ENV) scripts/install-deps.sh; \
+	  $(DEPS_ENV) scripts/install-deps.sh --check; \
+	fi
+	@echo "  BLAS: $(if $(BLAS_USER),BLAS_LIBS=$(BLAS_LIBS),$(if $(OPENBLAS_OMP),OpenBLAS (OpenMP build) $(OPENBLAS_OMP),OpenBLAS (pkg-config openblas; its pthreads build runs its own thread pool beside the kernels' OpenMP threads)))"
 	@if [ -n "$(NVCC)" ]; then echo "  ✓ nvcc: $(NVCC) (CUDA backend: cuda/*.cu)"; else echo "  ✗ nvcc not found: CPU build only"; fi
 	@if [ -z "$(NVCC)" ]; then echo "  ✗ NCCL not used (CPU build)"; \
 	elif [ -n "$(NCCL_H)" ]; then echo "  ✓ NCCL: $(NCCL_H) $$(sed -n 's/^#define NCCL_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' $(NCCL_H) | paste -sd.)"; \
@@ -96,20 +144,20 @@ $(DEPS_STAMP): scripts/install-deps.sh
 deps: $(DEPS_STAMP)
 
 # ---- library, binaries -------------------------------------------------------------------
-$(BUILD)/%.o: %.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
+$(BUILD)/%.o: %.c $(DEPS_STAMP) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
-	@$(MPICC) $(ALLC) -c $< -o $@
+	@$(MPICC) $(ALLC) $(DEPFLAGS) -c $< -o $@
 
-$(BUILD)/cuda/%.o: cuda/%.cu $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
+$(BUILD)/cuda/%.o: cuda/%.cu $(DEPS_STAMP) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@echo "  NVCC $<"
-	@$(NVCC) $(NVCCFLAGS) -c $< -o $@
+	@$(NVCC) $(NVCCFLAGS) -MD -MF $(@:.o=.d) -MP -c $< -o $@
 
-$(BUILD)/cuda/%.o: cuda/%.cpp $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
+$(BUILD)/cuda/%.o: cuda/%.cpp $(DEPS_STAMP) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@echo "  CXX $<"
-	@$(CXX) $(CXXFLAGS) -c $< -o $@
+	@$(CXX) $(CXXFLAGS) $(DEPFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@echo "  AR  $@"
@@ -127,10 +175,10 @@ $(BUILD)/tests/%: $(BUILD)/tests/%.o $(TEST_COMMON) $(LIB)
 	@echo "  LD  $@"
 	@$(MPICC) $(ALLC) $^ $(CHECK_LIBS) $(DEP_LIBS) -o $@
 
-$(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS) $(wildcard tests/*.h)
+$(BUILD)/tests/%.o: tests/%.c $(DEPS_STAMP) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
-	@$(MPICC) $(ALLC) $(CHECK_CFLAGS) -c $< -o $@
+	@$(MPICC) $(ALLC) $(CHECK_CFLAGS) $(DEPFLAGS) -c $< -o $@
 
 # LD_PRELOAD shim that damages one write to a chosen file (tests/test_faults.sh)
 $(BUILD)/tests/fault_write.so: tests/fault_write.c
@@ -160,10 +208,10 @@ bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(MPICC) $(ALLC) $^ $(DEP_LIBS) -o $@
 
-$(BUILD)/bench/%.o: bench/%.c $(DEPS_STAMP) $(FLAGS_STAMP) $(HEADERS)
+$(BUILD)/bench/%.o: bench/%.c $(DEPS_STAMP) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@echo "  CC  $<"
-	@$(MPICC) $(ALLC) -c $< -o $@
+	@$(MPICC) $(ALLC) $(DEPFLAGS) -c $< -o $@
 
 # docs/config.md is generated from the parser's key table.
 docs: $(BUILD)/moetrain
@@ -171,3 +219,6 @@ docs: $(BUILD)/moetrain
 
 clean:
 	rm -rf $(BUILD)
+
+# Header dependencies written by the compilers (DEPFLAGS): an object whose headers changed is rebuilt.
+-include $(wildcard $(BUILD)/src/*.d $(BUILD)/src/*/*.d $(BUILD)/cuda/*.d $(BUILD)/tests/*.d $(BUILD)/bench/*.d)

@@ -2,6 +2,7 @@
 #include "backend.h"
 
 #include "../cuda/kernels_cuda.h"
+#include "blas.h"
 #include "common.h"
 
 #if MT_HAVE_CUDA
@@ -9,7 +10,10 @@
 #endif
 
 const Kernels *backend_kernels(const Config *c, char *err) {
-    if (c->device == DEVICE_CPU) return kernels_cpu();
+    if (c->device == DEVICE_CPU) {
+        cpu_threads_apply(c->threads); /* runtime.threads: OpenMP and OpenBLAS */
+        return kernels_cpu();
+    }
     char why[MT_ERRLEN] = "";
     if (!cuda_available(why, sizeof why))
         return mt_fail(err, "[runtime] device = cuda: no usable GPU: %s", why), NULL;

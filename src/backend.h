@@ -1,6 +1,7 @@
 /* backend.h — the compute backend of a run, from [runtime] device (and comm).
  *
- * cpu: kernels_cpu(). cuda: kernels_cuda() (cuda/kernels_cuda.h), which initialises the GPU; if
+ * cpu: kernels_cpu(), after setting the rank's CPU threads to runtime.threads (blas.h:
+ * cpu_threads_apply). cuda: kernels_cuda() (cuda/kernels_cuda.h), which initialises the GPU; if
  * there is no usable GPU (or the build has no CUDA) the run fails with one message naming the key,
  * its value and the reason. A cpu run makes no CUDA call.
  * backend_attach_mesh puts the mesh's groups in device mode for a cuda run (comm.h), so their

@@ -108,6 +108,7 @@ typedef struct Config {
     DeviceKind device; /* the Kernels table: cpu or cuda (src/backend.h) */
     CommKind comm;     /* device buffers: MPI staged through host memory, or NCCL */
     AttentionKind attention; /* cuda attention kernel: cuDNN where it can, cuDNN only, or own */
+    int threads;       /* CPU threads per rank (OpenMP + OpenBLAS); 0 = from the affinity mask */
 
     /* the file this came from and its full text (for the metrics file / checkpoints) */
     char source_file[MT_PATH_MAX];

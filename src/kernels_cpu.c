@@ -4,8 +4,9 @@
  *  - fp32 tensors in host memory, row-major; linear weights W(out, in), y = x W^T.
  *  - Forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into gradient
  *    buffers, except combine_bwd, cross_entropy and ce_vp_grad, which overwrite.
- *  - GEMM work goes through CBLAS sgemm: one call per matmul, per group of a grouped linear, per
- *    query block of causal attention. Never a per-token GEMM loop.
+ *  - GEMM work goes through CBLAS sgemm (sgemm_k: K cut in fixed panels): one call per K panel of a
+ *    matmul, of a group of a grouped linear, of a query block of causal attention. Never a
+ *    per-token GEMM loop.
  *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
  *    dw, router stats, cross-entropy loss, softmax denominators).
  *  - Every exp (softmaxes of attention, router, cross-entropy; SiLU) is fexp(): branch-free,
@@ -17,11 +18,26 @@
  *    is allocated once per call.
  *  - Router top-k: descending probability, ties broken by the lower expert id.
  * No allocation inside per-row loops; per-call scratch comes from mt_calloc.
+ *
+ * Threads (OpenMP; runtime.threads, set by cpu_threads_apply in blas.c): every kernel that is not
+ * a GEMM splits its work over the threads, and its results do not depend on how many there are:
+ *  - row kernels (norms, RoPE, SwiGLU, softmaxes, router, gather, cross-entropy rows, AdamW) give
+ *    each output to exactly one thread, which computes it as the serial code does;
+ *  - sums over rows into one vector (RMSNorm dw, embedding backward, scatter_add, combine) split
+ *    the COLUMNS over the threads, and each column is summed over the rows in ascending order;
+ *  - scalar sums (losses, router z, sumsq) keep one partial per row or per fixed-size chunk
+ *    (SUM_CHUNK elements, not per thread) and add the partials serially in order.
+ * So a run is bit-identical at any thread count (tests/test_threads.c). OpenBLAS's GEMMs are
+ * thread-count independent only while K fits one of its K panels: sgemm_k below cuts K itself. Attention runs one (sequence, head) pair per
+ * thread with OpenBLAS on one thread meanwhile (no nested oversubscription). Link the OpenMP
+ * build of OpenBLAS (the Makefile does where it is installed): one thread pool for both.
+ * Small problems (under PAR_MIN elements of work) stay on the calling thread.
  */
 #include "kernels.h"
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +49,21 @@
 #ifndef ATT_BLK
 #define ATT_BLK 64 /* query rows per attention block */
 #endif
+#ifndef PAR_MIN
+#define PAR_MIN 16384 /* elements of work below which a kernel stays on one thread */
+#endif
+#define SUM_CHUNK 65536 /* elements per partial of a long scalar sum (sumsq): fixed, not per thread */
+
+/* Columns [*j0, *j1) of c for the calling thread of a parallel region: contiguous ranges, 16-float
+ * aligned, in thread order. */
+static void thread_cols(int c, int *j0, int *j1) {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int blocks = (c + 15) / 16;
+    *j0 = (int)((long)blocks * t / nt) * 16;
+    *j1 = (int)((long)blocks * (t + 1) / nt) * 16;
+    if (*j0 > c) *j0 = c;
+    if (*j1 > c) *j1 = c;
+}
 
 /* ======================================================================= vector helpers == */
 
@@ -286,14 +317,88 @@ static void cpu_copy(void *dst, const void *src, size_t bytes) {
 /* ========================================================================= elementwise == */
 
 static void cpu_axpy(float *y, const float *x, float a, size_t n) {
+#pragma omp parallel for schedule(static) if (n > 4 * PAR_MIN)
     for (size_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static void cpu_scale(float *x, float a, size_t n) { scale_f(x, n, a); }
+static void cpu_scale(float *x, float a, size_t n) {
+#pragma omp parallel for schedule(static) if (n > 4 * PAR_MIN)
+    for (size_t i = 0; i < n; i++) x[i] *= a;
+}
 
-static void cpu_sumsq(double *out_host, const float *x, size_t n) { *out_host = dot_d(x, x, n); }
+/* Partials over fixed SUM_CHUNK-element chunks, added in chunk order: the same bits at any thread
+ * count (one chunk: exactly dot_d). */
+static void cpu_sumsq(double *out_host, const float *x, size_t n) {
+    size_t nc = mt_ceil_div(n, SUM_CHUNK);
+    if (nc <= 1) {
+        *out_host = dot_d(x, x, n);
+        return;
+    }
+    double *part = mt_calloc(nc, sizeof(double));
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < nc; i++) {
+        size_t a = i * SUM_CHUNK, len = n - a < SUM_CHUNK ? n - a : SUM_CHUNK;
+        part[i] = dot_d(x + a, x + a, len);
+    }
+    double s = 0;
+    for (size_t i = 0; i < nc; i++) s += part[i];
+    free(part);
+    *out_host = s;
+}
 
 /* ============================================================================== GEMMs == */
+
+/* Every GEMM of this backend. OpenBLAS blocks the K reduction in panels of GEMM_Q (448 for its
+ * SkylakeX sgemm) and, for GEMM_Q < K < 2 GEMM_Q, halves K differently in its threaded and its
+ * single-threaded driver: the same product then differs in the last bits between 1 and 2 threads
+ * (measured: every K from 452 up, tests/test_threads.c). So K is cut here, into ceil(K / GEMM_KMAX)
+ * near-equal panels (a multiple of 16 each; the count and sizes depend on K only) and each panel is
+ * one sgemm accumulating into C, which OpenBLAS then never splits: the same bits at any thread
+ * count. The extra passes over C cost what OpenBLAS's own K panels cost. */
+#ifndef GEMM_KMAX
+#define GEMM_KMAX 384
+#endif
+/* A GEMM under GEMM_PAR_MIN multiply-adds (about 0.1 ms on one core; tiny.ini's projections,
+ * 1024 x 64 x 64) runs on one thread: waking the other threads costs about what they would save,
+ * and far more on a busy node (measured on the shared 2-core build machine at load 7: a
+ * 1024 x 64 x 64 sgemm took 80 us on one thread, 208 us on two; holding OpenBLAS at one thread
+ * around the call costs nothing measurable). */
+#ifndef GEMM_PAR_MIN
+#define GEMM_PAR_MIN (8.0 * 1024 * 1024)
+#endif
+static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
+                         int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                         int ldb, float beta, float *c, int ldc);
+static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m,
+                    int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+                    float beta, float *c, int ldc) {
+    int nb;
+    if ((double)m * n * k < GEMM_PAR_MIN && !omp_in_parallel() &&
+        (nb = openblas_get_num_threads()) > 1) {
+        openblas_set_num_threads(1);
+        sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
+        return;
+    }
+    sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
+                         int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                         int ldb, float beta, float *c, int ldc) {
+    int panels = (k + GEMM_KMAX - 1) / GEMM_KMAX;
+    if (panels <= 1) {
+        cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    int step = ((k + panels - 1) / panels + 15) / 16 * 16;
+    for (int k0 = 0; k0 < k; k0 += step) {
+        int kl = k - k0 < step ? k - k0 : step;
+        const float *ap = ta == CblasTrans ? a + (size_t)k0 * lda : a + k0;
+        const float *bp = tb == CblasTrans ? b + k0 : b + (size_t)k0 * ldb;
+        cblas_sgemm(o, ta, tb, m, n, kl, alpha, ap, lda, bp, ldb, k0 ? 1.0f : beta, c, ldc);
+    }
+}
 
 static void scale_matrix(float *c, size_t n, float beta) {
     if (beta == 0.0f) cpu_zero(c, n * sizeof(float));
@@ -307,7 +412,7 @@ static void cpu_matmul(float *c, const float *a, const float *b, int m, int n, i
         scale_matrix(c, (size_t)m * n, beta);
         return;
     }
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+    sgemm_k(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                 trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, trans_a ? m : k, b,
                 trans_b ? k : n, beta, c, n);
 }
@@ -331,7 +436,7 @@ static void cpu_grouped_linear_fwd(float *y, const float *x, const float *w, con
             cpu_zero(yj, (size_t)rows * o * sizeof(float));
             continue;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, o, i, 1.0f,
+        sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, rows, o, i, 1.0f,
                     x + (size_t)offs[j] * i, i, w + (size_t)j * o * i, i, 0.0f, yj, o);
     }
 }
@@ -343,7 +448,7 @@ static void cpu_grouped_linear_bwd_input(float *dx, const float *dy, const float
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, i, o, 1.0f,
+        sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, i, o, 1.0f,
                     dy + (size_t)offs[j] * o, o, w + (size_t)j * o * i, i, 1.0f,
                     dx + (size_t)offs[j] * i, i);
     }
@@ -356,7 +461,7 @@ static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const floa
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, rows, 1.0f,
+        sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, rows, 1.0f,
                     dy + (size_t)offs[j] * o, o, x + (size_t)offs[j] * i, i, 1.0f,
                     dw + (size_t)j * o * i, i);
     }
@@ -366,18 +471,25 @@ static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const floa
 
 /* A negative id is a row outside this rank's shard: zero row forward, nothing backward. */
 static void cpu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, int n, int c) {
+#pragma omp parallel for schedule(static) if ((size_t)n * c > PAR_MIN)
     for (int r = 0; r < n; r++) {
         if (tokens[r] < 0) memset(out + (size_t)r * c, 0, (size_t)c * sizeof(float));
         else memcpy(out + (size_t)r * c, wte + (size_t)tokens[r] * c, (size_t)c * sizeof(float));
     }
 }
 
+/* Columns split over the threads; each vocabulary row sums its tokens in ascending order. */
 static void cpu_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int n, int c) {
-    for (int r = 0; r < n; r++) {
-        if (tokens[r] < 0) continue;
-        float *restrict d = dwte + (size_t)tokens[r] * c;
-        const float *restrict g = dout + (size_t)r * c;
-        for (int j = 0; j < c; j++) d[j] += g[j];
+#pragma omp parallel if ((size_t)n * c > PAR_MIN)
+    {
+        int j0, j1;
+        thread_cols(c, &j0, &j1);
+        for (int r = 0; r < n; r++) {
+            if (tokens[r] < 0) continue;
+            float *restrict d = dwte + (size_t)tokens[r] * c;
+            const float *restrict g = dout + (size_t)r * c;
+            for (int j = j0; j < j1; j++) d[j] += g[j];
+        }
     }
 }
 
@@ -385,6 +497,7 @@ static void cpu_embedding_bwd(float *dwte, const float *dout, const int32_t *tok
 
 static void cpu_rmsnorm_fwd(float *out, float *rstd, const float *x, const float *w, int n, int c,
                             float eps) {
+#pragma omp parallel for schedule(static) if ((size_t)n * c > PAR_MIN)
     for (int r = 0; r < n; r++) {
         const float *restrict xr = x + (size_t)r * c;
         float *restrict o = out + (size_t)r * c;
@@ -395,22 +508,32 @@ static void cpu_rmsnorm_fwd(float *out, float *rstd, const float *x, const float
     }
 }
 
-/* dx row += rs*w*g - x * rs^3/C * sum(g*w*x); dwacc += g*x*rs (double, summed over rows) */
-static void rmsnorm_bwd_row(float *restrict d, double *restrict dwacc, const float *restrict g,
-                            const float *restrict xr, const float *restrict w, float rs, int c) {
+/* dx row += rs*w*g - x * rs^3/C * sum(g*w*x) */
+static void rmsnorm_bwd_row(float *restrict d, const float *restrict g, const float *restrict xr,
+                            const float *restrict w, float rs, int c) {
     float coef = (float)(dot3_d(g, w, xr, (size_t)c) * rs * rs * rs / c);
-    for (int j = 0; j < c; j++) {
-        d[j] += rs * w[j] * g[j] - xr[j] * coef;
-        dwacc[j] += g[j] * xr[j] * rs;
-    }
+    for (int j = 0; j < c; j++) d[j] += rs * w[j] * g[j] - xr[j] * coef;
 }
 
+/* dx: rows over the threads. dw += sum over rows of g*x*rs (double): columns over the threads,
+ * rows in ascending order. */
 static void cpu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x,
                             const float *w, const float *rstd, int n, int c) {
     double *dwacc = mt_calloc((size_t)c, sizeof(double));
-    for (int r = 0; r < n; r++)
-        rmsnorm_bwd_row(dx + (size_t)r * c, dwacc, dout + (size_t)r * c, x + (size_t)r * c, w,
-                        rstd[r], c);
+#pragma omp parallel if ((size_t)n * c > PAR_MIN)
+    {
+#pragma omp for schedule(static) nowait
+        for (int r = 0; r < n; r++)
+            rmsnorm_bwd_row(dx + (size_t)r * c, dout + (size_t)r * c, x + (size_t)r * c, w,
+                            rstd[r], c);
+        int j0, j1;
+        thread_cols(c, &j0, &j1);
+        for (int r = 0; r < n; r++) {
+            const float *restrict g = dout + (size_t)r * c, *restrict xr = x + (size_t)r * c;
+            float rs = rstd[r];
+            for (int j = j0; j < j1; j++) dwacc[j] += g[j] * xr[j] * rs;
+        }
+    }
     for (int j = 0; j < c; j++) dw[j] += (float)dwacc[j];
     free(dwacc);
 }
@@ -442,16 +565,20 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
     MT_CHECK(d % 2 == 0, "rope: head dim %d is odd", d);
     int half = d / 2;
     double *inv_freq = mt_calloc((size_t)half, sizeof(double));
-    float *cs = mt_calloc(2 * (size_t)half, sizeof(float));
-    float *sn = cs + half;
     for (int i = 0; i < half; i++) inv_freq[i] = pow((double)theta, -2.0 * i / d);
-    for (int ti = 0; ti < t; ti++) {
-        rope_table(cs, sn, inv_freq, half, pos0 + ti, inverse);
-        for (int bi = 0; bi < b; bi++)
-            for (int hi = 0; hi < nh; hi++)
-                rope_rotate(x + (((size_t)bi * t + ti) * nh + hi) * d, cs, sn, half);
+#pragma omp parallel if ((size_t)b * t * nh * d > PAR_MIN)
+    {
+        float *cs = mt_calloc(2 * (size_t)half, sizeof(float));
+        float *sn = cs + half;
+#pragma omp for schedule(static)
+        for (int ti = 0; ti < t; ti++) {
+            rope_table(cs, sn, inv_freq, half, pos0 + ti, inverse);
+            for (int bi = 0; bi < b; bi++)
+                for (int hi = 0; hi < nh; hi++)
+                    rope_rotate(x + (((size_t)bi * t + ti) * nh + hi) * d, cs, sn, half);
+        }
+        free(cs);
     }
-    free(cs);
     free(inv_freq);
 }
 
@@ -469,7 +596,7 @@ typedef struct {
 /* s(m, n) = scale * q[r0:r0+m] k[0:n]^T, n = q0 + r0 + m */
 static void attn_scores(float *s, const AttnHead *a, int r0, int m) {
     int n = a->q0 + r0 + m;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, a->d, a->scale,
+    sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, a->d, a->scale,
                 a->q + (size_t)r0 * a->ldq, a->ldq, a->k, a->ldk, 0.0f, s, n);
 }
 
@@ -520,7 +647,7 @@ static void attn_fwd_head(const AttnHead *a, float *s) {
         int m = attn_rows(a->tq, r0), n = a->q0 + r0 + m;
         attn_scores(s, a, r0, m);
         causal_softmax(s, a->lse_out + r0, a->q0 + r0, m);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, a->d, n, 1.0f, s, n, a->v,
+        sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, a->d, n, 1.0f, s, n, a->v,
                     a->ldk, 0.0f, a->out + (size_t)r0 * a->ldq, a->ldq);
     }
 }
@@ -531,15 +658,15 @@ static void attn_bwd_block(const AttnHead *a, float *p, float *dp, int r0, int m
     attn_scores(p, a, r0, m);
     causal_probs(p, a->lse + r0, a->q0 + r0, m);
     /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, p, n, dout, a->ldq, 1.0f,
+    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, p, n, dout, a->ldq, 1.0f,
                 a->dv, a->ldk);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, d, 1.0f, dout, a->ldq, a->v,
+    sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, d, 1.0f, dout, a->ldq, a->v,
                 a->ldk, 0.0f, dp, n);
     causal_softmax_bwd(dp, p, a, r0, m);
     /* dQ += dS K ; dK += dS^T Q  (dS already carries the scale) */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, n, 1.0f, dp, n, a->k, a->ldk,
+    sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, n, 1.0f, dp, n, a->k, a->ldk,
                 1.0f, a->dq + (size_t)r0 * a->ldq, a->ldq);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, dp, n, q, a->ldq, 1.0f,
+    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, dp, n, q, a->ldq, 1.0f,
                 a->dk, a->ldk);
 }
 
@@ -576,14 +703,38 @@ static size_t attn_blk(AttnDims s) {
     return (size_t)(s.tq < ATT_BLK ? s.tq : ATT_BLK) * (s.q0 + s.tq);
 }
 
+/* Whether attention over `tasks` independent (sequence, head) tasks runs on the OpenMP threads;
+ * if so, OpenBLAS is held at one thread (each task's GEMMs run on its own thread) until
+ * attn_par_end restores the count it had. Returns the count to restore, 0 = serial, -1 = parallel
+ * with nothing to restore. */
+static int attn_par_begin(int tasks, AttnDims s) {
+    if (tasks < 2 || omp_get_max_threads() < 2 || omp_in_parallel() ||
+        (size_t)tasks * s.tq * (s.q0 + s.tq) * s.d < 8 * PAR_MIN)
+        return 0;
+    /* OpenBLAS built on OpenMP runs single-threaded inside a parallel region by itself (and its
+     * set_num_threads would set OpenMP's count too); the pthreads build needs telling. */
+    if (openblas_get_parallel() != 1) return -1;
+    int nb = openblas_get_num_threads();
+    if (nb > 1) openblas_set_num_threads(1);
+    return nb;
+}
+
+static void attn_par_end(int nb) {
+    if (nb > 1) openblas_set_num_threads(nb);
+}
+
 static void cpu_attention_fwd(float *out, float *lse, const float *q, const float *k,
                               const float *v, int b, int tq, int tk, int q0, int h, int hkv,
                               int d) {
     AttnDims s = {tq, tk, q0, h, hkv, d};
     attn_check(s);
-    float *sc = mt_calloc(attn_blk(s), sizeof(float));
-    for (int bi = 0; bi < b; bi++)
-        for (int hi = 0; hi < h; hi++) {
+    int par = attn_par_begin(b * h, s);
+#pragma omp parallel if (par)
+    {
+        float *sc = mt_calloc(attn_blk(s), sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < b * h; bh++) {
+            int bi = bh / h, hi = bh % h;
             size_t qoff, koff, loff;
             AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
             a.q = q + qoff;
@@ -593,7 +744,9 @@ static void cpu_attention_fwd(float *out, float *lse, const float *q, const floa
             a.lse_out = lse + loff;
             attn_fwd_head(&a, sc);
         }
-    free(sc);
+        free(sc);
+    }
+    attn_par_end(par);
 }
 
 static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q,
@@ -602,29 +755,38 @@ static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout
     AttnDims s = {tq, tk, q0, h, hkv, d};
     attn_check(s);
     size_t blk = attn_blk(s);
-    float *p = mt_calloc(2 * blk, sizeof(float)), *dp = p + blk;
-    for (int bi = 0; bi < b; bi++)
-        for (int hi = 0; hi < h; hi++) {
-            size_t qoff, koff, loff;
-            AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
-            a.q = q + qoff;
-            a.k = k + koff;
-            a.v = v + koff;
-            a.o = out + qoff;
-            a.dout = dout + qoff;
-            a.dq = dq + qoff;
-            a.dk = dk + koff;
-            a.dv = dv + koff;
-            a.lse = lse + loff;
-            for (int r0 = 0; r0 < tq; r0 += ATT_BLK)
-                attn_bwd_block(&a, p, dp, r0, attn_rows(tq, r0));
-        }
-    free(p);
+    int g = h / hkv; /* query heads per kv head: they all add into its dk, dv, in head order */
+    int par = attn_par_begin(b * hkv, s);
+#pragma omp parallel if (par)
+    {
+        float *p = mt_calloc(2 * blk, sizeof(float)), *dp = p + blk;
+#pragma omp for schedule(dynamic, 1)
+        for (int bk = 0; bk < b * hkv; bk++)
+            for (int hi = (bk % hkv) * g; hi < (bk % hkv + 1) * g; hi++) {
+                int bi = bk / hkv;
+                size_t qoff, koff, loff;
+                AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
+                a.q = q + qoff;
+                a.k = k + koff;
+                a.v = v + koff;
+                a.o = out + qoff;
+                a.dout = dout + qoff;
+                a.dq = dq + qoff;
+                a.dk = dk + koff;
+                a.dv = dv + koff;
+                a.lse = lse + loff;
+                for (int r0 = 0; r0 < tq; r0 += ATT_BLK)
+                    attn_bwd_block(&a, p, dp, r0, attn_rows(tq, r0));
+            }
+        free(p);
+    }
+    attn_par_end(par);
 }
 
 /* ============================================================================== SwiGLU == */
 
 static void cpu_swiglu_fwd(float *h, const float *ab, int n, int f) {
+#pragma omp parallel for schedule(static) if ((size_t)n * f > PAR_MIN)
     for (int r = 0; r < n; r++) {
         const float *restrict a = ab + (size_t)r * 2 * f, *restrict b = a + f;
         float *restrict o = h + (size_t)r * f;
@@ -633,6 +795,7 @@ static void cpu_swiglu_fwd(float *h, const float *ab, int n, int f) {
 }
 
 static void cpu_swiglu_bwd(float *dab, const float *dh, const float *ab, int n, int f) {
+#pragma omp parallel for schedule(static) if ((size_t)n * f > PAR_MIN / 2)
     for (int r = 0; r < n; r++) {
         const float *restrict a = ab + (size_t)r * 2 * f, *restrict b = a + f;
         const float *restrict g = dh + (size_t)r * f;
@@ -673,6 +836,7 @@ static void topk_row(int32_t *idx, const float *p, int e, int k) {
 static void cpu_router_topk_fwd(float *probs, int32_t *idx, float *weights, const float *logits,
                                 int n, int e, int k, int renorm) {
     MT_CHECK(k >= 1 && k <= e, "router: k=%d, E=%d", k, e);
+#pragma omp parallel for schedule(static) if ((size_t)n * e > PAR_MIN / 4)
     for (int r = 0; r < n; r++) {
         float *p = probs + (size_t)r * e, *w = weights + (size_t)r * k;
         int32_t *ix = idx + (size_t)r * k;
@@ -687,17 +851,23 @@ static void cpu_router_topk_fwd(float *probs, int32_t *idx, float *weights, cons
 static void cpu_router_stats(float *psum, double *zsum_host, const float *probs,
                              const float *logits, int n, int e) {
     double *acc = mt_calloc((size_t)e, sizeof(double));
-    float *tmp = mt_calloc((size_t)e, sizeof(float));
+    double *lse = mt_calloc((size_t)n + 1, sizeof(double)); /* per row, summed in order below */
+#pragma omp parallel if ((size_t)n * e > PAR_MIN / 4)
+    {
+        float *tmp = mt_calloc((size_t)e, sizeof(float));
+#pragma omp for schedule(static)
+        for (int r = 0; r < n; r++) lse[r] = row_softmax(tmp, logits + (size_t)r * e, e);
+        free(tmp);
+    }
     double z = 0;
     for (int r = 0; r < n; r++) {
         const float *p = probs + (size_t)r * e;
         for (int j = 0; j < e; j++) acc[j] += p[j];
-        double l = row_softmax(tmp, logits + (size_t)r * e, e);
-        z += l * l;
+        z += lse[r] * lse[r];
     }
     for (int j = 0; j < e; j++) psum[j] = (float)acc[j];
     *zsum_host = z;
-    free(tmp);
+    free(lse);
     free(acc);
 }
 
@@ -719,28 +889,34 @@ static void topk_grad(double *g, const float *dw, const float *w, const float *p
 static void cpu_router_bwd(float *dlogits, const float *dweights, const float *dprob, float zgrad,
                            const float *probs, const float *logits, const int32_t *idx,
                            const float *weights, int n, int e, int k, int renorm) {
-    double *g = mt_calloc((size_t)e, sizeof(double));
-    float *tmp = mt_calloc((size_t)e, sizeof(float));
-    for (int r = 0; r < n; r++) {
-        const float *p = probs + (size_t)r * e;
-        float *dl = dlogits + (size_t)r * e;
-        for (int j = 0; j < e; j++) g[j] = dprob ? dprob[j] : 0.0;
-        if (dweights)
-            topk_grad(g, dweights + (size_t)r * k, weights + (size_t)r * k, p,
-                      idx + (size_t)r * k, k, renorm);
-        double dot = 0;
-        for (int j = 0; j < e; j++) dot += p[j] * g[j];
-        double zt = zgrad != 0.0f ? 2.0 * zgrad * row_softmax(tmp, logits + (size_t)r * e, e) : 0.0;
-        for (int j = 0; j < e; j++) dl[j] += (float)(p[j] * (g[j] - dot + zt));
+#pragma omp parallel if ((size_t)n * e > PAR_MIN / 4)
+    {
+        double *g = mt_calloc((size_t)e, sizeof(double));
+        float *tmp = mt_calloc((size_t)e, sizeof(float));
+#pragma omp for schedule(static)
+        for (int r = 0; r < n; r++) {
+            const float *p = probs + (size_t)r * e;
+            float *dl = dlogits + (size_t)r * e;
+            for (int j = 0; j < e; j++) g[j] = dprob ? dprob[j] : 0.0;
+            if (dweights)
+                topk_grad(g, dweights + (size_t)r * k, weights + (size_t)r * k, p,
+                          idx + (size_t)r * k, k, renorm);
+            double dot = 0;
+            for (int j = 0; j < e; j++) dot += p[j] * g[j];
+            double zt =
+                zgrad != 0.0f ? 2.0 * zgrad * row_softmax(tmp, logits + (size_t)r * e, e) : 0.0;
+            for (int j = 0; j < e; j++) dl[j] += (float)(p[j] * (g[j] - dot + zt));
+        }
+        free(tmp);
+        free(g);
     }
-    free(tmp);
-    free(g);
 }
 
 /* ========================================================================= permutation == */
 
 /* A slot < 0 is a padding row (pad_to_capacity): it gathers zeros and contributes nothing. */
 static void cpu_gather_rows(float *xp, const float *x, const int *slots, int m, int c, int k) {
+#pragma omp parallel for schedule(static) if ((size_t)m * c > PAR_MIN)
     for (int r = 0; r < m; r++) {
         if (slots[r] < 0) memset(xp + (size_t)r * c, 0, (size_t)c * sizeof(float));
         else memcpy(xp + (size_t)r * c, x + (size_t)(slots[r] / k) * c, (size_t)c * sizeof(float));
@@ -749,27 +925,38 @@ static void cpu_gather_rows(float *xp, const float *x, const int *slots, int m, 
 
 static void cpu_scatter_add_rows(float *dx, const float *dxp, const int *slots, int m, int c,
                                  int k) {
-    for (int r = 0; r < m; r++) {
-        if (slots[r] < 0) continue;
-        float *restrict d = dx + (size_t)(slots[r] / k) * c;
-        const float *restrict s = dxp + (size_t)r * c;
-        for (int j = 0; j < c; j++) d[j] += s[j];
+#pragma omp parallel if ((size_t)m * c > PAR_MIN)
+    {
+        int j0, j1;
+        thread_cols(c, &j0, &j1);
+        for (int r = 0; r < m; r++) {
+            if (slots[r] < 0) continue;
+            float *restrict d = dx + (size_t)(slots[r] / k) * c;
+            const float *restrict s = dxp + (size_t)r * c;
+            for (int j = j0; j < j1; j++) d[j] += s[j];
+        }
     }
 }
 
 static void cpu_combine(float *y, const float *yp, const float *weights, const int *slots, int m,
                         int c, int k) {
-    for (int r = 0; r < m; r++) {
-        if (slots[r] < 0) continue;
-        float *restrict d = y + (size_t)(slots[r] / k) * c;
-        const float *restrict s = yp + (size_t)r * c;
-        float w = weights[slots[r]];
-        for (int j = 0; j < c; j++) d[j] += w * s[j];
+#pragma omp parallel if ((size_t)m * c > PAR_MIN)
+    {
+        int j0, j1;
+        thread_cols(c, &j0, &j1);
+        for (int r = 0; r < m; r++) {
+            if (slots[r] < 0) continue;
+            float *restrict d = y + (size_t)(slots[r] / k) * c;
+            const float *restrict s = yp + (size_t)r * c;
+            float w = weights[slots[r]];
+            for (int j = j0; j < j1; j++) d[j] += w * s[j];
+        }
     }
 }
 
 static void cpu_combine_bwd(float *dyp, float *dweights, const float *dy, const float *yp,
                             const float *weights, const int *slots, int m, int c, int k) {
+#pragma omp parallel for schedule(static) if ((size_t)m * c > PAR_MIN)
     for (int r = 0; r < m; r++) {
         float *restrict d = dyp + (size_t)r * c;
         if (slots[r] < 0) {
@@ -799,38 +986,45 @@ static double ce_row(float *d, const float *l, int tgt, int v, float scale) {
 
 static void cpu_cross_entropy(double *loss_host, float *dlogits, const float *logits,
                               const int32_t *targets, int n, int v, float scale) {
-    double loss = 0;
+    for (int r = 0; r < n; r++)
+        MT_CHECK(targets[r] < v, "cross_entropy: target[%d] = %d >= V = %d", r, targets[r], v);
+    double *lr = mt_calloc((size_t)n + 1, sizeof(double)); /* per-row losses, summed in order */
+#pragma omp parallel for schedule(static) if ((size_t)n * v > PAR_MIN)
     for (int r = 0; r < n; r++) {
         float *d = dlogits + (size_t)r * v;
         int tgt = targets[r];
-        if (tgt < 0) {
-            memset(d, 0, (size_t)v * sizeof(float));
-            continue;
-        }
-        MT_CHECK(tgt < v, "cross_entropy: target[%d] = %d >= V = %d", r, tgt, v);
-        loss += ce_row(d, logits + (size_t)r * v, tgt, v, scale);
+        if (tgt < 0) memset(d, 0, (size_t)v * sizeof(float));
+        else lr[r] = ce_row(d, logits + (size_t)r * v, tgt, v, scale);
     }
+    double loss = 0;
+    for (int r = 0; r < n; r++) loss += lr[r];
+    free(lr);
     *loss_host = loss;
 }
 
 /* Vocabulary-parallel cross-entropy: this rank holds columns [v0, v0 + v) of every row; mx, se
  * and tl are all-reduced by the caller between the passes (max, sum, sum). */
 static void cpu_ce_rowmax(float *mx, const float *logits, int n, int v) {
+#pragma omp parallel for schedule(static) if ((size_t)n * v > PAR_MIN)
     for (int r = 0; r < n; r++)
         mx[r] = v > 0 ? max_f(logits + (size_t)r * v, (size_t)v) : -INFINITY;
 }
 
 static void cpu_ce_sumexp(float *se, float *tl, const float *logits, const int32_t *targets,
                           const float *mx, int n, int v, int v0) {
-    float *tmp = mt_calloc((size_t)v, sizeof(float));
-    for (int r = 0; r < n; r++) {
-        const float *l = logits + (size_t)r * v;
-        int tgt = targets[r];
-        exp_shift_to(tmp, l, (size_t)v, mx[r]);
-        se[r] = (float)sum_d(tmp, (size_t)v);
-        tl[r] = tgt >= v0 && tgt - v0 < v ? l[tgt - v0] : 0.0f;
+#pragma omp parallel if ((size_t)n * v > PAR_MIN)
+    {
+        float *tmp = mt_calloc((size_t)v + 1, sizeof(float));
+#pragma omp for schedule(static)
+        for (int r = 0; r < n; r++) {
+            const float *l = logits + (size_t)r * v;
+            int tgt = targets[r];
+            exp_shift_to(tmp, l, (size_t)v, mx[r]);
+            se[r] = (float)sum_d(tmp, (size_t)v);
+            tl[r] = tgt >= v0 && tgt - v0 < v ? l[tgt - v0] : 0.0f;
+        }
+        free(tmp);
     }
-    free(tmp);
 }
 
 /* One row of ce_vp_grad: returns mx + log(se) - tl; d (may equal l) = scale * (softmax - onehot),
@@ -847,16 +1041,17 @@ static double ce_vp_row(float *d, const float *l, int j, int v, float mx, float 
 static void cpu_ce_vp_grad(double *loss_host, float *dlogits, const float *logits,
                            const int32_t *targets, const float *mx, const float *se,
                            const float *tl, int n, int v, int v0, float scale) {
-    double loss = 0;
+    double *lr = mt_calloc((size_t)n + 1, sizeof(double)); /* per-row losses, summed in order */
+#pragma omp parallel for schedule(static) if ((size_t)n * v > PAR_MIN)
     for (int r = 0; r < n; r++) {
         float *d = dlogits + (size_t)r * v;
-        if (targets[r] < 0) {
-            memset(d, 0, (size_t)v * sizeof(float));
-            continue;
-        }
-        loss += ce_vp_row(d, logits + (size_t)r * v, targets[r] - v0, v, mx[r], se[r], tl[r],
-                          scale);
+        if (targets[r] < 0) memset(d, 0, (size_t)v * sizeof(float));
+        else lr[r] = ce_vp_row(d, logits + (size_t)r * v, targets[r] - v0, v, mx[r], se[r], tl[r],
+                               scale);
     }
+    double loss = 0;
+    for (int r = 0; r < n; r++) loss += lr[r];
+    free(lr);
     *loss_host = loss;
 }
 
@@ -868,6 +1063,7 @@ static void cpu_adamw(float *p, const float *grad, float *m, float *v, size_t n,
     const float c1 = (float)(1.0 / (1.0 - pow(beta1, step)));
     const float c2 = (float)(1.0 / (1.0 - pow(beta2, step)));
     const float a1 = 1.0f - beta1, a2 = 1.0f - beta2;
+#pragma omp parallel for schedule(static) if (n > PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float g = grad[i];
         float mi = beta1 * m[i] + a1 * g;

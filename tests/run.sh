@@ -11,6 +11,9 @@ BUILD=${1:-build}
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export CK_DEFAULT_TIMEOUT=600
+# The test programs do not go through blas_setup's re-exec (src/blas.c), which keeps libgomp's idle
+# threads from spinning long on a shared machine; say it here instead.
+[ -z "${OMP_WAIT_POLICY:-}" ] && export GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-10000}
 pass=0; fail=0; skip=0; failed=()
 
 n=0

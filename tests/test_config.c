@@ -507,7 +507,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQS(ckpt_dir); EQ(ckpt_every); EQS(resume); EQ(keep); EQ(ckpt_timeout);
     EQ(eval_every); EQ(eval_sequences); EQS(eval_path);
     EQS(metrics_file); EQ(log_every);
-    EQ(device); EQ(comm); EQ(attention);
+    EQ(device); EQ(comm); EQ(attention); EQ(threads);
 #undef EQ
 #undef EQS
     return n;
@@ -568,7 +568,7 @@ START_TEST(t_round_trip_everything_changed) {
         "checkpoint.dir=ck dir", "checkpoint.every=5", "checkpoint.resume=never",
         "checkpoint.keep=2", "checkpoint.timeout=60.5", "eval.every=3", "eval.sequences=9",
         "eval.path=held out.tok", "log.metrics_file=m.jsonl", "log.every=10", "runtime.device=cuda",
-        "runtime.comm=nccl", "runtime.attention=own",
+        "runtime.comm=nccl", "runtime.attention=own", "runtime.threads=3",
     };
     int n = (int)(sizeof sets / sizeof sets[0]);
     round_trip(sets, n);
