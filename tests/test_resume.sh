@@ -115,62 +115,54 @@ run_to() { # DIR STEPS NP [--set ...]: train to STEPS in DIR, metrics in DIR.jso
   timeout 120 mpirun -np "$np" "$BIN" "${COMMON[@]}" "$@" --set train.steps="$steps" --set checkpoint.dir="$d" \
     --set log.metrics_file="$d.jsonl" 2>&1 </dev/null
 }
-run_to $T/tc 8 4 "${TC[@]}" >/dev/null
-run_to $T/tcr 4 4 "${TC[@]}" >/dev/null
-out=$(run_to $T/tcr 8 4 "${TC[@]}")
-same=1
-for s in 5 6 7 8; do [ "$(loss_at $T/tc.jsonl $s)" = "$(loss_at $T/tcr.jsonl $s)" ] && [ -n "$(loss_at $T/tc.jsonl $s)" ] || same=0; done
-grep -q "resumed from $T/tcr/step_00000004.h5" <<<"$out" && [ $same = 1 ] \
-  && ok "tp2 x cp2 same-mesh resume is bit-exact (steps 5-8: $(loss_at $T/tcr.jsonl 8))" \
-  || bad "tp2 x cp2 same-mesh resume: $(loss_at $T/tc.jsonl 8) vs $(loss_at $T/tcr.jsonl 8) ($(tail -2 <<<"$out"))"
+# same_mesh LABEL NAME NP [--set ...]: 8 steps straight vs 4 + a resume to 8; steps 5-8 bit-exact
+same_mesh() {
+  local label=$1 n=$2 np=$3; shift 3
+  run_to $T/$n 8 "$np" "$@" >/dev/null
+  run_to $T/${n}r 4 "$np" "$@" >/dev/null
+  local out same=1 s
+  out=$(run_to $T/${n}r 8 "$np" "$@")
+  for s in 5 6 7 8; do
+    [ "$(loss_at $T/$n.jsonl $s)" = "$(loss_at $T/${n}r.jsonl $s)" ] && [ -n "$(loss_at $T/$n.jsonl $s)" ] || same=0
+  done
+  grep -q "resumed from $T/${n}r/step_00000004.h5" <<<"$out" && [ $same = 1 ] \
+    && ok "$label same-mesh resume is bit-exact (steps 5-8: $(loss_at $T/${n}r.jsonl 8))" \
+    || bad "$label same-mesh resume: $(loss_at $T/$n.jsonl 8) vs $(loss_at $T/${n}r.jsonl 8) ($(tail -2 <<<"$out"))"
+}
+# cross_mesh "SRC NP LABEL|--set ...": SRC's step-4 checkpoint resumed on NP ranks with the sets;
+# its step-8 loss within tolerance of the uninterrupted np=1 run (REF, default r)
+cross_mesh() {
+  local sets=${1#*|} src np label d out got want
+  read -r src np label <<<"${1%%|*}"
+  CASE=$((${CASE:-0} + 1)); d=$T/case$CASE; mkdir -p "$d"; cp "$T/$src/step_00000004.h5" "$d/"
+  # shellcheck disable=SC2086
+  out=$(run_to "$d" 8 "$np" $sets)
+  got=$(loss_at "$d.jsonl" 8); want=$(loss_at $T/${REF:-r}.jsonl 8)
+  if grep -q "resumed from $d/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
+    ok "$label: final loss $got vs uninterrupted np=1 $want"
+  else bad "$label: final loss '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
+}
+same_mesh "tp2 x cp2" tc 4 "${TC[@]}"
 run_to $T/p2 4 2 --set parallel.tp=2 >/dev/null
 run_to $T/p1 4 1 >/dev/null
 run_to $T/pe 4 4 --set parallel.etp=2 --set parallel.ep=2 --set train.micro_batch_size=4 >/dev/null
 for case in "p2 1 tp2 -> tp1|" "p1 4 tp1 -> tp2 x cp2|--set parallel.tp=2 --set parallel.cp=2" \
             "pe 2 etp2 x ep2 -> etp1 x ep2|--set parallel.ep=2 --set train.micro_batch_size=8"; do
-  sets=${case#*|}
-  read -r src np label <<<"${case%%|*}"
-  d=$T/$src-$np; mkdir -p "$d"; cp "$T/$src/step_00000004.h5" "$d/"
-  # shellcheck disable=SC2086
-  out=$(run_to "$d" 8 "$np" $sets)
-  got=$(loss_at "$d.jsonl" 8); want=$(loss_at $T/r.jsonl 8)
-  if grep -q "resumed from $d/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
-    ok "$label: final loss $got vs uninterrupted np=1 $want"
-  else bad "$label: final loss '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
+  cross_mesh "$case"
 done
 
 # ---- 6. pipeline meshes ------------------------------------------------------------------------
 PP=(--set parallel.pp=2)
-run_to $T/pa 8 2 "${PP[@]}" >/dev/null
-run_to $T/pb 4 2 "${PP[@]}" >/dev/null
-out=$(run_to $T/pb 8 2 "${PP[@]}")
-same=1
-for s in 5 6 7 8; do [ "$(loss_at $T/pa.jsonl $s)" = "$(loss_at $T/pb.jsonl $s)" ] && [ -n "$(loss_at $T/pa.jsonl $s)" ] || same=0; done
-grep -q "resumed from $T/pb/step_00000004.h5" <<<"$out" && [ $same = 1 ] \
-  && ok "pp2 same-mesh resume is bit-exact (steps 5-8: $(loss_at $T/pb.jsonl 8))" \
-  || bad "pp2 same-mesh resume: $(loss_at $T/pa.jsonl 8) vs $(loss_at $T/pb.jsonl 8) ($(tail -2 <<<"$out"))"
-for case in "pb 1 pp2 -> pp1|" "p1 4 pp1 -> pp2 x tp2|--set parallel.pp=2 --set parallel.tp=2"; do
-  sets=${case#*|}
-  read -r src np label <<<"${case%%|*}"
-  d=$T/$src-pp$np; mkdir -p "$d"; cp "$T/$src/step_00000004.h5" "$d/"
-  # shellcheck disable=SC2086
-  out=$(run_to "$d" 8 "$np" $sets)
-  got=$(loss_at "$d.jsonl" 8); want=$(loss_at $T/r.jsonl 8)
-  if grep -q "resumed from $d/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
-    ok "$label: final loss $got vs uninterrupted np=1 $want"
-  else bad "$label: final loss '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
-done
+same_mesh "pp2" pa 2 "${PP[@]}"
+cross_mesh "par 1 pp2 -> pp1|"
+cross_mesh "p1 4 pp1 -> pp2 x tp2|--set parallel.pp=2 --set parallel.tp=2"
 
 # tied embeddings across the pipeline: the first stage writes the one logical tensor
 TIE=(--set model.tie_embeddings=true)
-run_to $T/tie1 8 1 "${TIE[@]}" >/dev/null
+run_to $T/tie 8 1 "${TIE[@]}" >/dev/null
 run_to $T/tie2 4 2 "${TIE[@]}" "${PP[@]}" >/dev/null
-mkdir -p $T/tie21; cp $T/tie2/step_00000004.h5 $T/tie21/
-out=$(run_to $T/tie21 8 1 "${TIE[@]}")
-got=$(loss_at $T/tie21.jsonl 8); want=$(loss_at $T/tie1.jsonl 8)
-if "$BIN" --verify-checkpoint $T/tie2/step_00000004.h5 >/dev/null 2>&1 && grep -q "resumed from $T/tie21/step_00000004.h5 at step 4" <<<"$out" && close "$got" "$want"; then
-  ok "tied embeddings pp2 -> pp1: final loss $got vs uninterrupted np=1 $want"
-else bad "tied pp2 -> pp1: '$got' vs '$want' ($(tail -3 <<<"$out"))"; fi
+"$BIN" --verify-checkpoint $T/tie2/step_00000004.h5 >/dev/null 2>&1 && ok "tied pp2 checkpoint verifies" || bad "tied pp2 checkpoint does not verify"
+REF=tie cross_mesh "tie2 1 tied embeddings pp2 -> pp1|--set model.tie_embeddings=true"
 
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
