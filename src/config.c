@@ -137,6 +137,7 @@ static const KeySpec KEYS[] = {
     K_STR("checkpoint", "dir", ckpt_dir, "checkpoints", "directory for checkpoints"),
     K_INT("checkpoint", "every", ckpt_every, "0", 0, INT_MAX, "save every N steps; 0 = only at the end"),
     K_STR("checkpoint", "resume", resume, "auto", "auto (latest in dir, if any), never, or a checkpoint path"),
+    K_STR("checkpoint", "init_from", init_from, "", "start a new run (nothing to resume) from these parameters: a Hugging Face directory (config.json + safetensors, Mixtral or Qwen2-MoE) or a moetrain checkpoint; fresh optimizer, step 0; the shapes must match the config (each mismatch named)"),
     K_INT("checkpoint", "keep", keep, "3", 1, 1000000, "how many of the newest checkpoints to keep"),
     K_FLT("checkpoint", "timeout", ckpt_timeout, "1800", F_GE0, "seconds one checkpoint write may take before the job ends with an error instead of waiting on a stuck file system forever (the previous checkpoint stays); 0 = no limit"),
 

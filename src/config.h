@@ -92,6 +92,7 @@ typedef struct Config {
     char ckpt_dir[MT_PATH_MAX];
     int ckpt_every; /* 0 = only at the end */
     char resume[MT_PATH_MAX]; /* "auto", "never" or a path */
+    char init_from[MT_PATH_MAX]; /* "" or a Hugging Face directory / moetrain checkpoint */
     int keep;
     float ckpt_timeout; /* seconds a checkpoint write may take; 0 = no limit */
 

@@ -336,3 +336,249 @@ int hf_score(const char *ckpt, const char *tokens_path, char *err) {
     free(tok);
     return rc;
 }
+
+/* ---- checkpoint.init_from ---- */
+
+/* A source of full tensors by name: a Hugging Face directory (safetensors) or a checkpoint. */
+typedef struct Source {
+    const char *path;
+    int is_dir;
+    hid_t h5;              /* checkpoint */
+    cJSON *weight_map;     /* directory with an index: name -> file (else NULL: model.safetensors) */
+    char file[MT_PATH_MAX + 64];
+    uint8_t *buf;          /* the safetensors file read last (whole) */
+    size_t len, data;      /* its length, where its data starts */
+    cJSON *header;
+} Source;
+
+static void source_drop_file(Source *s) {
+    free(s->buf);
+    cJSON_Delete(s->header);
+    s->buf = NULL, s->header = NULL, s->file[0] = 0;
+}
+
+/* Read safetensors file name of the directory (whole; kept until another is needed). */
+static int load_st(Source *s, const char *name, char *err) {
+    char path[MT_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/%s", s->path, name);
+    if (!strcmp(path, s->file)) return MT_OK;
+    source_drop_file(s);
+    FILE *f = fopen(path, "rb");
+    if (!f) return mt_fail(err, "%s: cannot open: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    s->buf = mt_calloc(n > 0 ? (size_t)n : 1, 1);
+    int ok = n >= 8 && fread(s->buf, 1, (size_t)n, f) == (size_t)n;
+    fclose(f);
+    uint64_t h = 0;
+    for (int k = 0; ok && k < 8; k++) h |= (uint64_t)s->buf[k] << (8 * k);
+    ok = ok && h <= (uint64_t)n - 8;
+    s->header = ok ? cJSON_ParseWithLength((const char *)s->buf + 8, (size_t)h) : NULL;
+    if (!s->header) {
+        source_drop_file(s);
+        return mt_fail(err, "%s: not a safetensors file (bad header)", path);
+    }
+    s->len = (size_t)n, s->data = 8 + (size_t)h;
+    snprintf(s->file, sizeof s->file, "%s", path);
+    return MT_OK;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 0 && m == 0) bits = sign;
+    else if (e == 0) { /* subnormal */
+        int sh = 0;
+        while (!(m & 1024)) m <<= 1, sh++;
+        bits = sign | (uint32_t)(113 - sh) << 23 | (m & 1023) << 13;
+    } else if (e == 31) bits = sign | 0x7f800000u | m << 13;
+    else bits = sign | (e + 112) << 23 | m << 13;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Tensor name (full shape rows x cols, cols < 0: a vector) into out (float). 1: read; 0: absent. */
+static int source_get(Source *s, const char *name, int64_t rows, int64_t cols, float *out, char *err) {
+    size_t n = (size_t)rows * (cols >= 0 ? (size_t)cols : 1);
+    if (!s->is_dir) {
+        char p[256];
+        snprintf(p, sizeof p, "/params/%s", name);
+        if (H5Lexists(s->h5, p, H5P_DEFAULT) <= 0) return 0;
+        hid_t ds = H5Dopen2(s->h5, p, H5P_DEFAULT), sp = H5Dget_space(ds);
+        hsize_t dims[2] = {0, 0};
+        int nd = H5Sget_simple_extent_dims(sp, dims, NULL);
+        H5Sclose(sp);
+        int ok = nd == (cols >= 0 ? 2 : 1) && dims[0] == (hsize_t)rows && (cols < 0 || dims[1] == (hsize_t)cols);
+        if (ok) ok = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) >= 0;
+        H5Dclose(ds);
+        if (!ok) return mt_fail(err, "%s: %s: shape (%llu, %llu), the config needs (%lld, %lld), or unreadable", s->path,
+                                name, (unsigned long long)dims[0], (unsigned long long)dims[1], (long long)rows, (long long)cols), -1;
+        return 1;
+    }
+    cJSON *fn = s->weight_map ? cJSON_GetObjectItemCaseSensitive(s->weight_map, name) : NULL;
+    if (s->weight_map && !cJSON_IsString(fn)) return 0;
+    if (load_st(s, fn ? fn->valuestring : "model.safetensors", err) != MT_OK) return -1;
+    cJSON *t = cJSON_GetObjectItemCaseSensitive(s->header, name);
+    if (!t) return 0;
+    cJSON *dt = cJSON_GetObjectItem(t, "dtype"), *sh = cJSON_GetObjectItem(t, "shape"), *off = cJSON_GetObjectItem(t, "data_offsets");
+    int nd = cJSON_GetArraySize(sh);
+    int64_t r = nd > 0 ? (int64_t)cJSON_GetArrayItem(sh, 0)->valuedouble : 1, c = nd > 1 ? (int64_t)cJSON_GetArrayItem(sh, 1)->valuedouble : -1;
+    if (nd != (cols >= 0 ? 2 : 1) || r != rows || c != cols)
+        return mt_fail(err, "%s: %s has shape (%lld, %lld), the config needs (%lld, %lld)", s->file, name, (long long)r,
+                       (long long)c, (long long)rows, (long long)cols), -1;
+    const char *d = cJSON_IsString(dt) ? dt->valuestring : "?";
+    size_t w = !strcmp(d, "F32") ? 4 : !strcmp(d, "BF16") || !strcmp(d, "F16") ? 2 : 0;
+    size_t a = (size_t)cJSON_GetArrayItem(off, 0)->valuedouble, z = (size_t)cJSON_GetArrayItem(off, 1)->valuedouble;
+    if (!w) return mt_fail(err, "%s: %s has dtype %s (F32, BF16 or F16 can be read)", s->file, name, d), -1;
+    if (z - a != n * w || s->data + z > s->len) return mt_fail(err, "%s: %s: data offsets do not fit the file", s->file, name), -1;
+    const uint8_t *p = s->buf + s->data + a;
+    for (size_t i = 0; i < n; i++) {
+        if (w == 4) memcpy(&out[i], p + 4 * i, 4);
+        else {
+            uint16_t h = (uint16_t)(p[2 * i] | p[2 * i + 1] << 8);
+            if (!strcmp(d, "BF16")) {
+                uint32_t bits = (uint32_t)h << 16;
+                memcpy(&out[i], &bits, 4);
+            } else out[i] = half_to_float(h);
+        }
+    }
+    return 1;
+}
+
+/* The HF config's fields against the run's: every mismatch named in err. */
+static int check_hf_config(const char *dir, const Config *c, char *err) {
+    char path[MT_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return mt_fail(err, "%s: cannot open: %s", path, strerror(errno));
+    char *text = mt_calloc(1 << 20, 1);
+    size_t n = fread(text, 1, (1 << 20) - 1, f);
+    fclose(f);
+    cJSON *j = cJSON_ParseWithLength(text, n);
+    free(text);
+    if (!j) return mt_fail(err, "%s: not JSON", path);
+    const cJSON *mt = cJSON_GetObjectItem(j, "model_type");
+    int qwen = cJSON_IsString(mt) && !strcmp(mt->valuestring, "qwen2_moe");
+    struct { const char *hf, *ours; double want; } F[] = {
+        {"hidden_size", "model.d_model", c->d_model}, {"num_hidden_layers", "model.n_layers", c->n_layers},
+        {"num_attention_heads", "model.n_heads", c->n_heads}, {"num_key_value_heads", "model.n_kv_heads", c->n_kv_heads},
+        {"vocab_size", "model.vocab_size", c->vocab_size}, {"num_experts_per_tok", "moe.top_k", c->top_k},
+        {qwen ? "num_experts" : "num_local_experts", "moe.num_experts", c->num_experts},
+        {qwen ? "moe_intermediate_size" : "intermediate_size", "moe.expert_hidden", c->expert_hidden},
+        {"head_dim", "model.head_dim", c->head_dim},
+        {qwen ? "shared_expert_intermediate_size" : NULL, "moe.shared_experts * shared_hidden", (double)c->shared_experts * c->shared_hidden},
+    };
+    char msg[MT_ERRLEN] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof F / sizeof F[0]; i++) {
+        if (!F[i].hf) continue;
+        const cJSON *v = cJSON_GetObjectItem(j, F[i].hf);
+        if (!cJSON_IsNumber(v) || v->valuedouble == F[i].want) continue;
+        used += (size_t)snprintf(msg + used, used < sizeof msg ? sizeof msg - used : 0, "%s%s = %g but %s = %g", used ? "; " : "",
+                                 F[i].hf, v->valuedouble, F[i].ours, F[i].want);
+    }
+    const cJSON *tie = cJSON_GetObjectItem(j, "tie_word_embeddings");
+    if (cJSON_IsBool(tie) && cJSON_IsTrue(tie) != !!c->tie_embeddings)
+        used += (size_t)snprintf(msg + used, used < sizeof msg ? sizeof msg - used : 0, "%stie_word_embeddings = %s but model.tie_embeddings = %s",
+                                 used ? "; " : "", cJSON_IsTrue(tie) ? "true" : "false", c->tie_embeddings ? "true" : "false");
+    cJSON_Delete(j);
+    return used ? mt_fail(err, "%s does not match the config: %s", path, msg) : MT_OK;
+}
+
+/* The unit holding tensor t (params.h: each unit a contiguous range of each buffer). */
+static int unit_of_tensor(const ParamLayout *pl, const ParamInfo *t) {
+    for (int u = 0; u < pl->n_units; u++)
+        if (t->offset >= pl->units[u].off[t->buf] && t->offset < pl->units[u].off[t->buf] + pl->units[u].len[t->buf]) return u;
+    return 0;
+}
+
+/* Copy this rank's held part of tensor t from its full values. */
+static void set_tensor(Trainer *tr, const ParamInfo *t, const float *full) {
+    size_t lo, hi;
+    float *p;
+    sharder_param_slice(&tr->shard, unit_of_tensor(&tr->model.pl, t), t->buf, 0, &lo, &hi, &p);
+    size_t a = t->offset > lo ? t->offset : lo, z = t->offset + t->numel < hi ? t->offset + t->numel : hi;
+    if (z <= a) return;
+    float *host = mt_calloc(z - a, sizeof *host);
+    for (size_t i = a; i < z; i++) {
+        int64_t row, col;
+        params_full_index(t, i - t->offset, &row, &col);
+        host[i - a] = full[row * (t->ndim == 2 ? t->full[1] : 1) + col];
+    }
+    tr->k->from_host(p + (a - lo), host, (z - a) * sizeof *host);
+    free(host);
+}
+
+/* Qwen2-MoE's attention biases: moetrain has none, so they must be zero. */
+static int check_zero_biases(Source *s, const ModelDims *d, char *err) {
+    const char *qkv[3] = {"q", "k", "v"};
+    int64_t w[3] = {(int64_t)d->H * d->D, (int64_t)d->Hkv * d->D, (int64_t)d->Hkv * d->D};
+    float *b = mt_calloc((size_t)w[0], sizeof *b);
+    int rc = MT_OK;
+    for (int l = 0; l < d->L && rc == MT_OK; l++)
+        for (int j = 0; j < 3 && rc == MT_OK; j++) {
+            char n[160];
+            snprintf(n, sizeof n, "model.layers.%d.self_attn.%s_proj.bias", l, qkv[j]);
+            int got = source_get(s, n, w[j], -1, b, err);
+            if (got < 0) rc = MT_ERR;
+            for (int64_t i = 0; got == 1 && i < w[j] && rc == MT_OK; i++)
+                if (b[i] != 0) rc = mt_fail(err, "%s: %s is not zero (moetrain's attention has no biases)", s->path, n);
+        }
+    free(b);
+    return rc;
+}
+
+int hf_init_from(Trainer *tr, const char *src, char *err) {
+    struct stat st;
+    if (stat(src, &st) != 0) return mt_fail(err, "[checkpoint] init_from = %s: %s", src, strerror(errno));
+    Source s = {.path = src, .is_dir = S_ISDIR(st.st_mode), .h5 = -1};
+    const Config *c = &tr->cfg;
+    int rc = MT_OK;
+    char index[MT_PATH_MAX + 64];
+    snprintf(index, sizeof index, "%s/model.safetensors.index.json", src);
+    cJSON *idx = NULL;
+    if (s.is_dir) {
+        rc = check_hf_config(src, c, err);
+        FILE *f = rc == MT_OK ? fopen(index, "r") : NULL;
+        if (f) {
+            char *text = mt_calloc(64 << 20, 1);
+            size_t n = fread(text, 1, (64 << 20) - 1, f);
+            fclose(f);
+            idx = cJSON_ParseWithLength(text, n);
+            free(text);
+            s.weight_map = idx ? cJSON_GetObjectItem(idx, "weight_map") : NULL;
+            if (!s.weight_map) rc = mt_fail(err, "%s: no weight_map", index);
+        }
+    } else {
+        Config cc;
+        rc = read_config(src, &cc, err);
+        if (rc == MT_OK && (cc.d_model != c->d_model || cc.n_layers != c->n_layers || cc.n_heads != c->n_heads ||
+                            cc.n_kv_heads != c->n_kv_heads || cc.vocab_size != c->vocab_size || cc.num_experts != c->num_experts ||
+                            cc.expert_hidden != c->expert_hidden || cc.dense_layers != c->dense_layers ||
+                            cc.shared_experts * cc.shared_hidden != c->shared_experts * c->shared_hidden))
+            rc = mt_fail(err, "%s: its model (d_model %d, n_layers %d, heads %d/%d, vocab %d, experts %d x %d, dense %d, "
+                         "shared %d) is not this config's (%d, %d, %d/%d, %d, %d x %d, %d, %d)", src, cc.d_model, cc.n_layers,
+                         cc.n_heads, cc.n_kv_heads, cc.vocab_size, cc.num_experts, cc.expert_hidden, cc.dense_layers,
+                         cc.shared_experts * cc.shared_hidden, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size,
+                         c->num_experts, c->expert_hidden, c->dense_layers, c->shared_experts * c->shared_hidden);
+        if (rc == MT_OK && (s.h5 = H5Fopen(src, H5F_ACC_RDONLY, H5P_DEFAULT)) < 0) rc = mt_fail(err, "%s: cannot open", src);
+    }
+    const ParamLayout *pl = &tr->model.pl;
+    if (rc == MT_OK && s.is_dir && pl->dims.qwen) rc = check_zero_biases(&s, &pl->dims, err);
+    for (int i = 0; i < pl->n && rc == MT_OK; i++) {
+        const ParamInfo *t = &pl->info[i];
+        float *full = mt_calloc((size_t)t->full[0] * (t->ndim == 2 ? (size_t)t->full[1] : 1), sizeof *full);
+        int got = source_get(&s, t->name, t->full[0], t->ndim == 2 ? t->full[1] : -1, full, err);
+        if (got < 0) rc = MT_ERR;
+        else if (got == 0 && !t->frozen)
+            rc = mt_fail(err, "%s has no tensor %s (shape %lld x %lld) that this config needs", src, t->name,
+                         (long long)t->full[0], (long long)(t->ndim == 2 ? t->full[1] : 1));
+        else set_tensor(tr, t, full); /* a frozen tensor the source lacks (the expert bias): zeros */
+        free(full);
+    }
+    source_drop_file(&s);
+    cJSON_Delete(idx);
+    if (s.h5 >= 0) H5Fclose(s.h5);
+    return rc;
+}

@@ -16,6 +16,7 @@
  * padded with spaces to 8 bytes, row-major little-endian F32 data).
  * hf_score: the mean cross-entropy of each of n sequences (tokens (n, T+1) int32, raw little-
  * endian) under a checkpoint, one rank, forward only, as one JSON line {"loss": [...]}.
+ * hf_init_from (checkpoint.init_from): parameters from a Hugging Face directory or a checkpoint.
  * Reads files only; hf_score runs a single-rank model (MPI must be initialised).
  */
 #ifndef MT_HF_H
@@ -25,5 +26,14 @@
 
 int hf_export(const char *ckpt, const char *outdir, size_t max_shard_bytes, char *err);
 int hf_score(const char *ckpt, const char *tokens_path, char *err);
+
+/* checkpoint.init_from: set the parameters this rank holds (any mesh, any shard mode) from src,
+ * a Hugging Face directory (config.json + model.safetensors or an index; F32, BF16 or F16 tensors)
+ * or a moetrain checkpoint (.h5, its /params). The source's shapes must match t's config: every
+ * mismatch is named (config fields and tensor shapes). Qwen2-MoE attention biases must be zero
+ * (moetrain has none). An expert bias the source lacks starts at zero. The optimizer state is
+ * untouched (fresh). Not collective: the caller agrees on failure. */
+struct Trainer;
+int hf_init_from(struct Trainer *t, const char *src, char *err);
 
 #endif

@@ -11,6 +11,7 @@
 #include "backend.h"
 #include "common.h"
 #include "checkpoint.h"
+#include "hf.h"
 #include "metrics.h"
 #include "stop.h"
 #include "optim/schedule.h"
@@ -496,6 +497,10 @@ int train_run(const Config *c, const Mesh *mesh, char *err) {
     }
     Metrics mx;
     ok = resume(&t, err);
+    if (ok == MT_OK && t.step == 0 && c->init_from[0]) { /* a new run: nothing to resume */
+        ok = hf_init_from(&t, c->init_from, err);
+        if (ok == MT_OK && world->rank == 0) printf("parameters initialised from %s\n", c->init_from);
+    }
     if (ok == MT_OK) ok = metrics_open(&mx, c->metrics_file, world->rank == 0, t.step > 0, err);
     if (comm_any_failed(world, ok) != MT_OK) {
         trainer_free(&t);

@@ -504,7 +504,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQ(lr); EQ(min_lr); EQ(warmup_steps); EQ(decay_steps); EQ(beta1); EQ(beta2); EQ(eps);
     EQ(weight_decay); EQ(grad_clip); EQ(shard);
     EQ(source); EQS(path);
-    EQS(ckpt_dir); EQ(ckpt_every); EQS(resume); EQ(keep); EQ(ckpt_timeout);
+    EQS(ckpt_dir); EQ(ckpt_every); EQS(resume); EQS(init_from); EQ(keep); EQ(ckpt_timeout);
     EQ(eval_every); EQ(eval_sequences); EQS(eval_path);
     EQS(metrics_file); EQ(log_every);
     EQ(device); EQ(comm); EQ(attention); EQ(threads);
@@ -566,7 +566,7 @@ START_TEST(t_round_trip_everything_changed) {
         "optim.beta1=0.8", "optim.beta2=0.999", "optim.eps=1e-7", "optim.weight_decay=0",
         "optim.grad_clip=0.5", "optim.shard=full", "data.source=file", set_path,
         "checkpoint.dir=ck dir", "checkpoint.every=5", "checkpoint.resume=never",
-        "checkpoint.keep=2", "checkpoint.timeout=60.5", "eval.every=3", "eval.sequences=9",
+        "checkpoint.keep=2", "checkpoint.init_from=hf dir", "checkpoint.timeout=60.5", "eval.every=3", "eval.sequences=9",
         "eval.path=held out.tok", "log.metrics_file=m.jsonl", "log.every=10", "runtime.device=cuda",
         "runtime.comm=nccl", "runtime.attention=own", "runtime.threads=3",
     };

@@ -6,11 +6,13 @@
 # sharding writes an index naming every tensor; models no family expresses are refused with the
 # reason. Parity: where a Python with transformers and torch is found (HF_PYTHON, else python3), the
 # exported model's per-sequence losses equal moetrain's to 1e-5 (tests/hf_parity.py); elsewhere
-# that part is skipped with the reason (and said so in the output).
+# that part is skipped with the reason (and said so in the output). checkpoint.init_from starts new
+# runs (other meshes and shard modes) from the exported directory or the checkpoint: the
+# parameters equal the source's; config mismatches are named.
 set -u
 BUILD=${1:-build}
 BIN=$(cd "$BUILD" && pwd)/moetrain
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 checks=0 fails=0
@@ -83,6 +85,32 @@ out=$("$BIN" --export-hf $T/cap/step_00000001.h5 $T/caphf 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -q "capacity_factor > 0 drops tokens" <<<"$out" && ok "capacity dropping refused" || bad "capacity: $rc $out"
 out=$("$BIN" --export-hf $T/sh/step_00000001.h5 $T/shhf 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -q "shared experts are ungated" <<<"$out" && ok "ungated shared experts refused" || bad "ungated: $rc $out"
+
+# checkpoint.init_from: the exported directory (and the checkpoint itself) as the start of a new run
+# on other meshes; after one step at lr 1e-30 the parameters equal the source's; mismatches named
+IF=("${QW[@]}" --set optim.lr=1e-30 --set optim.min_lr=0 --set optim.weight_decay=0 --set train.steps=1
+    --set log.metrics_file= --set checkpoint.resume=never)
+for case in "1 i1 $T/qwhf" "4 i2 $T/qwhf --set parallel.pp=2 --set parallel.tp=2 --set optim.shard=full" \
+            "2 i3 $T/qw/step_00000003.h5 --set parallel.ep=2 --set optim.shard=optimizer"; do
+  read -r np d src rest <<<"$case"
+  # shellcheck disable=SC2086
+  out=$(timeout 120 mpirun -np "$np" "$BIN" configs/tiny.ini "${IF[@]}" --set checkpoint.dir=$T/$d \
+        --set checkpoint.init_from="$src" $rest 2>&1 </dev/null)
+  if grep -q "parameters initialised from $src" <<<"$out" \
+     && h5diff -p 1e-5 $T/qw/step_00000003.h5 $T/$d/step_00000001.h5 /params /params >/dev/null 2>&1; then
+    ok "init_from $(basename "$src") on np=$np $rest: parameters equal the source's"
+  else bad "init_from $src np=$np: $(tail -3 <<<"$out")"; fi
+done
+timeout 120 "$BIN" configs/tiny.ini "${IF[@]}" --set checkpoint.dir=$T/i0 >/dev/null 2>&1 </dev/null
+h5diff -p 1e-5 $T/qw/step_00000003.h5 $T/i0/step_00000001.h5 /params /params >/dev/null 2>&1 \
+  && bad "without init_from the parameters equal the source's too: the check above proves nothing" \
+  || ok "without init_from the parameters differ (the check above can fail)"
+out=$("$BIN" configs/tiny.ini "${IF[@]}" --set model.d_model=128 --set checkpoint.dir=$T/i4 --set checkpoint.init_from=$T/qwhf 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "config.json does not match the config: hidden_size = 64 but model.d_model = 128" <<<"$out" \
+  && ok "init_from names a config mismatch" || bad "init_from mismatch: $rc $(tail -2 <<<"$out")"
+out=$("$BIN" configs/tiny.ini "${IF[@]}" --set moe.expert_hidden=64 --set checkpoint.dir=$T/i5 --set checkpoint.init_from=$T/qw/step_00000003.h5 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "is not this config's" <<<"$out" && ok "init_from a checkpoint of another shape refused" \
+  || bad "init_from checkpoint mismatch: $rc $(tail -2 <<<"$out")"
 
 # parity with transformers
 if "$PY" -c "import torch, transformers" >/dev/null 2>&1; then
