@@ -86,7 +86,7 @@ static OutTensor *push(OutList *l, const char *name, int64_t r, int64_t c) {
     }
     OutTensor *t = &l->t[l->n++];
     snprintf(t->name, sizeof t->name, "%s", name);
-    t->ndim = c > 0 || (c == 0 && r >= 0 && strstr(name, "_proj.weight")) ? 2 : 1;
+    t->ndim = c >= 0 ? 2 : 1; /* c < 0: a vector */
     t->shape[0] = r;
     t->shape[1] = c;
     t->n = (size_t)r * (t->ndim == 2 ? (size_t)c : 1);
@@ -115,9 +115,7 @@ static int collect(const char *ckpt, const Config *c, OutList *out, char *err) {
     int rc = f < 0 ? mt_fail(err, "%s: cannot open checkpoint", ckpt) : MT_OK;
     for (int i = 0; i < pl.n && rc == MT_OK; i++) {
         const ParamInfo *pi = &pl.info[i];
-        OutTensor *t = push(out, pi->name, pi->full[0], pi->ndim == 2 ? pi->full[1] : -1);
-        t->ndim = pi->ndim;
-        rc = read_tensor(f, ckpt, t, err);
+        rc = read_tensor(f, ckpt, push(out, pi->name, pi->full[0], pi->ndim == 2 ? pi->full[1] : -1), err);
     }
     if (f >= 0) H5Fclose(f);
     for (int l = 0; l < d.L && rc == MT_OK && d.qwen; l++) {
@@ -132,7 +130,7 @@ static int collect(const char *ckpt, const Config *c, OutList *out, char *err) {
         const char *pr[3] = {"gate_proj", "up_proj", "down_proj"}; /* an empty shared expert */
         for (int j = 0; j < 3; j++) {
             snprintf(n, sizeof n, "model.layers.%d.mlp.shared_expert.%s.weight", l, pr[j]);
-            push(out, n, j < 2 ? 0 : d.C, j < 2 ? d.C : 0)->ndim = 2;
+            push(out, n, j < 2 ? 0 : d.C, j < 2 ? d.C : 0);
         }
         snprintf(n, sizeof n, "model.layers.%d.mlp.shared_expert_gate.weight", l);
         push(out, n, 1, d.C);
