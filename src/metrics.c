@@ -252,6 +252,13 @@ void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     cJSON_AddNumberToObject(o, "grad_norm", r->grad_norm);
     cJSON_AddNumberToObject(o, "tokens_per_s", r->tokens_per_s);
     cJSON_AddNumberToObject(o, "step_seconds", r->seconds);
+    cJSON *tm = cJSON_AddObjectToObject(o, "time"); /* rank 0's split of step_seconds (train.h) */
+    cJSON_AddNumberToObject(tm, "fwd_bwd", r->time.fwd_bwd);
+    cJSON_AddNumberToObject(tm, "pipeline_wait", r->time.pipeline_wait);
+    cJSON_AddNumberToObject(tm, "data", r->time.data);
+    cJSON_AddNumberToObject(tm, "grad_sync", r->time.grad_sync);
+    cJSON_AddNumberToObject(tm, "optimizer", r->time.optimizer);
+    cJSON_AddNumberToObject(tm, "checkpoint", r->time.checkpoint);
     cJSON_AddNumberToObject(o, "model_tflops_per_rank", tflops);
     cJSON_AddNumberToObject(o, "dropped_frac", r->dropped_frac);
     cJSON_AddNumberToObject(o, "tokens_seen", (double)t->tokens_seen);

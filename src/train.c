@@ -110,6 +110,7 @@ void trainer_free(Trainer *t) {
 static void fetch_micro_batch(void *ctx, int mb, const int32_t **tokens, const int32_t **domains) {
     Trainer *t = ctx;
     const Config *c = &t->cfg;
+    double t0 = mt_now();
     int mbs = c->micro_batch_size;
     int64_t first = t->data_seq + (int64_t)t->dp_rank * mbs * c->grad_accum_steps;
     if (!t->data_failed &&
@@ -121,6 +122,7 @@ static void fetch_micro_batch(void *ctx, int mb, const int32_t **tokens, const i
     }
     *tokens = t->tok_buf;
     *domains = t->dom_buf;
+    t->data_s += mt_now() - t0;
 }
 
 /* lbl_scope = global_batch_exact: the whole step's routing before any backward (model.h), by a
@@ -137,10 +139,18 @@ static void count_step_routes(Trainer *t) {
 
 /* Forward/backward over this rank's micro-batches of the step (through its pipeline schedule);
  * returns the summed stats of its model chunks. */
-static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale) {
+static MicroStats run_micro_batches(Trainer *t, float lm_scale, float aux_scale, StepResult *r) {
+    double t0 = mt_now();
+    t->data_s = 0;
     if (t->cfg.lbl_scope == LBL_GLOBAL_BATCH_EXACT) count_step_routes(t);
-    return pipeline_step(&t->model, &t->mesh->g_pp, t->ops, t->n_ops, t->cfg.micro_batch_size,
-                         fetch_micro_batch, t, lm_scale, aux_scale, &t->pipe_times);
+    double pre = mt_now() - t0, pre_data = t->data_s;
+    MicroStats s = pipeline_step(&t->model, &t->mesh->g_pp, t->ops, t->n_ops, t->cfg.micro_batch_size,
+                                 fetch_micro_batch, t, lm_scale, aux_scale, &t->pipe_times);
+    double wait = t->pipe_times.total - t->pipe_times.compute - (t->data_s - pre_data);
+    r->time.data = t->data_s;
+    r->time.fwd_bwd = t->pipe_times.compute + pre - pre_data;
+    r->time.pipeline_wait = wait > 0 ? wait : 0;
+    return s;
 }
 
 /* Sum this rank's loss terms over the world: every rank of a stage holds other tokens (under
@@ -213,13 +223,15 @@ StepResult trainer_step(Trainer *t) {
     sharder_zero_grads(&t->shard);
     model_reset_lbl(&t->model);
     t->data_failed = 0;
-    MicroStats mine = run_micro_batches(t, lm_scale, aux_scale);
+    StepResult r = {0};
+    MicroStats mine = run_micro_batches(t, lm_scale, aux_scale, &r);
+    double t1 = mt_now();
     MicroStats s = sync_micro_stats(t, mine);
     sharder_reduce_grads(&t->shard);
     sharder_tie_grads(&t->shard);
-
-    StepResult r = {0};
     r.grad_norm = grad_norm_and_guard(t, &mine, &s, &r.nonfinite, &r.data_failed);
+    double t2 = mt_now();
+    r.time.grad_sync = t2 - t1;
     if (r.data_failed) { /* nothing applied, nothing advanced: the state is the one before the step */
         r.step = t->step + 1;
         return r;
@@ -232,6 +244,7 @@ StepResult trainer_step(Trainer *t) {
         sharder_update(&t->shard, r.lr);
         update_expert_bias(t);
     }
+    r.time.optimizer = mt_now() - t2;
 
     t->step++;
     t->tokens_seen += global_tokens;
@@ -382,6 +395,8 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
         /* a skipped step is always logged, and one with an evaluation; r.skipped is the same on every rank */
         if (r.step % c->log_every == 0 || r.step == c->steps || r.skipped || r.has_eval) {
             trainer_sync_stats(t);
+            r.time.checkpoint = t->ckpt_s;
+            t->ckpt_s = 0;
             metrics_step(mx, t, &r);
             model_reset_stats(&t->model);
         }
@@ -389,7 +404,9 @@ static int run_steps(Trainer *t, Metrics *mx, char *err) {
         int stop = agree_stop(world);
         ckpt_pending |= c->ckpt_every > 0 && r.step % c->ckpt_every == 0;
         int due = (ckpt_pending && !r.skipped) || r.step == c->steps || stop;
+        double t0 = mt_now();
         if (due && save_guarded(t, err) != MT_OK) return MT_ERR;
+        t->ckpt_s += mt_now() - t0;
         if (due) ckpt_pending = 0, saved_step = t->step;
         if (stop) {
             if (world->rank == 0) printf("stopping after step %d on a signal; checkpoint saved\n", t->step);

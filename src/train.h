@@ -58,6 +58,12 @@ typedef struct StepResult {
     double grad_norm;          /* before clipping */
     float lr;
     double seconds, tokens_per_s;
+    /* where this rank's step time went, seconds (metrics "time"): forward/backward compute (with
+     * the tp/cp/ep communication inside the layers, and global_batch_exact's routing pass),
+     * waiting for pipeline neighbours, reading data, the gradient reduction and norm (the
+     * data-parallel communication), the optimizer; checkpoint: checkpoint writes since the
+     * previous logged step (filled in by run_steps) */
+    struct { double fwd_bwd, pipeline_wait, data, grad_sync, optimizer, checkpoint; } time;
     double dropped_frac;       /* assignments dropped by capacity / all assignments */
     int skipped;               /* the update was not applied: nonfinite != 0 (same on every rank) */
     unsigned nonfinite;        /* NF_* bits: the terms that were not finite on some rank */
@@ -84,6 +90,8 @@ typedef struct Trainer {
     PipeOp *ops;                /* this rank's schedule of a step (pipeline.h) */
     int n_ops;
     PipeTimes pipe_times;       /* where the last step's forward/backward time went */
+    double data_s;              /* seconds reading data in the current step */
+    double ckpt_s;              /* seconds writing checkpoints since the last logged step */
     Evaluator eval;             /* the held-out set (eval.every > 0) */
     /* the non-finite guard (counted since trainer_init; not stored in checkpoints) */
     int skipped_steps;           /* steps skipped in all */

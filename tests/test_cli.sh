@@ -282,5 +282,23 @@ expect "eval.path file evaluates" 0 "eval [0-9.]+" -- $BIN configs/tiny.ini --se
   --set eval.every=1 --set eval.path=$T/a/c.tok --set train.steps=1 --set log.metrics_file= --set checkpoint.dir=$T/evf \
   --set eval.sequences=4 --set train.micro_batch_size=2
 
+# the step record's time split: five phases that add up to step_seconds, checkpoint writes apart
+timeout 120 mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2 --set train.grad_accum_steps=4 --set train.steps=3 --set log.every=1 \
+  --set checkpoint.every=1 --set checkpoint.resume=never --set checkpoint.dir=$T/tm --set log.metrics_file=$T/tm.jsonl \
+  >/dev/null 2>&1 </dev/null
+if r=$(python3 - "$T/tm.jsonl" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if '"event":"step"' in l]
+assert len(recs) == 3, len(recs)
+for r in recs:
+    t = r["time"]
+    parts = [t[k] for k in ("fwd_bwd", "pipeline_wait", "data", "grad_sync", "optimizer")]
+    assert all(p >= 0 for p in parts) and t["checkpoint"] >= 0, t
+    assert 0.8 * r["step_seconds"] <= sum(parts) <= r["step_seconds"] * 1.01 + 1e-4, (sum(parts), r["step_seconds"])
+assert recs[1]["time"]["checkpoint"] > 0, "the checkpoint after step 1 is not in step 2's record"
+print("%.1f ms of %.1f ms accounted for at step 3" % (1e3 * sum(recs[2]["time"][k] for k in ("fwd_bwd", "pipeline_wait", "data", "grad_sync", "optimizer")), 1e3 * recs[2]["step_seconds"]))
+PY
+); then ok "metrics time split adds up ($r)"; else bad "metrics time split: $r"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
