@@ -136,11 +136,12 @@ static void add_load(cJSON *o, const Trainer *t) {
     int E = m->d.E;
     cJSON *load = cJSON_AddArrayToObject(o, "expert_load");
     cJSON *imb = cJSON_AddArrayToObject(o, "load_imbalance");
+    cJSON *epl = cJSON_AddArrayToObject(o, "ep_load"); /* per layer: rows each ep rank's experts got */
+    int ep = t->mesh->ep, El = E / ep;
     cJSON *dom = cJSON_AddObjectToObject(o, "domain_load");
     cJSON *dl[DATA_N_DOMAINS];
     for (int x = 0; x < DATA_N_DOMAINS; x++) dl[x] = cJSON_AddArrayToObject(dom, data_domain_names[x]);
-    for (int l = 0; l < m->d.L; l++) {
-        if (!m->pl.layers[l].is_moe) continue;
+    for (int l = t->cfg.dense_layers; l < m->d.L; l++) { /* every MoE layer, held here or not (pp) */
         const int64_t *c = m->load + (size_t)l * E;
         cJSON *row = cJSON_CreateArray();
         int64_t mx = 0, sum = 0;
@@ -151,6 +152,13 @@ static void add_load(cJSON *o, const Trainer *t) {
         }
         cJSON_AddItemToArray(load, row);
         cJSON_AddItemToArray(imb, cJSON_CreateNumber(sum ? (double)mx * E / sum : 0.0));
+        cJSON *er = cJSON_CreateArray();
+        for (int r = 0; r < ep; r++) {
+            int64_t v = 0;
+            for (int x = r * El; x < (r + 1) * El; x++) v += c[x];
+            cJSON_AddItemToArray(er, cJSON_CreateNumber((double)v));
+        }
+        cJSON_AddItemToArray(epl, er);
         for (int x = 0; x < DATA_N_DOMAINS; x++) {
             const int64_t *dc = m->domain_load + ((size_t)l * DATA_N_DOMAINS + x) * E;
             cJSON *r = cJSON_CreateArray();

@@ -10,6 +10,8 @@
  * nonfinite (only on a skipped step: the non-finite terms among lm_loss, lbl, z_loss, grad_norm,
  * in that order, so the first is the first that went non-finite; a non-finite number is written
  * as null), expert_load (per MoE layer: tokens routed to each expert since the previous log line),
+ * ep_load (per MoE layer: the same summed per expert-parallel rank, i.e. the rows each rank's
+ * experts received),
  * load_imbalance (per MoE layer: max/mean load), and domain_load (per data domain, per MoE layer,
  * per expert).
  * Only the rank given as writer writes. Does not communicate.

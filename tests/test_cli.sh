@@ -300,5 +300,23 @@ print("%.1f ms of %.1f ms accounted for at step 3" % (1e3 * sum(recs[2]["time"][
 PY
 ); then ok "metrics time split adds up ($r)"; else bad "metrics time split: $r"; fi
 
+# metrics per expert-parallel rank: with MoGE groups = ep (balanced) every rank's experts get the
+# same rows, exactly; under pp2 the records still cover every MoE layer (rank 0 holds only some)
+timeout 120 mpirun -np 2 $BIN configs/tiny.ini --set parallel.ep=2 --set moe.groups=2 --set moe.group_select=balanced \
+  --set train.micro_batch_size=8 --set train.steps=2 --set log.every=1 --set checkpoint.dir=$T/mg \
+  --set checkpoint.resume=never --set log.metrics_file=$T/mg.jsonl >/dev/null 2>&1 </dev/null
+timeout 120 mpirun -np 2 $BIN configs/tiny.ini --set parallel.pp=2 --set train.steps=1 --set checkpoint.dir=$T/mg2 \
+  --set checkpoint.resume=never --set log.metrics_file=$T/mg2.jsonl >/dev/null 2>&1 </dev/null
+if r=$(python3 - "$T/mg.jsonl" "$T/mg2.jsonl" <<'PY'
+import json, sys
+last = lambda f: [json.loads(l) for l in open(f) if '"event":"step"' in l][-1]
+a, b = last(sys.argv[1]), last(sys.argv[2])
+assert all(len(set(r)) == 1 and r[0] > 0 for r in a["ep_load"]), a["ep_load"]
+assert sum(a["ep_load"][0]) == sum(a["expert_load"][0]), (a["ep_load"], a["expert_load"])
+assert len(b["expert_load"]) == 2 and all(sum(r) > 0 for r in b["expert_load"]), b["expert_load"]
+print("ep_load", a["ep_load"][0], "; pp2 layers", len(b["expert_load"]))
+PY
+); then ok "metrics: equal ep_load under MoGE groups = ep, every MoE layer under pp ($r)"; else bad "ep_load / pp metrics: $r"; fi
+
 echo "${checks} checks, ${fails} failures"
 [ "$fails" -eq 0 ]
