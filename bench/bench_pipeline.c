@@ -25,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "blas.h"
 #include "common.h"
 #include "config.h"
@@ -42,20 +43,6 @@ typedef struct Layout {
     double bubble[MAXSTEPS], step[MAXSTEPS], compute_imb[MAXSTEPS];
 } Layout;
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(const double *v, int n) {
-    double *s = mt_calloc(n, sizeof *s);
-    memcpy(s, v, n * sizeof *s);
-    qsort(s, n, sizeof *s, cmp_d);
-    double m = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
-    free(s);
-    return m;
-}
-
 /* One step of L; s >= 0: record its bubble (mean over ranks), compute imbalance and step time. */
 static void step_once(Layout *L, int s) {
     const Group *w = &L->mesh.g_world;
@@ -71,15 +58,6 @@ static void step_once(Layout *L, int s) {
     L->bubble[s] = sum[0] / w->size;
     L->compute_imb[s] = mx[1] / (sum[1] / w->size) - 1.0;
     L->step[s] = mx[2];
-}
-
-static void loadavg(double *l) {
-    FILE *f = fopen("/proc/loadavg", "r");
-    *l = -1;
-    if (f) {
-        if (fscanf(f, "%lf", l) != 1) *l = -1;
-        fclose(f);
-    }
 }
 
 int main(int argc, char **argv) {
@@ -131,11 +109,11 @@ int main(int argc, char **argv) {
     char blas[256];
     blas_describe(blas, sizeof blas);
     double load0, load1;
-    loadavg(&load0);
+    load0 = bench_loadavg();
     for (int i = 0; i < nl; i++) step_once(&lay[i], -1); /* warm-up round */
     for (int s = 0; s < steps; s++)
         for (int i = 0; i < nl; i++) step_once(&lay[i], s);
-    loadavg(&load1);
+    load1 = bench_loadavg();
 
     if (rank == 0) {
         printf("bench_pipeline: %s, %d ranks, %d micro-batches of %d seqs per step and dp rank, %d timed "
@@ -147,8 +125,8 @@ int main(int argc, char **argv) {
             double th = (double)(L->pp - 1) / (L->vpp * M + L->pp - 1);
             char name[32];
             snprintf(name, sizeof name, "pp%d %s", L->pp, L->vpp > 1 ? "interleaved2" : "1f1b");
-            printf("%-16s %3d %8.1fms %8.1f%% %8.1f%% %8.1f%%\n", name, L->mesh.dp, 1e3 * median(L->step, steps),
-                   100 * median(L->bubble, steps), 100 * th, 100 * median(L->compute_imb, steps));
+            printf("%-16s %3d %8.1fms %8.1f%% %8.1f%% %8.1f%%\n", name, L->mesh.dp, 1e3 * bench_median(L->step, steps),
+                   100 * bench_median(L->bubble, steps), 100 * th, 100 * bench_median(L->compute_imb, steps));
         }
     }
     for (int i = 0; i < nl; i++) {

@@ -37,6 +37,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "blas.h"
 #include "common.h"
 #include "config.h"
@@ -196,16 +197,6 @@ typedef struct {
     int nlog;
 } Layout;
 
-static int cmp(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-static double median(const double *v, int n) {
-    double s[MAXSTEPS];
-    memcpy(s, v, n * sizeof *s);
-    qsort(s, n, sizeof *s, cmp);
-    return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
-}
 static double minimum(const double *v, int n) {
     double b = v[0];
     for (int i = 1; i < n; i++) b = v[i] < b ? v[i] : b;
@@ -244,15 +235,6 @@ static void step_once(Layout *L, int s, Rec *log) {
     for (int b = 0; b < NB; b++) L->comm[b][s] = g_sec[b] / L->mesh.world;
     memcpy(L->bytes, g_bytes, sizeof g_bytes);
     memcpy(L->agrs, g_ag_rs_bytes, sizeof g_ag_rs_bytes);
-}
-
-static void loadavg(double *l1) {
-    FILE *f = fopen("/proc/loadavg", "r");
-    *l1 = -1;
-    if (f) {
-        if (fscanf(f, "%lf", l1) != 1) *l1 = -1;
-        fclose(f);
-    }
 }
 
 int main(int argc, char **argv) {
@@ -305,12 +287,12 @@ int main(int argc, char **argv) {
     char blas[256];
     blas_describe(blas, sizeof blas);
     double load0, load1;
-    loadavg(&load0);
+    load0 = bench_loadavg();
     g_caplog = 8192;
     for (int i = 0; i < nl; i++) step_once(&lay[i], -1, NULL);     /* warm-up round */
     for (int s = 0; s < steps; s++)
         for (int i = 0; i < nl; i++) step_once(&lay[i], s, s == 0 ? lay[i].log : NULL);
-    loadavg(&load1);
+    load1 = bench_loadavg();
     for (int i = 0; i < nl; i++) { /* bare replay of one step's tp / etp / cp calls */
         g_log = lay[i].log, g_nlog = lay[i].nlog;
         for (int b = 0; b < NB; b++) {
@@ -337,12 +319,12 @@ int main(int argc, char **argv) {
         double ref = 0;
         for (int i = 0; i < nl; i++) {
             Layout *L = &lay[i];
-            double med = median(L->step, steps), tps = tokens / med;
+            double med = bench_median(L->step, steps), tps = tokens / med;
             if (i == 0) ref = tps;
             char name[16];
             snprintf(name, sizeof name, "tp%d cp%d", L->tp, L->cp);
-            double tpc = median(L->comm[B_TP], steps) + median(L->comm[B_ETP], steps), cpc = median(L->comm[B_CP], steps),
-                   oth = median(L->comm[B_OTHER], steps);
+            double tpc = bench_median(L->comm[B_TP], steps) + bench_median(L->comm[B_ETP], steps), cpc = bench_median(L->comm[B_CP], steps),
+                   oth = bench_median(L->comm[B_OTHER], steps);
             printf("%-9s %3d %4d %7.0fms %7.0fms %9.0f %6.2fx %7.2f | %8.1f %5.1f%% %7.1f | %8.1f %5.1f%% %7.1f | %8.1f %5.1f%%\n",
                    name, L->mesh.dp, L->c.micro_batch_size, 1e3 * minimum(L->step, steps), 1e3 * med, tps,
                    tps / ref, flops / med / 1e9, 1e3 * tpc, 100 * tpc / med, (L->bytes[B_TP] + L->bytes[B_ETP]) / 1e6,
@@ -358,7 +340,7 @@ int main(int argc, char **argv) {
             for (int b = B_TP; b <= B_CP; b += 2) {
                 int tpb = b == B_TP;
                 if ((tpb ? L->tp : L->cp) == 1) continue;
-                double ins = tpb ? median(L->comm[B_TP], steps) + median(L->comm[B_ETP], steps) : median(L->comm[B_CP], steps);
+                double ins = tpb ? bench_median(L->comm[B_TP], steps) + bench_median(L->comm[B_ETP], steps) : bench_median(L->comm[B_CP], steps);
                 double bare = tpb ? L->bare[B_TP] + L->bare[B_ETP] : L->bare[B_CP];
                 double by = tpb ? L->bytes[B_TP] + L->bytes[B_ETP] : L->bytes[B_CP];
                 printf("tp%d cp%d  %-7s %12.1f %12.1f %10.1f %10.1f %7.2fx %9.2f\n", L->tp, L->cp, bucket_name[b],

@@ -37,7 +37,9 @@ static int read_config(const char *ckpt, Config *c, char *err) {
         free(ini);
         return mt_fail(err, "%s: no readable config attribute (not a moetrain checkpoint?)", ckpt);
     }
-    char path[] = "/tmp/moetrain-hf-XXXXXX";
+    char path[MT_PATH_MAX]; /* config_load reads a file: the INI text goes to a private temporary */
+    const char *tmpdir = getenv("TMPDIR");
+    snprintf(path, sizeof path, "%s/moetrain-config-XXXXXX", tmpdir && tmpdir[0] ? tmpdir : "/tmp");
     int fd = mkstemp(path);
     int rc = fd >= 0 && write(fd, ini, strlen(ini)) == (ssize_t)strlen(ini) ? MT_OK : MT_ERR;
     if (fd >= 0) close(fd);
