@@ -55,6 +55,11 @@ void cuda_set_attention(CudaAttention which);
  * GPUs visible (ranks use GPU local_rank % count). 0 without a GPU (nothing written). */
 int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count);
 
+/* After kernels_cuda(): the bytes in which the table's release gives memory back (MemStats.granule):
+ * the GPU's allocation granularity for virtual memory management (typically 2 MiB); 0 when
+ * release only zeroes (no VMM support), before kernels_cuda() and without CUDA. */
+size_t cuda_release_granule(void);
+
 /* After kernels_cuda(): one line naming this rank's GPU and the libraries, e.g. "GPU 0 of 8:
  * NVIDIA H200, 139.8 GiB, sm 9.0; CUDA runtime 13.0, driver 13.0; cuDNN 9.19.0 (frontend
  * 1.32.0)". For banners and benchmark logs. */

@@ -27,17 +27,22 @@ extern "C" {
 #endif
 
 /* What the backend's allocator has handed out (Kernels.mem_stats). Process-wide; bytes are the
- * sizes callers asked alloc for (not rounded up to pages or to the device's granularity). */
+ * sizes callers asked alloc / reserve for (not rounded up to pages or to the device's granularity). */
 typedef struct MemStats {
-    size_t live;          /* bytes of the blocks alloc returned that free has not taken back */
+    size_t live;          /* bytes of the blocks alloc / reserve returned that free has not taken back */
     size_t peak;          /* the most `live` has been since the last reset */
-    size_t resident;      /* bytes the system holds for those blocks: cuda: = live; cpu: a block
-                           * under one page counts whole, a larger one (a page-aligned mapping)
-                           * counts its pages in memory, clipped to its size: untouched pages and
-                           * pages release gave back (until touched again) do not count */
+    size_t resident;      /* bytes the system holds for those blocks, each clipped to its size:
+                           * cpu: a block under one page counts whole, a larger one (a page-aligned
+                           * mapping) its pages in memory (untouched pages and pages release gave
+                           * back, until touched again, do not count); cuda: an alloc block whole, a
+                           * reserve block its committed granules (those release gave back do not
+                           * count until committed again) */
     size_t resident_peak; /* the most `resident` has been since the last reset (exact: sampled
                            * before every free and release, the only calls that lower it) */
-    int release_frees;    /* 1: release gives whole pages back (cpu); 0: it only zeroes (cuda) */
+    int release_frees;    /* 1: release gives whole granules back; 0: it only zeroes (cuda without
+                           * virtual memory management: reserve is then a plain allocation) */
+    size_t granule;       /* the unit release gives back, bytes: the page size (cpu), the device's
+                           * allocation granularity (cuda, typically 2 MiB); 0 when release_frees = 0 */
 } MemStats;
 
 typedef struct Kernels {
@@ -184,10 +189,27 @@ typedef struct Kernels {
     void (*adamw)(float *p, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
                   float beta2, float eps, float wd, int step);
 
-    /* ---- memory, continued ----
-     * Zero [p, p + bytes) and give the physical memory of the whole pages inside it back to the
-     * system (they come back, zeroed, when touched). Used by full sharding to drop a gathered
-     * unit. The cuda backend only zeroes (the range stays allocated): MemStats.release_frees. */
+    /* ---- memory, continued: blocks whose memory comes and goes by range (full sharding) ----
+     * reserve: a block of `bytes` (freed by free) whose address range is fixed and contiguous but
+     * that may hold no memory until committed: every range must be committed before it is read or
+     * written (cpu: pages come on first touch, so this is alloc; cuda: the virtual range only,
+     * cuMemAddressReserve). The flat parameter and gradient buffers of a sharded model
+     * (model.h) are reserved; everything else is alloc'ed.
+     * commit: make [p, p + bytes) of a reserve block usable: the granules (cpu: pages; cuda: the
+     * device's allocation granularity) touching it that hold no memory get memory, zeroed; those
+     * that hold some keep their contents. Committing a committed range is a no-op. cpu: nothing
+     * to do (no-op); cuda: cuMemCreate + cuMemMap + cuMemSetAccess per missing granule. Ranges of
+     * alloc blocks are always committed (no-op).
+     * release: zero [p, p + bytes) and give the memory of the whole granules inside it back to the
+     * system (cpu: madvise; cuda, reserve blocks: cuMemUnmap + cuMemRelease, after the device has
+     * finished the work queued on it so far); partial granules at its ends are zeroed and stay.
+     * After a release the range must be committed again before its next use (cpu: a touch
+     * suffices, but the checked table, kernels_cpu_checked, faults as the GPU would). A range
+     * may be released whether or not it is committed. cuda alloc blocks, or cuda without virtual
+     * memory management: release only zeroes (MemStats.release_frees = 0). Used by sharding to
+     * drop a gathered unit and a reduced unit's gradients. */
+    void *(*reserve)(size_t bytes);
+    void (*commit)(void *p, size_t bytes);
     void (*release)(void *p, size_t bytes);
     /* The allocator's statistics into *out: its own bookkeeping, kept by alloc, free and release
      * themselves (like malloc's, not a caller's tally), over every block of the process, so a test
@@ -201,6 +223,11 @@ typedef struct Kernels {
 
 /* The CPU backend: BLAS for GEMMs, plain C loops elsewhere. */
 const Kernels *kernels_cpu(void);
+/* The CPU backend with the GPU's commit discipline enforced, for tests: memory of a reserve block
+ * that is not committed (never committed, or released and not committed again) is inaccessible
+ * (PROT_NONE), so a read or write of it faults (SIGSEGV) where on cuda it would be an illegal
+ * address. Same results as kernels_cpu() otherwise; shares its allocator and statistics. */
+const Kernels *kernels_cpu_checked(void);
 
 #ifdef __cplusplus
 }

@@ -178,7 +178,10 @@ static void scale_f(float *restrict x, size_t n, float a) {
  * Resident memory only grows between calls here (touching pages) and only shrinks in free and
  * release, so sampling it before each of those gives its exact peak. A mapping that release has
  * touched is kept off transparent huge pages, whose re-collapse would undo the release.
- * Under AddressSanitizer a mapping gets a poisoned page in front and its tail slack poisoned. */
+ * Under AddressSanitizer a mapping gets a poisoned page in front and its tail slack poisoned.
+ * reserve is alloc (pages come on first touch) and commit a no-op; the checked table
+ * (kernels_cpu_checked) keeps a reserve block's pages PROT_NONE until committed and makes release
+ * take its whole pages back to PROT_NONE, the GPU's discipline (cuda/core.cu) at page granularity. */
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #define MEM_LEAD 1 /* pages in front of a mapping's data (poisoned) */
@@ -196,6 +199,8 @@ typedef struct MemBlock {
     int mapped; /* a mapping of its own (bytes >= one page), else calloc */
     int whole;  /* mapped: found wholly resident, and release has not touched it since */
     int paged;  /* mapped: release has touched it (MADV_NOHUGEPAGE set) */
+    unsigned char *acc; /* checked table's reserve blocks (mapped): per page, 1 = committed
+                         * (accessible), 0 = PROT_NONE; NULL for every other block */
 } MemBlock;
 
 static struct {
@@ -286,6 +291,7 @@ static void cpu_free(void *p) {
     g_mem.live -= b.bytes;
     *(b.mapped ? &g_mem.mapped : &g_mem.small) -= b.bytes;
     pthread_mutex_unlock(&g_mem.mu);
+    free(b.acc);
     if (b.mapped) {
         size_t len = map_bytes(b.bytes), lead = MEM_LEAD * page_size();
         MEM_UNPOISON(b.p - lead, len);
@@ -295,11 +301,72 @@ static void cpu_free(void *p) {
     }
 }
 
+/* ---- the checked table's reserve blocks: pages PROT_NONE until committed ---- */
+
+/* Set pages [p0, p1) of checked block b (page indices) to committed (on) or not, mprotect-ing
+ * the runs that change. Caller holds the lock. */
+static void checked_protect(MemBlock *b, size_t p0, size_t p1, int on) {
+    size_t ps = page_size();
+    for (size_t i = p0; i < p1;) {
+        if (b->acc[i] == on) { i++; continue; }
+        size_t j = i;
+        while (j < p1 && b->acc[j] != on) b->acc[j++] = (unsigned char)on;
+        MT_CHECK(mprotect(b->p + i * ps, (j - i) * ps, on ? PROT_READ | PROT_WRITE : PROT_NONE) == 0,
+                 "mprotect of %zu pages failed", j - i);
+        i = j;
+    }
+}
+
+static void *cpu_reserve_checked(size_t bytes) {
+    void *p = cpu_alloc(bytes);
+    pthread_mutex_lock(&g_mem.mu);
+    MemBlock *b = &g_mem.b[mem_find(p, 0, 1)];
+    if (b->mapped) {
+        size_t pages = mt_ceil_div(bytes, page_size());
+        b->acc = mt_calloc(pages, 1);
+        MT_CHECK(mprotect(b->p, pages * page_size(), PROT_NONE) == 0, "mprotect of %zu pages failed", pages);
+    }
+    pthread_mutex_unlock(&g_mem.mu);
+    return p;
+}
+
+/* Commit the pages touching [p, p + bytes) of a checked block (fresh ones read zero). */
+static void cpu_commit_checked(void *p, size_t bytes) {
+    if (!bytes) return;
+    pthread_mutex_lock(&g_mem.mu);
+    long i = mem_find(p, bytes, 0);
+    MT_CHECK(i >= 0, "commit of [%p, +%zu), which lies in no block alloc or reserve returned", p, bytes);
+    MemBlock *b = &g_mem.b[i];
+    if (b->acc) {
+        size_t off = (size_t)((char *)p - b->p), ps = page_size();
+        checked_protect(b, off / ps, mt_ceil_div(off + bytes, ps), 1);
+    }
+    pthread_mutex_unlock(&g_mem.mu);
+}
+
+/* cpu_release in checked block b: zero what is committed of [a, e), whole pages back to
+ * PROT_NONE (after MADV_DONTNEED, so they read zero when committed again). Caller holds the lock. */
+static void checked_release(MemBlock *b, uintptr_t a, uintptr_t e) {
+    size_t ps = page_size(), off = (size_t)(a - (uintptr_t)b->p), end = (size_t)(e - (uintptr_t)b->p);
+    size_t w0 = mt_ceil_div(off, ps), w1 = end / ps; /* whole pages [w0, w1) */
+    mem_sample(0);
+    b->whole = 0;
+    for (size_t pg = off / ps; pg < mt_ceil_div(end, ps); pg++) {
+        size_t lo = pg * ps > off ? pg * ps : off, hi = (pg + 1) * ps < end ? (pg + 1) * ps : end;
+        if (b->acc[pg] && !(pg >= w0 && pg < w1)) memset(b->p + lo, 0, hi - lo);
+    }
+    if (w1 > w0) {
+        (void)madvise(b->p + w0 * ps, (w1 - w0) * ps, MADV_DONTNEED);
+        checked_protect(b, w0, w1, 0);
+    }
+}
+
 static void cpu_mem_stats(MemStats *out, int reset) {
     pthread_mutex_lock(&g_mem.mu);
     size_t r = mem_sample(1);
     *out = (MemStats){.live = g_mem.live, .peak = g_mem.peak, .resident = r,
-                      .resident_peak = g_mem.resident_peak, .release_frees = 1};
+                      .resident_peak = g_mem.resident_peak, .release_frees = 1,
+                      .granule = page_size()};
     if (reset) {
         g_mem.peak = g_mem.live;
         g_mem.resident_peak = r;
@@ -1077,19 +1144,27 @@ static void cpu_adamw(float *p, const float *grad, float *m, float *v, size_t n,
 /* =============================================================================== table == */
 
 /* Zero [p, p+bytes); pages wholly inside go back to the OS (zero-filled on the next touch). The
- * resident peak is sampled first (the release lowers resident memory). */
+ * resident peak is sampled first (the release lowers resident memory). In a checked block only
+ * committed pages are zeroed (the others are zero and inaccessible), and the whole pages go back
+ * to PROT_NONE. */
 static void cpu_release(void *p, size_t bytes) {
     uintptr_t a = (uintptr_t)p, e = a + bytes, page = page_size();
     uintptr_t pa = (a + page - 1) & ~(page - 1), pe = e & ~(page - 1);
+    pthread_mutex_lock(&g_mem.mu);
+    long i = bytes ? mem_find(p, bytes, 0) : -1;
+    MemBlock *b = i >= 0 ? &g_mem.b[i] : NULL;
+    if (b && b->acc) { /* checked: zero the committed pages, protect the whole ones */
+        checked_release(b, a, e);
+        pthread_mutex_unlock(&g_mem.mu);
+        return;
+    }
     if (pe <= pa) {
+        pthread_mutex_unlock(&g_mem.mu);
         memset(p, 0, bytes);
         return;
     }
-    pthread_mutex_lock(&g_mem.mu);
     mem_sample(0);
-    long i = mem_find(p, bytes, 0);
-    if (i >= 0 && g_mem.b[i].mapped) {
-        MemBlock *b = &g_mem.b[i];
+    if (b && b->mapped) {
         if (!b->paged) (void)madvise(b->p, mt_ceil_div(b->bytes, page) * page, MADV_NOHUGEPAGE);
         b->paged = 1;
         b->whole = 0;
@@ -1099,6 +1174,9 @@ static void cpu_release(void *p, size_t bytes) {
     if (madvise((void *)pa, pe - pa, MADV_DONTNEED) != 0) memset((void *)pa, 0, pe - pa);
     memset((void *)pe, 0, e - pe);
 }
+
+/* Pages are committed on first touch: nothing to do. */
+static void cpu_commit(void *p, size_t bytes) { (void)p, (void)bytes; }
 
 static const Kernels g_cpu = {
     .name = "cpu",
@@ -1136,8 +1214,25 @@ static const Kernels g_cpu = {
     .ce_sumexp = cpu_ce_sumexp,
     .ce_vp_grad = cpu_ce_vp_grad,
     .adamw = cpu_adamw,
+    .reserve = cpu_alloc,
+    .commit = cpu_commit,
     .release = cpu_release,
     .mem_stats = cpu_mem_stats,
 };
 
 const Kernels *kernels_cpu(void) { return &g_cpu; }
+
+static Kernels g_cpu_checked;
+static pthread_once_t g_checked_once = PTHREAD_ONCE_INIT;
+
+static void checked_init(void) {
+    g_cpu_checked = g_cpu;
+    g_cpu_checked.name = "cpu";
+    g_cpu_checked.reserve = cpu_reserve_checked;
+    g_cpu_checked.commit = cpu_commit_checked;
+}
+
+const Kernels *kernels_cpu_checked(void) {
+    pthread_once(&g_checked_once, checked_init);
+    return &g_cpu_checked;
+}

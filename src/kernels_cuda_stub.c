@@ -23,6 +23,8 @@ int cuda_memory(size_t *free_bytes, size_t *total_bytes, int *device, int *count
     return 0;
 }
 
+size_t cuda_release_granule(void) { return 0; }
+
 /* cuda/attention_cudnn.h: never reached in this build (no cuda table), but linked by the tests. */
 int cudnn_attention_validate(int b, int t, int h, int hkv, int d, int sm, char *why, size_t len) {
     (void)b, (void)t, (void)h, (void)hkv, (void)d, (void)sm;

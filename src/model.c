@@ -189,9 +189,10 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
     m->lbl_scope = c->lbl_scope;
     m->max_seqs = max_seqs;
     params_layout_init(&m->pl, &m->d, c->init_std, mp ? mp->pad : NULL);
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        m->param[b] = k->alloc((m->pl.size[b] ? m->pl.size[b] : 1) * F32);
-        m->grad[b] = k->alloc((m->pl.size[b] ? m->pl.size[b] : 1) * F32);
+    for (int b = 0; b < PBUF_COUNT; b++) { /* reserved: only the units in use get memory */
+        size_t bytes = (m->pl.size[b] ? m->pl.size[b] : 1) * F32;
+        m->param[b] = c->shard == SHARD_FULL ? k->reserve(bytes) : k->alloc(bytes);
+        m->grad[b] = c->shard != SHARD_NONE ? k->reserve(bytes) : k->alloc(bytes);
     }
     const ModelDims *d = &m->d;
     size_t n = rows_res(d, max_seqs), nc = rows_cp(d, max_seqs);
@@ -327,6 +328,9 @@ static void hook_release(Model *m, int u) {
 }
 static void hook_grads_ready(Model *m, int u) {
     if (m->hooks.grads_ready) m->hooks.grads_ready(m->hooks.ctx, u);
+}
+static void hook_grads_begin(Model *m, int u) {
+    if (m->hooks.grads_begin) m->hooks.grads_begin(m->hooks.ctx, u);
 }
 
 /* ---- tensor / context parallel data movement (the only communication besides moe.c) ---- */
@@ -689,6 +693,7 @@ static MicroStats chunk_forward(Model *m, int k, int mb, const int32_t *tokens, 
     for (int l = d->clo[k]; l < d->chi[k]; l++) layer_forward(m, l, &st, train);
     if (last) head_forward(m, lm_scale, &st);
     if (last && train) {
+        hook_grads_begin(m, 0);
         head_backward(m);
         m->k->copy(m->res[d->L], m->dres, (size_t)rows_res(d, b) * d->C * F32);
         if (!first) hook_grads_ready(m, 0);
@@ -833,6 +838,7 @@ void model_chunk_backward(Model *m, int k, int mb, float aux_scale) {
     for (int l = d->chi[k] - 1; l >= d->clo[k]; l--) {
         const LayerParams *lp = &m->pl.layers[l];
         hook_gather(m, lp->unit);
+        hook_grads_begin(m, lp->unit);
         ffn_backward(m, l, &m->la[l], aux_scale);
         attention_backward(m, lp, &m->la[l], m->res[l]);
         hook_grads_ready(m, lp->unit);
@@ -842,6 +848,7 @@ void model_chunk_backward(Model *m, int k, int mb, float aux_scale) {
         m->k->copy(m->res[d->clo[k]], m->dres, nC * F32);
         return;
     }
+    hook_grads_begin(m, 0); /* committed already when the head's backward ran in this chunk */
     m->k->embedding_bwd(GT(m, m->pl.embed), tp_gather(m, m->dres, m->gy), m->tokens, rows_cp(d, m->b), d->C);
     hook_grads_ready(m, 0);
     hook_release(m, 0);

@@ -60,14 +60,19 @@
 #include "moe.h"
 #include "params.h"
 
-/* Called around the use of a parameter unit (params.h) when parameters are sharded (FSDP); all
- * NULL otherwise. gather: the unit's parameters must be valid before it is read; release: its
- * forward is done; grads_ready: its gradients for this micro-batch are complete (backward). */
+/* Called around the use of a parameter unit (params.h) when parameters or gradients are sharded
+ * (optim.shard = optimizer, full); all NULL otherwise. gather: the unit's parameters must be valid
+ * before it is read; release: its forward is done; grads_begin: its gradients are about to be
+ * written (accumulated) by a backward, so their range must be committed (kernels.h: commit; it
+ * may have been released since the last write); grads_ready: its gradients for this micro-batch
+ * are complete (backward). Every gradient write of a unit lies between a grads_begin and the
+ * next grads_ready of that unit. */
 typedef struct ParamHooks {
     void *ctx;
     void (*gather)(void *ctx, int unit);
     void (*release)(void *ctx, int unit);
     void (*grads_ready)(void *ctx, int unit);
+    void (*grads_begin)(void *ctx, int unit);
 } ParamHooks;
 
 /* How this rank's model sits in the mesh. NULL = a single process. */
@@ -150,6 +155,9 @@ typedef struct MicroStats {
     int64_t dropped, assignments;
 } MicroStats;
 
+/* The flat buffers follow c->shard: the gradients (shard optimizer, full) and the parameters (full)
+ * are reserved (kernels.h: reserve; their units are committed by the sharder's hooks as they are
+ * used), everything else is allocated. */
 void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const ModelParallel *mp);
 void model_free(Model *m);
 /* Initialise parameters from the counter-based RNG. */

@@ -53,8 +53,10 @@ MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh) {
     ParamLayout pl;
     params_layout_init(&pl, &d, c->init_std, mp.pad);
     MemoryBreakdown m;
-    /* cpu: release gives the pages of a used unit back; cuda: it only zeroes them (kernels.h) */
-    sharder_memory_plan(&pl, c->shard, mesh, c->device == DEVICE_CPU, &m.params, &m.grads, &m.optimizer);
+    /* release gives a used unit's pages (cpu) or granules (cuda with virtual memory management)
+     * back; cuda without it only zeroes them (granule 0; kernels.h) */
+    size_t granule = c->device == DEVICE_CPU ? (size_t)sysconf(_SC_PAGESIZE) : cuda_release_granule();
+    sharder_memory_plan(&pl, c->shard, mesh, granule, &m.params, &m.grads, &m.optimizer);
     MoeConfig mc = {.capacity_factor = c->capacity_factor, .pad_to_capacity = c->pad_to_capacity};
     m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size, &mc, mp.slots);
     params_layout_free(&pl);
@@ -464,9 +466,9 @@ static int check_memory(const Config *c, const Mesh *mesh, const MemoryRoom *roo
     const char *dropless = c->capacity_factor == 0 && c->ep > 1
         ? " (dropless routing, moe.capacity_factor = 0: MoE expert-side buffers counted for 2.5x an "
           "even share of rows; more imbalanced routing grows them further)" : "";
-    const char *cuda = c->device == DEVICE_CUDA && c->shard != SHARD_NONE
+    const char *cuda = c->device == DEVICE_CUDA && c->shard != SHARD_NONE && !cuda_release_granule()
         ? " (on cuda sharding keeps the full gradient buffer, and under full the full parameter "
-          "buffer, allocated: release only zeroes there)" : "";
+          "buffer, allocated: this GPU has no virtual memory management, so release only zeroes)" : "";
     if (bad && -first == world->rank)
         return mt_fail(err, "this run needs about %.1f GiB of %s per rank (params %.1f, grads "
                             "%.1f, AdamW state %.1f, activations %.1f%s)%s x %d rank(s) on %s = %.1f GiB, but "

@@ -44,7 +44,7 @@ static Config small(const char *sub) {
 
 static void init(Trainer *t, const Config *c) {
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(t, c, kernels_cpu(), &g_mesh, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(t, c, kernels_cpu_checked(), &g_mesh, err) == MT_OK, "%s", err);
 }
 
 static void save(Trainer *t, int keep) {

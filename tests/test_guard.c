@@ -115,8 +115,8 @@ START_TEST(test_one_rank_poisons_all_skip) {
     ck_assert_msg(mesh_build(&mesh, &c, err) == MT_OK, "%s: %s", layout, err);
     int rank = mesh.rank, last = mesh.world - 1, fails = 0;
     Trainer t, ref;
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &mesh, err) == MT_OK, "%s", err);
-    ck_assert_msg(trainer_init(&ref, &c, kernels_cpu(), &mesh, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &mesh, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&ref, &c, kernels_cpu_checked(), &mesh, err) == MT_OK, "%s", err);
     for (int s = 0; s < 2; s++) {
         StepResult r = trainer_step(&t), rr = trainer_step(&ref);
         TU_EXPECT(&fails, rank, !r.skipped && !rr.skipped, "%s: step %d skipped without a poison", layout, s + 1);

@@ -36,7 +36,7 @@ static Mesh solo; /* a one-rank mesh: these tests run without mpirun */
 static void run_steps(const Config *c, int steps, double *losses, float *final_params, size_t np) {
     Trainer t;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     for (int s = 0; s < steps; s++) losses[s] = trainer_step(&t).loss;
     if (final_params) {
         ck_assert_uint_eq(t.model.pl.size[PBUF_DENSE], np);
@@ -150,11 +150,11 @@ START_TEST(test_capacity_drop_fraction) {
     Config c = small_config();
     Trainer t;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     ck_assert(trainer_step(&t).dropped_frac == 0.0);
     trainer_free(&t);
     c.capacity_factor = 0.5f; /* at most half of the assignments fit */
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     double f = trainer_step(&t).dropped_frac;
     trainer_free(&t);
     ck_assert_msg(f >= 0.5 - 1e-9 && f < 1.0, "dropped fraction %g with capacity factor 0.5", f);
@@ -172,7 +172,7 @@ START_TEST(test_expert_bias_step) { /* loop: the LBL scope (where the step's cou
     c.grad_accum_steps = 2;
     Trainer t;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     int l = c.dense_layers, E = c.num_experts;
     int ti = params_find(&t.model.pl, "model.layers.1.mlp.gate.e_score_correction_bias");
     ck_assert_int_ge(ti, 0);
@@ -211,7 +211,7 @@ START_TEST(test_tiny_reaches_threshold) {
     char err[MT_ERRLEN];
     ck_assert_msg(config_load(&c, "configs/tiny.ini", NULL, 0, err) == MT_OK, "%s", err);
     Trainer t;
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     double first = 0, last = 0;
     int tail = c.steps < 20 ? c.steps : 20;
     for (int s = 0; s < c.steps; s++) {
@@ -236,7 +236,7 @@ END_TEST
 
 static void expect_plan_covers_measured(Config c, ShardMode shard, int steps, const char *what) {
     c.shard = shard;
-    const Kernels *k = kernels_cpu();
+    const Kernels *k = kernels_cpu_checked();
     MemoryBreakdown plan = trainer_memory_plan(&c, &solo);
     size_t need = memory_total(&plan);
     MemStats s0, s1;
@@ -399,7 +399,7 @@ START_TEST(test_nonfinite_step_skipped) {
     c.shard = GUARD_MODES[_i];
     Trainer t, ref;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     for (int s = 0; s < 2; s++) {
         StepResult r = trainer_step(&t);
         ck_assert_msg(!r.skipped && r.nonfinite == 0 && isfinite(r.loss), "step %d: skipped %d, nonfinite %#x",
@@ -435,7 +435,7 @@ START_TEST(test_nonfinite_step_skipped) {
     ck_assert_int_eq(t.skipped_steps, 1);
 
     /* the reference never runs the poisoned step: it only moves past its batch */
-    ck_assert_msg(trainer_init(&ref, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&ref, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     trainer_step(&ref);
     trainer_step(&ref);
     ref.step++;
@@ -466,7 +466,7 @@ START_TEST(test_nonfinite_runs_and_recovery) {
     const int want_total[N] = {0, 0, 1, 1, 2, 3, 4, 4, 4, 4, 4, 4};
     Trainer t;
     char err[MT_ERRLEN];
-    ck_assert_msg(trainer_init(&t, &c, kernels_cpu(), &solo, err) == MT_OK, "%s", err);
+    ck_assert_msg(trainer_init(&t, &c, kernels_cpu_checked(), &solo, err) == MT_OK, "%s", err);
     double first = 0, last = 0;
     for (int s = 0; s < N; s++) {
         float *x = held_element(&t, "model.layers.0.input_layernorm.weight"), keep = *x;

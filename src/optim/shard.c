@@ -71,6 +71,7 @@ static void hook_gather(void *ctx, int u) {
     Sharder *s = ctx;
     for (int b = 0; b < PBUF_COUNT; b++) {
         const ParamUnit *pu = &s->m->pl.units[u];
+        s->k->commit(s->m->param[b] + pu->off[b], pu->len[b] * F32);
         comm_allgather(s->rep[b], s->pshard[b] + s->shard_off[b][u], s->m->param[b] + pu->off[b],
                        pu->len[b] / s->S[b], DT_F32);
     }
@@ -81,6 +82,16 @@ static void hook_release(void *ctx, int u) {
     for (int b = 0; b < PBUF_COUNT; b++) {
         const ParamUnit *pu = &s->m->pl.units[u];
         s->k->release(s->m->param[b] + pu->off[b], pu->len[b] * F32);
+    }
+}
+
+/* A unit's gradients are about to be accumulated: their range must hold memory (it was released
+ * by the previous grads_ready or by sharder_zero_grads). */
+static void hook_grads_begin(void *ctx, int u) {
+    Sharder *s = ctx;
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        const ParamUnit *pu = &s->m->pl.units[u];
+        s->k->commit(s->m->grad[b] + pu->off[b], pu->len[b] * F32);
     }
 }
 
@@ -104,7 +115,7 @@ static void install_zero2(Sharder *s) {
         for (int u = 0; u < s->m->pl.n_units; u++)
             if (s->m->pl.units[u].len[b] / s->S[b] > most) most = s->m->pl.units[u].len[b] / s->S[b];
     s->tmp = s->k->alloc((most ? most : 1) * F32);
-    s->m->hooks = (ParamHooks){s, NULL, NULL, hook_grads_ready};
+    s->m->hooks = (ParamHooks){.ctx = s, .grads_ready = hook_grads_ready, .grads_begin = hook_grads_begin};
 }
 
 static void init_full(Sharder *s, uint64_t seed) {
@@ -123,7 +134,7 @@ static void init_full(Sharder *s, uint64_t seed) {
         }
     }
     s->tmp = s->k->alloc((most ? most : 1) * F32);
-    s->m->hooks = (ParamHooks){s, hook_gather, hook_release, hook_grads_ready};
+    s->m->hooks = (ParamHooks){s, hook_gather, hook_release, hook_grads_ready, hook_grads_begin};
 }
 
 void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c) {
@@ -322,12 +333,13 @@ static size_t alloc_bytes(size_t n) { return (n ? n : 1) * F32; }
 
 /* Bytes held of a full-size buffer of `full` elements whose units are released after use (the
  * gradients in modes optimizer and full, the parameters in full): all of it when release only
- * zeroes (cuda); else the units in flight (`working` elements) plus, release giving back whole
- * pages only, the page at each unit boundary (n_units + 1 of them), at most the whole buffer. */
-static size_t released_bytes(size_t full, size_t working, int n_units, int release_frees) {
+ * zeroes (granule 0); else the units in flight (`working` elements) plus, release giving back
+ * whole granules only, the granule at each unit boundary (n_units + 1 of them), at most the
+ * whole buffer. */
+static size_t released_bytes(size_t full, size_t working, int n_units, size_t granule) {
     size_t all = alloc_bytes(full);
-    if (!release_frees) return all;
-    size_t most = working * F32 + (size_t)(n_units + 1) * (size_t)sysconf(_SC_PAGESIZE);
+    if (!granule) return all;
+    size_t most = working * F32 + (size_t)(n_units + 1) * granule;
     return most < all ? most : all;
 }
 
@@ -335,7 +347,7 @@ static size_t released_bytes(size_t full, size_t working, int n_units, int relea
  * S[b] ways): every buffer model_init and sharder_init allocate for parameters, gradients and
  * AdamW state, the released ones at what they hold (released_bytes). */
 static void memory_bytes(const ParamLayout *pl, ShardMode mode, const size_t shard[PBUF_COUNT],
-                         const int S[PBUF_COUNT], int release_frees, size_t *params, size_t *grads,
+                         const int S[PBUF_COUNT], size_t granule, size_t *params, size_t *grads,
                          size_t *optimizer) {
     *params = *grads = *optimizer = 0;
     size_t most = 0; /* modes optimizer, full: the reduce-scatter landing buffer (the largest unit shard) */
@@ -351,20 +363,21 @@ static void memory_bytes(const ParamLayout *pl, ShardMode mode, const size_t sha
         for (int u = 0; u < pl->n_units; u++)
             if (pl->units[u].len[b] / S[b] > most) most = pl->units[u].len[b] / S[b];
         /* ZeRO-2 and full: the gradient shard + the full gradient buffer, one unit in flight */
-        *grads += own + released_bytes(full, working, pl->n_units, release_frees);
+        *grads += own + released_bytes(full, working, pl->n_units, granule);
         if (mode == SHARD_OPTIMIZER) *params += alloc_bytes(full);
-        else *params += own + released_bytes(full, working, pl->n_units, release_frees);
+        else *params += own + released_bytes(full, working, pl->n_units, granule);
     }
     if (mode != SHARD_NONE) *grads += alloc_bytes(most); /* tmp */
 }
 
 void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer) {
-    MemStats st = {.release_frees = 1};
+    MemStats st = {.release_frees = 1, .granule = (size_t)sysconf(_SC_PAGESIZE)};
     if (s->k->mem_stats) s->k->mem_stats(&st, 0);
-    memory_bytes(&s->m->pl, s->mode, s->shard_size, s->S, st.release_frees, params, grads, optimizer);
+    memory_bytes(&s->m->pl, s->mode, s->shard_size, s->S, st.release_frees ? st.granule : 0, params, grads,
+                 optimizer);
 }
 
-void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, int release_frees,
+void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, size_t granule,
                          size_t *params, size_t *grads, size_t *optimizer) {
     const Group *rep[PBUF_COUNT];
     int S[PBUF_COUNT];
@@ -372,5 +385,5 @@ void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh
     replica_groups(mesh, rep);
     shard_ways(mode, rep, S);
     for (int b = 0; b < PBUF_COUNT; b++) shard[b] = shard_elems(pl, b, S[b]);
-    memory_bytes(pl, mode, shard, S, release_frees, params, grads, optimizer);
+    memory_bytes(pl, mode, shard, S, granule, params, grads, optimizer);
 }

@@ -16,6 +16,10 @@
  *   full:      (FSDP / ZeRO-3) parameters live as shards too; model hooks all-gather a unit just
  *              before its forward and again for its backward and release it afterwards; gradients
  *              as in optimizer mode.
+ * The full-size buffers whose units come and go (grads in optimizer and full, params in full) are
+ * reserved by model_init (kernels.h: reserve); the hooks commit a unit's range before it is
+ * written (gather: its parameters, grads_begin: its gradients) and release it after use, so on
+ * cuda with virtual memory management, as on cpu, only the units in flight hold memory.
  * Gradient norm: every rank sums the squares of its slice of each replica group's buffer (its
  * shard, or an even split in mode none), all-reduced over the world: each element once.
  * Gradient and parameter traffic happens only here (activations move in model.c's tp/cp
@@ -97,15 +101,17 @@ void sharder_state_slice(const Sharder *s, int u, int b, int writing, size_t *lo
 /* Bytes per rank: params, grads, optimizer state: every buffer model_init (the flat parameter and
  * gradient buffers) and sharder_init allocate, the reduce-scatter landing buffer included. A
  * full-size buffer whose units are released after use (grads in modes optimizer and full, params
- * in full) counts what it can hold at once: the head unit and one layer unit plus one page per
- * unit boundary where release gives pages back (cpu), all of it where release only zeroes
- * (cuda: Kernels.mem_stats' release_frees). */
+ * in full) counts what it can hold at once: the head unit and one layer unit plus one granule of
+ * release (Kernels.mem_stats' granule: a page on cpu, the allocation granularity on cuda) per
+ * unit boundary, at most the whole buffer; all of it where release only zeroes (granule 0: cuda
+ * without virtual memory management). */
 void sharder_memory(const Sharder *s, size_t *params, size_t *grads, size_t *optimizer);
 /* The same bytes, before any Sharder or model exists, for layout pl (built with the padding of
- * sharder_padding(mode, mesh)) on this rank of mesh, with a backend whose release gives pages back
- * (release_frees) or not: equal to sharder_memory after model_init and sharder_init with that
- * layout, mode and mesh. Pure arithmetic: no allocation, no communication. */
-void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, int release_frees,
+ * sharder_padding(mode, mesh)) on this rank of mesh, with a backend whose release gives back
+ * memory in granules of `granule` bytes (0: it only zeroes): equal to sharder_memory after
+ * model_init and sharder_init with that layout, mode and mesh. Pure arithmetic: no allocation, no
+ * communication. */
+void sharder_memory_plan(const ParamLayout *pl, ShardMode mode, const Mesh *mesh, size_t granule,
                          size_t *params, size_t *grads, size_t *optimizer);
 
 #endif
