@@ -120,11 +120,11 @@ static StepBench bench_step(const Config *c, int steps, double peak_tflops) {
         printf("      warm-up step %d: loss %.4f, %.1f ms\n", r.step, r.loss, r.seconds * 1e3);
         if (s == 0) sb.loss_first = r.loss;
     }
-    sync_dev(t.model.param[PBUF_DENSE]);
+    sync_dev(t.shard.mom[PBUF_DENSE]); /* always allocated (model.param may be released: shard full) */
     t0 = mt_now();
     StepResult r = {0};
     for (int s = 0; s < steps; s++) r = trainer_step(&t);
-    sync_dev(t.model.param[PBUF_DENSE]);
+    sync_dev(t.shard.mom[PBUF_DENSE]);
     double dt = (mt_now() - t0) / steps;
     sb.loss_last = r.loss;
     sb.ms = dt * 1e3;

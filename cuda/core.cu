@@ -9,7 +9,9 @@
  *    (cuda_fill_core / _moe / _attention); every entry must be filled, else it aborts.
  *  - All work is issued on cuda_stream(), in order. The host waits for the device only in:
  *    alloc (the zeroing), to_host, from_host (the host buffer is free again on return), sumsq
- *    (returns a host value), and the rare growth of a device scratch buffer. The grouped GEMMs
+ *    (returns a host value), the rare growth of a device scratch buffer, and a release that
+ *    gives granules of a reserve block back (or its free): the whole device, every stream, since
+ *    a collective on the comm stream may still read them (see "memory"). The grouped GEMMs
  *    wait only for the pointer upload of the call PTR_RING calls earlier (reuse of its pinned
  *    host buffer), which normally has long completed.
  *  - Pointers are device memory except the grouped-GEMM offsets (host) and *_host outputs.
@@ -38,13 +40,14 @@
 
 #include <cuda_bf16.h>
 
+#include <map>
 #include <mutex>
-#include <unordered_map>
 
 #include "attention_cudnn.h"
 #include "convert.h"
 #include "cuda_check.h"
 #include "kernels_cuda.h"
+#include "vmm.h"
 
 #define THREADS 256             /* threads per block of every 1-D launch (a multiple of 32) */
 #define MAX_GRID (1u << 20)     /* cap on grid-stride launches */
@@ -118,13 +121,34 @@ static __device__ __forceinline__ float sigmoid_f(float a) {
 
 /* ============================================================================== memory == */
 
-/* The allocator's bookkeeping (kernels.h: MemStats): the size asked for each live block, what they
- * add up to and its peak. cudaMalloc commits the whole block, so resident is live. Only the
- * table's alloc / free count; the backend's own scratch (g_scratch here, cuda/moe.cu's and
- * cuda/attention*.c* buffers, pinned staging) is outside. */
+/* The allocator's bookkeeping (kernels.h: MemStats): every live block (base address -> size asked
+ * for, and for a reserve block its granules), what they add up to (live), what holds memory
+ * (resident: an alloc block whole, cudaMalloc commits it all; a reserve block its mapped granules,
+ * the last clipped to the block's size) and their peaks, raised wherever they grow. Only the
+ * table's alloc / reserve / free count; the backend's own scratch (g_scratch here, cuda/moe.cu's
+ * and cuda/attention*.c* buffers, pinned staging) is outside.
+ * reserve blocks (cuda/vmm.h): the address range is reserved whole, granules are mapped by commit
+ * (zeroed on the stream) and unmapped by release; without virtual memory management
+ * (g_granule = 0) reserve is alloc and release only zeroes. */
+struct MemBlock {
+    size_t bytes;
+    VmmBlock *vmm; /* reserve block; NULL: cudaMalloc */
+    size_t resident;
+};
 static std::mutex g_mem_mu;
-static std::unordered_map<void *, size_t> g_mem_blocks;
-static size_t g_mem_live, g_mem_peak;
+static std::map<uintptr_t, MemBlock> g_mem_blocks;
+static size_t g_mem_live, g_mem_peak, g_mem_res, g_mem_res_peak;
+static size_t g_granule;        /* VMM granularity; 0: not available (set by kernels_cuda) */
+static char g_vmm_why[256];     /* why not, or what it is */
+
+static void mem_add(void *p, const MemBlock &b) {
+    std::lock_guard<std::mutex> lock(g_mem_mu);
+    g_mem_blocks[(uintptr_t)p] = b;
+    g_mem_live += b.bytes;
+    g_mem_res += b.resident;
+    if (g_mem_live > g_mem_peak) g_mem_peak = g_mem_live;
+    if (g_mem_res > g_mem_res_peak) g_mem_res_peak = g_mem_res;
+}
 
 static void *cu_alloc(size_t bytes) {
     void *p = NULL;
@@ -141,33 +165,79 @@ static void *cu_alloc(size_t bytes) {
     }
     if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g_stream));
     CUDA_CHECK(cudaStreamSynchronize(g_stream));
-    std::lock_guard<std::mutex> lock(g_mem_mu);
-    g_mem_blocks[p] = bytes;
-    g_mem_live += bytes;
-    if (g_mem_live > g_mem_peak) g_mem_peak = g_mem_live;
+    mem_add(p, MemBlock{bytes, NULL, bytes});
     return p;
 }
 
-/* cudaFree waits for the device, so queued kernels still using p finish first. */
+static void *cu_reserve(size_t bytes) {
+    if (!g_granule) {
+        static std::once_flag said;
+        std::call_once(said, [] {
+            fprintf(stderr, "moetrain: cuda: %s: release only zeroes, so sharded (optim.shard) runs keep "
+                    "the full parameter / gradient buffers allocated\n", g_vmm_why);
+        });
+        return cu_alloc(bytes);
+    }
+    VmmBlock *v = (VmmBlock *)mt_calloc(1, sizeof *v);
+    vmm_reserve(v, bytes, g_granule);
+    mem_add(v->base, MemBlock{bytes, v, 0});
+    return v->base;
+}
+
+/* The live block holding [p, p + bytes). Caller holds the lock. */
+static MemBlock &mem_find(const void *p, size_t bytes, const char *what) {
+    auto it = g_mem_blocks.upper_bound((uintptr_t)p);
+    MT_CHECK(it != g_mem_blocks.begin(), "%s of [%p, +%zu), which lies in no block alloc or reserve returned", what, p, bytes);
+    --it;
+    MT_CHECK((uintptr_t)p + bytes <= it->first + it->second.bytes,
+             "%s of [%p, +%zu), which lies in no block alloc or reserve returned", what, p, bytes);
+    return it->second;
+}
+
+/* Bytes of granule g of a reserve block of `bytes` (the last one clipped to the block). */
+static size_t granule_bytes(const VmmBlock *v, size_t g, size_t bytes) {
+    size_t lo = g * v->granule, hi = lo + v->granule < bytes ? lo + v->granule : bytes;
+    return hi > lo ? hi - lo : 0;
+}
+
+/* cudaFree waits for the device, so queued kernels still using p finish first; a reserve block
+ * waits for the device explicitly before it is unmapped. */
 static void cu_free(void *p) {
     if (!p) return;
+    MemBlock b;
     {
         std::lock_guard<std::mutex> lock(g_mem_mu);
-        auto it = g_mem_blocks.find(p);
+        auto it = g_mem_blocks.find((uintptr_t)p);
         MT_CHECK(it != g_mem_blocks.end(), "free of %p, which alloc did not return (or was freed already)", p);
-        g_mem_live -= it->second;
+        b = it->second;
+        g_mem_live -= b.bytes;
+        g_mem_res -= b.resident;
         g_mem_blocks.erase(it);
     }
-    CUDA_CHECK(cudaFree(p));
+    if (!b.vmm) {
+        CUDA_CHECK(cudaFree(p));
+        return;
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    vmm_free(b.vmm);
+    free(b.vmm);
 }
 
 static void cu_mem_stats(MemStats *out, int reset) {
     std::lock_guard<std::mutex> lock(g_mem_mu);
-    out->live = out->resident = g_mem_live;
-    out->peak = out->resident_peak = g_mem_peak;
-    out->release_frees = 0;
-    if (reset) g_mem_peak = g_mem_live;
+    out->live = g_mem_live;
+    out->peak = g_mem_peak;
+    out->resident = g_mem_res;
+    out->resident_peak = g_mem_res_peak;
+    out->release_frees = g_granule != 0;
+    out->granule = g_granule;
+    if (reset) {
+        g_mem_peak = g_mem_live;
+        g_mem_res_peak = g_mem_res;
+    }
 }
+
+extern "C" size_t cuda_release_granule(void) { return g_granule; }
 
 static void cu_zero(void *p, size_t bytes) {
     if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g_stream));
@@ -190,8 +260,64 @@ static void cu_copy(void *dst, const void *src, size_t bytes) {
         CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream));
 }
 
-/* No page release on the GPU: the range is zeroed and stays allocated. */
-static void cu_release(void *p, size_t bytes) { cu_zero(p, bytes); }
+/* Granules [g0, g1) of reserve block b at base: map the missing ones and zero them on the stream
+ * (in runs). Caller holds the lock. */
+static void commit_granules(MemBlock &b, size_t g0, size_t g1) {
+    VmmBlock *v = b.vmm;
+    for (size_t g = g0; g < g1;) {
+        size_t run = g;
+        while (run < g1 && vmm_map(v, run)) {
+            b.resident += granule_bytes(v, run, b.bytes);
+            g_mem_res += granule_bytes(v, run, b.bytes);
+            run++;
+        }
+        if (run > g) CUDA_CHECK(cudaMemsetAsync(v->base + g * v->granule, 0, (run - g) * v->granule, g_stream));
+        g = run > g ? run : g + 1;
+    }
+    if (g_mem_res > g_mem_res_peak) g_mem_res_peak = g_mem_res;
+}
+
+/* Map the granules touching [p, p + bytes) of a reserve block that are not mapped (zeroed). A
+ * range of an alloc block is always committed. */
+static void cu_commit(void *p, size_t bytes) {
+    if (!bytes) return;
+    std::lock_guard<std::mutex> lock(g_mem_mu);
+    MemBlock &b = mem_find(p, bytes, "commit");
+    if (!b.vmm) return;
+    size_t off = (size_t)((char *)p - b.vmm->base), G = b.vmm->granule;
+    commit_granules(b, off / G, mt_ceil_div(off + bytes, G));
+}
+
+/* Zero [p, p + bytes); in a reserve block, unmap the granules wholly inside (the last granule
+ * of the block counts as whole when the range reaches the block's end) after the device has
+ * finished what is queued (any stream: a collective may still read them), and zero only the
+ * mapped parts of the partial ones at the ends. An alloc block (or no VMM) is only zeroed. */
+static void cu_release(void *p, size_t bytes) {
+    if (!bytes) return;
+    std::lock_guard<std::mutex> lock(g_mem_mu);
+    MemBlock &b = mem_find(p, bytes, "release");
+    if (!b.vmm) {
+        cu_zero(p, bytes);
+        return;
+    }
+    VmmBlock *v = b.vmm;
+    size_t off = (size_t)((char *)p - v->base), end = off + bytes, G = v->granule;
+    size_t w0 = mt_ceil_div(off, G), w1 = end == b.bytes ? v->n : end / G; /* whole: [w0, w1) */
+    for (size_t g = off / G; g < mt_ceil_div(end, G); g++) {
+        if ((g >= w0 && g < w1) || !v->mapped[g]) continue;
+        size_t lo = g * G > off ? g * G : off, hi = (g + 1) * G < end ? (g + 1) * G : end;
+        cu_zero(v->base + lo, hi - lo);
+    }
+    int synced = 0;
+    for (size_t g = w0; g < w1; g++) {
+        if (!v->mapped[g]) continue;
+        if (!synced) CUDA_CHECK(cudaDeviceSynchronize());
+        synced = 1;
+        vmm_unmap(v, g);
+        b.resident -= granule_bytes(v, g, b.bytes);
+        g_mem_res -= granule_bytes(v, g, b.bytes);
+    }
+}
 
 /* ===================================================================== elementwise == */
 
@@ -803,6 +929,8 @@ void cuda_fill_core(Kernels *k) {
     k->swiglu_fwd = cu_swiglu_fwd;
     k->swiglu_bwd = cu_swiglu_bwd;
     k->adamw = cu_adamw;
+    k->reserve = cu_reserve;
+    k->commit = cu_commit;
     k->release = cu_release;
     k->mem_stats = cu_mem_stats;
 }
@@ -861,8 +989,8 @@ static void check_table(const Kernels *k) {
     NEED(k, attention_bwd); NEED(k, swiglu_fwd); NEED(k, swiglu_bwd); NEED(k, router_topk_fwd);
     NEED(k, router_stats); NEED(k, router_bwd); NEED(k, gather_rows); NEED(k, scatter_add_rows);
     NEED(k, combine); NEED(k, combine_bwd); NEED(k, cross_entropy); NEED(k, ce_rowmax);
-    NEED(k, ce_sumexp); NEED(k, ce_vp_grad); NEED(k, adamw); NEED(k, release);
-    NEED(k, mem_stats);
+    NEED(k, ce_sumexp); NEED(k, ce_vp_grad); NEED(k, adamw); NEED(k, reserve); NEED(k, commit);
+    NEED(k, release); NEED(k, mem_stats);
 }
 
 static Kernels g_table;
@@ -897,7 +1025,10 @@ const Kernels *kernels_cuda(void) {
     if (!cuda_available(why, sizeof why)) return NULL;
     int count = 0;
     CUDA_CHECK(cudaGetDeviceCount(&count));
-    CUDA_CHECK(cudaSetDevice(local_rank() % count));
+    int device = local_rank() % count;
+    CUDA_CHECK(cudaSetDevice(device));
+    CUDA_CHECK(cudaFree(0)); /* the context, which the driver's VMM calls need */
+    g_granule = vmm_init(device, g_vmm_why, sizeof g_vmm_why);
     CUDA_CHECK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&g_cublas));
     CUBLAS_CHECK(cublasSetStream(g_cublas, g_stream));

@@ -1,7 +1,9 @@
 /* kernels_cuda.h — the CUDA backend: the same Kernels table (src/kernels.h), filled with device
  * code. C linkage; included by C and CUDA files.
  *
- * Memory: every pointer the table's entries take is device memory (cudaMalloc), except the arrays
+ * Memory: every pointer the table's entries take is device memory (alloc: cudaMalloc; reserve: a
+ * virtual range whose 2 MiB-ish granules are mapped by commit and unmapped by release, cuda/vmm.h,
+ * or cudaMalloc where the GPU has no virtual memory management), except the arrays
  * kernels.h marks "host" (grouped-GEMM offsets, routing slots: copied to the device inside the
  * call) and the *_host outputs (a scalar copied back). All work is issued on one stream
  * (cuda_stream()) in order; entries that return a host value synchronise. Numerics: fp32 storage;

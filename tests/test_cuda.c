@@ -50,6 +50,7 @@
 #include "common.h"
 #include "kernels.h"
 #include "model.h"
+#include "optim/shard.h"
 #include "testutil.h"
 #include "train.h"
 
@@ -207,6 +208,108 @@ START_TEST(test_memory) {
     free(z);
     free(zero);
     free(want);
+}
+END_TEST
+
+/* reserve / commit / release (kernels.h) across granule boundaries: a reserve block holds memory
+ * only where committed (MemStats.resident), data stays where mapped, a released whole granule
+ * goes back (resident and the GPU's free memory) and reads zero when committed again, a partial
+ * granule is zeroed and stays. Without virtual memory management (release_frees 0) reserve is
+ * alloc: committed and zeroed, and release only zeroes. */
+static MemStats stats(void) {
+    MemStats st;
+    KG->mem_stats(&st, 0);
+    return st;
+}
+
+/* device floats [lo, hi) of p equal want[lo, hi) (or 0 where want is NULL) */
+static void expect_range(const char *what, const float *p, const float *want, size_t lo, size_t hi) {
+    float *got = backf(p + lo, hi - lo), *w = want ? tu_dup(want + lo, hi - lo) : tu_filled(hi - lo, 0.0f);
+    expect_bits(what, got, w, (hi - lo) * sizeof(float));
+    free(got);
+    free(w);
+}
+
+START_TEST(test_reserve_commit_release) {
+    MemStats st0 = stats();
+    size_t G = st0.granule;
+    printf("  release_frees %d, granule %zu bytes, cuda_release_granule() %zu\n", st0.release_frees, G,
+           cuda_release_granule());
+    ck_assert_uint_eq(cuda_release_granule(), st0.release_frees ? G : 0);
+    if (!st0.release_frees) { /* fallback: reserve = alloc, release zeroes */
+        ck_assert_uint_eq(G, 0);
+        size_t n = 1000;
+        float *p = KG->reserve(n * sizeof(float)), *h = rnd(n, -1, 1);
+        ck_assert_uint_eq(stats().resident, st0.resident + n * sizeof(float));
+        expect_range("no VMM: reserve is zeroed", p, NULL, 0, n);
+        KG->commit(p, n * sizeof(float));
+        KG->from_host(p, h, n * sizeof(float));
+        KG->release(p + 10, 100 * sizeof(float));
+        memset(h + 10, 0, 100 * sizeof(float));
+        expect_range("no VMM: release zeroes its range only", p, h, 0, n);
+        KG->free(p);
+        free(h);
+        return;
+    }
+    ck_assert_msg(G >= 4096 && G % 4096 == 0, "granule %zu", G);
+    size_t gf = G / sizeof(float); /* floats per granule */
+    size_t n = 3 * gf + gf / 2 + 3, bytes = n * sizeof(float); /* 3.5 granules + a bit */
+    float *p = KG->reserve(bytes);
+    MemStats st = stats();
+    ck_assert_uint_eq(st.live, st0.live + bytes);
+    ck_assert_uint_eq(st.resident, st0.resident); /* nothing committed yet */
+    /* commit granules 0..2 through a range that only touches them */
+    KG->commit(p + gf / 2, (2 * gf + gf / 4 - gf / 2) * sizeof(float));
+    ck_assert_uint_eq(stats().resident, st0.resident + 3 * G);
+    expect_range("fresh granules 0..2 read zero", p, NULL, 0, 3 * gf);
+    float *h = rnd(n, -1, 1);
+    KG->from_host(p, h, 3 * gf * sizeof(float));
+    size_t free_full, free_rel, total;
+    int dev, count;
+    ck_assert(cuda_memory(&free_full, &total, &dev, &count));
+    /* release [gf/2, 2gf + gf/4): granule 1 goes back, the ends of 0 and 2 are zeroed */
+    KG->release(p + gf / 2, (2 * gf + gf / 4 - gf / 2) * sizeof(float));
+    st = stats();
+    ck_assert_uint_eq(st.resident, st0.resident + 2 * G);
+    ck_assert_uint_eq(st.live, st0.live + bytes);
+    ck_assert(cuda_memory(&free_rel, &total, &dev, &count));
+    printf("  GPU free memory %zu -> %zu bytes after releasing one granule\n", free_full, free_rel);
+    ck_assert_msg(free_rel >= free_full + G, "free GPU memory %zu -> %zu after releasing a %zu-byte granule",
+                  free_full, free_rel, G);
+    expect_range("granule 0 before the release range keeps its data", p, h, 0, gf / 2);
+    expect_range("granule 0 inside the release range is zeroed", p, NULL, gf / 2, gf);
+    expect_range("granule 2 inside the release range is zeroed", p, NULL, 2 * gf, 2 * gf + gf / 4);
+    expect_range("granule 2 after the release range keeps its data", p, h, 2 * gf + gf / 4, 3 * gf);
+    /* re-commit a few floats inside granule 1: the whole granule comes back, zeroed */
+    KG->commit(p + gf + 8, 8 * sizeof(float));
+    ck_assert_uint_eq(stats().resident, st0.resident + 3 * G);
+    expect_range("re-committed granule 1 reads zero", p, NULL, gf, 2 * gf);
+    expect_range("granule 2 keeps its data across the re-commit", p, h, 2 * gf + gf / 4, 3 * gf);
+    /* commit everything: the last (clipped) granule counts up to the block's end */
+    KG->commit(p, bytes);
+    st = stats();
+    ck_assert_uint_eq(st.resident, st0.resident + bytes);
+    ck_assert_uint_ge(st.resident_peak, st0.resident + bytes);
+    KG->from_host(p, h, bytes);
+    expect_range("whole block written and read back", p, h, 0, n);
+    /* releasing the whole block gives every granule back (the clipped last one included) */
+    KG->release(p, bytes);
+    ck_assert_uint_eq(stats().resident, st0.resident);
+    KG->release(p, bytes); /* released twice: a no-op */
+    KG->commit(p, bytes);
+    expect_range("the whole block reads zero after release + commit", p, NULL, 0, n);
+    ck_assert_uint_eq(stats().resident, st0.resident + bytes);
+    /* release of a range inside one granule only zeroes it */
+    KG->from_host(p, h, bytes);
+    KG->release(p + 5, 100 * sizeof(float));
+    ck_assert_uint_eq(stats().resident, st0.resident + bytes);
+    memset(h + 5, 0, 100 * sizeof(float));
+    expect_range("a release inside one granule zeroes exactly its range", p, h, 0, n);
+    KG->free(p);
+    st = stats();
+    ck_assert_uint_eq(st.live, st0.live);
+    ck_assert_uint_eq(st.resident, st0.resident);
+    free(h);
 }
 END_TEST
 
@@ -1465,6 +1568,58 @@ START_TEST(test_train_steps) {
 }
 END_TEST
 
+/* Full sharding (FSDP) on cuda: the flat parameter and gradient buffers are reserved and only the
+ * units in flight hold memory, so what the allocator measured over trainer_init and 3 steps
+ * (the resident peak: committed granules and every alloc block) is covered by trainer_memory_plan
+ * and within PLAN_SLACK of it, as tests/test_train.c holds on the cpu, and trainer_memory equals
+ * the plan. With virtual memory management the plan (and so the measured peak) is also below what
+ * keeping the full buffers would take (the plan with granule 0). The expert units (3 MoE layers
+ * of 8 x 3 x 256 x 512 floats, ~12.6 MB each) span several 2 MiB granules. Also run with shard
+ * none (nothing reserved), whose allocated peak the plan must match the same way. */
+#define PLAN_SLACK 1.3
+
+static void expect_plan_on_cuda(ShardMode shard) {
+    Config c = step_config("cuda", "model.d_model=256,model.n_layers=4,moe.expert_hidden=512");
+    c.shard = shard;
+    Mesh solo;
+    mesh_single(&solo);
+    char err[MT_ERRLEN];
+    const Kernels *k = backend_kernels(&c, err);
+    ck_assert_msg(k == KG, "%s", err);
+    backend_attach_mesh(&solo, &c);
+    MemStats s0, s1;
+    k->mem_stats(&s0, 1);
+    Trainer t;
+    ck_assert_msg(trainer_init(&t, &c, k, &solo, err) == MT_OK, "%s", err);
+    for (int s = 0; s < 3; s++) trainer_step(&t);
+    k->mem_stats(&s1, 0);
+    MemoryBreakdown plan = trainer_memory_plan(&c, &solo), rep = trainer_memory(&t);
+    size_t need = memory_total(&plan), live = s1.peak - s0.live, resident = s1.resident_peak - s0.resident;
+    size_t measured = shard == SHARD_NONE ? live : resident;
+    size_t p0, g0, o0; /* the flat buffers kept whole (release only zeroing) */
+    sharder_memory_plan(&t.model.pl, shard, &solo, 0, &p0, &g0, &o0);
+    printf("  shard %-9s plan %zu (params %zu grads %zu optimizer %zu activations %zu), peak allocated %zu "
+           "resident %zu: plan/measured %.3f; params + grads kept whole %zu\n",
+           shard == SHARD_NONE ? "none" : "full", need, plan.params, plan.grads, plan.optimizer,
+           plan.activations, live, resident, (double)need / measured, p0 + g0);
+    trainer_free(&t);
+    mesh_free(&solo);
+    ck_assert_msg(memcmp(&rep, &plan, sizeof rep) == 0, "trainer_memory differs from trainer_memory_plan");
+    ck_assert_msg(need >= resident && need >= measured, "plan %zu < measured peak %zu (resident %zu)", need,
+                  measured, resident);
+    ck_assert_msg(need <= PLAN_SLACK * measured, "plan %zu > %.1f x measured peak %zu", need, PLAN_SLACK, measured);
+    if (shard == SHARD_FULL && s1.release_frees)
+        ck_assert_msg(plan.params + plan.grads < p0 + g0, "params + grads planned %zu, not below %zu (the full "
+                      "buffers)", plan.params + plan.grads, p0 + g0);
+}
+
+START_TEST(test_fsdp_memory_plan) {
+    printf(" memory plan against the cuda allocator, 3 steps:\n");
+    expect_plan_on_cuda(SHARD_NONE);
+    expect_plan_on_cuda(SHARD_FULL);
+}
+END_TEST
+
 /* ================================================================================= main == */
 
 int main(void) {
@@ -1485,6 +1640,7 @@ int main(void) {
     Suite *s = suite_create("kernels_cuda");
     TCase *tk = tcase_create("kernels");
     tcase_add_test(tk, test_memory);
+    tcase_add_test(tk, test_reserve_commit_release);
     tcase_add_test(tk, test_axpy_scale_sumsq);
     tcase_add_test(tk, test_matmul);
     tcase_add_loop_test(tk, test_grouped_linear, 0, (int)(sizeof group_cases / sizeof group_cases[0]));
@@ -1505,6 +1661,7 @@ int main(void) {
     TCase *tm = tcase_create("model");
     tcase_add_loop_test(tm, test_model_grads, 0, N_MODEL_VARIANTS);
     tcase_add_loop_test(tm, test_train_steps, 0, N_MODEL_VARIANTS);
+    tcase_add_test(tm, test_fsdp_memory_plan);
     suite_add_tcase(s, tm);
     /* CK_NOFORK: the CUDA context made above does not survive fork() into per-test children */
     return tu_run_suite(s, 1) ? 1 : 0;

@@ -6,9 +6,12 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "../cuda/kernels_cuda.h"
 #include "common.h"
 #include "kernels.h"
+#include "optim/shard.h"
 #include "train.h"
 #include "testutil.h"
 
@@ -288,28 +291,62 @@ START_TEST(test_memory_plan_covers_measured) {
 }
 END_TEST
 
-/* On cuda release only zeroes, so sharding keeps the full gradient buffer (optimizer, full) and
- * the full parameter buffer (full) allocated: the plan counts them whole there (no GPU needed:
- * the plan is arithmetic; tests/test_cuda.c runs on a GPU). */
-START_TEST(test_memory_plan_cuda_counts_full_buffers) {
-    Config c = small_config();
-    c.n_layers = 8; /* many units, each larger than a page: releasing them matters on cpu */
-    c.d_model = 64;
-    c.head_dim = c.d_model / c.n_heads;
-    MemoryBreakdown none = trainer_memory_plan(&c, &solo);
-    c.device = DEVICE_CUDA;
+/* The plan's arithmetic for a backend whose release gives memory back in granules of G bytes
+ * (kernels.h: MemStats.granule; the page on cpu, the VMM granularity on cuda): G = 0 (cuda without
+ * virtual memory management: release only zeroes) keeps the full gradient buffer (optimizer,
+ * full) and the full parameter buffer (full) whole; a granule counts the units in flight plus one
+ * granule per unit boundary, never more than the whole buffer. So the plan grows with G, a
+ * page beats G = 0 on a model of many units, 2 MiB beats it where units span several granules,
+ * and a granule as large as the buffers equals G = 0. trainer_memory_plan with runtime.device =
+ * cuda takes cuda_release_granule() (0 here: no GPU in use). No GPU needed: arithmetic only
+ * (tests/test_cuda.c holds the plan against the cuda allocator). */
+static void plan_at(const Config *c, ShardMode m, size_t granule, size_t *params, size_t *grads) {
+    ModelDims d = dims_from_config(c, NULL);
+    ParamLayout pl;
+    params_layout_init(&pl, &d, c->init_std, NULL);
+    size_t opt;
+    sharder_memory_plan(&pl, m, &solo, granule, params, grads, &opt);
+    params_layout_free(&pl);
+}
+
+START_TEST(test_memory_plan_granules) {
+    Config small = small_config(), big = small_config();
+    small.n_layers = 8; /* many units, each larger than a page */
+    small.d_model = 64;
+    small.head_dim = small.d_model / small.n_heads;
+    big.n_layers = 4; /* expert units of several MiB */
+    big.d_model = 512;
+    big.head_dim = big.d_model / big.n_heads;
+    big.expert_hidden = 1024;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), mib2 = (size_t)2 << 20, huge = (size_t)1 << 40;
     for (ShardMode m = SHARD_OPTIMIZER; m <= SHARD_FULL; m++) {
-        c.shard = m;
-        MemoryBreakdown gpu = trainer_memory_plan(&c, &solo);
-        c.device = DEVICE_CPU;
-        MemoryBreakdown cpu = trainer_memory_plan(&c, &solo);
-        c.device = DEVICE_CUDA;
-        ck_assert_msg(gpu.grads > none.grads && gpu.grads > cpu.grads, "shard %d: cuda grads %zu, cpu %zu, "
-                      "unsharded %zu", m, gpu.grads, cpu.grads, none.grads);
+        size_t p0, g0, pn, gn, pp, gp, p2, g2, ph, gh, bp0, bg0, bp2, bg2;
+        plan_at(&small, SHARD_NONE, page, &pn, &gn);
+        plan_at(&small, m, 0, &p0, &g0);
+        plan_at(&small, m, page, &pp, &gp);
+        plan_at(&small, m, mib2, &p2, &g2);
+        plan_at(&small, m, huge, &ph, &gh);
+        ck_assert_msg(g0 > gn && gp < g0 && gp <= g2 && g2 <= g0 && gh == g0, "shard %d grads: granule 0 %zu, "
+                      "page %zu, 2 MiB %zu, huge %zu; unsharded %zu", m, g0, gp, g2, gh, gn);
         if (m == SHARD_FULL)
-            ck_assert_msg(gpu.params > none.params && gpu.params > cpu.params, "cuda params %zu, cpu %zu, "
-                          "unsharded %zu", gpu.params, cpu.params, none.params);
+            ck_assert_msg(p0 > pn && pp < p0 && pp <= p2 && p2 <= p0 && ph == p0, "params: granule 0 %zu, page "
+                          "%zu, 2 MiB %zu, huge %zu; unsharded %zu", p0, pp, p2, ph, pn);
+        else
+            ck_assert_msg(pp == p0 && p2 == p0, "shard optimizer keeps the parameters whole: %zu %zu %zu", p0, pp, p2);
+        plan_at(&big, m, 0, &bp0, &bg0);
+        plan_at(&big, m, mib2, &bp2, &bg2);
+        ck_assert_msg(bg2 < bg0 && (m != SHARD_FULL || bp2 < bp0), "shard %d, units of several MiB: 2 MiB "
+                      "granules hold grads %zu params %zu, kept whole %zu %zu", m, bg2, bp2, bg0, bp0);
+        small.shard = m;
+        small.device = DEVICE_CUDA;
+        MemoryBreakdown gpu = trainer_memory_plan(&small, &solo);
+        small.device = DEVICE_CPU;
+        MemoryBreakdown cpu = trainer_memory_plan(&small, &solo);
+        if (cuda_release_granule() == 0) /* the full buffers counted whole on cuda */
+            ck_assert_msg(gpu.grads > cpu.grads && (m != SHARD_FULL || gpu.params > cpu.params), "shard %d: "
+                          "cuda grads %zu params %zu, cpu %zu %zu", m, gpu.grads, gpu.params, cpu.grads, cpu.params);
         ck_assert_uint_eq(gpu.activations, cpu.activations);
+        small.shard = SHARD_NONE;
     }
 }
 END_TEST
@@ -518,7 +555,7 @@ int main(void) {
     tcase_add_test(tc, test_capacity_drop_fraction);
     tcase_add_loop_test(tc, test_expert_bias_step, LBL_MICRO_BATCH, LBL_GLOBAL_BATCH_EXACT + 1);
     tcase_add_test(tc, test_memory_plan_covers_measured);
-    tcase_add_test(tc, test_memory_plan_cuda_counts_full_buffers);
+    tcase_add_test(tc, test_memory_plan_granules);
     tcase_add_test(tc, test_tiny_reaches_threshold);
     tcase_add_loop_test(tc, test_nonfinite_step_skipped, 0, 3);
     tcase_add_test(tc, test_nonfinite_runs_and_recovery);
