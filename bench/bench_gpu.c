@@ -26,6 +26,10 @@
  *    fused attention (bf16, times include the copies), side by side: forward
  *    4*B*H*D*T(T+1)/2 FLOPs, backward 2.5x that (dV, dP, dQ, dK and the recomputed S: the
  *    FlashAttention convention). Then the step runs with the config's runtime.attention.
+ * 4. Reserve blocks (full sharding, src/kernels.h: reserve / commit / release): commit and
+ *    release of a 256 MiB range of a 1 GiB reserve block, as the sharder does per unit (the
+ *    driver's map / unmap per granule, the zeroing, release's device sync), ms per GiB: the host
+ *    time a full-sharded step spends on it per GiB of units gathered or written.
  * 0. First, without touching the GPU: the budget (print_budget), the step's FLOPs by kind and the
  *    MFU ceiling of this design at the H100's peaks; printed even where there is no GPU.
  * The last lines are "SUMMARY key value" pairs for tests/gpu/run.sh. A benchmark, not a test:
@@ -284,6 +288,33 @@ static void bench_attention_pair(AttnBench *own, AttnBench *dnn) {
  * W = num_experts * O * I: casts (read fp32 4 B + write bf16 2 B) of fwd x, w; bwd_input dy, w;
  * bwd_weight dy, x = 6 * 2 (RI + RO + W); storing the bf16 result (read 2 B) into fp32: fwd y
  * written (4 B), bwd_input dx and bwd_weight dw read and written (8 B) = 6 RO + 10 RI + 10 W. */
+/* ms per GiB of commit and of release of a 256 MiB range of a 1 GiB reserve block, 5 times. */
+static void bench_vmm(double *commit_ms, double *release_ms) {
+    size_t block = (size_t)1 << 30, range = (size_t)256 << 20;
+    const int reps = 5;
+    char *p = K->reserve(block);
+    double tc = 0, tr = 0;
+    for (int r = 0; r < reps; r++) {
+        char *at = p + (size_t)r % 3 * range + 4096; /* not granule-aligned: partial ends */
+        double t0 = mt_now();
+        K->commit(at, range);
+        sync_dev(at);
+        tc += mt_now() - t0;
+        t0 = mt_now();
+        K->release(at, range);
+        sync_dev(at); /* its granule is partial (at is not granule-aligned): it stays mapped */
+        tr += mt_now() - t0;
+    }
+    K->free(p);
+    double gib = (double)range * reps / (1u << 30);
+    *commit_ms = tc * 1e3 / gib;
+    *release_ms = tr * 1e3 / gib;
+    MemStats st;
+    K->mem_stats(&st, 0);
+    printf("reserve blocks (granule %zu bytes%s): commit %.2f ms/GiB, release %.2f ms/GiB\n", st.granule,
+           st.release_frees ? "" : ", no VMM: plain allocation", *commit_ms, *release_ms);
+}
+
 static double expert_cast_bytes(const Config *c) {
     double r = (double)c->micro_batch_size * c->seq_len * c->top_k, bytes = 0;
     double shapes[2][2] = {{2.0 * c->expert_hidden, c->d_model}, {c->d_model, c->expert_hidden}};
@@ -395,6 +426,10 @@ int main(int argc, char **argv) {
                                                                                           : CUDA_ATTN_AUTO);
     fflush(stdout);
 
+    double vmm_commit, vmm_release;
+    bench_vmm(&vmm_commit, &vmm_release);
+    fflush(stdout);
+
     StepBench sb = bench_step(&c, steps, peak);
 
     printf("SUMMARY step_ok %d\n", sb.ok);
@@ -411,5 +446,7 @@ int main(int argc, char **argv) {
     printf("SUMMARY attn_own_bwd_tflops %.1f\n", aown.bwd_tf);
     printf("SUMMARY attn_cudnn_fwd_tflops %.1f\n", adnn.fwd_tf);
     printf("SUMMARY attn_cudnn_bwd_tflops %.1f\n", adnn.bwd_tf);
+    printf("SUMMARY vmm_commit_ms_per_gib %.2f\n", vmm_commit);
+    printf("SUMMARY vmm_release_ms_per_gib %.2f\n", vmm_release);
     return sb.ok ? 0 : 1;
 }
