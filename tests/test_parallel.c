@@ -90,7 +90,7 @@ static int memory_mismatch(const Config *c, const Mesh *mesh, const MemStats *s0
 static void train(const Config *c, const Mesh *mesh, Run *out) {
     Trainer t;
     char err[MT_ERRLEN];
-    const Kernels *k = kernels_cpu_checked();
+    const Kernels *k = kernels_cpu_checked(); /* a write to an uncommitted unit faults, as on cuda */
     MemStats s0, s1;
     k->mem_stats(&s0, 1);
     ck_assert_msg(trainer_init(&t, c, k, mesh, err) == MT_OK, "%s", err);

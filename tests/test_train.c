@@ -35,6 +35,8 @@ static Config small_config(void) {
 }
 
 static Mesh solo; /* a one-rank mesh: these tests run without mpirun */
+/* Trainers run on kernels_cpu_checked(): a sharded unit written before it is committed faults,
+ * as it would on cuda (kernels.h: reserve / commit). */
 
 static void run_steps(const Config *c, int steps, double *losses, float *final_params, size_t np) {
     Trainer t;
