@@ -11,13 +11,20 @@
 
 /* ---- routing plan ---- */
 
+/* The CPU backend's route_plan into a plan of host arrays (CPU backend memory is host memory). */
+static void plan_build(RoutePlan *p, const int32_t *idx, const float *w, int n, int e, int k, int cap,
+                       int pad, int policy) {
+    p->m = kernels_cpu()->route_plan(p->slots, p->offs, p->count, &p->dropped, idx, w, n, e, k, cap,
+                                     pad, policy);
+}
+
 START_TEST(test_plan_dropless_keeps_all) {
     int32_t idx[] = {0, 1, 1, 0, 1, 1, 0, 1}; /* N=4, K=2 */
     float probs[4 * 2] = {0.6f, 0.4f, 0.3f, 0.7f, 0.2f, 0.8f, 0.5f, 0.5f};
     int slots[8], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0, DROP_PROBS);
+    plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 8);
     ck_assert_int_eq(p.dropped, 0);
     ck_assert_int_eq(count[0], 3);
@@ -39,7 +46,7 @@ START_TEST(test_plan_capacity_drops_lowest_prob) {
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_capacity(1.0f, 4, 1, 2), 2);
-    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0, DROP_PROBS);
+    plan_build(&p, idx, probs, 4, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 1); /* p=0.9, token 1 */
@@ -58,7 +65,7 @@ START_TEST(test_plan_pad_to_capacity) {
     int64_t count[3];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_plan_rows(4, 3, 1, 2, 1), 6);
-    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1, DROP_PROBS);
+    plan_build(&p, idx, probs, 4, 3, 1, 2, 1, DROP_PROBS);
     ck_assert_int_eq(p.m, 6);
     ck_assert_int_eq(p.dropped, 1); /* token 0 (p = 0.5) loses to tokens 1 and 2 */
     int want[] = {1, 2, 3, -1, -1, -1};
@@ -75,7 +82,7 @@ START_TEST(test_plan_capacity_tie_lower_token) {
     int slots[3], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0, DROP_PROBS);
+    plan_build(&p, idx, probs, 3, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
@@ -89,12 +96,12 @@ START_TEST(test_plan_position_drops_latest) {
     int slots[4], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_POSITION);
+    plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_POSITION);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
-    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_PROBS); /* the same input by weight */
+    plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_PROBS); /* the same input by weight */
     ck_assert_int_eq(slots[0], 2);
     ck_assert_int_eq(slots[1], 3);
 }
@@ -161,8 +168,8 @@ START_TEST(test_lbl_and_z_hand_values) {
     memcpy(f.router, eye, sizeof eye);
     float x[] = {1, 0, 0, 0}, y[4] = {0};
     moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, 2);
-    ck_assert_int_eq(f.a.idx_host[0], 0);
-    ck_assert_int_eq(f.a.idx_host[1], 0);
+    ck_assert_int_eq(f.a.idx[0], 0);
+    ck_assert_int_eq(f.a.idx[1], 0);
     double lbl, z;
     moe_aux_losses(kernels_cpu(), &f.d, &f.a, 2, &lbl, &z);
     double e = exp(1.0);
@@ -355,8 +362,8 @@ START_TEST(test_bias_selects_not_weights) {
     moe_acts_free(&f.a, kernels_cpu()); /* re-allocate for the host router */
     moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo, &f.solo);
     moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
-    ck_assert_int_eq(f.a.idx_host[0], 3); /* the bias lifts expert 3 to the top */
-    ck_assert_int_eq(f.a.idx_host[1], 0);
+    ck_assert_int_eq(f.a.idx[0], 3); /* the bias lifts expert 3 to the top */
+    ck_assert_int_eq(f.a.idx[1], 0);
     double p0 = exp(2.0) / (exp(2.0) + exp(1.0) + exp(0.5) + 1.0), p3 = 1.0 / (exp(2.0) + exp(1.0) + exp(0.5) + 1.0);
     ck_assert_msg(fabs(f.a.w_host[0] - p3 / (p0 + p3)) < 1e-6, "weight %g, want %g", f.a.w_host[0], p3 / (p0 + p3));
     ck_assert_msg(fabs(f.a.w_host[1] - p0 / (p0 + p3)) < 1e-6, "weight %g", f.a.w_host[1]);
@@ -393,7 +400,7 @@ START_TEST(test_groups_equal_dispatch) {
             if (mode) ck_assert_msg(per[g] == N * K / G, "balanced: group %d got %lld rows, want %d", g, (long long)per[g], N * K / G);
         for (int r = 0; mode == 0 && r < N; r++) { /* limited: a token's K experts in its 2 groups */
             int used[G] = {0}, n_used = 0;
-            for (int j = 0; j < K; j++) used[f.a.idx_host[r * K + j] / (E / G)] = 1;
+            for (int j = 0; j < K; j++) used[f.a.idx[r * K + j] / (E / G)] = 1;
             for (int g = 0; g < G; g++) n_used += used[g];
             ck_assert_int_eq(n_used, 2);
         }
