@@ -2,8 +2,9 @@
  * code. C linkage; included by C and CUDA files.
  *
  * Memory: every pointer the table's entries take is device memory (cudaMalloc), except the arrays
- * kernels.h marks "host" (grouped-GEMM offsets, routing slots: copied to the device inside the
- * call) and the *_host outputs (a scalar copied back). All work is issued on one stream
+ * kernels.h marks "host" (grouped-GEMM offsets: copied to the device inside the call) and the
+ * *_host outputs (a scalar, or route_plan's per-expert offsets and counts, copied back). Routing
+ * slots are device memory: route_plan builds them on the device, the permutation reads them there. All work is issued on one stream
  * (cuda_stream()) in order; entries that return a host value synchronise. Numerics: fp32 storage;
  * dense matmuls run on tensor cores in bf16 with fp32 accumulation (COMPUTE_32F_FAST_16BF), the
  * grouped expert GEMMs too (inputs cast to bf16 inside the call, bf16 cublasGemmGroupedBatchedEx
@@ -12,7 +13,7 @@
  * The table is assembled from three files, each filling its own entries:
  *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding
  *                      forward, RMSNorm, RoPE, SwiGLU, AdamW, release
- *   cuda/moe.cu        router top-k / stats / backward, gather / scatter / combine, embedding
+ *   cuda/moe.cu        router top-k / stats / backward, routing plan, gather / scatter / combine, embedding
  *                      backward (the scatter with the token id as the row), cross-entropy and
  *                      its vocabulary-parallel passes (ce_rowmax, ce_sumexp, ce_vp_grad)
  *   cuda/attention.cu  causal GQA attention forward / backward: own flash-style fp32 kernels, or

@@ -12,7 +12,7 @@
  *   combine_bwd       dyp = weights[slot] * dy[slot/K] (overwrites; slot < 0: zero row),
  *                     dweights[slot] = <dy[slot/K], yp[m]> (double, overwrites those slots only)
  *   embedding_bwd     dwte[tokens[n]] += dout[n] (scatter_add_rows with K = 1, the token id as
- *                     the row; token ids copied to the host first: synchronises)
+ *                     the row; the token ids stay on the device)
  *   cross_entropy     dlogits = scale * (softmax - onehot) (overwrites, may alias logits),
  *                     *loss_host = sum of row losses (double, copied back: synchronises).
  *   ce_rowmax         vocabulary-parallel cross-entropy, pass 1: mx(N) = row max of the shard
