@@ -222,6 +222,7 @@ size_t moe_acts_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n) {
     MoeRows r = moe_rows_plan(d, mc, n);
     size_t nk = (size_t)n * d->K, C = d->C, F = d->Fel;
     size_t fl = 2 * (size_t)n * d->E + 2 * nk + 2 * r.src * C + d->E; /* logits probs, weights idx, xp yp, psum */
+    fl += r.src;                                                       /* plan.slots (int, float-sized) */
     fl += 2 * r.exp * C;                                               /* xe ye (ep > 1) */
     fl += r.comp * 3 * F;                                              /* abe he */
     if (r.etp > 1) fl += 2 * r.comp * C + r.red;                       /* xg yg, the etp landing buffer */
