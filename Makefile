@@ -64,7 +64,7 @@ CFLAGS := -std=gnu11 $(OPT) $(WARN) $(OPENMP) -Isrc -D_GNU_SOURCE
 DEPFLAGS := -MMD -MP
 ALLC    = $(CFLAGS) $(DEP_CFLAGS)
 
-LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src/params.c \
+LIB_SRC := src/common.c src/blas.c src/config.c src/data.c src/kernels_cpu.c src/route_plan.c src/params.c \
            src/model.c src/moe.c src/pipeline.c src/eval.c src/hf.c src/train.c src/metrics.c src/checkpoint.c src/stop.c src/backend.c \
            src/optim/adamw.c src/optim/schedule.c src/optim/shard.c src/parallel/mesh.c src/parallel/comm.c src/parallel/dispatch.c
 

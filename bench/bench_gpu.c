@@ -30,6 +30,11 @@
  *    release of a 256 MiB range of a 1 GiB reserve block, as the sharder does per unit (the
  *    driver's map / unmap per granule, the zeroing, release's device sync), ms per GiB: the host
  *    time a full-sharded step spends on it per GiB of units gathered or written.
+ * 5. Routing plan of one MoE layer (tokens = micro_batch_size * seq_len, the config's E, top-k and
+ *    capacity; then E = 64 top-8 and a capacity of 1.0, dropping by weight): Kernels.route_plan on
+ *    the device (its one small copy of offs and counts back included) against the host path it
+ *    replaced (idx and weights copied to the host, the host plan of src/route_plan.c, the slots
+ *    copied back), interleaved, 21 repetitions each, median microseconds and their ratio.
  * 0. First, without touching the GPU: the budget (print_budget), the step's FLOPs by kind and the
  *    MFU ceiling of this design at the H100's peaks; printed even where there is no GPU.
  * The last lines are "SUMMARY key value" pairs for tests/gpu/run.sh. A benchmark, not a test:
@@ -41,6 +46,7 @@
 #include <string.h>
 
 #include "../cuda/attention_cudnn.h"
+#include "bench_util.h"
 #include "../cuda/kernels_cuda.h"
 #include "backend.h"
 #include "common.h"
@@ -48,6 +54,7 @@
 #include "params.h"
 #include "config.h"
 #include "kernels.h"
+#include "route_plan.h"
 #include "train.h"
 
 #define SKIP_EXIT 77
@@ -374,6 +381,65 @@ static void print_budget(const Config *c) {
     fflush(stdout);
 }
 
+/* ====================================================================== routing plan == */
+
+typedef struct PlanBench {
+    double dev_us, host_us;
+} PlanBench;
+
+/* One layer's plan for n tokens x k of e experts (uniform distinct experts, uniform weights),
+ * device route_plan vs the former host path, interleaved repetitions, medians. */
+static PlanBench bench_plan(int n, int e, int k, float cf, int pad, int policy) {
+    enum { REPS = 21 };
+    size_t nk = (size_t)n * k;
+    int cap = moe_capacity(cf, n, k, e);
+    size_t rows = moe_plan_rows(n, e, k, cap, pad);
+    int32_t *idx = malloc(nk * sizeof *idx), *hidx = malloc(nk * sizeof *idx);
+    float *w = malloc(nk * sizeof *w), *hw = malloc(nk * sizeof *w);
+    uint32_t s = 12345;
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < k; j++) {
+            int x, dup;
+            do {
+                s = s * 1664525u + 1013904223u;
+                x = (int)((s >> 8) % (uint32_t)e);
+                dup = 0;
+                for (int i = 0; i < j; i++) dup |= idx[(size_t)r * k + i] == x;
+            } while (dup);
+            idx[(size_t)r * k + j] = x;
+            s = s * 1664525u + 1013904223u;
+            w[(size_t)r * k + j] = (float)(s >> 8) / 16777216.0f;
+        }
+    int32_t *d_idx = K->alloc(nk * sizeof *idx);
+    float *d_w = K->alloc(nk * sizeof *w);
+    int *d_slots = K->alloc(rows * sizeof(int)), *slots = malloc(rows * sizeof(int));
+    int *offs = malloc((e + 1) * sizeof(int)), dropped;
+    int64_t *count = malloc(e * sizeof(int64_t));
+    K->from_host(d_idx, idx, nk * sizeof *idx);
+    K->from_host(d_w, w, nk * sizeof *w);
+    double tdev[REPS], thost[REPS];
+    for (int rep = -1; rep < REPS; rep++) { /* rep -1: warm-up (buffers, first launches) */
+        sync_dev(d_w);
+        double t0 = mt_now();
+        K->route_plan(d_slots, offs, count, &dropped, d_idx, d_w, n, e, k, cap, pad, policy);
+        double t1 = mt_now();
+        K->to_host(hidx, d_idx, nk * sizeof *idx);
+        K->to_host(hw, d_w, nk * sizeof *w);
+        int m = route_plan_host(slots, offs, count, &dropped, hidx, hw, n, e, k, cap, pad, policy);
+        K->from_host(d_slots, slots, (size_t)m * sizeof(int));
+        sync_dev(d_slots);
+        double t2 = mt_now();
+        if (rep >= 0) tdev[rep] = (t1 - t0) * 1e6, thost[rep] = (t2 - t1) * 1e6;
+    }
+    PlanBench b = {bench_median(tdev, REPS), bench_median(thost, REPS)};
+    printf("  routing plan N=%d E=%d K=%d capacity %d%s: device %.1f us, former host path %.1f us "
+           "(host / device %.2f; load average %.2f)\n", n, e, k, cap, pad ? " padded" : "", b.dev_us,
+           b.host_us, b.host_us / b.dev_us, bench_loadavg());
+    K->free(d_idx), K->free(d_w), K->free(d_slots);
+    free(idx), free(hidx), free(w), free(hw), free(slots), free(offs), free(count);
+    return b;
+}
+
 int main(int argc, char **argv) {
     const char *path = "configs/gpu-1b.ini";
     const char *sets[MAX_SETS];
@@ -422,6 +488,10 @@ int main(int argc, char **argv) {
     bench_grouped_shape("w2 (down)", c.num_experts, c.d_model, c.expert_hidden, rows, w2);
     AttnBench aown, adnn;
     bench_attention_pair(&aown, &adnn);
+    printf("routing plan of one MoE layer (%d tokens):\n", tokens);
+    PlanBench pcfg = bench_plan(tokens, c.num_experts, c.top_k, c.capacity_factor, c.pad_to_capacity,
+                                c.drop_policy);
+    PlanBench p64 = bench_plan(tokens, 64, 8, 1.0f, 0, DROP_PROBS);
     cuda_set_attention(c.attention == ATTN_OWN ? CUDA_ATTN_OWN : c.attention == ATTN_CUDNN ? CUDA_ATTN_CUDNN
                                                                                           : CUDA_ATTN_AUTO);
     fflush(stdout);
@@ -448,5 +518,9 @@ int main(int argc, char **argv) {
     printf("SUMMARY attn_cudnn_bwd_tflops %.1f\n", adnn.bwd_tf);
     printf("SUMMARY vmm_commit_ms_per_gib %.2f\n", vmm_commit);
     printf("SUMMARY vmm_release_ms_per_gib %.2f\n", vmm_release);
+    printf("SUMMARY route_plan_us %.1f\n", pcfg.dev_us);
+    printf("SUMMARY route_plan_host_us %.1f\n", pcfg.host_us);
+    printf("SUMMARY route_plan_e64k8_us %.1f\n", p64.dev_us);
+    printf("SUMMARY route_plan_e64k8_host_us %.1f\n", p64.host_us);
     return sb.ok ? 0 : 1;
 }

@@ -78,6 +78,7 @@ static void w_rbwd(float *dl, const float *dw, const float *dp, float zg, const 
 static void w_gather(float *xp, const float *x, const int *s, int m, int c, int k) { T0; R->gather_rows(xp, x, s, m, c, k); T1(PH_ROUTE); }
 static void w_scatter(float *dx, const float *dxp, const int *s, int m, int c, int k) { T0; R->scatter_add_rows(dx, dxp, s, m, c, k); T1(PH_ROUTE); }
 static void w_combine(float *y, const float *yp, const float *w, const int *s, int m, int c, int k) { T0; R->combine(y, yp, w, s, m, c, k); T1(PH_ROUTE); }
+static int w_plan(int *s, int *o, int64_t *c, int *dr, const int32_t *i, const float *w, int n, int e, int k, int cap, int pad, int pol) { T0; int m = R->route_plan(s, o, c, dr, i, w, n, e, k, cap, pad, pol); T1(PH_ROUTE); return m; }
 static void w_combine_bwd(float *dyp, float *dw, const float *dy, const float *yp, const float *w, const int *s, int m, int c, int k) { T0; R->combine_bwd(dyp, dw, dy, yp, w, s, m, c, k); T1(PH_ROUTE); }
 static void w_ce(double *lo, float *d, const float *l, const int32_t *t, int n, int v, float sc) { T0; R->cross_entropy(lo, d, l, t, n, v, sc); T1(PH_LOSS); }
 static void w_ce_max(float *mx, const float *l, int n, int v) { T0; R->ce_rowmax(mx, l, n, v); T1(PH_LOSS); }
@@ -113,6 +114,7 @@ static Kernels instrumented(const Kernels *real) {
     k.scatter_add_rows = w_scatter;
     k.combine = w_combine;
     k.combine_bwd = w_combine_bwd;
+    k.route_plan = w_plan;
     k.cross_entropy = w_ce;
     k.ce_rowmax = w_ce_max;
     k.ce_sumexp = w_ce_se;

@@ -988,9 +988,9 @@ static void check_table(const Kernels *k) {
     NEED(k, rmsnorm_fwd); NEED(k, rmsnorm_bwd); NEED(k, rope); NEED(k, attention_fwd);
     NEED(k, attention_bwd); NEED(k, swiglu_fwd); NEED(k, swiglu_bwd); NEED(k, router_topk_fwd);
     NEED(k, router_stats); NEED(k, router_bwd); NEED(k, gather_rows); NEED(k, scatter_add_rows);
-    NEED(k, combine); NEED(k, combine_bwd); NEED(k, cross_entropy); NEED(k, ce_rowmax);
-    NEED(k, ce_sumexp); NEED(k, ce_vp_grad); NEED(k, adamw); NEED(k, reserve); NEED(k, commit);
-    NEED(k, release); NEED(k, mem_stats);
+    NEED(k, combine); NEED(k, combine_bwd); NEED(k, route_plan); NEED(k, cross_entropy);
+    NEED(k, ce_rowmax); NEED(k, ce_sumexp); NEED(k, ce_vp_grad); NEED(k, adamw); NEED(k, reserve);
+    NEED(k, commit); NEED(k, release); NEED(k, mem_stats);
 }
 
 static Kernels g_table;

@@ -3,9 +3,11 @@
  *
  * Memory: every pointer the table's entries take is device memory (alloc: cudaMalloc; reserve: a
  * virtual range whose 2 MiB-ish granules are mapped by commit and unmapped by release, cuda/vmm.h,
- * or cudaMalloc where the GPU has no virtual memory management), except the arrays
- * kernels.h marks "host" (grouped-GEMM offsets, routing slots: copied to the device inside the
- * call) and the *_host outputs (a scalar copied back). All work is issued on one stream
+ * or cudaMalloc where the GPU has no virtual memory management), except the arrays kernels.h
+ * marks "host" (grouped-GEMM offsets: copied to the device inside the call) and the *_host
+ * outputs (a scalar, or route_plan's per-expert offsets and counts, copied back). Routing slots
+ * are device memory: route_plan builds them on the device, the permutation reads them there. All
+ * work is issued on one stream
  * (cuda_stream()) in order; entries that return a host value synchronise. Numerics: fp32 storage;
  * dense matmuls run on tensor cores in bf16 with fp32 accumulation (COMPUTE_32F_FAST_16BF), the
  * grouped expert GEMMs too (inputs cast to bf16 inside the call, bf16 cublasGemmGroupedBatchedEx
@@ -14,7 +16,7 @@
  * The table is assembled from three files, each filling its own entries:
  *   cuda/core.cu       memory, elementwise, reductions, matmul, grouped linear (cuBLAS), embedding
  *                      forward, RMSNorm, RoPE, SwiGLU, AdamW, release
- *   cuda/moe.cu        router top-k / stats / backward, gather / scatter / combine, embedding
+ *   cuda/moe.cu        router top-k / stats / backward, routing plan, gather / scatter / combine, embedding
  *                      backward (the scatter with the token id as the row), cross-entropy and
  *                      its vocabulary-parallel passes (ce_rowmax, ce_sumexp, ce_vp_grad)
  *   cuda/attention.cu  causal GQA attention forward / backward: own flash-style fp32 kernels, or

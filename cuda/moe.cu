@@ -12,7 +12,7 @@
  *   combine_bwd       dyp = weights[slot] * dy[slot/K] (overwrites; slot < 0: zero row),
  *                     dweights[slot] = <dy[slot/K], yp[m]> (double, overwrites those slots only)
  *   embedding_bwd     dwte[tokens[n]] += dout[n] (scatter_add_rows with K = 1, the token id as
- *                     the row; token ids copied to the host first: synchronises)
+ *                     the row; the token ids stay on the device)
  *   cross_entropy     dlogits = scale * (softmax - onehot) (overwrites, may alias logits),
  *                     *loss_host = sum of row losses (double, copied back: synchronises).
  *   ce_rowmax         vocabulary-parallel cross-entropy, pass 1: mx(N) = row max of the shard
@@ -22,17 +22,23 @@
  *                     alias logits; zero rows for ignored targets), *loss_host = sum over rows
  *                     with a target of mx + log(se) - tl (double, copied back: synchronises).
  *                     All three: one block per row, as cross_entropy.
- * slots are HOST ints: staged through pinned memory (two buffers in turn, each reused only after
- * an event shows its previous copy done) into a growable device buffer on cuda_stream() (stream-
- * ordered, so the device buffer is reused safely by the next call). Rows that several slots
- * share (top-k > 1) are summed by one thread block per token row, over its slots in ascending m
- * (an inverse map built on the host): no atomics, deterministic, the CPU reference's order.
+ *   route_plan        the routing plan from device idx / weights (src/route_plan.h the rules):
+ *                     a stable counting sort by expert in chunks of kThreads slots, capacity per
+ *                     expert by a radix select on (weight, -slot) and an order-keeping
+ *                     compaction; integer work only, equal to the host reference. Device slots;
+ *                     count (E) and offs (E+1) come back in one copy (synchronises).
+ * slots are DEVICE ints (route_plan's output). Rows that several slots share (top-k > 1) are
+ * summed by one thread block per token row, over its slots in ascending m: the inverse map is a
+ * stable device radix sort (CUB) of the rows by token, so no atomics, deterministic, the CPU
+ * reference's order, and nothing goes through the host.
  * All reductions are fixed-order shared-memory trees: results are run-to-run deterministic.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include "cuda_check.h"
 #include "kernels_cuda.h"
@@ -72,42 +78,11 @@ int *hostbuf_get(int **p, size_t *cap, size_t n) {
     return q;
 }
 
-DevBuf g_slots, g_plan, g_parts, g_result;
-int *g_host_plan;
-size_t g_host_plan_cap;
-
-/* Pinned staging for host -> device uploads, two buffers used in turn. A buffer is refilled only
- * after the event recorded behind its previous copy has passed, so the copies are truly
- * asynchronous and the caller's array may change as soon as the call returns. */
-struct Staging {
-    void *host;
-    size_t cap;
-    cudaEvent_t done;
-    int used;
-};
-Staging g_stage[2];
-int g_stage_next;
-
-/* Copy n host ints to a device buffer on the stream (the device buffer is overwritten only by
- * later stream-ordered work). */
-const int *upload_ints(DevBuf *b, const int *host, size_t n) {
-    const size_t bytes = n * sizeof(int);
-    int *d = (int *)devbuf_get(b, bytes);
-    Staging *st = &g_stage[g_stage_next];
-    g_stage_next ^= 1;
-    if (st->used) CUDA_CHECK(cudaEventSynchronize(st->done));
-    else CUDA_CHECK(cudaEventCreateWithFlags(&st->done, cudaEventDisableTiming));
-    if (bytes > st->cap) {
-        if (st->host) CUDA_CHECK(cudaFreeHost(st->host));
-        st->cap = bytes + bytes / 2 + 256;
-        CUDA_CHECK(cudaMallocHost(&st->host, st->cap));
-    }
-    memcpy(st->host, host, bytes);
-    CUDA_CHECK(cudaMemcpyAsync(d, st->host, bytes, cudaMemcpyHostToDevice, cuda_stream()));
-    CUDA_CHECK(cudaEventRecord(st->done, cuda_stream()));
-    st->used = 1;
-    return d;
-}
+DevBuf g_parts, g_result;
+DevBuf g_keys, g_vals, g_sort_tmp;                  /* row_accumulate: the inverse map */
+DevBuf g_rp_meta, g_rp_hist, g_rp_rank, g_rp_bucket; /* route_plan */
+int *g_rp_host;
+size_t g_rp_host_cap;
 
 unsigned blocks_for(size_t n) { return (unsigned)((n + kThreads - 1) / kThreads); }
 
@@ -133,6 +108,25 @@ template <typename T, typename Op> __device__ T block_reduce(T v, Op op) {
     T r = buf[0];
     __syncthreads(); /* buf may be reused by the next call */
     return r;
+}
+
+/* Exclusive prefix sum of v over the block (blockDim.x == kThreads), *total the block's sum; every
+ * thread of the block must call it. */
+__device__ int block_exclusive_scan(int v, int *total) {
+    __shared__ int buf[kThreads];
+    const int tid = threadIdx.x;
+    buf[tid] = v;
+    __syncthreads();
+    for (int off = 1; off < kThreads; off <<= 1) {
+        int t = tid >= off ? buf[tid - off] : 0;
+        __syncthreads();
+        buf[tid] += t;
+        __syncthreads();
+    }
+    const int incl = buf[tid];
+    *total = buf[kThreads - 1];
+    __syncthreads(); /* buf may be reused by the next call */
+    return incl - v;
 }
 
 /* out[0] = sum of parts[0..n) in double, one block, fixed order. */
@@ -333,80 +327,60 @@ __global__ void gather_kernel(float *xp, const float *x, const int *slots, int c
 
 void cuda_gather_rows(float *xp, const float *x, const int *slots, int m, int c, int k) {
     if (m <= 0 || c <= 0) return;
-    const int *ds = upload_ints(&g_slots, slots, (size_t)m);
-    gather_kernel<<<m, kThreads, 0, cuda_stream()>>>(xp, x, ds, c, k);
+    gather_kernel<<<m, kThreads, 0, cuda_stream()>>>(xp, x, slots, c, k);
     CUDA_CHECK_LAUNCH();
 }
 
-/* Inverse map of a routing plan, packed in one int array (host, then device):
- *   rows[nu]      the distinct token rows that valid slots hit, ascending
- *   start[nu+1]   entries of row u are [start[u], start[u+1])
- *   ms[cnt]       the routed row m of each entry (ascending within a row)
- *   sl[cnt]       its slot (the weights index)
- * Returns nu (0: nothing to do); *dplan is the device copy. */
-int build_row_plan(const int **dplan, const int *slots, int m, int k) {
-    int maxrow = -1, cnt = 0;
-    for (int i = 0; i < m; i++)
-        if (slots[i] >= 0) {
-            int row = slots[i] / k;
-            maxrow = row > maxrow ? row : maxrow;
-            cnt++;
-        }
-    if (cnt == 0) return 0;
-    /* counts per row (nrow + 1 ints), then the packed plan (at most 2 nrow + 1 + 2 cnt ints) */
-    size_t nrow = (size_t)maxrow + 1;
-    size_t need = (nrow + 1) + 2 * nrow + 1 + 2 * (size_t)cnt;
-    int *h = hostbuf_get(&g_host_plan, &g_host_plan_cap, need);
-    int *count = h, *plan = h + nrow + 1;
-    memset(count, 0, (nrow + 1) * sizeof(int));
-    for (int i = 0; i < m; i++)
-        if (slots[i] >= 0) count[slots[i] / k + 1]++;
-    for (size_t r = 0; r < nrow; r++) count[r + 1] += count[r]; /* count[r] = first entry of r */
-    int nu = 0;
-    for (size_t r = 0; r < nrow; r++) nu += count[r + 1] > count[r];
-    int *rows = plan, *start = rows + nu, *ms = start + nu + 1, *sl = ms + cnt;
-    int u = 0;
-    for (size_t r = 0; r < nrow; r++)
-        if (count[r + 1] > count[r]) {
-            rows[u] = (int)r;
-            start[u] = count[r];
-            u++;
-        }
-    start[nu] = cnt;
-    for (int i = 0; i < m; i++)
-        if (slots[i] >= 0) {
-            int e = count[slots[i] / k]++; /* ascending i within a row */
-            ms[e] = i;
-            sl[e] = slots[i];
-        }
-    *dplan = upload_ints(&g_plan, plan, 2 * (size_t)nu + 1 + 2 * (size_t)cnt);
-    return nu;
+/* The inverse map: the m routed rows sorted by their token row (stable, so ascending m within a
+ * token), keys[i] = slot / k (kNoRow for slot < 0, sorted last) and ms[i] the routed row. */
+constexpr unsigned kNoRow = 0x7fffffffu;
+constexpr int kKeyBits = 31; /* keys < 2^31 */
+
+__global__ void row_keys_kernel(unsigned *keys, int *ms, const int *slots, int m, int k) {
+    const int i = blockIdx.x * kThreads + threadIdx.x;
+    if (i >= m) return;
+    const int s = slots[i];
+    keys[i] = s < 0 ? kNoRow : (unsigned)(s / k);
+    ms[i] = i;
 }
 
-/* y[rows[u]] += sum over its entries (ascending m) of w * src[m], w = weights[slot] or 1.
- * One block per token row: no two blocks write the same row. */
+/* y[key] += sum over the entries of the key (ascending m) of w * src[m], w = weights[slot] or 1.
+ * One block per sorted entry; only the first entry of a key works: no two blocks write a row. */
 __global__ void row_accumulate_kernel(float *y, const float *src, const float *weights,
-                                      const int *plan, int nu, int c) {
-    const int *rows = plan, *start = rows + nu, *ms = start + nu + 1, *sl = ms + start[nu];
-    int u = blockIdx.x, e0 = start[u], e1 = start[u + 1];
-    float *d = y + (size_t)rows[u] * c;
+                                      const int *slots, const unsigned *keys, const int *ms,
+                                      int m, int c) {
+    const int i = blockIdx.x;
+    const unsigned key = keys[i];
+    if (key == kNoRow || (i > 0 && keys[i - 1] == key)) return;
+    int e1 = i + 1;
+    while (e1 < m && keys[e1] == key) e1++;
+    float *d = y + (size_t)key * c;
     for (int j = threadIdx.x; j < c; j += kThreads) {
         float acc = d[j];
-        for (int e = e0; e < e1; e++) {
+        for (int e = i; e < e1; e++) {
             float v = src[(size_t)ms[e] * c + j];
-            acc += weights ? weights[sl[e]] * v : v;
+            acc += weights ? weights[slots[ms[e]]] * v : v;
         }
         d[j] = acc;
     }
 }
 
+/* y[slot/k] += (weights[slot] *) src[m] over the m device slots, in ascending m per row. */
 void row_accumulate(float *y, const float *src, const float *weights, const int *slots, int m,
                     int c, int k) {
     if (m <= 0 || c <= 0) return;
-    const int *dplan = NULL;
-    int nu = build_row_plan(&dplan, slots, m, k);
-    if (nu == 0) return;
-    row_accumulate_kernel<<<nu, kThreads, 0, cuda_stream()>>>(y, src, weights, dplan, nu, c);
+    unsigned *kin = (unsigned *)devbuf_get(&g_keys, 2 * (size_t)m * sizeof(unsigned)), *kout = kin + m;
+    int *vin = (int *)devbuf_get(&g_vals, 2 * (size_t)m * sizeof(int)), *vout = vin + m;
+    row_keys_kernel<<<blocks_for(m), kThreads, 0, cuda_stream()>>>(kin, vin, slots, m, k);
+    CUDA_CHECK_LAUNCH();
+    size_t tmp_bytes = 0;
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(NULL, tmp_bytes, kin, kout, vin, vout, m, 0, kKeyBits,
+                                               cuda_stream()));
+    void *tmp = devbuf_get(&g_sort_tmp, tmp_bytes ? tmp_bytes : 1);
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, kin, kout, vin, vout, m, 0, kKeyBits,
+                                               cuda_stream()));
+    row_accumulate_kernel<<<m, kThreads, 0, cuda_stream()>>>(y, src, weights, slots, kout, vout, m,
+                                                             c);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -419,20 +393,11 @@ void cuda_combine(float *y, const float *yp, const float *weights, const int *sl
     row_accumulate(y, yp, weights, slots, m, c, k);
 }
 
-int *g_host_tokens;
-size_t g_host_tokens_cap;
-
 /* dwte[tokens[n]] += dout[n]: the scatter_add_rows pattern with K = 1 and the token id as the
  * row, so each vocab row is summed by one block over its tokens in ascending n, the CPU's order
- * (the same float additions: bit-identical to it, run to run). The token ids are device memory:
- * copied to the host first (N ints, synchronises); a negative id adds nothing. */
+ * (the same float additions: bit-identical to it, run to run). A negative id adds nothing. */
 void cuda_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int n, int c) {
-    if (n <= 0 || c <= 0) return;
-    int *h = hostbuf_get(&g_host_tokens, &g_host_tokens_cap, (size_t)n);
-    CUDA_CHECK(cudaMemcpyAsync(h, tokens, (size_t)n * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                               cuda_stream()));
-    CUDA_CHECK(cudaStreamSynchronize(cuda_stream()));
-    row_accumulate(dwte, dout, NULL, h, n, c, 1);
+    row_accumulate(dwte, dout, NULL, tokens, n, c, 1);
 }
 
 /* One block per routed row: dyp[m] = w * dy[row] (or zeros), dweights[slot] = <dy[row], yp[m]>. */
@@ -458,10 +423,185 @@ __global__ void combine_bwd_kernel(float *dyp, float *dweights, const float *dy,
 void cuda_combine_bwd(float *dyp, float *dweights, const float *dy, const float *yp,
                       const float *weights, const int *slots, int m, int c, int k) {
     if (m <= 0) return;
-    const int *ds = upload_ints(&g_slots, slots, (size_t)m);
-    combine_bwd_kernel<<<m, kThreads, 0, cuda_stream()>>>(dyp, dweights, dy, yp, weights, ds, c,
+    combine_bwd_kernel<<<m, kThreads, 0, cuda_stream()>>>(dyp, dweights, dy, yp, weights, slots, c,
                                                           k);
     CUDA_CHECK_LAUNCH();
+}
+
+/* ================================================================== routing plan == */
+
+/* The plan of src/route_plan.h on the device, in stream-ordered steps over chunks of kThreads
+ * slots (chunk = block of rp_chunk_kernel / rp_bucket_kernel):
+ *   rp_chunk_kernel    rank[s] = the chunk's earlier slots with the same expert; hist[chunk][x] =
+ *                      the chunk's slots of expert x (hist zeroed first); a bad expert id sets bad
+ *   rp_column_kernel   one block per expert: hist[.][x] becomes the chunk's first rank within the
+ *                      expert (exclusive scan over the chunks in order), count[x] the total
+ *   rp_offsets_kernel  one block: start[x] (exclusive scan of count) and offs (exclusive scan of
+ *                      the rows per expert: all kept ones, or capacity when padding)
+ *   rp_bucket_kernel   bucket[start[x] + hist[chunk][x] + rank[s]] = s: every expert's slots in
+ *                      ascending order (a stable counting sort, no atomics)
+ *   rp_select_kernel   one block per expert: the kept slots of its bucket (all; the first
+ *                      capacity; or, by weight, those whose rp_key reaches the capacity-th
+ *                      largest, found bit by bit) compacted in order into slots, then -1 padding
+ * Integer work and exact comparisons only: deterministic, and the host reference's plan.
+ * The device metadata block: count (E int64) | offs (E+1 int) | bad (int) | start (E int); the
+ * first three come back to the host in one copy. */
+
+/* Orders (weight desc, slot asc) as unsigned descending: weight's bits made monotone (-0 = +0),
+ * then ~slot (a lower slot ranks higher). Weights are not NaN. */
+__device__ __forceinline__ unsigned long long rp_key(float w, int slot) {
+    unsigned u = __float_as_uint(w == 0.0f ? 0.0f : w);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned)~slot;
+}
+
+__global__ void rp_chunk_kernel(int *rank, int *hist, int *bad, const int32_t *idx, int nk, int e) {
+    __shared__ int ex[kThreads];
+    const int t = threadIdx.x, s = blockIdx.x * kThreads + t;
+    int x = s < nk ? idx[s] : -1;
+    if (s < nk && (x < 0 || x >= e)) {
+        atomicCAS(bad, 0, s + 1);
+        x = -1;
+    }
+    ex[t] = x;
+    __syncthreads();
+    if (x < 0) return;
+    int before = 0, later = 0;
+    for (int u = 0; u < kThreads; u++) {
+        const int same = ex[u] == x;
+        before += u < t && same;
+        later |= u > t && same;
+    }
+    rank[s] = before;
+    if (!later) hist[(size_t)blockIdx.x * e + x] = before + 1;
+}
+
+__global__ void rp_column_kernel(long long *count, int *hist, int nchunks, int e) {
+    const int x = blockIdx.x;
+    int run = 0;
+    for (int c0 = 0; c0 < nchunks; c0 += kThreads) {
+        const int c = c0 + threadIdx.x;
+        int total;
+        int *h = hist + (size_t)c * e + x;
+        const int v = c < nchunks ? *h : 0;
+        const int ex = block_exclusive_scan(v, &total);
+        if (c < nchunks) *h = run + ex;
+        run += total;
+    }
+    if (threadIdx.x == 0) count[x] = run;
+}
+
+__global__ void rp_offsets_kernel(int *offs, int *start, const long long *count, int e, int cap,
+                                  int pad) {
+    int run_s = 0, run_o = 0;
+    for (int x0 = 0; x0 < e; x0 += kThreads) {
+        const int x = x0 + threadIdx.x;
+        const int c = x < e ? (int)count[x] : 0, kept = cap > 0 && c > cap ? cap : c;
+        const int rows = x < e ? (pad && cap > 0 ? cap : kept) : 0;
+        int total;
+        const int es = block_exclusive_scan(c, &total);
+        if (x < e) start[x] = run_s + es;
+        run_s += total;
+        const int eo = block_exclusive_scan(rows, &total);
+        if (x < e) offs[x] = run_o + eo;
+        run_o += total;
+    }
+    if (threadIdx.x == 0) offs[e] = run_o;
+}
+
+__global__ void rp_bucket_kernel(int *bucket, const int *rank, const int *hist, const int *start,
+                                 const int32_t *idx, int nk, int e) {
+    const int s = blockIdx.x * kThreads + threadIdx.x;
+    if (s >= nk) return;
+    const int x = idx[s];
+    if (x < 0 || x >= e) return;
+    bucket[start[x] + hist[(size_t)blockIdx.x * e + x] + rank[s]] = s;
+}
+
+/* The cap-th largest rp_key of the n slots in l (distinct keys), decided bit by bit from the top:
+ * at each bit, the keys that agree with the prefix so far and have the bit set are counted. */
+__device__ unsigned long long rp_select(const int *l, int n, const float *weights, int cap) {
+    unsigned long long prefix = 0;
+    int need = cap;
+    for (int b = 63; b >= 0; b--) {
+        const unsigned long long hi = b == 63 ? 0ull : ~0ull << (b + 1), bit = 1ull << b;
+        int c = 0;
+        for (int i = threadIdx.x; i < n; i += kThreads) {
+            const unsigned long long key = rp_key(weights[l[i]], l[i]);
+            c += (key & hi) == prefix && (key & bit) != 0;
+        }
+        c = block_reduce(c, SumOp());
+        if (c >= need) prefix |= bit;
+        else need -= c;
+    }
+    return prefix;
+}
+
+__global__ void rp_select_kernel(int *slots, const int *bucket, const long long *count,
+                                 const int *start, const int *offs, const float *weights, int cap,
+                                 int policy) {
+    const int x = blockIdx.x, n = (int)count[x], rows = offs[x + 1] - offs[x];
+    const int *l = bucket + start[x];
+    int *out = slots + offs[x];
+    const int over = cap > 0 && n > cap, by_weight = over && policy == 0;
+    const unsigned long long thr = by_weight ? rp_select(l, n, weights, cap) : 0ull;
+    const int scan = by_weight ? n : over ? cap : n; /* candidates to look at, in token order */
+    int pos = 0;
+    for (int i0 = 0; i0 < scan; i0 += kThreads) {
+        const int i = i0 + threadIdx.x, s = i < scan ? l[i] : -1;
+        const int keep = i < scan && (!by_weight || rp_key(weights[s], s) >= thr);
+        int total;
+        const int ex = block_exclusive_scan(keep, &total);
+        if (keep) out[pos + ex] = s;
+        pos += total;
+    }
+    for (int i = pos + threadIdx.x; i < rows; i += kThreads) out[i] = -1;
+}
+
+int cuda_route_plan(int *slots, int *offs_host, int64_t *count_host, int *dropped_host,
+                    const int32_t *idx, const float *weights, int n, int e, int k, int capacity,
+                    int pad, int policy) {
+    MT_CHECK(e >= 1 && n >= 0 && k >= 1 && capacity >= 0, "route_plan: N=%d E=%d K=%d capacity %d", n,
+             e, k, capacity);
+    MT_CHECK(policy == 0 || policy == 1, "route_plan: drop policy %d", policy);
+    const int nk = n * k, nchunks = (nk + kThreads - 1) / kThreads;
+    cudaStream_t st = cuda_stream();
+    const size_t back = (size_t)e * sizeof(long long) + ((size_t)e + 2) * sizeof(int);
+    long long *count = (long long *)devbuf_get(&g_rp_meta, back + (size_t)e * sizeof(int));
+    int *offs = (int *)(count + e), *bad = offs + e + 1, *start = bad + 1;
+    int *hist = (int *)devbuf_get(&g_rp_hist, ((size_t)nchunks * e + 1) * sizeof(int));
+    int *rank = (int *)devbuf_get(&g_rp_rank, ((size_t)nk + 1) * sizeof(int));
+    int *bucket = (int *)devbuf_get(&g_rp_bucket, ((size_t)nk + 1) * sizeof(int));
+    CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), st));
+    if (nchunks > 0) {
+        CUDA_CHECK(cudaMemsetAsync(hist, 0, (size_t)nchunks * e * sizeof(int), st));
+        rp_chunk_kernel<<<nchunks, kThreads, 0, st>>>(rank, hist, bad, idx, nk, e);
+        CUDA_CHECK_LAUNCH();
+    }
+    rp_column_kernel<<<e, kThreads, 0, st>>>(count, hist, nchunks, e);
+    CUDA_CHECK_LAUNCH();
+    rp_offsets_kernel<<<1, kThreads, 0, st>>>(offs, start, count, e, capacity, pad);
+    CUDA_CHECK_LAUNCH();
+    if (nchunks > 0) {
+        rp_bucket_kernel<<<nchunks, kThreads, 0, st>>>(bucket, rank, hist, start, idx, nk, e);
+        CUDA_CHECK_LAUNCH();
+    }
+    rp_select_kernel<<<e, kThreads, 0, st>>>(slots, bucket, count, start, offs, weights, capacity,
+                                             policy);
+    CUDA_CHECK_LAUNCH();
+    /* the one copy back: count, offs, bad */
+    int *h = hostbuf_get(&g_rp_host, &g_rp_host_cap, back / sizeof(int) + 1);
+    CUDA_CHECK(cudaMemcpyAsync(h, count, back, cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    const int hbad = h[2 * e + e + 1];
+    MT_CHECK(hbad == 0, "route_plan: slot %d chose an expert outside [0, %d)", hbad - 1, e);
+    memcpy(count_host, h, (size_t)e * sizeof(int64_t));
+    memcpy(offs_host, h + 2 * e, ((size_t)e + 1) * sizeof(int));
+    int kept = 0;
+    for (int x = 0; x < e; x++)
+        kept += capacity > 0 && count_host[x] > capacity ? capacity : (int)count_host[x];
+    *dropped_host = nk - kept;
+    return offs_host[e];
 }
 
 /* ========================================================================== loss == */
@@ -621,6 +761,7 @@ extern "C" void cuda_fill_moe(Kernels *k) {
     k->scatter_add_rows = cuda_scatter_add_rows;
     k->combine = cuda_combine;
     k->combine_bwd = cuda_combine_bwd;
+    k->route_plan = cuda_route_plan;
     k->cross_entropy = cuda_cross_entropy;
     k->ce_rowmax = cuda_ce_rowmax;
     k->ce_sumexp = cuda_ce_sumexp;

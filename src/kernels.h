@@ -4,7 +4,7 @@
  * data itself. The CPU backend (kernels_cpu.c: BLAS for GEMMs, plain C loops elsewhere) fills
  * it and is the reference; the CUDA backend (cuda/) fills the same table with device code.
  * Pointers passed to kernels are backend memory (host for CPU, device for CUDA), except the
- * int arrays marked "host", which are small routing plans built on the host.
+ * arrays marked "host": small per-expert offsets and counts (E or G entries) and scalar results.
  * Nothing here communicates.
  *
  * Shape legend: N tokens (= B*T), B sequences, T sequence length, C model width, H query heads,
@@ -140,8 +140,26 @@ typedef struct Kernels {
                        const float *probs, const float *logits, const int32_t *idx,
                        const float *weights, int n, int e, int k, int renorm);
 
+    /* ---- routing plan ----
+     * The MoE layer's plan from idx(N,K) (backend int32, experts in [0,E)) and weights(N,K)
+     * (backend: the combine weight of every slot), built where they live; src/route_plan.h states
+     * the rules and is the reference (kernels_cpu uses it as is). Outputs:
+     *   slots      backend int, M entries (room for moe_plan_rows): the kept slots grouped by
+     *              expert, ascending slot within an expert, -1 for padding rows (pad)
+     *   offs_host  (E+1) host: row offsets per expert, offs[E] = M
+     *   count_host (E) host int64: assignments per expert before capacity (the load)
+     *   *dropped_host: N*K minus the kept slots
+     * capacity 0: dropless. policy (DropPolicy, config.h): 0 probs (an overfull expert keeps its
+     * highest weights, ties the lower slot), 1 position (its first slots). pad: (capacity > 0)
+     * every expert gets exactly capacity rows. Returns M. The cuda backend copies only offs and
+     * count back (one small copy, synchronises); no sort on the host. */
+    int (*route_plan)(int *slots, int *offs_host, int64_t *count_host, int *dropped_host,
+                      const int32_t *idx, const float *weights, int n, int e, int k, int capacity,
+                      int pad, int policy);
+
     /* ---- permutation for the experts ----
-     * A routing plan lists M kept assignments as slots (host int, M entries): slot = n*K + j means
+     * A routing plan lists M kept assignments as slots (backend int, M entries: route_plan's
+     * output): slot = n*K + j means
      * token n's j-th choice; its token row is slot / K and its combine weight weights[slot].
      * gather:      xp(M,C) = x[slot/K]                                  (overwrites)
      * scatter_add: dx[slot/K] += dxp(M,C)
@@ -149,7 +167,8 @@ typedef struct Kernels {
      * combine_bwd: dyp(M,C) = weights[slot] * dy[slot/K]                (overwrites)
      *              dweights[slot] = <dy[slot/K], yp[m]>                  (overwrites those slots only)
      * weights, dweights are backend (N,K). A slot < 0 marks a padding row (moe.pad_to_capacity):
-     * gather writes zeros, scatter_add and combine skip it, combine_bwd writes a zero dyp row. */
+     * gather writes zeros, scatter_add and combine skip it, combine_bwd writes a zero dyp row.
+     * scatter_add and combine add a token row's terms in ascending m. */
     void (*gather_rows)(float *xp, const float *x, const int *slots, int m, int c, int k);
     void (*scatter_add_rows)(float *dx, const float *dxp, const int *slots, int m, int c, int k);
     void (*combine)(float *y, const float *yp, const float *weights, const int *slots, int m, int c,

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "route_plan.h"
 
 #ifndef ATT_BLK
 #define ATT_BLK 64 /* query rows per attention block */
@@ -1209,6 +1210,7 @@ static const Kernels g_cpu = {
     .scatter_add_rows = cpu_scatter_add_rows,
     .combine = cpu_combine,
     .combine_bwd = cpu_combine_bwd,
+    .route_plan = route_plan_host, /* route_plan.c: the host reference */
     .cross_entropy = cpu_cross_entropy,
     .ce_rowmax = cpu_ce_rowmax,
     .ce_sumexp = cpu_ce_sumexp,

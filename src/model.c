@@ -465,7 +465,8 @@ static void seq_fractions(Model *m, MoeActs *a, int n) {
     const ModelDims *d = &m->d;
     int b = m->b, E = d->E, K = d->K;
     int64_t *cnt = mt_calloc((size_t)b * E, sizeof *cnt);
-    for (int s = 0; s < n * K; s++) cnt[(size_t)m->row_seq[s / K] * E + a->idx_host[s]]++;
+    const int32_t *idx = moe_idx_host(m->k, d, a, n);
+    for (int s = 0; s < n * K; s++) cnt[(size_t)m->row_seq[s / K] * E + idx[s]]++;
     comm_allreduce_sum(m->tp, cnt, (size_t)b * E, DT_I64);
     comm_allreduce_sum(m->cp, cnt, (size_t)b * E, DT_I64);
     for (size_t i = 0; i < (size_t)b * E; i++) a->fseq[i] = (float)((double)E * cnt[i] / ((double)K * d->T));
@@ -473,16 +474,22 @@ static void seq_fractions(Model *m, MoeActs *a, int n) {
     free(cnt);
 }
 
-static void record_load(Model *m, int l, const MoeActs *a, int n) {
+/* Loads per expert (the plan's counts) and, when rows carry a data domain, per domain (that
+ * needs the choices on the host: moe_idx_host). */
+static void record_load(Model *m, int l, MoeActs *a, int n) {
     const ModelDims *d = &m->d;
     for (int x = 0; x < d->E; x++) {
         m->load[(size_t)l * d->E + x] += a->plan.count[x];
         m->step_load[(size_t)l * d->E + x] += a->plan.count[x];
     }
+    int any = 0;
+    for (int r = 0; r < n && !any; r++) any = m->row_dom[r] >= 0 && m->row_dom[r] < DATA_N_DOMAINS;
+    if (!any) return;
+    const int32_t *idx = moe_idx_host(m->k, d, a, n);
     for (int s = 0; s < n * d->K; s++) {
         int dom = m->row_dom[s / d->K];
         if (dom < 0 || dom >= DATA_N_DOMAINS) continue;
-        m->domain_load[((size_t)l * DATA_N_DOMAINS + dom) * d->E + a->idx_host[s]]++;
+        m->domain_load[((size_t)l * DATA_N_DOMAINS + dom) * d->E + idx[s]]++;
     }
 }
 

@@ -25,12 +25,12 @@ void moe_acts_alloc(MoeActs *a, const Kernels *k, const ModelDims *d, const MoeC
     a->xp = k->alloc(rows * d->C * f);
     a->yp = k->alloc(rows * d->C * f);
     a->psum = k->alloc(d->E * f);
-    a->plan.slots = mt_calloc(rows, sizeof(int));
+    a->plan.slots = k->alloc(rows * sizeof(int));
     a->plan.offs = mt_calloc(d->E + 1, sizeof(int));
     a->plan.count = mt_calloc(d->E, sizeof(int64_t));
     a->idx_host = mt_calloc(nk, sizeof(int32_t));
-    a->w_host = mt_calloc(nk, sizeof(float));
     if (moe_host_router(mc)) {
+        a->w_host = mt_calloc(nk, sizeof(float));
         a->lg_host = mt_calloc((size_t)n * d->E, sizeof(float));
         a->s_host = mt_calloc((size_t)n * d->E, sizeof(float));
         a->p_host = mt_calloc((size_t)n * d->E, sizeof(float));
@@ -162,9 +162,9 @@ void moe_acts_free(MoeActs *a, const Kernels *k) {
         if (a->ye) k->free(a->ye);
     }
     k->free(a->idx);
+    k->free(a->plan.slots);
     dispatcher_free(&a->disp);
     etp_free(&a->etpx);
-    free(a->plan.slots);
     free(a->plan.offs);
     free(a->plan.count);
     free(a->idx_host);
@@ -222,6 +222,7 @@ size_t moe_acts_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n) {
     MoeRows r = moe_rows_plan(d, mc, n);
     size_t nk = (size_t)n * d->K, C = d->C, F = d->Fel;
     size_t fl = 2 * (size_t)n * d->E + 2 * nk + 2 * r.src * C + d->E; /* logits probs, weights idx, xp yp, psum */
+    fl += r.src;                                                       /* plan.slots (int, float-sized) */
     fl += 2 * r.exp * C;                                               /* xe ye (ep > 1) */
     fl += r.comp * 3 * F;                                              /* abe he */
     if (r.etp > 1) fl += 2 * r.comp * C + r.red;                       /* xg yg, the etp landing buffer */
@@ -254,62 +255,9 @@ int moe_capacity(float cf, int n, int k, int e) {
 
 /* ---- routing plan ---- */
 
-typedef struct Cand {
-    int slot;
-    float p;
-} Cand;
-
-static int cand_by_prob(const void *a, const void *b) {
-    const Cand *x = a, *y = b;
-    if (x->p != y->p) return x->p > y->p ? -1 : 1;
-    return x->slot - y->slot; /* lower token first */
-}
-
-static int int_cmp(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
-
-/* Keep `capacity` of one expert's candidates (given in token order), returned in token order:
- * the highest-weight ones (DROP_PROBS) or the first ones (DROP_POSITION). */
-static int keep_top(Cand *c, int nc, int capacity, int policy, int *out) {
-    if (capacity > 0 && nc > capacity) {
-        if (policy == DROP_PROBS) qsort(c, nc, sizeof *c, cand_by_prob);
-        nc = capacity;
-    }
-    for (int i = 0; i < nc; i++) out[i] = c[i].slot;
-    qsort(out, nc, sizeof *out, int_cmp);
-    return nc;
-}
-
 size_t moe_plan_rows(int n, int e, int k, int capacity, int pad) {
     size_t kept = (size_t)n * k, padded = (size_t)e * capacity;
     return pad && capacity > 0 && padded > kept ? padded : kept;
-}
-
-void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *weights, int n, int e, int k,
-                    int capacity, int pad, int policy) {
-    memset(p->count, 0, e * sizeof *p->count);
-    for (int s = 0; s < n * k; s++) p->count[idx[s]]++;
-    Cand *cand = mt_calloc((size_t)n * k, sizeof *cand);
-    int *start = mt_calloc(e + 1, sizeof *start);
-    for (int x = 0; x < e; x++) start[x + 1] = start[x] + (int)p->count[x];
-    int *fill = mt_calloc(e, sizeof *fill);
-    for (int s = 0; s < n * k; s++) { /* bucket by expert, ascending slot */
-        int x = idx[s];
-        cand[start[x] + fill[x]++] = (Cand){s, weights[s]};
-    }
-    p->m = 0;
-    p->offs[0] = 0;
-    int kept = 0;
-    for (int x = 0; x < e; x++) {
-        int got = keep_top(cand + start[x], (int)p->count[x], capacity, policy, p->slots + p->m);
-        kept += got;
-        p->m += got;
-        for (; pad && capacity > 0 && got < capacity; got++) p->slots[p->m++] = -1;
-        p->offs[x + 1] = p->m;
-    }
-    p->dropped = n * k - kept;
-    free(cand);
-    free(start);
-    free(fill);
 }
 
 /* ---- dense SwiGLU ---- */
@@ -495,12 +443,17 @@ static void route(const Kernels *k, const ModelDims *d, const MoeConfig *mc, con
     if (moe_host_router(mc)) host_route(k, d, mc, w, a, n);
     else k->router_topk_fwd(a->probs, a->idx, a->weights, a->logits, n, d->E, d->K, mc->renorm);
     k->router_stats(a->psum, &a->zsum, a->probs, a->logits, n, d->E);
-    if (!moe_host_router(mc)) { /* the host router has them already */
-        k->to_host(a->idx_host, a->idx, (size_t)n * d->K * sizeof(int32_t));
-        k->to_host(a->w_host, a->weights, (size_t)n * d->K * sizeof(float));
-    }
-    moe_plan_build(&a->plan, a->idx_host, a->w_host, n, d->E, d->K,
-                   moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity, mc->drop_policy);
+    a->idx_host_ok = moe_host_router(mc); /* the host router has it already */
+    RoutePlan *p = &a->plan; /* built where idx and weights are; only offs and count come back */
+    p->m = k->route_plan(p->slots, p->offs, p->count, &p->dropped, a->idx, a->weights, n, d->E, d->K,
+                         moe_capacity(mc->capacity_factor, n, d->K, d->E), mc->pad_to_capacity,
+                         mc->drop_policy);
+}
+
+const int32_t *moe_idx_host(const Kernels *k, const ModelDims *d, MoeActs *a, int n) {
+    if (!a->idx_host_ok) k->to_host(a->idx_host, a->idx, (size_t)n * d->K * sizeof(int32_t));
+    a->idx_host_ok = 1;
+    return a->idx_host;
 }
 
 /* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */

@@ -6,7 +6,10 @@
  *   plan   = assignments sorted by expert (then token), capacity applied (moe.drop_policy: probs
  *            drops the lowest combine weight first, the weight the token actually uses, after
  *            renormalisation and never the bias-adjusted selection score; position drops the
- *            latest tokens of the batch first, as GShard)
+ *            latest tokens of the batch first, as GShard). Built by the backend where idx and
+ *            weights live (Kernels.route_plan: on the GPU for cuda); the slots stay there, and
+ *            only the offsets (E+1) and loads (E) come back to the host: one small copy per layer,
+ *            which dispatch (the count exchange), the grouped GEMMs and the statistics use.
  *   xp     = gather(x) (M,C)                                  permute: no communication
  *   xe     = dispatch(xp) (Me,C), grouped by this rank's experts      [dispatch.h: all-to-all]
  *   ab = grouped(xe, w13) (Me,2Fe) -> h = silu(a)*b (Me,Fe) -> ye = grouped(h, w2) (Me,C)
@@ -39,13 +42,14 @@
 #include "parallel/dispatch.h"
 #include "params.h"
 
-/* Which kept assignments go to which expert. Host memory. */
+/* Which kept assignments go to which expert (Kernels.route_plan, src/route_plan.h the rules).
+ * slots: backend memory; the rest host. */
 typedef struct RoutePlan {
     int m;          /* rows of xp: kept assignments (+ padding rows when padding to capacity) */
-    int *slots;     /* (rows) slot = n*K + j, grouped by expert, ascending token within an expert;
-                       -1 = a padding row */
-    int *offs;      /* (E+1) row offsets per expert */
-    int64_t *count; /* (E) assignments routed to each expert before capacity (the load) */
+    int *slots;     /* (rows) backend: slot = n*K + j, grouped by expert, ascending token within
+                       an expert; -1 = a padding row */
+    int *offs;      /* (E+1) host: row offsets per expert */
+    int64_t *count; /* (E) host: assignments routed to each expert before capacity (the load) */
     int dropped;    /* assignments dropped by capacity */
 } RoutePlan;
 
@@ -89,11 +93,13 @@ typedef struct MoeActs {
     float *xg, *yg;                  /* etp > 1: (cap_c,C) gathered rows, partial outputs */
     size_t cap_c;
     EtpExchange etpx;                /* expert tensor parallelism (etp > 1) */
-    RoutePlan plan;                  /* host */
+    RoutePlan plan;                  /* slots backend, offs and count host */
     Dispatcher disp;                 /* this layer's exchange (counts kept for the backward) */
     const int *eoffs;                /* (El+1) host: expert-side offsets (disp.recv_offs or plan.offs) */
-    int32_t *idx_host;               /* (N,K) host copy for the plan */
-    float *w_host;                   /* (N,K) host copy of the weights, for capacity ordering */
+    int32_t *idx_host;               /* (N,K) host copy of idx: the host router's, else filled on
+                                        demand by moe_idx_host (statistics) */
+    int idx_host_ok;                 /* idx_host holds this forward's idx */
+    float *w_host;                   /* (N,K) the host router's weights (NULL otherwise) */
     /* the host router (moe_host_router: sigmoid scores, expert bias, groups, routed scale,
      * sequence-wise aux loss), host (N,E) each, NULL otherwise: logits, scores s (softmax or
      * sigmoid), probs p (s normalised over all experts: what the balance losses see) */
@@ -165,18 +171,16 @@ size_t moe_beyond_plan_bytes(void);
 
 /* Capacity per expert for n tokens (0 = unlimited / dropless). */
 int moe_capacity(float cf, int n, int k, int e);
-/* Build the plan from idx and weights (host, (n,k) each: the combine weight of every slot) for n
- * tokens. An overfull expert keeps, by policy (DropPolicy), its highest-weight assignments (ties:
- * lower token first) or its first ones in token order. pad: give every expert exactly `capacity`
- * rows, the unused ones padding (static shapes; needs capacity > 0). */
-void moe_plan_build(RoutePlan *p, const int32_t *idx, const float *weights, int n, int e, int k,
-                    int capacity, int pad, int policy);
 /* Rows a plan can need for n tokens: n*k, or e*capacity when padding. */
 size_t moe_plan_rows(int n, int e, int k, int capacity, int pad);
 
 /* y (N,C) += MoE(x). Fills a (activations, plan, psum, zsum). Collective over ep. */
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n);
+/* The last forward's idx (N,K) on the host (a->idx_host): copied from the backend on the first call
+ * after a forward with the Kernels router (one N*K copy: for statistics only, not on the layer's
+ * path), already there with the host router. */
+const int32_t *moe_idx_host(const Kernels *k, const ModelDims *d, MoeActs *a, int n);
 /* Whether this configuration routes on the host (any of the DeepSeek-V3 / group options): the
  * Kernels router ops cover softmax top-k only. */
 int moe_host_router(const MoeConfig *mc);

@@ -25,6 +25,7 @@
  * middle, last, all), an ignored cross-entropy target, dlogits aliasing logits, grouped-query
  * attention (H=8, Hkv=2), T = 77 and 130 (not multiples of any tile), D = 16 (configs/tiny.ini),
  * 64 and 128, many experts (E = 64, 128), negative token ids in the embedding (zero row / skipped).
+ * The routing plan (route_plan) is compared exactly (integers): test_route_plan's cases.
  * Attention on a chunk of queries (Tq < Tk, q0 > 0: context parallelism; test_attention_chunk):
  * vs the CPU, under runtime.attention = cudnn (falls back to the own kernel: the same bits), and
  * vs the rows of the whole-sequence attention (GPU only). Vocabulary-parallel cross-entropy
@@ -1039,11 +1040,12 @@ START_TEST(test_permutation) {
     printf(" plan: %d rows (%d padding) for %d tokens x %d choices\n", m, pads, n, k);
     ck_assert_int_gt(pads, 0);
     size_t nc = (size_t)n * c, mc = (size_t)m * c, nk = (size_t)n * k;
+    int *d_slots = dev(slots, (size_t)m * sizeof(int)); /* the plan is backend memory */
     float *x = rnd(nc, -1, 1), *d_x = devf(x, nc);
     /* gather (overwrites; padding rows zero) */
     float *xp = tu_filled(mc, 0), *d_xp = dev_nan(mc);
     KC->gather_rows(xp, x, slots, m, c, k);
-    KG->gather_rows(d_xp, d_x, slots, m, c, k);
+    KG->gather_rows(d_xp, d_x, d_slots, m, c, k);
     float *g = backf(d_xp, mc);
     expect_bits("gather_rows (padding rows zero)", g, xp, mc * sizeof(float));
     free(g);
@@ -1051,7 +1053,7 @@ START_TEST(test_permutation) {
     float *dxp = rnd(mc, -1, 1), *d_dxp = devf(dxp, mc);
     float *dx0 = rnd(nc, -1, 1), *dx = tu_dup(dx0, nc), *d_dx = devf(dx0, nc);
     KC->scatter_add_rows(dx, dxp, slots, m, c, k);
-    KG->scatter_add_rows(d_dx, d_dxp, slots, m, c, k);
+    KG->scatter_add_rows(d_dx, d_dxp, d_slots, m, c, k);
     g = backf(d_dx, nc);
     expect_close("scatter_add_rows (increments)", g, dx, dx0, nc, TOL_F32);
     free(g);
@@ -1059,7 +1061,7 @@ START_TEST(test_permutation) {
     float *yp = rnd(mc, -1, 1), *wts = rnd(nk, 0, 1), *d_yp = devf(yp, mc), *d_wts = devf(wts, nk);
     float *y0 = rnd(nc, -1, 1), *y = tu_dup(y0, nc), *d_y = devf(y0, nc);
     KC->combine(y, yp, wts, slots, m, c, k);
-    KG->combine(d_y, d_yp, d_wts, slots, m, c, k);
+    KG->combine(d_y, d_yp, d_wts, d_slots, m, c, k);
     g = backf(d_y, nc);
     expect_close("combine (increments)", g, y, y0, nc, TOL_F32);
     free(g);
@@ -1068,7 +1070,7 @@ START_TEST(test_permutation) {
     float *dyp = tu_filled(mc, 0), *d_dyp = dev_nan(mc);
     float *dwt = tu_filled(nk, 7.0f), *d_dwt = devf(dwt, nk);
     KC->combine_bwd(dyp, dwt, dy, yp, wts, slots, m, c, k);
-    KG->combine_bwd(d_dyp, d_dwt, d_dy, d_yp, d_wts, slots, m, c, k);
+    KG->combine_bwd(d_dyp, d_dwt, d_dy, d_yp, d_wts, d_slots, m, c, k);
     g = backf(d_dyp, mc);
     expect_close("combine_bwd dyp (padding rows zero)", g, dyp, NULL, mc, TOL_F32);
     free(g);
@@ -1083,7 +1085,65 @@ START_TEST(test_permutation) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     float *dbufs[] = {d_x, d_xp, d_dxp, d_dx, d_yp, d_wts, d_y, d_dy, d_dyp, d_dwt};
     for (size_t i = 0; i < sizeof dbufs / sizeof dbufs[0]; i++) KG->free(dbufs[i]);
+    KG->free(d_slots);
     free(slots);
+}
+END_TEST
+
+/* ========================================================================= routing plan == */
+
+/* route_plan on the device against the CPU's (src/route_plan.c, the host reference): M, dropped,
+ * count (E), offs (E+1) and every slot row exactly, on skewed random routings
+ * (tu_route_inputs: low experts overflow, expert E/2 gets no token, weight ties, +0 and -0).
+ * policy: DropPolicy; cf 0 = dropless. Shapes: E = 4 .. 300 (offsets scanned over more than one
+ * block), top-k 1, 2, 8, slot counts not multiples of the 256-slot chunks, one token, thousands of
+ * candidates for one expert (the weight selection over many tiles). */
+typedef struct PlanCase {
+    int n, e, k;
+    float cf;
+    int pad, policy;
+} PlanCase;
+static const PlanCase plan_cases[] = {
+    {300, 8, 2, 0.0f, 0, DROP_PROBS},      {300, 8, 2, 1.0f, 0, DROP_PROBS},
+    {300, 8, 2, 1.0f, 0, DROP_POSITION},   {300, 8, 2, 1.0f, 1, DROP_PROBS},
+    {300, 8, 2, 1.25f, 1, DROP_POSITION},  {517, 64, 8, 1.0f, 0, DROP_PROBS},
+    {517, 64, 8, 1.0f, 1, DROP_POSITION},  {517, 64, 8, 0.0f, 0, DROP_PROBS},
+    {1000, 64, 1, 0.5f, 1, DROP_PROBS},    {1000, 64, 1, 0.5f, 0, DROP_POSITION},
+    {5000, 4, 1, 1.0f, 0, DROP_PROBS},     {5000, 4, 1, 1.0f, 1, DROP_POSITION},
+    {1, 64, 8, 1.0f, 1, DROP_PROBS},       {2000, 300, 4, 1.0f, 1, DROP_PROBS},
+    {2000, 300, 4, 0.0f, 0, DROP_POSITION}, {4096, 16, 2, 0.8f, 0, DROP_PROBS},
+};
+
+START_TEST(test_route_plan) {
+    const PlanCase *pc = &plan_cases[_i];
+    int n = pc->n, e = pc->e, k = pc->k, cap = moe_capacity(pc->cf, n, k, e);
+    size_t nk = (size_t)n * k, rows = moe_plan_rows(n, e, k, cap, pc->pad);
+    int32_t *idx = malloc(nk * sizeof *idx);
+    float *w = malloc(nk * sizeof *w);
+    tu_route_inputs(idx, w, n, e, k, e / 2, g_seed++);
+    int *d_idx = dev(idx, nk * sizeof *idx);
+    float *d_w = devf(w, nk);
+    int *slots = malloc(rows * sizeof(int)), *offs = malloc((e + 1) * sizeof(int));
+    int *goffs = malloc((e + 1) * sizeof(int));
+    int64_t *count = malloc(e * sizeof(int64_t)), *gcount = malloc(e * sizeof(int64_t));
+    int *d_slots = KG->alloc(rows * sizeof(int));
+    int dropped, gdropped;
+    int m = KC->route_plan(slots, offs, count, &dropped, idx, w, n, e, k, cap, pc->pad, pc->policy);
+    int gm = KG->route_plan(d_slots, goffs, gcount, &gdropped, d_idx, d_w, n, e, k, cap, pc->pad,
+                            pc->policy);
+    int *gslots = back(d_slots, (size_t)m * sizeof(int));
+    printf(" route_plan N=%d E=%d K=%d capacity %d pad %d policy %d: M %d, dropped %d\n", n, e, k,
+           cap, pc->pad, pc->policy, m, dropped);
+    ck_assert_msg(gm == m && gdropped == dropped, "route_plan: cuda M %d dropped %d, cpu %d %d", gm,
+                  gdropped, m, dropped);
+    ck_assert_int_eq(count[e / 2], 0);
+    expect_bits("route_plan count", gcount, count, e * sizeof(int64_t));
+    expect_bits("route_plan offs", goffs, offs, (e + 1) * sizeof(int));
+    expect_bits("route_plan slots", gslots, slots, (size_t)m * sizeof(int));
+    KG->free(d_idx);
+    KG->free(d_w);
+    KG->free(d_slots);
+    free(idx), free(w), free(slots), free(offs), free(goffs), free(count), free(gcount), free(gslots);
 }
 END_TEST
 
@@ -1654,6 +1714,7 @@ int main(void) {
     tcase_add_loop_test(tk, test_router_stats, 0, (int)(sizeof router_cases / sizeof router_cases[0]));
     tcase_add_loop_test(tk, test_router_bwd, 0, (int)(sizeof router_cases / sizeof router_cases[0]));
     tcase_add_test(tk, test_permutation);
+    tcase_add_loop_test(tk, test_route_plan, 0, (int)(sizeof plan_cases / sizeof plan_cases[0]));
     tcase_add_test(tk, test_cross_entropy);
     tcase_add_loop_test(tk, test_ce_vocab_parallel, 0, (int)(sizeof ce_cases / sizeof ce_cases[0]));
     tcase_add_test(tk, test_adamw);

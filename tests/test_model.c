@@ -76,7 +76,7 @@ static uint64_t routing_signature(const Model *m) {
         for (int i = 0; i < p->m; i++) h = (h ^ (uint64_t)p->slots[i]) * 1099511628211ull;
         for (int i = 0; i <= m->d.E; i++) h = (h ^ (uint64_t)p->offs[i]) * 1099511628211ull;
         for (int i = 0; i < B * m->d.T * m->d.K; i++)
-            h = (h ^ (uint64_t)m->la[l].moe.idx_host[i]) * 1099511628211ull;
+            h = (h ^ (uint64_t)m->la[l].moe.idx[i] /* cpu: host memory */) * 1099511628211ull;
     }
     return h;
 }

@@ -1,6 +1,7 @@
 /* test_moe.c — the MoE layer: routing plan and capacity, LBL and z-loss against hand-computed
  * values, and a finite-difference check of the layer's backward (input and router). */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,13 +12,20 @@
 
 /* ---- routing plan ---- */
 
+/* The CPU backend's route_plan into a plan of host arrays (CPU backend memory is host memory). */
+static void plan_build(RoutePlan *p, const int32_t *idx, const float *w, int n, int e, int k, int cap,
+                       int pad, int policy) {
+    p->m = kernels_cpu()->route_plan(p->slots, p->offs, p->count, &p->dropped, idx, w, n, e, k, cap,
+                                     pad, policy);
+}
+
 START_TEST(test_plan_dropless_keeps_all) {
     int32_t idx[] = {0, 1, 1, 0, 1, 1, 0, 1}; /* N=4, K=2 */
     float probs[4 * 2] = {0.6f, 0.4f, 0.3f, 0.7f, 0.2f, 0.8f, 0.5f, 0.5f};
     int slots[8], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0, DROP_PROBS);
+    plan_build(&p, idx, probs, 4, 2, 2, moe_capacity(0.0f, 4, 2, 2), 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 8);
     ck_assert_int_eq(p.dropped, 0);
     ck_assert_int_eq(count[0], 3);
@@ -39,7 +47,7 @@ START_TEST(test_plan_capacity_drops_lowest_prob) {
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_capacity(1.0f, 4, 1, 2), 2);
-    moe_plan_build(&p, idx, probs, 4, 2, 1, 2, 0, DROP_PROBS);
+    plan_build(&p, idx, probs, 4, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 1); /* p=0.9, token 1 */
@@ -58,7 +66,7 @@ START_TEST(test_plan_pad_to_capacity) {
     int64_t count[3];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
     ck_assert_int_eq(moe_plan_rows(4, 3, 1, 2, 1), 6);
-    moe_plan_build(&p, idx, probs, 4, 3, 1, 2, 1, DROP_PROBS);
+    plan_build(&p, idx, probs, 4, 3, 1, 2, 1, DROP_PROBS);
     ck_assert_int_eq(p.m, 6);
     ck_assert_int_eq(p.dropped, 1); /* token 0 (p = 0.5) loses to tokens 1 and 2 */
     int want[] = {1, 2, 3, -1, -1, -1};
@@ -75,7 +83,7 @@ START_TEST(test_plan_capacity_tie_lower_token) {
     int slots[3], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, probs, 3, 2, 1, 2, 0, DROP_PROBS);
+    plan_build(&p, idx, probs, 3, 2, 1, 2, 0, DROP_PROBS);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
@@ -89,14 +97,82 @@ START_TEST(test_plan_position_drops_latest) {
     int slots[4], offs[3];
     int64_t count[2];
     RoutePlan p = {.slots = slots, .offs = offs, .count = count};
-    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_POSITION);
+    plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_POSITION);
     ck_assert_int_eq(p.m, 2);
     ck_assert_int_eq(p.dropped, 2);
     ck_assert_int_eq(slots[0], 0);
     ck_assert_int_eq(slots[1], 1);
-    moe_plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_PROBS); /* the same input by weight */
+    plan_build(&p, idx, w, 4, 2, 1, 2, 0, DROP_PROBS); /* the same input by weight */
     ck_assert_int_eq(slots[0], 2);
     ck_assert_int_eq(slots[1], 3);
+}
+END_TEST
+
+/* The rules of route_plan.h by brute force, written apart from route_plan.c: slot s of expert x
+ * is kept unless x is over capacity and (position) capacity earlier slots of x exist or (probs)
+ * capacity slots of x beat it (a higher weight, or the same weight and a lower slot). */
+static int plan_reference(int *slots, int *offs, int64_t *count, int *dropped, const int32_t *idx,
+                          const float *w, int n, int e, int k, int cap, int pad, int policy) {
+    int m = 0, kept = 0;
+    offs[0] = 0;
+    for (int x = 0; x < e; x++) {
+        count[x] = 0;
+        for (int s = 0; s < n * k; s++) count[x] += idx[s] == x;
+        int got = 0;
+        for (int s = 0; s < n * k; s++) {
+            if (idx[s] != x) continue;
+            int ahead = 0; /* slots of x ranked before s under the policy */
+            for (int t = 0; t < n * k; t++)
+                if (idx[t] == x && t != s)
+                    ahead += policy == DROP_POSITION ? t < s : (w[t] > w[s] || (w[t] == w[s] && t < s));
+            if (cap == 0 || count[x] <= cap || ahead < cap) slots[m + got++] = s;
+        }
+        kept += got;
+        m += got;
+        for (; pad && cap > 0 && got < cap; got++) slots[m++] = -1;
+        offs[x + 1] = m;
+    }
+    *dropped = n * k - kept;
+    return m;
+}
+
+/* The CPU backend's route_plan against the brute-force rules on skewed random routings: dropless,
+ * both drop policies, padding, an expert nobody chose, ties and signed zeros in the weights,
+ * E up to 64, top-k 1, 2 and 8. */
+START_TEST(test_plan_matches_rules) {
+    static const struct { int n, e, k; float cf; } shapes[] = {
+        {60, 8, 2, 1.0f}, {97, 64, 8, 1.0f}, {200, 4, 1, 0.75f}, {1, 64, 8, 1.0f}, {33, 16, 2, 1.5f}};
+    int cases = 0, dropping = 0;
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int variant = 0; variant < 6; variant++) {
+            int n = shapes[si].n, e = shapes[si].e, k = shapes[si].k, pad = variant & 1;
+            int policy = variant / 2 == 1 ? DROP_POSITION : DROP_PROBS;
+            int cap = variant / 2 == 2 ? 0 : moe_capacity(shapes[si].cf, n, k, e);
+            size_t nk = (size_t)n * k, rows = moe_plan_rows(n, e, k, cap, pad);
+            int32_t *idx = malloc(nk * sizeof *idx);
+            float *w = malloc(nk * sizeof *w);
+            tu_route_inputs(idx, w, n, e, k, e / 2, 77 + si * 10 + variant);
+            int *sg = malloc(rows * sizeof(int)), *sw = malloc(rows * sizeof(int));
+            int *og = malloc((e + 1) * sizeof(int)), *ow = malloc((e + 1) * sizeof(int));
+            int64_t *cg = malloc(e * sizeof(int64_t)), *cw = malloc(e * sizeof(int64_t));
+            int dg, dw;
+            int mg = kernels_cpu()->route_plan(sg, og, cg, &dg, idx, w, n, e, k, cap, pad, policy);
+            int mw = plan_reference(sw, ow, cw, &dw, idx, w, n, e, k, cap, pad, policy);
+            ck_assert_msg(mg == mw && dg == dw, "N=%d E=%d K=%d cap %d pad %d policy %d: m %d dropped %d, "
+                          "want %d %d", n, e, k, cap, pad, policy, mg, dg, mw, dw);
+            ck_assert_msg((size_t)mg <= rows, "m %d > rows %zu", mg, rows);
+            ck_assert_int_eq(cw[e / 2], 0);
+            for (int x = 0; x < e; x++) ck_assert_int_eq(cg[x], cw[x]);
+            for (int x = 0; x <= e; x++) ck_assert_int_eq(og[x], ow[x]);
+            for (int i = 0; i < mg; i++)
+                ck_assert_msg(sg[i] == sw[i], "N=%d E=%d K=%d cap %d pad %d policy %d: slot row %d: %d, want %d",
+                              n, e, k, cap, pad, policy, i, sg[i], sw[i]);
+            cases++;
+            dropping += dg > 0;
+            free(idx), free(w), free(sg), free(sw), free(og), free(ow), free(cg), free(cw);
+        }
+    ck_assert_int_ge(dropping, 10); /* the capacities bite */
+    printf("route_plan: %d cases equal to the rules (%d dropping)\n", cases, dropping);
 }
 END_TEST
 
@@ -161,8 +237,8 @@ START_TEST(test_lbl_and_z_hand_values) {
     memcpy(f.router, eye, sizeof eye);
     float x[] = {1, 0, 0, 0}, y[4] = {0};
     moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, 2);
-    ck_assert_int_eq(f.a.idx_host[0], 0);
-    ck_assert_int_eq(f.a.idx_host[1], 0);
+    ck_assert_int_eq(f.a.idx[0], 0);
+    ck_assert_int_eq(f.a.idx[1], 0);
     double lbl, z;
     moe_aux_losses(kernels_cpu(), &f.d, &f.a, 2, &lbl, &z);
     double e = exp(1.0);
@@ -355,8 +431,8 @@ START_TEST(test_bias_selects_not_weights) {
     moe_acts_free(&f.a, kernels_cpu()); /* re-allocate for the host router */
     moe_acts_alloc(&f.a, kernels_cpu(), &f.d, &f.mc, N, &f.solo, &f.solo);
     moe_forward(kernels_cpu(), &f.d, &f.mc, &f.w, &f.a, x, y, N);
-    ck_assert_int_eq(f.a.idx_host[0], 3); /* the bias lifts expert 3 to the top */
-    ck_assert_int_eq(f.a.idx_host[1], 0);
+    ck_assert_int_eq(f.a.idx[0], 3); /* the bias lifts expert 3 to the top */
+    ck_assert_int_eq(f.a.idx[1], 0);
     double p0 = exp(2.0) / (exp(2.0) + exp(1.0) + exp(0.5) + 1.0), p3 = 1.0 / (exp(2.0) + exp(1.0) + exp(0.5) + 1.0);
     ck_assert_msg(fabs(f.a.w_host[0] - p3 / (p0 + p3)) < 1e-6, "weight %g, want %g", f.a.w_host[0], p3 / (p0 + p3));
     ck_assert_msg(fabs(f.a.w_host[1] - p0 / (p0 + p3)) < 1e-6, "weight %g", f.a.w_host[1]);
@@ -393,7 +469,7 @@ START_TEST(test_groups_equal_dispatch) {
             if (mode) ck_assert_msg(per[g] == N * K / G, "balanced: group %d got %lld rows, want %d", g, (long long)per[g], N * K / G);
         for (int r = 0; mode == 0 && r < N; r++) { /* limited: a token's K experts in its 2 groups */
             int used[G] = {0}, n_used = 0;
-            for (int j = 0; j < K; j++) used[f.a.idx_host[r * K + j] / (E / G)] = 1;
+            for (int j = 0; j < K; j++) used[f.a.idx[r * K + j] / (E / G)] = 1;
             for (int g = 0; g < G; g++) n_used += used[g];
             ck_assert_int_eq(n_used, 2);
         }
@@ -422,6 +498,7 @@ int main(void) {
     tcase_add_test(tc, test_plan_capacity_tie_lower_token);
     tcase_add_test(tc, test_plan_pad_to_capacity);
     tcase_add_test(tc, test_plan_position_drops_latest);
+    tcase_add_test(tc, test_plan_matches_rules);
     tcase_add_test(tc, test_drop_by_used_weight);
     tcase_add_test(tc, test_pad_matches_unpadded);
     tcase_add_test(tc, test_lbl_and_z_hand_values);

@@ -19,6 +19,27 @@ void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
     for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * (float)((splitmix(&s) >> 11) * 0x1.0p-53);
 }
 
+void tu_route_inputs(int32_t *idx, float *w, int n, int e, int k, int empty, uint64_t seed) {
+    uint64_t s = seed;
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < k; j++) {
+            int x, dup;
+            do { /* u^2 * e: expert x with weight falling in x */
+                double u = (double)(splitmix(&s) >> 11) * 0x1.0p-53;
+                x = (int)(u * u * e);
+                dup = x == empty;
+                for (int i = 0; i < j; i++) dup |= idx[(size_t)r * k + i] == x;
+            } while (dup);
+            idx[(size_t)r * k + j] = x;
+            uint64_t v = splitmix(&s);
+            float f = -0.25f + 1.25f * (float)((v >> 11) * 0x1.0p-53);
+            if (v % 5 == 0) f = 0.5f;
+            if (v % 37 == 1) f = 0.0f;
+            if (v % 37 == 2) f = -0.0f;
+            w[(size_t)r * k + j] = f;
+        }
+}
+
 float *tu_rnd(size_t n, float lo, float hi, uint64_t seed) {
     float *x = malloc((n ? n : 1) * sizeof(float));
     tu_fill_uniform(x, n, lo, hi, seed);

@@ -18,6 +18,11 @@ double tu_close_ratio(const float *a, const float *b, size_t n, double rtol, dou
 float *tu_rnd(size_t n, float lo, float hi, uint64_t seed);
 float *tu_filled(size_t n, float v);
 float *tu_dup(const float *x, size_t n);
+/* Routing plan inputs as a skewed router gives them: idx (n,k), k distinct experts per token,
+ * drawn with weight falling with the expert id (the low experts overflow a capacity), expert
+ * `empty` never chosen (-1: all may be); weights (n,k) uniform in [-0.25, 1) with ties (about a
+ * fifth exactly 0.5), +0 and -0 among them. Needs k < e (k <= e - 1 with an empty expert). */
+void tu_route_inputs(int32_t *idx, float *w, int n, int e, int k, int empty, uint64_t seed);
 /* A soft check for MPI tests, where a Check assertion on one rank would leave the others hanging:
  * if !ok, count it in *fails and print the first ten as "[rank R] file:line: message". The test
  * all-reduces its count at the end so every rank agrees on the verdict. */

@@ -16,7 +16,8 @@
 #      resume to 10, give exactly the single-rank run's losses (the backend is deterministic);
 #      configs/gpu-1b.ini
 #      at micro_batch_size 64 (~260 GB) is refused before it allocates, naming the GPU memory
-#   6. build/bench/bench_gpu configs/gpu-1b.ini: step tokens/s and MFU, grouped GEMM, attention
+#   6. build/bench/bench_gpu configs/gpu-1b.ini: step tokens/s and MFU, grouped GEMM, attention,
+#      the routing plan on the device vs the former host path
 # Prints a summary table last; exits non-zero if any check failed.
 #
 # Usage: tests/gpu/run.sh [BUILD_DIR] [all | tests | bench]
@@ -275,6 +276,9 @@ if [ -n "$(val step_tokens_per_s)" ]; then
   printf '%-34s cuDNN fwd %s / bwd %s TFLOP/s; own kernel fwd %s / bwd %s TFLOP/s\n' \
     "attention B2 T2048 H16/4 D128" "$(val attn_cudnn_fwd_tflops)" "$(val attn_cudnn_bwd_tflops)" \
     "$(val attn_own_fwd_tflops)" "$(val attn_own_bwd_tflops)"
+  printf '%-34s device %s us vs former host path %s us; E64 top-8: %s vs %s us\n' \
+    "routing plan, one MoE layer" "$(val route_plan_us)" "$(val route_plan_host_us)" \
+    "$(val route_plan_e64k8_us)" "$(val route_plan_e64k8_host_us)"
   echo "(reference: Megatron-Core reports 49.3% MFU for Mixtral 8x22B on H100s)"
 fi
 echo "${#names[@]} checks, $fails failed"
