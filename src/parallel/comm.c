@@ -7,6 +7,7 @@
 #include "parallel/comm.h"
 
 #include <limits.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -416,4 +417,147 @@ int comm_node_ranks(const Group *g) {
     MPI_Comm_size(node, &n);
     MPI_Comm_free(&node);
     return n;
+}
+
+/* ---- block all-to-all (dispatch) ---- */
+
+_Static_assert(sizeof(CommBlock) == 2 * sizeof(size_t) && offsetof(CommBlock, count) == sizeof(size_t),
+               "nccl_comm.h takes CommBlock lists as (offset, count) pairs of size_t");
+
+/* Checks one peer's block list (counts fit an int, and so does their total); returns the total. */
+static size_t blocks_total(const Group *g, const CommBlock *b, int nb, int peer) {
+    size_t total = 0;
+    for (int i = 0; i < nb; i++) {
+        MT_CHECK(b[i].count <= INT_MAX, "%s group: block of %zu elements for peer %d exceeds an int",
+                 g->name, b[i].count, peer);
+        total += b[i].count;
+    }
+    MT_CHECK(total <= INT_MAX, "%s group: %zu elements to or from peer %d exceed an int", g->name,
+             total, peer);
+    return total;
+}
+
+/* An hindexed type of the non-empty blocks (byte displacements from the buffer's start, adjacent
+ * blocks merged), committed; *count = 1, or 0 (type MPI_BYTE) when the list holds nothing. */
+static MPI_Datatype blocks_type(const Group *g, const CommBlock *b, int nb, int peer, DType t,
+                                int *count) {
+    *count = 0;
+    if (blocks_total(g, b, nb, peer) == 0) return MPI_BYTE;
+    int *len = mt_calloc((size_t)nb, sizeof(int)), m = 0;
+    MPI_Aint *at = mt_calloc((size_t)nb, sizeof(MPI_Aint));
+    size_t e = dtype_size(t);
+    for (int i = 0; i < nb; i++) {
+        if (b[i].count == 0) continue;
+        if (m > 0 && (size_t)at[m - 1] + (size_t)len[m - 1] * e == b[i].off * e) {
+            len[m - 1] += (int)b[i].count; /* the peer total fits an int, so this sum does */
+            continue;
+        }
+        len[m] = (int)b[i].count;
+        at[m++] = (MPI_Aint)(b[i].off * e);
+    }
+    MPI_Datatype ty;
+    MPI_Type_create_hindexed(m, len, at, mpi_type(t), &ty);
+    MPI_Type_commit(&ty);
+    free(len);
+    free(at);
+    *count = 1;
+    return ty;
+}
+
+static void blocks_host(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                        void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    int n = g->size, *v = mt_calloc(4 * (size_t)n, sizeof(int)); /* [scount|rcount|displs 0 0] */
+    MPI_Datatype *ty = mt_calloc(2 * (size_t)n, sizeof(MPI_Datatype));
+    for (int p = 0; p < n; p++) {
+        ty[p] = blocks_type(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p, t, &v[p]);
+        ty[n + p] = blocks_type(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p, t, &v[n + p]);
+    }
+    MPI_Alltoallw(send, v, v + 2 * n, ty, recv, v + n, v + 2 * n, ty + n, g->comm);
+    for (int i = 0; i < 2 * n; i++)
+        if (ty[i] != MPI_BYTE) MPI_Type_free(&ty[i]);
+    free(ty);
+    free(v);
+}
+
+/* A group of one rank: the k-th send block into the k-th receive block. copy is memmove or the
+ * device copy. */
+static void blocks_self(const void *send, const int *sfirst, const CommBlock *sblk, void *recv,
+                        const int *rfirst, const CommBlock *rblk, DType t,
+                        void (*copy)(void *, const void *, size_t)) {
+    int ns = sfirst[1] - sfirst[0], nr = rfirst[1] - rfirst[0];
+    MT_CHECK(ns == nr, "block all-to-all to itself: %d send blocks but %d receive blocks", ns, nr);
+    size_t e = dtype_size(t);
+    for (int i = 0; i < ns; i++) {
+        const CommBlock *s = sblk + sfirst[0] + i, *r = rblk + rfirst[0] + i;
+        MT_CHECK(s->count == r->count, "block all-to-all to itself: block %d sends %zu elements but "
+                 "receives %zu", i, s->count, r->count);
+        if (s->count) copy((char *)recv + r->off * e, (const char *)send + s->off * e, s->count * e);
+    }
+}
+
+static void host_move(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
+
+#if MT_HAVE_CUDA
+
+/* Elements spanned by a block list. */
+static size_t blocks_extent(int nb, const CommBlock *b) {
+    size_t end = 0;
+    for (int i = 0; i < nb; i++)
+        if (b[i].count > 0 && b[i].off + b[i].count > end) end = b[i].off + b[i].count;
+    return end;
+}
+
+/* Between a device buffer and its staging copy, block by block (adjacent blocks in one copy). */
+static void blocks_stage(int nb, const CommBlock *b, size_t e, char *host, char *dev, int down) {
+    for (int i = 0; i < nb;) {
+        if (b[i].count == 0) {
+            i++;
+            continue;
+        }
+        size_t off = b[i].off, len = b[i].count;
+        for (i++; i < nb && (b[i].count == 0 || b[i].off == off + len); i++) len += b[i].count;
+        if (down)
+            cuda_comm_to_host(host + off * e, dev + off * e, len * e);
+        else
+            cuda_comm_from_host(dev + off * e, host + off * e, len * e);
+    }
+}
+
+static void dev_alltoallv_blocks(const Group *g, const void *send, const int *sfirst,
+                                 const CommBlock *sblk, void *recv, const int *rfirst,
+                                 const CommBlock *rblk, DType t) {
+    if (g->size == 1) {
+        blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, cuda_comm_copy);
+        return;
+    }
+    for (int p = 0; p < g->size; p++) { /* the checks the host path makes while building types */
+        blocks_total(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p);
+        blocks_total(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p);
+    }
+    NcclComm *n = nccl_for(g, send, recv);
+    if (n) {
+        nccl_comm_alltoallv_blocks(n, send, sfirst, &sblk[0].off, recv, rfirst, &rblk[0].off, (int)t);
+        return;
+    }
+    const CommBlock *s0 = sblk + sfirst[0], *r0 = rblk + rfirst[0]; /* every peer's blocks */
+    int ns = sfirst[g->size] - sfirst[0], nr = rfirst[g->size] - rfirst[0];
+    size_t e = dtype_size(t);
+    void *hs = host_view(g, 0, send, blocks_extent(ns, s0) * e, 0);
+    void *hr = host_view(g, 1, recv, blocks_extent(nr, r0) * e, 0);
+    if (hs != send) blocks_stage(ns, s0, e, hs, (char *)send, 1);
+    blocks_host(g, hs, sfirst, sblk, hr, rfirst, rblk, t);
+    if (hr != recv) blocks_stage(nr, r0, e, hr, recv, 0);
+}
+
+#endif
+
+void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                           void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    DEVICE(g, send, recv,
+           dev_alltoallv_blocks(g, send, sfirst, sblk, recv, rfirst, rblk, t));
+    if (g->size == 1) {
+        blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, host_move);
+        return;
+    }
+    blocks_host(g, send, sfirst, sblk, recv, rfirst, rblk, t);
 }

@@ -88,4 +88,27 @@ int comm_any_failed(const Group *g, int status);
 /* Ranks of g on this node (shared memory). Collective over g. */
 int comm_node_ranks(const Group *g);
 
+/* ---- block all-to-all (dispatch) ---- */
+
+/* Elements [off, off + count) of a buffer. */
+typedef struct CommBlock {
+    size_t off, count;
+} CommBlock;
+
+/* An all-to-all(v) whose message to and from each peer is a list of blocks instead of one: the
+ * blocks this rank sends to peer p are sblk[sfirst[p] .. sfirst[p+1]) (sfirst has size + 1
+ * entries), those it receives from p land in rblk[rfirst[p] .. rfirst[p+1]). The lists are matched
+ * pairwise: the k-th block this rank sends to p has the count of the k-th block p receives from
+ * this rank (blocks of count 0 included, so both sides describe the same split). Blocks of one
+ * list must not overlap; send and recv must not overlap. Each block's count and each peer's total
+ * must fit an int (checked); offsets are size_t. One exchange per call:
+ *   host buffers: one MPI_Alltoallw, each peer's list an hindexed datatype on the buffer
+ *     (adjacent blocks merged), so MPI scatters straight into the blocks: no staging, no reorder;
+ *   device, NCCL: one ncclGroupStart/End with one ncclSend / ncclRecv per non-empty block (blocks
+ *     to and from this rank itself: device copies on the comm stream);
+ *   device, MPI: only the blocks are staged through pinned host memory, then the host call.
+ * A group of one rank copies its blocks pairwise (memmove on the host). */
+void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                           void *recv, const int *rfirst, const CommBlock *rblk, DType t);
+
 #endif

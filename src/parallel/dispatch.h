@@ -28,14 +28,28 @@
 #include "kernels.h"
 #include "parallel/comm.h"
 
+/* How the rows move (dispatcher_init sets DISPATCH_BLOCKS; the others are for bench_dispatch and
+ * test_dispatch, which compare them):
+ *   DISPATCH_BLOCKS      one block all-to-all per direction (comm_alltoallv_blocks);
+ *   DISPATCH_PER_EXPERT  one all-to-all(v) per local expert per direction;
+ *   DISPATCH_STAGED      one all-to-all(v) into a source-major staging buffer, then a local
+ *                        reorder into expert-major (combine: reorder, then the exchange). */
+typedef enum { DISPATCH_BLOCKS = 0, DISPATCH_PER_EXPERT, DISPATCH_STAGED } DispatchMode;
+
 typedef struct Dispatcher {
     const Group *ep;
     const Kernels *k;
     int E, E_local, C;
+    DispatchMode mode;
     int m_send, m_recv;
     int *recv_counts; /* (ep * E_local) rows from source s for local expert j, [s][j] */
     int *recv_offs;   /* (E_local + 1) expert-major offsets into xe */
     int *send_offs;   /* (E + 1) this rank's offs: rows of xp by global expert */
+    int *first;       /* (ep + 1) r * E_local: the blocks of peer r in sblk / rblk */
+    CommBlock *sblk;  /* (ep * E_local) [r][j]: xp's rows for global expert r*E_local + j */
+    CommBlock *rblk;  /* (ep * E_local) [s][j]: xe's rows from source s for local expert j */
+    float *stage;     /* DISPATCH_STAGED: source-major rows (m_recv, C), grown as needed */
+    size_t stage_cap;
 } Dispatcher;
 
 void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_experts, int c);
