@@ -437,48 +437,6 @@ static size_t blocks_total(const Group *g, const CommBlock *b, int nb, int peer)
     return total;
 }
 
-/* An hindexed type of the non-empty blocks (byte displacements from the buffer's start, adjacent
- * blocks merged), committed; *count = 1, or 0 (type MPI_BYTE) when the list holds nothing. */
-static MPI_Datatype blocks_type(const Group *g, const CommBlock *b, int nb, int peer, DType t,
-                                int *count) {
-    *count = 0;
-    if (blocks_total(g, b, nb, peer) == 0) return MPI_BYTE;
-    int *len = mt_calloc((size_t)nb, sizeof(int)), m = 0;
-    MPI_Aint *at = mt_calloc((size_t)nb, sizeof(MPI_Aint));
-    size_t e = dtype_size(t);
-    for (int i = 0; i < nb; i++) {
-        if (b[i].count == 0) continue;
-        if (m > 0 && (size_t)at[m - 1] + (size_t)len[m - 1] * e == b[i].off * e) {
-            len[m - 1] += (int)b[i].count; /* the peer total fits an int, so this sum does */
-            continue;
-        }
-        len[m] = (int)b[i].count;
-        at[m++] = (MPI_Aint)(b[i].off * e);
-    }
-    MPI_Datatype ty;
-    MPI_Type_create_hindexed(m, len, at, mpi_type(t), &ty);
-    MPI_Type_commit(&ty);
-    free(len);
-    free(at);
-    *count = 1;
-    return ty;
-}
-
-static void blocks_host(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
-                        void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
-    int n = g->size, *v = mt_calloc(4 * (size_t)n, sizeof(int)); /* [scount|rcount|displs 0 0] */
-    MPI_Datatype *ty = mt_calloc(2 * (size_t)n, sizeof(MPI_Datatype));
-    for (int p = 0; p < n; p++) {
-        ty[p] = blocks_type(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p, t, &v[p]);
-        ty[n + p] = blocks_type(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p, t, &v[n + p]);
-    }
-    MPI_Alltoallw(send, v, v + 2 * n, ty, recv, v + n, v + 2 * n, ty + n, g->comm);
-    for (int i = 0; i < 2 * n; i++)
-        if (ty[i] != MPI_BYTE) MPI_Type_free(&ty[i]);
-    free(ty);
-    free(v);
-}
-
 /* A group of one rank: the k-th send block into the k-th receive block. copy is memmove or the
  * device copy. */
 static void blocks_self(const void *send, const int *sfirst, const CommBlock *sblk, void *recv,
@@ -496,6 +454,39 @@ static void blocks_self(const void *send, const int *sfirst, const CommBlock *sb
 }
 
 static void host_move(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
+
+#define BLOCKS_TAG 32001 /* the p2p messages of a block all-to-all (MPI_TAG_UB >= 32767) */
+
+/* One message per non-empty block, all posted at once (receives first), one wait: contiguous
+ * blocks, so MPI moves each as it would a plain all-to-all(v)'s (single copy where it can). The
+ * pairwise matching of the lists is what pairs the messages (same source and tag: in order). The
+ * blocks to and from this rank are copied here. */
+static void blocks_p2p(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                       void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    int n = g->size, me = g->rank, m = 0;
+    size_t e = dtype_size(t);
+    int nreq = (sfirst[n] - sfirst[0]) + (rfirst[n] - rfirst[0]);
+    MPI_Request *req = mt_calloc((size_t)nreq + 1, sizeof(MPI_Request));
+    for (int i = 1; i < n; i++) {
+        int p = (me + n - i) % n;
+        blocks_total(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p);
+        for (int b = rfirst[p]; b < rfirst[p + 1]; b++)
+            if (rblk[b].count)
+                MPI_Irecv((char *)recv + rblk[b].off * e, (int)rblk[b].count, mpi_type(t), p,
+                          BLOCKS_TAG, g->comm, &req[m++]);
+    }
+    for (int i = 1; i < n; i++) {
+        int p = (me + i) % n;
+        blocks_total(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p);
+        for (int b = sfirst[p]; b < sfirst[p + 1]; b++)
+            if (sblk[b].count)
+                MPI_Isend((const char *)send + sblk[b].off * e, (int)sblk[b].count, mpi_type(t), p,
+                          BLOCKS_TAG, g->comm, &req[m++]);
+    }
+    blocks_self(send, sfirst + me, sblk, recv, rfirst + me, rblk, t, host_move);
+    MPI_Waitall(m, req, MPI_STATUSES_IGNORE);
+    free(req);
+}
 
 #if MT_HAVE_CUDA
 
@@ -530,7 +521,7 @@ static void dev_alltoallv_blocks(const Group *g, const void *send, const int *sf
         blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, cuda_comm_copy);
         return;
     }
-    for (int p = 0; p < g->size; p++) { /* the checks the host path makes while building types */
+    for (int p = 0; p < g->size; p++) { /* the checks the host path makes */
         blocks_total(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p);
         blocks_total(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p);
     }
@@ -545,7 +536,7 @@ static void dev_alltoallv_blocks(const Group *g, const void *send, const int *sf
     void *hs = host_view(g, 0, send, blocks_extent(ns, s0) * e, 0);
     void *hr = host_view(g, 1, recv, blocks_extent(nr, r0) * e, 0);
     if (hs != send) blocks_stage(ns, s0, e, hs, (char *)send, 1);
-    blocks_host(g, hs, sfirst, sblk, hr, rfirst, rblk, t);
+    blocks_p2p(g, hs, sfirst, sblk, hr, rfirst, rblk, t);
     if (hr != recv) blocks_stage(nr, r0, e, hr, recv, 0);
 }
 
@@ -553,11 +544,10 @@ static void dev_alltoallv_blocks(const Group *g, const void *send, const int *sf
 
 void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
                            void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
-    DEVICE(g, send, recv,
-           dev_alltoallv_blocks(g, send, sfirst, sblk, recv, rfirst, rblk, t));
+    DEVICE(g, send, recv, dev_alltoallv_blocks(g, send, sfirst, sblk, recv, rfirst, rblk, t));
     if (g->size == 1) {
         blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, host_move);
         return;
     }
-    blocks_host(g, send, sfirst, sblk, recv, rfirst, rblk, t);
+    blocks_p2p(g, send, sfirst, sblk, recv, rfirst, rblk, t);
 }
