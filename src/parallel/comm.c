@@ -241,8 +241,8 @@ static void dev_alltoallv(const Group *g, const void *send, const int *scounts, 
         nccl_comm_alltoallv(n, send, scounts, sdispls, recv, rcounts, rdispls, (int)t);
         return;
     }
-    /* only the counted blocks cross PCIe, both ways: the dispatcher sends a few blocks of a large
-     * buffer per call (one call per local expert) */
+    /* only the counted blocks cross PCIe, both ways: a caller may send a few blocks of a large
+     * buffer per call (the dispatcher's per-expert mode: one call per local expert) */
     size_t sbytes = extent(g->size, scounts, sdispls) * e, rbytes = extent(g->size, rcounts, rdispls) * e;
     void *hs = host_view(g, 0, send, sbytes, 0), *hr = host_view(g, 1, recv, rbytes, 0);
     if (hs != send)

@@ -1,16 +1,23 @@
-/* dispatch.c — see dispatch.h. Expert-parallel dispatch/combine over comm_alltoallv.
+/* dispatch.c — see dispatch.h. Expert-parallel dispatch/combine over comm_alltoallv_blocks.
  *
  * Layout: ep rank r owns global experts [r*E_local, (r+1)*E_local). xp is grouped by global
- * expert and xe is grouped by local expert, then source rank ([j][s] blocks). One all-to-all(v)
- * per local expert j moves exactly the [.][j] blocks: rank r sends its rows for global expert
- * r'*E_local + j (contiguous in xp) to r', and receives the rows from source s straight into their
- * expert-major place in xe. No staging buffer and no local reorder: every row is copied once, by
- * the exchange (the earlier source-major receive + reorder cost as much again as the exchange).
- * combine_rows is the same exchange with send and receive swapped. E_local calls instead of one:
- * more latency, fewer bytes touched; at E_local = 1 it is the single plain all-to-all(v).
- * Counts are kept in rows; the element counts MPI wants (rows * C) are built per call, and every
- * rows*C product must fit an int (MT_CHECK): comm_alltoallv takes int counts and displacements.
- * At ep = 1 nothing is exchanged: the plan is offs itself and the rows are one plain copy.
+ * expert and xe is grouped by local expert, then source rank ([j][s] blocks). The plan describes
+ * both sides as block lists, one block per (peer, local expert): sblk[r][j] is xp's rows for global
+ * expert r*E_local + j, rblk[s][j] is where local expert j's rows from source s go in xe. Block
+ * [r][j] sent here is block [this rank][j] received by r (same count), which is the pairwise
+ * matching comm_alltoallv_blocks needs. dispatch_rows is one such exchange (sblk -> rblk),
+ * combine_rows the same with the lists swapped: every row is copied once, by the exchange.
+ *
+ * DispatchMode (dispatch.h) keeps two other ways for bench_dispatch and test_dispatch:
+ * DISPATCH_PER_EXPERT, one all-to-all(v) per local expert (the former default: E_local calls
+ * each way), and DISPATCH_STAGED, one all-to-all(v) into a source-major staging buffer and a
+ * local reorder (an extra copy of every received row). On the 2-core development VM under
+ * Open MPI 4.1 the block exchange is the fastest or level at every shape measured (docs/
+ * parallelism.md); staged was the slowest. On a GPU the trade-off may differ (NCCL: one ncclSend
+ * per block against one per peer plus a reorder kernel), which is why both stay measurable.
+ * Counts are kept in rows; every rows*C product must fit an int (MT_CHECK): the exchanges take
+ * int counts. At ep = 1 nothing is exchanged: the plan is offs itself and the rows are one plain
+ * copy.
  */
 #include "parallel/dispatch.h"
 
@@ -159,8 +166,8 @@ static void staged_counts(const Dispatcher *d, int *v) {
     }
 }
 
-/* Between the source-major stage and expert-major xe, block by block. */
-static void staged_reorder(Dispatcher *d, float *xe, int to_xe) {
+/* Source-major stage -> expert-major xe (to_xe), or back, block by block. */
+static void staged_reorder(Dispatcher *d, float *xe, const float *ye, int to_xe) {
     size_t at = 0;
     for (int i = 0; i < d->ep->size * d->E_local; i++) {
         const CommBlock *b = &d->rblk[i];
@@ -168,7 +175,7 @@ static void staged_reorder(Dispatcher *d, float *xe, int to_xe) {
         if (to_xe)
             d->k->copy(xe + b->off, d->stage + at, b->count * sizeof(float));
         else
-            d->k->copy(d->stage + at, xe + b->off, b->count * sizeof(float));
+            d->k->copy(d->stage + at, ye + b->off, b->count * sizeof(float));
         at += b->count;
     }
 }
@@ -184,9 +191,9 @@ static void staged(Dispatcher *d, const float *in, float *out, int forward) {
     staged_counts(d, v);
     if (forward) {
         comm_alltoallv(d->ep, in, v, v + n, d->stage, v + 2 * n, v + 3 * n, DT_F32);
-        staged_reorder(d, out, 1);
+        staged_reorder(d, out, NULL, 1);
     } else {
-        staged_reorder(d, (float *)in, 0);
+        staged_reorder(d, NULL, in, 0);
         comm_alltoallv(d->ep, d->stage, v + 2 * n, v + 3 * n, out, v, v + n, DT_F32);
     }
     free(v);

@@ -11,10 +11,13 @@
  *                     afterwards the received rows are known: recv_counts[s*E_local + j] rows from
  *                     source rank s for local expert j, m_recv in total, and expert-major offsets
  *                     recv_offs[E_local+1] for the grouped GEMM.
+ *                     The plan also holds the block lists of the row exchange (sblk, rblk).
  *   dispatch_rows:    xp (m_send, C) -> xe (m_recv, C), expert-major ([j][s] blocks: local expert
  *                     j, then source rank s), so xe feeds the grouped GEMM with recv_offs. One
- *                     all-to-all(v) per local expert, received in place: no staging, no reorder.
- *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (the same exchanges with
+ *                     block all-to-all (comm_alltoallv_blocks): each source's E_local blocks go
+ *                     straight to their expert-major places, received in place: no staging, no
+ *                     reorder, and one exchange however many local experts there are.
+ *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (the same exchange with
  *                     send and receive swapped). Row i of yp answers row i of xp.
  * dispatch_rows and combine_rows are transposes of each other, so the backward of dispatch is
  * combine_rows (on gradients) and vice versa. Works when a rank sends or receives zero rows and
