@@ -92,8 +92,10 @@ static void plan_recv(Dispatcher *d) {
 static void plan_blocks(Dispatcher *d) {
     int n = d->ep->size, el = d->E_local;
     size_t C = (size_t)d->C;
-    for (int e = 0; e < d->E; e++)
-        d->sblk[e] = (CommBlock){d->send_offs[e] * C, (size_t)(d->send_offs[e + 1] - d->send_offs[e]) * C};
+    for (int e = 0; e < d->E; e++) {
+        size_t rows = (size_t)(d->send_offs[e + 1] - d->send_offs[e]);
+        d->sblk[e] = (CommBlock){d->send_offs[e] * C, rows * C};
+    }
     for (int j = 0; j < el; j++) {
         size_t at = (size_t)d->recv_offs[j];
         for (int s = 0; s < n; s++) {
