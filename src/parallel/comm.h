@@ -106,8 +106,8 @@ typedef struct CommBlock {
  *     posted at once (receives first), then one MPI_Waitall; the blocks to and from this rank are
  *     copied (memmove). Every message is a contiguous block received in place: no staging, no
  *     reorder, and MPI's single-copy path for large messages applies as in a plain all-to-all(v).
- *     (MPI_Alltoallw with one hindexed datatype per peer did the same in one MPI call, measured
- *     1.2-2.6x slower in bench_dispatch on Open MPI 4.1: its non-contiguous messages are packed.)
+ *     (MPI_Alltoallw with one hindexed datatype per peer did the same in one MPI call: slower in
+ *     bench_dispatch on Open MPI 4.1, up to 2.7x, since it packs non-contiguous messages.)
  *     Tag 32001 on the group's communicator: no other point-to-point traffic of the group may use it;
  *   device, NCCL: one ncclGroupStart/End with one ncclSend / ncclRecv per non-empty block (blocks
  *     to and from this rank itself: device copies on the comm stream);

@@ -12,9 +12,10 @@
  * DISPATCH_PER_EXPERT, one all-to-all(v) per local expert (the former default: E_local calls
  * each way), and DISPATCH_STAGED, one all-to-all(v) into a source-major staging buffer and a
  * local reorder (an extra copy of every received row). On the 2-core development VM under
- * Open MPI 4.1 the block exchange is the fastest or level at every shape measured (docs/
- * parallelism.md); staged was the slowest. On a GPU the trade-off may differ (NCCL: one ncclSend
- * per block against one per peer plus a reorder kernel), which is why both stay measurable.
+ * Open MPI 4.1 the block exchange was at or below per-expert in 15 of 16 medians (bench_dispatch,
+ * docs/parallelism.md) and staged was mostly the slowest. On a GPU the trade-off may differ
+ * (NCCL: one ncclSend per block against one per peer plus a reorder kernel), which is why both
+ * stay measurable.
  * Counts are kept in rows; every rows*C product must fit an int (MT_CHECK): the exchanges take
  * int counts. At ep = 1 nothing is exchanged: the plan is offs itself and the rows are one plain
  * copy.
