@@ -32,7 +32,8 @@
 #include "parallel/comm.h"
 
 /* How the rows move (dispatcher_init sets DISPATCH_BLOCKS; the others are for bench_dispatch and
- * test_dispatch, which compare them):
+ * test_dispatch, which compare them; every mode uses the same plan and gives the same bits, so
+ * mode may change between calls, the same on every ep rank):
  *   DISPATCH_BLOCKS      one block all-to-all per direction (comm_alltoallv_blocks);
  *   DISPATCH_PER_EXPERT  one all-to-all(v) per local expert per direction;
  *   DISPATCH_STAGED      one all-to-all(v) into a source-major staging buffer, then a local
