@@ -181,6 +181,46 @@ void nccl_comm_alltoallv(NcclComm *c, const void *send, const int *scounts, cons
     free(v);
 }
 
+/* The blocks to and from this rank itself, pairwise, on the comm stream. */
+static void blocks_to_self(NcclComm *c, const char *send, const int *sfirst, const size_t *sblk,
+                           char *recv, const int *rfirst, const size_t *rblk, size_t e) {
+    int me = c->rank, nb = sfirst[me + 1] - sfirst[me];
+    MT_CHECK(nb == rfirst[me + 1] - rfirst[me], "block all-to-all to itself: %d send blocks but %d "
+             "receive blocks", nb, rfirst[me + 1] - rfirst[me]);
+    for (int i = 0; i < nb; i++) {
+        const size_t *s = sblk + 2 * (size_t)(sfirst[me] + i), *r = rblk + 2 * (size_t)(rfirst[me] + i);
+        MT_CHECK(s[1] == r[1], "block all-to-all to itself: block %d sends %zu elements but receives "
+                 "%zu", i, s[1], r[1]);
+        if (s[1] > 0)
+            CUDA_CHECK(cudaMemcpyAsync(recv + r[0] * e, send + s[0] * e, s[1] * e,
+                                       cudaMemcpyDeviceToDevice, c->stream));
+    }
+}
+
+void nccl_comm_alltoallv_blocks(NcclComm *c, const void *send, const int *sfirst, const size_t *sblk,
+                                void *recv, const int *rfirst, const size_t *rblk, int dtype) {
+    size_t e = type_bytes(dtype);
+    ncclDataType_t t = nccl_type(dtype);
+    const char *s = (const char *)send;
+    char *r = (char *)recv;
+    begin(c);
+    blocks_to_self(c, s, sfirst, sblk, r, rfirst, rblk, e);
+    NCCL_CHECK(ncclGroupStart());
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == c->rank) continue;
+        for (int i = sfirst[p]; i < sfirst[p + 1]; i++) /* in list order: matched pairwise */
+            if (sblk[2 * (size_t)i + 1] > 0)
+                NCCL_CHECK(ncclSend(s + sblk[2 * (size_t)i] * e, sblk[2 * (size_t)i + 1], t, p,
+                                    c->comm, c->stream));
+        for (int i = rfirst[p]; i < rfirst[p + 1]; i++)
+            if (rblk[2 * (size_t)i + 1] > 0)
+                NCCL_CHECK(ncclRecv(r + rblk[2 * (size_t)i] * e, rblk[2 * (size_t)i + 1], t, p,
+                                    c->comm, c->stream));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    end(c);
+}
+
 void nccl_comm_alltoall(NcclComm *c, const void *send, void *recv, size_t count, int dtype) {
     size_t *v = (size_t *)mt_calloc(2 * (size_t)c->nranks, sizeof(size_t));
     size_t *n = v, *d = v + c->nranks;
@@ -224,6 +264,8 @@ void nccl_comm_allgather(NcclComm *c, const void *send, void *recv, size_t count
 void nccl_comm_alltoallv(NcclComm *c, const void *send, const int *scounts, const int *sdispls,
                          void *recv, const int *rcounts, const int *rdispls, int dtype) { NO_NCCL(); }
 void nccl_comm_alltoall(NcclComm *c, const void *send, void *recv, size_t count, int dtype) { NO_NCCL(); }
+void nccl_comm_alltoallv_blocks(NcclComm *c, const void *send, const int *sfirst, const size_t *sblk,
+                                void *recv, const int *rfirst, const size_t *rblk, int dtype) { NO_NCCL(); }
 void nccl_comm_bcast(NcclComm *c, void *buf, size_t count, int dtype, int root) { NO_NCCL(); }
 void nccl_comm_send(NcclComm *c, const void *buf, size_t count, int dtype, int peer) { NO_NCCL(); }
 void nccl_comm_recv(NcclComm *c, void *buf, size_t count, int dtype, int peer) { NO_NCCL(); }

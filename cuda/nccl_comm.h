@@ -59,6 +59,12 @@ void nccl_comm_allgather(NcclComm *c, const void *send, void *recv, size_t count
 /* All-to-all as grouped send/recv; counts and displacements per peer, in elements. */
 void nccl_comm_alltoallv(NcclComm *c, const void *send, const int *scounts, const int *sdispls,
                          void *recv, const int *rcounts, const int *rdispls, int dtype);
+/* Block all-to-all (comm.h comm_alltoallv_blocks): the blocks to peer p are entries
+ * sfirst[p] .. sfirst[p+1] of sblk, each an (element offset, element count) pair of size_t, and
+ * likewise the blocks from p in rfirst / rblk; matched pairwise with the peer's lists. One grouped
+ * ncclSend / ncclRecv per non-empty block; the blocks to and from this rank are device copies. */
+void nccl_comm_alltoallv_blocks(NcclComm *c, const void *send, const int *sfirst, const size_t *sblk,
+                                void *recv, const int *rfirst, const size_t *rblk, int dtype);
 /* Fixed block of count elements per peer. */
 void nccl_comm_alltoall(NcclComm *c, const void *send, void *recv, size_t count, int dtype);
 void nccl_comm_bcast(NcclComm *c, void *buf, size_t count, int dtype, int root);

@@ -136,6 +136,45 @@ static void check_alltoallv(const Group *g) {
     }
 }
 
+/* Block all-to-all: rank s sends rank p bnum(s, p) blocks of bcnt(s, p, k) elements (zeros
+ * included). The sender's blocks lie k-major across peers, each after a gap; the receiver lays
+ * its blocks from each source out in reverse order (last source, last block first), so neither
+ * side is in peer order. Gaps must keep their contents. */
+static int bnum(int s, int p) { return 1 + (s + p) % 3; }
+static int bcnt(int s, int p, int k) { return (s + 2 * p + k) % 3; }
+
+static void check_alltoallv_blocks(const Group *g) {
+    int n = g->size, r = g->rank, sfirst[17] = {0}, rfirst[17] = {0};
+    for (int p = 0; p < n; p++) sfirst[p + 1] = sfirst[p] + bnum(r, p), rfirst[p + 1] = rfirst[p] + bnum(p, r);
+    CommBlock sb[48], rb[48];
+    size_t so = 0, ro = 0;
+    for (int k = 0; k < 3; k++)
+        for (int p = 0; p < n; p++)
+            if (k < bnum(r, p)) sb[sfirst[p] + k] = (CommBlock){so + 1, (size_t)bcnt(r, p, k)}, so += bcnt(r, p, k) + 1;
+    for (int s = n - 1; s >= 0; s--)
+        for (int k = bnum(s, r) - 1; k >= 0; k--)
+            rb[rfirst[s] + k] = (CommBlock){ro + 2, (size_t)bcnt(s, r, k)}, ro += bcnt(s, r, k) + 2;
+    for (int d = 0; d < 4; d++) {
+        DType t = ALL[d];
+        char send[NB * 8], recv[NB * 8];
+        for (size_t i = 0; i < NB; i++) put(send, t, i, -7), put(recv, t, i, -1);
+        for (int p = 0; p < n; p++)
+            for (int k = 0; k < bnum(r, p); k++)
+                for (size_t j = 0; j < sb[sfirst[p] + k].count; j++) put(send, t, sb[sfirst[p] + k].off + j, r * 1000 + p * 100 + k * 10 + (int)j);
+        comm_alltoallv_blocks(g, send, sfirst, sb, recv, rfirst, rb, t);
+        char hit[NB] = {0};
+        for (int s = 0; s < n; s++)
+            for (int k = 0; k < bnum(s, r); k++)
+                for (size_t j = 0; j < rb[rfirst[s] + k].count; j++) {
+                    size_t at = rb[rfirst[s] + k].off + j;
+                    hit[at] = 1;
+                    EXPECT(get(recv, t, at) == s * 1000 + r * 100 + k * 10 + (int)j, "%s blocks (dtype %d) from %d block %d [%zu] = %g", g->name, (int)t, s, k, j, get(recv, t, at));
+                }
+        for (int i = 0; i < NB; i++)
+            EXPECT(hit[i] || get(recv, t, (size_t)i) == -1, "%s blocks (dtype %d) wrote into a gap at %d", g->name, (int)t, i);
+    }
+}
+
 static void check_bcast(const Group *g) {
     int n = g->size, r = g->rank;
     for (int root = 0; root < n; root++) { /* includes non-zero roots when n > 1 */
@@ -205,6 +244,7 @@ CASE(reduce_scatter)
 CASE(allgather)
 CASE(alltoall)
 CASE(alltoallv)
+CASE(alltoallv_blocks)
 CASE(bcast)
 CASE(send_recv)
 CASE(barrier)
@@ -246,6 +286,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_allgather);
     tcase_add_test(tc, test_alltoall);
     tcase_add_test(tc, test_alltoallv);
+    tcase_add_test(tc, test_alltoallv_blocks);
     tcase_add_test(tc, test_bcast);
     tcase_add_test(tc, test_send_recv);
     tcase_add_test(tc, test_barrier);

@@ -8,12 +8,15 @@
  *     (expert-major), with the right recv_counts / recv_offs / m_recv;
  *   - combine_rows(dispatch_rows(x)) == x, and a per-expert scaling (global expert + 1) applied on
  *     the expert side comes back as x * (expert + 1) on the right rows;
- *   - edge cases: a rank sending nothing, a rank receiving nothing, everything to one expert,
- *     top_k = E (every token to every expert), an expert with no rows;
+ *   - every check in each DispatchMode (the default one exchange per direction, one per local
+ *     expert, staged + reorder) against the same reference, at E_local = 1..4;
+ *   - edge cases: a rank sending nothing, a rank receiving nothing, no rows at all, everything to
+ *     one expert, top_k = E (every token to every expert), an expert with no rows;
  *   - <dispatch(x), y> == <x, combine(y)> summed over ranks (the backward's correctness).
  * Assertions run only after every collective of a test, on a flag agreed by all ranks.
  */
 #include <math.h>
+#include <stdio.h>
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,6 +58,7 @@ static int cnt_zero_receiver(const Scenario *sc, int s, int e) { /* last ep rank
 static int cnt_one_expert(const Scenario *sc, int s, int e) {
     return e == sc_E(sc) / 2 ? 4 + 3 * s : 0;
 }
+static int cnt_none(const Scenario *sc, int s, int e) { return 0; }
 static int cnt_all_experts(const Scenario *sc, int s, int e) { return sc->tokens; }
 static int cnt_empty_expert(const Scenario *sc, int s, int e) {
     return e == 1 ? 0 : 1 + (s + e) % 3;
@@ -150,8 +154,28 @@ static int scaled_back_ok(const float *xp, const float *yp, const int *expert_of
     return ok;
 }
 
-/* Run one scenario through an existing dispatcher and check everything exactly.
- * Returns the agreed result (collective). */
+/* Dispatch, combine, scaled combine in the dispatcher's current mode, checked exactly against the
+ * reference want (xe) and xp. */
+static int exchange_ok(Dispatcher *d, const Scenario *sc, const float *xp, const float *want,
+                       const int *expert_of, float *xe, float *yp) {
+    int m = d->m_send, ok;
+    if (d->m_recv) memset(xe, 0, (size_t)d->m_recv * sc->C * sizeof(float));
+    if (m) memset(yp, 0, (size_t)m * sc->C * sizeof(float));
+    dispatch_rows(d, xp, xe);
+    ok = rows_equal(xe, want, d->m_recv, sc->C);
+    combine_rows(d, xe, yp);
+    ok &= rows_equal(yp, xp, m, sc->C);
+    scale_by_expert(d, xe);
+    combine_rows(d, xe, yp);
+    return ok & scaled_back_ok(xp, yp, expert_of, m, sc->C);
+}
+
+static const DispatchMode MODES[] = {DISPATCH_BLOCKS, DISPATCH_PER_EXPERT, DISPATCH_STAGED};
+static const char *const MODE_NAMES[] = {"blocks", "per-expert", "staged"};
+
+/* Run one scenario through an existing dispatcher, in every mode (the default, one exchange per
+ * direction, and the per-expert and staged ones), and check everything exactly. Returns the agreed
+ * result (collective); names the failing mode on stderr. */
 static int run_scenario(Dispatcher *d, const Scenario *sc) {
     int E = sc_E(sc), *offs = calloc((size_t)E + 1, sizeof(int)), *expert_of;
     int *roffs = calloc((size_t)sc->E_local + 1, sizeof(int));
@@ -160,19 +184,19 @@ static int run_scenario(Dispatcher *d, const Scenario *sc) {
     int m = offs[E], m_recv = expected_xe(sc, &want, roffs);
     float *xe = alloc_rows(m_recv, sc->C), *yp = alloc_rows(m, sc->C);
 
+    DispatchMode keep = d->mode;
     dispatch_plan(d, offs);
     int ok = agree(plan_matches(d, sc, offs, roffs, m_recv));
-    if (ok) { /* after a bad plan every rank skips the row exchange, so none hangs */
-        dispatch_rows(d, xp, xe);
-        ok &= rows_equal(xe, want, m_recv, sc->C);
-        combine_rows(d, xe, yp);
-        ok &= rows_equal(yp, xp, m, sc->C);
-        scale_by_expert(d, xe);
-        combine_rows(d, xe, yp);
-        ok &= scaled_back_ok(xp, yp, expert_of, m, sc->C);
+    for (int i = 0; ok && i < 3; i++) { /* after a failure every rank stops, so none hangs */
+        d->mode = MODES[i];
+        ok = agree(exchange_ok(d, sc, xp, want, expert_of, xe, yp));
+        if (!ok && g_ep.rank == 0)
+            fprintf(stderr, "dispatch mode %s: rows misplaced (E_local %d, C %d)\n", MODE_NAMES[i],
+                    sc->E_local, sc->C);
     }
+    d->mode = keep;
     free(offs), free(roffs), free(expert_of), free(xp), free(want), free(xe), free(yp);
-    return agree(ok);
+    return ok;
 }
 
 static int run_fresh(const Scenario *sc) {
@@ -185,11 +209,11 @@ static int run_fresh(const Scenario *sc) {
 
 /* ---- tests ---- */
 
-/* Different row counts per rank and expert, several rounds through one dispatcher (counts grow
- * and shrink between rounds), E_local = 1 and 3 (one exchange per local expert). */
+/* Different row counts per rank and expert (zeros included), several rounds through one
+ * dispatcher (counts grow and shrink between rounds), E_local = 1, 2, 3 and 4. */
 START_TEST(test_random_routing) {
     int all = 1;
-    for (int el = 1; el <= 3; el += 2) {
+    for (int el = 1; el <= 4; el++) {
         Dispatcher d;
         dispatcher_init(&d, &g_ep, kernels_cpu(), el * g_ep.size, 5);
         for (int round = 0; round < 4; round++) {
@@ -210,6 +234,13 @@ END_TEST
 
 START_TEST(test_rank_receives_nothing) {
     Scenario sc = {.E_local = 2, .C = 3, .seed = 6, .count = cnt_zero_receiver};
+    ck_assert(run_fresh(&sc));
+}
+END_TEST
+
+/* No rank sends or receives a single row. */
+START_TEST(test_nothing_moves) {
+    Scenario sc = {.E_local = 2, .C = 3, .count = cnt_none};
     ck_assert(run_fresh(&sc));
 }
 END_TEST
@@ -308,6 +339,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_random_routing);
     tcase_add_test(tc, test_rank_sends_nothing);
     tcase_add_test(tc, test_rank_receives_nothing);
+    tcase_add_test(tc, test_nothing_moves);
     tcase_add_test(tc, test_all_rows_one_expert);
     tcase_add_test(tc, test_expert_with_no_rows);
     tcase_add_test(tc, test_topk_equals_num_experts);

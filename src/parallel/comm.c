@@ -7,6 +7,7 @@
 #include "parallel/comm.h"
 
 #include <limits.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -240,8 +241,8 @@ static void dev_alltoallv(const Group *g, const void *send, const int *scounts, 
         nccl_comm_alltoallv(n, send, scounts, sdispls, recv, rcounts, rdispls, (int)t);
         return;
     }
-    /* only the counted blocks cross PCIe, both ways: the dispatcher sends a few blocks of a large
-     * buffer per call (one call per local expert) */
+    /* only the counted blocks cross PCIe, both ways: a caller may send a few blocks of a large
+     * buffer per call (the dispatcher's per-expert mode: one call per local expert) */
     size_t sbytes = extent(g->size, scounts, sdispls) * e, rbytes = extent(g->size, rcounts, rdispls) * e;
     void *hs = host_view(g, 0, send, sbytes, 0), *hr = host_view(g, 1, recv, rbytes, 0);
     if (hs != send)
@@ -416,4 +417,137 @@ int comm_node_ranks(const Group *g) {
     MPI_Comm_size(node, &n);
     MPI_Comm_free(&node);
     return n;
+}
+
+/* ---- block all-to-all (dispatch) ---- */
+
+_Static_assert(sizeof(CommBlock) == 2 * sizeof(size_t) && offsetof(CommBlock, count) == sizeof(size_t),
+               "nccl_comm.h takes CommBlock lists as (offset, count) pairs of size_t");
+
+/* Checks one peer's block list (counts fit an int, and so does their total); returns the total. */
+static size_t blocks_total(const Group *g, const CommBlock *b, int nb, int peer) {
+    size_t total = 0;
+    for (int i = 0; i < nb; i++) {
+        MT_CHECK(b[i].count <= INT_MAX, "%s group: block of %zu elements for peer %d exceeds an int",
+                 g->name, b[i].count, peer);
+        total += b[i].count;
+    }
+    MT_CHECK(total <= INT_MAX, "%s group: %zu elements to or from peer %d exceed an int", g->name,
+             total, peer);
+    return total;
+}
+
+/* A group of one rank: the k-th send block into the k-th receive block. copy is memmove or the
+ * device copy. */
+static void blocks_self(const void *send, const int *sfirst, const CommBlock *sblk, void *recv,
+                        const int *rfirst, const CommBlock *rblk, DType t,
+                        void (*copy)(void *, const void *, size_t)) {
+    int ns = sfirst[1] - sfirst[0], nr = rfirst[1] - rfirst[0];
+    MT_CHECK(ns == nr, "block all-to-all to itself: %d send blocks but %d receive blocks", ns, nr);
+    size_t e = dtype_size(t);
+    for (int i = 0; i < ns; i++) {
+        const CommBlock *s = sblk + sfirst[0] + i, *r = rblk + rfirst[0] + i;
+        MT_CHECK(s->count == r->count, "block all-to-all to itself: block %d sends %zu elements but "
+                 "receives %zu", i, s->count, r->count);
+        if (s->count) copy((char *)recv + r->off * e, (const char *)send + s->off * e, s->count * e);
+    }
+}
+
+static void host_move(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
+
+#define BLOCKS_TAG 32001 /* the p2p messages of a block all-to-all (MPI_TAG_UB >= 32767) */
+
+/* One message per non-empty block, all posted at once (receives first), one wait: contiguous
+ * blocks, so MPI moves each as it would a plain all-to-all(v)'s (single copy where it can). The
+ * pairwise matching of the lists is what pairs the messages (same source and tag: in order). The
+ * blocks to and from this rank are copied here. */
+static void blocks_p2p(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                       void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    int n = g->size, me = g->rank, m = 0;
+    size_t e = dtype_size(t);
+    int nreq = (sfirst[n] - sfirst[0]) + (rfirst[n] - rfirst[0]);
+    MPI_Request *req = mt_calloc((size_t)nreq + 1, sizeof(MPI_Request));
+    for (int i = 1; i < n; i++) {
+        int p = (me + n - i) % n;
+        blocks_total(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p);
+        for (int b = rfirst[p]; b < rfirst[p + 1]; b++)
+            if (rblk[b].count)
+                MPI_Irecv((char *)recv + rblk[b].off * e, (int)rblk[b].count, mpi_type(t), p,
+                          BLOCKS_TAG, g->comm, &req[m++]);
+    }
+    for (int i = 1; i < n; i++) {
+        int p = (me + i) % n;
+        blocks_total(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p);
+        for (int b = sfirst[p]; b < sfirst[p + 1]; b++)
+            if (sblk[b].count)
+                MPI_Isend((const char *)send + sblk[b].off * e, (int)sblk[b].count, mpi_type(t), p,
+                          BLOCKS_TAG, g->comm, &req[m++]);
+    }
+    blocks_self(send, sfirst + me, sblk, recv, rfirst + me, rblk, t, host_move);
+    MPI_Waitall(m, req, MPI_STATUSES_IGNORE);
+    free(req);
+}
+
+#if MT_HAVE_CUDA
+
+/* Elements spanned by a block list. */
+static size_t blocks_extent(int nb, const CommBlock *b) {
+    size_t end = 0;
+    for (int i = 0; i < nb; i++)
+        if (b[i].count > 0 && b[i].off + b[i].count > end) end = b[i].off + b[i].count;
+    return end;
+}
+
+/* Between a device buffer and its staging copy, block by block (adjacent blocks in one copy). */
+static void blocks_stage(int nb, const CommBlock *b, size_t e, char *host, char *dev, int down) {
+    for (int i = 0; i < nb;) {
+        if (b[i].count == 0) {
+            i++;
+            continue;
+        }
+        size_t off = b[i].off, len = b[i].count;
+        for (i++; i < nb && (b[i].count == 0 || b[i].off == off + len); i++) len += b[i].count;
+        if (down)
+            cuda_comm_to_host(host + off * e, dev + off * e, len * e);
+        else
+            cuda_comm_from_host(dev + off * e, host + off * e, len * e);
+    }
+}
+
+static void dev_alltoallv_blocks(const Group *g, const void *send, const int *sfirst,
+                                 const CommBlock *sblk, void *recv, const int *rfirst,
+                                 const CommBlock *rblk, DType t) {
+    if (g->size == 1) {
+        blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, cuda_comm_copy);
+        return;
+    }
+    for (int p = 0; p < g->size; p++) { /* the checks the host path makes */
+        blocks_total(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p);
+        blocks_total(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p);
+    }
+    NcclComm *n = nccl_for(g, send, recv);
+    if (n) {
+        nccl_comm_alltoallv_blocks(n, send, sfirst, &sblk[0].off, recv, rfirst, &rblk[0].off, (int)t);
+        return;
+    }
+    const CommBlock *s0 = sblk + sfirst[0], *r0 = rblk + rfirst[0]; /* every peer's blocks */
+    int ns = sfirst[g->size] - sfirst[0], nr = rfirst[g->size] - rfirst[0];
+    size_t e = dtype_size(t);
+    void *hs = host_view(g, 0, send, blocks_extent(ns, s0) * e, 0);
+    void *hr = host_view(g, 1, recv, blocks_extent(nr, r0) * e, 0);
+    if (hs != send) blocks_stage(ns, s0, e, hs, (char *)send, 1);
+    blocks_p2p(g, hs, sfirst, sblk, hr, rfirst, rblk, t);
+    if (hr != recv) blocks_stage(nr, r0, e, hr, recv, 0);
+}
+
+#endif
+
+void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                           void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    DEVICE(g, send, recv, dev_alltoallv_blocks(g, send, sfirst, sblk, recv, rfirst, rblk, t));
+    if (g->size == 1) {
+        blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, host_move);
+        return;
+    }
+    blocks_p2p(g, send, sfirst, sblk, recv, rfirst, rblk, t);
 }

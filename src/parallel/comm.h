@@ -88,4 +88,32 @@ int comm_any_failed(const Group *g, int status);
 /* Ranks of g on this node (shared memory). Collective over g. */
 int comm_node_ranks(const Group *g);
 
+/* ---- block all-to-all (dispatch) ---- */
+
+/* Elements [off, off + count) of a buffer. */
+typedef struct CommBlock {
+    size_t off, count;
+} CommBlock;
+
+/* An all-to-all(v) whose message to and from each peer is a list of blocks instead of one: the
+ * blocks this rank sends to peer p are sblk[sfirst[p] .. sfirst[p+1]) (sfirst has size + 1
+ * entries), those it receives from p land in rblk[rfirst[p] .. rfirst[p+1]). The lists are matched
+ * pairwise: the k-th block this rank sends to p has the count of the k-th block p receives from
+ * this rank (blocks of count 0 included, so both sides describe the same split). Blocks of one
+ * list must not overlap; send and recv must not overlap. Each block's count and each peer's total
+ * must fit an int (checked); offsets are size_t. One exchange per call:
+ *   host buffers: one MPI_Irecv / MPI_Isend per non-empty block to or from another rank, all
+ *     posted at once (receives first), then one MPI_Waitall; the blocks to and from this rank are
+ *     copied (memmove). Every message is a contiguous block received in place: no staging, no
+ *     reorder, and MPI's single-copy path for large messages applies as in a plain all-to-all(v).
+ *     (MPI_Alltoallw with one hindexed datatype per peer did the same in one MPI call: slower in
+ *     bench_dispatch on Open MPI 4.1, up to 2.7x, since it packs non-contiguous messages.)
+ *     Tag 32001 on the group's communicator: no other point-to-point traffic of the group may use it;
+ *   device, NCCL: one ncclGroupStart/End with one ncclSend / ncclRecv per non-empty block (blocks
+ *     to and from this rank itself: device copies on the comm stream);
+ *   device, MPI: only the blocks are staged through pinned host memory, then the host call.
+ * A group of one rank copies its blocks pairwise (memmove on the host). */
+void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                           void *recv, const int *rfirst, const CommBlock *rblk, DType t);
+
 #endif

@@ -1,16 +1,24 @@
-/* dispatch.c — see dispatch.h. Expert-parallel dispatch/combine over comm_alltoallv.
+/* dispatch.c — see dispatch.h. Expert-parallel dispatch/combine over comm_alltoallv_blocks.
  *
  * Layout: ep rank r owns global experts [r*E_local, (r+1)*E_local). xp is grouped by global
- * expert and xe is grouped by local expert, then source rank ([j][s] blocks). One all-to-all(v)
- * per local expert j moves exactly the [.][j] blocks: rank r sends its rows for global expert
- * r'*E_local + j (contiguous in xp) to r', and receives the rows from source s straight into their
- * expert-major place in xe. No staging buffer and no local reorder: every row is copied once, by
- * the exchange (the earlier source-major receive + reorder cost as much again as the exchange).
- * combine_rows is the same exchange with send and receive swapped. E_local calls instead of one:
- * more latency, fewer bytes touched; at E_local = 1 it is the single plain all-to-all(v).
- * Counts are kept in rows; the element counts MPI wants (rows * C) are built per call, and every
- * rows*C product must fit an int (MT_CHECK): comm_alltoallv takes int counts and displacements.
- * At ep = 1 nothing is exchanged: the plan is offs itself and the rows are one plain copy.
+ * expert and xe is grouped by local expert, then source rank ([j][s] blocks). The plan describes
+ * both sides as block lists, one block per (peer, local expert): sblk[r][j] is xp's rows for global
+ * expert r*E_local + j, rblk[s][j] is where local expert j's rows from source s go in xe. Block
+ * [r][j] sent here is block [this rank][j] received by r (same count), which is the pairwise
+ * matching comm_alltoallv_blocks needs. dispatch_rows is one such exchange (sblk -> rblk),
+ * combine_rows the same with the lists swapped: every row is copied once, by the exchange.
+ *
+ * DispatchMode (dispatch.h) keeps two other ways for bench_dispatch and test_dispatch:
+ * DISPATCH_PER_EXPERT, one all-to-all(v) per local expert (the former default: E_local calls
+ * each way), and DISPATCH_STAGED, one all-to-all(v) into a source-major staging buffer and a
+ * local reorder (an extra copy of every received row). On the 2-core development VM under
+ * Open MPI 4.1 the block exchange was at or below per-expert in 15 of 16 medians (bench_dispatch,
+ * docs/parallelism.md) and staged was mostly the slowest. On a GPU the trade-off may differ
+ * (NCCL: one ncclSend per block against one per peer plus a reorder kernel), which is why both
+ * stay measurable.
+ * Counts are kept in rows; every rows*C product must fit an int (MT_CHECK): the exchanges take
+ * int counts. At ep = 1 nothing is exchanged: the plan is offs itself and the rows are one plain
+ * copy.
  */
 #include "parallel/dispatch.h"
 
@@ -31,16 +39,25 @@ void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_e
     d->E = num_experts;
     d->E_local = num_experts / ep->size;
     d->C = c;
+    d->mode = DISPATCH_BLOCKS;
     int n = ep->size;
     d->recv_counts = mt_calloc((size_t)n * d->E_local, sizeof(int));
     d->recv_offs = mt_calloc((size_t)d->E_local + 1, sizeof(int));
     d->send_offs = mt_calloc((size_t)d->E + 1, sizeof(int));
+    d->first = mt_calloc((size_t)n + 1, sizeof(int));
+    for (int r = 0; r <= n; r++) d->first[r] = r * d->E_local;
+    d->sblk = mt_calloc((size_t)d->E, sizeof(CommBlock));
+    d->rblk = mt_calloc((size_t)d->E, sizeof(CommBlock));
 }
 
 void dispatcher_free(Dispatcher *d) {
     free(d->recv_counts);
     free(d->recv_offs);
     free(d->send_offs);
+    free(d->first);
+    free(d->sblk);
+    free(d->rblk);
+    if (d->stage) d->k->free(d->stage);
     memset(d, 0, sizeof *d);
 }
 
@@ -69,6 +86,27 @@ static void plan_recv(Dispatcher *d) {
     d->m_recv = d->recv_offs[el];
 }
 
+/* The block lists, in elements: [r][j] of xp is global expert r*E_local + j's rows (sblk), [s][j]
+ * of xe is local expert j's rows from source s, at their expert-major place (rblk). Block [r][j]
+ * sent here is block [s = this rank][j] received there: the same count, so the lists match
+ * pairwise as comm_alltoallv_blocks wants. */
+static void plan_blocks(Dispatcher *d) {
+    int n = d->ep->size, el = d->E_local;
+    size_t C = (size_t)d->C;
+    for (int e = 0; e < d->E; e++) {
+        size_t rows = (size_t)(d->send_offs[e + 1] - d->send_offs[e]);
+        d->sblk[e] = (CommBlock){d->send_offs[e] * C, rows * C};
+    }
+    for (int j = 0; j < el; j++) {
+        size_t at = (size_t)d->recv_offs[j];
+        for (int s = 0; s < n; s++) {
+            size_t rows = (size_t)d->recv_counts[s * el + j];
+            d->rblk[s * el + j] = (CommBlock){at * C, rows * C};
+            at += rows;
+        }
+    }
+}
+
 void dispatch_plan(Dispatcher *d, const int *offs) {
     plan_send(d, offs);
     int *per_expert = mt_calloc((size_t)d->E, sizeof(int)); /* block r: rank r's experts */
@@ -76,20 +114,7 @@ void dispatch_plan(Dispatcher *d, const int *offs) {
     comm_alltoall(d->ep, per_expert, d->recv_counts, (size_t)d->E_local, DT_I32);
     free(per_expert);
     plan_recv(d);
-}
-
-/* Element counts and displacements (rows * C) of the exchange for local expert j, from the
- * sender's side: [send counts, send displs, recv counts, recv displs], each ep entries, into v. */
-static void expert_counts(const Dispatcher *d, int j, int *v) {
-    int n = d->ep->size, el = d->E_local, at = d->recv_offs[j];
-    for (int r = 0; r < n; r++) {
-        int e = r * el + j, rows = d->recv_counts[r * el + j];
-        v[r] = (d->send_offs[e + 1] - d->send_offs[e]) * d->C;
-        v[n + r] = d->send_offs[e] * d->C;
-        v[2 * n + r] = rows * d->C;
-        v[3 * n + r] = at * d->C;
-        at += rows;
-    }
+    plan_blocks(d);
 }
 
 static void check_int_counts(const Dispatcher *d) {
@@ -102,18 +127,101 @@ static void local_copy(const Dispatcher *d, float *dst, const float *src, int ro
     if (rows > 0) d->k->copy(dst, src, (size_t)rows * d->C * sizeof(float));
 }
 
+/* ---- DISPATCH_PER_EXPERT: one all-to-all(v) per local expert ---- */
+
+/* Element counts and displacements of the exchange for local expert j, from the sender's side:
+ * [send counts, send displs, recv counts, recv displs], each ep entries, into v. */
+static void expert_counts(const Dispatcher *d, int j, int *v) {
+    int n = d->ep->size, el = d->E_local;
+    for (int r = 0; r < n; r++) {
+        const CommBlock *s = &d->sblk[r * el + j], *q = &d->rblk[r * el + j];
+        v[r] = (int)s->count, v[n + r] = (int)s->off;
+        v[2 * n + r] = (int)q->count, v[3 * n + r] = (int)q->off;
+    }
+}
+
+static void per_expert(Dispatcher *d, const float *in, float *out, int forward) {
+    int n = d->ep->size, *v = mt_calloc(4 * (size_t)n, sizeof(int));
+    for (int j = 0; j < d->E_local; j++) {
+        expert_counts(d, j, v);
+        if (forward)
+            comm_alltoallv(d->ep, in, v, v + n, out, v + 2 * n, v + 3 * n, DT_F32);
+        else
+            comm_alltoallv(d->ep, in, v + 2 * n, v + 3 * n, out, v, v + n, DT_F32);
+    }
+    free(v);
+}
+
+/* ---- DISPATCH_STAGED: one all-to-all(v), source-major staging, local reorder ---- */
+
+/* Per-peer element counts and displacements of the whole exchange, source-major on the expert
+ * side: [xp counts, xp displs, stage counts, stage displs], each ep entries, into v. */
+static void staged_counts(const Dispatcher *d, int *v) {
+    int n = d->ep->size, el = d->E_local, at = 0;
+    for (int r = 0; r < n; r++) {
+        int from = 0;
+        for (int j = 0; j < el; j++) from += (int)d->rblk[r * el + j].count;
+        v[r] = (d->send_offs[(r + 1) * el] - d->send_offs[r * el]) * d->C;
+        v[n + r] = d->send_offs[r * el] * d->C;
+        v[2 * n + r] = from;
+        v[3 * n + r] = at;
+        at += from;
+    }
+}
+
+/* Source-major stage -> expert-major xe (to_xe), or back, block by block. */
+static void staged_reorder(Dispatcher *d, float *xe, const float *ye, int to_xe) {
+    size_t at = 0;
+    for (int i = 0; i < d->ep->size * d->E_local; i++) {
+        const CommBlock *b = &d->rblk[i];
+        if (b->count == 0) continue;
+        if (to_xe)
+            d->k->copy(xe + b->off, d->stage + at, b->count * sizeof(float));
+        else
+            d->k->copy(d->stage + at, ye + b->off, b->count * sizeof(float));
+        at += b->count;
+    }
+}
+
+static void staged(Dispatcher *d, const float *in, float *out, int forward) {
+    size_t need = (size_t)d->m_recv * d->C;
+    if (need > d->stage_cap || !d->stage) {
+        if (d->stage) d->k->free(d->stage);
+        d->stage_cap = need + need / 4;
+        d->stage = d->k->alloc((d->stage_cap ? d->stage_cap : 1) * sizeof(float));
+    }
+    int n = d->ep->size, *v = mt_calloc(4 * (size_t)n, sizeof(int));
+    staged_counts(d, v);
+    if (forward) {
+        comm_alltoallv(d->ep, in, v, v + n, d->stage, v + 2 * n, v + 3 * n, DT_F32);
+        staged_reorder(d, out, NULL, 1);
+    } else {
+        staged_reorder(d, NULL, in, 0);
+        comm_alltoallv(d->ep, d->stage, v + 2 * n, v + 3 * n, out, v, v + n, DT_F32);
+    }
+    free(v);
+}
+
+/* ---- the row exchanges ---- */
+
+static void exchange(Dispatcher *d, const float *in, float *out, int forward) {
+    check_int_counts(d);
+    if (d->mode == DISPATCH_PER_EXPERT)
+        per_expert(d, in, out, forward);
+    else if (d->mode == DISPATCH_STAGED)
+        staged(d, in, out, forward);
+    else if (forward)
+        comm_alltoallv_blocks(d->ep, in, d->first, d->sblk, out, d->first, d->rblk, DT_F32);
+    else
+        comm_alltoallv_blocks(d->ep, in, d->first, d->rblk, out, d->first, d->sblk, DT_F32);
+}
+
 void dispatch_rows(Dispatcher *d, const float *xp, float *xe) {
     if (d->ep->size == 1) {
         local_copy(d, xe, xp, d->m_send);
         return;
     }
-    check_int_counts(d);
-    int n = d->ep->size, *v = mt_calloc(4 * (size_t)n, sizeof(int));
-    for (int j = 0; j < d->E_local; j++) {
-        expert_counts(d, j, v);
-        comm_alltoallv(d->ep, xp, v, v + n, xe, v + 2 * n, v + 3 * n, DT_F32);
-    }
-    free(v);
+    exchange(d, xp, xe, 1);
 }
 
 void combine_rows(Dispatcher *d, const float *ye, float *yp) {
@@ -121,13 +229,7 @@ void combine_rows(Dispatcher *d, const float *ye, float *yp) {
         local_copy(d, yp, ye, d->m_recv);
         return;
     }
-    check_int_counts(d);
-    int n = d->ep->size, *v = mt_calloc(4 * (size_t)n, sizeof(int));
-    for (int j = 0; j < d->E_local; j++) {
-        expert_counts(d, j, v);
-        comm_alltoallv(d->ep, ye, v + 2 * n, v + 3 * n, yp, v, v + n, DT_F32);
-    }
-    free(v);
+    exchange(d, ye, yp, 0);
 }
 
 /* ---- expert tensor parallelism ---- */

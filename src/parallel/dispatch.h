@@ -11,10 +11,13 @@
  *                     afterwards the received rows are known: recv_counts[s*E_local + j] rows from
  *                     source rank s for local expert j, m_recv in total, and expert-major offsets
  *                     recv_offs[E_local+1] for the grouped GEMM.
+ *                     The plan also holds the block lists of the row exchange (sblk, rblk).
  *   dispatch_rows:    xp (m_send, C) -> xe (m_recv, C), expert-major ([j][s] blocks: local expert
  *                     j, then source rank s), so xe feeds the grouped GEMM with recv_offs. One
- *                     all-to-all(v) per local expert, received in place: no staging, no reorder.
- *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (the same exchanges with
+ *                     block all-to-all (comm_alltoallv_blocks): each source's E_local blocks go
+ *                     straight to their expert-major places, received in place: no staging, no
+ *                     reorder, and one exchange however many local experts there are.
+ *   combine_rows:     ye (m_recv, C) -> yp (m_send, C): the exact inverse (the same exchange with
  *                     send and receive swapped). Row i of yp answers row i of xp.
  * dispatch_rows and combine_rows are transposes of each other, so the backward of dispatch is
  * combine_rows (on gradients) and vice versa. Works when a rank sends or receives zero rows and
@@ -28,14 +31,29 @@
 #include "kernels.h"
 #include "parallel/comm.h"
 
+/* How the rows move (dispatcher_init sets DISPATCH_BLOCKS; the others are for bench_dispatch and
+ * test_dispatch, which compare them; every mode uses the same plan and gives the same bits, so
+ * mode may change between calls, the same on every ep rank):
+ *   DISPATCH_BLOCKS      one block all-to-all per direction (comm_alltoallv_blocks);
+ *   DISPATCH_PER_EXPERT  one all-to-all(v) per local expert per direction;
+ *   DISPATCH_STAGED      one all-to-all(v) into a source-major staging buffer, then a local
+ *                        reorder into expert-major (combine: reorder, then the exchange). */
+typedef enum { DISPATCH_BLOCKS = 0, DISPATCH_PER_EXPERT, DISPATCH_STAGED } DispatchMode;
+
 typedef struct Dispatcher {
     const Group *ep;
     const Kernels *k;
     int E, E_local, C;
+    DispatchMode mode;
     int m_send, m_recv;
     int *recv_counts; /* (ep * E_local) rows from source s for local expert j, [s][j] */
     int *recv_offs;   /* (E_local + 1) expert-major offsets into xe */
     int *send_offs;   /* (E + 1) this rank's offs: rows of xp by global expert */
+    int *first;       /* (ep + 1) r * E_local: the blocks of peer r in sblk / rblk */
+    CommBlock *sblk;  /* (ep * E_local) [r][j]: xp's rows for global expert r*E_local + j */
+    CommBlock *rblk;  /* (ep * E_local) [s][j]: xe's rows from source s for local expert j */
+    float *stage;     /* DISPATCH_STAGED: source-major rows (m_recv, C), grown as needed */
+    size_t stage_cap;
 } Dispatcher;
 
 void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_experts, int c);
