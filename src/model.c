@@ -274,6 +274,13 @@ size_t model_activation_bytes(const Model *m) {
     return model_activation_bytes_plan(&m->pl, m->max_seqs, &m->mc, m->slots);
 }
 
+size_t model_moe_beyond_bytes(const Model *m) {
+    size_t sum = m->ms.beyond; /* layers that are not MoE (or not in the chunk) hold zeros */
+    for (int i = 0; i < m->n_arenas; i++)
+        for (int l = 0; m->arenas[i].la && l < m->d.L; l++) sum += m->arenas[i].la[l].moe.beyond;
+    return sum;
+}
+
 /* Floats (and MoE bytes) of one arena of chunk k: as arena_alloc and layer_acts_alloc allocate. */
 static size_t arena_floats_plan(const ParamLayout *pl, int k, int max_seqs, const MoeConfig *mc, size_t *moe) {
     const ModelDims *d = &pl->dims;

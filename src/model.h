@@ -211,6 +211,10 @@ MicroStats model_forward_only(Model *m, const int32_t *tokens, int b);
 
 /* Bytes of the activation arena (for the memory report): model_activation_bytes_plan of m. */
 size_t model_activation_bytes(const Model *m);
+/* Bytes the growing MoE buffers of m (every arena's MoeActs and the MoeScratch) hold beyond their
+ * planned rows now (moe.h: MoeRows): 0 unless dropless routing at ep > 1 outgrew
+ * MOE_DROPLESS_PLAN. Buffers only grow, so while m lives this is also its peak. */
+size_t model_moe_beyond_bytes(const Model *m);
 /* The same number before model_init: for the layout model_init builds (pl, its dims and split,
  * which layers are MoE), max_seqs sequences and the MoE settings mc (capacity, padding). Every
  * backend buffer model_init allocates besides the flat parameter and gradient buffers, and the MoE

@@ -71,19 +71,12 @@ static size_t grow_rows(size_t m, size_t plan, size_t most) {
 
 static int etp_on(const MoeActs *a) { return a->etpx.etp->size > 1; }
 
-/* Bytes the growing buffers of every MoeActs / MoeScratch of the process hold beyond their planned
- * rows (moe_beyond_plan_bytes), kept by the reserve and free functions. */
-static size_t g_beyond;
-
 /* Bytes of cap rows of `width` floats past the plan's rows. */
 static size_t beyond(size_t cap, size_t plan, size_t width) {
     return cap > plan ? (cap - plan) * width * sizeof(float) : 0;
 }
 /* A struct's bytes beyond its plan went from `before` to `after` (caps only grow). */
-static void count_beyond(size_t *own, size_t before, size_t after) {
-    *own += after - before;
-    g_beyond += after - before;
-}
+static void count_beyond(size_t *own, size_t before, size_t after) { *own += after - before; }
 /* Floats per row: expert side of MoeActs (xe, ye, the etp landing buffer's etp rows) and of
  * MoeScratch (dye, dxe); computed rows (abe, he / dhe, dabe, and xg, yg / dyg, dxg at etp > 1). */
 static size_t acts_e_width(const ModelDims *d, int etp) { return 2 * (size_t)d->C + (etp > 1 ? (size_t)etp * d->C : 0); }
@@ -150,10 +143,7 @@ static void scratch_reserve(MoeScratch *s, const Kernels *k, const ModelDims *d,
     }
 }
 
-size_t moe_beyond_plan_bytes(void) { return g_beyond; }
-
 void moe_acts_free(MoeActs *a, const Kernels *k) {
-    g_beyond -= a->beyond;
     float *dev[] = {a->logits, a->probs, a->weights, a->xp, a->yp, a->psum, a->abe, a->he, a->xg, a->yg};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i]) k->free(dev[i]);
@@ -240,7 +230,6 @@ size_t moe_scratch_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n) {
 }
 
 void moe_scratch_free(MoeScratch *s, const Kernels *k) {
-    g_beyond -= s->beyond;
     float *p[] = {s->dyp, s->dxp, s->dye, s->dhe, s->dabe, s->dxe, s->dyg, s->dxg, s->dweights,
                   s->dlogits, s->dprob};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)

@@ -71,7 +71,7 @@ typedef struct RoutePlan {
  *         rank's expert-side rows, C wide), sized by moe.c with xe (so it grows with them).
  * The growing buffers take the rows seen + 25%, never past the plan while the rows fit in it
  * (so with a capacity they never pass it), and never past the hard bound. What they hold beyond
- * the plan is counted (moe_beyond_plan_bytes). */
+ * the plan is counted in their `beyond` fields (model_moe_beyond_bytes sums a model's). */
 #define MOE_DROPLESS_PLAN 2.5
 typedef struct MoeRows {
     size_t src, exp, comp, red;
@@ -164,10 +164,6 @@ void moe_scratch_free(MoeScratch *s, const Kernels *k);
 MoeRows moe_rows_plan(const ModelDims *d, const MoeConfig *mc, int n);
 size_t moe_acts_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n);
 size_t moe_scratch_bytes_plan(const ModelDims *d, const MoeConfig *mc, int n);
-/* Bytes the growing buffers of every MoeActs and MoeScratch of this process hold beyond their
- * planned rows now: 0 unless dropless routing at ep > 1 outgrew MOE_DROPLESS_PLAN. Buffers only
- * grow, so while a model lives this is also its peak. For tests and reports. */
-size_t moe_beyond_plan_bytes(void);
 
 /* Capacity per expert for n tokens (0 = unlimited / dropless). */
 int moe_capacity(float cf, int n, int k, int e);

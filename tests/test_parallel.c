@@ -21,7 +21,7 @@
  * optimizer and full; the resident peak is covered in every mode). Dropless routing at ep > 1 is
  * planned for 2.5x an even share of rows (moe.h: MoeRows); these tiny models route far more
  * unevenly (measured: up to 3.4x at ep4), so what the MoE buffers grew beyond their plan, as moe.c
- * counts it (moe_beyond_plan_bytes), is added to the plan there; it must be 0 in every other case.
+ * counts it (model_moe_beyond_bytes), is added to the plan there; it must be 0 in every other case.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -96,7 +96,7 @@ static void train(const Config *c, const Mesh *mesh, Run *out) {
     ck_assert_msg(trainer_init(&t, c, k, mesh, err) == MT_OK, "%s", err);
     for (int s = 0; s < STEPS; s++) out->loss[s] = trainer_step(&t).loss;
     k->mem_stats(&s1, 0); /* before materialising: that gathers every unit at once */
-    out->memory_mismatch = memory_mismatch(c, mesh, &s0, &s1, moe_beyond_plan_bytes());
+    out->memory_mismatch = memory_mismatch(c, mesh, &s0, &s1, model_moe_beyond_bytes(&t.model));
     trainer_materialize_params(&t);
     ModelParallel mp = trainer_model_parallel(c, mesh);
     ModelDims d = dims_from_config(c, &mp.split);

@@ -251,7 +251,7 @@ static void expect_plan_covers_measured(Config c, ShardMode shard, int steps, co
     ck_assert_msg(trainer_init(&t, &c, k, &solo, err) == MT_OK, "%s: %s", what, err);
     for (int s = 0; s < steps; s++) trainer_step(&t);
     k->mem_stats(&s1, 0);
-    size_t beyond = moe_beyond_plan_bytes(); /* 0: one rank (ep = 1) has exact bounds */
+    size_t beyond = model_moe_beyond_bytes(&t.model); /* 0: one rank (ep = 1) has exact bounds */
     MemoryBreakdown rep = trainer_memory(&t);
     trainer_free(&t);
     size_t live = s1.peak - s0.live, resident = s1.resident_peak - s0.resident;
