@@ -14,6 +14,12 @@
  *    copies), router + permutation, loss, optimizer (AdamW + grad norm), and "host" = the rest
  *    (routing plans, bookkeeping). The GEMM phase's achieved GFLOP/s against the peak.
  * 4. The step's GEMM shapes one by one through the kernel table, each against the peak.
+ *
+ *   build/bench/bench_step --quick S [--threads 1,2] CONFIG.ini ...
+ * Only the step time: per config and thread count one warm-up step, then S steps, one line each
+ * ("moetrain NAME threads=T ms_per_step=... cpu_ms_per_step=... tokens_per_s=..."; wall time
+ * and this process's CPU time, both per step) for bench/compare_torch.sh, which interleaves these
+ * runs with the same step in PyTorch.
  * A benchmark, not a test: it asserts nothing. On a shared machine read the ratios measured side
  * by side, not the absolute numbers.
  */
@@ -21,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "blas.h"
 #include "common.h"
@@ -179,8 +186,30 @@ static double blas_peak(int n) {
 }
 
 enum { MAXT = 8, MAXR = 64 };
-static int g_threads[MAXT] = {1, 2}, g_nt = 2, g_reps = 5;
+static int g_threads[MAXT] = {1, 2}, g_nt = 2, g_reps = 5, g_quick;
 static double g_peak[MAXT];
+
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* --quick: one warm-up step and g_quick timed steps per thread count, one line each. */
+static void quick_config(Trainer *t, const char *path, double tokens) {
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    int len = (int)strcspn(base, ".");
+    for (int i = 0; i < g_nt; i++) {
+        cpu_threads_apply(g_threads[i]);
+        trainer_step(t);
+        double w0 = mt_now(), c0 = cpu_now();
+        for (int s = 0; s < g_quick; s++) trainer_step(t);
+        double w = (mt_now() - w0) / g_quick, c = (cpu_now() - c0) / g_quick;
+        printf("moetrain %.*s threads=%d ms_per_step=%.3f cpu_ms_per_step=%.3f tokens_per_s=%.0f\n", len,
+               base, g_threads[i], w * 1e3, c * 1e3, tokens / w);
+        fflush(stdout);
+    }
+}
 
 static void bench_config(const char *path) {
     Config c;
@@ -200,6 +229,11 @@ static void bench_config(const char *path) {
     }
     double tokens = (double)trainer_global_batch(&t) * c.seq_len;
     double flops = 3 * model_forward_flops(&c, c.micro_batch_size, NULL) * c.grad_accum_steps;
+    if (g_quick) {
+        quick_config(&t, path, tokens);
+        trainer_free(&t);
+        return;
+    }
     /* steps per round: about a second of work at one thread */
     cpu_threads_apply(g_threads[0]);
     trainer_step(&t); /* warm-up */
@@ -293,17 +327,24 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[first], "--reps") && first + 1 < argc) {
             g_reps = atoi(argv[++first]);
             g_reps = g_reps < 1 ? 1 : g_reps > MAXR ? MAXR : g_reps;
+        } else if (!strcmp(argv[first], "--quick") && first + 1 < argc) {
+            g_quick = atoi(argv[++first]);
+            g_quick = g_quick < 1 ? 1 : g_quick;
         } else if (!strcmp(argv[first], "--threads") && first + 1 < argc) {
             g_nt = 0;
             for (char *s = strtok(argv[++first], ","); s && g_nt < MAXT; s = strtok(NULL, ","))
                 if (atoi(s) > 0) g_threads[g_nt++] = atoi(s);
             if (!g_nt) g_threads[g_nt++] = 1;
         } else {
-            fprintf(stderr, "usage: bench_step [--reps R] [--threads 1,2] CONFIG.ini ...\n");
+            fprintf(stderr, "usage: bench_step [--reps R | --quick STEPS] [--threads 1,2] CONFIG.ini ...\n");
             return 2;
         }
     }
     char blas[256], la[128];
+    if (g_quick) {
+        for (int i = first; i < argc; i++) bench_config(argv[i]);
+        return 0;
+    }
     loadavg(la, sizeof la);
     for (int i = 0; i < g_nt; i++) {
         cpu_threads_apply(g_threads[i]);
