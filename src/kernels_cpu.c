@@ -369,18 +369,21 @@ static void cpu_sumsq(double *out_host, const float *x, size_t n) {
 static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
                          int m, int n, int k, float alpha, const float *a, int lda, const float *b,
                          int ldb, float beta, float *c, int ldc);
+/* A GEMM under GEMM_PAR_MIN runs on one thread at every thread count (inside a parallel region
+ * OpenBLAS's OpenMP build is single-threaded by itself; outside it is held at one thread here), so
+ * its K needs no cutting: one sgemm call, whose single-threaded driver gives the same bits at any
+ * thread count. The decision depends on the shape only, never on the thread count. */
 static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m,
                     int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
                     float beta, float *c, int ldc) {
-    int nb;
-    if ((double)m * n * k < GEMM_PAR_MIN && !omp_in_parallel() &&
-        (nb = openblas_get_num_threads()) > 1) {
-        openblas_set_num_threads(1);
+    if ((double)m * n * k >= GEMM_PAR_MIN) {
         sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-        openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
         return;
     }
-    sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    int nb = omp_in_parallel() ? 1 : openblas_get_num_threads();
+    if (nb > 1) openblas_set_num_threads(1);
+    cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (nb > 1) openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
 }
 
 static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
