@@ -15,6 +15,7 @@ of seq_len tokens (new tokens every step). Prints one line:
     torch NAME threads=T ms_per_step=... cpu_ms_per_step=... tokens_per_s=... (model details)
 (wall and process CPU time per step, the mean over S steps after W warm-up steps).
 TORCH_EXPERTS=batched_mm|eager picks another transformers experts implementation.
+    python3 compare_torch.py --summarize LOG      the table of compare_torch.sh from its log
 Known differences, all in torch's favour or negligible: Qwen2-MoE always has a shared-expert gate
 (a (1, C) linear; moetrain's small.ini has none); no z-loss; no data pipeline or metrics.
 """
@@ -75,7 +76,48 @@ def build_model(cp, torch):
     return model, cfg
 
 
+def summarize(path):
+    """The table of compare_torch.sh from its log (stdlib only: runs without torch)."""
+    import re
+    import statistics
+
+    runs, loads = {}, []
+    pat = re.compile(r"(moetrain|torch) (\S+) threads=(\d+) ms_per_step=([\d.]+) "
+                     r"cpu_ms_per_step=([\d.]+) tokens_per_s=(\d+)")
+    for line in open(path):
+        if line.startswith("load "):
+            loads.append(float(line.split()[1]))
+        elif m := pat.match(line):
+            who, cfg, t = m.group(1), m.group(2), int(m.group(3))
+            ms, cpu, tps = float(m.group(4)), float(m.group(5)), float(m.group(6))
+            runs.setdefault((cfg, t), {}).setdefault(who, []).append((ms, cpu, round(tps * ms / 1e3)))
+    med = statistics.median
+    print("\ntokens/s over the rounds (min: the fastest round's step time, med: the median round's)")
+    print("ratio = moetrain tokens/s / torch tokens/s: of the mins, of the medians, median of the per-round")
+    print("ratios (paired), and the paired ratio from process CPU time per step")
+    print(f"{'config':8} {'thr':>3} {'rounds':>6} {'moetrain min':>12} {'med':>7} {'torch min':>9} {'med':>7} "
+          f"{'ratio min':>9} {'med':>6} {'paired':>6} {'cpu':>6}")
+    for (cfg, t), d in sorted(runs.items(), key=lambda kv: (kv[0][0] != "tiny", kv[0])):
+        if "moetrain" not in d or "torch" not in d:
+            continue
+        mo, to = d["moetrain"], d["torch"]
+        n = min(len(mo), len(to))
+        tok = mo[0][2]
+        mo_min, mo_med = min(x[0] for x in mo), med([x[0] for x in mo])
+        to_min, to_med = min(x[0] for x in to), med([x[0] for x in to])
+        paired = med([to[i][0] / mo[i][0] for i in range(n)])
+        cpu = med([to[i][1] / mo[i][1] for i in range(n)])
+        print(f"{cfg:8} {t:>3} {n:>6} {tok / mo_min * 1e3:>12.0f} {tok / mo_med * 1e3:>7.0f} "
+              f"{tok / to_min * 1e3:>9.0f} {tok / to_med * 1e3:>7.0f} {to_min / mo_min:>8.2f}x "
+              f"{to_med / mo_med:>5.2f}x {paired:>5.2f}x {cpu:>5.2f}x")
+    if loads:
+        print(f"load average (1 min) before the rounds and at the end: min {min(loads):.2f}, max {max(loads):.2f}")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        summarize(sys.argv[2])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
     ap.add_argument("--threads", type=int, default=1)
