@@ -5,8 +5,8 @@
  *  - Forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into gradient
  *    buffers, except combine_bwd, cross_entropy and ce_vp_grad, which overwrite.
  *  - GEMM work goes through CBLAS sgemm (sgemm_k: K cut in fixed panels): one call per K panel of a
- *    matmul, of a group of a grouped linear, of a query block of causal attention. Never a
- *    per-token GEMM loop.
+ *    matmul, of a group of a grouped linear, of a query block of causal attention; a GEMM under
+ *    GEMM_PAR_MIN multiply-adds is one call on one thread, whole K. Never a per-token GEMM loop.
  *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
  *    dw, router stats, cross-entropy loss, softmax denominators).
  *  - Every exp (softmaxes of attention, router, cross-entropy; SiLU) is fexp(): branch-free,
@@ -31,7 +31,8 @@
  * thread-count independent only while K fits one of its K panels: sgemm_k below cuts K itself. Attention runs one (sequence, head) pair per
  * thread with OpenBLAS on one thread meanwhile (no nested oversubscription). Link the OpenMP
  * build of OpenBLAS (the Makefile does where it is installed): one thread pool for both.
- * Small problems (under PAR_MIN elements of work) stay on the calling thread.
+ * Small problems (under PAR_MIN elements of work) stay on the calling thread; zero and copy split
+ * blocks over PAR_BYTES into byte slices (no arithmetic: any split gives the same bytes).
  */
 #include "kernels.h"
 
