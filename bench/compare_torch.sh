@@ -50,4 +50,4 @@ for r in $(seq "$ROUNDS"); do
     done
 done
 echo "load $(cut -d' ' -f1-3 /proc/loadavg) (end)" | tee -a "$LOG"
-python3 bench/compare_torch.py --summarize "$LOG"
+"$PY" bench/compare_torch.py --summarize "$LOG"
