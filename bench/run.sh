@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CPU benchmarks: training-step throughput of tiny and small at 1 and 2 threads side by side
 # (interleaved rounds, min/median, load average), the step's phase breakdown (GEMM, attention,
-# elementwise, router+permute, loss, optimizer) and its GEMMs against the BLAS peak;
+# elementwise, router+permute, loss, optimizer) and its GEMMs against the BLAS peak; the same
+# step against PyTorch + transformers (bench/compare_torch.sh: needs TORCH_PYTHON, a Python with
+# torch and transformers, else it says so and is skipped);
 # expert-parallel dispatch+combine, its ways side by side and against a plain MPI_Alltoallv (2 and
 # 4 ranks); checkpoint save/load bandwidth against plain write()/read() (1 rank, and 4 ranks: dp4 x ep2, fully sharded);
 # tp / cp layouts of small side by side with their communication share (2 ranks, 1 BLAS thread each);
@@ -10,6 +12,7 @@ set -eu
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
 "$BUILD/bench/bench_step" --threads 1,2 --reps 5 configs/tiny.ini configs/small.ini
+bench/compare_torch.sh "$BUILD"
 # dispatch + combine: one exchange per direction against one per local expert, staged + reorder and
 # a plain MPI_Alltoallv, interleaved, at ep 2 and ep 4 (small.ini's MoE shape, E = 64, larger rows)
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np 2 --oversubscribe "$BUILD/bench/bench_dispatch" --reps 40

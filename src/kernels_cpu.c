@@ -5,8 +5,8 @@
  *  - Forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into gradient
  *    buffers, except combine_bwd, cross_entropy and ce_vp_grad, which overwrite.
  *  - GEMM work goes through CBLAS sgemm (sgemm_k: K cut in fixed panels): one call per K panel of a
- *    matmul, of a group of a grouped linear, of a query block of causal attention. Never a
- *    per-token GEMM loop.
+ *    matmul, of a group of a grouped linear, of a query block of causal attention; a GEMM under
+ *    GEMM_PAR_MIN multiply-adds is one call on one thread, whole K. Never a per-token GEMM loop.
  *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
  *    dw, router stats, cross-entropy loss, softmax denominators).
  *  - Every exp (softmaxes of attention, router, cross-entropy; SiLU) is fexp(): branch-free,
@@ -31,7 +31,8 @@
  * thread-count independent only while K fits one of its K panels: sgemm_k below cuts K itself. Attention runs one (sequence, head) pair per
  * thread with OpenBLAS on one thread meanwhile (no nested oversubscription). Link the OpenMP
  * build of OpenBLAS (the Makefile does where it is installed): one thread pool for both.
- * Small problems (under PAR_MIN elements of work) stay on the calling thread.
+ * Small problems (under PAR_MIN elements of work) stay on the calling thread; zero and copy split
+ * blocks over PAR_BYTES into byte slices (no arithmetic: any split gives the same bytes).
  */
 #include "kernels.h"
 
@@ -375,11 +376,35 @@ static void cpu_mem_stats(MemStats *out, int reset) {
     pthread_mutex_unlock(&g_mem.mu);
 }
 
+/* Large zeroing and copies (over PAR_BYTES) are cut in 64-byte-aligned slices over the threads:
+ * one core does not saturate memory bandwidth. Overlapping copies stay one memmove. */
+#define PAR_BYTES ((size_t)4 << 20)
 static void cpu_zero(void *p, size_t bytes) {
-    if (bytes) memset(p, 0, bytes);
+    if (bytes < PAR_BYTES) {
+        if (bytes) memset(p, 0, bytes);
+        return;
+    }
+#pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        size_t a = bytes / 64 * t / nt * 64, e = t == nt - 1 ? bytes : bytes / 64 * (t + 1) / nt * 64;
+        memset((char *)p + a, 0, e - a);
+    }
 }
 static void cpu_copy(void *dst, const void *src, size_t bytes) {
-    if (bytes && dst != src) memmove(dst, src, bytes);
+    if (!bytes || dst == src) return;
+    const char *s = src;
+    char *d = dst;
+    if (bytes < PAR_BYTES || (d < s + bytes && s < d + bytes)) {
+        memmove(dst, src, bytes);
+        return;
+    }
+#pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        size_t a = bytes / 64 * t / nt * 64, e = t == nt - 1 ? bytes : bytes / 64 * (t + 1) / nt * 64;
+        memcpy(d + a, s + a, e - a);
+    }
 }
 
 /* ========================================================================= elementwise == */
@@ -437,18 +462,21 @@ static void cpu_sumsq(double *out_host, const float *x, size_t n) {
 static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
                          int m, int n, int k, float alpha, const float *a, int lda, const float *b,
                          int ldb, float beta, float *c, int ldc);
+/* A GEMM under GEMM_PAR_MIN runs on one thread at every thread count (inside a parallel region
+ * OpenBLAS's OpenMP build is single-threaded by itself; outside it is held at one thread here), so
+ * its K needs no cutting: one sgemm call, whose single-threaded driver gives the same bits at any
+ * thread count. The decision depends on the shape only, never on the thread count. */
 static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m,
                     int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
                     float beta, float *c, int ldc) {
-    int nb;
-    if ((double)m * n * k < GEMM_PAR_MIN && !omp_in_parallel() &&
-        (nb = openblas_get_num_threads()) > 1) {
-        openblas_set_num_threads(1);
+    if ((double)m * n * k >= GEMM_PAR_MIN) {
         sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-        openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
         return;
     }
-    sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    int nb = omp_in_parallel() ? 1 : openblas_get_num_threads();
+    if (nb > 1) openblas_set_num_threads(1);
+    cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (nb > 1) openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
 }
 
 static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,

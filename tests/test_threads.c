@@ -8,6 +8,8 @@
  *    really split the work), gives the same bits at 1, 2 and 4 threads: row kernels, the
  *    column-split sums over rows (RMSNorm dw, embedding backward, scatter_add, combine with rows
  *    hit several times), the ordered scalar sums (losses, router z, sumsq over several chunks).
+ *  - zero and copy over their parallel threshold (sliced over the threads) at 1, 2, 3 threads:
+ *    exactly memset / memmove, overlapping copies included.
  *  - Training steps (dense + MoE layer, shared expert, GQA attention) at 1, 2 and 4 threads:
  *    bit-identical losses, gradient norms and parameters.
  */
@@ -86,6 +88,33 @@ START_TEST(test_gemm_invariant) {
         free(a);
         free(b);
     }
+}
+END_TEST
+
+/* zero / copy of more than kernels_cpu.c's PAR_BYTES (4 MiB), odd length and offset. */
+START_TEST(test_zero_copy) {
+    const Kernels *k = kernels_cpu();
+    size_t n = ((size_t)5 << 20) + 4321;
+    unsigned char *src = malloc(n + 64), *dst = malloc(n + 64), *ref = malloc(n + 64);
+    for (int t = 1; t <= 3; t++) {
+        set_threads(t);
+        for (size_t i = 0; i < n + 64; i++) src[i] = (unsigned char)(i * 2654435761u >> 13);
+        memset(dst, 0xab, n + 64);
+        k->copy(dst + 3, src + 5, n);
+        ck_assert_msg(memcmp(dst + 3, src + 5, n) == 0 && dst[2] == 0xab && dst[n + 3] == 0xab,
+                      "copy at %d threads", t);
+        memset(dst, 0xab, n + 64);
+        k->zero(dst + 1, n);
+        ck_assert_msg(dst[0] == 0xab && dst[n + 1] == 0xab, "zero wrote outside at %d threads", t);
+        for (size_t i = 1; i <= n; i++) ck_assert_msg(dst[i] == 0, "zero at %d threads: byte %zu", t, i);
+        memcpy(ref, src, n + 64); /* overlapping copy: memmove semantics */
+        memmove(ref + 7, ref, n);
+        k->copy(src + 7, src, n);
+        ck_assert_msg(memcmp(ref, src, n + 64) == 0, "overlapping copy at %d threads", t);
+    }
+    free(src);
+    free(dst);
+    free(ref);
 }
 END_TEST
 
@@ -341,6 +370,7 @@ int main(void) {
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_apply);
     tcase_add_test(tc, test_gemm_invariant);
+    tcase_add_test(tc, test_zero_copy);
     tcase_add_test(tc, test_kernels_invariant);
     tcase_add_test(tc, test_steps_invariant);
     suite_add_tcase(s, tc);
