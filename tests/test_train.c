@@ -285,6 +285,9 @@ START_TEST(test_memory_plan_covers_measured) {
     ShardMode modes[] = {SHARD_NONE, SHARD_OPTIMIZER, SHARD_FULL};
     for (int i = 0; i < 6; i++)
         for (int m = 0; m < 3; m++) expect_plan_covers_measured(shapes[i], modes[m], 3, names[i]);
+    /* runtime.overlap = false: one unit in flight, one landing buffer (the plan is smaller) */
+    shapes[0].overlap = 0;
+    for (int m = 0; m < 3; m++) expect_plan_covers_measured(shapes[0], modes[m], 3, "small, overlap off");
 }
 END_TEST
 

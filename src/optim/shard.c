@@ -83,8 +83,8 @@ static void progress(Sharder *s) {
 
 static float *land(const Sharder *s, int slot, int b) { return s->tmp + slot * s->land_stride + s->land_off[b]; }
 
-/* The unit's reduced gradient shard n elements at r -> the step's shard; its full gradients are
- * released (zeroed for the next micro-batch). */
+/* Unit u's reduced gradient shard of buffer b (at r) is added to the step's shard, and the unit's
+ * full gradients released (zeroed for the next micro-batch). */
 static void add_shard(Sharder *s, int u, int b, const float *r) {
     const ParamUnit *pu = &s->m->pl.units[u];
     s->k->axpy(s->gshard[b] + s->shard_off[b][u], r, 1.0f, pu->len[b] / s->S[b]);

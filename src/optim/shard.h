@@ -9,7 +9,7 @@
  *   none:      (ZeRO-0) grads all-reduced; every rank updates everything (m, v full size).
  *   optimizer: (ZeRO-2) a unit's gradients are reduce-scattered into this rank's shard as soon as
  *              its backward is done (model hook) and the unit's full gradients released, so only
- *              the shard (plus one unit in flight) is kept; m, v for the shard only; each rank
+ *              the shard (plus the units in flight: below) is kept; m, v for the shard only; each rank
  *              updates its slice of the parameters, then parameters are all-gathered. (ZeRO-1,
  *              optimizer state sharded but full gradients kept, is not offered: ZeRO-2 holds less
  *              for the same communication volume per micro-batch.)

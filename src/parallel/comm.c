@@ -559,7 +559,9 @@ int comm_test(CommRequest *r) {
     if (!r->active) return 1;
     if (r->nccl) return 0;
     int done = 0;
-    MPI_Test(&r->req, &done, MPI_STATUS_IGNORE);
+    double t0 = r->stats ? mt_now() : 0.0;
+    MPI_Test(&r->req, &done, MPI_STATUS_IGNORE); /* may copy and reduce: this core's time */
+    if (r->stats) r->stats->wait_s += mt_now() - t0;
     if (!done) return 0;
     free(r->stage);
     request_done(r);

@@ -94,14 +94,16 @@ int comm_node_ranks(const Group *g);
 /* ---- non-blocking collectives (overlap) ---- */
 
 /* Seconds blocked in communication, for the step's time split (metrics: exposed communication).
- * Every collective of comm.h on a group with stats, and every comm_wait of a request started on
- * one, adds the wall time it spent inside comm.c: for a blocking call all of it (transfer and
- * waiting for the slowest rank), for a non-blocking one only the wait, i.e. the part not hidden
- * behind compute. The owner (the mesh) attaches one CommStats to its groups; readers take
- * differences (comm_stats_seconds). Not thread-safe (one thread per rank calls comm.c). */
+ * Every collective of comm.h on a group with stats, and every comm_wait and comm_test of a
+ * request started on one, adds the wall time it spent inside comm.c: for a blocking call all of
+ * it (transfer and waiting for the slowest rank), for a non-blocking one its comm_wait (the part
+ * not hidden behind compute) and its comm_test calls (MPI may copy and reduce inside them, on this
+ * rank's core: on host memory that work is not hidden either). The owner (the mesh) attaches one
+ * CommStats to its groups; readers take differences (comm_stats_seconds). Not thread-safe (one
+ * thread per rank calls comm.c). */
 typedef struct CommStats {
     double wait_s;    /* seconds blocked */
-    long calls;       /* blocking calls + waits counted */
+    long calls;       /* blocking calls + waits counted (comm_test calls add time only) */
     long started;     /* non-blocking collectives started (comm_i*: the overlapped ones) */
 } CommStats;
 void comm_stats_attach(Group *g, CommStats *s);
