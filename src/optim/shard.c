@@ -290,16 +290,16 @@ void sharder_init(Sharder *s, Model *m, const Mesh *mesh, const Config *c) {
 }
 
 void sharder_free(Sharder *s) {
+    if (s->m) { /* nothing in flight may land in memory about to be freed */
+        flight_drain(s);
+        gathers_drain(s);
+        for (int i = 0; s->ar && i < s->m->pl.n_units * PBUF_COUNT; i++) comm_wait(&s->ar[i]);
+    }
     for (int b = 0; b < PBUF_COUNT; b++) {
         float *p[] = {s->mom[b], s->var[b], s->gshard[b], s->pshard[b]};
         for (int i = 0; i < 4; i++)
             if (p[i]) s->k->free(p[i]);
         free(s->shard_off[b]);
-    }
-    if (s->m) { /* nothing may land in freed memory */
-        flight_drain(s);
-        gathers_drain(s);
-        for (int i = 0; s->ar && i < s->m->pl.n_units * PBUF_COUNT; i++) comm_wait(&s->ar[i]);
     }
     if (s->tmp) s->k->free(s->tmp);
     free(s->ready);
