@@ -204,7 +204,7 @@ plots:
 	@scripts/plot-metrics --check >/dev/null 2>&1 || scripts/install-deps.sh --plots >/dev/null || scripts/install-deps.sh --check --plots
 	scripts/plot-metrics $(METRICS) $(OUT)
 
-bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu $(BUILD)/bench/bench_tpcp $(BUILD)/bench/bench_pipeline
+bench: $(BUILD)/moetrain $(BUILD)/bench/bench_step $(BUILD)/bench/bench_dispatch $(BUILD)/bench/bench_checkpoint $(BUILD)/bench/bench_gpu $(BUILD)/bench/bench_tpcp $(BUILD)/bench/bench_pipeline $(BUILD)/bench/bench_overlap
 	bench/run.sh $(BUILD)
 
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)

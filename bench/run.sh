@@ -7,7 +7,8 @@
 # expert-parallel dispatch+combine, its ways side by side and against a plain MPI_Alltoallv (2 and
 # 4 ranks); checkpoint save/load bandwidth against plain write()/read() (1 rank, and 4 ranks: dp4 x ep2, fully sharded);
 # tp / cp layouts of small side by side with their communication share (2 ranks, 1 BLAS thread each);
-# the pipeline bubble of pp2 / pp4, 1f1b and interleaved, against theory.
+# the pipeline bubble of pp2 / pp4, 1f1b and interleaved, against theory; what overlapping
+# communication with compute hides (runtime.overlap on vs off; 4 ranks, dp2 x ep2 of small).
 set -eu
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
@@ -27,3 +28,7 @@ OPENBLAS_NUM_THREADS=1 $MPI -np 2 "$BUILD/bench/bench_tpcp" configs/small.ini --
 # 4 ranks (oversubscribed on a 2-core machine: read those as an upper bound)
 OPENBLAS_NUM_THREADS=1 $MPI -np 2 "$BUILD/bench/bench_pipeline" configs/small.ini --steps 5 --m 8 --set train.micro_batch_size=2
 OPENBLAS_NUM_THREADS=1 $MPI -np 4 "$BUILD/bench/bench_pipeline" configs/small.ini --steps 3 --m 8 --set train.micro_batch_size=2
+# overlap on vs off at 4 ranks, dp2 x ep2 (parallel.ep=2): plain data parallelism (all-reduce on the
+# last micro-batch) and fully sharded (reduce-scatter per micro-batch, all-gather prefetch)
+OPENBLAS_NUM_THREADS=1 $MPI -np 4 "$BUILD/bench/bench_overlap" configs/small.ini --steps 5 --set train.micro_batch_size=2 --set train.grad_accum_steps=2
+OPENBLAS_NUM_THREADS=1 $MPI -np 4 "$BUILD/bench/bench_overlap" configs/small.ini --steps 5 --set train.micro_batch_size=2 --set train.grad_accum_steps=2 --set optim.shard=full

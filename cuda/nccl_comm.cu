@@ -69,6 +69,7 @@ struct NcclComm {
     cudaStream_t stream;       /* collectives run here */
     cudaEvent_t ready, done;   /* compute -> comm, comm -> compute */
     int nranks, rank;
+    int deferred;              /* nccl_comm_defer: end() records done but does not join */
 };
 
 static ncclDataType_t nccl_type(int dtype) {
@@ -91,7 +92,7 @@ static void begin(NcclComm *c) {
 /* ... and the compute stream continues only after the collective. */
 static void end(NcclComm *c) {
     CUDA_CHECK(cudaEventRecord(c->done, c->stream));
-    CUDA_CHECK(cudaStreamWaitEvent(cuda_stream(), c->done, 0));
+    if (!c->deferred) CUDA_CHECK(cudaStreamWaitEvent(cuda_stream(), c->done, 0));
 }
 
 int nccl_comm_built(void) { return 1; }
@@ -250,6 +251,14 @@ void nccl_comm_recv(NcclComm *c, void *buf, size_t count, int dtype, int peer) {
     end(c);
 }
 
+/* ---- non-blocking collectives (overlap) ---- */
+
+void nccl_comm_defer(NcclComm *c, int defer) { c->deferred = defer; }
+
+/* done marks the last collective queued on the comm stream; the stream runs in order, so waiting
+ * on it waits for every collective queued before it too. */
+void nccl_comm_join(NcclComm *c) { CUDA_CHECK(cudaStreamWaitEvent(cuda_stream(), c->done, 0)); }
+
 #else /* !MT_HAVE_NCCL */
 
 #define NO_NCCL() mt_check_failed(__FILE__, __LINE__, __func__, "this moetrain was built without NCCL")
@@ -269,5 +278,7 @@ void nccl_comm_alltoallv_blocks(NcclComm *c, const void *send, const int *sfirst
 void nccl_comm_bcast(NcclComm *c, void *buf, size_t count, int dtype, int root) { NO_NCCL(); }
 void nccl_comm_send(NcclComm *c, const void *buf, size_t count, int dtype, int peer) { NO_NCCL(); }
 void nccl_comm_recv(NcclComm *c, void *buf, size_t count, int dtype, int peer) { NO_NCCL(); }
+void nccl_comm_defer(NcclComm *c, int defer) { NO_NCCL(); }
+void nccl_comm_join(NcclComm *c) { NO_NCCL(); }
 
 #endif

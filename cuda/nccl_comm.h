@@ -71,6 +71,15 @@ void nccl_comm_bcast(NcclComm *c, void *buf, size_t count, int dtype, int root);
 void nccl_comm_send(NcclComm *c, const void *buf, size_t count, int dtype, int peer);
 void nccl_comm_recv(NcclComm *c, void *buf, size_t count, int dtype, int peer);
 
+/* ---- non-blocking collectives (overlap) ---- */
+/* defer = 1: the collectives queued next still start after the compute stream's queued work, but
+ * the compute stream no longer waits for them (it runs on, overlapping); nccl_comm_join(c) makes
+ * the compute stream wait for everything queued on c so far (an event: no host synchronisation).
+ * The caller must not touch the buffers of a deferred collective on the compute stream before the
+ * join. defer = 0 restores the joined behaviour above. */
+void nccl_comm_defer(NcclComm *c, int defer);
+void nccl_comm_join(NcclComm *c);
+
 #ifdef __cplusplus
 }
 #endif

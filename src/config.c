@@ -152,6 +152,7 @@ static const KeySpec KEYS[] = {
     K_ENUM("runtime", "comm", comm, "mpi", COMM_NAMES, "how GPU buffers are communicated: mpi (staged through pinned host memory; ranks may share a GPU) or nccl (GPU to GPU; one GPU per rank)"),
     K_ENUM("runtime", "attention", attention, "auto", ATTN_NAMES, "attention kernel of a cuda run: auto (cuDNN's fused flash attention in bf16 where cuDNN supports the shape, else moetrain's own fp32 kernel, with a note), cudnn (cuDNN only: a shape it cannot run stops the job) or own (moetrain's own fp32 flash kernel); a cpu run always uses the CPU reference"),
     K_INT("runtime", "threads", threads, "0", 0, 4096, "threads of this rank's CPU work, shared by the OpenMP kernels and OpenBLAS (never both at once); 0 = OMP_NUM_THREADS or OPENBLAS_NUM_THREADS if set, else the cores of the rank's CPU affinity mask when the launcher bound it, else the node's cores divided by its ranks. Results are bit-identical at any count"),
+    K_BOOL("runtime", "overlap", overlap, "true", "overlap communication with compute: each parameter unit's gradient reduction starts as soon as its backward is done (non-blocking; all-reduce on the last micro-batch under optim.shard = none, reduce-scatter on every micro-batch under optimizer / full, at most 2 units in flight) and, under optim.shard = full, the next unit's all-gather is prefetched while the current one computes; false: every reduction and all-gather blocks where it is issued (to measure what overlap hides). Same losses either way up to float rounding (the order of the sums)"),
 };
 enum { NKEYS = sizeof KEYS / sizeof KEYS[0] };
 
@@ -167,7 +168,7 @@ static const struct {
     {"checkpoint", "Saving and resuming."},
     {"eval", "Held-out evaluation: forward only, on every rank, deterministic."},
     {"log", "Metrics output."},
-    {"runtime", "Compute backend, CPU threads and communication library."},
+    {"runtime", "Compute backend, CPU threads, communication library and its overlap with compute."},
 };
 enum { NSECTIONS = sizeof SECTIONS / sizeof SECTIONS[0] };
 

@@ -110,6 +110,7 @@ typedef struct Config {
     CommKind comm;     /* device buffers: MPI staged through host memory, or NCCL */
     AttentionKind attention; /* cuda attention kernel: cuDNN where it can, cuDNN only, or own */
     int threads;       /* CPU threads per rank (OpenMP + OpenBLAS); 0 = from the affinity mask */
+    int overlap;       /* gradient reduction / FSDP all-gathers non-blocking, overlapped (shard.h) */
 
     /* the file this came from and its full text (for the metrics file / checkpoints) */
     char source_file[MT_PATH_MAX];

@@ -267,6 +267,8 @@ void metrics_step(Metrics *mx, const Trainer *t, const StepResult *r) {
     cJSON_AddNumberToObject(tm, "grad_sync", r->time.grad_sync);
     cJSON_AddNumberToObject(tm, "optimizer", r->time.optimizer);
     cJSON_AddNumberToObject(tm, "checkpoint", r->time.checkpoint);
+    cJSON_AddNumberToObject(tm, "compute", r->time.compute);
+    cJSON_AddNumberToObject(tm, "comm_exposed", r->time.comm_exposed);
     cJSON_AddNumberToObject(o, "model_tflops_per_rank", tflops);
     cJSON_AddNumberToObject(o, "dropped_frac", r->dropped_frac);
     cJSON_AddNumberToObject(o, "tokens_seen", (double)t->tokens_seen);

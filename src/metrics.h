@@ -5,7 +5,9 @@
  * tokens per step, BLAS, and per-rank memory in bytes by category (params, grads, optimizer,
  * activations). Then one {"event": "step", ...} object per logged step: step, loss, lm_loss, lbl,
  * z_loss, lr, grad_norm, tokens_per_s, step_seconds and time (rank 0's split of it: fwd_bwd,
- * pipeline_wait, data, grad_sync, optimizer; checkpoint: writes since the previous record), dropped_frac, skipped (the non-finite guard skipped this
+ * pipeline_wait, data, grad_sync, optimizer; checkpoint: writes since the previous record; and
+ * compute, comm_exposed: the same fwd_bwd + pipeline_wait + grad_sync split into compute and the
+ * communication the step waited for, train.h), dropped_frac, skipped (the non-finite guard skipped this
  * step's update; such a step is always logged), skipped_steps (skipped so far in this process),
  * nonfinite (only on a skipped step: the non-finite terms among lm_loss, lbl, z_loss, grad_norm,
  * in that order, so the first is the first that went non-finite; a non-finite number is written

@@ -327,17 +327,17 @@ size_t model_activation_bytes_plan(const ParamLayout *pl, int max_seqs, const Mo
 
 /* ---- parameter hooks (sharded parameters) ---- */
 
-static void hook_gather(Model *m, int u) {
-    if (m->hooks.gather) m->hooks.gather(m->hooks.ctx, u);
+static void hook_gather(Model *m, int u, int next) {
+    if (m->hooks.gather) m->hooks.gather(m->hooks.ctx, u, next);
+}
+static void hook_grads_open(Model *m, int u) {
+    if (m->hooks.grads_open) m->hooks.grads_open(m->hooks.ctx, u);
 }
 static void hook_release(Model *m, int u) {
     if (m->hooks.release) m->hooks.release(m->hooks.ctx, u);
 }
 static void hook_grads_ready(Model *m, int u) {
     if (m->hooks.grads_ready) m->hooks.grads_ready(m->hooks.ctx, u);
-}
-static void hook_grads_begin(Model *m, int u) {
-    if (m->hooks.grads_begin) m->hooks.grads_begin(m->hooks.ctx, u);
 }
 
 /* ---- tensor / context parallel data movement (the only communication besides moe.c) ---- */
@@ -657,12 +657,15 @@ static void embed_forward(Model *m) {
     }
 }
 
-/* Decoder layer l: res[l] -> res[l + 1]. */
-static void layer_forward(Model *m, int l, MicroStats *st, int collect) {
+/* The unit of layer l if l lies in [lo, hi), else -1 (the gather hooks' prefetch hint). */
+static int unit_in(const Model *m, int l, int lo, int hi) { return l >= lo && l < hi ? m->pl.layers[l].unit : -1; }
+
+/* Decoder layer l of chunk k: res[l] -> res[l + 1]. */
+static void layer_forward(Model *m, int k, int l, MicroStats *st, int collect) {
     const LayerParams *lp = &m->pl.layers[l];
     LayerActs *a = &m->la[l];
     int n = rows_res(&m->d, m->b);
-    hook_gather(m, lp->unit);
+    hook_gather(m, lp->unit, unit_in(m, l + 1, m->d.clo[k], m->d.chi[k]));
     attention_forward(m, lp, a, m->res[l]);
     m->k->rmsnorm_fwd(a->ln2, a->rstd2, a->res_mid, P(m, lp->ln2), n, m->d.C, m->eps);
     m->k->copy(m->res[l + 1], a->res_mid, (size_t)n * m->d.C * F32);
@@ -702,12 +705,12 @@ static MicroStats chunk_forward(Model *m, int k, int mb, const int32_t *tokens, 
     int first = model_chunk_is_first(m, k), last = model_chunk_is_last(m, k);
     MicroStats st = {0};
     load_tokens(m, tokens, domains, b);
-    if (first || last) hook_gather(m, 0);
+    if (first || last) hook_gather(m, 0, unit_in(m, d->clo[k], d->clo[k], d->chi[k]));
     if (first) embed_forward(m);
-    for (int l = d->clo[k]; l < d->chi[k]; l++) layer_forward(m, l, &st, train);
+    for (int l = d->clo[k]; l < d->chi[k]; l++) layer_forward(m, k, l, &st, train);
     if (last) head_forward(m, lm_scale, &st);
     if (last && train) {
-        hook_grads_begin(m, 0);
+        hook_grads_open(m, 0);
         head_backward(m);
         m->k->copy(m->res[d->L], m->dres, (size_t)rows_res(d, b) * d->C * F32);
         if (!first) hook_grads_ready(m, 0);
@@ -851,8 +854,8 @@ void model_chunk_backward(Model *m, int k, int mb, float aux_scale) {
     if (model_chunk_is_last(m, k)) m->k->copy(m->dres, m->res[d->L], nC * F32);
     for (int l = d->chi[k] - 1; l >= d->clo[k]; l--) {
         const LayerParams *lp = &m->pl.layers[l];
-        hook_gather(m, lp->unit);
-        hook_grads_begin(m, lp->unit);
+        hook_gather(m, lp->unit, unit_in(m, l - 1, d->clo[k], d->chi[k]));
+        hook_grads_open(m, lp->unit);
         ffn_backward(m, l, &m->la[l], aux_scale);
         attention_backward(m, lp, &m->la[l], m->res[l]);
         hook_grads_ready(m, lp->unit);
@@ -862,8 +865,9 @@ void model_chunk_backward(Model *m, int k, int mb, float aux_scale) {
         m->k->copy(m->res[d->clo[k]], m->dres, nC * F32);
         return;
     }
-    hook_grads_begin(m, 0); /* committed already when the head's backward ran in this chunk */
-    m->k->embedding_bwd(GT(m, m->pl.embed), tp_gather(m, m->dres, m->gy), m->tokens, rows_cp(d, m->b), d->C);
+    const float *dy = tp_gather(m, m->dres, m->gy);
+    hook_grads_open(m, 0);
+    m->k->embedding_bwd(GT(m, m->pl.embed), dy, m->tokens, rows_cp(d, m->b), d->C);
     hook_grads_ready(m, 0);
     hook_release(m, 0);
 }

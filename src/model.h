@@ -60,19 +60,21 @@
 #include "moe.h"
 #include "params.h"
 
-/* Called around the use of a parameter unit (params.h) when parameters or gradients are sharded
- * (optim.shard = optimizer, full); all NULL otherwise. gather: the unit's parameters must be valid
- * before it is read; release: its forward is done; grads_begin: its gradients are about to be
- * written (accumulated) by a backward, so their range must be committed (kernels.h: commit; it
- * may have been released since the last write); grads_ready: its gradients for this micro-batch
- * are complete (backward). Every gradient write of a unit lies between a grads_begin and the
- * next grads_ready of that unit. */
+/* Called around the use of a parameter unit (params.h) by the sharder (optim/shard.h); any may be
+ * NULL (no sharder: all). gather: the unit's parameters must be valid before it is read; next is
+ * the unit this pass (a chunk's forward or backward) gathers after it, -1 if none (a prefetch
+ * hint: the sharder may start that all-gather now); release: the pass is done with the unit's
+ * parameters; grads_open: the unit's gradients are about to be written (accumulated) for a
+ * micro-batch, so a reduction still reading them must finish first and their range must be
+ * committed (kernels.h: commit; it may have been released since the last write); grads_ready: its
+ * gradients for this micro-batch are complete (backward). For every unit a micro-batch calls
+ * grads_open before any gradient write and grads_ready once, after the last. */
 typedef struct ParamHooks {
     void *ctx;
-    void (*gather)(void *ctx, int unit);
+    void (*gather)(void *ctx, int unit, int next);
     void (*release)(void *ctx, int unit);
+    void (*grads_open)(void *ctx, int unit);
     void (*grads_ready)(void *ctx, int unit);
-    void (*grads_begin)(void *ctx, int unit);
 } ParamHooks;
 
 /* How this rank's model sits in the mesh. NULL = a single process. */

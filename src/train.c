@@ -56,7 +56,7 @@ MemoryBreakdown trainer_memory_plan(const Config *c, const Mesh *mesh) {
     /* release gives a used unit's pages (cpu) or granules (cuda with virtual memory management)
      * back; cuda without it only zeroes them (granule 0; kernels.h) */
     size_t granule = c->device == DEVICE_CPU ? (size_t)sysconf(_SC_PAGESIZE) : cuda_release_granule();
-    sharder_memory_plan(&pl, c->shard, mesh, granule, &m.params, &m.grads, &m.optimizer);
+    sharder_memory_plan(&pl, c->shard, mesh, granule, c->overlap, &m.params, &m.grads, &m.optimizer);
     MoeConfig mc = {.capacity_factor = c->capacity_factor, .pad_to_capacity = c->pad_to_capacity};
     m.activations = model_activation_bytes_plan(&pl, c->micro_batch_size, &mc, mp.slots);
     params_layout_free(&pl);
@@ -214,6 +214,15 @@ static void update_expert_bias(Trainer *t) {
     free(delta);
 }
 
+/* time.compute and time.comm_exposed (train.h) from the seconds blocked in communication during
+ * the forward/backward and during the gradient synchronisation. */
+static void split_compute_comm(StepResult *r, double comm_fwd_bwd, double comm_sync) {
+    double compute = r->time.fwd_bwd - comm_fwd_bwd + r->time.grad_sync - comm_sync;
+    double all = r->time.fwd_bwd + r->time.pipeline_wait + r->time.grad_sync;
+    r->time.compute = compute > 0 ? compute : 0;
+    r->time.comm_exposed = all - r->time.compute;
+}
+
 StepResult trainer_step(Trainer *t) {
     const Config *c = &t->cfg;
     double t0 = mt_now();
@@ -226,14 +235,17 @@ StepResult trainer_step(Trainer *t) {
     model_reset_lbl(&t->model);
     t->data_failed = 0;
     StepResult r = {0};
+    const Group *counted = &t->mesh->g_world; /* blocked time of every group but pp (mesh.h) */
+    double c0 = comm_stats_seconds(counted);
     MicroStats mine = run_micro_batches(t, lm_scale, aux_scale, &r);
-    double t1 = mt_now();
+    double t1 = mt_now(), c1 = comm_stats_seconds(counted);
     MicroStats s = sync_micro_stats(t, mine);
     sharder_reduce_grads(&t->shard);
     sharder_tie_grads(&t->shard);
     r.grad_norm = grad_norm_and_guard(t, &mine, &s, &r.nonfinite, &r.data_failed);
-    double t2 = mt_now();
+    double t2 = mt_now(), c2 = comm_stats_seconds(counted);
     r.time.grad_sync = t2 - t1;
+    split_compute_comm(&r, c1 - c0, c2 - c1);
     if (r.data_failed) { /* nothing applied, nothing advanced: the state is the one before the step */
         r.step = t->step + 1;
         return r;
@@ -280,7 +292,7 @@ CkptView trainer_checkpoint_view(Trainer *t) {
 
 void trainer_materialize_params(Trainer *t) {
     if (t->cfg.shard != SHARD_FULL) return;
-    for (int u = 0; u < t->model.pl.n_units; u++) t->model.hooks.gather(t->model.hooks.ctx, u);
+    for (int u = 0; u < t->model.pl.n_units; u++) t->model.hooks.gather(t->model.hooks.ctx, u, -1);
 }
 
 void trainer_sync_stats(Trainer *t) {

@@ -62,8 +62,17 @@ typedef struct StepResult {
      * the tp/cp/ep communication inside the layers, and global_batch_exact's routing pass),
      * waiting for pipeline neighbours, reading data, the gradient reduction and norm (the
      * data-parallel communication), the optimizer; checkpoint: checkpoint writes since the
-     * previous logged step (filled in by run_steps) */
-    struct { double fwd_bwd, pipeline_wait, data, grad_sync, optimizer, checkpoint; } time;
+     * previous logged step (filled in by run_steps). A second split of the same time: comm_exposed
+     * = the seconds blocked in communication during fwd_bwd (tp/cp/ep exchanges, FSDP all-gathers,
+     * gradient reductions not hidden behind compute: parallel/comm.h CommStats) + pipeline_wait
+     * + the blocked part of grad_sync; compute = the rest of fwd_bwd and grad_sync. So compute +
+     * comm_exposed = fwd_bwd + pipeline_wait + grad_sync, and compute, comm_exposed, data,
+     * optimizer (its parameter all-gather under optim.shard = optimizer included) and checkpoint
+     * partition the step. */
+    struct {
+        double fwd_bwd, pipeline_wait, data, grad_sync, optimizer, checkpoint;
+        double compute, comm_exposed;
+    } time;
     double dropped_frac;       /* assignments dropped by capacity / all assignments */
     int skipped;               /* the update was not applied: nonfinite != 0 (same on every rank) */
     unsigned nonfinite;        /* NF_* bits: the terms that were not finite on some rank */

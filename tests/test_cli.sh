@@ -295,10 +295,33 @@ for r in recs:
     parts = [t[k] for k in ("fwd_bwd", "pipeline_wait", "data", "grad_sync", "optimizer")]
     assert all(p >= 0 for p in parts) and t["checkpoint"] >= 0, t
     assert 0.8 * r["step_seconds"] <= sum(parts) <= r["step_seconds"] * 1.01 + 1e-4, (sum(parts), r["step_seconds"])
+    # the second split: compute + exposed communication = fwd_bwd + pipeline_wait + grad_sync
+    assert t["compute"] >= 0 and t["comm_exposed"] >= t["pipeline_wait"] - 1e-9, t
+    assert abs(t["compute"] + t["comm_exposed"] - t["fwd_bwd"] - t["pipeline_wait"] - t["grad_sync"]) < 1e-6, t
 assert recs[1]["time"]["checkpoint"] > 0, "the checkpoint after step 1 is not in step 2's record"
 print("%.1f ms of %.1f ms accounted for at step 3" % (1e3 * sum(recs[2]["time"][k] for k in ("fwd_bwd", "pipeline_wait", "data", "grad_sync", "optimizer")), 1e3 * recs[2]["step_seconds"]))
 PY
 ); then ok "metrics time split adds up ($r)"; else bad "metrics time split: $r"; fi
+
+# exposed communication inside the layers (dispatch over ep, FSDP all-gathers, gradient
+# reductions) is counted: dp2 x ep2, overlap on and off
+for ov in true false; do
+timeout 120 mpirun -np 2 $BIN configs/tiny.ini --set parallel.ep=2 --set optim.shard=full --set train.grad_accum_steps=2 \
+  --set runtime.overlap=$ov --set train.steps=2 --set log.every=1 --set checkpoint.every=0 --set checkpoint.resume=never \
+  --set checkpoint.dir=$T/tmo$ov --set log.metrics_file=$T/tmo$ov.jsonl >/dev/null 2>&1 </dev/null
+if r=$(python3 - "$T/tmo$ov.jsonl" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if '"event":"step"' in l]
+assert len(recs) == 2, len(recs)
+for r in recs:
+    t = r["time"]
+    assert abs(t["compute"] + t["comm_exposed"] - t["fwd_bwd"] - t["pipeline_wait"] - t["grad_sync"]) < 1e-6, t
+    assert t["comm_exposed"] > 0 and t["compute"] > 0, t
+    assert t["comm_exposed"] - t["pipeline_wait"] - t["grad_sync"] <= t["fwd_bwd"] + 1e-9, t
+print("step 2: compute %.1f ms, exposed communication %.1f ms" % (1e3 * recs[1]["time"]["compute"], 1e3 * recs[1]["time"]["comm_exposed"]))
+PY
+); then ok "exposed communication counted, overlap=$ov ($r)"; else bad "exposed communication, overlap=$ov: $r"; fi
+done
 
 # metrics per expert-parallel rank: with MoGE groups = ep (balanced) every rank's experts get the
 # same rows, exactly; under pp2 the records still cover every MoE layer (rank 0 holds only some)

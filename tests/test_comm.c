@@ -235,6 +235,48 @@ static void check_groups(const Group *g) {
     EXPECT(dtype_size(DT_F32) == 4 && dtype_size(DT_I32) == 4 && dtype_size(DT_F64) == 8 && dtype_size(DT_I64) == 8, "dtype_size");
 }
 
+/* ---- non-blocking collectives (overlap) ---- */
+
+/* An all-reduce, a reduce-scatter and an in-place all-gather in flight together (comm_test while
+ * they run), then waited for: the blocking results. Blocked time is counted on a copy of g with
+ * stats: the three starts, one blocking call and the waits (groups of one rank count nothing). */
+static void check_nonblocking(const Group *g) {
+    int n = g->size, r = g->rank, count = 5;
+    Group h = *g;
+    CommStats st = {0};
+    comm_stats_attach(&h, &st);
+    float ar[NB], rs_send[NB], rs_recv[NB], ag[NB];
+    for (int i = 0; i < count; i++) ar[i] = (float)((r + 1) * (i + 1));
+    for (int b = 0; b < n; b++)
+        for (int j = 0; j < count; j++) rs_send[b * count + j] = (float)(r + 100 * b + j);
+    for (int i = 0; i < n * count; i++) ag[i] = i / count == r ? (float)(r * 1000 + i % count) : -1.0f;
+    CommRequest req[3] = {{0}};
+    comm_iallreduce_sum(&h, ar, count, DT_F32, &req[0]);
+    comm_ireduce_scatter_sum(&h, rs_send, rs_recv, count, DT_F32, &req[1]);
+    comm_iallgather(&h, ag + (size_t)r * count, ag, count, DT_F32, &req[2]);
+    EXPECT(st.started == (n > 1 ? 3 : 0), "%s: %ld non-blocking starts counted", g->name, st.started);
+    for (int k = 0; k < 3; k++) EXPECT(req[k].active == (n > 1), "%s: request %d active %d", g->name, k, req[k].active);
+    int done = 0;
+    for (int spin = 0; spin < 100 && done < 3; spin++) {
+        done = 0;
+        for (int k = 0; k < 3; k++) done += comm_test(&req[k]);
+    }
+    for (int k = 0; k < 3; k++) comm_wait(&req[k]);
+    for (int k = 0; k < 3; k++) EXPECT(!req[k].active && comm_test(&req[k]) == 1, "%s: request %d still active", g->name, k);
+    for (int i = 0; i < count; i++)
+        EXPECT(ar[i] == (float)((i + 1) * n * (n + 1) / 2), "%s iallreduce [%d] = %g", g->name, i, ar[i]);
+    for (int j = 0; j < count; j++)
+        EXPECT(rs_recv[j] == (float)(n * (n - 1) / 2 + n * (100 * r + j)), "%s ireduce_scatter [%d] = %g", g->name, j, rs_recv[j]);
+    for (int i = 0; i < n * count; i++)
+        EXPECT(ag[i] == (float)((i / count) * 1000 + i % count), "%s iallgather [%d] = %g", g->name, i, ag[i]);
+    long calls = st.calls;
+    EXPECT(calls <= (n > 1 ? 3 : 0), "%s: %ld waits counted for 3 requests", g->name, calls);
+    comm_barrier(&h);
+    EXPECT(st.calls == calls + (n > 1) && st.wait_s >= 0, "%s: a blocking call counted %ld times", g->name, st.calls - calls);
+    EXPECT(comm_stats_seconds(&h) == st.wait_s && comm_stats_seconds(g) == (g->stats ? g->stats->wait_s : 0.0),
+           "%s: comm_stats_seconds", g->name);
+}
+
 #define CASE(fn)                                                                                   \
     START_TEST(test_##fn) { on_every_group(check_##fn, #fn); }                                     \
     END_TEST
@@ -249,6 +291,7 @@ CASE(bcast)
 CASE(send_recv)
 CASE(barrier)
 CASE(any_failed)
+CASE(nonblocking)
 
 START_TEST(test_group_free) {
     Group g = group_self("tmp");
@@ -292,6 +335,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_barrier);
     tcase_add_test(tc, test_any_failed);
     tcase_add_test(tc, test_group_free);
+    tcase_add_test(tc, test_nonblocking);
     suite_add_tcase(s, tc);
     int nf = tu_run_suite(s, 1);
 

@@ -507,7 +507,7 @@ static int assert_same(const Config *a, const Config *b) {
     EQS(ckpt_dir); EQ(ckpt_every); EQS(resume); EQS(init_from); EQ(keep); EQ(ckpt_timeout);
     EQ(eval_every); EQ(eval_sequences); EQS(eval_path);
     EQS(metrics_file); EQ(log_every);
-    EQ(device); EQ(comm); EQ(attention); EQ(threads);
+    EQ(device); EQ(comm); EQ(attention); EQ(threads); EQ(overlap);
 #undef EQ
 #undef EQS
     return n;
@@ -568,7 +568,7 @@ START_TEST(t_round_trip_everything_changed) {
         "checkpoint.dir=ck dir", "checkpoint.every=5", "checkpoint.resume=never",
         "checkpoint.keep=2", "checkpoint.init_from=hf dir", "checkpoint.timeout=60.5", "eval.every=3", "eval.sequences=9",
         "eval.path=held out.tok", "log.metrics_file=m.jsonl", "log.every=10", "runtime.device=cuda",
-        "runtime.comm=nccl", "runtime.attention=own", "runtime.threads=3",
+        "runtime.comm=nccl", "runtime.attention=own", "runtime.threads=3", "runtime.overlap=off",
     };
     int n = (int)(sizeof sets / sizeof sets[0]);
     round_trip(sets, n);
@@ -581,6 +581,7 @@ START_TEST(t_round_trip_everything_changed) {
     ck_assert_int_eq(c.attention, ATTN_OWN);
     ck_assert_int_eq(c.device, DEVICE_CUDA);
     ck_assert_int_eq(c.comm, COMM_NCCL);
+    ck_assert_int_eq(c.overlap, 0);
     ck_assert_str_eq(c.path, long_path);
     ck_assert_str_eq(c.ckpt_dir, "ck dir");
     ck_assert_float_eq(c.lr, 0.1f);

@@ -1657,7 +1657,7 @@ static void expect_plan_on_cuda(ShardMode shard) {
     size_t need = memory_total(&plan), live = s1.peak - s0.live, resident = s1.resident_peak - s0.resident;
     size_t measured = shard == SHARD_NONE ? live : resident;
     size_t p0, g0, o0; /* the flat buffers kept whole (release only zeroing) */
-    sharder_memory_plan(&t.model.pl, shard, &solo, 0, &p0, &g0, &o0);
+    sharder_memory_plan(&t.model.pl, shard, &solo, 0, c.overlap, &p0, &g0, &o0);
     printf("  shard %-9s plan %zu (params %zu grads %zu optimizer %zu activations %zu), peak allocated %zu "
            "resident %zu: plan/measured %.3f; params + grads kept whole %zu\n",
            shard == SHARD_NONE ? "none" : "full", need, plan.params, plan.grads, plan.optimizer,

@@ -290,6 +290,9 @@ START_TEST(test_memory_plan_covers_measured) {
     ShardMode modes[] = {SHARD_NONE, SHARD_OPTIMIZER, SHARD_FULL};
     for (int i = 0; i < 6; i++)
         for (int m = 0; m < 3; m++) expect_plan_covers_measured(shapes[i], modes[m], 3, names[i]);
+    /* runtime.overlap = false: one unit in flight, one landing buffer (the plan is smaller) */
+    shapes[0].overlap = 0;
+    for (int m = 0; m < 3; m++) expect_plan_covers_measured(shapes[0], modes[m], 3, "small, overlap off");
 }
 END_TEST
 
@@ -307,7 +310,7 @@ static void plan_at(const Config *c, ShardMode m, size_t granule, size_t *params
     ParamLayout pl;
     params_layout_init(&pl, &d, c->init_std, NULL);
     size_t opt;
-    sharder_memory_plan(&pl, m, &solo, granule, params, grads, &opt);
+    sharder_memory_plan(&pl, m, &solo, granule, c->overlap, params, grads, &opt);
     params_layout_free(&pl);
 }
 
@@ -316,7 +319,7 @@ START_TEST(test_memory_plan_granules) {
     small.n_layers = 8; /* many units, each larger than a page */
     small.d_model = 64;
     small.head_dim = small.d_model / small.n_heads;
-    big.n_layers = 4; /* expert units of several MiB */
+    big.n_layers = 8; /* expert units of several MiB, more of them than the overlap keeps in flight */
     big.d_model = 512;
     big.head_dim = big.d_model / big.n_heads;
     big.expert_hidden = 1024;

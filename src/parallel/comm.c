@@ -300,19 +300,43 @@ static void dev_recv(const Group *g, void *buf, size_t count, DType t, int peer,
 
 /* ---- the calls -------------------------------------------------------------------------------- */
 
+/* Blocked time (comm.h CommStats): TIMED(g) first in a public call adds the wall time from there
+ * to its return, whichever return, to g's stats (GCC/Clang cleanup attribute: the calls have
+ * several returns). Groups of one rank and groups without stats are not counted. */
+typedef struct CommTimer {
+    CommStats *s;
+    double t0;
+} CommTimer;
+
+static CommTimer timer_start(const Group *g) {
+    CommStats *s = g->size > 1 ? g->stats : NULL;
+    return (CommTimer){s, s ? mt_now() : 0.0};
+}
+
+static void timer_stop(CommTimer *t) {
+    if (!t->s) return;
+    t->s->wait_s += mt_now() - t->t0;
+    t->s->calls++;
+}
+
+#define TIMED(g) CommTimer timer_ __attribute__((cleanup(timer_stop))) = timer_start(g)
+
 void comm_allreduce_sum(const Group *g, void *buf, size_t count, DType t) {
+    TIMED(g);
     if (g->size == 1 || count == 0) return;
     DEVICE(g, buf, NULL, dev_allreduce(g, buf, count, t, 0));
     allreduce(g, buf, count, t, MPI_SUM);
 }
 
 void comm_allreduce_max(const Group *g, void *buf, size_t count, DType t) {
+    TIMED(g);
     if (g->size == 1 || count == 0) return;
     DEVICE(g, buf, NULL, dev_allreduce(g, buf, count, t, 1));
     allreduce(g, buf, count, t, MPI_MAX);
 }
 
 void comm_reduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    TIMED(g);
     if (count == 0) return;
     DEVICE(g, send, recv, dev_reduce_scatter(g, send, recv, count, t));
     if (g->size == 1) {
@@ -323,6 +347,7 @@ void comm_reduce_scatter_sum(const Group *g, const void *send, void *recv, size_
 }
 
 void comm_allgather(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    TIMED(g);
     if (count == 0) return;
     DEVICE(g, send, recv, dev_allgather(g, send, recv, count, t));
     size_t bytes = count * dtype_size(t);
@@ -335,6 +360,7 @@ void comm_allgather(const Group *g, const void *send, void *recv, size_t count, 
 }
 
 void comm_alltoall(const Group *g, const void *send, void *recv, size_t count, DType t) {
+    TIMED(g);
     if (count == 0) return;
     DEVICE(g, send, recv, dev_alltoall(g, send, recv, count, t));
     if (g->size == 1) {
@@ -346,6 +372,7 @@ void comm_alltoall(const Group *g, const void *send, void *recv, size_t count, D
 
 void comm_alltoallv(const Group *g, const void *send, const int *scounts, const int *sdispls,
                     void *recv, const int *rcounts, const int *rdispls, DType t) {
+    TIMED(g);
     DEVICE(g, send, recv, dev_alltoallv(g, send, scounts, sdispls, recv, rcounts, rdispls, t));
     if (g->size == 1) {
         size_t e = dtype_size(t);
@@ -357,18 +384,21 @@ void comm_alltoallv(const Group *g, const void *send, const int *scounts, const 
 }
 
 void comm_bcast(const Group *g, void *buf, size_t count, DType t, int root) {
+    TIMED(g);
     if (g->size == 1 || count == 0) return;
     DEVICE(g, buf, NULL, dev_bcast(g, buf, count, t, root));
     bcast(g, buf, count, t, root);
 }
 
 void comm_send(const Group *g, const void *buf, size_t count, DType t, int peer, int tag) {
+    TIMED(g);
     DEVICE(g, buf, NULL, dev_send(g, buf, count, t, peer, tag));
     MT_CHECK(count <= INT_MAX, "send too large");
     MPI_Send(buf, (int)count, mpi_type(t), peer, tag, g->comm);
 }
 
 void comm_recv(const Group *g, void *buf, size_t count, DType t, int peer, int tag) {
+    TIMED(g);
     DEVICE(g, buf, NULL, dev_recv(g, buf, count, t, peer, tag));
     MT_CHECK(count <= INT_MAX, "recv too large");
     MPI_Recv(buf, (int)count, mpi_type(t), peer, tag, g->comm, MPI_STATUS_IGNORE);
@@ -389,17 +419,30 @@ void comm_isend(const Group *g, const void *buf, size_t count, DType t, int peer
 #endif
     MPI_Isend(h, (int)count, mpi_type(t), peer, tag, g->comm, &r->req);
     r->active = 1;
+    r->nccl = NULL;
+    r->stats = g->size > 1 ? g->stats : NULL;
 }
 
 void comm_wait(CommRequest *r) {
     if (!r->active) return;
-    MPI_Wait(&r->req, MPI_STATUS_IGNORE);
+    double t0 = r->stats ? mt_now() : 0.0;
+#if MT_HAVE_CUDA
+    if (r->nccl) nccl_comm_join(r->nccl);
+    else
+#endif
+        MPI_Wait(&r->req, MPI_STATUS_IGNORE);
     free(r->stage);
     r->stage = NULL;
+    r->nccl = NULL;
     r->active = 0;
+    if (r->stats) {
+        r->stats->wait_s += mt_now() - t0;
+        r->stats->calls++;
+    }
 }
 
 void comm_barrier(const Group *g) {
+    TIMED(g);
     if (g->size > 1) MPI_Barrier(g->comm);
 }
 
@@ -544,10 +587,118 @@ static void dev_alltoallv_blocks(const Group *g, const void *send, const int *sf
 
 void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
                            void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    TIMED(g);
     DEVICE(g, send, recv, dev_alltoallv_blocks(g, send, sfirst, sblk, recv, rfirst, rblk, t));
     if (g->size == 1) {
         blocks_self(send, sfirst, sblk, recv, rfirst, rblk, t, host_move);
         return;
     }
     blocks_p2p(g, send, sfirst, sblk, recv, rfirst, rblk, t);
+}
+
+/* ---- non-blocking collectives (overlap) ---- */
+
+void comm_stats_attach(Group *g, CommStats *s) { g->stats = s; }
+
+double comm_stats_seconds(const Group *g) { return g->stats ? g->stats->wait_s : 0.0; }
+
+/* r in flight on g (host: r->req set by the MPI call). */
+static void request_started(const Group *g, CommRequest *r) {
+    r->active = 1;
+    r->stage = NULL;
+    r->stats = g->stats;
+    if (g->stats) g->stats->started++;
+}
+
+static void request_done(CommRequest *r) { memset(r, 0, sizeof *r); }
+
+#if MT_HAVE_CUDA
+/* The NCCL communicator for a non-blocking device call, with deferral on (nccl_comm_defer), or
+ * NULL when the call is not on the NCCL path (host buffers, or device buffers staged for MPI). */
+static NcclComm *nccl_deferred(const Group *g, const void *a, const void *b) {
+    if (!on_device(g, a, b)) return NULL;
+    NcclComm *n = nccl_for(g, a, b);
+    if (n) nccl_comm_defer(n, 1);
+    return n;
+}
+
+static void nccl_started(const Group *g, NcclComm *n, CommRequest *r) {
+    nccl_comm_defer(n, 0);
+    request_started(g, r);
+    r->nccl = n;
+}
+
+/* A device call that has no non-blocking form: done at once (blocking call), r inactive. */
+#define DEVICE_NB(g, a, b, r, nccl_call, blocking_call)                                            \
+    do {                                                                                           \
+        NcclComm *n_ = nccl_deferred((g), (a), (b));                                               \
+        if (n_) {                                                                                  \
+            nccl_call;                                                                             \
+            nccl_started((g), n_, (r));                                                            \
+            return;                                                                                \
+        }                                                                                          \
+        if (on_device((g), (a), (b))) {                                                            \
+            blocking_call;                                                                         \
+            return;                                                                                \
+        }                                                                                          \
+    } while (0)
+#else
+#define DEVICE_NB(g, a, b, r, nccl_call, blocking_call) ((void)0)
+#endif
+
+void comm_iallreduce_sum(const Group *g, void *buf, size_t count, DType t, CommRequest *r) {
+    MT_CHECK(!r->active, "comm_iallreduce_sum on a request still in flight");
+    request_done(r);
+    if (g->size == 1 || count == 0) return;
+    DEVICE_NB(g, buf, NULL, r, nccl_comm_allreduce(n_, buf, count, (int)t, 0),
+              comm_allreduce_sum(g, buf, count, t));
+    if (count > CHUNK) { /* one MPI call takes an int count: blocking, in chunks */
+        comm_allreduce_sum(g, buf, count, t);
+        return;
+    }
+    MPI_Iallreduce(MPI_IN_PLACE, buf, (int)count, mpi_type(t), MPI_SUM, g->comm, &r->req);
+    request_started(g, r);
+}
+
+void comm_ireduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t,
+                              CommRequest *r) {
+    MT_CHECK(!r->active, "comm_ireduce_scatter_sum on a request still in flight");
+    request_done(r);
+    if (g->size == 1 || count == 0) {
+        comm_reduce_scatter_sum(g, send, recv, count, t);
+        return;
+    }
+    DEVICE_NB(g, send, recv, r, nccl_comm_reduce_scatter(n_, send, recv, count, (int)t),
+              comm_reduce_scatter_sum(g, send, recv, count, t));
+    MT_CHECK(count <= INT_MAX, "reduce_scatter block of %zu elements is too large", count);
+    MPI_Ireduce_scatter_block(send, recv, (int)count, mpi_type(t), MPI_SUM, g->comm, &r->req);
+    request_started(g, r);
+}
+
+void comm_iallgather(const Group *g, const void *send, void *recv, size_t count, DType t, CommRequest *r) {
+    MT_CHECK(!r->active, "comm_iallgather on a request still in flight");
+    request_done(r);
+    if (g->size == 1 || count == 0) {
+        comm_allgather(g, send, recv, count, t);
+        return;
+    }
+    DEVICE_NB(g, send, recv, r, nccl_comm_allgather(n_, send, recv, count, (int)t),
+              comm_allgather(g, send, recv, count, t));
+    MT_CHECK(count <= INT_MAX, "allgather block of %zu elements is too large", count);
+    const void *s = send == (char *)recv + (size_t)g->rank * count * dtype_size(t) ? MPI_IN_PLACE : send;
+    MPI_Iallgather(s, (int)count, mpi_type(t), recv, (int)count, mpi_type(t), g->comm, &r->req);
+    request_started(g, r);
+}
+
+int comm_test(CommRequest *r) {
+    if (!r->active) return 1;
+    if (r->nccl) return 0;
+    int done = 0;
+    double t0 = r->stats ? mt_now() : 0.0;
+    MPI_Test(&r->req, &done, MPI_STATUS_IGNORE); /* may copy and reduce: this core's time */
+    if (r->stats) r->stats->wait_s += mt_now() - t0;
+    if (!done) return 0;
+    free(r->stage);
+    request_done(r);
+    return 1;
 }

@@ -37,6 +37,7 @@ typedef struct Group {
     int device_mode;
     int use_nccl;            /* device buffers: 1 = NCCL, 0 = MPI staged through pinned host memory */
     struct GroupDevice *dev; /* NCCL communicator (made lazily), staging buffers; group_free frees */
+    struct CommStats *stats; /* where blocked time is added (comm_stats_attach); NULL: not counted */
 } Group;
 
 /* A group of one rank (MPI_COMM_SELF): what every group is in a single-process run. Usable
@@ -78,6 +79,8 @@ typedef struct CommRequest {
     MPI_Request req;
     void *stage;
     int active;
+    void *nccl;              /* NCCL path of a non-blocking collective: the communicator to join */
+    struct CommStats *stats; /* the group's, for the time comm_wait blocks */
 } CommRequest;
 void comm_isend(const Group *g, const void *buf, size_t count, DType t, int peer, int tag, CommRequest *r);
 void comm_wait(CommRequest *r);
@@ -115,5 +118,42 @@ typedef struct CommBlock {
  * A group of one rank copies its blocks pairwise (memmove on the host). */
 void comm_alltoallv_blocks(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
                            void *recv, const int *rfirst, const CommBlock *rblk, DType t);
+
+/* ---- non-blocking collectives (overlap) ---- */
+
+/* Seconds blocked in communication, for the step's time split (metrics: exposed communication).
+ * Every collective of comm.h on a group with stats, and every comm_wait and comm_test of a
+ * request started on one, adds the wall time it spent inside comm.c: for a blocking call all of
+ * it (transfer and waiting for the slowest rank), for a non-blocking one its comm_wait (the part
+ * not hidden behind compute) and its comm_test calls (MPI may copy and reduce inside them, on this
+ * rank's core: on host memory that work is not hidden either). The owner (the mesh) attaches one
+ * CommStats to its groups; readers take differences (comm_stats_seconds). Not thread-safe (one
+ * thread per rank calls comm.c). */
+typedef struct CommStats {
+    double wait_s;    /* seconds blocked */
+    long calls;       /* blocking calls + waits counted (comm_test calls add time only) */
+    long started;     /* non-blocking collectives started (comm_i*: the overlapped ones) */
+} CommStats;
+void comm_stats_attach(Group *g, CommStats *s);
+/* Seconds counted so far on g's stats (0 without). */
+double comm_stats_seconds(const Group *g);
+
+/* Non-blocking forms of the collectives above, same arguments and results, finished by
+ * comm_wait(r) (or a comm_test that returns 1); until then send must stay unchanged and recv (buf)
+ * must not be read or written. Several may be in flight on one group; like every collective they
+ * must be started in the same order on every rank of the group. Host buffers: MPI_I* (Open MPI
+ * moves them on only inside MPI calls, so call comm_test now and then while computing). Device
+ * buffers: NCCL queues them on the group's stream without making the compute stream wait
+ * (nccl_comm_defer); comm_wait makes the compute stream wait for them (an event, no host
+ * synchronisation). Where no non-blocking form exists the call completes before it returns and r
+ * is left inactive (comm_wait returns at once): a group of one rank, count 0, device buffers
+ * staged for MPI (runtime.comm = mpi), a host all-reduce over 2^28 elements. */
+void comm_iallreduce_sum(const Group *g, void *buf, size_t count, DType t, CommRequest *r);
+void comm_ireduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t,
+                              CommRequest *r);
+void comm_iallgather(const Group *g, const void *send, void *recv, size_t count, DType t, CommRequest *r);
+/* Lets MPI move r on; 1 if r is complete (then r is inactive, as after comm_wait), else 0. An
+ * inactive request: 1. Device (NCCL) requests report 0 until comm_wait joins them. */
+int comm_test(CommRequest *r);
 
 #endif

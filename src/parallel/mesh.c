@@ -84,6 +84,13 @@ static Group split(const char *name, int color, int key) {
     return g;
 }
 
+/* Every group but pp counts its blocked time in the mesh's stats (mesh.h). */
+static void attach_stats(Mesh *m) {
+    Group *g[] = {&m->g_world, &m->g_tp, &m->g_cp, &m->g_dp, &m->g_dpcp, &m->g_stage, &m->g_ep, &m->g_etp, &m->g_edp, &m->g_tie};
+    memset(&m->stats, 0, sizeof m->stats);
+    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) comm_stats_attach(g[i], &m->stats);
+}
+
 int mesh_build(Mesh *m, const Config *c, char *err) {
     int world, rank;
     MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -103,6 +110,7 @@ int mesh_build(Mesh *m, const Config *c, char *err) {
     m->g_edp = split("edp", x.etp + etp * (x.ep + ep * x.pp), x.edp);
     int pos = x.tp + tp * (x.cp + cp * x.dp), ends = x.pp == 0 || x.pp == m->pp - 1;
     m->g_tie = split("tie", ends && m->pp > 1 ? pos : tp * cp * dp + rank, x.pp); /* else alone */
+    attach_stats(m);
     return MT_OK;
 }
 
@@ -121,6 +129,7 @@ void mesh_single(Mesh *m) {
     m->g_etp = group_self("etp");
     m->g_edp = group_self("edp");
     m->g_tie = group_self("tie");
+    attach_stats(m);
 }
 
 void mesh_free(Mesh *m) {

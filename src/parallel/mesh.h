@@ -14,6 +14,10 @@
  * mesh_plan is pure arithmetic (no MPI) so layouts can be validated and unit-tested for any world
  * size; mesh_build makes the communicators. Every other module asks the mesh for its groups and
  * never computes rank arithmetic itself.
+ * Blocked communication time: the mesh owns one CommStats (comm.h) that mesh_build and
+ * mesh_single attach to every group except pp (the pipeline's waits are measured by pipeline.c),
+ * so the trainer can split a step's time into compute and exposed communication. A Mesh must not
+ * be moved (copied) after it is built: its groups point at its stats.
  */
 #ifndef MT_MESH_H
 #define MT_MESH_H
@@ -34,6 +38,7 @@ typedef struct Mesh {
     Group g_world, g_tp, g_cp, g_dp, g_pp, g_ep, g_etp, g_edp, g_dpcp, g_stage;
     Group g_tie; /* first and last pipeline stage of a (tp, cp, dp) position (tied embeddings);
                   * one rank (itself) on the stages between and at pp = 1 */
+    CommStats stats; /* blocked time in every group's collectives but pp's (above) */
 } Mesh;
 
 /* Sizes and this rank's coordinates from the config and world size, no MPI. Refuses impossible
