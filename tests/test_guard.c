@@ -35,81 +35,10 @@ static Config base_config(void) {
     return c;
 }
 
-static void apply_layout(Config *c, const char *layout) {
-    char buf[512], err[MT_ERRLEN];
-    snprintf(buf, sizeof buf, "%s", layout);
-    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
-        ck_assert_msg(config_set(c, tok, err) == MT_OK, "%s", err);
-}
-
-/* This rank's parameter storage of buffer b (the shard under full sharding). */
-static float *param_storage(Trainer *t, int b, size_t *n) {
-    if (t->shard.mode == SHARD_FULL) {
-        *n = t->shard.shard_size[b];
-        return t->shard.pshard[b];
-    }
-    *n = t->model.pl.size[b];
-    return t->model.param[b];
-}
-
-/* An element of tensor name held by this rank (NULL if none). */
-static float *held_element(Trainer *t, const char *name) {
-    const ParamLayout *pl = &t->model.pl;
-    int j = params_find(pl, name);
-    if (j < 0) return NULL;
-    const ParamInfo *pi = &pl->info[j];
-    for (int u = 0; u < pl->n_units; u++) {
-        size_t lo, hi;
-        float *p;
-        sharder_param_slice(&t->shard, u, pi->buf, 0, &lo, &hi, &p);
-        size_t a = pi->offset > lo ? pi->offset : lo;
-        if (a < hi && a < pi->offset + pi->numel) return p + (a - lo);
-    }
-    return NULL;
-}
-
-typedef struct State {
-    float *p[PBUF_COUNT], *m[PBUF_COUNT], *v[PBUF_COUNT];
-    size_t np[PBUF_COUNT], ns[PBUF_COUNT];
-    int adam_step;
-} State;
-
-static void state_take(State *st, Trainer *t) {
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        float *p = param_storage(t, b, &st->np[b]);
-        st->ns[b] = t->shard.shard_size[b];
-        st->p[b] = tu_dup(p, st->np[b]);
-        st->m[b] = tu_dup(t->shard.mom[b], st->ns[b]);
-        st->v[b] = tu_dup(t->shard.var[b], st->ns[b]);
-    }
-    st->adam_step = t->shard.step;
-}
-
-/* NULL if t holds exactly st, else what differs. */
-static const char *state_diff(const State *st, Trainer *t) {
-    if (t->shard.step != st->adam_step) return "AdamW step counter";
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        size_t n;
-        float *p = param_storage(t, b, &n);
-        if (n != st->np[b] || memcmp(p, st->p[b], n * sizeof(float))) return "parameters";
-        if (memcmp(t->shard.mom[b], st->m[b], st->ns[b] * sizeof(float))) return "first moments";
-        if (memcmp(t->shard.var[b], st->v[b], st->ns[b] * sizeof(float))) return "second moments";
-    }
-    return NULL;
-}
-
-static void state_free(State *st) {
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        free(st->p[b]);
-        free(st->m[b]);
-        free(st->v[b]);
-    }
-}
-
 START_TEST(test_one_rank_poisons_all_skip) {
     const char *layout = g_argv[1 + _i];
     Config c = base_config();
-    apply_layout(&c, layout);
+    tu_apply_layout(&c, layout);
     Mesh mesh;
     char err[MT_ERRLEN];
     ck_assert_msg(mesh_build(&mesh, &c, err) == MT_OK, "%s: %s", layout, err);
@@ -121,10 +50,10 @@ START_TEST(test_one_rank_poisons_all_skip) {
         StepResult r = trainer_step(&t), rr = trainer_step(&ref);
         TU_EXPECT(&fails, rank, !r.skipped && !rr.skipped, "%s: step %d skipped without a poison", layout, s + 1);
     }
-    State before;
-    state_take(&before, &t);
+    TuState before;
+    tu_state_take(&before, &t);
 
-    float *x = rank == last ? held_element(&t, "lm_head.weight") : NULL, keep = 0;
+    float *x = rank == last ? tu_held_element(&t, "lm_head.weight") : NULL, keep = 0;
     if (rank == last) {
         TU_EXPECT(&fails, rank, x != NULL, "%s: the last rank holds no element of lm_head.weight", layout);
         if (x) keep = *x, *x = NAN;
@@ -134,7 +63,7 @@ START_TEST(test_one_rank_poisons_all_skip) {
     TU_EXPECT(&fails, rank, r.skipped, "%s: step 3 not skipped on rank %d (nonfinite %#x, loss %g)", layout,
               rank, r.nonfinite, r.loss);
     TU_EXPECT(&fails, rank, r.nonfinite & NF_LM, "%s: nonfinite %#x lacks lm_loss", layout, r.nonfinite);
-    const char *diff = state_diff(&before, &t);
+    const char *diff = tu_state_diff(&before, &t);
     TU_EXPECT(&fails, rank, !diff, "%s: the skipped step changed this rank's %s", layout, diff);
     TU_EXPECT(&fails, rank, t.skipped_steps == 1 && t.skipped_in_a_row == 1 && t.skip_run_start == 3,
               "%s: counters %d in all, %d in a row, from step %d", layout, t.skipped_steps,
@@ -154,13 +83,13 @@ START_TEST(test_one_rank_poisons_all_skip) {
               "%s: step 4 after the skip: skipped %d, loss %g", layout, r.skipped, r.loss);
     TU_EXPECT(&fails, rank, memcmp(&r.loss, &rr.loss, sizeof r.loss) == 0,
               "%s: step 4 loss %.17g, without the skipped step %.17g", layout, r.loss, rr.loss);
-    State want;
-    state_take(&want, &ref);
-    diff = state_diff(&want, &t);
+    TuState want;
+    tu_state_take(&want, &ref);
+    diff = tu_state_diff(&want, &t);
     TU_EXPECT(&fails, rank, !diff, "%s: after the skip, step 4 left different %s than a run without it",
               layout, diff);
-    state_free(&want);
-    state_free(&before);
+    tu_state_free(&want);
+    tu_state_free(&before);
     trainer_free(&ref);
     trainer_free(&t);
 

@@ -53,14 +53,6 @@ static Config base_config(void) {
     return c;
 }
 
-/* Apply "a=b,c=d" overrides. */
-static void apply_layout(Config *c, const char *layout) {
-    char buf[512], err[MT_ERRLEN];
-    snprintf(buf, sizeof buf, "%s", layout);
-    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
-        ck_assert_msg(config_set(c, tok, err) == MT_OK, "%s", err);
-}
-
 typedef struct Run {
     double loss[STEPS];
     float *param[PBUF_COUNT]; /* copies of the final flat buffers */
@@ -186,7 +178,7 @@ static int compare(const Run *got, const Run *ref, const char *layout, int rank)
 START_TEST(test_layout) {
     const char *layout = g_argv[1 + _i];
     Config c = base_config();
-    apply_layout(&c, layout);
+    tu_apply_layout(&c, layout);
     Mesh mesh;
     char err[MT_ERRLEN];
     ck_assert_msg(mesh_build(&mesh, &c, err) == MT_OK, "%s: %s", layout, err);

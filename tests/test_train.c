@@ -358,77 +358,11 @@ END_TEST
 
 /* ---- the non-finite guard ---------------------------------------------------------------- */
 
-/* Where this rank keeps the parameters of buffer b: the model's buffer, or under full sharding
- * the persistent shard (the model's buffer only holds gathered copies then). */
-static float *param_storage(Trainer *t, int b, size_t *n) {
-    if (t->shard.mode == SHARD_FULL) {
-        *n = t->shard.shard_size[b];
-        return t->shard.pshard[b];
-    }
-    *n = t->model.pl.size[b];
-    return t->model.param[b];
-}
-
 /* The first element of tensor name that this rank holds, in its parameter storage. */
 static float *held_element(Trainer *t, const char *name) {
-    const ParamLayout *pl = &t->model.pl;
-    int j = params_find(pl, name);
-    ck_assert_msg(j >= 0, "no tensor %s", name);
-    const ParamInfo *pi = &pl->info[j];
-    for (int u = 0; u < pl->n_units; u++) {
-        size_t lo, hi;
-        float *p;
-        sharder_param_slice(&t->shard, u, pi->buf, 0, &lo, &hi, &p);
-        size_t a = pi->offset > lo ? pi->offset : lo;
-        if (a < hi && a < pi->offset + pi->numel) return p + (a - lo);
-    }
-    ck_abort_msg("this rank holds no element of %s", name);
-    return NULL;
-}
-
-/* Copies of everything an optimizer update writes: parameters, AdamW moments, AdamW's step. */
-typedef struct State {
-    float *p[PBUF_COUNT], *m[PBUF_COUNT], *v[PBUF_COUNT];
-    size_t np[PBUF_COUNT], ns[PBUF_COUNT];
-    int adam_step;
-} State;
-
-static void state_take(State *st, Trainer *t) {
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        float *p = param_storage(t, b, &st->np[b]);
-        st->ns[b] = t->shard.shard_size[b];
-        st->p[b] = tu_dup(p, st->np[b]);
-        st->m[b] = tu_dup(t->shard.mom[b], st->ns[b]);
-        st->v[b] = tu_dup(t->shard.var[b], st->ns[b]);
-    }
-    st->adam_step = t->shard.step;
-}
-
-/* NULL if t holds exactly st (bit for bit), else what differs. */
-static const char *state_diff(const State *st, Trainer *t) {
-    static char why[128];
-    if (t->shard.step != st->adam_step) return "AdamW's step counter";
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        size_t n;
-        float *p = param_storage(t, b, &n);
-        const char *what = n != st->np[b] || memcmp(p, st->p[b], n * sizeof(float)) ? "parameters"
-                           : memcmp(t->shard.mom[b], st->m[b], st->ns[b] * sizeof(float)) ? "first moments"
-                           : memcmp(t->shard.var[b], st->v[b], st->ns[b] * sizeof(float)) ? "second moments"
-                           : NULL;
-        if (what) {
-            snprintf(why, sizeof why, "%s of buffer %d", what, b);
-            return why;
-        }
-    }
-    return NULL;
-}
-
-static void state_free(State *st) {
-    for (int b = 0; b < PBUF_COUNT; b++) {
-        free(st->p[b]);
-        free(st->m[b]);
-        free(st->v[b]);
-    }
+    float *x = tu_held_element(t, name);
+    ck_assert_msg(x, "this rank holds no element of %s", name);
+    return x;
 }
 
 static const ShardMode GUARD_MODES[] = {SHARD_NONE, SHARD_OPTIMIZER, SHARD_FULL};
@@ -448,8 +382,8 @@ START_TEST(test_nonfinite_step_skipped) {
                       s + 1, r.skipped, r.nonfinite);
     }
     ck_assert_int_eq(t.shard.step, 2);
-    State before;
-    state_take(&before, &t);
+    TuState before;
+    tu_state_take(&before, &t);
     int64_t seq = t.data_seq, seen = t.tokens_seen, gb = trainer_global_batch(&t);
 
     float *x = held_element(&t, "model.norm.weight"), keep = *x;
@@ -460,7 +394,7 @@ START_TEST(test_nonfinite_step_skipped) {
     ck_assert_msg((r.nonfinite & NF_LM) && (r.nonfinite & NF_GRAD_NORM), "nonfinite %#x", r.nonfinite);
     ck_assert_str_eq(train_nonfinite_first(r.nonfinite), "lm_loss");
     ck_assert(isnan(r.loss) && isnan(r.grad_norm));
-    const char *diff = state_diff(&before, &t);
+    const char *diff = tu_state_diff(&before, &t);
     ck_assert_msg(!diff, "the skipped step changed the %s", diff);
     ck_assert_int_eq(t.step, 3);
     ck_assert_msg(t.data_seq == seq + gb && t.tokens_seen == seen + gb * c.seq_len,
@@ -486,12 +420,12 @@ START_TEST(test_nonfinite_step_skipped) {
     StepResult rr = trainer_step(&ref);
     ck_assert_msg(memcmp(&rr.loss, &r.loss, sizeof r.loss) == 0, "step 4: loss %.17g, without the skipped "
                   "step %.17g", r.loss, rr.loss);
-    State want;
-    state_take(&want, &ref);
-    diff = state_diff(&want, &t);
+    TuState want;
+    tu_state_take(&want, &ref);
+    diff = tu_state_diff(&want, &t);
     ck_assert_msg(!diff, "after the skipped step, step 4 left different %s than a run without it", diff);
-    state_free(&want);
-    state_free(&before);
+    tu_state_free(&want);
+    tu_state_free(&before);
     trainer_free(&ref);
     trainer_free(&t);
 }

@@ -89,3 +89,73 @@ int tu_run_suite(Suite *s, int nofork) {
     srunner_free(sr);
     return nf;
 }
+
+/* ---- trainer state ---- */
+
+void tu_apply_layout(Config *c, const char *layout) {
+    char buf[512], err[MT_ERRLEN];
+    snprintf(buf, sizeof buf, "%s", layout);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ","))
+        ck_assert_msg(config_set(c, tok, err) == MT_OK, "%s", err);
+}
+
+float *tu_param_storage(Trainer *t, int b, size_t *n) {
+    if (t->shard.mode == SHARD_FULL) {
+        *n = t->shard.shard_size[b];
+        return t->shard.pshard[b];
+    }
+    *n = t->model.pl.size[b];
+    return t->model.param[b];
+}
+
+float *tu_held_element(Trainer *t, const char *name) {
+    const ParamLayout *pl = &t->model.pl;
+    int j = params_find(pl, name);
+    if (j < 0) return NULL;
+    const ParamInfo *pi = &pl->info[j];
+    for (int u = 0; u < pl->n_units; u++) {
+        size_t lo, hi;
+        float *p;
+        sharder_param_slice(&t->shard, u, pi->buf, 0, &lo, &hi, &p);
+        size_t a = pi->offset > lo ? pi->offset : lo;
+        if (a < hi && a < pi->offset + pi->numel) return p + (a - lo);
+    }
+    return NULL;
+}
+
+void tu_state_take(TuState *st, Trainer *t) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        float *p = tu_param_storage(t, b, &st->np[b]);
+        st->ns[b] = t->shard.shard_size[b];
+        st->p[b] = tu_dup(p, st->np[b]);
+        st->m[b] = tu_dup(t->shard.mom[b], st->ns[b]);
+        st->v[b] = tu_dup(t->shard.var[b], st->ns[b]);
+    }
+    st->adam_step = t->shard.step;
+}
+
+const char *tu_state_diff(const TuState *st, Trainer *t) {
+    static char why[128];
+    if (t->shard.step != st->adam_step) return "AdamW's step counter";
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        size_t n;
+        float *p = tu_param_storage(t, b, &n);
+        const char *what = n != st->np[b] || memcmp(p, st->p[b], n * sizeof(float)) ? "parameters"
+                           : memcmp(t->shard.mom[b], st->m[b], st->ns[b] * sizeof(float)) ? "first moments"
+                           : memcmp(t->shard.var[b], st->v[b], st->ns[b] * sizeof(float)) ? "second moments"
+                           : NULL;
+        if (what) {
+            snprintf(why, sizeof why, "%s of buffer %d", what, b);
+            return why;
+        }
+    }
+    return NULL;
+}
+
+void tu_state_free(TuState *st) {
+    for (int b = 0; b < PBUF_COUNT; b++) {
+        free(st->p[b]);
+        free(st->m[b]);
+        free(st->v[b]);
+    }
+}

@@ -8,6 +8,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "config.h"
+#include "train.h"
+
 /* Uniform floats in [lo, hi) from a simple seeded generator (reproducible per seed). */
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed);
 /* Max over i of |a-b| / (atol + rtol*|b|); <= 1 means "close". Writes the worst index. */
@@ -31,5 +34,27 @@ void tu_expect(int ok, int *fails, int rank, const char *file, int line, const c
 #define TU_EXPECT(fails, rank, cond, ...) tu_expect(!!(cond), fails, rank, __FILE__, __LINE__, __VA_ARGS__)
 /* Run one suite (CK_NOFORK when nofork), print the summary, return the number of failures. */
 int tu_run_suite(Suite *s, int nofork);
+
+/* ---- trainer state (tests of the trainer: guard, resume, layouts) ---- */
+
+/* Apply "a=b,c=d" overrides to c (a Check failure names a bad one). */
+void tu_apply_layout(Config *c, const char *layout);
+/* Where this rank keeps the parameters of buffer b: the model's buffer, or under full sharding the
+ * persistent shard (the model's buffer only holds gathered copies then); *n its elements. */
+float *tu_param_storage(Trainer *t, int b, size_t *n);
+/* The first element of tensor name that this rank holds in its parameter storage; NULL if this
+ * rank holds none of it or there is no such tensor. */
+float *tu_held_element(Trainer *t, const char *name);
+/* Copies of everything an optimizer update writes: parameters, AdamW moments, AdamW's step. */
+typedef struct TuState {
+    float *p[PBUF_COUNT], *m[PBUF_COUNT], *v[PBUF_COUNT];
+    size_t np[PBUF_COUNT], ns[PBUF_COUNT];
+    int adam_step;
+} TuState;
+void tu_state_take(TuState *st, Trainer *t);
+/* NULL if t holds exactly st (bit for bit), else what differs ("parameters of buffer 1"; a
+ * static buffer, valid until the next call). */
+const char *tu_state_diff(const TuState *st, Trainer *t);
+void tu_state_free(TuState *st);
 
 #endif
