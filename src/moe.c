@@ -445,6 +445,14 @@ const int32_t *moe_idx_host(const Kernels *k, const ModelDims *d, MoeActs *a, in
     return a->idx_host;
 }
 
+/* At ep > 1: the exchange's plan (the count exchange) and the expert-side buffers for its rows.
+ * Sets a->eoffs. */
+static void dispatch_prepare(const Kernels *k, const ModelDims *d, MoeActs *a) {
+    dispatch_plan(&a->disp, a->plan.offs);
+    acts_reserve(a, k, d, a->disp.m_recv);
+    a->eoffs = a->disp.recv_offs;
+}
+
 /* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */
 static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
     if (a->disp.ep->size == 1) {
@@ -453,10 +461,8 @@ static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
         a->eoffs = a->plan.offs;
         return;
     }
-    dispatch_plan(&a->disp, a->plan.offs);
-    acts_reserve(a, k, d, a->disp.m_recv);
+    dispatch_prepare(k, d, a);
     dispatch_rows(&a->disp, a->xp, a->xe);
-    a->eoffs = a->disp.recv_offs;
 }
 
 static int expert_rows(const MoeActs *a) { return a->disp.ep->size == 1 ? a->plan.m : a->disp.m_recv; }
@@ -500,14 +506,54 @@ static void experts_forward(const Kernels *k, const ModelDims *d, const MoeWeigh
     if (etp_on(a)) etp_reduce(&a->etpx, a->yg, a->ye, C);
 }
 
+/* The experts in pieces (moe.h, runtime.overlap): at ep > 1 without etp, on host memory (the cpu
+ * backend: comm's block exchange moves in pieces only there), with more than one local expert. */
+static int overlap_on(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeActs *a) {
+    return mc->overlap && a->disp.ep->size > 1 && !etp_on(a) && d->El > 1 && !strcmp(k->name, "cpu");
+}
+
+/* Local expert j on its rows of xe into ye (and abe, he): experts_forward's calls on a one-group
+ * offsets array at the expert's rows and weights, which the cpu grouped GEMM computes with the
+ * same sgemm call as its group j of the whole call, so the bits are the same. */
+static void expert_forward(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a,
+                           int j) {
+    int F = d->Fel, C = d->C, one[2] = {0, a->eoffs[j + 1] - a->eoffs[j]};
+    size_t r0 = (size_t)a->eoffs[j];
+    if (!one[1]) return;
+    k->grouped_linear_fwd(a->abe + r0 * 2 * F, a->xe + r0 * C, w->ex_w13 + (size_t)j * 2 * F * C, one,
+                          1, 2 * F, C);
+    k->swiglu_fwd(a->he + r0 * F, a->abe + r0 * 2 * F, one[1], F);
+    k->grouped_linear_fwd(a->ye + r0 * C, a->he + r0 * F, w->ex_w2 + (size_t)j * C * F, one, 1, C, F);
+}
+
+/* xp -> yp at ep > 1 with the exchanges in pieces: expert j computes as soon as its rows are in
+ * (later experts' rows still arriving), and its output rows leave before expert j + 1 starts. */
+static void experts_overlapped(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a) {
+    dispatch_prepare(k, d, a);
+    comp_reserve(a, k, d, expert_rows(a));
+    dispatch_rows_start(&a->disp, a->xp, a->xe);
+    combine_rows_start(&a->disp, a->ye, a->yp);
+    for (int j = 0; j < d->El; j++) {
+        dispatch_wait_expert(&a->disp, j);
+        expert_forward(k, d, w, a, j);
+        combine_rows_expert(&a->disp, j);
+    }
+    dispatch_finish(&a->disp);
+    combine_rows_finish(&a->disp);
+}
+
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n) {
     route(k, d, mc, w, a, x, n);
     const RoutePlan *p = &a->plan;
     k->gather_rows(a->xp, x, p->slots, p->m, d->C, d->K);
-    dispatch(k, d, a);
-    experts_forward(k, d, w, a);
-    if (a->disp.ep->size > 1) combine_rows(&a->disp, a->ye, a->yp);
+    if (overlap_on(k, d, mc, a)) {
+        experts_overlapped(k, d, w, a);
+    } else {
+        dispatch(k, d, a);
+        experts_forward(k, d, w, a);
+        if (a->disp.ep->size > 1) combine_rows(&a->disp, a->ye, a->yp);
+    }
     k->combine(y, a->yp, a->weights, p->slots, p->m, d->C, d->K);
     moe_lbl_fractions(a->f, p->count, d->E);
 }

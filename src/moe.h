@@ -141,6 +141,8 @@ typedef struct MoeConfig {
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
     float lbl_coeff, z_coeff;
+    int overlap;           /* runtime.overlap: the forward's dispatch and combine in pieces, per
+                              local expert, overlapped with the experts (moe_forward) */
 } MoeConfig;
 
 /* Weight pointers of one layer (views into the flat buffers). bias: (E) expert bias of the
