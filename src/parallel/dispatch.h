@@ -21,7 +21,8 @@
  *                     send and receive swapped). Row i of yp answers row i of xp.
  * dispatch_rows and combine_rows are transposes of each other, so the backward of dispatch is
  * combine_rows (on gradients) and vice versa. Works when a rank sends or receives zero rows and
- * when an expert gets none. At ep = 1 both are a plain copy.
+ * when an expert gets none. At ep = 1 both are a plain copy. Both also run in pieces, per local
+ * expert, so the experts compute while rows move (below: dispatch_rows_start ...).
  * xp/xe/ye/yp live where the Kernels table allocates (host or device); comm routes device
  * buffers to NCCL or host staging (comm.h).
  */
