@@ -183,7 +183,7 @@ void model_init(Model *m, const Config *c, const Kernels *k, int max_seqs, const
                         .groups_per_token = c->groups_per_token, .group_select = c->group_select,
                         .capacity_factor = c->capacity_factor,
                         .pad_to_capacity = c->pad_to_capacity, .lbl_coeff = c->lbl_coeff,
-                        .z_coeff = c->z_coeff};
+                        .z_coeff = c->z_coeff, .overlap = c->overlap};
     m->eps = c->norm_eps;
     m->theta = c->rope_theta;
     m->lbl_scope = c->lbl_scope;

@@ -445,6 +445,14 @@ const int32_t *moe_idx_host(const Kernels *k, const ModelDims *d, MoeActs *a, in
     return a->idx_host;
 }
 
+/* At ep > 1: the exchange's plan (the count exchange) and the expert-side buffers for its rows.
+ * Sets a->eoffs. */
+static void dispatch_prepare(const Kernels *k, const ModelDims *d, MoeActs *a) {
+    dispatch_plan(&a->disp, a->plan.offs);
+    acts_reserve(a, k, d, a->disp.m_recv);
+    a->eoffs = a->disp.recv_offs;
+}
+
 /* Move the permuted rows to the experts' ranks (an alias at ep = 1). Sets a->eoffs. */
 static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
     if (a->disp.ep->size == 1) {
@@ -453,10 +461,8 @@ static void dispatch(const Kernels *k, const ModelDims *d, MoeActs *a) {
         a->eoffs = a->plan.offs;
         return;
     }
-    dispatch_plan(&a->disp, a->plan.offs);
-    acts_reserve(a, k, d, a->disp.m_recv);
+    dispatch_prepare(k, d, a);
     dispatch_rows(&a->disp, a->xp, a->xe);
-    a->eoffs = a->disp.recv_offs;
 }
 
 static int expert_rows(const MoeActs *a) { return a->disp.ep->size == 1 ? a->plan.m : a->disp.m_recv; }
@@ -500,14 +506,74 @@ static void experts_forward(const Kernels *k, const ModelDims *d, const MoeWeigh
     if (etp_on(a)) etp_reduce(&a->etpx, a->yg, a->ye, C);
 }
 
+/* The experts in pieces (moe.h, runtime.overlap): at ep > 1 without etp, on host memory (the cpu
+ * backend: comm's block exchange moves in pieces only there), with more than one local expert. */
+static int overlap_on(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeActs *a) {
+    return mc->overlap && a->disp.ep->size > 1 && !etp_on(a) && d->El > 1 && !strcmp(k->name, "cpu");
+}
+
+/* Local expert j on its rows of xe into ye (and abe, he): experts_forward's calls on a one-group
+ * offsets array at the expert's rows and weights, which the cpu grouped GEMM computes with the
+ * same sgemm call as its group j of the whole call, so the bits are the same. */
+static void expert_forward(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a,
+                           int j) {
+    int F = d->Fel, C = d->C, one[2] = {0, a->eoffs[j + 1] - a->eoffs[j]};
+    size_t r0 = (size_t)a->eoffs[j];
+    if (!one[1]) return;
+    k->grouped_linear_fwd(a->abe + r0 * 2 * F, a->xe + r0 * C, w->ex_w13 + (size_t)j * 2 * F * C, one,
+                          1, 2 * F, C);
+    k->swiglu_fwd(a->he + r0 * F, a->abe + r0 * 2 * F, one[1], F);
+    k->grouped_linear_fwd(a->ye + r0 * C, a->he + r0 * F, w->ex_w2 + (size_t)j * C * F, one, 1, C, F);
+}
+
+/* in (source side) -> ein (expert side), the experts, eout -> out at ep > 1, with the exchanges
+ * in pieces: expert j runs (fn) as soon as its rows are in, while later experts' rows still
+ * arrive, and its output rows leave before expert j + 1 starts. */
+typedef struct ExpertStep {
+    const Kernels *k;
+    const ModelDims *d;
+    const MoeWeights *w;
+    MoeActs *a;
+    MoeScratch *s; /* backward only */
+    void (*fn)(const struct ExpertStep *e, int j);
+} ExpertStep;
+
+static void experts_in_pieces(const ExpertStep *e, const float *in, float *ein, const float *eout,
+                              float *out) {
+    Dispatcher *disp = &e->a->disp;
+    dispatch_rows_start(disp, in, ein);
+    combine_rows_start(disp, eout, out);
+    for (int j = 0; j < e->d->El; j++) {
+        dispatch_wait_expert(disp, j);
+        e->fn(e, j);
+        combine_rows_expert(disp, j);
+    }
+    dispatch_finish(disp);
+    combine_rows_finish(disp);
+}
+
+static void expert_forward_step(const ExpertStep *e, int j) { expert_forward(e->k, e->d, e->w, e->a, j); }
+
+/* xp -> yp through the experts at ep > 1, in pieces. */
+static void experts_overlapped(const Kernels *k, const ModelDims *d, const MoeWeights *w, MoeActs *a) {
+    dispatch_prepare(k, d, a);
+    comp_reserve(a, k, d, expert_rows(a));
+    ExpertStep e = {k, d, w, a, NULL, expert_forward_step};
+    experts_in_pieces(&e, a->xp, a->xe, a->ye, a->yp);
+}
+
 void moe_forward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                  MoeActs *a, const float *x, float *y, int n) {
     route(k, d, mc, w, a, x, n);
     const RoutePlan *p = &a->plan;
     k->gather_rows(a->xp, x, p->slots, p->m, d->C, d->K);
-    dispatch(k, d, a);
-    experts_forward(k, d, w, a);
-    if (a->disp.ep->size > 1) combine_rows(&a->disp, a->ye, a->yp);
+    if (overlap_on(k, d, mc, a)) {
+        experts_overlapped(k, d, w, a);
+    } else {
+        dispatch(k, d, a);
+        experts_forward(k, d, w, a);
+        if (a->disp.ep->size > 1) combine_rows(&a->disp, a->ye, a->yp);
+    }
     k->combine(y, a->yp, a->weights, p->slots, p->m, d->C, d->K);
     moe_lbl_fractions(a->f, p->count, d->E);
 }
@@ -582,6 +648,29 @@ static void experts_backward(const Kernels *k, const ModelDims *d, const MoeWeig
     if (etp_on(a)) etp_reduce(&a->etpx, s->dxg, dxe, C);
 }
 
+/* Local expert j's backward on its rows of dye (into dxe and its weight gradients): the calls of
+ * experts_backward on a one-group offsets array (the same bits; every group's rows and weight
+ * slice are its own, so the order of the groups does not matter). */
+static void expert_backward_step(const ExpertStep *e, int j) {
+    const Kernels *k = e->k;
+    const MoeActs *a = e->a;
+    const MoeWeights *w = e->w;
+    int F = e->d->Fel, C = e->d->C, one[2] = {0, a->eoffs[j + 1] - a->eoffs[j]};
+    size_t r0 = (size_t)a->eoffs[j], rows = (size_t)one[1];
+    if (!rows) return;
+    float *dhe = e->s->dhe + r0 * F, *dab = e->s->dabe + r0 * 2 * F, *dx = e->s->dxe + r0 * C;
+    const float *dy = e->s->dye + r0 * C;
+    size_t w13 = (size_t)j * 2 * F * C, w2 = (size_t)j * C * F;
+    k->zero(dhe, rows * F * sizeof(float));
+    k->grouped_linear_bwd_input(dhe, dy, w->ex_w2 + w2, one, 1, C, F);
+    k->grouped_linear_bwd_weight(w->d_ex_w2 + w2, dy, a->he + r0 * F, one, 1, C, F);
+    k->zero(dab, rows * 2 * F * sizeof(float));
+    k->swiglu_bwd(dab, dhe, a->abe + r0 * 2 * F, (int)rows, F);
+    k->zero(dx, rows * C * sizeof(float));
+    k->grouped_linear_bwd_input(dx, dab, w->ex_w13 + w13, one, 1, 2 * F, C);
+    k->grouped_linear_bwd_weight(w->d_ex_w13 + w13, dab, a->xe + r0 * C, one, 1, 2 * F, C);
+}
+
 void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, const MoeWeights *w,
                   MoeActs *a, MoeScratch *s, const float *x, const float *dy, float *dx, int n,
                   float aux_scale) {
@@ -591,6 +680,11 @@ void moe_backward(const Kernels *k, const ModelDims *d, const MoeConfig *mc, con
     k->combine_bwd(s->dyp, s->dweights, dy, a->yp, a->weights, p->slots, m, C, d->K);
     if (a->disp.ep->size == 1) {
         experts_backward(k, d, w, a, s, s->dyp, s->dxp);
+    } else if (overlap_on(k, d, mc, a)) {
+        size_t me = (size_t)expert_rows(a);
+        scratch_reserve(s, k, d, me, me, 0);
+        ExpertStep e = {k, d, w, a, s, expert_backward_step};
+        experts_in_pieces(&e, s->dyp, s->dye, s->dxe, s->dxp);
     } else {
         scratch_reserve(s, k, d, (size_t)expert_rows(a), 0, 0);
         dispatch_rows(&a->disp, s->dyp, s->dye); /* the transpose of combine_rows */

@@ -15,7 +15,11 @@
  *   ab = grouped(xe, w13) (Me,2Fe) -> h = silu(a)*b (Me,Fe) -> ye = grouped(h, w2) (Me,C)
  *   yp     = combine_rows(ye) (M,C)                                   [dispatch.h: all-to-all]
  *   y     += combine(yp, weights)                            unpermute: no communication
- * With ep = 1 there is no dispatch: xe is xp and ye is yp. With expert tensor parallelism
+ * With ep = 1 there is no dispatch: xe is xp and ye is yp. With MoeConfig.overlap (runtime.overlap)
+ * at ep > 1, etp = 1, the cpu backend and El > 1, dispatch, experts and combine run per local
+ * expert (dispatch.h: the exchanges in pieces): expert j computes once its rows are in and sends
+ * its output rows at once; the backward likewise (dyp -> dye, dxe -> dxp). Same bits, same saved
+ * activations (xe, abe, he, ye) as the one grouped call. With expert tensor parallelism
  * (etp > 1) each rank holds Fel = Fe/etp of every local expert's hidden width: the expert-side
  * rows of the etp group are gathered first (xg), every rank computes its slice's partial output for
  * all of them, and the partials are reduce-scattered back (dispatch.h: EtpExchange); the ab/h
@@ -141,6 +145,8 @@ typedef struct MoeConfig {
     float capacity_factor; /* 0 = dropless */
     int pad_to_capacity;
     float lbl_coeff, z_coeff;
+    int overlap;           /* runtime.overlap: the forward's dispatch and combine in pieces, per
+                              local expert, overlapped with the experts (moe_forward) */
 } MoeConfig;
 
 /* Weight pointers of one layer (views into the flat buffers). bias: (E) expert bias of the

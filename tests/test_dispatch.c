@@ -8,6 +8,8 @@
  *     (expert-major), with the right recv_counts / recv_offs / m_recv;
  *   - combine_rows(dispatch_rows(x)) == x, and a per-expert scaling (global expert + 1) applied on
  *     the expert side comes back as x * (expert + 1) on the right rows;
+ *   - the same through the exchanges in pieces (dispatch_rows_start, per-expert waits with expert
+ *     j's rows checked right after its wait, combine_rows_expert per expert, the finishes);
  *   - every check in each DispatchMode (the default one exchange per direction, one per local
  *     expert, staged + reorder) against the same reference, at E_local = 1..4;
  *   - edge cases: a rank sending nothing, a rank receiving nothing, no rows at all, everything to
@@ -170,6 +172,29 @@ static int exchange_ok(Dispatcher *d, const Scenario *sc, const float *xp, const
     return ok & scaled_back_ok(xp, yp, expert_of, m, sc->C);
 }
 
+/* The same through the exchanges in pieces (dispatch.h), used as moe.c uses them: combine's
+ * receives posted right after the dispatch starts; expert j's rows checked exactly as soon as its
+ * wait returns (before the finish), then scaled and handed to combine before expert j + 1. */
+static int pieces_ok(Dispatcher *d, const Scenario *sc, const float *xp, const float *want,
+                     const int *expert_of, float *xe, float *yp) {
+    int m = d->m_send, ok = 1, C = sc->C;
+    if (d->m_recv) memset(xe, 0, (size_t)d->m_recv * C * sizeof(float));
+    if (m) memset(yp, 0, (size_t)m * C * sizeof(float));
+    dispatch_rows_start(d, xp, xe);
+    combine_rows_start(d, xe, yp);
+    for (int j = 0; j < d->E_local; j++) {
+        size_t r0 = (size_t)d->recv_offs[j], rows = (size_t)(d->recv_offs[j + 1] - d->recv_offs[j]);
+        dispatch_wait_expert(d, j);
+        ok &= rows_equal(xe + r0 * C, want + r0 * C, (int)rows, C);
+        float f = (float)(g_ep.rank * d->E_local + j + 1);
+        for (size_t i = r0 * C; i < (r0 + rows) * C; i++) xe[i] *= f;
+        combine_rows_expert(d, j);
+    }
+    dispatch_finish(d);
+    combine_rows_finish(d);
+    return ok & scaled_back_ok(xp, yp, expert_of, m, C);
+}
+
 static const DispatchMode MODES[] = {DISPATCH_BLOCKS, DISPATCH_PER_EXPERT, DISPATCH_STAGED};
 static const char *const MODE_NAMES[] = {"blocks", "per-expert", "staged"};
 
@@ -190,9 +215,10 @@ static int run_scenario(Dispatcher *d, const Scenario *sc) {
     for (int i = 0; ok && i < 3; i++) { /* after a failure every rank stops, so none hangs */
         d->mode = MODES[i];
         ok = agree(exchange_ok(d, sc, xp, want, expert_of, xe, yp));
+        if (ok) ok = agree(pieces_ok(d, sc, xp, want, expert_of, xe, yp));
         if (!ok && g_ep.rank == 0)
-            fprintf(stderr, "dispatch mode %s: rows misplaced (E_local %d, C %d)\n", MODE_NAMES[i],
-                    sc->E_local, sc->C);
+            fprintf(stderr, "dispatch mode %s: rows misplaced (E_local %d, C %d; whole or in "
+                    "pieces)\n", MODE_NAMES[i], sc->E_local, sc->C);
     }
     d->mode = keep;
     free(offs), free(roffs), free(expert_of), free(xp), free(want), free(xe), free(yp);

@@ -480,15 +480,15 @@ static size_t blocks_total(const Group *g, const CommBlock *b, int nb, int peer)
     return total;
 }
 
-/* A group of one rank: the k-th send block into the k-th receive block. copy is memmove or the
- * device copy. */
-static void blocks_self(const void *send, const int *sfirst, const CommBlock *sblk, void *recv,
-                        const int *rfirst, const CommBlock *rblk, DType t,
-                        void (*copy)(void *, const void *, size_t)) {
+/* A group of one rank (or this rank's own blocks): the k-th send block into the k-th receive
+ * block, for k in [k0, k1). copy is memmove or the device copy. */
+static void blocks_self_range(const void *send, const int *sfirst, const CommBlock *sblk, void *recv,
+                              const int *rfirst, const CommBlock *rblk, DType t,
+                              void (*copy)(void *, const void *, size_t), int k0, int k1) {
     int ns = sfirst[1] - sfirst[0], nr = rfirst[1] - rfirst[0];
     MT_CHECK(ns == nr, "block all-to-all to itself: %d send blocks but %d receive blocks", ns, nr);
     size_t e = dtype_size(t);
-    for (int i = 0; i < ns; i++) {
+    for (int i = k0; i < ns && i < k1; i++) {
         const CommBlock *s = sblk + sfirst[0] + i, *r = rblk + rfirst[0] + i;
         MT_CHECK(s->count == r->count, "block all-to-all to itself: block %d sends %zu elements but "
                  "receives %zu", i, s->count, r->count);
@@ -496,39 +496,63 @@ static void blocks_self(const void *send, const int *sfirst, const CommBlock *sb
     }
 }
 
+static void blocks_self(const void *send, const int *sfirst, const CommBlock *sblk, void *recv,
+                        const int *rfirst, const CommBlock *rblk, DType t,
+                        void (*copy)(void *, const void *, size_t)) {
+    blocks_self_range(send, sfirst, sblk, recv, rfirst, rblk, t, copy, 0, INT_MAX);
+}
+
 static void host_move(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 
 #define BLOCKS_TAG 32001 /* the p2p messages of a block all-to-all (MPI_TAG_UB >= 32767) */
 
-/* One message per non-empty block, all posted at once (receives first), one wait: contiguous
- * blocks, so MPI moves each as it would a plain all-to-all(v)'s (single copy where it can). The
- * pairwise matching of the lists is what pairs the messages (same source and tag: in order). The
- * blocks to and from this rank are copied here. */
-static void blocks_p2p(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
-                       void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
-    int n = g->size, me = g->rank, m = 0;
-    size_t e = dtype_size(t);
-    int nreq = (sfirst[n] - sfirst[0]) + (rfirst[n] - rfirst[0]);
-    MPI_Request *req = mt_calloc((size_t)nreq + 1, sizeof(MPI_Request));
+/* One message per non-empty block (receives first), contiguous blocks, so MPI moves each as it
+ * would a plain all-to-all(v)'s (single copy where it can). The pairwise matching of the lists is
+ * what pairs the messages (same source and tag: in order). The blocks to and from this rank are
+ * copied here. x->req: one slot per block, MPI_REQUEST_NULL for the empty ones and this rank's. */
+static void blocks_host_start(CommBlocksReq *x) {
+    const Group *g = x->g;
+    int n = g->size, me = g->rank;
+    size_t e = dtype_size(x->t);
+    x->nr = x->rfirst[n] - x->rfirst[0];
+    x->ns = x->sfirst[n] - x->sfirst[0];
+    x->req = mt_calloc((size_t)x->nr + x->ns + 1, sizeof(MPI_Request));
+    for (int i = 0; i < x->nr + x->ns; i++) x->req[i] = MPI_REQUEST_NULL;
     for (int i = 1; i < n; i++) {
         int p = (me + n - i) % n;
-        blocks_total(g, rblk + rfirst[p], rfirst[p + 1] - rfirst[p], p);
-        for (int b = rfirst[p]; b < rfirst[p + 1]; b++)
-            if (rblk[b].count)
-                MPI_Irecv((char *)recv + rblk[b].off * e, (int)rblk[b].count, mpi_type(t), p,
-                          BLOCKS_TAG, g->comm, &req[m++]);
+        blocks_total(g, x->rblk + x->rfirst[p], x->rfirst[p + 1] - x->rfirst[p], p);
+        blocks_total(g, x->sblk + x->sfirst[p], x->sfirst[p + 1] - x->sfirst[p], p);
+        for (int b = x->rfirst[p]; b < x->rfirst[p + 1]; b++)
+            if (x->rblk[b].count)
+                MPI_Irecv((char *)x->recv + x->rblk[b].off * e, (int)x->rblk[b].count,
+                          mpi_type(x->t), p, BLOCKS_TAG, g->comm, &x->req[b - x->rfirst[0]]);
     }
+}
+
+/* Posts the sends of block indices [k0, k1) to every peer and copies this rank's own. */
+static void blocks_host_send(CommBlocksReq *x, int k0, int k1) {
+    const Group *g = x->g;
+    int n = g->size, me = g->rank;
+    size_t e = dtype_size(x->t);
     for (int i = 1; i < n; i++) {
         int p = (me + i) % n;
-        blocks_total(g, sblk + sfirst[p], sfirst[p + 1] - sfirst[p], p);
-        for (int b = sfirst[p]; b < sfirst[p + 1]; b++)
-            if (sblk[b].count)
-                MPI_Isend((const char *)send + sblk[b].off * e, (int)sblk[b].count, mpi_type(t), p,
-                          BLOCKS_TAG, g->comm, &req[m++]);
+        for (int b = x->sfirst[p] + k0; b < x->sfirst[p + 1] && b - x->sfirst[p] < k1; b++)
+            if (x->sblk[b].count)
+                MPI_Isend((const char *)x->send + x->sblk[b].off * e, (int)x->sblk[b].count,
+                          mpi_type(x->t), p, BLOCKS_TAG, g->comm, &x->req[x->nr + b - x->sfirst[0]]);
     }
-    blocks_self(send, sfirst + me, sblk, recv, rfirst + me, rblk, t, host_move);
-    MPI_Waitall(m, req, MPI_STATUSES_IGNORE);
-    free(req);
+    blocks_self_range(x->send, x->sfirst + me, x->sblk, x->recv, x->rfirst + me, x->rblk, x->t,
+                      host_move, k0, k1);
+}
+
+static void blocks_p2p(const Group *g, const void *send, const int *sfirst, const CommBlock *sblk,
+                       void *recv, const int *rfirst, const CommBlock *rblk, DType t) {
+    CommBlocksReq x = {.g = g, .send = send, .recv = recv, .sfirst = sfirst, .rfirst = rfirst,
+                       .sblk = sblk, .rblk = rblk, .t = t};
+    blocks_host_start(&x);
+    blocks_host_send(&x, 0, INT_MAX);
+    MPI_Waitall(x.nr + x.ns, x.req, MPI_STATUSES_IGNORE);
+    free(x.req);
 }
 
 #if MT_HAVE_CUDA
@@ -701,4 +725,74 @@ int comm_test(CommRequest *r) {
     free(r->stage);
     request_done(r);
     return 1;
+}
+
+/* ---- block all-to-all in pieces (dispatch overlap) ---- */
+
+/* The fallback (comm.h): device buffers or a group of one rank. */
+static int blocks_blocking(const Group *g, const void *send, const void *recv) {
+#if MT_HAVE_CUDA
+    if (on_device(g, send, recv)) return 1;
+#else
+    (void)send, (void)recv;
+#endif
+    return g->size == 1;
+}
+
+static void blocks_blocking_call(CommBlocksReq *x) {
+    comm_alltoallv_blocks(x->g, x->send, x->sfirst, x->sblk, x->recv, x->rfirst, x->rblk, x->t);
+    x->next_send = INT_MAX;
+}
+
+void comm_ialltoallv_blocks(const Group *g, const void *send, const int *sfirst,
+                            const CommBlock *sblk, void *recv, const int *rfirst,
+                            const CommBlock *rblk, DType t, int post_sends, CommBlocksReq *x) {
+    MT_CHECK(!x->active, "comm_ialltoallv_blocks on an exchange still in flight");
+    *x = (CommBlocksReq){.g = g, .send = send, .recv = recv, .sfirst = sfirst, .rfirst = rfirst,
+                         .sblk = sblk, .rblk = rblk, .t = t, .active = 1};
+    x->blocking = blocks_blocking(g, send, recv);
+    if (x->blocking) {
+        if (post_sends) blocks_blocking_call(x); /* timed there */
+        return;
+    }
+    TIMED(g);
+    if (g->stats) g->stats->started++;
+    blocks_host_start(x);
+    if (post_sends) {
+        blocks_host_send(x, 0, INT_MAX);
+        x->next_send = INT_MAX;
+    }
+}
+
+void comm_blocks_send(CommBlocksReq *x, int k) {
+    MT_CHECK(x->active, "comm_blocks_send on an exchange not started");
+    if (x->blocking) return;
+    MT_CHECK(k == x->next_send, "comm_blocks_send: block %d posted out of order (expected %d)", k,
+             x->next_send);
+    TIMED(x->g);
+    blocks_host_send(x, k, k + 1);
+    x->next_send = k + 1;
+}
+
+void comm_blocks_wait_recv(CommBlocksReq *x, int k) {
+    MT_CHECK(x->active, "comm_blocks_wait_recv on an exchange not started");
+    if (x->blocking) return;
+    TIMED(x->g);
+    for (int p = 0; p < x->g->size; p++) {
+        int b = x->rfirst[p] + k;
+        if (p != x->g->rank && b < x->rfirst[p + 1]) MPI_Wait(&x->req[b - x->rfirst[0]], MPI_STATUS_IGNORE);
+    }
+}
+
+void comm_blocks_wait_all(CommBlocksReq *x) {
+    MT_CHECK(x->active, "comm_blocks_wait_all on an exchange not started");
+    if (x->blocking) {
+        if (x->next_send != INT_MAX) blocks_blocking_call(x);
+    } else {
+        TIMED(x->g);
+        if (x->next_send != INT_MAX) blocks_host_send(x, x->next_send, INT_MAX);
+        MPI_Waitall(x->nr + x->ns, x->req, MPI_STATUSES_IGNORE);
+        free(x->req);
+    }
+    memset(x, 0, sizeof *x);
 }

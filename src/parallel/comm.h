@@ -152,6 +152,44 @@ void comm_iallreduce_sum(const Group *g, void *buf, size_t count, DType t, CommR
 void comm_ireduce_scatter_sum(const Group *g, const void *send, void *recv, size_t count, DType t,
                               CommRequest *r);
 void comm_iallgather(const Group *g, const void *send, void *recv, size_t count, DType t, CommRequest *r);
+/* A block all-to-all (comm_alltoallv_blocks, same arguments and matching rules) whose pieces
+ * finish one at a time, so compute can start on the first blocks while the others still move
+ * (dispatch.h: the expert-parallel dispatch and combine). Block k of a peer is the k-th of its
+ * list (sblk[sfirst[p] + k], rblk[rfirst[p] + k]):
+ *   comm_ialltoallv_blocks: posts every receive (host: one MPI_Irecv per non-empty block) and,
+ *     with post_sends, every send and the copies of this rank's own blocks; without, the sends
+ *     wait for comm_blocks_send;
+ *   comm_blocks_send(x, k): posts block k to every peer (and copies block k to this rank); k must
+ *     go 0, 1, 2, ... (messages of one source match in the order sent); send's block k must stay
+ *     unchanged from here until comm_blocks_wait_all;
+ *   comm_blocks_wait_recv(x, k): returns when block k from every peer is in recv (readable);
+ *   comm_blocks_wait_all(x): every send and receive done (posts the sends not posted yet first);
+ *     x is free again.
+ * Exchanges in flight on one group are matched in the order they were started (tag 32001 like the
+ * blocking call): every rank starts them in the same order, as collectives. Time inside each of
+ * these calls goes to the group's CommStats (start counts one in `started`). Fallback, where no
+ * piecewise form exists (a group of one rank, device buffers): with post_sends the blocking call
+ * runs in comm_ialltoallv_blocks, else in comm_blocks_wait_all (recv is then complete only after
+ * it); the other calls return at once. */
+typedef struct CommBlocksReq {
+    const Group *g;
+    const void *send;
+    void *recv;
+    const int *sfirst, *rfirst;
+    const CommBlock *sblk, *rblk;
+    DType t;
+    int active;
+    int blocking;       /* fallback: the blocking call does the exchange */
+    int next_send;      /* the next block index comm_blocks_send takes; INT_MAX: all posted */
+    int nr, ns;         /* receive and send blocks, all peers */
+    MPI_Request *req;   /* [0, nr) receive block b - rfirst[0], [nr, nr + ns) send block b - sfirst[0] */
+} CommBlocksReq;
+void comm_ialltoallv_blocks(const Group *g, const void *send, const int *sfirst,
+                            const CommBlock *sblk, void *recv, const int *rfirst,
+                            const CommBlock *rblk, DType t, int post_sends, CommBlocksReq *x);
+void comm_blocks_send(CommBlocksReq *x, int k);
+void comm_blocks_wait_recv(CommBlocksReq *x, int k);
+void comm_blocks_wait_all(CommBlocksReq *x);
 /* Lets MPI move r on; 1 if r is complete (then r is inactive, as after comm_wait), else 0. An
  * inactive request: 1. Device (NCCL) requests report 0 until comm_wait joins them. */
 int comm_test(CommRequest *r);

@@ -232,6 +232,51 @@ void combine_rows(Dispatcher *d, const float *ye, float *yp) {
     exchange(d, ye, yp, 0);
 }
 
+/* ---- the exchanges in pieces (overlap) ----
+ * Per-peer block j is local expert j's (rblk [s][j], sblk [r][j]), so comm's block index is the
+ * expert index: waiting for receive block j of every peer is waiting for expert j's rows. Anything
+ * but DISPATCH_BLOCKS on more than one rank runs the blocking exchange (at the start for dispatch,
+ * at the finish for combine: bwd_in/out). */
+
+static int pieces(const Dispatcher *d) { return d->ep->size > 1 && d->mode == DISPATCH_BLOCKS; }
+
+void dispatch_rows_start(Dispatcher *d, const float *xp, float *xe) {
+    if (!pieces(d)) {
+        dispatch_rows(d, xp, xe);
+        return;
+    }
+    check_int_counts(d);
+    comm_ialltoallv_blocks(d->ep, xp, d->first, d->sblk, xe, d->first, d->rblk, DT_F32, 1, &d->fwd);
+}
+
+void dispatch_wait_expert(Dispatcher *d, int j) {
+    MT_CHECK(j >= 0 && j < d->E_local, "dispatch_wait_expert: expert %d of %d", j, d->E_local);
+    if (pieces(d)) comm_blocks_wait_recv(&d->fwd, j);
+}
+
+void dispatch_finish(Dispatcher *d) {
+    if (pieces(d)) comm_blocks_wait_all(&d->fwd);
+}
+
+void combine_rows_start(Dispatcher *d, const float *ye, float *yp) {
+    d->bwd_in = ye;
+    d->bwd_out = yp;
+    if (!pieces(d)) return;
+    check_int_counts(d);
+    comm_ialltoallv_blocks(d->ep, ye, d->first, d->rblk, yp, d->first, d->sblk, DT_F32, 0, &d->bwd);
+}
+
+void combine_rows_expert(Dispatcher *d, int j) {
+    MT_CHECK(j >= 0 && j < d->E_local, "combine_rows_expert: expert %d of %d", j, d->E_local);
+    if (pieces(d)) comm_blocks_send(&d->bwd, j);
+}
+
+void combine_rows_finish(Dispatcher *d) {
+    if (pieces(d)) comm_blocks_wait_all(&d->bwd);
+    else combine_rows(d, d->bwd_in, d->bwd_out);
+    d->bwd_in = d->bwd_out = NULL;
+}
+
 /* ---- expert tensor parallelism ---- */
 
 void etp_init(EtpExchange *x, const Group *etp, const Kernels *k, int el) {

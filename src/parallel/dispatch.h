@@ -21,7 +21,8 @@
  *                     send and receive swapped). Row i of yp answers row i of xp.
  * dispatch_rows and combine_rows are transposes of each other, so the backward of dispatch is
  * combine_rows (on gradients) and vice versa. Works when a rank sends or receives zero rows and
- * when an expert gets none. At ep = 1 both are a plain copy.
+ * when an expert gets none. At ep = 1 both are a plain copy. Both also run in pieces, per local
+ * expert, so the experts compute while rows move (below: dispatch_rows_start ...).
  * xp/xe/ye/yp live where the Kernels table allocates (host or device); comm routes device
  * buffers to NCCL or host staging (comm.h).
  */
@@ -54,6 +55,9 @@ typedef struct Dispatcher {
     CommBlock *rblk;  /* (ep * E_local) [s][j]: xe's rows from source s for local expert j */
     float *stage;     /* DISPATCH_STAGED: source-major rows (m_recv, C), grown as needed */
     size_t stage_cap;
+    CommBlocksReq fwd, bwd; /* dispatch_rows_start / combine_rows_start in flight */
+    const float *bwd_in;    /* combine_rows_start's ye and yp: the fallback's blocking combine */
+    float *bwd_out;
 } Dispatcher;
 
 void dispatcher_init(Dispatcher *d, const Group *ep, const Kernels *k, int num_experts, int c);
@@ -65,6 +69,26 @@ void dispatch_plan(Dispatcher *d, const int *offs);
 void dispatch_rows(Dispatcher *d, const float *xp, float *xe);
 /* ye (m_recv, C) expert-major -> yp (m_send, C) in xp's order. Collective over ep. */
 void combine_rows(Dispatcher *d, const float *ye, float *yp);
+
+/* The same exchanges in pieces, so the experts compute while rows still move (moe.c, runtime.overlap):
+ *   dispatch_rows_start(xp, xe): posts the whole exchange; dispatch_wait_expert(j): local expert
+ *     j's rows of xe (recv_offs[j] .. recv_offs[j+1]) are in; dispatch_finish: all done (xp
+ *     reusable). xe rows of expert j must not be read before its wait.
+ *   combine_rows_start(ye, yp): posts the receives; combine_rows_expert(j), j = 0, 1, ...: ye's rows
+ *     of local expert j are final, their sends go out (they must stay unchanged until the finish);
+ *     combine_rows_finish: yp complete. yp must not be read before it.
+ * One dispatch and one combine may be in flight at once; every ep rank calls them in the same
+ * order (they match in the order started). The results are bit-identical to dispatch_rows and
+ * combine_rows. Only DISPATCH_BLOCKS on host buffers moves in pieces; otherwise (other modes,
+ * device buffers: comm.h's fallback; mode must not change while one is in flight) dispatch_rows_start does the whole blocking exchange, combine's
+ * happens in combine_rows_finish, and the per-expert calls return at once. At ep = 1 they are the
+ * plain copies (start for dispatch, finish for combine). */
+void dispatch_rows_start(Dispatcher *d, const float *xp, float *xe);
+void dispatch_wait_expert(Dispatcher *d, int j);
+void dispatch_finish(Dispatcher *d);
+void combine_rows_start(Dispatcher *d, const float *ye, float *yp);
+void combine_rows_expert(Dispatcher *d, int j);
+void combine_rows_finish(Dispatcher *d);
 
 /* Expert tensor parallelism (etp > 1): the etp ranks with the same ep index hold the same experts,
  * each a slice of their hidden width, and each received its own rows for them from its ep group.
