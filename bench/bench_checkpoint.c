@@ -41,6 +41,7 @@
 
 #include "blas.h"
 #include "checkpoint.h"
+#include "bench_util.h"
 #include "common.h"
 #include "config.h"
 #include "kernels.h"
@@ -137,12 +138,8 @@ static double best_of(const double *x) {
 }
 
 int main(int argc, char **argv) {
-    blas_setup(argv);
-    MPI_Init(&argc, &argv);
     int rank, world;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
-    mt_set_identity(rank);
+    bench_mpi_start(&argc, &argv, &rank, &world);
 
     const char *path = "configs/small.ini", **sets = mt_calloc((size_t)argc, sizeof *sets);
     int n_sets = 0;

@@ -95,12 +95,8 @@ static double grad_comm_alone(Arm *a, const Mesh *mesh) {
 }
 
 int main(int argc, char **argv) {
-    blas_setup(argv);
-    MPI_Init(&argc, &argv);
     int rank, world;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
-    mt_set_identity(rank);
+    bench_mpi_start(&argc, &argv, &rank, &world);
 
     const char *path = "configs/small.ini";
     const char **sets = mt_calloc((size_t)argc + 4, sizeof *sets);

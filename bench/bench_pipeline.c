@@ -61,12 +61,8 @@ static void step_once(Layout *L, int s) {
 }
 
 int main(int argc, char **argv) {
-    blas_setup(argv);
-    MPI_Init(&argc, &argv);
     int rank, world;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
-    mt_set_identity(rank);
+    bench_mpi_start(&argc, &argv, &rank, &world);
 
     const char *path = "configs/small.ini";
     const char **sets = mt_calloc((size_t)argc + 8, sizeof *sets);
