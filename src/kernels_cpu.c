@@ -6,7 +6,9 @@
  *    buffers, except combine_bwd, cross_entropy and ce_vp_grad, which overwrite.
  *  - GEMM work goes through CBLAS sgemm (sgemm_k: K cut in fixed panels): one call per K panel of a
  *    matmul, of a group of a grouped linear, of a query block of causal attention; a GEMM under
- *    GEMM_PAR_MIN multiply-adds is one call on one thread, whole K. Never a per-token GEMM loop.
+ *    GEMM_PAR_MIN multiply-adds is one call on one thread, whole K. The groups of a grouped linear
+ *    whose groups are all under GEMM_GROUP_PAR_MAX run in parallel, one thread each (the same
+ *    calls, the same bits). Never a per-token GEMM loop.
  *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
  *    dw, router stats, cross-entropy loss, softmax denominators).
  *  - Every exp (softmaxes of attention, router, cross-entropy; SiLU) is fexp(): branch-free,
@@ -520,10 +522,29 @@ static void check_offs(const int *offs, int g) {
                  offs[j + 1], j, offs[j]);
 }
 
+/* Grouped GEMMs: one sgemm_k call per group, each writing its own rows (or its own weight
+ * slice). When every group is under GEMM_GROUP_PAR_MAX multiply-adds, the groups themselves are
+ * spread over the threads (dynamic: uneven rows), each call on one thread (inside a parallel
+ * region OpenBLAS is single-threaded): small experts (tiny.ini) then use every core, where their
+ * own GEMMs are too small to thread. The bits do not change: a call under GEMM_PAR_MIN runs on one
+ * thread anyway, and a larger one is cut into K panels (sgemm_panels) whose single- and
+ * multi-threaded results agree (tests/test_threads.c). Larger groups keep the loop serial, each
+ * GEMM threaded inside. */
+#ifndef GEMM_GROUP_PAR_MAX
+#define GEMM_GROUP_PAR_MAX (64.0 * 1024 * 1024)
+#endif
+static int groups_in_parallel(const int *offs, int g, int o, int i) {
+    if (g < 2 || omp_get_max_threads() < 2) return 0;
+    for (int j = 0; j < g; j++)
+        if ((double)(offs[j + 1] - offs[j]) * o * i >= GEMM_GROUP_PAR_MAX) return 0;
+    return 1;
+}
+
 static void cpu_grouped_linear_fwd(float *y, const float *x, const float *w, const int *offs, int g,
                                    int o, int i) {
     check_offs(offs, g);
     if (o <= 0) return;
+#pragma omp parallel for schedule(dynamic, 1) if (groups_in_parallel(offs, g, o, i))
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
@@ -541,6 +562,7 @@ static void cpu_grouped_linear_bwd_input(float *dx, const float *dy, const float
                                          const int *offs, int g, int o, int i) {
     check_offs(offs, g);
     if (o <= 0 || i <= 0) return;
+#pragma omp parallel for schedule(dynamic, 1) if (groups_in_parallel(offs, g, o, i))
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
@@ -554,6 +576,7 @@ static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const floa
                                           const int *offs, int g, int o, int i) {
     check_offs(offs, g);
     if (o <= 0 || i <= 0) return;
+#pragma omp parallel for schedule(dynamic, 1) if (groups_in_parallel(offs, g, o, i))
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;

@@ -8,6 +8,7 @@
  *    really split the work), gives the same bits at 1, 2 and 4 threads: row kernels, the
  *    column-split sums over rows (RMSNorm dw, embedding backward, scatter_add, combine with rows
  *    hit several times), the ordered scalar sums (losses, router z, sumsq over several chunks).
+ *  - The grouped expert GEMMs, their groups in parallel or serial (kernels_cpu.c), at 1, 2, 4.
  *  - zero and copy over their parallel threshold (sliced over the threads) at 1, 2, 3 threads:
  *    exactly memset / memmove, overlapping copies included.
  *  - Training steps (dense + MoE layer, shared expert, GQA attention) at 1, 2 and 4 threads:
@@ -88,6 +89,54 @@ START_TEST(test_gemm_invariant) {
         free(a);
         free(b);
     }
+}
+END_TEST
+
+/* The grouped expert GEMMs (fwd, bwd_input, bwd_weight accumulating), whose groups run in parallel
+ * when every group is under kernels_cpu.c's GEMM_GROUP_PAR_MAX and serially (each GEMM threaded
+ * inside) otherwise: groups under GEMM_PAR_MIN, between it and GEMM_GROUP_PAR_MAX (bwd_weight's
+ * K = the group's rows in OpenBLAS's one-to-two K-panel range), an empty group, uneven rows, and a
+ * group too large to run in parallel (the serial path at every thread count). */
+START_TEST(test_grouped_invariant) {
+    const Kernels *k = kernels_cpu();
+    static const int offs_set[][5] = {
+        {0, 37, 37, 737, 2237},   /* 37, 0, 700, 1500 rows */
+        {0, 512, 1024, 1536, 2048},
+        {0, 5000, 5001, 5100, 5200}, /* a group of 5000 x 256 x 64 = 82M: serial */
+    };
+    static const int oi[][2] = {{256, 64}, {64, 128}};
+    for (size_t q = 0; q < sizeof offs_set / sizeof offs_set[0]; q++)
+        for (size_t d = 0; d < 2; d++) {
+            const int *offs = offs_set[q], g = 4, o = oi[d][0], in = oi[d][1], rows = offs[4];
+            float *x = tu_rnd((size_t)rows * in, -1, 1, 40 + q), *w = tu_rnd((size_t)g * o * in, -1, 1, 50 + d);
+            float *dy = tu_rnd((size_t)rows * o, -1, 1, 60 + q);
+            float *ref[3] = {NULL, NULL, NULL};
+            for (int i = 0; i < NT; i++) {
+                set_threads(THREADS[i]);
+                float *y = tu_filled((size_t)rows * o, 0), *dx = tu_rnd((size_t)rows * in, -1, 1, 70);
+                float *dw = tu_rnd((size_t)g * o * in, -1, 1, 80);
+                k->grouped_linear_fwd(y, x, w, offs, g, o, in);
+                k->grouped_linear_bwd_input(dx, dy, w, offs, g, o, in);
+                k->grouped_linear_bwd_weight(dw, dy, x, offs, g, o, in);
+                float *got[3] = {y, dx, dw};
+                size_t n[3] = {(size_t)rows * o, (size_t)rows * in, (size_t)g * o * in};
+                static const char *what[3] = {"grouped fwd", "grouped bwd_input", "grouped bwd_weight"};
+                for (int e = 0; e < 3; e++) {
+                    if (!ref[e]) {
+                        ref[e] = got[e];
+                        continue;
+                    }
+                    ck_assert_msg(memcmp(got[e], ref[e], n[e] * sizeof(float)) == 0,
+                                  "%s, offsets set %zu, o %d i %d: %d threads differ from 1", what[e], q, o, in,
+                                  THREADS[i]);
+                    free(got[e]);
+                }
+            }
+            for (int e = 0; e < 3; e++) free(ref[e]);
+            free(x);
+            free(w);
+            free(dy);
+        }
 }
 END_TEST
 
@@ -370,6 +419,7 @@ int main(void) {
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_apply);
     tcase_add_test(tc, test_gemm_invariant);
+    tcase_add_test(tc, test_grouped_invariant);
     tcase_add_test(tc, test_zero_copy);
     tcase_add_test(tc, test_kernels_invariant);
     tcase_add_test(tc, test_steps_invariant);
