@@ -4,11 +4,12 @@
  *  - fp32 tensors in host memory, row-major; linear weights W(out, in), y = x W^T.
  *  - Forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into gradient
  *    buffers, except combine_bwd, cross_entropy and ce_vp_grad, which overwrite.
- *  - GEMM work goes through CBLAS sgemm (sgemm_k: K cut in fixed panels): one call per K panel of a
- *    matmul, of a group of a grouped linear, of a query block of causal attention; a GEMM under
- *    GEMM_PAR_MIN multiply-adds is one call on one thread, whole K. The groups of a grouped linear
- *    whose groups are all under GEMM_GROUP_PAR_MAX run in parallel, one thread each (the same
- *    calls, the same bits). Never a per-token GEMM loop.
+ *  - GEMM work goes through CBLAS sgemm (sgemm_k), always single-threaded inside the BLAS, with
+ *    the whole K: a matmul, a group of a grouped linear, a query block of causal attention is one
+ *    call, or for a large one (2 x GEMM_PAR_MIN multiply-adds and more) one call per row slice of
+ *    C, the slices on the OpenMP threads. The groups of a grouped linear whose groups are all under
+ *    GEMM_GROUP_PAR_MAX run in parallel, one thread each (the same calls, the same bits). Never a
+ *    per-token GEMM loop.
  *  - Reductions that feed losses or norms accumulate in double (sumsq, rmsnorm mean square and
  *    dw, router stats, cross-entropy loss, softmax denominators).
  *  - Every exp (softmaxes of attention, router, cross-entropy; SiLU) is fexp(): branch-free,
@@ -29,8 +30,9 @@
  *    the COLUMNS over the threads, and each column is summed over the rows in ascending order;
  *  - scalar sums (losses, router z, sumsq) keep one partial per row or per fixed-size chunk
  *    (SUM_CHUNK elements, not per thread) and add the partials serially in order.
- * So a run is bit-identical at any thread count (tests/test_threads.c). OpenBLAS's GEMMs are
- * thread-count independent only while K fits one of its K panels: sgemm_k below cuts K itself. Attention runs one (sequence, head) pair per
+ * So a run is bit-identical at any thread count (tests/test_threads.c). OpenBLAS's own threaded
+ * GEMMs are not (they split C where its kernels sum differently): sgemm_k below splits the rows
+ * of C itself, where they sum alike, and checks that once per process. Attention runs one (sequence, head) pair per
  * thread with OpenBLAS on one thread meanwhile (no nested oversubscription). Link the OpenMP
  * build of OpenBLAS (the Makefile does where it is installed): one thread pool for both.
  * Small problems (under PAR_MIN elements of work) stay on the calling thread; zero and copy split
@@ -42,6 +44,7 @@
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -443,59 +446,138 @@ static void cpu_sumsq(double *out_host, const float *x, size_t n) {
 
 /* ============================================================================== GEMMs == */
 
-/* Every GEMM of this backend. OpenBLAS blocks the K reduction in panels of GEMM_Q (448 for its
- * SkylakeX sgemm) and, for GEMM_Q < K < 2 GEMM_Q, halves K differently in its threaded and its
- * single-threaded driver: the same product then differs in the last bits between 1 and 2 threads
- * (measured: every K from 452 up, tests/test_threads.c). So K is cut here, into ceil(K / GEMM_KMAX)
- * near-equal panels (a multiple of 16 each; the count and sizes depend on K only) and each panel is
- * one sgemm accumulating into C, which OpenBLAS then never splits: the same bits at any thread
- * count. The extra passes over C cost what OpenBLAS's own K panels cost. */
-#ifndef GEMM_KMAX
-#define GEMM_KMAX 384
-#endif
-/* A GEMM under GEMM_PAR_MIN multiply-adds (about 0.1 ms on one core; tiny.ini's projections,
- * 1024 x 64 x 64) runs on one thread: waking the other threads costs about what they would save,
- * and far more on a busy node (measured on the shared 2-core build machine at load 7: a
- * 1024 x 64 x 64 sgemm took 80 us on one thread, 208 us on two; holding OpenBLAS at one thread
- * around the call costs nothing measurable). */
+/* Every GEMM of this backend goes through sgemm_k, and the BLAS only ever runs a GEMM on one
+ * thread: the threads split the rows of C here instead. A GEMM of at least 2 x GEMM_PAR_MIN
+ * multiply-adds is cut into row slices of whole GEMM_SLICE-row blocks, at most one per thread and
+ * each of at least GEMM_PAR_MIN multiply-adds; each slice is one single-threaded sgemm call with
+ * the whole K, on its own OpenMP thread.
+ *
+ * Why: the bits. OpenBLAS blocks K by its GEMM_Q depending on K alone, and (row-major C is its
+ * column-major C^T) our rows are its columns, which its kernels walk in fixed chunks (12 or 24
+ * and smaller tails): a slice starting on a multiple of 48 puts every element in the same kind
+ * of tile as the whole product does, so it gets the same sum, at any thread count. OpenBLAS's
+ * own threading splits columns of C at other points (and halves K differently for
+ * GEMM_Q < K < 2 GEMM_Q): its threaded results differ in the last bits from its single-threaded
+ * ones (measured: on the Zen/Haswell sgemm for every shape of small.ini's step; on SkylakeX for
+ * K from 452 up). A slice is never under GEMM_PAR_MIN, which keeps it off the paths that
+ * OpenBLAS picks by size (the SkylakeX "direct" sgemm under 28 x 512^2 = 7.3M multiply-adds, its
+ * small-matrix kernels under 1M): a slice takes the path the whole product takes. Because this is
+ * a property of the BLAS, gemm_slicing_ok() checks it once per process on probe products; a BLAS
+ * that fails it (another library through BLAS_LIBS, say) gets whole products on one thread each,
+ * with a line on stderr saying so.
+ * A GEMM under 2 x GEMM_PAR_MIN (about 0.2 ms on one core: tiny.ini's 1024 x 64 x 64
+ * projections) is one call on one thread: waking the other threads costs about what they would
+ * save, and far more on a busy node (measured on the shared 2-core build machine at load 7: a
+ * 1024 x 64 x 64 sgemm took 80 us on one thread, 208 us on two). */
 #ifndef GEMM_PAR_MIN
 #define GEMM_PAR_MIN (8.0 * 1024 * 1024)
 #endif
-static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
-                         int m, int n, int k, float alpha, const float *a, int lda, const float *b,
-                         int ldb, float beta, float *c, int ldc);
-/* A GEMM under GEMM_PAR_MIN runs on one thread at every thread count (inside a parallel region
- * OpenBLAS's OpenMP build is single-threaded by itself; outside it is held at one thread here), so
- * its K needs no cutting: one sgemm call, whose single-threaded driver gives the same bits at any
- * thread count. The decision depends on the shape only, never on the thread count. */
-static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m,
-                    int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
-                    float beta, float *c, int ldc) {
-    if ((double)m * n * k >= GEMM_PAR_MIN) {
-        sgemm_panels(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-        return;
-    }
-    int nb = omp_in_parallel() ? 1 : openblas_get_num_threads();
+#define GEMM_SLICE 48 /* rows of C per slice block */
+
+/* The BLAS on one thread for the calls that follow, on this thread (for_region = 0) or inside a
+ * parallel region about to open (1). The OpenMP build of OpenBLAS runs single-threaded inside an
+ * active region by itself (and its set_num_threads would also set OpenMP's count); otherwise its
+ * count is set to 1. Inside a region nothing is done: its opener held it. Returns the count
+ * blas_many restores (0: nothing to restore). */
+static int blas_one(int for_region) {
+    if (omp_in_parallel()) return 0;
+    if (for_region && openblas_get_parallel() == 2) return 0;
+    int nb = openblas_get_num_threads();
     if (nb > 1) openblas_set_num_threads(1);
-    cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    if (nb > 1) openblas_set_num_threads(nb); /* (the OpenMP build: also OpenMP's count, as before) */
+    return nb > 1 ? nb : 0;
 }
 
-static void sgemm_panels(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
-                         int m, int n, int k, float alpha, const float *a, int lda, const float *b,
-                         int ldb, float beta, float *c, int ldc) {
-    int panels = (k + GEMM_KMAX - 1) / GEMM_KMAX;
-    if (panels <= 1) {
-        cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-        return;
+static void blas_many(int nb) {
+    if (nb > 1) openblas_set_num_threads(nb);
+}
+
+/* Rows [*lo, *hi) of slice s of `slices` over m rows: whole GEMM_SLICE blocks, the last one
+ * short when m is not a multiple. */
+static void gemm_slice(int m, int slices, int s, int *lo, int *hi) {
+    int blocks = (m + GEMM_SLICE - 1) / GEMM_SLICE;
+    *lo = (int)((long)blocks * s / slices) * GEMM_SLICE;
+    *hi = (int)((long)blocks * (s + 1) / slices) * GEMM_SLICE;
+    if (*hi > m) *hi = m;
+}
+
+/* C(m, n) (+)= alpha op(A) op(B), rows lo..hi only: one single-threaded call */
+static void sgemm_rows(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int lo, int hi, int n,
+                       int k, float alpha, const float *a, int lda, const float *b, int ldb,
+                       float beta, float *c, int ldc) {
+    cblas_sgemm(CblasRowMajor, ta, tb, hi - lo, n, k, alpha,
+                ta == CblasTrans ? a + lo : a + (size_t)lo * lda, lda, b, ldb, beta,
+                c + (size_t)lo * ldc, ldc);
+}
+
+static int g_slicing_ok;
+static pthread_once_t g_slicing_once = PTHREAD_ONCE_INIT;
+
+/* Probe products (odd sizes, a short last slice, each slice over GEMM_PAR_MIN, the three
+ * transpose cases the model uses, beta 0 and 1), whole against three slices, on one thread. */
+static void slicing_probe(void) {
+    const int m = 1000, n = 100, k = 260;
+    static const int tr[3][2] = {{0, 0}, {0, 1}, {1, 0}};
+    float *a = mt_calloc((size_t)m * k, 4), *b = mt_calloc((size_t)n * k, 4);
+    float *c1 = mt_calloc((size_t)m * n, 4), *c2 = mt_calloc((size_t)m * n, 4);
+    for (size_t i = 0; i < (size_t)m * k; i++) a[i] = (float)((i * 7919) % 2003) / 2003.0f - 0.5f;
+    for (size_t i = 0; i < (size_t)n * k; i++) b[i] = (float)((i * 104729) % 1999) / 1999.0f - 0.5f;
+    int nb = blas_one(0), ok = 1;
+    for (int t = 0; t < 6 && ok; t++) {
+        enum CBLAS_TRANSPOSE ta = tr[t % 3][0] ? CblasTrans : CblasNoTrans;
+        enum CBLAS_TRANSPOSE tb = tr[t % 3][1] ? CblasTrans : CblasNoTrans;
+        int lda = ta == CblasTrans ? m : k, ldb = tb == CblasTrans ? k : n;
+        float beta = t < 3 ? 0.0f : 1.0f;
+        for (size_t i = 0; i < (size_t)m * n; i++) c1[i] = c2[i] = (float)(i % 97) / 97.0f;
+        sgemm_rows(ta, tb, 0, m, n, k, 0.5f, a, lda, b, ldb, beta, c1, n);
+        for (int s = 0; s < 3; s++) {
+            int lo, hi;
+            gemm_slice(m, 3, s, &lo, &hi);
+            sgemm_rows(ta, tb, lo, hi, n, k, 0.5f, a, lda, b, ldb, beta, c2, n);
+        }
+        ok = memcmp(c1, c2, (size_t)m * n * sizeof(float)) == 0;
     }
-    int step = ((k + panels - 1) / panels + 15) / 16 * 16;
-    for (int k0 = 0; k0 < k; k0 += step) {
-        int kl = k - k0 < step ? k - k0 : step;
-        const float *ap = ta == CblasTrans ? a + (size_t)k0 * lda : a + k0;
-        const float *bp = tb == CblasTrans ? b + k0 : b + (size_t)k0 * ldb;
-        cblas_sgemm(o, ta, tb, m, n, kl, alpha, ap, lda, bp, ldb, k0 ? 1.0f : beta, c, ldc);
+    blas_many(nb);
+    if (!ok)
+        fprintf(stderr, "moetrain: this BLAS's sgemm gives other bits for row slices of a product "
+                        "than for the whole product: every GEMM runs on one thread, so that results "
+                        "do not depend on runtime.threads (slower with threads > 1)\n");
+    g_slicing_ok = ok;
+    free(a), free(b), free(c1), free(c2);
+}
+
+static int gemm_slicing_ok(void) {
+    pthread_once(&g_slicing_once, slicing_probe);
+    return g_slicing_ok;
+}
+
+/* How many row slices a GEMM of C(m, n) with inner size k gets (1: one whole call). */
+static int gemm_slices(int m, int n, int k) {
+    double work = (double)m * n * k;
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (work < 2 * GEMM_PAR_MIN || nt < 2 || !gemm_slicing_ok()) return 1;
+    int s = (int)(work / GEMM_PAR_MIN), blocks = (m + GEMM_SLICE - 1) / GEMM_SLICE;
+    if (s > nt) s = nt;
+    return s < blocks ? s : blocks;
+}
+
+/* C(m, n) = alpha op(A) op(B) + beta C, as cblas_sgemm (row-major). */
+static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m, int n, int k,
+                    float alpha, const float *a, int lda, const float *b, int ldb, float beta,
+                    float *c, int ldc) {
+    MT_CHECK(o == CblasRowMajor, "sgemm_k: row-major only");
+    int slices = gemm_slices(m, n, k);
+    int nb = blas_one(slices > 1);
+    if (slices <= 1) {
+        sgemm_rows(ta, tb, 0, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    } else {
+#pragma omp parallel for num_threads(slices) schedule(static, 1)
+        for (int s = 0; s < slices; s++) {
+            int lo, hi;
+            gemm_slice(m, slices, s, &lo, &hi);
+            sgemm_rows(ta, tb, lo, hi, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        }
     }
+    blas_many(nb);
 }
 
 static void scale_matrix(float *c, size_t n, float beta) {
@@ -526,10 +608,9 @@ static void check_offs(const int *offs, int g) {
  * slice). When every group is under GEMM_GROUP_PAR_MAX multiply-adds, the groups themselves are
  * spread over the threads (dynamic: uneven rows), each call on one thread (inside a parallel
  * region OpenBLAS is single-threaded): small experts (tiny.ini) then use every core, where their
- * own GEMMs are too small to thread. The bits do not change: a call under GEMM_PAR_MIN runs on one
- * thread anyway, and a larger one is cut into K panels (sgemm_panels) whose single- and
- * multi-threaded results agree (tests/test_threads.c). Larger groups keep the loop serial, each
- * GEMM threaded inside. */
+ * own GEMMs are too small to thread. The bits do not change: inside the region every call is one
+ * whole single-threaded sgemm, whose bits its row slices reproduce (sgemm_k). Larger groups keep
+ * the loop serial, each GEMM split into row slices over the threads. */
 #ifndef GEMM_GROUP_PAR_MAX
 #define GEMM_GROUP_PAR_MAX (64.0 * 1024 * 1024)
 #endif

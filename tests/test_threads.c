@@ -2,8 +2,8 @@
  *
  *  - cpu_threads_apply sets OpenMP and OpenBLAS to the same count; 0 = OMP_NUM_THREADS when set.
  *  - The backend's GEMMs (matmul) on the shapes of a training step give the same bits at 1, 2 and
- *    4 threads, including K between one and two of OpenBLAS's K panels, where OpenBLAS alone
- *    does not (kernels_cpu.c: sgemm_k).
+ *    4 threads, where OpenBLAS's own threading does not (kernels_cpu.c: sgemm_k splits the rows
+ *    of C itself), including K between one and two of OpenBLAS's K panels.
  *  - Every CPU kernel that is not a GEMM, on sizes above its parallel threshold (so the threads
  *    really split the work), gives the same bits at 1, 2 and 4 threads: row kernels, the
  *    column-split sums over rows (RMSNorm dw, embedding backward, scatter_add, combine with rows
@@ -65,7 +65,7 @@ START_TEST(test_gemm_invariant) {
         {1024, 64, 64, 0, 1},    {256, 64, 1024, 1, 0},   {1024, 256, 64, 0, 0},
         {333, 777, 129, 0, 1},   {64, 256, 32, 0, 1},     {256, 704, 2048, 1, 0},
         /* K between OpenBLAS's K panel (448 for SkylakeX) and twice it: raw cblas_sgemm gives
-         * other bits at 2 threads than at 1 here; matmul's fixed K panels must not */
+         * other bits at 2 threads than at 1 here (on the Zen sgemm, also for the shapes above) */
         {192, 64, 504, 1, 0},    {64, 96, 504, 1, 0},     {512, 256, 704, 0, 1},
         {256, 256, 452, 0, 0},   {128, 128, 900, 1, 0},
     };
@@ -93,8 +93,8 @@ START_TEST(test_gemm_invariant) {
 END_TEST
 
 /* The grouped expert GEMMs (fwd, bwd_input, bwd_weight accumulating), whose groups run in parallel
- * when every group is under kernels_cpu.c's GEMM_GROUP_PAR_MAX and serially (each GEMM threaded
- * inside) otherwise: groups under GEMM_PAR_MIN, between it and GEMM_GROUP_PAR_MAX (bwd_weight's
+ * when every group is under kernels_cpu.c's GEMM_GROUP_PAR_MAX and serially (each GEMM split over
+ * the threads) otherwise: groups under GEMM_PAR_MIN, between it and GEMM_GROUP_PAR_MAX (bwd_weight's
  * K = the group's rows in OpenBLAS's one-to-two K-panel range), an empty group, uneven rows, and a
  * group too large to run in parallel (the serial path at every thread count). */
 START_TEST(test_grouped_invariant) {
