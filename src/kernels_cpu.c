@@ -784,40 +784,103 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
 
 /* =========================================================================== attention == */
 
-/* One (b, h) pair: q/o rows have stride ldq = H*D, k/v rows stride ldk = Hkv*D. Query row t
- * (0 <= t < tq) sits at key position q0 + t. */
+/* The g = H/Hkv query heads that read one kv head run together: their rows of a query block are
+ * stacked (head-major: stacked row j*m + t is head h0 + j, block row t) into one matrix, so every
+ * GEMM of the block is one call of g*m rows against the same keys and values (K and V packed once
+ * per block, not once per head). Stacked rows are copied into contiguous scratch (q, dout, dq rows
+ * of a head are strided by H*D in the tensors); the copies are g*m*D floats per block, against
+ * g*m*n*D multiply-adds per GEMM.
+ *
+ * One (sequence, kv head) pair: q/o/dout/out/dq point at head h0 of row 0 (rows stride
+ * ldq = H*D, head j at +j*D); k/v/dk/dv rows stride ldk = Hkv*D; lse/lse_out point at head h0's
+ * row of lse, head j at +j*tq. Query row t (0 <= t < tq) sits at key position q0 + t. */
 typedef struct {
     const float *q, *k, *v, *o, *dout, *lse; /* lse: read by the backward */
     float *out, *dq, *dk, *dv, *lse_out;      /* lse_out: written by the forward */
-    int tq, q0, d, ldq, ldk;
+    int tq, q0, d, g, ldq, ldk;
     float scale;
-} AttnHead;
+} AttnGroup;
 
-/* s(m, n) = scale * q[r0:r0+m] k[0:n]^T, n = q0 + r0 + m */
-static void attn_scores(float *s, const AttnHead *a, int r0, int m) {
-    int n = a->q0 + r0 + m;
-    sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, a->d, a->scale,
-                a->q + (size_t)r0 * a->ldq, a->ldq, a->k, a->ldk, 0.0f, s, n);
+/* Per-thread scratch of one call, allocated once (sizes: attn_scratch). */
+typedef struct {
+    float *qb; /* g*blk*D: the block's stacked query rows */
+    float *xb; /* g*blk*D: fwd: P V of the block; bwd: stacked dout rows, then dq rows */
+    float *s;  /* g*blk*(q0+tq): scores, then probabilities (exps in the forward) */
+    float *dp; /* g*blk*(q0+tq): bwd: dP, then dS */
+    float *rs; /* g*blk: fwd: 1 / softmax denominator per stacked row */
+    float *di; /* g*tq: bwd: rowsum(dout * o) per row of each head */
+} AttnScratch;
+
+static int attn_rows(int tq, int r0) { return tq - r0 < ATT_BLK ? tq - r0 : ATT_BLK; }
+
+/* dst(g*m, D) = the stacked rows r0..r0+m-1 of the g heads of src (q-like, stride ldq) */
+static void attn_pack(float *restrict dst, const float *restrict src, const AttnGroup *a, int r0,
+                      int m) {
+    for (int j = 0; j < a->g; j++)
+        for (int t = 0; t < m; t++)
+            memcpy(dst + ((size_t)j * m + t) * a->d, src + (size_t)(r0 + t) * a->ldq + (size_t)j * a->d,
+                   (size_t)a->d * sizeof(float));
 }
 
-/* Row r of the block (key position p = p0 + r) keeps columns 0..p: softmax there, exact 0 after. */
-static void causal_softmax(float *s, float *lse, int p0, int m) {
-    int n = p0 + m;
+/* the inverse: stacked rows back to their place in dst (q-like) */
+static void attn_unpack(float *restrict dst, const float *restrict src, const AttnGroup *a, int r0,
+                        int m) {
+    for (int j = 0; j < a->g; j++)
+        for (int t = 0; t < m; t++)
+            memcpy(dst + (size_t)(r0 + t) * a->ldq + (size_t)j * a->d, src + ((size_t)j * m + t) * a->d,
+                   (size_t)a->d * sizeof(float));
+}
+
+/* C(m, n) = alpha A B (row-major, ldc = n): C zeroed here and the product added (beta = 1), the
+ * same bits as beta = 0, whose C-zeroing loop in OpenBLAS (sgemm_beta) is slower than memset. */
+static void attn_gemm0(enum CBLAS_TRANSPOSE tb, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, float *c) {
+    memset(c, 0, (size_t)m * n * sizeof(float));
+    sgemm_k(CblasRowMajor, CblasNoTrans, tb, m, n, k, alpha, a, lda, b, ldb, 1.0f, c, n);
+}
+
+/* s(g*m, n) = scale * qb k[0:n]^T, n = q0 + r0 + m */
+static void attn_scores(float *s, const float *qb, const AttnGroup *a, int m, int n) {
+    attn_gemm0(CblasTrans, a->g * m, n, a->d, a->scale, qb, a->d, a->k, a->ldk, s);
+}
+
+/* exp(x - mx) in place, returning the sum of the results (double, 8 partial sums) */
+static double exp_shift_sum_d(float *restrict x, size_t n, float mx) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            float e = fexp(x[i + j] - mx);
+            x[i + j] = e;
+            acc[j] += e;
+        }
+    double s = 0;
+    for (; i < n; i++) {
+        float e = fexp(x[i] - mx);
+        x[i] = e;
+        s += e;
+    }
+    for (int j = 0; j < 8; j++) s += acc[j];
+    return s;
+}
+
+/* One head's m rows of a block, row stride n; row r (key position p0 + r) keeps columns 0..p0+r:
+ * there e = exp(s - rowmax) (not normalised: the block's output rows are scaled by rs = 1/sum
+ * after the P V product, D multiplies a row instead of p0+r+1), exact 0 after. */
+static void causal_softmax(float *s, float *lse, float *rs, int p0, int m, int n) {
     for (int r = 0; r < m; r++) {
         float *row = s + (size_t)r * n;
         int len = p0 + r + 1;
         float mx = max_f(row, (size_t)len);
-        exp_shift(row, (size_t)len, mx);
-        double sum = sum_d(row, (size_t)len);
-        scale_f(row, (size_t)len, (float)(1.0 / sum));
+        double sum = exp_shift_sum_d(row, (size_t)len, mx);
         memset(row + len, 0, (size_t)(n - len) * sizeof(float));
+        rs[r] = (float)(1.0 / sum);
         lse[r] = (float)(mx + log(sum));
     }
 }
 
-/* Recompute probabilities from lse: p = exp(s - lse) for columns <= p0 + r, 0 after. */
-static void causal_probs(float *s, const float *lse, int p0, int m) {
-    int n = p0 + m;
+/* Recompute one head's probabilities from lse: p = exp(s - lse) for columns <= p0 + r, 0 after. */
+static void causal_probs(float *s, const float *lse, int p0, int m, int n) {
     for (int r = 0; r < m; r++) {
         float *row = s + (size_t)r * n;
         int len = p0 + r + 1;
@@ -826,48 +889,72 @@ static void causal_probs(float *s, const float *lse, int p0, int m) {
     }
 }
 
-/* dp := scale * p * (dp - rowsum(dout * o)) on the causal part, 0 after. */
-static void causal_softmax_bwd(float *dp, const float *p, const AttnHead *a, int r0, int m) {
-    int n = a->q0 + r0 + m;
+/* One head's rows: dp := scale * p * (dp - di) on the causal part, 0 after. */
+static void causal_softmax_bwd(float *dp, const float *p, const float *di, float scale, int p0,
+                               int m, int n) {
     for (int r = 0; r < m; r++) {
-        size_t qo = (size_t)(r0 + r) * a->ldq;
-        float di = (float)dot_d(a->dout + qo, a->o + qo, (size_t)a->d);
         float *restrict drow = dp + (size_t)r * n;
         const float *restrict prow = p + (size_t)r * n;
-        int len = a->q0 + r0 + r + 1;
-        for (int j = 0; j < len; j++) drow[j] = a->scale * prow[j] * (drow[j] - di);
+        int len = p0 + r + 1;
+        float dr = di[r];
+        for (int j = 0; j < len; j++) drow[j] = scale * prow[j] * (drow[j] - dr);
         memset(drow + len, 0, (size_t)(n - len) * sizeof(float));
     }
 }
 
-static int attn_rows(int tq, int r0) { return tq - r0 < ATT_BLK ? tq - r0 : ATT_BLK; }
-
-static void attn_fwd_head(const AttnHead *a, float *s) {
+static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
+    int g = a->g, d = a->d;
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
-        int m = attn_rows(a->tq, r0), n = a->q0 + r0 + m;
-        attn_scores(s, a, r0, m);
-        causal_softmax(s, a->lse_out + r0, a->q0 + r0, m);
-        sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, a->d, n, 1.0f, s, n, a->v,
-                    a->ldk, 0.0f, a->out + (size_t)r0 * a->ldq, a->ldq);
+        int m = attn_rows(a->tq, r0), p0 = a->q0 + r0, n = p0 + m;
+        attn_pack(w->qb, a->q, a, r0, m);
+        attn_scores(w->s, w->qb, a, m, n);
+        for (int j = 0; j < g; j++)
+            causal_softmax(w->s + (size_t)j * m * n, a->lse_out + (size_t)j * a->tq + r0,
+                           w->rs + (size_t)j * m, p0, m, n);
+        /* out rows = (E V[0:n]) / sum */
+        attn_gemm0(CblasNoTrans, g * m, d, n, 1.0f, w->s, n, a->v, a->ldk, w->xb);
+        for (int j = 0; j < g; j++)
+            for (int t = 0; t < m; t++) {
+                const float *restrict src = w->xb + ((size_t)j * m + t) * d;
+                float *restrict dst = a->out + (size_t)(r0 + t) * a->ldq + (size_t)j * d;
+                float r = w->rs[j * m + t];
+                for (int c = 0; c < d; c++) dst[c] = src[c] * r;
+            }
     }
 }
 
-static void attn_bwd_block(const AttnHead *a, float *p, float *dp, int r0, int m) {
-    int n = a->q0 + r0 + m, d = a->d;
-    const float *dout = a->dout + (size_t)r0 * a->ldq, *q = a->q + (size_t)r0 * a->ldq;
-    attn_scores(p, a, r0, m);
-    causal_probs(p, a->lse + r0, a->q0 + r0, m);
-    /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T */
-    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, p, n, dout, a->ldq, 1.0f,
-                a->dv, a->ldk);
-    sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, d, 1.0f, dout, a->ldq, a->v,
-                a->ldk, 0.0f, dp, n);
-    causal_softmax_bwd(dp, p, a, r0, m);
-    /* dQ += dS K ; dK += dS^T Q  (dS already carries the scale) */
-    sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, n, 1.0f, dp, n, a->k, a->ldk,
-                1.0f, a->dq + (size_t)r0 * a->ldq, a->ldq);
-    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, m, 1.0f, dp, n, q, a->ldq, 1.0f,
-                a->dk, a->ldk);
+static void attn_bwd_block(const AttnGroup *a, const AttnScratch *w, int r0, int m) {
+    int g = a->g, d = a->d, gm = a->g * m, p0 = a->q0 + r0, n = p0 + m;
+    attn_pack(w->qb, a->q, a, r0, m);
+    attn_pack(w->xb, a->dout, a, r0, m);
+    attn_scores(w->s, w->qb, a, m, n);
+    for (int j = 0; j < g; j++)
+        causal_probs(w->s + (size_t)j * m * n, a->lse + (size_t)j * a->tq + r0, p0, m, n);
+    /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T  (all g heads in one product) */
+    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->s, n, w->xb, d, 1.0f,
+            a->dv, a->ldk);
+    attn_gemm0(CblasTrans, gm, n, d, 1.0f, w->xb, d, a->v, a->ldk, w->dp);
+    for (int j = 0; j < g; j++)
+        causal_softmax_bwd(w->dp + (size_t)j * m * n, w->s + (size_t)j * m * n,
+                           w->di + (size_t)j * a->tq + r0, a->scale, p0, m, n);
+    /* dK += dS^T Q ; dQ += dS K  (dS already carries the scale; dq's rows are stacked into xb,
+     * accumulated there and put back) */
+    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->dp, n, w->qb, d, 1.0f,
+            a->dk, a->ldk);
+    attn_pack(w->xb, a->dq, a, r0, m);
+    sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, gm, d, n, 1.0f, w->dp, n, a->k, a->ldk,
+            1.0f, w->xb, d);
+    attn_unpack(a->dq, w->xb, a, r0, m);
+}
+
+static void attn_bwd_group(const AttnGroup *a, const AttnScratch *w) {
+    /* di = rowsum(dout * o) for every row first: one tight pass over the strided rows */
+    for (int j = 0; j < a->g; j++)
+        for (int t = 0; t < a->tq; t++) {
+            size_t qo = (size_t)t * a->ldq + (size_t)j * a->d;
+            w->di[(size_t)j * a->tq + t] = (float)dot_d(a->dout + qo, a->o + qo, (size_t)a->d);
+        }
+    for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) attn_bwd_block(a, w, r0, attn_rows(a->tq, r0));
 }
 
 /* Shapes of one attention call: Tq query rows from position q0 against Tk keys. */
@@ -875,19 +962,21 @@ typedef struct {
     int tq, tk, q0, h, hkv, d;
 } AttnDims;
 
-/* Shape fields of the (bi, hi) pair; *qoff / *koff are its offsets into q-like / k-like tensors,
- * *loff into lse. */
-static AttnHead attn_head(int bi, int hi, AttnDims s, size_t *qoff, size_t *koff, size_t *loff) {
-    AttnHead a = {0};
+/* Shape fields of the (bi, kv head ki) group; *qoff / *koff are its offsets into q-like / k-like
+ * tensors, *loff into lse (all at its first query head). */
+static AttnGroup attn_group(int bi, int ki, AttnDims s, size_t *qoff, size_t *koff, size_t *loff) {
+    AttnGroup a = {0};
     a.tq = s.tq;
     a.q0 = s.q0;
     a.d = s.d;
+    a.g = s.h / s.hkv;
     a.ldq = s.h * s.d;
     a.ldk = s.hkv * s.d;
     a.scale = 1.0f / sqrtf((float)s.d);
-    *qoff = (size_t)bi * s.tq * s.h * s.d + (size_t)hi * s.d;
-    *koff = (size_t)bi * s.tk * s.hkv * s.d + (size_t)(hi / (s.h / s.hkv)) * s.d;
-    *loff = ((size_t)bi * s.h + hi) * s.tq;
+    int h0 = ki * a.g;
+    *qoff = (size_t)bi * s.tq * s.h * s.d + (size_t)h0 * s.d;
+    *koff = (size_t)bi * s.tk * s.hkv * s.d + (size_t)ki * s.d;
+    *loff = ((size_t)bi * s.h + h0) * s.tq;
     return a;
 }
 
@@ -898,18 +987,34 @@ static void attn_check(AttnDims s) {
              "attention: Tq=%d rows from q0=%d do not fit Tk=%d keys", s.tq, s.q0, s.tk);
 }
 
-/* floats of one score block: ATT_BLK rows by the keys of the last row */
-static size_t attn_blk(AttnDims s) {
-    return (size_t)(s.tq < ATT_BLK ? s.tq : ATT_BLK) * (s.q0 + s.tq);
+/* One thread's scratch for a call (bwd: dp and di too), freed by attn_scratch_free. */
+static AttnScratch attn_scratch(AttnDims s, int bwd) {
+    size_t g = (size_t)(s.h / s.hkv), m = (size_t)(s.tq < ATT_BLK ? s.tq : ATT_BLK);
+    size_t rows = g * m, blk = rows * (size_t)(s.q0 + s.tq);
+    size_t total = 2 * rows * s.d + blk + (bwd ? blk + g * s.tq : rows);
+    AttnScratch w = {0};
+    float *p = mt_calloc(total ? total : 1, sizeof(float));
+    w.qb = p;
+    w.xb = w.qb + rows * s.d;
+    w.s = w.xb + rows * s.d;
+    if (bwd) {
+        w.dp = w.s + blk;
+        w.di = w.dp + blk;
+    } else {
+        w.rs = w.s + blk;
+    }
+    return w;
 }
 
-/* Whether attention over `tasks` independent (sequence, head) tasks runs on the OpenMP threads;
+static void attn_scratch_free(AttnScratch *w) { free(w->qb); }
+
+/* Whether attention over `tasks` independent (sequence, kv head) tasks runs on the OpenMP threads;
  * if so, OpenBLAS is held at one thread (each task's GEMMs run on its own thread) until
  * attn_par_end restores the count it had. Returns the count to restore, 0 = serial, -1 = parallel
  * with nothing to restore. */
 static int attn_par_begin(int tasks, AttnDims s) {
     if (tasks < 2 || omp_get_max_threads() < 2 || omp_in_parallel() ||
-        (size_t)tasks * s.tq * (s.q0 + s.tq) * s.d < 8 * PAR_MIN)
+        (size_t)tasks * (s.h / s.hkv) * s.tq * (s.q0 + s.tq) * s.d < 8 * PAR_MIN)
         return 0;
     /* OpenBLAS built on OpenMP runs single-threaded inside a parallel region by itself (and its
      * set_num_threads would set OpenMP's count too); the pthreads build needs telling. */
@@ -928,23 +1033,22 @@ static void cpu_attention_fwd(float *out, float *lse, const float *q, const floa
                               int d) {
     AttnDims s = {tq, tk, q0, h, hkv, d};
     attn_check(s);
-    int par = attn_par_begin(b * h, s);
+    int par = attn_par_begin(b * hkv, s);
 #pragma omp parallel if (par)
     {
-        float *sc = mt_calloc(attn_blk(s), sizeof(float));
+        AttnScratch w = attn_scratch(s, 0);
 #pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < b * h; bh++) {
-            int bi = bh / h, hi = bh % h;
+        for (int bk = 0; bk < b * hkv; bk++) {
             size_t qoff, koff, loff;
-            AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
+            AttnGroup a = attn_group(bk / hkv, bk % hkv, s, &qoff, &koff, &loff);
             a.q = q + qoff;
             a.k = k + koff;
             a.v = v + koff;
             a.out = out + qoff;
             a.lse_out = lse + loff;
-            attn_fwd_head(&a, sc);
+            attn_fwd_group(&a, &w);
         }
-        free(sc);
+        attn_scratch_free(&w);
     }
     attn_par_end(par);
 }
@@ -954,31 +1058,26 @@ static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout
                               int b, int tq, int tk, int q0, int h, int hkv, int d) {
     AttnDims s = {tq, tk, q0, h, hkv, d};
     attn_check(s);
-    size_t blk = attn_blk(s);
-    int g = h / hkv; /* query heads per kv head: they all add into its dk, dv, in head order */
     int par = attn_par_begin(b * hkv, s);
 #pragma omp parallel if (par)
     {
-        float *p = mt_calloc(2 * blk, sizeof(float)), *dp = p + blk;
+        AttnScratch w = attn_scratch(s, 1);
 #pragma omp for schedule(dynamic, 1)
-        for (int bk = 0; bk < b * hkv; bk++)
-            for (int hi = (bk % hkv) * g; hi < (bk % hkv + 1) * g; hi++) {
-                int bi = bk / hkv;
-                size_t qoff, koff, loff;
-                AttnHead a = attn_head(bi, hi, s, &qoff, &koff, &loff);
-                a.q = q + qoff;
-                a.k = k + koff;
-                a.v = v + koff;
-                a.o = out + qoff;
-                a.dout = dout + qoff;
-                a.dq = dq + qoff;
-                a.dk = dk + koff;
-                a.dv = dv + koff;
-                a.lse = lse + loff;
-                for (int r0 = 0; r0 < tq; r0 += ATT_BLK)
-                    attn_bwd_block(&a, p, dp, r0, attn_rows(tq, r0));
-            }
-        free(p);
+        for (int bk = 0; bk < b * hkv; bk++) {
+            size_t qoff, koff, loff;
+            AttnGroup a = attn_group(bk / hkv, bk % hkv, s, &qoff, &koff, &loff);
+            a.q = q + qoff;
+            a.k = k + koff;
+            a.v = v + koff;
+            a.o = out + qoff;
+            a.dout = dout + qoff;
+            a.dq = dq + qoff;
+            a.dk = dk + koff;
+            a.dv = dv + koff;
+            a.lse = lse + loff;
+            attn_bwd_group(&a, &w);
+        }
+        attn_scratch_free(&w);
     }
     attn_par_end(par);
 }
