@@ -793,9 +793,9 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
  *
  * One (sequence, kv head) pair: q/o/dout/out/dq point at head h0 of row 0 (rows stride
  * ldq = H*D, head j at +j*D); k/v/dk/dv rows stride ldk = Hkv*D; lse/lse_out point at head h0's
- * row of lse, head j at +j*tq. Query row t (0 <= t < tq) sits at key position q0 + t. */
+ * row of lse (and of di), head j at +j*tq. Query row t (0 <= t < tq) sits at key position q0 + t. */
 typedef struct {
-    const float *q, *k, *v, *o, *dout, *lse; /* lse: read by the backward */
+    const float *q, *k, *v, *dout, *lse, *di; /* lse, di: read by the backward */
     float *out, *dq, *dk, *dv, *lse_out;      /* lse_out: written by the forward */
     int tq, q0, d, g, ldq, ldk;
     float scale;
@@ -808,7 +808,6 @@ typedef struct {
     float *s;  /* g*blk*(q0+tq): scores, then probabilities (exps in the forward) */
     float *dp; /* g*blk*(q0+tq): bwd: dP, then dS */
     float *rs; /* g*blk: fwd: 1 / softmax denominator per stacked row */
-    float *di; /* g*tq: bwd: rowsum(dout * o) per row of each head */
 } AttnScratch;
 
 static int attn_rows(int tq, int r0) { return tq - r0 < ATT_BLK ? tq - r0 : ATT_BLK; }
@@ -820,6 +819,19 @@ static void attn_pack(float *restrict dst, const float *restrict src, const Attn
         for (int t = 0; t < m; t++)
             memcpy(dst + ((size_t)j * m + t) * a->d, src + (size_t)(r0 + t) * a->ldq + (size_t)j * a->d,
                    (size_t)a->d * sizeof(float));
+}
+
+/* Prefetch rows r0.. r0+m-1 (those below tq) of the g heads of a q-like tensor: one contiguous g*D
+ * segment per row. The rows of a head are H*D floats apart, a stride the hardware prefetchers do
+ * not follow from the row copies: without this, the copies wait on every line. */
+static void attn_prefetch(const float *x, const AttnGroup *a, int r0, int m) {
+    size_t seg = (size_t)a->g * a->d * sizeof(float);
+    int r1 = r0 + m < a->tq ? r0 + m : a->tq;
+    for (int t = r0; t < r1; t++) {
+        const char *p = (const char *)(x + (size_t)t * a->ldq);
+        for (size_t o = 0; o < seg; o += 64) __builtin_prefetch(p + o);
+        __builtin_prefetch(p + seg - 1);
+    }
 }
 
 /* the inverse: stacked rows back to their place in dst (q-like) */
@@ -906,8 +918,10 @@ static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
     int g = a->g, d = a->d;
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
         int m = attn_rows(a->tq, r0), p0 = a->q0 + r0, n = p0 + m;
+        if (r0 == 0) attn_prefetch(a->q, a, 0, m);
         attn_pack(w->qb, a->q, a, r0, m);
         attn_scores(w->s, w->qb, a, m, n);
+        attn_prefetch(a->q, a, r0 + m, ATT_BLK); /* the next block's, during the softmax */
         for (int j = 0; j < g; j++)
             causal_softmax(w->s + (size_t)j * m * n, a->lse_out + (size_t)j * a->tq + r0,
                            w->rs + (size_t)j * m, p0, m, n);
@@ -928,32 +942,29 @@ static void attn_bwd_block(const AttnGroup *a, const AttnScratch *w, int r0, int
     attn_pack(w->qb, a->q, a, r0, m);
     attn_pack(w->xb, a->dout, a, r0, m);
     attn_scores(w->s, w->qb, a, m, n);
+    attn_prefetch(a->q, a, r0 + m, ATT_BLK); /* the next block's rows, ahead of their copies */
     for (int j = 0; j < g; j++)
         causal_probs(w->s + (size_t)j * m * n, a->lse + (size_t)j * a->tq + r0, p0, m, n);
     /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T  (all g heads in one product) */
     sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->s, n, w->xb, d, 1.0f,
             a->dv, a->ldk);
     attn_gemm0(CblasTrans, gm, n, d, 1.0f, w->xb, d, a->v, a->ldk, w->dp);
+    attn_prefetch(a->dout, a, r0 + m, ATT_BLK);
     for (int j = 0; j < g; j++)
         causal_softmax_bwd(w->dp + (size_t)j * m * n, w->s + (size_t)j * m * n,
-                           w->di + (size_t)j * a->tq + r0, a->scale, p0, m, n);
+                           a->di + (size_t)j * a->tq + r0, a->scale, p0, m, n);
     /* dK += dS^T Q ; dQ += dS K  (dS already carries the scale; dq's rows are stacked into xb,
      * accumulated there and put back) */
     sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->dp, n, w->qb, d, 1.0f,
             a->dk, a->ldk);
     attn_pack(w->xb, a->dq, a, r0, m);
+    attn_prefetch(a->dq, a, r0 + m, ATT_BLK);
     sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, gm, d, n, 1.0f, w->dp, n, a->k, a->ldk,
             1.0f, w->xb, d);
     attn_unpack(a->dq, w->xb, a, r0, m);
 }
 
 static void attn_bwd_group(const AttnGroup *a, const AttnScratch *w) {
-    /* di = rowsum(dout * o) for every row first: one tight pass over the strided rows */
-    for (int j = 0; j < a->g; j++)
-        for (int t = 0; t < a->tq; t++) {
-            size_t qo = (size_t)t * a->ldq + (size_t)j * a->d;
-            w->di[(size_t)j * a->tq + t] = (float)dot_d(a->dout + qo, a->o + qo, (size_t)a->d);
-        }
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) attn_bwd_block(a, w, r0, attn_rows(a->tq, r0));
 }
 
@@ -987,11 +998,11 @@ static void attn_check(AttnDims s) {
              "attention: Tq=%d rows from q0=%d do not fit Tk=%d keys", s.tq, s.q0, s.tk);
 }
 
-/* One thread's scratch for a call (bwd: dp and di too), freed by attn_scratch_free. */
+/* One thread's scratch for a call (bwd: dp too), freed by attn_scratch_free. */
 static AttnScratch attn_scratch(AttnDims s, int bwd) {
     size_t g = (size_t)(s.h / s.hkv), m = (size_t)(s.tq < ATT_BLK ? s.tq : ATT_BLK);
     size_t rows = g * m, blk = rows * (size_t)(s.q0 + s.tq);
-    size_t total = 2 * rows * s.d + blk + (bwd ? blk + g * s.tq : rows);
+    size_t total = 2 * rows * s.d + blk + (bwd ? blk : rows);
     AttnScratch w = {0};
     float *p = mt_calloc(total ? total : 1, sizeof(float));
     w.qb = p;
@@ -999,7 +1010,6 @@ static AttnScratch attn_scratch(AttnDims s, int bwd) {
     w.s = w.xb + rows * s.d;
     if (bwd) {
         w.dp = w.s + blk;
-        w.di = w.dp + blk;
     } else {
         w.rs = w.s + blk;
     }
@@ -1058,6 +1068,17 @@ static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout
                               int b, int tq, int tk, int q0, int h, int hkv, int d) {
     AttnDims s = {tq, tk, q0, h, hkv, d};
     attn_check(s);
+    /* di(B,H,Tq) = rowsum(dout * o) of every row first, in one pass over the rows of dout and o
+     * (all heads of a row are contiguous: a stream, where the per-head rows are strided) */
+    float *di = mt_calloc((size_t)b * h * tq + 1, sizeof(float));
+#pragma omp parallel for schedule(static) if ((size_t)b * tq * h * d >= PAR_MIN)
+    for (int bt = 0; bt < b * tq; bt++) {
+        int bi = bt / tq, t = bt % tq;
+        for (int hi = 0; hi < h; hi++) {
+            size_t qo = ((size_t)bt * h + hi) * d;
+            di[((size_t)bi * h + hi) * tq + t] = (float)dot_d(dout + qo, out + qo, (size_t)d);
+        }
+    }
     int par = attn_par_begin(b * hkv, s);
 #pragma omp parallel if (par)
     {
@@ -1069,17 +1090,18 @@ static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout
             a.q = q + qoff;
             a.k = k + koff;
             a.v = v + koff;
-            a.o = out + qoff;
             a.dout = dout + qoff;
             a.dq = dq + qoff;
             a.dk = dk + koff;
             a.dv = dv + koff;
             a.lse = lse + loff;
+            a.di = di + loff;
             attn_bwd_group(&a, &w);
         }
         attn_scratch_free(&w);
     }
     attn_par_end(par);
+    free(di);
 }
 
 /* ============================================================================== SwiGLU == */
