@@ -785,15 +785,17 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
 /* =========================================================================== attention == */
 
 /* The g = H/Hkv query heads that read one kv head run together: their rows of a query block are
- * stacked (head-major: stacked row j*m + t is head h0 + j, block row t) into one matrix, so every
- * GEMM of the block is one call of g*m rows against the same keys and values (K and V packed once
- * per block, not once per head). Stacked rows are copied into contiguous scratch (q, dout, dq rows
- * of a head are strided by H*D in the tensors); the copies are g*m*D floats per block, against
- * g*m*n*D multiply-adds per GEMM.
+ * stacked (row-major: stacked row t*g + j is block row t of head h0 + j) into one matrix, so
+ * every GEMM of the block is one call of g*m rows against the same keys and values (K and V
+ * packed once per block, not once per head). The g heads of a row are adjacent in q, dout, out
+ * and dq (g*D contiguous floats), so stacking is one copy of g*D floats per row into contiguous
+ * scratch: g*m*D floats per block, against g*m*n*D multiply-adds per GEMM. Stacked row t*g + j
+ * attends keys 0 .. q0 + r0 + t, as row t of a single head does.
  *
- * One (sequence, kv head) pair: q/o/dout/out/dq point at head h0 of row 0 (rows stride
- * ldq = H*D, head j at +j*D); k/v/dk/dv rows stride ldk = Hkv*D; lse/lse_out point at head h0's
- * row of lse (and of di), head j at +j*tq. Query row t (0 <= t < tq) sits at key position q0 + t. */
+ * One (sequence, kv head) pair: q/dout/out/dq point at head h0 of row 0 (rows stride
+ * ldq = H*D, head j at +j*D); k/v/dk/dv rows stride ldk = Hkv*D; lse/lse_out/di point at head
+ * h0's row of lse (di: the same layout), head j at +j*tq. Query row t (0 <= t < tq) sits at key
+ * position q0 + t. */
 typedef struct {
     const float *q, *k, *v, *dout, *lse, *di; /* lse, di: read by the backward */
     float *out, *dq, *dk, *dv, *lse_out;      /* lse_out: written by the forward */
@@ -804,8 +806,8 @@ typedef struct {
 /* Per-thread scratch of one call, allocated once (sizes: attn_scratch). */
 typedef struct {
     float *qb; /* g*blk*D: the block's stacked query rows */
-    float *xb; /* g*blk*D: fwd: P V of the block; bwd: stacked dout rows, then dq rows */
-    float *s;  /* g*blk*(q0+tq): scores, then probabilities (exps in the forward) */
+    float *xb; /* g*blk*D: fwd: E V of the block; bwd: stacked dout rows, then dS K */
+    float *s;  /* g*blk*(q0+tq): scores, then exps (fwd) or probabilities (bwd) */
     float *dp; /* g*blk*(q0+tq): bwd: dP, then dS */
     float *rs; /* g*blk: fwd: 1 / softmax denominator per stacked row */
 } AttnScratch;
@@ -815,32 +817,9 @@ static int attn_rows(int tq, int r0) { return tq - r0 < ATT_BLK ? tq - r0 : ATT_
 /* dst(g*m, D) = the stacked rows r0..r0+m-1 of the g heads of src (q-like, stride ldq) */
 static void attn_pack(float *restrict dst, const float *restrict src, const AttnGroup *a, int r0,
                       int m) {
-    for (int j = 0; j < a->g; j++)
-        for (int t = 0; t < m; t++)
-            memcpy(dst + ((size_t)j * m + t) * a->d, src + (size_t)(r0 + t) * a->ldq + (size_t)j * a->d,
-                   (size_t)a->d * sizeof(float));
-}
-
-/* Prefetch rows r0.. r0+m-1 (those below tq) of the g heads of a q-like tensor: one contiguous g*D
- * segment per row. The rows of a head are H*D floats apart, a stride the hardware prefetchers do
- * not follow from the row copies: without this, the copies wait on every line. */
-static void attn_prefetch(const float *x, const AttnGroup *a, int r0, int m) {
-    size_t seg = (size_t)a->g * a->d * sizeof(float);
-    int r1 = r0 + m < a->tq ? r0 + m : a->tq;
-    for (int t = r0; t < r1; t++) {
-        const char *p = (const char *)(x + (size_t)t * a->ldq);
-        for (size_t o = 0; o < seg; o += 64) __builtin_prefetch(p + o);
-        __builtin_prefetch(p + seg - 1);
-    }
-}
-
-/* the inverse: stacked rows back to their place in dst (q-like) */
-static void attn_unpack(float *restrict dst, const float *restrict src, const AttnGroup *a, int r0,
-                        int m) {
-    for (int j = 0; j < a->g; j++)
-        for (int t = 0; t < m; t++)
-            memcpy(dst + (size_t)(r0 + t) * a->ldq + (size_t)j * a->d, src + ((size_t)j * m + t) * a->d,
-                   (size_t)a->d * sizeof(float));
+    size_t gd = (size_t)a->g * a->d;
+    for (int t = 0; t < m; t++)
+        memcpy(dst + t * gd, src + (size_t)(r0 + t) * a->ldq, gd * sizeof(float));
 }
 
 /* C(m, n) = alpha A B (row-major, ldc = n): C zeroed here and the product added (beta = 1), the
@@ -876,92 +855,92 @@ static double exp_shift_sum_d(float *restrict x, size_t n, float mx) {
     return s;
 }
 
-/* One head's m rows of a block, row stride n; row r (key position p0 + r) keeps columns 0..p0+r:
+/* The stacked rows of a block (g*m, row stride n = p0 + m); row t*g + j keeps columns 0..p0+t:
  * there e = exp(s - rowmax) (not normalised: the block's output rows are scaled by rs = 1/sum
- * after the P V product, D multiplies a row instead of p0+r+1), exact 0 after. */
-static void causal_softmax(float *s, float *lse, float *rs, int p0, int m, int n) {
-    for (int r = 0; r < m; r++) {
-        float *row = s + (size_t)r * n;
-        int len = p0 + r + 1;
-        float mx = max_f(row, (size_t)len);
-        double sum = exp_shift_sum_d(row, (size_t)len, mx);
-        memset(row + len, 0, (size_t)(n - len) * sizeof(float));
-        rs[r] = (float)(1.0 / sum);
-        lse[r] = (float)(mx + log(sum));
-    }
+ * after the E V product, D multiplies a row instead of p0+t+1), exact 0 after. lse: head h0's
+ * entry of block row 0, head j at +j*tq. */
+static void causal_softmax(float *s, float *lse, float *rs, const AttnGroup *a, int p0, int m,
+                           int n) {
+    for (int t = 0; t < m; t++)
+        for (int j = 0; j < a->g; j++) {
+            float *row = s + ((size_t)t * a->g + j) * n;
+            int len = p0 + t + 1;
+            float mx = max_f(row, (size_t)len);
+            double sum = exp_shift_sum_d(row, (size_t)len, mx);
+            memset(row + len, 0, (size_t)(n - len) * sizeof(float));
+            rs[t * a->g + j] = (float)(1.0 / sum);
+            lse[(size_t)j * a->tq + t] = (float)(mx + log(sum));
+        }
 }
 
-/* Recompute one head's probabilities from lse: p = exp(s - lse) for columns <= p0 + r, 0 after. */
-static void causal_probs(float *s, const float *lse, int p0, int m, int n) {
-    for (int r = 0; r < m; r++) {
-        float *row = s + (size_t)r * n;
-        int len = p0 + r + 1;
-        exp_shift(row, (size_t)len, lse[r]);
-        memset(row + len, 0, (size_t)(n - len) * sizeof(float));
-    }
+/* Recompute the probabilities of the stacked rows from lse: p = exp(s - lse) for columns
+ * <= p0 + t, 0 after. */
+static void causal_probs(float *s, const float *lse, const AttnGroup *a, int p0, int m, int n) {
+    for (int t = 0; t < m; t++)
+        for (int j = 0; j < a->g; j++) {
+            float *row = s + ((size_t)t * a->g + j) * n;
+            int len = p0 + t + 1;
+            exp_shift(row, (size_t)len, lse[(size_t)j * a->tq + t]);
+            memset(row + len, 0, (size_t)(n - len) * sizeof(float));
+        }
 }
 
-/* One head's rows: dp := scale * p * (dp - di) on the causal part, 0 after. */
-static void causal_softmax_bwd(float *dp, const float *p, const float *di, float scale, int p0,
-                               int m, int n) {
-    for (int r = 0; r < m; r++) {
-        float *restrict drow = dp + (size_t)r * n;
-        const float *restrict prow = p + (size_t)r * n;
-        int len = p0 + r + 1;
-        float dr = di[r];
-        for (int j = 0; j < len; j++) drow[j] = scale * prow[j] * (drow[j] - dr);
-        memset(drow + len, 0, (size_t)(n - len) * sizeof(float));
-    }
+/* Stacked rows: dp := scale * p * (dp - di) on the causal part, 0 after. */
+static void causal_softmax_bwd(float *dp, const float *p, const float *di, const AttnGroup *a,
+                               int p0, int m, int n) {
+    for (int t = 0; t < m; t++)
+        for (int j = 0; j < a->g; j++) {
+            size_t ro = ((size_t)t * a->g + j) * n;
+            float *restrict drow = dp + ro;
+            const float *restrict prow = p + ro;
+            int len = p0 + t + 1;
+            float dr = di[(size_t)j * a->tq + t], sc = a->scale;
+            for (int c = 0; c < len; c++) drow[c] = sc * prow[c] * (drow[c] - dr);
+            memset(drow + len, 0, (size_t)(n - len) * sizeof(float));
+        }
 }
 
 static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
     int g = a->g, d = a->d;
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
         int m = attn_rows(a->tq, r0), p0 = a->q0 + r0, n = p0 + m;
-        if (r0 == 0) attn_prefetch(a->q, a, 0, m);
         attn_pack(w->qb, a->q, a, r0, m);
         attn_scores(w->s, w->qb, a, m, n);
-        attn_prefetch(a->q, a, r0 + m, ATT_BLK); /* the next block's, during the softmax */
-        for (int j = 0; j < g; j++)
-            causal_softmax(w->s + (size_t)j * m * n, a->lse_out + (size_t)j * a->tq + r0,
-                           w->rs + (size_t)j * m, p0, m, n);
+        causal_softmax(w->s, a->lse_out + r0, w->rs, a, p0, m, n);
         /* out rows = (E V[0:n]) / sum */
         attn_gemm0(CblasNoTrans, g * m, d, n, 1.0f, w->s, n, a->v, a->ldk, w->xb);
-        for (int j = 0; j < g; j++)
-            for (int t = 0; t < m; t++) {
-                const float *restrict src = w->xb + ((size_t)j * m + t) * d;
+        for (int t = 0; t < m; t++)
+            for (int j = 0; j < g; j++) {
+                const float *restrict src = w->xb + ((size_t)t * g + j) * d;
                 float *restrict dst = a->out + (size_t)(r0 + t) * a->ldq + (size_t)j * d;
-                float r = w->rs[j * m + t];
+                float r = w->rs[t * g + j];
                 for (int c = 0; c < d; c++) dst[c] = src[c] * r;
             }
     }
 }
 
 static void attn_bwd_block(const AttnGroup *a, const AttnScratch *w, int r0, int m) {
-    int g = a->g, d = a->d, gm = a->g * m, p0 = a->q0 + r0, n = p0 + m;
+    int d = a->d, gm = a->g * m, p0 = a->q0 + r0, n = p0 + m;
+    size_t gd = (size_t)a->g * d;
     attn_pack(w->qb, a->q, a, r0, m);
     attn_pack(w->xb, a->dout, a, r0, m);
     attn_scores(w->s, w->qb, a, m, n);
-    attn_prefetch(a->q, a, r0 + m, ATT_BLK); /* the next block's rows, ahead of their copies */
-    for (int j = 0; j < g; j++)
-        causal_probs(w->s + (size_t)j * m * n, a->lse + (size_t)j * a->tq + r0, p0, m, n);
+    causal_probs(w->s, a->lse + r0, a, p0, m, n);
     /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T  (all g heads in one product) */
     sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->s, n, w->xb, d, 1.0f,
             a->dv, a->ldk);
     attn_gemm0(CblasTrans, gm, n, d, 1.0f, w->xb, d, a->v, a->ldk, w->dp);
-    attn_prefetch(a->dout, a, r0 + m, ATT_BLK);
-    for (int j = 0; j < g; j++)
-        causal_softmax_bwd(w->dp + (size_t)j * m * n, w->s + (size_t)j * m * n,
-                           a->di + (size_t)j * a->tq + r0, a->scale, p0, m, n);
-    /* dK += dS^T Q ; dQ += dS K  (dS already carries the scale; dq's rows are stacked into xb,
-     * accumulated there and put back) */
+    causal_softmax_bwd(w->dp, w->s, a->di + r0, a, p0, m, n);
+    /* dK += dS^T Q ; dQ += dS K  (dS already carries the scale; dS K goes to xb, then is added to
+     * dq's rows) */
     sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->dp, n, w->qb, d, 1.0f,
             a->dk, a->ldk);
-    attn_pack(w->xb, a->dq, a, r0, m);
-    attn_prefetch(a->dq, a, r0 + m, ATT_BLK);
-    sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, gm, d, n, 1.0f, w->dp, n, a->k, a->ldk,
-            1.0f, w->xb, d);
-    attn_unpack(a->dq, w->xb, a, r0, m);
+    attn_gemm0(CblasNoTrans, gm, d, n, 1.0f, w->dp, n, a->k, a->ldk, w->xb);
+    for (int t = 0; t < m; t++) {
+        float *restrict dst = a->dq + (size_t)(r0 + t) * a->ldq;
+        const float *restrict src = w->xb + t * gd;
+        for (size_t c = 0; c < gd; c++) dst[c] += src[c];
+    }
 }
 
 static void attn_bwd_group(const AttnGroup *a, const AttnScratch *w) {
