@@ -56,6 +56,9 @@
 #ifndef ATT_BLK
 #define ATT_BLK 64 /* query rows per attention block */
 #endif
+#ifndef ATT_STEPS
+#define ATT_STEPS 2 /* GEMM calls per product of a block: the steps of its causal staircase */
+#endif
 #ifndef PAR_MIN
 #define PAR_MIN 16384 /* elements of work below which a kernel stays on one thread */
 #endif
@@ -822,17 +825,70 @@ static void attn_pack(float *restrict dst, const float *restrict src, const Attn
         memcpy(dst + t * gd, src + (size_t)(r0 + t) * a->ldq, gd * sizeof(float));
 }
 
-/* C(m, n) = alpha A B (row-major, ldc = n): C zeroed here and the product added (beta = 1), the
- * same bits as beta = 0, whose C-zeroing loop in OpenBLAS (sgemm_beta) is slower than memset. */
-static void attn_gemm0(enum CBLAS_TRANSPOSE tb, int m, int n, int k, float alpha, const float *a,
-                       int lda, const float *b, int ldb, float *c) {
-    memset(c, 0, (size_t)m * n * sizeof(float));
-    sgemm_k(CblasRowMajor, CblasNoTrans, tb, m, n, k, alpha, a, lda, b, ldb, 1.0f, c, n);
+/* The causal staircase of a block of m rows at key position p0: ATT_STEPS parts; part i covers
+ * block rows [ms(i), m) (stacked rows [g ms(i), g m)) against keys [ks(i), ks(i+1)), where
+ * ms(i) = i m / ATT_STEPS, ks(0) = 0, ks(i) = p0 + ms(i). Rows before ms(i) attend no key from
+ * ks(i) on, so every GEMM of the block is ATT_STEPS calls that skip those (masked) products: the
+ * unused upper triangle multiplied is m^2 / (2 ATT_STEPS) per head instead of m^2 / 2, while K
+ * and V are still packed once per block in total. */
+typedef struct {
+    int r0, rows; /* stacked rows [r0, r0 + rows) */
+    int k0, keys; /* keys [k0, k0 + keys) */
+} AttnPart;
+
+static AttnPart attn_part(const AttnGroup *a, int i, int p0, int m) {
+    int ms = (int)((long)m * i / ATT_STEPS), me = (int)((long)m * (i + 1) / ATT_STEPS);
+    AttnPart pt;
+    pt.r0 = a->g * ms;
+    pt.rows = a->g * (m - ms);
+    pt.k0 = i ? p0 + ms : 0;
+    pt.keys = p0 + me - pt.k0;
+    return pt;
 }
 
-/* s(g*m, n) = scale * qb k[0:n]^T, n = q0 + r0 + m */
-static void attn_scores(float *s, const float *qb, const AttnGroup *a, int m, int n) {
-    attn_gemm0(CblasTrans, a->g * m, n, a->d, a->scale, qb, a->d, a->k, a->ldk, s);
+/* c(g*m, n) (ldc = n) = alpha x y[0:n]^T on the staircase: x stacked rows (ldx = D), y key rows
+ * (ldy). c is zeroed first and the parts added with beta = 1: the same bits as beta = 0, whose
+ * C-zeroing loop in OpenBLAS (sgemm_beta) is slower than memset; the skipped parts stay 0. */
+static void attn_mm_rk(float *c, const float *x, const float *y, int ldy, float alpha,
+                       const AttnGroup *a, int p0, int m) {
+    int n = p0 + m, d = a->d;
+    memset(c, 0, (size_t)a->g * m * n * sizeof(float));
+    for (int i = 0; i < ATT_STEPS; i++) {
+        AttnPart pt = attn_part(a, i, p0, m);
+        if (pt.rows <= 0 || pt.keys <= 0) continue;
+        sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, pt.rows, pt.keys, d, alpha,
+                x + (size_t)pt.r0 * d, d, y + (size_t)pt.k0 * ldy, ldy, 1.0f,
+                c + (size_t)pt.r0 * n + pt.k0, n);
+    }
+}
+
+/* c(g*m, D) (ldc = D) = p[:, 0:n] y[0:n] on the staircase: p stacked rows by keys (ldp = n),
+ * y key rows (ldy); c overwritten. */
+static void attn_mm_rd(float *c, const float *p, const float *y, int ldy, const AttnGroup *a,
+                       int p0, int m) {
+    int n = p0 + m, d = a->d;
+    memset(c, 0, (size_t)a->g * m * d * sizeof(float));
+    for (int i = 0; i < ATT_STEPS; i++) {
+        AttnPart pt = attn_part(a, i, p0, m);
+        if (pt.rows <= 0 || pt.keys <= 0) continue;
+        sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, pt.rows, d, pt.keys, 1.0f,
+                p + (size_t)pt.r0 * n + pt.k0, n, y + (size_t)pt.k0 * ldy, ldy, 1.0f,
+                c + (size_t)pt.r0 * d, d);
+    }
+}
+
+/* c[0:n] (key rows, ldc) += p[:, 0:n]^T x on the staircase: p stacked rows by keys (ldp = n),
+ * x stacked rows (ldx = D). */
+static void attn_mm_kd(float *c, int ldc, const float *p, const float *x, const AttnGroup *a,
+                       int p0, int m) {
+    int n = p0 + m, d = a->d;
+    for (int i = 0; i < ATT_STEPS; i++) {
+        AttnPart pt = attn_part(a, i, p0, m);
+        if (pt.rows <= 0 || pt.keys <= 0) continue;
+        sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, pt.keys, d, pt.rows, 1.0f,
+                p + (size_t)pt.r0 * n + pt.k0, n, x + (size_t)pt.r0 * d, d, 1.0f,
+                c + (size_t)pt.k0 * ldc, ldc);
+    }
 }
 
 /* exp(x - mx) in place, returning the sum of the results (double, 8 partial sums) */
@@ -905,10 +961,9 @@ static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
         int m = attn_rows(a->tq, r0), p0 = a->q0 + r0, n = p0 + m;
         attn_pack(w->qb, a->q, a, r0, m);
-        attn_scores(w->s, w->qb, a, m, n);
+        attn_mm_rk(w->s, w->qb, a->k, a->ldk, a->scale, a, p0, m); /* S = scale Q K^T */
         causal_softmax(w->s, a->lse_out + r0, w->rs, a, p0, m, n);
-        /* out rows = (E V[0:n]) / sum */
-        attn_gemm0(CblasNoTrans, g * m, d, n, 1.0f, w->s, n, a->v, a->ldk, w->xb);
+        attn_mm_rd(w->xb, w->s, a->v, a->ldk, a, p0, m); /* out rows = (E V[0:n]) / sum */
         for (int t = 0; t < m; t++)
             for (int j = 0; j < g; j++) {
                 const float *restrict src = w->xb + ((size_t)t * g + j) * d;
@@ -920,22 +975,20 @@ static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
 }
 
 static void attn_bwd_block(const AttnGroup *a, const AttnScratch *w, int r0, int m) {
-    int d = a->d, gm = a->g * m, p0 = a->q0 + r0, n = p0 + m;
-    size_t gd = (size_t)a->g * d;
+    int p0 = a->q0 + r0, n = p0 + m;
+    size_t gd = (size_t)a->g * a->d;
     attn_pack(w->qb, a->q, a, r0, m);
     attn_pack(w->xb, a->dout, a, r0, m);
-    attn_scores(w->s, w->qb, a, m, n);
+    attn_mm_rk(w->s, w->qb, a->k, a->ldk, a->scale, a, p0, m); /* S = scale Q K^T */
     causal_probs(w->s, a->lse + r0, a, p0, m, n);
     /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T  (all g heads in one product) */
-    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->s, n, w->xb, d, 1.0f,
-            a->dv, a->ldk);
-    attn_gemm0(CblasTrans, gm, n, d, 1.0f, w->xb, d, a->v, a->ldk, w->dp);
+    attn_mm_kd(a->dv, a->ldk, w->s, w->xb, a, p0, m);
+    attn_mm_rk(w->dp, w->xb, a->v, a->ldk, 1.0f, a, p0, m);
     causal_softmax_bwd(w->dp, w->s, a->di + r0, a, p0, m, n);
     /* dK += dS^T Q ; dQ += dS K  (dS already carries the scale; dS K goes to xb, then is added to
      * dq's rows) */
-    sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, gm, 1.0f, w->dp, n, w->qb, d, 1.0f,
-            a->dk, a->ldk);
-    attn_gemm0(CblasNoTrans, gm, d, n, 1.0f, w->dp, n, a->k, a->ldk, w->xb);
+    attn_mm_kd(a->dk, a->ldk, w->dp, w->qb, a, p0, m);
+    attn_mm_rd(w->xb, w->dp, a->k, a->ldk, a, p0, m);
     for (int t = 0; t < m; t++) {
         float *restrict dst = a->dq + (size_t)(r0 + t) * a->ldq;
         const float *restrict src = w->xb + t * gd;
