@@ -846,13 +846,22 @@ static AttnPart attn_part(const AttnGroup *a, int i, int p0, int m) {
     return pt;
 }
 
-/* c(g*m, n) (ldc = n) = alpha x y[0:n]^T on the staircase: x stacked rows (ldx = D), y key rows
- * (ldy). c is zeroed first and the parts added with beta = 1: the same bits as beta = 0, whose
- * C-zeroing loop in OpenBLAS (sgemm_beta) is slower than memset; the skipped parts stay 0. */
+/* c(g*m, n) (ldc = n) = alpha x y[0:n]^T - sub on the staircase: x stacked rows (ldx = D), y key
+ * rows (ldy); sub NULL: 0, else one value per row, head h0's of block row 0 (head j at +j*tq).
+ * c is set to -sub first and the parts added with beta = 1 (with sub NULL the same bits as
+ * beta = 0, whose C-zeroing loop in OpenBLAS, sgemm_beta, is slower than memset); the skipped
+ * parts keep -sub. */
 static void attn_mm_rk(float *c, const float *x, const float *y, int ldy, float alpha,
-                       const AttnGroup *a, int p0, int m) {
+                       const float *sub, const AttnGroup *a, int p0, int m) {
     int n = p0 + m, d = a->d;
-    memset(c, 0, (size_t)a->g * m * n * sizeof(float));
+    if (!sub)
+        memset(c, 0, (size_t)a->g * m * n * sizeof(float));
+    else
+        for (int t = 0; t < m; t++)
+            for (int j = 0; j < a->g; j++) {
+                float *restrict row = c + ((size_t)t * a->g + j) * n, v = -sub[(size_t)j * a->tq + t];
+                for (int i = 0; i < n; i++) row[i] = v;
+            }
     for (int i = 0; i < ATT_STEPS; i++) {
         AttnPart pt = attn_part(a, i, p0, m);
         if (pt.rows <= 0 || pt.keys <= 0) continue;
@@ -862,30 +871,30 @@ static void attn_mm_rk(float *c, const float *x, const float *y, int ldy, float 
     }
 }
 
-/* c(g*m, D) (ldc = D) = p[:, 0:n] y[0:n] on the staircase: p stacked rows by keys (ldp = n),
- * y key rows (ldy); c overwritten. */
-static void attn_mm_rd(float *c, const float *p, const float *y, int ldy, const AttnGroup *a,
-                       int p0, int m) {
+/* c(g*m, D) (ldc = D) = alpha p[:, 0:n] y[0:n] on the staircase: p stacked rows by keys
+ * (ldp = n), y key rows (ldy); c overwritten. */
+static void attn_mm_rd(float *c, const float *p, const float *y, int ldy, float alpha,
+                       const AttnGroup *a, int p0, int m) {
     int n = p0 + m, d = a->d;
     memset(c, 0, (size_t)a->g * m * d * sizeof(float));
     for (int i = 0; i < ATT_STEPS; i++) {
         AttnPart pt = attn_part(a, i, p0, m);
         if (pt.rows <= 0 || pt.keys <= 0) continue;
-        sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, pt.rows, d, pt.keys, 1.0f,
+        sgemm_k(CblasRowMajor, CblasNoTrans, CblasNoTrans, pt.rows, d, pt.keys, alpha,
                 p + (size_t)pt.r0 * n + pt.k0, n, y + (size_t)pt.k0 * ldy, ldy, 1.0f,
                 c + (size_t)pt.r0 * d, d);
     }
 }
 
-/* c[0:n] (key rows, ldc) += p[:, 0:n]^T x on the staircase: p stacked rows by keys (ldp = n),
- * x stacked rows (ldx = D). */
-static void attn_mm_kd(float *c, int ldc, const float *p, const float *x, const AttnGroup *a,
-                       int p0, int m) {
+/* c[0:n] (key rows, ldc) += alpha p[:, 0:n]^T x on the staircase: p stacked rows by keys
+ * (ldp = n), x stacked rows (ldx = D). */
+static void attn_mm_kd(float *c, int ldc, const float *p, const float *x, float alpha,
+                       const AttnGroup *a, int p0, int m) {
     int n = p0 + m, d = a->d;
     for (int i = 0; i < ATT_STEPS; i++) {
         AttnPart pt = attn_part(a, i, p0, m);
         if (pt.rows <= 0 || pt.keys <= 0) continue;
-        sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, pt.keys, d, pt.rows, 1.0f,
+        sgemm_k(CblasRowMajor, CblasTrans, CblasNoTrans, pt.keys, d, pt.rows, alpha,
                 p + (size_t)pt.r0 * n + pt.k0, n, x + (size_t)pt.r0 * d, d, 1.0f,
                 c + (size_t)pt.k0 * ldc, ldc);
     }
@@ -929,29 +938,28 @@ static void causal_softmax(float *s, float *lse, float *rs, const AttnGroup *a, 
         }
 }
 
-/* Recompute the probabilities of the stacked rows from lse: p = exp(s - lse) for columns
- * <= p0 + t, 0 after. */
-static void causal_probs(float *s, const float *lse, const AttnGroup *a, int p0, int m, int n) {
+/* The stacked rows hold s - lse (attn_mm_rk): p = exp of that for columns <= p0 + t, 0 after. */
+static void causal_probs(float *s, const AttnGroup *a, int p0, int m, int n) {
     for (int t = 0; t < m; t++)
         for (int j = 0; j < a->g; j++) {
-            float *row = s + ((size_t)t * a->g + j) * n;
+            float *restrict row = s + ((size_t)t * a->g + j) * n;
             int len = p0 + t + 1;
-            exp_shift(row, (size_t)len, lse[(size_t)j * a->tq + t]);
+            for (int c = 0; c < len; c++) row[c] = fexp(row[c]);
             memset(row + len, 0, (size_t)(n - len) * sizeof(float));
         }
 }
 
-/* Stacked rows: dp := scale * p * (dp - di) on the causal part, 0 after. */
-static void causal_softmax_bwd(float *dp, const float *p, const float *di, const AttnGroup *a,
-                               int p0, int m, int n) {
+/* Stacked rows; dp holds dP - di (attn_mm_rk): dp := p * dp on the causal part, 0 after (the
+ * softmax backward less its scale, which the dS products carry as alpha). */
+static void causal_softmax_bwd(float *dp, const float *p, const AttnGroup *a, int p0, int m,
+                               int n) {
     for (int t = 0; t < m; t++)
         for (int j = 0; j < a->g; j++) {
             size_t ro = ((size_t)t * a->g + j) * n;
             float *restrict drow = dp + ro;
             const float *restrict prow = p + ro;
             int len = p0 + t + 1;
-            float dr = di[(size_t)j * a->tq + t], sc = a->scale;
-            for (int c = 0; c < len; c++) drow[c] = sc * prow[c] * (drow[c] - dr);
+            for (int c = 0; c < len; c++) drow[c] *= prow[c];
             memset(drow + len, 0, (size_t)(n - len) * sizeof(float));
         }
 }
@@ -961,9 +969,9 @@ static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
         int m = attn_rows(a->tq, r0), p0 = a->q0 + r0, n = p0 + m;
         attn_pack(w->qb, a->q, a, r0, m);
-        attn_mm_rk(w->s, w->qb, a->k, a->ldk, a->scale, a, p0, m); /* S = scale Q K^T */
+        attn_mm_rk(w->s, w->qb, a->k, a->ldk, a->scale, NULL, a, p0, m); /* S = scale Q K^T */
         causal_softmax(w->s, a->lse_out + r0, w->rs, a, p0, m, n);
-        attn_mm_rd(w->xb, w->s, a->v, a->ldk, a, p0, m); /* out rows = (E V[0:n]) / sum */
+        attn_mm_rd(w->xb, w->s, a->v, a->ldk, 1.0f, a, p0, m); /* out rows = (E V[0:n]) / sum */
         for (int t = 0; t < m; t++)
             for (int j = 0; j < g; j++) {
                 const float *restrict src = w->xb + ((size_t)t * g + j) * d;
@@ -979,16 +987,16 @@ static void attn_bwd_block(const AttnGroup *a, const AttnScratch *w, int r0, int
     size_t gd = (size_t)a->g * a->d;
     attn_pack(w->qb, a->q, a, r0, m);
     attn_pack(w->xb, a->dout, a, r0, m);
-    attn_mm_rk(w->s, w->qb, a->k, a->ldk, a->scale, a, p0, m); /* S = scale Q K^T */
-    causal_probs(w->s, a->lse + r0, a, p0, m, n);
-    /* dV[0:n] += P^T dO ; dP = dO V[0:n]^T  (all g heads in one product) */
-    attn_mm_kd(a->dv, a->ldk, w->s, w->xb, a, p0, m);
-    attn_mm_rk(w->dp, w->xb, a->v, a->ldk, 1.0f, a, p0, m);
-    causal_softmax_bwd(w->dp, w->s, a->di + r0, a, p0, m, n);
-    /* dK += dS^T Q ; dQ += dS K  (dS already carries the scale; dS K goes to xb, then is added to
-     * dq's rows) */
-    attn_mm_kd(a->dk, a->ldk, w->dp, w->qb, a, p0, m);
-    attn_mm_rd(w->xb, w->dp, a->k, a->ldk, a, p0, m);
+    /* P = exp(scale Q K^T - lse) */
+    attn_mm_rk(w->s, w->qb, a->k, a->ldk, a->scale, a->lse + r0, a, p0, m);
+    causal_probs(w->s, a, p0, m, n);
+    /* dV[0:n] += P^T dO ; dP - di = dO V[0:n]^T - di  (all g heads in one product) */
+    attn_mm_kd(a->dv, a->ldk, w->s, w->xb, 1.0f, a, p0, m);
+    attn_mm_rk(w->dp, w->xb, a->v, a->ldk, 1.0f, a->di + r0, a, p0, m);
+    causal_softmax_bwd(w->dp, w->s, a, p0, m, n); /* dS / scale = P (dP - di) */
+    /* dK += scale dS^T Q ; dQ += scale dS K  (dS K goes to xb, then is added to dq's rows) */
+    attn_mm_kd(a->dk, a->ldk, w->dp, w->qb, a->scale, a, p0, m);
+    attn_mm_rd(w->xb, w->dp, a->k, a->ldk, a->scale, a, p0, m);
     for (int t = 0; t < m; t++) {
         float *restrict dst = a->dq + (size_t)(r0 + t) * a->ldq;
         const float *restrict src = w->xb + t * gd;
