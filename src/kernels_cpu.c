@@ -834,6 +834,7 @@ typedef struct {
     float *s;  /* g*blk*(q0+tq): scores, then exps (fwd) or probabilities (bwd) */
     float *dp; /* g*blk*(q0+tq): bwd: dP, then dS */
     float *rs; /* g*blk: fwd: 1 / softmax denominator per stacked row */
+    float *kv; /* 2 (fwd) or 4 (bwd) x (q0+tq)*D: compact K, V (bwd: and dK, dV) of the group */
 } AttnScratch;
 
 static int attn_rows(int tq, int r0) { return tq - r0 < ATT_BLK ? tq - r0 : ATT_BLK; }
@@ -985,7 +986,46 @@ static void causal_softmax_bwd(float *dp, const float *p, const AttnGroup *a, in
         }
 }
 
-static void attn_fwd_group(const AttnGroup *a, const AttnScratch *w) {
+/* The group's K and V rows 0 .. q0+tq-1 copied into contiguous scratch (row stride D, where the
+ * tensors' is Hkv*D), and (bwd) its dK, dV accumulated there, then added to the tensors once:
+ * the blocks' products then read and write compact rows (OpenBLAS packs K and V again for every
+ * block: strided, that packing waited on memory). Returns the group with k, v (and dk, dv)
+ * pointing at the copies, ldk = D. */
+static AttnGroup attn_compact_kv(const AttnGroup *a, const AttnScratch *w, int bwd) {
+    AttnGroup c = *a;
+    size_t n = (size_t)(a->q0 + a->tq), d = (size_t)a->d;
+    float *kc = w->kv, *vc = kc + n * d;
+    for (size_t r = 0; r < n; r++) {
+        memcpy(kc + r * d, a->k + r * a->ldk, d * sizeof(float));
+        memcpy(vc + r * d, a->v + r * a->ldk, d * sizeof(float));
+    }
+    c.k = kc;
+    c.v = vc;
+    c.ldk = a->d;
+    if (bwd) {
+        c.dk = vc + n * d;
+        c.dv = c.dk + n * d;
+        memset(c.dk, 0, 2 * n * d * sizeof(float));
+    }
+    return c;
+}
+
+/* dk, dv rows += the compact accumulators of attn_compact_kv */
+static void attn_add_dkv(const AttnGroup *a, const AttnGroup *c) {
+    size_t n = (size_t)(a->q0 + a->tq), d = (size_t)a->d;
+    for (size_t r = 0; r < n; r++) {
+        float *restrict dk = a->dk + r * a->ldk, *restrict dv = a->dv + r * a->ldk;
+        const float *restrict ck = c->dk + r * d, *restrict cv = c->dv + r * d;
+        for (size_t i = 0; i < d; i++) {
+            dk[i] += ck[i];
+            dv[i] += cv[i];
+        }
+    }
+}
+
+static void attn_fwd_group(const AttnGroup *a0, const AttnScratch *w) {
+    AttnGroup c = attn_compact_kv(a0, w, 0);
+    const AttnGroup *a = &c;
     int g = a->g, d = a->d;
     for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) {
         int m = attn_rows(a->tq, r0), p0 = a->q0 + r0, n = p0 + m;
@@ -1026,7 +1066,9 @@ static void attn_bwd_block(const AttnGroup *a, const AttnScratch *w, int r0, int
 }
 
 static void attn_bwd_group(const AttnGroup *a, const AttnScratch *w) {
-    for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) attn_bwd_block(a, w, r0, attn_rows(a->tq, r0));
+    AttnGroup c = attn_compact_kv(a, w, 1);
+    for (int r0 = 0; r0 < a->tq; r0 += ATT_BLK) attn_bwd_block(&c, w, r0, attn_rows(a->tq, r0));
+    attn_add_dkv(a, &c);
 }
 
 /* Shapes of one attention call: Tq query rows from position q0 against Tk keys. */
@@ -1063,7 +1105,8 @@ static void attn_check(AttnDims s) {
 static AttnScratch attn_scratch(AttnDims s, int bwd) {
     size_t g = (size_t)(s.h / s.hkv), m = (size_t)(s.tq < ATT_BLK ? s.tq : ATT_BLK);
     size_t rows = g * m, blk = rows * (size_t)(s.q0 + s.tq);
-    size_t total = 2 * rows * s.d + blk + (bwd ? blk : rows);
+    size_t kv = (size_t)(bwd ? 4 : 2) * (s.q0 + s.tq) * s.d;
+    size_t total = 2 * rows * s.d + blk + (bwd ? blk : rows) + kv;
     AttnScratch w = {0};
     float *p = mt_calloc(total ? total : 1, sizeof(float));
     w.qb = p;
@@ -1071,8 +1114,10 @@ static AttnScratch attn_scratch(AttnDims s, int bwd) {
     w.s = w.xb + rows * s.d;
     if (bwd) {
         w.dp = w.s + blk;
+        w.kv = w.dp + blk;
     } else {
         w.rs = w.s + blk;
+        w.kv = w.rs + rows;
     }
     return w;
 }
