@@ -19,14 +19,15 @@
  *  - Causal attention runs per (sequence, kv head): the g = H/Hkv query heads sharing the kv head
  *    are stacked (row-major: row t*g + j is query row t of head j) in blocks of ATT_BLK query
  *    rows, so each product of a block is one matrix of g*ATT_BLK rows against the keys/values
- *    (K, V packed once per block, not per head). A block multiplies only against keys 0..(the
+ *    (K, V packed once per block, not per head; the group's K, V rows copied to contiguous
+ *    scratch once, its dK, dV accumulated there). A block multiplies only against keys 0..(the
  *    position q0 + r of its last row), each product cut along the causal diagonal into
  *    ATT_STEPS calls that skip the masked upper part of all but a triangle; masked probabilities
  *    are exactly 0. The forward normalises the output rows (1/sum after E V), not the
  *    probabilities. Backward recomputes the probabilities from lse, presets the score and dP
  *    blocks with -lse and -rowsum(dout*o) (computed first, in one pass over whole rows), and
- *    carries the scale in the dS products. Scratch (2 x g x ATT_BLK x (q0 + Tq) floats plus the
- *    stacked rows) is allocated once per call and thread.
+ *    carries the scale in the dS products. Scratch (2 x g x ATT_BLK x (q0 + Tq) floats, the
+ *    stacked rows, compact K, V, dK, dV) is allocated once per call and thread.
  *  - Router top-k: descending probability, ties broken by the lower expert id.
  * No allocation inside per-row loops; per-call scratch comes from mt_calloc.
  *
@@ -804,7 +805,9 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
  * scratch: g*m*D floats per block, against g*m*n*D multiply-adds per GEMM. Stacked row t*g + j
  * attends keys 0 .. q0 + r0 + t, as row t of a single head does.
  *
- * Per block of m rows (n = q0 + r0 + m keys), every product in ATT_STEPS calls (attn_part):
+ * Per group, K and V rows 0 .. q0+tq-1 are first copied to contiguous scratch (attn_compact_kv;
+ * the backward accumulates dK, dV there and adds them to the tensors at the end). Then per block
+ * of m rows (n = q0 + r0 + m keys), every product in ATT_STEPS calls (attn_part):
  *   forward:  S = scale Q K^T; E = exp(S - rowmax) (causal part, 0 after), lse = max + log(sum E);
  *             out rows = (E V) / sum.
  *   backward: P = exp(scale Q K^T - lse) (the block preset to -lse, the GEMM adds onto it);
