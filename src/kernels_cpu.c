@@ -815,9 +815,12 @@ static void cpu_rope(float *x, int b, int t, int nh, int d, int pos0, float thet
  *             every row computed before the groups, in one pass over whole rows: the per-head
  *             rows are strided, and reading them one by one stalled on memory); dS' = P (dP - di);
  *             dK += scale dS'^T Q; dQ += scale dS' K.
- * Measured against one (sequence, head) pair per task with whole-block GEMMs and OpenBLAS's
- * beta = 0 (small.ini's shape, B=8 T=256 H=8 Hkv=4 D=32, 1 thread, on the 2-core Zen3 build
- * machine): fwd + bwd about 30.7 -> 24.6 ms per layer (attn_bench, min of alternating runs).
+ * Measured against the previous kernel (one (sequence, head) pair per task, one GEMM per product
+ * of a block, OpenBLAS's beta = 0), small.ini's shape (B=8 T=256 H=8 Hkv=4 D=32), 1 thread, on
+ * the shared 2-core Zen3 build machine, min of 10-30 alternating runs: fwd 10.0 -> 8.5 ms, bwd
+ * 20.5 -> 16.4 ms per layer (fwd + bwd 16-20% less, run to run); bench_step small.ini: att_fwd +
+ * att_bwd about 145 -> 110 ms/step. What did not pay: prefetching the strided rows, ATT_BLK 32,
+ * 48 or 128 (with 1 to 4 steps), 3 steps, row blocks of all kv heads of a sequence in turn.
  *
  * One (sequence, kv head) pair: q/dout/out/dq point at head h0 of row 0 (rows stride
  * ldq = H*D, head j at +j*D); k/v/dk/dv rows stride ldk = Hkv*D; lse/lse_out/di point at head
