@@ -1150,29 +1150,38 @@ static void attn_par_end(int nb) {
     if (nb > 1) openblas_set_num_threads(nb);
 }
 
+/* Runs every (sequence, kv head) group of a call, forward or backward, over the threads: t holds
+ * the tensors' base pointers (NULL where the direction has none), which each group gets offset
+ * to its first query head (q-like and lse-like) or its kv head (k-like). */
+static void attn_groups(AttnDims s, int b, const AttnGroup *t, int bwd) {
+    int par = attn_par_begin(b * s.hkv, s);
+#pragma omp parallel if (par)
+    {
+        AttnScratch w = attn_scratch(s, bwd);
+#pragma omp for schedule(dynamic, 1)
+        for (int bk = 0; bk < b * s.hkv; bk++) {
+            size_t qo, ko, lo;
+            AttnGroup a = attn_group(bk / s.hkv, bk % s.hkv, s, &qo, &ko, &lo);
+#define ATT_AT(f, off) a.f = t->f ? t->f + (off) : NULL
+            ATT_AT(q, qo), ATT_AT(dout, qo), ATT_AT(out, qo), ATT_AT(dq, qo);
+            ATT_AT(k, ko), ATT_AT(v, ko), ATT_AT(dk, ko), ATT_AT(dv, ko);
+            ATT_AT(lse, lo), ATT_AT(di, lo), ATT_AT(lse_out, lo);
+#undef ATT_AT
+            if (bwd) attn_bwd_group(&a, &w);
+            else attn_fwd_group(&a, &w);
+        }
+        attn_scratch_free(&w);
+    }
+    attn_par_end(par);
+}
+
 static void cpu_attention_fwd(float *out, float *lse, const float *q, const float *k,
                               const float *v, int b, int tq, int tk, int q0, int h, int hkv,
                               int d) {
     AttnDims s = {tq, tk, q0, h, hkv, d};
     attn_check(s);
-    int par = attn_par_begin(b * hkv, s);
-#pragma omp parallel if (par)
-    {
-        AttnScratch w = attn_scratch(s, 0);
-#pragma omp for schedule(dynamic, 1)
-        for (int bk = 0; bk < b * hkv; bk++) {
-            size_t qoff, koff, loff;
-            AttnGroup a = attn_group(bk / hkv, bk % hkv, s, &qoff, &koff, &loff);
-            a.q = q + qoff;
-            a.k = k + koff;
-            a.v = v + koff;
-            a.out = out + qoff;
-            a.lse_out = lse + loff;
-            attn_fwd_group(&a, &w);
-        }
-        attn_scratch_free(&w);
-    }
-    attn_par_end(par);
+    AttnGroup t = {.q = q, .k = k, .v = v, .out = out, .lse_out = lse};
+    attn_groups(s, b, &t, 0);
 }
 
 static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q,
@@ -1191,28 +1200,9 @@ static void cpu_attention_bwd(float *dq, float *dk, float *dv, const float *dout
             di[((size_t)bi * h + hi) * tq + t] = (float)dot_d(dout + qo, out + qo, (size_t)d);
         }
     }
-    int par = attn_par_begin(b * hkv, s);
-#pragma omp parallel if (par)
-    {
-        AttnScratch w = attn_scratch(s, 1);
-#pragma omp for schedule(dynamic, 1)
-        for (int bk = 0; bk < b * hkv; bk++) {
-            size_t qoff, koff, loff;
-            AttnGroup a = attn_group(bk / hkv, bk % hkv, s, &qoff, &koff, &loff);
-            a.q = q + qoff;
-            a.k = k + koff;
-            a.v = v + koff;
-            a.dout = dout + qoff;
-            a.dq = dq + qoff;
-            a.dk = dk + koff;
-            a.dv = dv + koff;
-            a.lse = lse + loff;
-            a.di = di + loff;
-            attn_bwd_group(&a, &w);
-        }
-        attn_scratch_free(&w);
-    }
-    attn_par_end(par);
+    AttnGroup t = {.q = q, .k = k, .v = v, .dout = dout, .dq = dq, .dk = dk, .dv = dv, .lse = lse,
+                   .di = di};
+    attn_groups(s, b, &t, 1);
     free(di);
 }
 
