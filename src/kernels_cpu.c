@@ -43,8 +43,8 @@
  * GEMMs are not (they split C where its kernels sum differently): sgemm_k below splits the rows
  * of C itself, where they sum alike, and checks that once per process. Attention runs one
  * (sequence, kv head) group per thread with OpenBLAS on one thread meanwhile (no nested
- * oversubscription). Link the OpenMP
- * build of OpenBLAS (the Makefile does where it is installed): one thread pool for both.
+ * oversubscription). Link the OpenMP build of OpenBLAS (the Makefile does where it is
+ * installed): one thread pool for both.
  * Small problems (under PAR_MIN elements of work) stay on the calling thread; zero and copy split
  * blocks over PAR_BYTES into byte slices (no arithmetic: any split gives the same bytes).
  */
@@ -574,9 +574,9 @@ static int gemm_slices(int m, int n, int k) {
 }
 
 /* C(m, n) = alpha op(A) op(B) + beta C, as cblas_sgemm (row-major). */
-static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m, int n, int k,
-                    float alpha, const float *a, int lda, const float *b, int ldb, float beta,
-                    float *c, int ldc) {
+static void sgemm_k(enum CBLAS_ORDER o, enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb, int m,
+                    int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+                    float beta, float *c, int ldc) {
     MT_CHECK(o == CblasRowMajor, "sgemm_k: row-major only");
     int slices = gemm_slices(m, n, k);
     int nb = blas_one(slices > 1);
