@@ -638,7 +638,8 @@ static void cpu_grouped_linear_fwd(float *y, const float *x, const float *w, con
                                    int o, int i) {
     check_offs(offs, g);
     if (o <= 0) return;
-#pragma omp parallel for schedule(dynamic, 1) if (groups_in_parallel(offs, g, o, i))
+    int par = groups_in_parallel(offs, g, o, i), nb = par ? blas_one(1) : 0;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
@@ -650,13 +651,15 @@ static void cpu_grouped_linear_fwd(float *y, const float *x, const float *w, con
         sgemm_k(CblasRowMajor, CblasNoTrans, CblasTrans, rows, o, i, 1.0f,
                     x + (size_t)offs[j] * i, i, w + (size_t)j * o * i, i, 0.0f, yj, o);
     }
+    blas_many(nb);
 }
 
 static void cpu_grouped_linear_bwd_input(float *dx, const float *dy, const float *w,
                                          const int *offs, int g, int o, int i) {
     check_offs(offs, g);
     if (o <= 0 || i <= 0) return;
-#pragma omp parallel for schedule(dynamic, 1) if (groups_in_parallel(offs, g, o, i))
+    int par = groups_in_parallel(offs, g, o, i), nb = par ? blas_one(1) : 0;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
@@ -664,13 +667,15 @@ static void cpu_grouped_linear_bwd_input(float *dx, const float *dy, const float
                     dy + (size_t)offs[j] * o, o, w + (size_t)j * o * i, i, 1.0f,
                     dx + (size_t)offs[j] * i, i);
     }
+    blas_many(nb);
 }
 
 static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const float *x,
                                           const int *offs, int g, int o, int i) {
     check_offs(offs, g);
     if (o <= 0 || i <= 0) return;
-#pragma omp parallel for schedule(dynamic, 1) if (groups_in_parallel(offs, g, o, i))
+    int par = groups_in_parallel(offs, g, o, i), nb = par ? blas_one(1) : 0;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int j = 0; j < g; j++) {
         int rows = offs[j + 1] - offs[j];
         if (rows == 0) continue;
@@ -678,6 +683,7 @@ static void cpu_grouped_linear_bwd_weight(float *dw, const float *dy, const floa
                     dy + (size_t)offs[j] * o, o, x + (size_t)offs[j] * i, i, 1.0f,
                     dw + (size_t)j * o * i, i);
     }
+    blas_many(nb);
 }
 
 /* =========================================================================== embedding == */
@@ -1130,31 +1136,18 @@ static AttnScratch attn_scratch(AttnDims s, int bwd) {
 
 static void attn_scratch_free(AttnScratch *w) { free(w->qb); }
 
-/* Whether attention over `tasks` independent (sequence, kv head) tasks runs on the OpenMP threads;
- * if so, OpenBLAS is held at one thread (each task's GEMMs run on its own thread) until
- * attn_par_end restores the count it had. Returns the count to restore, 0 = serial, -1 = parallel
- * with nothing to restore. */
-static int attn_par_begin(int tasks, AttnDims s) {
-    if (tasks < 2 || omp_get_max_threads() < 2 || omp_in_parallel() ||
-        (size_t)tasks * (s.h / s.hkv) * s.tq * (s.q0 + s.tq) * s.d < 8 * PAR_MIN)
-        return 0;
-    /* OpenBLAS built on OpenMP runs single-threaded inside a parallel region by itself (and its
-     * set_num_threads would set OpenMP's count too); the pthreads build needs telling. */
-    if (openblas_get_parallel() != 1) return -1;
-    int nb = openblas_get_num_threads();
-    if (nb > 1) openblas_set_num_threads(1);
-    return nb;
-}
-
-static void attn_par_end(int nb) {
-    if (nb > 1) openblas_set_num_threads(nb);
+/* Whether attention over `tasks` independent (sequence, kv head) tasks runs on the OpenMP threads
+ * (each task's GEMMs on its own thread: the caller holds the BLAS at one thread, blas_one(1)). */
+static int attn_par(int tasks, AttnDims s) {
+    return tasks >= 2 && omp_get_max_threads() >= 2 && !omp_in_parallel() &&
+           (size_t)tasks * (s.h / s.hkv) * s.tq * (s.q0 + s.tq) * s.d >= 8 * PAR_MIN;
 }
 
 /* Runs every (sequence, kv head) group of a call, forward or backward, over the threads: t holds
  * the tensors' base pointers (NULL where the direction has none), which each group gets offset
  * to its first query head (q-like and lse-like) or its kv head (k-like). */
 static void attn_groups(AttnDims s, int b, const AttnGroup *t, int bwd) {
-    int par = attn_par_begin(b * s.hkv, s);
+    int par = attn_par(b * s.hkv, s), nb = par ? blas_one(1) : 0;
 #pragma omp parallel if (par)
     {
         AttnScratch w = attn_scratch(s, bwd);
@@ -1172,7 +1165,7 @@ static void attn_groups(AttnDims s, int b, const AttnGroup *t, int bwd) {
         }
         attn_scratch_free(&w);
     }
-    attn_par_end(par);
+    blas_many(nb);
 }
 
 static void cpu_attention_fwd(float *out, float *lse, const float *q, const float *k,
