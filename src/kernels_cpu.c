@@ -485,7 +485,9 @@ static void cpu_sumsq(double *out_host, const float *x, size_t n) {
 #ifndef GEMM_PAR_MIN
 #define GEMM_PAR_MIN (8.0 * 1024 * 1024)
 #endif
-#define GEMM_SLICE 48 /* rows of C per slice block */
+#ifndef GEMM_SLICE
+#define GEMM_SLICE 48 /* rows of C per slice block (tests/test_blas_threads.sh builds it at 40) */
+#endif
 
 /* The BLAS on one thread for the calls that follow, on this thread (for_region = 0) or inside a
  * parallel region about to open (1). The OpenMP build of OpenBLAS runs single-threaded inside an
